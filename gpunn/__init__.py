@@ -1,0 +1,33 @@
+"""gpunn: neural-network building blocks as hand-written Triton kernels, as drop-in torch modules.
+
+Submodules load on first use, so that `python -m gpunn` can choose Triton's interpreter (CPU-only
+machines) before triton is imported.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Linear": ("gpunn.modules", "Linear"),
+    "functional": ("gpunn.functional", None),
+    "kernels": ("gpunn.kernels", None),
+    "modules": ("gpunn.modules", None),
+}
+
+__all__ = ["Linear", "functional", "kernels", "modules", "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'gpunn' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = getattr(module, attribute) if attribute else module
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,111 @@
+"""gpunn's functional API: each function validates its arguments, applies autocast the way the torch op
+it replaces does, then runs the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1) or, on other
+devices, plain torch with the same semantics."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from .kernels.activations import NAMES as ACTIVATIONS
+from .kernels.runtime import triton_runs_on
+from .ops.linear import LinearFunction
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_TORCH_ACTIVATIONS = {
+    None: lambda z, slope: z,
+    "relu": lambda z, slope: F.relu(z),
+    "leaky_relu": lambda z, slope: F.leaky_relu(z, slope),
+    "gelu": lambda z, slope: F.gelu(z),
+    "gelu_tanh": lambda z, slope: F.gelu(z, approximate="tanh"),
+    "tanh": lambda z, slope: torch.tanh(z),
+    "sigmoid": lambda z, slope: torch.sigmoid(z),
+    "silu": lambda z, slope: F.silu(z),
+}
+
+
+def check_activation(activation, negative_slope) -> None:
+    """Raise ValueError for an activation gpunn does not fuse, TypeError for a non-real slope."""
+    if activation not in ACTIVATIONS:
+        names = ", ".join(repr(name) for name in ACTIVATIONS)
+        raise ValueError(f"Unknown activation {activation!r}; expected one of {names}")
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
+        raise TypeError(f"negative_slope must be a real number, got {type(negative_slope).__name__}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    # The same exception type (RuntimeError) torch.nn.functional.linear raises for each of these.
+    if input.dim() == 0 or weight.dim() == 0:
+        raise RuntimeError(f"both arguments to linear need to be at least 1D, but they are "
+                           f"{input.dim()}D and {weight.dim()}D")
+    if weight.dim() != 2:
+        raise RuntimeError(f"gpunn linear expects a 2-D weight (out_features, in_features), got shape "
+                           f"{tuple(weight.shape)}")
+    if input.shape[-1] != weight.shape[1]:
+        rows = input.shape[:-1].numel()
+        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{input.shape[-1]} and "
+                           f"{weight.shape[1]}x{weight.shape[0]})")
+    if input.dtype != weight.dtype:
+        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_dtype_name(input.dtype)} and "
+                           f"{_dtype_name(weight.dtype)}")
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(f"gpunn linear supports float16, bfloat16, float32 and float64, got "
+                           f"{_dtype_name(input.dtype)}")
+    if input.device != weight.device:
+        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                           f"{input.device} and {weight.device}!")
+    if bias is not None:
+        if bias.dtype != input.dtype:
+            raise RuntimeError(f"self and mat2 must have the same dtype, but got {_dtype_name(bias.dtype)} and "
+                               f"{_dtype_name(input.dtype)}")
+        if bias.device != input.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two "
+                               f"devices, {input.device} and {bias.device}!")
+        if bias.dim() > 1 or bias.numel() not in (1, weight.shape[0]):
+            raise RuntimeError(f"bias of shape {tuple(bias.shape)} does not broadcast to the "
+                               f"{weight.shape[0]} output features")
+
+
+def _autocast(device_type: str, *tensors):
+    """Under autocast, cast as torch does for linear: every floating tensor but float64 to the autocast dtype."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str | None = None, negative_slope: float = 0.01) -> torch.Tensor:
+    """act(input @ weight^T + bias) as one fused kernel, forward and backward.
+
+    Args:
+        input: (*, in_features), any number of leading dims (1-D included), any strides.
+        weight: (out_features, in_features).
+        bias: (out_features,) or None.
+        activation: None, "relu", "leaky_relu", "gelu" (erf), "gelu_tanh", "tanh", "sigmoid" or "silu".
+        negative_slope: the slope of "leaky_relu" for negative inputs.
+
+    Returns:
+        (*, out_features), in the dtype of input and weight (the autocast dtype under autocast).
+
+    Raises:
+        ValueError for an unknown activation; RuntimeError for shapes, dtypes or devices that
+        torch.nn.functional.linear would reject (checked before any kernel runs).
+    """
+    check_activation(activation, negative_slope)
+    device_type = input.device.type
+    input, weight, bias = _autocast(device_type, input, weight, bias)
+    _check_linear(input, weight, bias)
+    if not triton_runs_on(input.device):
+        return _TORCH_ACTIVATIONS[activation](F.linear(input, weight, bias), negative_slope)
+    if bias is not None and bias.shape != (weight.shape[0],):
+        bias = bias.reshape(-1).expand(weight.shape[0])  # a broadcast bias; autograd sums its gradient
+    with torch.autocast(device_type, enabled=False):
+        return LinearFunction.apply(input, weight, bias, activation, float(negative_slope))

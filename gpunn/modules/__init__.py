@@ -1,0 +1,4 @@
+"""gpunn's nn.Module drop-ins."""
+from .linear import Linear
+
+__all__ = ["Linear"]

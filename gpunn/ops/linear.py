@@ -1,0 +1,52 @@
+"""The fused dense layer as a torch.autograd.Function over gpunn.kernels.dense."""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..kernels import activations, dense
+from ..kernels.runtime import Rows
+
+
+class LinearFunction(torch.autograd.Function):
+    """y = act(input @ weight^T + bias), forward and backward in Triton.
+
+    input (*, K), weight (N, K), bias (N,) or None -> output (*, N), all of one floating dtype.
+
+    Saved for backward, the least that gives exact gradients: the input only if weight needs a
+    gradient, the weight only if input does, plus what the activation's derivative needs (nothing,
+    the output, or act'(z) written by the forward kernel; see gpunn.kernels.activations).
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, activation, negative_slope):
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_from = activations.grad_source(activation, negative_slope)
+        save_derivative = grad_from == activations.GRAD_FROM_SAVED.value and (need_input or need_weight or need_bias)
+        y, derivative = dense.forward(Rows.of(input), weight, bias, activation, negative_slope, save_derivative)
+        output = y.view(*input.shape[:-1], weight.shape[0])
+
+        saved = {activations.GRAD_FROM_OUTPUT.value: output, activations.GRAD_FROM_SAVED.value: derivative}
+        ctx.save_for_backward(input if need_weight else None, weight if need_input else None,
+                              saved.get(grad_from))
+        ctx.activation, ctx.negative_slope = activation, negative_slope
+        ctx.input_shape, ctx.weight_shape = input.shape, tuple(weight.shape)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        input, weight, saved = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        n = ctx.weight_shape[0]
+        dy = Rows.of(grad_output)
+        saved = saved.reshape(-1, n) if saved is not None else None
+        grad_input = grad_weight = grad_bias = None
+        if need_input:
+            grad_input = dense.grad_input(dy, saved, weight, ctx.activation, ctx.negative_slope)
+            grad_input = grad_input.view(ctx.input_shape)
+        if need_weight or need_bias:
+            grad_weight, grad_bias = dense.grad_weight(
+                dy, saved, Rows.of(input) if need_weight else None, ctx.weight_shape,
+                ctx.activation, ctx.negative_slope, bias_grad=need_bias)
+        return grad_input, grad_weight, grad_bias, None, None

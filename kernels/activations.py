@@ -1,0 +1,125 @@
+"""Activations as Triton epilogues: the forward value, its derivative, and what backward needs saved.
+
+Every function here works on fp32 (or fp64) values already in registers; the caller rounds once when it
+stores. Codes are compile-time constants, so each activation compiles to its own straight-line epilogue.
+
+What backward needs, per activation (the least that gives the exact derivative):
+- none:                  nothing (dz = dy).
+- relu, tanh, sigmoid:   the output y (relu: y > 0; tanh: 1 - y^2; sigmoid: y (1 - y)).
+- leaky_relu, slope>=0:  the output y (y > 0 exactly when z > 0).
+- leaky_relu, slope<0, gelu, gelu_tanh, silu: the derivative act'(z), written by the forward epilogue
+  (the same size as z, and backward then only multiplies instead of re-evaluating erf/exp in every
+  gradient-GEMM tile that reads it).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NAMES = (None, "relu", "leaky_relu", "gelu", "gelu_tanh", "tanh", "sigmoid", "silu")
+CODES = {name: code for code, name in enumerate(NAMES)}
+
+# Kernels compare against these; Triton lets a kernel read only constexpr globals.
+NONE: tl.constexpr = tl.constexpr(CODES[None])
+RELU: tl.constexpr = tl.constexpr(CODES["relu"])
+LEAKY_RELU: tl.constexpr = tl.constexpr(CODES["leaky_relu"])
+GELU: tl.constexpr = tl.constexpr(CODES["gelu"])
+GELU_TANH: tl.constexpr = tl.constexpr(CODES["gelu_tanh"])
+TANH: tl.constexpr = tl.constexpr(CODES["tanh"])
+SIGMOID: tl.constexpr = tl.constexpr(CODES["sigmoid"])
+SILU: tl.constexpr = tl.constexpr(CODES["silu"])
+
+# What the backward kernels read to form dz = dy * act'(z) (the GRAD_FROM constexpr).
+GRAD_IS_DY: tl.constexpr = tl.constexpr(0)
+GRAD_FROM_OUTPUT: tl.constexpr = tl.constexpr(1)
+GRAD_FROM_SAVED: tl.constexpr = tl.constexpr(2)
+
+
+def grad_source(activation: str | None, negative_slope: float) -> int:
+    """Which tensor backward reads for `activation`: none, the output, or the saved derivative."""
+    if activation is None:
+        return GRAD_IS_DY.value
+    if activation in ("relu", "tanh", "sigmoid") or (activation == "leaky_relu" and negative_slope >= 0):
+        return GRAD_FROM_OUTPUT.value
+    return GRAD_FROM_SAVED.value
+
+
+# Python floats as constexprs: Triton materialises them in the operand's dtype, so fp64 keeps every digit.
+# Write them to the right of a tensor operand (`z * C`): the interpreter mishandles `C * z`.
+_SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)
+_INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi)
+_SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)  # sqrt(2/pi)
+_GELU_TANH_C: tl.constexpr = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _tanh(u):
+    # exp(-2|u|) never overflows; absolute error stays within a few ulps (libdevice's tanh is not
+    # available under the interpreter, and one formula keeps CPU and GPU results alike).
+    t = tl.exp(-2.0 * tl.abs(u))
+    r = (1.0 - t) / (1.0 + t)
+    return tl.where(u < 0, -r, r)
+
+
+@triton.jit
+def forward(z, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
+    """act(z) for the activation code ACT."""
+    if ACT == RELU:
+        # where(z < 0) rather than max(z, 0): NaN passes through, as torch.relu does.
+        return tl.where(z < 0, 0.0, z)
+    elif ACT == LEAKY_RELU:
+        return tl.where(z > 0, z, z * NEGATIVE_SLOPE)
+    elif ACT == GELU:
+        return 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+    elif ACT == GELU_TANH:
+        return 0.5 * z * (1.0 + _tanh((z + z * z * z * _GELU_TANH_C) * _SQRT_2_OVER_PI))
+    elif ACT == TANH:
+        return _tanh(z)
+    elif ACT == SIGMOID:
+        return _sigmoid(z)
+    elif ACT == SILU:
+        return z * _sigmoid(z)
+    else:
+        return z
+
+
+@triton.jit
+def derivative(z, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
+    """act'(z) for the activations whose backward reads a saved derivative (GRAD_FROM_SAVED)."""
+    if ACT == LEAKY_RELU:
+        return tl.where(z > 0, tl.full(z.shape, 1.0, z.dtype), tl.full(z.shape, NEGATIVE_SLOPE, z.dtype))
+    elif ACT == GELU:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
+        return cdf + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACT == GELU_TANH:
+        z2 = z * z
+        t = _tanh((z + z2 * z * _GELU_TANH_C) * _SQRT_2_OVER_PI)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + z2 * (3.0 * _GELU_TANH_C))
+    elif ACT == SILU:
+        s = _sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    else:
+        return tl.full(z.shape, 1.0, z.dtype)
+
+
+@triton.jit
+def grad_preactivation(dy, g, ACT: tl.constexpr, GRAD_FROM: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
+    """dz = dy * act'(z), from dy and the saved tensor g (the output y, or act'(z) itself)."""
+    if GRAD_FROM == GRAD_FROM_SAVED:
+        return dy * g
+    elif GRAD_FROM == GRAD_FROM_OUTPUT:
+        if ACT == RELU:
+            return tl.where(g > 0, dy, 0.0)  # torch's threshold_backward: zero where y <= 0
+        elif ACT == LEAKY_RELU:
+            return tl.where(g > 0, dy, dy * NEGATIVE_SLOPE)
+        elif ACT == TANH:
+            return dy * (1.0 - g * g)
+        else:  # SIGMOID
+            return dy * g * (1.0 - g)
+    else:
+        return dy

@@ -1,0 +1,295 @@
+"""The fused dense layer y = act(x W^T + b): forward, input-gradient and weight-gradient kernels and
+their launchers.
+
+Shapes: x (M, K) described by runtime.Rows (any leading dims, any strides), W (N, K), b (N,),
+y (M, N) contiguous. dz = dy * act'(z) is never written to memory: each gradient kernel forms it in
+registers from dy and the tensor forward saved (see activations.py).
+
+Memory traffic, the least each launch must move (tiles of the other operand are re-read from L2;
+grouped tile order keeps a band of them there):
+- forward:      reads x (M K) and W (N K), writes y (M N), plus act'(z) (M N) when backward needs it.
+- grad_input:   reads dy, the saved tensor (M N each) and W (N K), writes dx (M K).
+- grad_weight:  reads dy, the saved tensor and x, writes dW (N K) and db (N); db is summed from the
+                same dz tiles the dW reduction uses, so it costs no extra pass.
+Accumulation is fp32 (fp64 for fp64 inputs); every output is rounded once, at its store. Reductions
+run inside one program in a fixed order: results are bitwise reproducible (no atomics).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import activations
+from .runtime import Rows, count_launch, dot_precision, size_bucket
+from .tiling import GROUP_SIZE, configs, grouped_tile, pruner, row_offsets
+
+
+def _a_tiles(args) -> int:
+    return 1 if args["GRAD_FROM"] == activations.GRAD_IS_DY.value else 2
+
+
+@triton.autotune(
+    configs=configs("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    key=["M_BUCKET", "N", "K", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": pruner("BLOCK_M", "BLOCK_N", "BLOCK_K", "M_BUCKET", "w_ptr",
+                                                   lambda args: 1)},
+)
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def dense_forward_kernel(
+    x_ptr, x_inner, stride_x_outer, stride_x_inner, stride_xk,
+    w_ptr, stride_wn, stride_wk,
+    b_ptr, stride_b,
+    y_ptr, g_ptr,  # (M, N) contiguous; g receives act'(z) when SAVE_DERIVATIVE
+    M, N, K,
+    M_BUCKET,  # autotuning key only
+    X_TWO_ROW_DIMS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SAVE_DERIVATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    rk = tl.arange(0, BLOCK_K)  # [BK]
+    m_ok = rm < M
+    n_ok = rn < N
+    x_ptrs = x_ptr + row_offsets(rm, x_inner, stride_x_outer, stride_x_inner, X_TWO_ROW_DIMS)[:, None] \
+        + rk[None, :] * stride_xk  # [BM, BK]
+    w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + rk[:, None] * stride_wk  # [BK, BN]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = rk < K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn * stride_b, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
+    out = rm.to(tl.int64)[:, None] * N + rn[None, :]  # [BM, BN]
+    mask = m_ok[:, None] & n_ok[None, :]
+    y = activations.forward(acc, ACT, NEGATIVE_SLOPE)
+    tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if SAVE_DERIVATIVE:
+        g = activations.derivative(acc, ACT, NEGATIVE_SLOPE)
+        tl.store(g_ptr + out, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_dz(dy_ptrs, g_ptrs, mask, ACC_DTYPE: tl.constexpr, out_dtype: tl.constexpr,
+             ACT: tl.constexpr, GRAD_FROM: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
+    """A tile of dz = dy * act'(z) in out_dtype, formed in registers from dy and the saved tensor."""
+    dy = tl.load(dy_ptrs, mask=mask, other=0.0)
+    if GRAD_FROM == activations.GRAD_IS_DY:
+        return dy.to(out_dtype)
+    else:
+        g = tl.load(g_ptrs, mask=mask, other=0.0)
+        dz = activations.grad_preactivation(dy.to(ACC_DTYPE), g.to(ACC_DTYPE), ACT, GRAD_FROM, NEGATIVE_SLOPE)
+        return dz.to(out_dtype)
+
+
+@triton.autotune(
+    configs=configs("BLOCK_M", "BLOCK_K", "BLOCK_N"),
+    key=["M_BUCKET", "N", "K", "DOT_PRECISION", "GRAD_FROM"],
+    prune_configs_by={"early_config_prune": pruner("BLOCK_M", "BLOCK_K", "BLOCK_N", "M_BUCKET", "w_ptr",
+                                                   _a_tiles)},
+)
+@triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def dense_grad_input_kernel(
+    dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn,
+    g_ptr,  # (M, N) contiguous: the output y or act'(z), per GRAD_FROM
+    w_ptr, stride_wn, stride_wk,
+    dx_ptr,  # (M, K) contiguous
+    M, N, K,
+    M_BUCKET,  # autotuning key only
+    DY_TWO_ROW_DIMS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    # dx = dz @ W: output tiles of (M, K), reduction over N.
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
+    rn = tl.arange(0, BLOCK_N)  # [BN]
+    m_ok = rm < M
+    k_ok = rk < K
+    dy_ptrs = dy_ptr + row_offsets(rm, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS)[:, None] \
+        + rn[None, :] * stride_dyn  # [BM, BN]
+    g_ptrs = g_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]  # [BM, BN]
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + rk.to(tl.int64)[None, :] * stride_wk  # [BN, BK]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+    for n in range(0, tl.cdiv(N, BLOCK_N)):
+        if EVEN_N:
+            dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None], ACC_DTYPE, w_ptr.dtype.element_ty,
+                          ACT, GRAD_FROM, NEGATIVE_SLOPE)
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+        else:
+            n_ok = rn < N - n * BLOCK_N
+            dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, w_ptr.dtype.element_ty,
+                          ACT, GRAD_FROM, NEGATIVE_SLOPE)
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
+        dy_ptrs += BLOCK_N * stride_dyn
+        g_ptrs += BLOCK_N
+        w_ptrs += BLOCK_N * stride_wn
+
+    out = rm.to(tl.int64)[:, None] * K + rk[None, :]
+    tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+
+@triton.autotune(
+    configs=configs("BLOCK_N", "BLOCK_K", "BLOCK_M"),
+    key=["M_BUCKET", "N", "K", "DOT_PRECISION", "GRAD_FROM", "COMPUTE_DW"],
+    prune_configs_by={"early_config_prune": pruner("BLOCK_N", "BLOCK_K", "BLOCK_M", "N", "dy_ptr", _a_tiles)},
+)
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def dense_grad_weight_kernel(
+    dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn,
+    g_ptr,  # (M, N) contiguous: the output y or act'(z), per GRAD_FROM
+    x_ptr, x_inner, stride_x_outer, stride_x_inner, stride_xk,
+    dw_ptr, db_ptr,  # (N, K) and (N,) contiguous
+    M, N, K,
+    M_BUCKET,  # autotuning key only
+    DY_TWO_ROW_DIMS: tl.constexpr, X_TWO_ROW_DIMS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # dW = dz^T @ x: output tiles of (N, K), reduction over M; db = column sums of the same dz tiles.
+    num_k_tiles = tl.cdiv(K, BLOCK_K) if COMPUTE_DW else 1
+    pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_k_tiles, GROUP_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
+    rm = tl.arange(0, BLOCK_M)  # [BM]
+    n_ok = rn < N
+    k_ok = rk < K
+    out_dtype = x_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
+    db = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + rm
+        m_ok = rows < M
+        dy_ptrs = dy_ptr + row_offsets(rows, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS)[:, None] \
+            + rn[None, :] * stride_dyn  # [BM, BN]
+        g_ptrs = g_ptr + rows.to(tl.int64)[:, None] * N + rn[None, :]  # [BM, BN]
+        dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, ACC_DTYPE,
+                      ACT, GRAD_FROM, NEGATIVE_SLOPE)  # [BM, BN]
+        if COMPUTE_DB:
+            db += tl.sum(dz, axis=0)
+        if COMPUTE_DW:
+            x_ptrs = x_ptr + row_offsets(rows, x_inner, stride_x_outer, stride_x_inner, X_TWO_ROW_DIMS)[:, None] \
+                + rk[None, :] * stride_xk  # [BM, BK]
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(tl.trans(dz.to(out_dtype)), x, acc, input_precision=DOT_PRECISION)
+
+    if COMPUTE_DW:
+        out = rn.to(tl.int64)[:, None] * K + rk[None, :]
+        tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+    if COMPUTE_DB:
+        if pid_k == 0:  # every K tile summed the same dz; the first one stores
+            tl.store(db_ptr + rn, db.to(db_ptr.dtype.element_ty), mask=n_ok)
+
+
+def _accumulator(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _grid(rows: int, cols: int, rows_block: str, cols_block: str):
+    return lambda meta: (triton.cdiv(rows, meta[rows_block]) * triton.cdiv(cols, meta[cols_block]),)
+
+
+def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+            negative_slope: float, save_derivative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y = act(x W^T + b) as an (M, N) tensor, and act'(z) (M, N) when save_derivative, else None.
+
+    x: Rows of (M, K); weight (N, K); bias (N,) or None.
+    """
+    n, k = weight.shape
+    y = torch.empty((x.m, n), device=weight.device, dtype=weight.dtype)
+    g = torch.empty_like(y) if save_derivative else None
+    if x.m == 0 or n == 0:
+        return y, g
+    count_launch("dense_forward_kernel")
+    dense_forward_kernel[_grid(x.m, n, "BLOCK_M", "BLOCK_N")](
+        *x.args(),
+        weight, weight.stride(0), weight.stride(1),
+        bias if bias is not None else weight, bias.stride(0) if bias is not None else 0,
+        y, g if g is not None else y,
+        x.m, n, k, size_bucket(x.m),
+        X_TWO_ROW_DIMS=x.two_row_dims,
+        ACC_DTYPE=_accumulator(weight.dtype), ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
+        HAS_BIAS=bias is not None, SAVE_DERIVATIVE=save_derivative,
+        DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_SIZE,
+    )
+    return y, g
+
+
+def grad_input(dy: Rows, saved: torch.Tensor | None, weight: torch.Tensor, activation: str | None,
+               negative_slope: float) -> torch.Tensor:
+    """dx = (dy * act'(z)) @ W as an (M, K) tensor.
+
+    dy: Rows of (M, N); saved: what forward saved for this activation ((M, N) contiguous, or None).
+    """
+    n, k = weight.shape
+    dx = torch.empty((dy.m, k), device=weight.device, dtype=weight.dtype)
+    if dy.m == 0 or k == 0:
+        return dx
+    count_launch("dense_grad_input_kernel")
+    dense_grad_input_kernel[_grid(dy.m, k, "BLOCK_M", "BLOCK_K")](
+        *dy.args(),
+        saved if saved is not None else dy.tensor,
+        weight, weight.stride(0), weight.stride(1),
+        dx,
+        dy.m, n, k, size_bucket(dy.m),
+        DY_TWO_ROW_DIMS=dy.two_row_dims,
+        ACC_DTYPE=_accumulator(weight.dtype), ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
+        GRAD_FROM=activations.grad_source(activation, negative_slope),
+        DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_SIZE,
+    )
+    return dx
+
+
+def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_shape: tuple[int, int],
+                activation: str | None, negative_slope: float, bias_grad: bool
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dW, db) = (dz^T @ x, sum of dz over rows): dW (N, K) when x is given, db (N,) when bias_grad;
+    each None where not asked for. Both come from one launch that reads each dz tile once.
+
+    dy: Rows of (M, N); x: Rows of (M, K) or None; saved as in grad_input.
+    """
+    n, k = weight_shape
+    like = dict(device=dy.tensor.device, dtype=dy.tensor.dtype)
+    dw = torch.empty((n, k), **like) if x is not None else None
+    db = torch.empty((n,), **like) if bias_grad else None
+    compute_dw = x is not None and k > 0
+    if n == 0 or not (compute_dw or bias_grad):
+        return dw, db
+    count_launch("dense_grad_weight_kernel")
+    x = x if compute_dw else dy
+    dense_grad_weight_kernel[_grid(n, k if compute_dw else 1, "BLOCK_N", "BLOCK_K")](
+        *dy.args(),
+        saved if saved is not None else dy.tensor,
+        *x.args(),
+        dw if dw is not None else dy.tensor, db if db is not None else dy.tensor,
+        dy.m, n, k, size_bucket(dy.m),
+        DY_TWO_ROW_DIMS=dy.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
+        ACC_DTYPE=_accumulator(dy.tensor.dtype), ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
+        GRAD_FROM=activations.grad_source(activation, negative_slope),
+        DOT_PRECISION=dot_precision(dy.tensor.dtype), COMPUTE_DW=compute_dw, COMPUTE_DB=bias_grad,
+        GROUP_M=GROUP_SIZE,
+    )
+    return dw, db

@@ -1,0 +1,97 @@
+"""Where kernels run, how launches are counted, and how strided tensors are described to kernels.
+
+Triton decides at import time whether `@triton.jit` functions are compiled or interpreted: the
+environment variable TRITON_INTERPRET=1 must be set before triton is first imported.
+"""
+from __future__ import annotations
+
+import collections
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+_launches: collections.Counter = collections.Counter()
+
+
+def count_launch(kernel_name: str) -> None:
+    """Record one launch of `kernel_name` (read back with launch_counts())."""
+    _launches[kernel_name] += 1
+
+
+def launch_counts() -> dict[str, int]:
+    """How many times each Triton kernel has been launched in this process."""
+    return dict(_launches)
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """True where gpunn's Triton kernels run for tensors on `device`: compiled on CUDA, interpreted on
+    CPU under TRITON_INTERPRET=1. Elsewhere gpunn falls back to plain torch with the same semantics."""
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input_precision for `dtype`: float32 follows torch's TF32 setting
+    (torch.get_float32_matmul_precision() == "highest" means IEEE fp32); other dtypes are exact."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def size_bucket(n: int) -> int:
+    """Autotuning key for a size that varies call to call (the batch): the next power of two, clamped to
+    [16, 8192], so that a new batch size rarely re-tunes."""
+    return min(max(triton.next_power_of_2(max(n, 1)), 16), 8192)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A tensor of shape (*, F) seen by a kernel as `m` rows of `F` features without copying.
+
+    Row r starts at element offset (r // inner) * stride_outer + (r % inner) * stride_inner and its
+    features are stride_feature apart. Two row strides cover any leading dims that collapse to at most
+    two (every contiguous tensor, transposes of batch dims, slices, stride-0 broadcasts such as the
+    gradient of .sum()). Kernels compute these offsets in int64.
+    """
+
+    tensor: torch.Tensor
+    m: int
+    inner: int
+    stride_outer: int
+    stride_inner: int
+    stride_feature: int
+
+    @staticmethod
+    def of(t: torch.Tensor) -> "Rows":
+        lead = [(size, stride) for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size != 1]
+        merged: list[tuple[int, int]] = []
+        for size, stride in lead:
+            if merged and merged[-1][1] == stride * size:
+                merged[-1] = (merged[-1][0] * size, stride)
+            else:
+                merged.append((size, stride))
+        if len(merged) > 2:
+            # Rare (three or more leading dims that cannot be merged): one copy makes it contiguous.
+            t = t.contiguous()
+            return Rows.of(t)
+        m = 1
+        for size, _ in merged:
+            m *= size
+        if not merged:
+            return Rows(t, m, 1, 0, 0, t.stride(-1))
+        if len(merged) == 1:
+            return Rows(t, m, m, 0, merged[0][1], t.stride(-1))
+        (_, outer), (inner_size, inner) = merged
+        return Rows(t, m, inner_size, outer, inner, t.stride(-1))
+
+    @property
+    def two_row_dims(self) -> bool:
+        """Whether row offsets need the outer/inner split (kernels compile the simpler path otherwise)."""
+        return self.inner < self.m
+
+    def args(self) -> tuple:
+        """Kernel arguments: (tensor, inner, stride_outer, stride_inner, stride_feature)."""
+        return self.tensor, self.inner, self.stride_outer, self.stride_inner, self.stride_feature

@@ -1,0 +1,98 @@
+"""Tile order, strided row addressing and autotuning configs shared by gpunn's matmul kernels.
+
+A matmul kernel computes an output of (rows x cols) tiles, reducing over a third dimension in chunks.
+Each kernel names the three block sizes after its own operands (the dense forward tiles M x N and
+reduces K; its weight gradient tiles N x K and reduces M), so a config is described here by role:
+(rows, cols, reduction, num_stages, num_warps), and `configs(...)` names it for the kernel.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .runtime import INTERPRET
+
+# Hopper (sm_90) tiles. Large square-ish tiles feed the warpgroup MMA; narrow ones with a long reduction
+# chunk serve small batches, where the weight read bounds the time and many programs must stream it.
+GPU_TILES = (
+    # rows, cols, reduction, stages, warps
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 8),
+    (128, 128, 32, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 32, 32, 3, 4),
+    (32, 64, 128, 4, 4),
+    (16, 64, 128, 4, 4),
+    (16, 32, 256, 3, 4),
+)
+# The interpreter runs programs one after another: one config, large blocks.
+INTERPRETER_TILE = (64, 64, 64, 1, 4)
+
+SHARED_MEMORY_BUDGET = 200 * 1024  # bytes per program; H100 allows 227 KB, leave room for the epilogue
+GROUP_SIZE = 8  # output tile rows per band in grouped order (keeps a band of operand tiles in L2)
+
+
+def configs(rows: str, cols: str, reduction: str) -> list[triton.Config]:
+    """Every config of this machine's tile table, its block sizes named for one kernel."""
+    tiles = [INTERPRETER_TILE] if INTERPRET else GPU_TILES
+    return [
+        triton.Config({rows: r, cols: c, reduction: k}, num_stages=s, num_warps=w)
+        for r, c, k, s, w in tiles
+    ]
+
+
+def pruner(rows: str, cols: str, reduction: str, rows_extent: str, element_of: str, streamed_a_tiles):
+    """An early_config_prune hook keeping the configs that suit one call.
+
+    rows_extent names the argument that bounds the output rows (a bucketed batch, or N); element_of
+    names a tensor argument whose dtype is the operand dtype; streamed_a_tiles(args) says how many
+    (rows x reduction) tiles each pipeline stage holds (2 where backward reads dy and a saved tensor).
+    """
+
+    def prune(all_configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        element = args[element_of].element_size()
+        a_tiles = streamed_a_tiles(args)
+        extent = args[rows_extent]
+        exact_fp32 = element == 4 and args.get("DOT_PRECISION") == "ieee"
+        kept = []
+        for config in all_configs:
+            r, c, k = (config.kwargs[name] for name in (rows, cols, reduction))
+            shared = config.num_stages * (a_tiles * r * k + k * c) * element
+            if shared > SHARED_MEMORY_BUDGET:
+                continue
+            # fp64 and IEEE fp32 have no tensor-core path: large tiles only cost registers.
+            if (element == 8 or exact_fp32) and (r * c > 64 * 64 or k > 32):
+                continue
+            # Small batches want the narrow tiles, large ones the wide tiles.
+            if r > max(extent, 16) or (extent >= 256 and r < 64):
+                continue
+            kept.append(config)
+        return kept or [min(all_configs, key=lambda cfg: cfg.num_stages * sum(cfg.kwargs.values()))]
+
+    return prune
+
+
+@triton.jit
+def grouped_tile(pid, num_rows, num_cols, GROUP: tl.constexpr):
+    """Map a linear program id to (row tile, col tile) in grouped order: GROUP row tiles share each
+    column sweep, so their operand tiles are re-read from L2 rather than from DRAM."""
+    per_group = GROUP * num_cols
+    group = pid // per_group
+    first_row = group * GROUP
+    group_rows = min(num_rows - first_row, GROUP)
+    row = first_row + (pid % per_group) % group_rows
+    col = (pid % per_group) // group_rows
+    return row, col
+
+
+@triton.jit
+def row_offsets(rows, inner, stride_outer, stride_inner, TWO_ROW_DIMS: tl.constexpr):
+    """int64 element offsets of `rows` of a Rows-described tensor (see runtime.Rows)."""
+    rows = rows.to(tl.int64)
+    if TWO_ROW_DIMS:
+        return (rows // inner) * stride_outer + (rows % inner) * stride_inner
+    else:
+        return rows * stride_inner
