@@ -11,7 +11,9 @@ grouped tile order keeps a band of them there):
 - grad_input:   reads dy, the saved tensor (M N each) and W (N K), writes dx (M K).
 - grad_weight:  reads dy, the saved tensor and x, writes dW (N K) and db (N); db is summed from the
                 same dz tiles the dW reduction uses, so it costs no extra pass.
-Accumulation is fp32 (fp64 for fp64 inputs); every output is rounded once, at its store. Reductions
+Operands enter tl.dot in their own dtype (runtime.dot_dtype: bf16 is widened only under the
+interpreter, which cannot multiply bf16); accumulation is fp32 (fp64 for fp64 inputs); every output is
+rounded once, at its store. Reductions
 run inside one program in a fixed order: results are bitwise reproducible (no atomics).
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .runtime import Rows, count_launch, dot_precision, size_bucket
+from .runtime import Rows, accumulator_dtype, count_launch, dot_dtype, dot_precision, empty, size_bucket
 from .tiling import GROUP_SIZE, configs, grouped_tile, pruner, row_offsets
 
 
@@ -45,7 +47,7 @@ def dense_forward_kernel(
     M, N, K,
     M_BUCKET,  # autotuning key only
     X_TWO_ROW_DIMS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
     HAS_BIAS: tl.constexpr, SAVE_DERIVATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
@@ -69,7 +71,7 @@ def dense_forward_kernel(
             k_ok = rk < K - k * BLOCK_K
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -113,7 +115,8 @@ def dense_grad_input_kernel(
     M, N, K,
     M_BUCKET,  # autotuning key only
     DY_TWO_ROW_DIMS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
+    GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
@@ -132,15 +135,15 @@ def dense_grad_input_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
         if EVEN_N:
-            dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None], ACC_DTYPE, w_ptr.dtype.element_ty,
+            dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None], ACC_DTYPE, DOT_DTYPE,
                           ACT, GRAD_FROM, NEGATIVE_SLOPE)
             w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
         else:
             n_ok = rn < N - n * BLOCK_N
-            dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, w_ptr.dtype.element_ty,
+            dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, DOT_DTYPE,
                           ACT, GRAD_FROM, NEGATIVE_SLOPE)
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(dz, w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
         dy_ptrs += BLOCK_N * stride_dyn
         g_ptrs += BLOCK_N
         w_ptrs += BLOCK_N * stride_wn
@@ -163,7 +166,8 @@ def dense_grad_weight_kernel(
     M, N, K,
     M_BUCKET,  # autotuning key only
     DY_TWO_ROW_DIMS: tl.constexpr, X_TWO_ROW_DIMS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
+    GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -176,7 +180,6 @@ def dense_grad_weight_kernel(
     rm = tl.arange(0, BLOCK_M)  # [BM]
     n_ok = rn < N
     k_ok = rk < K
-    out_dtype = x_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
     db = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
@@ -194,7 +197,7 @@ def dense_grad_weight_kernel(
             x_ptrs = x_ptr + row_offsets(rows, x_inner, stride_x_outer, stride_x_inner, X_TWO_ROW_DIMS)[:, None] \
                 + rk[None, :] * stride_xk  # [BM, BK]
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(tl.trans(dz.to(out_dtype)), x, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(tl.trans(dz.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
 
     if COMPUTE_DW:
         out = rn.to(tl.int64)[:, None] * K + rk[None, :]
@@ -202,10 +205,6 @@ def dense_grad_weight_kernel(
     if COMPUTE_DB:
         if pid_k == 0:  # every K tile summed the same dz; the first one stores
             tl.store(db_ptr + rn, db.to(db_ptr.dtype.element_ty), mask=n_ok)
-
-
-def _accumulator(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _grid(rows: int, cols: int, rows_block: str, cols_block: str):
@@ -219,8 +218,8 @@ def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation
     x: Rows of (M, K); weight (N, K); bias (N,) or None.
     """
     n, k = weight.shape
-    y = torch.empty((x.m, n), device=weight.device, dtype=weight.dtype)
-    g = torch.empty_like(y) if save_derivative else None
+    y = empty((x.m, n), device=weight.device, dtype=weight.dtype)
+    g = empty((x.m, n), device=weight.device, dtype=weight.dtype) if save_derivative else None
     if x.m == 0 or n == 0:
         return y, g
     count_launch("dense_forward_kernel")
@@ -231,7 +230,7 @@ def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation
         y, g if g is not None else y,
         x.m, n, k, size_bucket(x.m),
         X_TWO_ROW_DIMS=x.two_row_dims,
-        ACC_DTYPE=_accumulator(weight.dtype), ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
+        DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype), ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
         HAS_BIAS=bias is not None, SAVE_DERIVATIVE=save_derivative,
         DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_SIZE,
     )
@@ -245,7 +244,7 @@ def grad_input(dy: Rows, saved: torch.Tensor | None, weight: torch.Tensor, activ
     dy: Rows of (M, N); saved: what forward saved for this activation ((M, N) contiguous, or None).
     """
     n, k = weight.shape
-    dx = torch.empty((dy.m, k), device=weight.device, dtype=weight.dtype)
+    dx = empty((dy.m, k), device=weight.device, dtype=weight.dtype)
     if dy.m == 0 or k == 0:
         return dx
     count_launch("dense_grad_input_kernel")
@@ -256,7 +255,7 @@ def grad_input(dy: Rows, saved: torch.Tensor | None, weight: torch.Tensor, activ
         dx,
         dy.m, n, k, size_bucket(dy.m),
         DY_TWO_ROW_DIMS=dy.two_row_dims,
-        ACC_DTYPE=_accumulator(weight.dtype), ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
+        DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype), ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
         GRAD_FROM=activations.grad_source(activation, negative_slope),
         DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_SIZE,
     )
@@ -273,8 +272,8 @@ def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_sha
     """
     n, k = weight_shape
     like = dict(device=dy.tensor.device, dtype=dy.tensor.dtype)
-    dw = torch.empty((n, k), **like) if x is not None else None
-    db = torch.empty((n,), **like) if bias_grad else None
+    dw = empty((n, k), **like) if x is not None else None
+    db = empty((n,), **like) if bias_grad else None
     compute_dw = x is not None and k > 0
     if n == 0 or not (compute_dw or bias_grad):
         return dw, db
@@ -287,7 +286,7 @@ def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_sha
         dw if dw is not None else dy.tensor, db if db is not None else dy.tensor,
         dy.m, n, k, size_bucket(dy.m),
         DY_TWO_ROW_DIMS=dy.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
-        ACC_DTYPE=_accumulator(dy.tensor.dtype), ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
+        DOT_DTYPE=dot_dtype(dy.tensor.dtype), ACC_DTYPE=accumulator_dtype(dy.tensor.dtype), ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
         GRAD_FROM=activations.grad_source(activation, negative_slope),
         DOT_PRECISION=dot_precision(dy.tensor.dtype), COMPUTE_DW=compute_dw, COMPUTE_DB=bias_grad,
         GROUP_M=GROUP_SIZE,

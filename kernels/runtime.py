@@ -6,11 +6,13 @@ environment variable TRITON_INTERPRET=1 must be set before triton is first impor
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
@@ -27,6 +29,27 @@ def launch_counts() -> dict[str, int]:
     return dict(_launches)
 
 
+_poison = False
+
+
+def empty(shape, *, device, dtype) -> torch.Tensor:
+    """An uninitialised output tensor for a kernel to fill (NaN-filled inside poison_outputs())."""
+    if _poison:
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def poison_outputs():
+    """Fill every kernel output with NaN before its launch, so a test can prove every element is written."""
+    global _poison
+    previous, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = previous
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """True where gpunn's Triton kernels run for tensors on `device`: compiled on CUDA, interpreted on
     CPU under TRITON_INTERPRET=1. Elsewhere gpunn falls back to plain torch with the same semantics."""
@@ -39,6 +62,23 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def dot_dtype(dtype: torch.dtype):
+    """The dtype operands of `dtype` enter tl.dot in: their own, except bfloat16 under the interpreter,
+    which holds bf16 as raw 16-bit integers and would multiply the bits; there it is widened to fp32."""
+    if INTERPRET and dtype == torch.bfloat16:
+        return tl.float32
+    return _TRITON_DTYPES[dtype]
+
+
+def accumulator_dtype(dtype: torch.dtype):
+    """fp32 accumulation for 16- and 32-bit inputs; fp64 stays fp64."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+_TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+                  torch.float64: tl.float64}
 
 
 def size_bucket(n: int) -> int:

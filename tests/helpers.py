@@ -1,0 +1,71 @@
+"""Shared test utilities: references in float64, error measure, tolerances, launch accounting."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from gpunn.kernels import launch_counts
+
+# Relative norm error bounds per dtype (DESIGN.md, Numerics). float32 is IEEE in these tests.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+
+# The independent oracle: torch.nn.functional, applied in float64.
+REFERENCE_ACTIVATIONS = {
+    None: lambda z, slope: z,
+    "relu": lambda z, slope: F.relu(z),
+    "leaky_relu": lambda z, slope: F.leaky_relu(z, slope),
+    "gelu": lambda z, slope: F.gelu(z),
+    "gelu_tanh": lambda z, slope: F.gelu(z, approximate="tanh"),
+    "tanh": lambda z, slope: torch.tanh(z),
+    "sigmoid": lambda z, slope: torch.sigmoid(z),
+    "silu": lambda z, slope: F.silu(z),
+}
+ACTIVATIONS = list(REFERENCE_ACTIVATIONS)
+
+
+def dtypes_for(device: torch.device) -> list[torch.dtype]:
+    """Every dtype gpunn supports; bfloat16 correctness is claimed only where tensor cores compute it."""
+    dtypes = [torch.float64, torch.float32, torch.float16]
+    if device.type == "cuda":
+        dtypes.append(torch.bfloat16)
+    return dtypes
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere in out gives inf (NaN never passes)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if torch.isnan(out).any():
+        return float("inf")
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = rel_error(out, ref)
+    assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3g} > {TOLERANCE[dtype]:.0e} ({dtype})"
+
+
+def reference_linear(x, w, b, activation, slope=0.01):
+    """act(x W^T + b) by torch.nn.functional in float64 on float64 copies (leaf tensors)."""
+    return REFERENCE_ACTIVATIONS[activation](F.linear(x, w, b), slope)
+
+
+def leaf64(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A float64 leaf copy of t that requires grad where t does."""
+    if t is None:
+        return None
+    return t.detach().double().requires_grad_(t.requires_grad)
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Yields a dict that, after the block, holds the launches per kernel made inside it."""
+    before = launch_counts()
+    delta: dict[str, int] = {}
+    yield delta
+    after = launch_counts()
+    delta.update({name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)})

@@ -1,0 +1,52 @@
+"""Where gpunn's ops run: Triton (CUDA or the CPU interpreter) or plain torch on CPU otherwise."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import gpunn
+from gpunn.kernels import runtime
+
+
+def test_this_session_runs_triton(device):
+    assert runtime.triton_runs_on(device)
+    assert runtime.INTERPRET == (device.type == "cpu")
+
+
+def test_cpu_without_interpreter_uses_plain_torch():
+    # A fresh process without TRITON_INTERPRET: CPU tensors take the plain-torch path, same results.
+    script = textwrap.dedent("""
+        import torch, gpunn
+        from gpunn.kernels import launch_counts, runtime
+        assert not runtime.INTERPRET
+        torch.manual_seed(0)
+        layer = gpunn.Linear(9, 4, activation="gelu")
+        ref = torch.nn.Linear(9, 4)
+        ref.load_state_dict(layer.state_dict())
+        x = torch.randn(5, 9, requires_grad=True)
+        out = layer(x)
+        out.sum().backward()
+        expected = torch.nn.functional.gelu(ref(x.detach()))
+        assert torch.allclose(out, expected), (out - expected).abs().max()
+        assert layer.weight.grad is not None
+        assert launch_counts() == {}, launch_counts()
+        print("plain torch ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "plain torch ok" in result.stdout
+
+
+def test_import_is_lazy():
+    # `import gpunn` must not import triton: the CLI picks the interpreter first on CPU-only machines.
+    code = "import sys, gpunn; assert 'triton' not in sys.modules, 'triton imported eagerly'; print(gpunn.__version__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == gpunn.__version__
+    assert isinstance(gpunn.Linear(2, 2), torch.nn.Linear)

@@ -1,0 +1,257 @@
+"""gpunn.functional.linear against torch.nn.functional in float64: forward and every gradient."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import (ACTIVATIONS, TOLERANCE, assert_close, count_launches, dtypes_for, leaf64,
+                     reference_linear, rel_error)
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gpunn
+from gpunn.kernels.runtime import Rows
+
+# (leading dims, in_features, out_features): odd sizes, sizes around and past the interpreter's 64-wide
+# blocks, single rows and columns.
+SHAPES = [((7,), 33, 130), ((130,), 7, 33), ((1,), 1, 1), ((65,), 129, 64), ((3, 5), 17, 9)]
+
+
+def _run_case(device, dtype, lead, k, n, activation, slope=0.01, bias=True, x=None, weight=None,
+              grad_output=None):
+    """Forward and backward through gpunn and through the float64 reference; compare everything."""
+    gen = torch.Generator(device="cpu").manual_seed(hash((lead, k, n, str(activation), str(dtype))) % 2**31)
+    if x is None:
+        x = torch.randn(*lead, k, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    if weight is None:
+        weight = (torch.randn(n, k, generator=gen) / max(k, 1) ** 0.5).to(device=device, dtype=dtype)
+        weight.requires_grad_()
+    b = torch.randn(n, generator=gen).to(device=device, dtype=dtype).requires_grad_() if bias else None
+
+    out = gpunn.functional.linear(x, weight, b, activation, slope)
+    x64, w64, b64 = leaf64(x), leaf64(weight), leaf64(b)
+    ref = reference_linear(x64, w64, b64, activation, slope)
+    assert out.dtype == dtype and out.device.type == device.type
+    assert_close(out, ref, dtype, "output")
+
+    if grad_output is None:
+        grad_output = torch.randn(ref.shape, generator=gen).to(device=device, dtype=dtype)
+    inputs = [t for t in (x, weight, b) if t is not None and t.requires_grad]
+    inputs64 = [t for t in (x64, w64, b64) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, inputs, grad_output)
+    grads64 = torch.autograd.grad(ref, inputs64, grad_output.double())
+    for name, g, g64 in zip(["input", "weight", "bias"], grads, grads64):
+        assert g.dtype == dtype
+        assert_close(g, g64, dtype, f"grad {name}")
+    return out, grads
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_every_activation_and_dtype(device, dtype, activation):
+    if dtype not in dtypes_for(device):
+        pytest.skip("bfloat16 is checked on a GPU only (the interpreter cannot compute it natively)")
+    for lead, k, n in SHAPES[:2]:
+        _run_case(device, dtype, lead, k, n, activation)
+
+
+@pytest.mark.parametrize("lead,k,n", SHAPES, ids=str)
+@pytest.mark.parametrize("activation", [None, "gelu", "relu"])
+def test_odd_shapes(device, lead, k, n, activation):
+    _run_case(device, torch.float32, lead, k, n, activation)
+
+
+@pytest.mark.parametrize("slope", [0.2, 0.0, -0.5])
+def test_leaky_relu_slopes(device, slope):
+    # A negative slope makes the output's sign ambiguous: backward then reads the saved derivative.
+    _run_case(device, torch.float64, (19,), 23, 21, "leaky_relu", slope=slope)
+
+
+@pytest.mark.parametrize("activation", [None, "tanh"])
+def test_without_bias(device, activation):
+    _run_case(device, torch.float32, (9,), 10, 11, activation, bias=False)
+
+
+@pytest.mark.parametrize("lead", [(), (2, 3, 4)], ids=["1d", "4d"])
+def test_leading_dims(device, lead):
+    _run_case(device, torch.float64, lead, 13, 6, "silu")
+
+
+def test_zero_sized_batch(device):
+    x = torch.randn(0, 5, device=device, requires_grad=True)
+    layer = gpunn.Linear(5, 3, device=device, activation="gelu")
+    out = layer(x)
+    assert out.shape == (0, 3)
+    out.sum().backward()
+    assert x.grad.shape == (0, 5)
+    assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
+    assert torch.equal(layer.bias.grad, torch.zeros_like(layer.bias))
+
+
+def test_zero_in_features(device):
+    # nn.Linear(0, n) returns act(bias): an empty reduction.
+    _run_case(device, torch.float64, (4,), 0, 3, "sigmoid")
+
+
+def _strided_inputs(device):
+    """Non-contiguous views of a larger tensor, each a layout the kernels read through strides."""
+    base = torch.randn(6, 8, 2 * 17, device=device, dtype=torch.float64)
+    yield "every other feature", base[..., ::2]
+    yield "transposed batch dims", base[..., :17].transpose(0, 1)
+    yield "row slice", base[1:5, ::3, :17]
+    yield "broadcast rows", torch.randn(1, 1, 17, device=device, dtype=torch.float64).expand(6, 8, 17)
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_non_contiguous_input_is_not_copied(device, case):
+    name, view = list(_strided_inputs(device))[case]
+    assert Rows.of(view).tensor.data_ptr() == view.data_ptr(), f"{name}: the kernel should read the view in place"
+    _run_case(device, torch.float64, tuple(view.shape[:-1]), 17, 5, "gelu", x=view.detach().requires_grad_())
+
+
+def test_three_unmergeable_leading_dims(device):
+    x = torch.randn(3, 4, 5, 6, device=device, dtype=torch.float64).permute(1, 0, 2, 3)
+    assert Rows.of(x).tensor.is_contiguous()  # copied once: more leading layouts than a kernel addresses
+    _run_case(device, torch.float64, tuple(x.shape[:-1]), 6, 7, "relu", x=x.detach().requires_grad_())
+
+
+def test_non_contiguous_weight_and_grad_output(device):
+    weight = torch.randn(9, 12, device=device, dtype=torch.float64).t().requires_grad_()  # (12, 9), strided
+    grad_output = torch.randn(12, 5, device=device, dtype=torch.float64).t()  # (5, 12), strided
+    _run_case(device, torch.float64, (5,), 9, 12, "tanh", weight=weight, grad_output=grad_output)
+
+
+def test_broadcast_grad_output(device):
+    # y.sum() gives backward a stride-0 gradient: read in place, not materialised.
+    _run_case(device, torch.float64, (4, 6), 7, 8, "gelu_tanh",
+              grad_output=torch.ones((), device=device, dtype=torch.float64).expand(4, 6, 8))
+
+
+def test_frozen_weight_skips_weight_gradient(device):
+    x = torch.randn(10, 6, device=device, requires_grad=True)
+    weight = torch.randn(4, 6, device=device)
+    bias = torch.randn(4, device=device, requires_grad=True)
+    out = gpunn.functional.linear(x, weight, bias, "relu")
+    with count_launches() as launches:
+        out.sum().backward()
+    assert weight.grad is None
+    assert launches == {"dense_grad_input_kernel": 1, "dense_grad_weight_kernel": 1}  # db only
+    _run_case(device, torch.float64, (10,), 6, 4, "relu",
+              weight=torch.randn(4, 6, device=device, dtype=torch.float64))
+
+
+def test_input_without_grad_skips_input_gradient(device):
+    x = torch.randn(10, 6, device=device)
+    layer = gpunn.Linear(6, 4, device=device, bias=False)
+    with count_launches() as launches:
+        layer(x).sum().backward()
+    assert launches == {"dense_forward_kernel": 1, "dense_grad_weight_kernel": 1}
+
+
+def test_no_grad_forward_saves_nothing(device):
+    layer = gpunn.Linear(6, 4, device=device, activation="gelu")
+    with torch.no_grad():
+        out = layer(torch.randn(3, 6, device=device))
+    assert out.grad_fn is None
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck(device, activation):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 2, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(5, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    b = torch.randn(5, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: gpunn.functional.linear(x, w, b, activation), (x, w, b))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_bitwise_deterministic(device, activation):
+    x = torch.randn(70, 40, device=device, requires_grad=True)
+    layer = gpunn.Linear(40, 66, device=device, activation=activation)
+    results = []
+    for _ in range(2):
+        out = layer(x)
+        grads = torch.autograd.grad(out, [x, layer.weight, layer.bias], torch.ones_like(out))
+        results.append([out, *grads])
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+def test_tf32_setting_is_followed(device):
+    # torch's float32 matmul precision decides: "highest" is IEEE fp32, "high" allows TF32 on a GPU.
+    x = torch.randn(33, 130, device=device)
+    w = torch.randn(20, 130, device=device)
+    ref = torch.nn.functional.linear(x.double(), w.double())
+    exact = gpunn.functional.linear(x, w)
+    torch.set_float32_matmul_precision("high")
+    fast = gpunn.functional.linear(x, w)
+    assert rel_error(exact, ref) < TOLERANCE[torch.float32]
+    assert rel_error(fast, ref) < 1e-3
+    if device.type == "cuda":
+        assert rel_error(fast, ref) > 1e-6, "TF32 was allowed but the result is IEEE-exact"
+
+
+class _MatmulSpy(TorchDispatchMode):
+    """Records every aten op that runs, to show no torch matmul stands behind the Triton path."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_triton_path_runs_and_no_torch_matmul(device):
+    layer = gpunn.Linear(24, 16, device=device, activation="gelu")
+    x = torch.randn(5, 24, device=device, requires_grad=True)
+    with count_launches() as launches, _MatmulSpy() as spy:
+        layer(x).sum().backward()
+    assert launches == {"dense_forward_kernel": 1, "dense_grad_input_kernel": 1, "dense_grad_weight_kernel": 1}
+    matmuls = {"aten.mm", "aten.addmm", "aten.bmm", "aten.matmul", "aten.linear", "aten.baddbmm", "aten.dot",
+               "aten.mv", "aten.gelu", "aten.gelu_backward"}
+    assert not matmuls & set(spy.ops), sorted(matmuls & set(spy.ops))
+
+
+@pytest.mark.parametrize("make_args,match", [
+    (lambda d: (torch.randn(2, 5, device=d), torch.randn(3, 4, device=d)), "shapes cannot be multiplied"),
+    (lambda d: (torch.randn(2, 4, device=d, dtype=torch.float64), torch.randn(3, 4, device=d)), "same dtype"),
+    (lambda d: (torch.tensor(1.0, device=d), torch.randn(3, 4, device=d)), "at least 1D"),
+    # Integer matmul: torch runs it on CPU only; gpunn's kernels are floating point (RuntimeError, as on CUDA).
+    (lambda d: (torch.ones(2, 4, device=d, dtype=torch.int64), torch.ones(3, 4, device=d, dtype=torch.int64)),
+     "supports float16"),
+    (lambda d: (torch.randn(2, 4, device=d), torch.randn(3, 4, device=d), torch.randn(5, device=d)), "bias"),
+    (lambda d: (torch.randn(2, 4, device=d), torch.randn(3, 4, 2, device=d)), "2-D weight"),
+])
+def test_bad_inputs_raise_before_any_launch(device, make_args, match):
+    args = make_args(device)
+    with count_launches() as launches, pytest.raises(RuntimeError, match=match):
+        gpunn.functional.linear(*args)
+    assert launches == {}
+    if args[0].is_floating_point():
+        # torch.nn.functional.linear rejects the same inputs with the same exception type.
+        with pytest.raises(RuntimeError):
+            torch.nn.functional.linear(*args)
+
+
+def test_unknown_activation(device):
+    with pytest.raises(ValueError, match="Unknown activation"):
+        gpunn.functional.linear(torch.randn(2, 4, device=device), torch.randn(3, 4, device=device), None, "swish")
+
+
+def test_autocast_matches_nn_linear_dtype(device):
+    # Under autocast, nn.Linear computes in the autocast dtype; gpunn.Linear does the same.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    layer = gpunn.Linear(8, 5, device=device)
+    ref_layer = torch.nn.Linear(8, 5, device=device)
+    ref_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(6, 8, device=device)
+    with torch.autocast(device.type, dtype=dtype):
+        out = layer(x)
+        ref = ref_layer(x)
+    assert out.dtype == ref.dtype == dtype
+    out.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+    assert_close(out, reference_linear(x.double(), layer.weight.double().to(dtype).double(),
+                                       layer.bias.double(), None), dtype, "autocast output")
+    assert TOLERANCE[dtype] < 1

@@ -1,0 +1,106 @@
+"""gpunn.Linear as a drop-in for torch.nn.Linear: constructor, init, state_dict, repr, errors."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from helpers import TOLERANCE, count_launches, rel_error
+
+import gpunn
+
+
+def test_same_parameters_and_init_as_nn_linear(device):
+    torch.manual_seed(3)
+    ours = gpunn.Linear(13, 7, device=device, activation="relu")
+    torch.manual_seed(3)
+    theirs = torch.nn.Linear(13, 7, device=device)
+    assert isinstance(ours, torch.nn.Linear)
+    assert [name for name, _ in ours.named_parameters()] == [name for name, _ in theirs.named_parameters()]
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.equal(p, q), name
+    assert ours.in_features == 13 and ours.out_features == 7
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_constructor_dtype_and_no_bias(device, dtype):
+    layer = gpunn.Linear(5, 4, bias=False, device=device, dtype=dtype)
+    assert layer.bias is None and layer.weight.dtype == dtype and layer.weight.device.type == device.type
+    assert list(layer.state_dict()) == ["weight"]
+
+
+def test_state_dict_round_trips_with_nn_linear(device):
+    ours = gpunn.Linear(6, 3, device=device, activation="tanh")
+    theirs = torch.nn.Linear(6, 3, device=device)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    fresh = gpunn.Linear(6, 3, device=device, activation="tanh")
+    fresh.load_state_dict(theirs.state_dict(), strict=True)
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight", "bias"]
+    x = torch.randn(4, 6, device=device)
+    assert rel_error(fresh(x), torch.tanh(theirs(x))) < TOLERANCE[torch.float32]
+
+
+def test_output_matches_nn_linear_plus_activation(device):
+    ours = gpunn.Linear(20, 9, device=device, activation="leaky_relu", negative_slope=0.1)
+    theirs = torch.nn.Sequential(torch.nn.Linear(20, 9, device=device), torch.nn.LeakyReLU(0.1))
+    theirs[0].load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 20, device=device)
+    assert rel_error(ours(x), theirs(x)) < TOLERANCE[torch.float32]
+
+
+def test_repr():
+    assert repr(gpunn.Linear(4, 3)) == "Linear(in_features=4, out_features=3, bias=True)"
+    assert repr(gpunn.Linear(4, 3, bias=False, activation="gelu")) == \
+        "Linear(in_features=4, out_features=3, bias=False, activation='gelu')"
+    assert repr(gpunn.Linear(4, 3, activation="leaky_relu", negative_slope=0.2)) == \
+        "Linear(in_features=4, out_features=3, bias=True, activation='leaky_relu', negative_slope=0.2)"
+
+
+def test_constructor_errors_match_nn_linear():
+    with pytest.raises(ValueError, match="Unknown activation"):
+        gpunn.Linear(4, 3, activation="softmax")
+    with pytest.raises(TypeError, match="negative_slope"):
+        gpunn.Linear(4, 3, activation="leaky_relu", negative_slope="0.1")
+    for args in [(-1, 3), (4, -2)]:
+        with pytest.raises(RuntimeError):
+            torch.nn.Linear(*args)
+        with pytest.raises(RuntimeError):
+            gpunn.Linear(*args)
+
+
+def test_wrong_input_features_raise_like_nn_linear(device):
+    layer = gpunn.Linear(4, 3, device=device)
+    with count_launches() as launches, pytest.raises(RuntimeError, match=r"\(2x5 and 4x3\)"):
+        layer(torch.randn(2, 5, device=device))
+    assert launches == {}
+    with pytest.raises(RuntimeError, match=r"\(2x5 and 4x3\)"):
+        torch.nn.Linear(4, 3, device=device)(torch.randn(2, 5, device=device))
+
+
+def test_copy_and_pickle(device):
+    layer = gpunn.Linear(4, 3, device=device, activation="silu")
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone.activation == "silu"
+        x = torch.randn(2, 4, device=device)
+        assert torch.equal(clone(x), layer(x))
+
+
+def test_trains_like_nn_linear(device):
+    # A few SGD steps from the same weights: gpunn and torch.nn stay together.
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(gpunn.Linear(10, 16, device=device, activation="gelu"),
+                               gpunn.Linear(16, 3, device=device))
+    theirs = torch.nn.Sequential(torch.nn.Linear(10, 16, device=device), torch.nn.GELU(),
+                                 torch.nn.Linear(16, 3, device=device))
+    theirs[0].load_state_dict(ours[0].state_dict())
+    theirs[2].load_state_dict(ours[1].state_dict())
+    x, y = torch.randn(32, 10, device=device), torch.randint(0, 3, (32,), device=device)
+    for model in (ours, theirs):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(5):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert rel_error(ours[1].weight, theirs[2].weight) < 1e-5
+    assert rel_error(ours[0].weight, theirs[0].weight) < 1e-5
