@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .runtime import Rows, accumulator_dtype, count_launch, dot_dtype, dot_precision, empty, size_bucket
+from .runtime import (Rows, accumulator_dtype, count_launch, dot_dtype, dot_precision, empty, row_alignment,
+                      size_bucket)
 from .tiling import GROUP_SIZE, configs, grouped_tile, pruner, row_offsets
 
 
@@ -33,12 +34,12 @@ def _a_tiles(args) -> int:
 
 @triton.autotune(
     configs=configs("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-    key=["M_BUCKET", "N", "K", "DOT_PRECISION"],
+    key=["M_BUCKET", "N", "K", "DOT_PRECISION", "ROW_ALIGN", "SAVE_DERIVATIVE"],
     prune_configs_by={"early_config_prune": pruner("BLOCK_M", "BLOCK_N", "BLOCK_K", "M_BUCKET", "w_ptr",
                                                    lambda args: 1)},
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "x_inner"])
 def dense_forward_kernel(
     x_ptr, x_inner, stride_x_outer, stride_x_inner, stride_xk,
     w_ptr, stride_wn, stride_wk,
@@ -46,7 +47,7 @@ def dense_forward_kernel(
     y_ptr, g_ptr,  # (M, N) contiguous; g receives act'(z) when SAVE_DERIVATIVE
     M, N, K,
     M_BUCKET,  # autotuning key only
-    X_TWO_ROW_DIMS: tl.constexpr,
+    X_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
     HAS_BIAS: tl.constexpr, SAVE_DERIVATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -58,9 +59,10 @@ def dense_forward_kernel(
     rk = tl.arange(0, BLOCK_K)  # [BK]
     m_ok = rm < M
     n_ok = rn < N
-    x_ptrs = x_ptr + row_offsets(rm, x_inner, stride_x_outer, stride_x_inner, X_TWO_ROW_DIMS)[:, None] \
-        + rk[None, :] * stride_xk  # [BM, BK]
-    w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + rk[:, None] * stride_wk  # [BK, BN]
+    x_rows = tl.multiple_of(row_offsets(rm, x_inner, stride_x_outer, stride_x_inner, X_TWO_ROW_DIMS), ROW_ALIGN)
+    w_rows = tl.multiple_of(rn.to(tl.int64) * stride_wn, ROW_ALIGN)
+    x_ptrs = x_ptr + x_rows[:, None] + rk[None, :] * stride_xk  # [BM, BK]
+    w_ptrs = w_ptr + w_rows[None, :] + rk[:, None] * stride_wk  # [BK, BN]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -77,7 +79,7 @@ def dense_forward_kernel(
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn * stride_b, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
-    out = rm.to(tl.int64)[:, None] * N + rn[None, :]  # [BM, BN]
+    out = tl.multiple_of(rm.to(tl.int64) * N, ROW_ALIGN)[:, None] + rn[None, :]  # [BM, BN]
     mask = m_ok[:, None] & n_ok[None, :]
     y = activations.forward(acc, ACT, NEGATIVE_SLOPE)
     tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -101,12 +103,12 @@ def _load_dz(dy_ptrs, g_ptrs, mask, ACC_DTYPE: tl.constexpr, out_dtype: tl.const
 
 @triton.autotune(
     configs=configs("BLOCK_M", "BLOCK_K", "BLOCK_N"),
-    key=["M_BUCKET", "N", "K", "DOT_PRECISION", "GRAD_FROM"],
+    key=["M_BUCKET", "N", "K", "DOT_PRECISION", "ROW_ALIGN", "GRAD_FROM"],
     prune_configs_by={"early_config_prune": pruner("BLOCK_M", "BLOCK_K", "BLOCK_N", "M_BUCKET", "w_ptr",
                                                    _a_tiles)},
 )
 @triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
-@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "dy_inner"])
 def dense_grad_input_kernel(
     dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn,
     g_ptr,  # (M, N) contiguous: the output y or act'(z), per GRAD_FROM
@@ -114,7 +116,7 @@ def dense_grad_input_kernel(
     dx_ptr,  # (M, K) contiguous
     M, N, K,
     M_BUCKET,  # autotuning key only
-    DY_TWO_ROW_DIMS: tl.constexpr,
+    DY_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
     GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -127,10 +129,13 @@ def dense_grad_input_kernel(
     rn = tl.arange(0, BLOCK_N)  # [BN]
     m_ok = rm < M
     k_ok = rk < K
-    dy_ptrs = dy_ptr + row_offsets(rm, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS)[:, None] \
-        + rn[None, :] * stride_dyn  # [BM, BN]
-    g_ptrs = g_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]  # [BM, BN]
-    w_ptrs = w_ptr + rn[:, None] * stride_wn + rk.to(tl.int64)[None, :] * stride_wk  # [BN, BK]
+    dy_rows = tl.multiple_of(row_offsets(rm, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS),
+                             ROW_ALIGN)
+    g_rows = tl.multiple_of(rm.to(tl.int64) * N, ROW_ALIGN)
+    w_rows = tl.multiple_of(rn * stride_wn, ROW_ALIGN)
+    dy_ptrs = dy_ptr + dy_rows[:, None] + rn[None, :] * stride_dyn  # [BM, BN]
+    g_ptrs = g_ptr + g_rows[:, None] + rn[None, :]  # [BM, BN]
+    w_ptrs = w_ptr + w_rows[:, None] + rk.to(tl.int64)[None, :] * stride_wk  # [BN, BK]
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
@@ -148,16 +153,16 @@ def dense_grad_input_kernel(
         g_ptrs += BLOCK_N
         w_ptrs += BLOCK_N * stride_wn
 
-    out = rm.to(tl.int64)[:, None] * K + rk[None, :]
+    out = tl.multiple_of(rm.to(tl.int64) * K, ROW_ALIGN)[:, None] + rk[None, :]
     tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
 @triton.autotune(
     configs=configs("BLOCK_N", "BLOCK_K", "BLOCK_M"),
-    key=["M_BUCKET", "N", "K", "DOT_PRECISION", "GRAD_FROM", "COMPUTE_DW"],
+    key=["M_BUCKET", "N", "K", "DOT_PRECISION", "ROW_ALIGN", "GRAD_FROM", "COMPUTE_DW"],
     prune_configs_by={"early_config_prune": pruner("BLOCK_N", "BLOCK_K", "BLOCK_M", "N", "dy_ptr", _a_tiles)},
 )
-@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "dy_inner", "x_inner"])
 def dense_grad_weight_kernel(
     dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn,
     g_ptr,  # (M, N) contiguous: the output y or act'(z), per GRAD_FROM
@@ -165,7 +170,7 @@ def dense_grad_weight_kernel(
     dw_ptr, db_ptr,  # (N, K) and (N,) contiguous
     M, N, K,
     M_BUCKET,  # autotuning key only
-    DY_TWO_ROW_DIMS: tl.constexpr, X_TWO_ROW_DIMS: tl.constexpr,
+    DY_TWO_ROW_DIMS: tl.constexpr, X_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
     GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
@@ -186,21 +191,24 @@ def dense_grad_weight_kernel(
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + rm
         m_ok = rows < M
-        dy_ptrs = dy_ptr + row_offsets(rows, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS)[:, None] \
-            + rn[None, :] * stride_dyn  # [BM, BN]
-        g_ptrs = g_ptr + rows.to(tl.int64)[:, None] * N + rn[None, :]  # [BM, BN]
+        dy_rows = tl.multiple_of(
+            row_offsets(rows, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS), ROW_ALIGN)
+        g_rows = tl.multiple_of(rows.to(tl.int64) * N, ROW_ALIGN)
+        dy_ptrs = dy_ptr + dy_rows[:, None] + rn[None, :] * stride_dyn  # [BM, BN]
+        g_ptrs = g_ptr + g_rows[:, None] + rn[None, :]  # [BM, BN]
         dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, ACC_DTYPE,
                       ACT, GRAD_FROM, NEGATIVE_SLOPE)  # [BM, BN]
         if COMPUTE_DB:
             db += tl.sum(dz, axis=0)
         if COMPUTE_DW:
-            x_ptrs = x_ptr + row_offsets(rows, x_inner, stride_x_outer, stride_x_inner, X_TWO_ROW_DIMS)[:, None] \
-                + rk[None, :] * stride_xk  # [BM, BK]
+            x_rows = tl.multiple_of(
+                row_offsets(rows, x_inner, stride_x_outer, stride_x_inner, X_TWO_ROW_DIMS), ROW_ALIGN)
+            x_ptrs = x_ptr + x_rows[:, None] + rk[None, :] * stride_xk  # [BM, BK]
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(tl.trans(dz.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
 
     if COMPUTE_DW:
-        out = rn.to(tl.int64)[:, None] * K + rk[None, :]
+        out = tl.multiple_of(rn.to(tl.int64) * K, ROW_ALIGN)[:, None] + rk[None, :]
         tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
     if COMPUTE_DB:
         if pid_k == 0:  # every K tile summed the same dz; the first one stores
@@ -229,7 +237,7 @@ def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation
         bias if bias is not None else weight, bias.stride(0) if bias is not None else 0,
         y, g if g is not None else y,
         x.m, n, k, size_bucket(x.m),
-        X_TWO_ROW_DIMS=x.two_row_dims,
+        X_TWO_ROW_DIMS=x.two_row_dims, ROW_ALIGN=row_alignment(*x.row_strides, weight.stride(0), n),
         DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype), ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
         HAS_BIAS=bias is not None, SAVE_DERIVATIVE=save_derivative,
         DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_SIZE,
@@ -254,7 +262,7 @@ def grad_input(dy: Rows, saved: torch.Tensor | None, weight: torch.Tensor, activ
         weight, weight.stride(0), weight.stride(1),
         dx,
         dy.m, n, k, size_bucket(dy.m),
-        DY_TWO_ROW_DIMS=dy.two_row_dims,
+        DY_TWO_ROW_DIMS=dy.two_row_dims, ROW_ALIGN=row_alignment(*dy.row_strides, weight.stride(0), n, k),
         DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype), ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
         GRAD_FROM=activations.grad_source(activation, negative_slope),
         DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_SIZE,
@@ -286,6 +294,7 @@ def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_sha
         dw if dw is not None else dy.tensor, db if db is not None else dy.tensor,
         dy.m, n, k, size_bucket(dy.m),
         DY_TWO_ROW_DIMS=dy.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
+        ROW_ALIGN=row_alignment(*dy.row_strides, *x.row_strides, n, k),
         DOT_DTYPE=dot_dtype(dy.tensor.dtype), ACC_DTYPE=accumulator_dtype(dy.tensor.dtype), ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
         GRAD_FROM=activations.grad_source(activation, negative_slope),
         DOT_PRECISION=dot_precision(dy.tensor.dtype), COMPUTE_DW=compute_dw, COMPUTE_DB=bias_grad,

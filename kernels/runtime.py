@@ -15,6 +15,9 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# GPUNN_AUTOTUNE=0: each launch takes the first config that suits it instead of timing them all (the GPU
+# test suite uses it: correctness needs one compile per kernel variant, not one per config).
+AUTOTUNE = os.environ.get("GPUNN_AUTOTUNE", "1") != "0"
 
 _launches: collections.Counter = collections.Counter()
 
@@ -81,6 +84,19 @@ _TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.
                   torch.float64: tl.float64}
 
 
+def row_alignment(*strides: int) -> int:
+    """The largest power of two, up to 16, that divides every row stride given (0 divides by anything).
+
+    Kernels pass it to tl.multiple_of: Triton specialises only strides divisible by 16, and rows of, say,
+    1000 bf16 elements are still 16-byte aligned; without the hint they load element by element.
+    """
+    align = 16
+    for stride in strides:
+        while stride % align:
+            align //= 2
+    return align
+
+
 def size_bucket(n: int) -> int:
     """Autotuning key for a size that varies call to call (the batch): the next power of two, clamped to
     [16, 8192], so that a new batch size rarely re-tunes."""
@@ -131,6 +147,10 @@ class Rows:
     def two_row_dims(self) -> bool:
         """Whether row offsets need the outer/inner split (kernels compile the simpler path otherwise)."""
         return self.inner < self.m
+
+    @property
+    def row_strides(self) -> tuple[int, int]:
+        return self.stride_outer, self.stride_inner
 
     def args(self) -> tuple:
         """Kernel arguments: (tensor, inner, stride_outer, stride_inner, stride_feature)."""

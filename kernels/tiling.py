@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .runtime import INTERPRET
+from .runtime import AUTOTUNE, INTERPRET
 
 # Hopper (sm_90) tiles. Large square-ish tiles feed the warpgroup MMA; narrow ones with a long reduction
 # chunk serve small batches, where the weight read bounds the time and many programs must stream it.
@@ -20,9 +20,11 @@ GPU_TILES = (
     (256, 128, 64, 3, 8),
     (128, 128, 64, 4, 8),
     (128, 128, 32, 4, 4),
+    (128, 128, 32, 3, 8),
     (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4),
     (64, 32, 32, 3, 4),
+    (32, 32, 32, 2, 4),
     (32, 64, 128, 4, 4),
     (16, 64, 128, 4, 4),
     (16, 32, 256, 3, 4),
@@ -43,12 +45,34 @@ def configs(rows: str, cols: str, reduction: str) -> list[triton.Config]:
     ]
 
 
+def accumulator_budget(element: int, exact_fp32: bool, saves_derivative: bool, row_align: int) -> int:
+    """Accumulator elements per thread a tile may hold without spilling on sm_90.
+
+    Each limit comes from the compile report (python -m bench.compile_report): the largest tiles that
+    compiled without a spill at that kind of launch.
+    """
+    budget = 128  # bf16/fp16 operands, 16-aligned rows, a light epilogue: 128x256 over 8 warps fits
+    if element == 4 or saves_derivative or row_align < 16:
+        budget = 64  # fp32 operands, the act'(z) epilogue or masked vector loads need the registers
+    if element == 4 and saves_derivative:
+        budget = 32
+    if element == 8:
+        budget = 32  # an fp64 accumulator takes two registers an element
+    if row_align * element < 16:
+        # Rows not 16-byte aligned: element-wise loads, one address register each.
+        budget = min(budget, 8 if element == 8 or exact_fp32 else 16)
+    elif exact_fp32 and row_align < 16:
+        budget = min(budget, 8)
+    return budget
+
+
 def pruner(rows: str, cols: str, reduction: str, rows_extent: str, element_of: str, streamed_a_tiles):
     """An early_config_prune hook keeping the configs that suit one call.
 
     rows_extent names the argument that bounds the output rows (a bucketed batch, or N); element_of
     names a tensor argument whose dtype is the operand dtype; streamed_a_tiles(args) says how many
-    (rows x reduction) tiles each pipeline stage holds (2 where backward reads dy and a saved tensor).
+    (rows x reduction) tiles each pipeline stage holds (2 where backward forms dz from dy and a saved
+    tensor, in registers). The kernel passes ROW_ALIGN (and the forward SAVE_DERIVATIVE) as keywords.
     """
 
     def prune(all_configs, named_args, **kwargs):
@@ -57,20 +81,28 @@ def pruner(rows: str, cols: str, reduction: str, rows_extent: str, element_of: s
         a_tiles = streamed_a_tiles(args)
         extent = args[rows_extent]
         exact_fp32 = element == 4 and args.get("DOT_PRECISION") == "ieee"
+        budget = accumulator_budget(element, exact_fp32, args.get("SAVE_DERIVATIVE", False), args["ROW_ALIGN"])
         kept = []
         for config in all_configs:
             r, c, k = (config.kwargs[name] for name in (rows, cols, reduction))
-            shared = config.num_stages * (a_tiles * r * k + k * c) * element
-            if shared > SHARED_MEMORY_BUDGET:
+            threads = 32 * config.num_warps
+            if config.num_stages * (a_tiles * r * k + k * c) * element > SHARED_MEMORY_BUDGET:
                 continue
-            # fp64 and IEEE fp32 have no tensor-core path: large tiles only cost registers.
-            if (element == 8 or exact_fp32) and (r * c > 64 * 64 or k > 32):
+            if r * c > budget * threads:
                 continue
-            # Small batches want the narrow tiles, large ones the wide tiles.
-            if r > max(extent, 16) or (extent >= 256 and r < 64):
+            # dz formed in registers in a narrow (mma.sync) tile: under 64 bytes a thread, or it spills.
+            if a_tiles == 2 and r < 64 and r * k * element >= 64 * threads:
+                continue
+            # fp64 (DMMA, a small fraction of the bf16 rate) and IEEE fp32 (FMA): a long reduction chunk
+            # only costs registers.
+            if (element == 8 or exact_fp32) and k > 32:
+                continue
+            # Small batches want the narrow tiles, large ones the wide tiles (unless only narrow ones fit).
+            if r > max(extent, 16) or (extent >= 256 and r < 64 and budget >= 16):
                 continue
             kept.append(config)
-        return kept or [min(all_configs, key=lambda cfg: cfg.num_stages * sum(cfg.kwargs.values()))]
+        kept = kept or [min(all_configs, key=lambda cfg: cfg.num_stages * sum(cfg.kwargs.values()))]
+        return kept if AUTOTUNE else kept[:1]
 
     return prune
 

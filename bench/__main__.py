@@ -1,0 +1,181 @@
+"""python -m bench: gpunn's kernels against torch eager and torch.compile, with ceilings and accuracy.
+
+This module imports neither torch nor triton at its top level: on a machine without CUDA, Triton's
+interpreter has to be selected (TRITON_INTERPRET=1) before triton is first imported, and `--help` should
+not wait for torch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+OPS = ("dense",)
+ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "tanh", "sigmoid", "silu")
+DTYPE_CHOICES = ("bf16", "fp16", "fp32", "all")
+
+DESCRIPTION = """\
+Benchmark gpunn's fused dense layer (gpunn.functional.linear: matmul + bias + activation in one Triton
+kernel) against torch eager (F.linear through cuBLAS, then the activation) and torch.compile of that same
+eager function, all in this process. Ceilings are measured first (a bf16 matmul for TFLOP/s, a device copy
+for GB/s); each result reports time (median of triton.testing.do_bench, with p20/p80), TFLOP/s, GB/s,
+fractions of the ceilings, peak memory (CUDA) and its speedup over torch eager. Every result is checked against
+a float64 reference (relative norm error; tolerance bf16 1e-2, fp16 3e-3, fp32 1e-3); a result that fails
+gets no speedup. fp32 matmuls run with TF32 in every provider.
+
+Presets (shapes are MxNxK: x is MxK, the weight NxK):
+  --quick   forward 4096^3 and 8192^3, forward 16x4096x4096 and 64x4096x4096 (weight-read bound),
+            backward and forward+backward 4096^3. A few minutes on one H100.
+  default   the quick shapes plus 1024^3, 2048^3, 256x4096x4096, Llama-8B MLP shapes
+            (8192x14336x4096, 8192x4096x14336) forward, and 2048^3, 8192^3 and the MLP shapes backward.
+  --smoke   tiny shapes, to check the harness, accuracy checks and outputs, not performance. Without
+            CUDA (or with TRITON_INTERPRET=1 set) it runs on the CPU through Triton's interpreter,
+            without torch.compile (its CPU compile is slow), and only --smoke runs there.
+Each shape runs with every --activations entry and every --dtype.
+
+Writes to --out: bench.csv (long format: op, provider, mode, shape, dtype, metric, p50, p20, p80, gpu,
+torch, triton, git_sha, date), bench.md, bench.log (what was printed), and bench_<mode>_<dtype>.png when
+matplotlib is installed. Exit status 1 if any provider raised or failed its accuracy check.
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help="the target shapes only (see above)")
+    preset.add_argument("--smoke", action="store_true",
+                        help="tiny shapes; the CPU interpreter when there is no CUDA device (see above)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="input dtype (default: bf16)")
+    parser.add_argument("--activations", default="relu,gelu", metavar="LIST",
+                        help=f"comma-separated, from: {', '.join(ACTIVATIONS)} (default: relu,gelu)")
+    parser.add_argument("--only", default=",".join(OPS), metavar="OPS",
+                        help=f"comma-separated ops to run, from: {', '.join(OPS)} (default: all)")
+    parser.add_argument("--out", default="bench-out", metavar="DIR", help="output directory (default: bench-out)")
+    parser.add_argument("--max-autotune", action="store_true",
+                        help='also time torch.compile(mode="max-autotune-no-cudagraphs"); compiling takes minutes')
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
+    args = parser.parse_args(argv)
+
+    args.activations = [a.strip() for a in args.activations.split(",") if a.strip()]
+    for name in args.activations:
+        if name not in ACTIVATIONS:
+            parser.error(f"--activations: unknown {name!r}; choose from {', '.join(ACTIVATIONS)}")
+    if not args.activations:
+        parser.error("--activations: give at least one")
+    args.activations = [None if a == "none" else a for a in args.activations]
+    args.only = [o.strip() for o in args.only.split(",") if o.strip()]
+    for name in args.only:
+        if name not in OPS:
+            parser.error(f"--only: unknown op {name!r}; choose from {', '.join(OPS)}")
+    args.dtypes = ["bf16", "fp16", "fp32"] if args.dtype == "all" else [args.dtype]
+    args.preset = "smoke" if args.smoke else "quick" if args.quick else "full"
+    return args
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def choose_device():
+    """CUDA when there is a GPU and Triton's interpreter is not selected; the CPU otherwise, with the
+    interpreter selected here if nothing has imported triton yet (it reads the variable on import)."""
+    import torch
+
+    if torch.cuda.is_available() and not _interpreting():
+        return torch.device("cuda")
+    if not _interpreting():
+        if "triton" in sys.modules:
+            raise SystemExit("error: no CUDA device, and triton was imported before its interpreter could be "
+                             "selected; run with TRITON_INTERPRET=1 in the environment")
+        os.environ["TRITON_INTERPRET"] = "1"
+    return torch.device("cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = choose_device()
+    if device.type != "cuda" and not args.smoke:
+        print("error: no CUDA device (or TRITON_INTERPRET=1 is set): only --smoke runs here", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from . import dense, harness  # imports triton: after choose_device
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = harness.Log()
+    info = harness.RunInfo.collect(device)
+
+    providers = ["torch", "torch.compile"] + (["torch.compile-max-autotune"] if args.max_autotune else []) + ["gpunn"]
+    notes = []
+    if device.type == "cuda":
+        notes.append("Timing: triton.testing.do_bench after a warm-up that finishes autotuning and compilation; "
+                     "median reported, p20/p80 kept; L2 flushed before every timed call.")
+        if args.smoke:
+            notes.append("Smoke preset: tiny shapes and ceilings; the numbers are not performance results.")
+    else:
+        notes.append("CPU smoke run through Triton's interpreter: timings, ceilings and ratios are meaningless; "
+                     "only the harness, accuracy checks and outputs are exercised.")
+    if os.environ.get("GPUNN_AUTOTUNE", "1") == "0":
+        notes.append("GPUNN_AUTOTUNE=0 is set: gpunn ran the first config that suits each launch, untuned.")
+    if args.no_compile:
+        providers = [p for p in providers if not p.startswith("torch.compile")]
+        notes.append("torch.compile skipped (--no-compile).")
+    elif device.type != "cuda":
+        providers = [p for p in providers if not p.startswith("torch.compile")]
+        notes.append("torch.compile skipped on the CPU smoke run (inductor's CPU compile takes ~30 s per case).")
+    notes.append("fp32 matmuls use TF32 in every provider (torch.set_float32_matmul_precision('high')).")
+    notes += dense.NOTES
+
+    log(f"gpunn bench: {info.gpu}; torch {info.torch}; triton {info.triton}; git {info.git_sha}; {info.date}")
+    log(f"preset {args.preset}; ops {','.join(args.only)}; dtypes {','.join(args.dtypes)}; activations "
+        f"{','.join(a or 'none' for a in args.activations)}; providers {','.join(providers)}")
+    for note in notes:
+        log(f"note: {note}")
+
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 for fp32, read by torch and by gpunn's launchers
+    try:
+        log("measuring ceilings ...")
+        ceilings = harness.measure_ceilings(device, smoke=args.smoke)
+        log(f"ceilings: bf16 matmul {ceilings.matmul_shape}: {ceilings.matmul_tflops:.1f} TFLOP/s; "
+            f"copy {ceilings.copy_bytes / 2**20:.0f} MiB: {ceilings.copy_gbps:.0f} GB/s (read + write)")
+
+        records, errors = [], []
+        if "dense" in args.only:
+            cases = dense.cases(args.preset, args.dtypes, args.activations)
+            progress = harness.Progress(dense.steps(cases, providers), log)
+            new, new_errors = dense.run(cases, providers, device, ceilings, log, progress)
+            records += new
+            errors += new_errors
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        if any(p.startswith("torch.compile") for p in providers):
+            torch._dynamo.reset()
+
+    records = ceilings.records() + harness.add_speedups(records)
+    failures = [f"{op} {mode} {dtype} {shape} {provider}: rel err {m['rel_err'].p50:.2e} > "
+                f"{harness.TOLERANCE[dtype]:g}"
+                for (op, provider, mode, shape, dtype), m in harness.index(records).items()
+                if "rel_err" in m and not harness.accuracy_ok(m, dtype)]
+
+    harness.write_csv(records, info, out_dir / "bench.csv")
+    (out_dir / "bench.md").write_text(harness.markdown(records, info, ceilings, notes))
+    log("")
+    log(harness.summary(records, providers))
+    for path in harness.plot(records, info, ceilings, providers, out_dir, log):
+        log(f"wrote {path}")
+    for problem in failures:
+        log(f"ACCURACY FAIL {problem}")
+    for problem in errors:
+        log(f"ERROR {problem}")
+    log(f"wrote {out_dir / 'bench.csv'}, {out_dir / 'bench.md'}, {out_dir / 'bench.log'}")
+    log.save(out_dir / "bench.log")
+    return 1 if failures or errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

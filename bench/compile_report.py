@@ -1,0 +1,525 @@
+"""Ahead-of-time compile report: every gpunn Triton kernel, compiled for a GPU on a machine without one.
+
+    python -m bench.compile_report --arch 90 --out DIR [--subset] [--workers 2] [--no-fail]
+
+For each kernel in CASES, each representative variant (activation, bias, saved tensor...), each operand
+mode in MODES and each GPU autotuning config that the kernel's own early_config_prune keeps for that
+mode at one of the representative problem sizes in SIZES, the kernel is compiled with
+triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)). The cubin goes through the
+cuobjdump shipped in Triton's wheel: registers, stack/local bytes and static shared memory from
+--dump-resource-usage; HGMMA / HMMA / DMMA / FFMA / DFMA and STL / LDL (spill store / load) counts from
+--dump-sass. On sm_90 ptxas spills to the stack frame: STACK > 0 with STL/LDL in the SASS is a spill.
+
+The launch being compiled is not written out by hand: each case calls the kernel's public launcher on
+"meta" tensors (shapes and dtypes, no memory) with the kernel's launch intercepted, so the arguments,
+constexprs and strides are exactly what a real contiguous launch passes. Arguments are then specialized
+as triton.runtime.jit does at launch: an int equal to 1 becomes the constexpr 1, and ints that are
+multiples of 16 and all pointers (fresh allocations are 16-byte aligned) carry tt.divisibility=16.
+
+Writes DIR/compile_report.csv, prints a table and a one-line summary. Exits 1 if a row failed to
+compile, needs more shared memory than the GPU has, spills, or is a bf16/fp16/tf32 matmul without
+tensor-core instructions (HGMMA on sm_90 for tiles of 64 rows or more), unless --no-fail is given.
+
+Compiling happens in worker processes started with TRITON_INTERPRET removed from their environment
+(see _worker_init): this module imports neither triton nor gpunn at its top level, so it also works
+from a process, such as the test suite, that runs the kernels through Triton's interpreter.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import csv
+import importlib.util
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+# Operand modes: (torch dtype name, allow TF32 for float32 matmuls).
+MODES = {
+    "bf16": ("bfloat16", False),
+    "fp16": ("float16", False),
+    "fp32-tf32": ("float32", True),
+    "fp32-ieee": ("float32", False),
+    "fp64": ("float64", False),
+}
+# Modes whose matmuls must run on tensor cores.
+TENSOR_CORE_MODES = ("bf16", "fp16", "fp32-tf32")
+
+# Representative problems (M rows, N outputs, K inputs). The pruners key on the bucketed batch
+# (forward, grad_input) or on N (grad_weight), so together these keep every config some launch uses.
+SIZES = {
+    "large": (4096, 4096, 4096),  # a training batch through a square layer: the wide tiles
+    "small": (16, 4096, 4096),  # a small batch: forward's and grad_input's narrow tiles
+    "narrow": (4096, 64, 4096),  # a narrow layer: grad_weight's narrow tiles (it tiles N)
+    # No multiples of 16: the masked reduction paths (EVEN_K / EVEN_N False); rows still 16-byte
+    # aligned, which the kernels' ROW_ALIGN hint tells Triton.
+    "odd": (4000, 1000, 1000),
+    # Odd row lengths: no 16-byte aligned rows at all, so element-wise loads (the pruners keep small tiles).
+    "unaligned": (999, 1001, 1001),
+}
+
+# Shared memory one program may use (the opt-in maximum per block), by compute capability.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024,
+                       120: 99 * 1024}
+NEGATIVE_SLOPE = 0.01
+
+
+# ----------------------------------------------------------------------------------------------------
+# The registry: one Case per kernel. Adding a kernel means adding a Case (and its launch function).
+
+@dataclass(frozen=True)
+class Variant:
+    """One representative set of launcher arguments; matmul says whether it must use tensor cores."""
+    name: str
+    kwargs: dict
+    matmul: bool = True
+
+
+@dataclass(frozen=True)
+class Case:
+    """A kernel (an attribute of `module`) and how to launch it: launch(dtype, m, n, k, **variant.kwargs)
+    calls the kernel's public launcher once, on meta tensors."""
+    module: str
+    kernel: str
+    launch: Callable
+    variants: tuple[Variant, ...] = ()
+
+
+def _meta(shape, dtype):
+    import torch
+    return torch.empty(shape, device="meta", dtype=dtype)
+
+
+def _launch_dense_forward(dtype, m, n, k, activation, bias, save_derivative):
+    from gpunn.kernels import dense, runtime
+    x, w = _meta((m, k), dtype), _meta((n, k), dtype)
+    b = _meta((n,), dtype) if bias else None
+    dense.forward(runtime.Rows.of(x), w, b, activation, NEGATIVE_SLOPE, save_derivative)
+
+
+def _saved(dtype, m, n, activation):
+    """What forward saves for backward: nothing, the output or act'(z), all (M, N)."""
+    from gpunn.kernels import activations
+    return None if activations.grad_source(activation, NEGATIVE_SLOPE) == 0 else _meta((m, n), dtype)
+
+
+def _launch_dense_grad_input(dtype, m, n, k, activation):
+    from gpunn.kernels import dense, runtime
+    dy, w = _meta((m, n), dtype), _meta((n, k), dtype)
+    dense.grad_input(runtime.Rows.of(dy), _saved(dtype, m, n, activation), w, activation, NEGATIVE_SLOPE)
+
+
+def _launch_dense_grad_weight(dtype, m, n, k, activation, weight_grad, bias_grad):
+    from gpunn.kernels import dense, runtime
+    dy = _meta((m, n), dtype)
+    x = runtime.Rows.of(_meta((m, k), dtype)) if weight_grad else None
+    dense.grad_weight(runtime.Rows.of(dy), _saved(dtype, m, n, activation), x, (n, k), activation,
+                      NEGATIVE_SLOPE, bias_grad)
+
+
+CASES = (
+    Case("gpunn.kernels.dense", "dense_forward_kernel", _launch_dense_forward, (
+        Variant("relu+bias", dict(activation="relu", bias=True, save_derivative=False)),
+        Variant("gelu+bias+save", dict(activation="gelu", bias=True, save_derivative=True)),
+    )),
+    Case("gpunn.kernels.dense", "dense_grad_input_kernel", _launch_dense_grad_input, (
+        Variant("none", dict(activation=None)),  # GRAD_FROM=0: dz = dy
+        Variant("gelu", dict(activation="gelu")),  # GRAD_FROM=2: dz = dy * saved act'(z)
+    )),
+    Case("gpunn.kernels.dense", "dense_grad_weight_kernel", _launch_dense_grad_weight, (
+        Variant("relu,dW+db", dict(activation="relu", weight_grad=True, bias_grad=True)),  # GRAD_FROM=1
+        Variant("relu,db-only", dict(activation="relu", weight_grad=False, bias_grad=True), matmul=False),
+    )),
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Worker side: everything below that imports triton or gpunn runs in the worker processes only.
+
+def _worker_init() -> None:
+    """Run the kernels' modules in compile mode in this worker.
+
+    Under TRITON_INTERPRET=1 every @triton.jit function, the kernels' device helpers (grouped_tile,
+    row_offsets, activations.*) included, is an InterpretedFunction: wrapping the kernel alone in a
+    JITFunction does not help, because the compiler then meets the interpreted helpers and refuses them
+    ("Unsupported function referenced"). The launchers also choose interpreter-only constexprs and
+    configs there (one large tile; bf16 widened to fp32 for tl.dot). So the worker drops the variable
+    before it first imports gpunn, and gets the exact GPU build of every kernel. (Triton reads the
+    variable when a function is decorated, not when triton is imported; _unwrap reports a kernel that
+    was imported interpreted anyway.)
+    """
+    os.environ.pop("TRITON_INTERPRET", None)
+    # GPUNN_AUTOTUNE=0 makes the pruners keep one config; the report covers every config autotuning can pick.
+    os.environ.pop("GPUNN_AUTOTUNE", None)
+    import warnings
+    # Triton 3.9 warns once per process that the default of fp fusion will change; a launch uses the
+    # same default, so the compile here matches it.
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+
+
+def _unwrap(kernel):
+    """(autotuner or None, heuristics wrappers outermost first, the JITFunction) of a kernel object."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+    from triton.runtime.jit import JITFunction
+    autotuner, heuristics, fn = None, [], kernel
+    while not isinstance(fn, JITFunction):
+        if isinstance(fn, Autotuner):
+            autotuner = fn
+        elif isinstance(fn, Heuristics):
+            heuristics.append(fn)
+        else:
+            raise TypeError(f"{type(fn).__name__} is not a compiled Triton kernel (TRITON_INTERPRET set?)")
+        fn = fn.fn
+    return autotuner, heuristics, fn
+
+
+@contextlib.contextmanager
+def _fp32_matmul(tf32: bool):
+    import torch
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _capture(case: Case, variant: Variant, mode: str, size: str):
+    """The (positional args, keyword args) the launcher passes to the kernel, without launching it."""
+    import torch
+    kernel = getattr(importlib.import_module(case.module), case.kernel)
+    dtype_name, tf32 = MODES[mode]
+    calls = []
+    # kernel[grid](...) calls kernel.run(..., grid=, warmup=); an instance attribute shadows the method.
+    kernel.run = lambda *args, grid, warmup, **kwargs: calls.append((args, kwargs))
+    try:
+        with _fp32_matmul(tf32):
+            case.launch(getattr(torch, dtype_name), *SIZES[size], **variant.kwargs)
+    finally:
+        del kernel.run
+    if len(calls) != 1:
+        raise RuntimeError(f"{case.kernel}: the launcher made {len(calls)} launches, expected 1")
+    return kernel, calls[0]
+
+
+@dataclass
+class Spec:
+    """One compile: what triton.compile needs, and how the row describes it."""
+    fn: object
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    tile: str  # block sizes in the kernel's own order, e.g. "128x256x64"
+    blocks: str  # their names, e.g. "BLOCK_MxBLOCK_NxBLOCK_K"
+
+    def key(self) -> str:
+        return repr((sorted(self.signature.items()), sorted((k, str(v)) for k, v in self.constexprs.items()),
+                     sorted(self.attrs.items()), sorted(self.options.items())))
+
+    def summary(self) -> str:
+        """The constexprs other than the tile, e.g. "ACT=1 HAS_BIAS=True ... stride_xk=1"."""
+        tile_names = self.blocks.split("x")
+        return " ".join(f"{k}={v}" for k, v in self.constexprs.items() if k not in tile_names)
+
+
+def _specs(case: Case, variant: Variant, mode: str, size: str) -> list[Spec]:
+    """One Spec per autotuning config the kernel's pruner keeps for this launch."""
+    from triton.runtime.autotuner import Config
+    kernel, (args, kwargs) = _capture(case, variant, mode, size)
+    autotuner, heuristics, fn = _unwrap(kernel)
+    named = dict(zip(fn.arg_names, args))
+    if autotuner is None:
+        configs = [Config({})]
+    else:
+        configs = autotuner.configs
+        if autotuner.early_config_prune:
+            configs = autotuner.early_config_prune(configs, named, **kwargs)
+    specs = []
+    for config in configs:
+        meta = {**kwargs, **config.kwargs}
+        for wrapper in heuristics:  # as Heuristics.run: each sees the args and the config
+            for name, rule in wrapper.values.items():
+                meta[name] = rule({**named, **meta})
+        specs.append(_specialize(fn, {**named, **meta}, config))
+    return specs
+
+
+def _specialize(fn, values: dict, config) -> Spec:
+    """Signature, constexprs and divisibility attrs as triton.runtime.jit derives them at launch."""
+    from triton.runtime.jit import mangle_type  # "*bf16", "i32", "fp32"... (same API in Triton 3.6-3.9)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(fn.params):
+        value = values[param.name] if param.name in values else param.default
+        specialize = not getattr(param, "do_not_specialize", False)
+        align = specialize and not getattr(param, "do_not_specialize_on_alignment", False)
+        if param.is_constexpr or value is None or (specialize and type(value) is int and value == 1):
+            signature[param.name], constexprs[param.name] = "constexpr", value
+            continue
+        signature[param.name] = mangle_type(value)
+        is_pointer = signature[param.name].startswith("*")
+        # Pointers: fresh torch allocations are 256-byte aligned. Ints: multiples of 16.
+        if align and (is_pointer or (type(value) is int and value % 16 == 0)):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if getattr(config, "num_ctas", 1) != 1:
+        options["num_ctas"] = config.num_ctas
+    if getattr(config, "maxnreg", None) is not None:
+        options["maxnreg"] = config.maxnreg
+    blocks = list(config.kwargs)
+    return Spec(fn, signature, constexprs, attrs, options,
+                "x".join(str(config.kwargs[b]) for b in blocks), "x".join(blocks))
+
+
+@dataclass(frozen=True)
+class Job:
+    """A compile to run: the Spec is rebuilt in the worker from these (cheap, and keeps jobs picklable)."""
+    kernel: str
+    variant: str
+    mode: str
+    sizes: tuple[str, ...]  # the sizes whose pruned configs include it; the first one is compiled
+    index: int  # position among the configs kept at sizes[0]
+
+
+def _find(kernel: str, variant: str) -> tuple[Case, Variant]:
+    case = next(c for c in CASES if c.kernel == kernel)
+    return case, next(v for v in case.variants if v.name == variant)
+
+
+def plan(subset: bool) -> list[Job]:
+    """Every distinct compile (runs in a worker). subset: per kernel, its first variant in bf16 and in
+    fp32-ieee, the first config kept at the large size."""
+    jobs = []
+    for case in CASES:
+        for variant in case.variants[:1] if subset else case.variants:
+            for mode in ("bf16", "fp32-ieee") if subset else MODES:
+                seen: dict[str, list] = {}  # compile key -> [sizes, index at the first size]
+                for size in ("large",) if subset else SIZES:
+                    for index, spec in enumerate(_specs(case, variant, mode, size)):
+                        seen.setdefault(spec.key(), [[], index])[0].append(size)
+                        if subset:
+                            break
+                jobs += [Job(case.kernel, variant.name, mode, tuple(sizes), index)
+                         for sizes, index in seen.values()]
+    return jobs
+
+
+def cuobjdump_path() -> str | None:
+    """The cuobjdump shipped in Triton's wheel (or one on PATH), without importing triton."""
+    spec = importlib.util.find_spec("triton")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    import shutil
+    return shutil.which("cuobjdump")
+
+
+_RESOURCES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+# A SASS instruction: /*addr*/, an optional predicate (@P0, @!UPT...), then the opcode and its modifiers.
+_OPCODE = re.compile(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[.\s]")
+# STL/LDL: stores to / loads from local memory, i.e. register spills (these kernels have no local arrays).
+COUNTED_OPCODES = ("HGMMA", "HMMA", "DMMA", "FFMA", "DFMA", "STL", "LDL")
+
+
+def inspect_cubin(cubin: bytes) -> dict:
+    """Registers, stack/local bytes, static shared bytes and counted SASS opcodes of one cubin."""
+    tool = cuobjdump_path()
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (Triton's wheel ships it in triton/backends/nvidia/bin)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([tool, "--dump-sass", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+    match = _RESOURCES.search(usage)
+    if match is None:
+        raise RuntimeError(f"unexpected cuobjdump resource usage output: {usage[:200]!r}")
+    registers, stack, static_shared, local = map(int, match.groups())
+    opcodes = Counter(_OPCODE.findall(sass))
+    return dict(registers=registers, stack_bytes=stack, local_bytes=local, spill_bytes=stack + local,
+                static_shared_bytes=static_shared,
+                **{name.lower(): opcodes.get(name, 0) for name in COUNTED_OPCODES})
+
+
+def _short_error(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {' | '.join(lines[-3:])}"[:400]
+
+
+def compile_job(job: Job, arch: int) -> dict:
+    """Compile one job for sm_<arch> and inspect it (runs in a worker): one CSV row."""
+    case, variant = _find(job.kernel, job.variant)
+    dtype_name, _ = MODES[job.mode]
+    row = dict(kernel=job.kernel, variant=job.variant, dtype=dtype_name,
+               precision=job.mode.split("-")[1] if "-" in job.mode else "", mode=job.mode,
+               sizes="+".join(job.sizes), tensor_cores_expected=variant.matmul and job.mode in TENSOR_CORE_MODES)
+    start = time.perf_counter()
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        spec = _specs(case, variant, job.mode, job.sizes[0])[job.index]
+        row.update(tile=spec.tile, blocks=spec.blocks, stages=spec.options["num_stages"],
+                   warps=spec.options["num_warps"], constexprs=spec.summary())
+        source = triton.compiler.ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
+                                           attrs=spec.attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=spec.options)
+        row.update(shared_memory_bytes=compiled.metadata.shared, warps=compiled.metadata.num_warps)
+    except Exception as error:  # one row's failure is reported, and the rest still compile
+        row.update(status="compile_error", error=_short_error(error))
+    else:
+        try:
+            row.update(inspect_cubin(compiled.asm["cubin"]))
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+            row.update(status="inspect_error", error=_short_error(error))
+    row["compile_s"] = round(time.perf_counter() - start, 2)
+    row.setdefault("status", "ok")
+    return _judge(row, arch)
+
+
+def _judge(row: dict, arch: int) -> dict:
+    """Set status to the row's problems (';'-separated), or "ok"."""
+    if row["status"] != "ok":
+        return row
+    problems = []
+    limit = SHARED_MEMORY_LIMIT.get(arch, SHARED_MEMORY_LIMIT[90])
+    if row["shared_memory_bytes"] > limit:
+        problems.append("out_of_resources")
+        row["error"] = f"shared memory {row['shared_memory_bytes']} B > {limit} B"
+    if row["spill_bytes"] > 0 or row["stl"] > 0:
+        problems.append("spills")
+    # sm_90 matmuls should use warpgroup MMA (HGMMA), which needs at least 64 tile rows (its M); the
+    # narrower tiles serve small batches, bound by the weight read, where mma.sync (HMMA) is enough.
+    # Other targets need some tensor-core MMA.
+    wgmma_tile = int(row["tile"].split("x")[0]) >= 64
+    tensor_core = row["hgmma"] if arch == 90 and wgmma_tile else row["hgmma"] + row["hmma"]
+    if row["tensor_cores_expected"] and tensor_core == 0:
+        problems.append("no_hgmma" if arch == 90 else "no_tensor_cores")
+    row["status"] = ";".join(problems) or "ok"
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------
+# Driver side.
+
+COLUMNS = ("kernel", "variant", "dtype", "precision", "sizes", "blocks", "tile", "stages", "warps",
+           "registers", "stack_bytes", "local_bytes", "spill_bytes", "shared_memory_bytes",
+           "static_shared_bytes", "hgmma", "hmma", "dmma", "ffma", "dfma", "stl", "ldl", "tensor_cores_expected",
+           "compile_s", "status", "error", "constexprs")
+FAILED = ("compile_error", "inspect_error", "out_of_resources")
+
+
+def run(out: str | os.PathLike, arch: int = 90, subset: bool = False, workers: int = 2,
+        log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+    """Compile, inspect, write out/compile_report.csv; returns (rows, summary counts)."""
+    start = time.perf_counter()
+    # spawn: a fresh interpreter per worker, so _worker_init runs before gpunn is imported there.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=context,
+                                                initializer=_worker_init) as pool:
+        jobs = pool.submit(plan, subset).result()
+        log(f"compiling {len(jobs)} kernel configs for sm_{arch} with {workers} worker(s)")
+        futures = {pool.submit(compile_job, job, arch): i for i, job in enumerate(jobs)}
+        rows: list[dict] = [{}] * len(jobs)
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            job = jobs[futures[future]]
+            try:
+                row = future.result()
+            except Exception as error:  # a worker died (e.g. the compiler crashed): report the row
+                row = dict(kernel=job.kernel, variant=job.variant, mode=job.mode, sizes="+".join(job.sizes),
+                           status="compile_error", error=_short_error(error), compile_s=0.0)
+            rows[futures[future]] = row
+            log(f"[{done:3d}/{len(jobs)}] {row['kernel']} {row['variant']} {row['mode']} "
+                f"{row.get('tile', '?')} s{row.get('stages', '?')} w{row.get('warps', '?')}: "
+                f"{row['status']} ({row['compile_s']:.1f}s)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "compile_report.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = dict(
+        rows=len(rows),
+        compiled=sum(r["status"] != "compile_error" for r in rows),
+        failures=sum(any(p in FAILED for p in r["status"].split(";")) for r in rows),
+        spills=sum("spills" in r["status"] for r in rows),
+        missing_tensor_cores=sum("no_hgmma" in r["status"] or "no_tensor_cores" in r["status"] for r in rows),
+        seconds=round(time.perf_counter() - start, 1),
+    )
+    return rows, summary
+
+
+TABLE = (  # header, row key, width
+    ("kernel", "kernel", 24), ("variant", "variant", 14), ("mode", "mode", 9), ("sizes", "sizes", 22),
+    ("tile", "tile", 11), ("st", "stages", 2), ("wp", "warps", 2), ("regs", "registers", 4),
+    ("spill", "spill_bytes", 5), ("smemKB", "shared_memory_bytes", 6), ("HGMMA", "hgmma", 5),
+    ("HMMA", "hmma", 4), ("DMMA", "dmma", 4), ("FFMA", "ffma", 5), ("status", "status", 0),
+)
+
+
+def format_table(rows: list[dict]) -> str:
+    """A fixed-width text table of the rows."""
+    def cell(row, key):
+        value = row.get(key, "")
+        if key == "shared_memory_bytes" and value != "":
+            return f"{value / 1024:.0f}"
+        return str(value)
+
+    lines = ["  ".join(f"{head:<{width}}" for head, _, width in TABLE).rstrip()]
+    for row in rows:
+        lines.append("  ".join(f"{cell(row, key):<{width}}" for _, key, width in TABLE).rstrip())
+        if row.get("error"):
+            lines.append(f"    error: {row['error']}")
+    return "\n".join(lines)
+
+
+def summary_line(summary: dict, arch: int, workers: int) -> str:
+    return (f"compile report sm_{arch}: {summary['compiled']}/{summary['rows']} rows compiled, "
+            f"{summary['failures']} failures, {summary['spills']} rows with spills, "
+            f"{summary['missing_tensor_cores']} bf16/fp16/tf32 matmul rows without "
+            f"{'HGMMA' if arch == 90 else 'tensor-core MMA'} ({summary['seconds']} s, {workers} workers)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.compile_report",
+        description="Compile every gpunn Triton kernel for a GPU target on this machine (no GPU needed) at "
+                    "every autotuning config its pruner keeps, for bf16, fp16, fp32 (TF32 and IEEE) and "
+                    "fp64; report registers, spills, shared memory and tensor-core instructions from "
+                    "cuobjdump. Exits 1 if a row fails to compile, exceeds shared memory, spills, or is a "
+                    "bf16/fp16/tf32 matmul without tensor-core instructions (HGMMA on sm_90, HMMA or HGMMA "
+                    "elsewhere).",
+        epilog="Configs are those the kernels' pruners keep at the problem sizes (M, N, K) "
+               + ", ".join(f"{name} {m}x{n}x{k}" for name, (m, n, k) in SIZES.items())
+               + ". A full run compiles a few hundred configs (minutes on 2 cores); --subset compiles 6.")
+    parser.add_argument("--arch", type=int, default=90,
+                        help="CUDA compute capability to compile for, e.g. 90 for H100 (default: 90)")
+    parser.add_argument("--out", required=True, help="directory for compile_report.csv (created if missing)")
+    parser.add_argument("--subset", action="store_true",
+                        help="a quick subset: per kernel, one variant and one config in bf16 and in fp32-ieee")
+    parser.add_argument("--workers", type=int, default=2, help="compiler processes (default: 2)")
+    parser.add_argument("--no-fail", action="store_true", help="exit 0 even when problems are found")
+    args = parser.parse_args(argv)
+    if cuobjdump_path() is None:
+        parser.error("cuobjdump not found: it ships in Triton's wheel (triton/backends/nvidia/bin)")
+    rows, summary = run(args.out, arch=args.arch, subset=args.subset, workers=args.workers)
+    print(format_table(rows))
+    print(f"wrote {Path(args.out) / 'compile_report.csv'}")
+    print(summary_line(summary, args.arch, args.workers))
+    problems = summary["failures"] + summary["spills"] + summary["missing_tensor_cores"]
+    return 1 if problems and not args.no_fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

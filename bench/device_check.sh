@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The prepared GPU check: on a machine with an NVIDIA GPU (no network needed), install gpunn, run the
+# quick benchmarks and the whole test suite compiled on the GPU, and keep every log and CSV in OUTDIR.
+# Sized to finish within 8 minutes on one H100: each stage has its own time limit, and a stage that
+# fails or times out does not stop the next.
+#
+#   usage: bash bench/device_check.sh OUTDIR
+set -uo pipefail
+out=${1:?usage: bash bench/device_check.sh OUTDIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/NAME.log, record the status
+    local name=$1 limit=$2; shift 2
+    local start=$(date +%s)
+    echo "== $name (limit ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    echo "$name rc=$rc seconds=$(( $(date +%s) - start ))" | tee -a "$out/status.txt"
+    tail -n 25 "$out/$name.log"
+}
+
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    "$python" -c 'import sys, torch, triton; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda); print("triton", triton.__version__); print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0))'
+} >"$out/environment.txt" 2>&1
+cat "$out/environment.txt"
+: >"$out/status.txt"
+
+stage install 120 "$python" -m pip install --no-deps --no-build-isolation --no-index -e .
+stage bench 270 "$python" -m bench --quick --out "$out/bench"
+# One config per kernel variant (GPUNN_AUTOTUNE=0): the tests check results, the benchmark checks speed.
+xdist=$("$python" -c 'import xdist' 2>/dev/null && echo "-n 8")
+stage tests 210 env GPUNN_AUTOTUNE=0 "$python" -m pytest -q -p no:cacheprovider $xdist tests
+echo "== summary"
+cat "$out/status.txt"
+[ -f "$out/bench/bench.md" ] && cat "$out/bench/bench.md"
