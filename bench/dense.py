@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 import gpunn.functional
-from gpunn.kernels.activations import NAMES as GPUNN_ACTIVATIONS
 
 from . import harness
 from .harness import Record
@@ -69,18 +68,6 @@ NOTES = [
     "dense: inputs x ~ N(0, 1), W and b ~ N(0, 1/K), dy ~ N(0, 1); x, W, b need gradients in bwd and fwd+bwd.",
 ]
 
-# Each activation as torch ops: what the eager baseline runs and what the float64 reference uses.
-_TORCH_ACTIVATIONS = {
-    None: lambda z: z,
-    "relu": F.relu,
-    "leaky_relu": lambda z: F.leaky_relu(z, NEGATIVE_SLOPE),
-    "gelu": F.gelu,
-    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "silu": F.silu,
-}
-assert set(_TORCH_ACTIVATIONS) == set(GPUNN_ACTIVATIONS), "bench/dense.py lacks one of gpunn's activations"
 
 
 @dataclass(frozen=True)
@@ -142,10 +129,10 @@ def steps(all_cases: list[Case], providers: list[str]) -> int:
 
 def eager(activation: str | None):
     """A fresh function computing act(F.linear(x, w, b)) with torch ops."""
-    act = _TORCH_ACTIVATIONS[activation]
+    act = gpunn.functional.TORCH_ACTIVATIONS[activation]
 
     def dense_eager(x, w, b):
-        return act(F.linear(x, w, b))
+        return act(F.linear(x, w, b), NEGATIVE_SLOPE)
 
     return dense_eager
 

@@ -14,7 +14,9 @@ from .ops.linear import LinearFunction
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-_TORCH_ACTIVATIONS = {
+# Each activation as torch ops, act(z, negative_slope): gpunn's plain-torch path and the benchmarks'
+# eager baseline.
+TORCH_ACTIVATIONS = {
     None: lambda z, slope: z,
     "relu": lambda z, slope: F.relu(z),
     "leaky_relu": lambda z, slope: F.leaky_relu(z, slope),
@@ -104,7 +106,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     input, weight, bias = _autocast(device_type, input, weight, bias)
     _check_linear(input, weight, bias)
     if not triton_runs_on(input.device):
-        return _TORCH_ACTIVATIONS[activation](F.linear(input, weight, bias), negative_slope)
+        return TORCH_ACTIVATIONS[activation](F.linear(input, weight, bias), negative_slope)
     if bias is not None and bias.shape != (weight.shape[0],):
         bias = bias.reshape(-1).expand(weight.shape[0])  # a broadcast bias; autograd sums its gradient
     with torch.autocast(device_type, enabled=False):

@@ -11,7 +11,8 @@ from gpunn.kernels import launch_counts
 # Relative norm error bounds per dtype (DESIGN.md, Numerics). float32 is IEEE in these tests.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 
-# The independent oracle: torch.nn.functional, applied in float64.
+# The independent oracle: torch.nn.functional, applied in float64 (written out here rather than taken
+# from gpunn.functional, so that the tests do not check gpunn against its own code).
 REFERENCE_ACTIVATIONS = {
     None: lambda z, slope: z,
     "relu": lambda z, slope: F.relu(z),
