@@ -296,12 +296,13 @@ def _find(kernel: str, variant: str) -> tuple[Case, Variant]:
 
 
 def plan(subset: bool) -> list[Job]:
-    """Every distinct compile (runs in a worker). subset: per kernel, its first variant in bf16 and in
-    fp32-ieee, the first config kept at the large size."""
+    """Every distinct compile (runs in a worker). subset: per kernel, its first variant in bf16, fp32-ieee
+    and fp64 (whose fp64 accumulator older Tritons reject without out_dtype), the first config kept at
+    the large size."""
     jobs = []
     for case in CASES:
         for variant in case.variants[:1] if subset else case.variants:
-            for mode in ("bf16", "fp32-ieee") if subset else MODES:
+            for mode in ("bf16", "fp32-ieee", "fp64") if subset else MODES:
                 seen: dict[str, list] = {}  # compile key -> [sizes, index at the first size]
                 for size in ("large",) if subset else SIZES:
                     for index, spec in enumerate(_specs(case, variant, mode, size)):
@@ -502,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                     "elsewhere).",
         epilog="Configs are those the kernels' pruners keep at the problem sizes (M, N, K) "
                + ", ".join(f"{name} {m}x{n}x{k}" for name, (m, n, k) in SIZES.items())
-               + ". A full run compiles a few hundred configs (minutes on 2 cores); --subset compiles 6.")
+               + ". A full run compiles a few hundred configs (minutes on 2 cores); --subset compiles 9.")
     parser.add_argument("--arch", type=int, default=90,
                         help="CUDA compute capability to compile for, e.g. 90 for H100 (default: 90)")
     parser.add_argument("--out", required=True, help="directory for compile_report.csv (created if missing)")

@@ -32,11 +32,11 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR
 cat "$out/environment.txt"
 : >"$out/status.txt"
 
-stage install 120 "$python" -m pip install --no-deps --no-build-isolation --no-index -e .
-stage bench 270 "$python" -m bench --quick --out "$out/bench"
+stage install 60 "$python" -m pip install --no-deps --no-build-isolation --no-index -e .
+stage bench 240 "$python" -m bench --quick --out "$out/bench"
 # One config per kernel variant (GPUNN_AUTOTUNE=0): the tests check results, the benchmark checks speed.
 xdist=$("$python" -c 'import xdist' 2>/dev/null && echo "-n 8")
-stage tests 210 env GPUNN_AUTOTUNE=0 "$python" -m pytest -q -p no:cacheprovider $xdist tests
+stage tests 200 env GPUNN_AUTOTUNE=0 "$python" -m pytest -q -p no:cacheprovider $xdist tests
 echo "== summary"
 cat "$out/status.txt"
 [ -f "$out/bench/bench.md" ] && cat "$out/bench/bench.md"

@@ -109,5 +109,6 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         return TORCH_ACTIVATIONS[activation](F.linear(input, weight, bias), negative_slope)
     if bias is not None and bias.shape != (weight.shape[0],):
         bias = bias.reshape(-1).expand(weight.shape[0])  # a broadcast bias; autograd sums its gradient
+    will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
     with torch.autocast(device_type, enabled=False):
-        return LinearFunction.apply(input, weight, bias, activation, float(negative_slope))
+        return LinearFunction.apply(input, weight, bias, activation, float(negative_slope), will_backward)

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .runtime import (Rows, accumulator_dtype, count_launch, dot_dtype, dot_precision, empty, row_alignment,
-                      size_bucket)
+from .runtime import (Rows, accumulator_dtype, dot_dtype, dot_precision, empty, launch,
+                      row_alignment, size_bucket)
 from .tiling import GROUP_SIZE, configs, grouped_tile, pruner, row_offsets
 
 
@@ -61,24 +61,26 @@ def dense_forward_kernel(
     n_ok = rn < N
     x_rows = tl.multiple_of(row_offsets(rm, x_inner, stride_x_outer, stride_x_inner, X_TWO_ROW_DIMS), ROW_ALIGN)
     w_rows = tl.multiple_of(rn.to(tl.int64) * stride_wn, ROW_ALIGN)
-    x_ptrs = x_ptr + x_rows[:, None] + rk[None, :] * stride_xk  # [BM, BK]
-    w_ptrs = w_ptr + w_rows[None, :] + rk[:, None] * stride_wk  # [BK, BN]
+    x_base = x_ptr + x_rows[:, None]  # [BM, 1]
+    w_base = w_ptr + w_rows[None, :]  # [1, BN]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
+        # Column offsets in int64: a column-major x or W of over 2**31 elements has strides near M or N.
+        kk = (k * BLOCK_K + rk).to(tl.int64)  # [BK]
+        x_ptrs = x_base + kk[None, :] * stride_xk  # [BM, BK]
+        w_ptrs = w_base + kk[:, None] * stride_wk  # [BK, BN]
         if EVEN_K:
             x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
         else:
-            k_ok = rk < K - k * BLOCK_K
+            k_ok = kk < K
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn * stride_b, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
+        acc += tl.load(b_ptr + rn.to(tl.int64) * stride_b, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
     out = tl.multiple_of(rm.to(tl.int64) * N, ROW_ALIGN)[:, None] + rn[None, :]  # [BM, BN]
     mask = m_ok[:, None] & n_ok[None, :]
     y = activations.forward(acc, ACT, NEGATIVE_SLOPE)
@@ -132,26 +134,26 @@ def dense_grad_input_kernel(
     dy_rows = tl.multiple_of(row_offsets(rm, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS),
                              ROW_ALIGN)
     g_rows = tl.multiple_of(rm.to(tl.int64) * N, ROW_ALIGN)
-    w_rows = tl.multiple_of(rn * stride_wn, ROW_ALIGN)
-    dy_ptrs = dy_ptr + dy_rows[:, None] + rn[None, :] * stride_dyn  # [BM, BN]
-    g_ptrs = g_ptr + g_rows[:, None] + rn[None, :]  # [BM, BN]
-    w_ptrs = w_ptr + w_rows[:, None] + rk.to(tl.int64)[None, :] * stride_wk  # [BN, BK]
+    dy_base = dy_ptr + dy_rows[:, None]  # [BM, 1]
+    g_base = g_ptr + g_rows[:, None]  # [BM, 1]
+    w_base = w_ptr + rk.to(tl.int64)[None, :] * stride_wk  # [1, BK]
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
+        nn = (n * BLOCK_N + rn).to(tl.int64)  # [BN], int64 as in the forward
+        dy_ptrs = dy_base + nn[None, :] * stride_dyn  # [BM, BN]
+        g_ptrs = g_base + nn[None, :]  # [BM, BN]
+        w_ptrs = w_base + tl.multiple_of(nn * stride_wn, ROW_ALIGN)[:, None]  # [BN, BK]
         if EVEN_N:
             dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None], ACC_DTYPE, DOT_DTYPE,
                           ACT, GRAD_FROM, NEGATIVE_SLOPE)
             w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
         else:
-            n_ok = rn < N - n * BLOCK_N
+            n_ok = nn < N
             dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, DOT_DTYPE,
                           ACT, GRAD_FROM, NEGATIVE_SLOPE)
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(dz, w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-        dy_ptrs += BLOCK_N * stride_dyn
-        g_ptrs += BLOCK_N
-        w_ptrs += BLOCK_N * stride_wn
+        acc = tl.dot(dz, w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     out = tl.multiple_of(rm.to(tl.int64) * K, ROW_ALIGN)[:, None] + rk[None, :]
     tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
@@ -185,6 +187,8 @@ def dense_grad_weight_kernel(
     rm = tl.arange(0, BLOCK_M)  # [BM]
     n_ok = rn < N
     k_ok = rk < K
+    rn64 = rn.to(tl.int64)  # column offsets in int64: dy or x may be column-major and huge
+    rk64 = rk.to(tl.int64)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
     db = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
@@ -194,7 +198,7 @@ def dense_grad_weight_kernel(
         dy_rows = tl.multiple_of(
             row_offsets(rows, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS), ROW_ALIGN)
         g_rows = tl.multiple_of(rows.to(tl.int64) * N, ROW_ALIGN)
-        dy_ptrs = dy_ptr + dy_rows[:, None] + rn[None, :] * stride_dyn  # [BM, BN]
+        dy_ptrs = dy_ptr + dy_rows[:, None] + rn64[None, :] * stride_dyn  # [BM, BN]
         g_ptrs = g_ptr + g_rows[:, None] + rn[None, :]  # [BM, BN]
         dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, ACC_DTYPE,
                       ACT, GRAD_FROM, NEGATIVE_SLOPE)  # [BM, BN]
@@ -203,12 +207,13 @@ def dense_grad_weight_kernel(
         if COMPUTE_DW:
             x_rows = tl.multiple_of(
                 row_offsets(rows, x_inner, stride_x_outer, stride_x_inner, X_TWO_ROW_DIMS), ROW_ALIGN)
-            x_ptrs = x_ptr + x_rows[:, None] + rk[None, :] * stride_xk  # [BM, BK]
+            x_ptrs = x_ptr + x_rows[:, None] + rk64[None, :] * stride_xk  # [BM, BK]
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(tl.trans(dz.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(tl.trans(dz.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                         out_dtype=ACC_DTYPE)
 
     if COMPUTE_DW:
-        out = tl.multiple_of(rn.to(tl.int64) * K, ROW_ALIGN)[:, None] + rk[None, :]
+        out = tl.multiple_of(rn64 * K, ROW_ALIGN)[:, None] + rk[None, :]
         tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
     if COMPUTE_DB:
         if pid_k == 0:  # every K tile summed the same dz; the first one stores
@@ -220,28 +225,31 @@ def _grid(rows: int, cols: int, rows_block: str, cols_block: str):
 
 
 def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
-            negative_slope: float, save_derivative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """y = act(x W^T + b) as an (M, N) tensor, and act'(z) (M, N) when save_derivative, else None.
+            negative_slope: float, save_derivative: bool, out_shape: tuple[int, ...] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y = act(x W^T + b), and act'(z) as an (M, N) tensor when save_derivative, else None.
 
-    x: Rows of (M, K); weight (N, K); bias (N,) or None.
+    x: Rows of (M, K); weight (N, K); bias (N,) or None. y is contiguous, of shape out_shape (any shape
+    of M * N elements whose last dim is N; default (M, N)).
     """
     n, k = weight.shape
-    y = empty((x.m, n), device=weight.device, dtype=weight.dtype)
+    y = empty(out_shape or (x.m, n), device=weight.device, dtype=weight.dtype)
     g = empty((x.m, n), device=weight.device, dtype=weight.dtype) if save_derivative else None
     if x.m == 0 or n == 0:
         return y, g
-    count_launch("dense_forward_kernel")
-    dense_forward_kernel[_grid(x.m, n, "BLOCK_M", "BLOCK_N")](
-        *x.args(),
-        weight, weight.stride(0), weight.stride(1),
-        bias if bias is not None else weight, bias.stride(0) if bias is not None else 0,
-        y, g if g is not None else y,
-        x.m, n, k, size_bucket(x.m),
-        X_TWO_ROW_DIMS=x.two_row_dims, ROW_ALIGN=row_alignment(*x.row_strides, weight.stride(0), n),
-        DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype), ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
-        HAS_BIAS=bias is not None, SAVE_DERIVATIVE=save_derivative,
-        DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_SIZE,
-    )
+    with launch("dense_forward_kernel", weight.device):
+        dense_forward_kernel[_grid(x.m, n, "BLOCK_M", "BLOCK_N")](
+            *x.args(),
+            weight, weight.stride(0), weight.stride(1),
+            bias if bias is not None else weight, bias.stride(0) if bias is not None else 0,
+            y, g if g is not None else y,
+            x.m, n, k, size_bucket(x.m),
+            X_TWO_ROW_DIMS=x.two_row_dims, ROW_ALIGN=row_alignment(*x.row_strides, weight.stride(0), n),
+            DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype),
+            ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
+            HAS_BIAS=bias is not None, SAVE_DERIVATIVE=save_derivative,
+            DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_SIZE,
+        )
     return y, g
 
 
@@ -255,18 +263,19 @@ def grad_input(dy: Rows, saved: torch.Tensor | None, weight: torch.Tensor, activ
     dx = empty((dy.m, k), device=weight.device, dtype=weight.dtype)
     if dy.m == 0 or k == 0:
         return dx
-    count_launch("dense_grad_input_kernel")
-    dense_grad_input_kernel[_grid(dy.m, k, "BLOCK_M", "BLOCK_K")](
-        *dy.args(),
-        saved if saved is not None else dy.tensor,
-        weight, weight.stride(0), weight.stride(1),
-        dx,
-        dy.m, n, k, size_bucket(dy.m),
-        DY_TWO_ROW_DIMS=dy.two_row_dims, ROW_ALIGN=row_alignment(*dy.row_strides, weight.stride(0), n, k),
-        DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype), ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
-        GRAD_FROM=activations.grad_source(activation, negative_slope),
-        DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_SIZE,
-    )
+    with launch("dense_grad_input_kernel", weight.device):
+        dense_grad_input_kernel[_grid(dy.m, k, "BLOCK_M", "BLOCK_K")](
+            *dy.args(),
+            saved if saved is not None else dy.tensor,
+            weight, weight.stride(0), weight.stride(1),
+            dx,
+            dy.m, n, k, size_bucket(dy.m),
+            DY_TWO_ROW_DIMS=dy.two_row_dims, ROW_ALIGN=row_alignment(*dy.row_strides, weight.stride(0), n, k),
+            DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype),
+            ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
+            GRAD_FROM=activations.grad_source(activation, negative_slope),
+            DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_SIZE,
+        )
     return dx
 
 
@@ -285,19 +294,20 @@ def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_sha
     compute_dw = x is not None and k > 0
     if n == 0 or not (compute_dw or bias_grad):
         return dw, db
-    count_launch("dense_grad_weight_kernel")
-    x = x if compute_dw else dy
-    dense_grad_weight_kernel[_grid(n, k if compute_dw else 1, "BLOCK_N", "BLOCK_K")](
-        *dy.args(),
-        saved if saved is not None else dy.tensor,
-        *x.args(),
-        dw if dw is not None else dy.tensor, db if db is not None else dy.tensor,
-        dy.m, n, k, size_bucket(dy.m),
-        DY_TWO_ROW_DIMS=dy.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
-        ROW_ALIGN=row_alignment(*dy.row_strides, *x.row_strides, n, k),
-        DOT_DTYPE=dot_dtype(dy.tensor.dtype), ACC_DTYPE=accumulator_dtype(dy.tensor.dtype), ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
-        GRAD_FROM=activations.grad_source(activation, negative_slope),
-        DOT_PRECISION=dot_precision(dy.tensor.dtype), COMPUTE_DW=compute_dw, COMPUTE_DB=bias_grad,
-        GROUP_M=GROUP_SIZE,
-    )
+    x = x if compute_dw else dy  # COMPUTE_DW=False never reads x; any Rows fills its arguments
+    with launch("dense_grad_weight_kernel", dy.tensor.device):
+        dense_grad_weight_kernel[_grid(n, k if compute_dw else 1, "BLOCK_N", "BLOCK_K")](
+            *dy.args(),
+            saved if saved is not None else dy.tensor,
+            *x.args(),
+            dw if dw is not None else dy.tensor, db if db is not None else dy.tensor,
+            dy.m, n, k, size_bucket(dy.m),
+            DY_TWO_ROW_DIMS=dy.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
+            ROW_ALIGN=row_alignment(*dy.row_strides, *x.row_strides, n, k),
+            DOT_DTYPE=dot_dtype(dy.tensor.dtype), ACC_DTYPE=accumulator_dtype(dy.tensor.dtype),
+            ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
+            GRAD_FROM=activations.grad_source(activation, negative_slope),
+            DOT_PRECISION=dot_precision(dy.tensor.dtype), COMPUTE_DW=compute_dw, COMPUTE_DB=bias_grad,
+            GROUP_M=GROUP_SIZE,
+        )
     return dw, db

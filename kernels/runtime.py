@@ -22,9 +22,11 @@ AUTOTUNE = os.environ.get("GPUNN_AUTOTUNE", "1") != "0"
 _launches: collections.Counter = collections.Counter()
 
 
-def count_launch(kernel_name: str) -> None:
-    """Record one launch of `kernel_name` (read back with launch_counts())."""
+def launch(kernel_name: str, device: torch.device):
+    """Context for one kernel launch: counts it (see launch_counts()) and makes `device` the current CUDA
+    device, since Triton launches on the current device, not on the tensors' one."""
     _launches[kernel_name] += 1
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def launch_counts() -> dict[str, int]:
@@ -62,9 +64,19 @@ def triton_runs_on(device: torch.device) -> bool:
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input_precision for `dtype`: float32 follows torch's TF32 setting
     (torch.get_float32_matmul_precision() == "highest" means IEEE fp32); other dtypes are exact."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    return "tf32" if dtype == torch.float32 and _matmul_allows_tf32() else "ieee"
+
+
+def _matmul_allows_tf32() -> bool:
+    # torch >= 2.9 keeps the setting in fp32_precision ("tf32", "ieee", or "none": defer to the global
+    # torch.backends.fp32_precision); reading the older allow_tf32 flag raises once the new API was used.
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
 
 
 def dot_dtype(dtype: torch.dtype):

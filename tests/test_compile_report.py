@@ -31,6 +31,8 @@ def test_subset_compiles_for_sm90_with_hgmma_and_no_spills(tmp_path):
     assert all(int(row["hgmma"]) > 0 for row in bf16)
     ieee = [row for row in written if row["precision"] == "ieee"]
     assert ieee and all(int(row["hgmma"]) == int(row["hmma"]) == 0 < int(row["ffma"]) for row in ieee)
+    fp64 = [row for row in written if row["dtype"] == "float64"]
+    assert {row["kernel"] for row in fp64} == kernels and all(int(row["dmma"]) > 0 for row in fp64)
     assert summary["failures"] == summary["spills"] == summary["missing_tensor_cores"] == 0
 
 

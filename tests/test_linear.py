@@ -254,4 +254,71 @@ def test_autocast_matches_nn_linear_dtype(device):
     assert layer.weight.grad.dtype == torch.float32
     assert_close(out, reference_linear(x.double(), layer.weight.double().to(dtype).double(),
                                        layer.bias.double(), None), dtype, "autocast output")
-    assert TOLERANCE[dtype] < 1
+
+
+def test_output_can_be_modified_in_place(device):
+    # As with nn.Linear: an in-place ReLU or a residual add on the output, then backward.
+    layer = gpunn.Linear(6, 6, device=device, dtype=torch.float64)
+    x = torch.randn(3, 2, 6, device=device, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    out += x
+    torch.relu_(out)
+    out.sum().backward()
+    ref_x = leaf64(x)
+    ref_x.requires_grad_()
+    torch.relu(torch.nn.functional.linear(ref_x, layer.weight, layer.bias) + ref_x).sum().backward()
+    assert_close(x.grad, ref_x.grad, torch.float64, "grad input")
+
+
+def test_zero_out_features_with_activation(device):
+    _run_case(device, torch.float64, (4,), 5, 0, "gelu")
+
+
+def test_inference_writes_no_derivative(device, monkeypatch):
+    from gpunn.kernels import dense
+    calls = []
+    original = dense.forward
+    monkeypatch.setattr(dense, "forward", lambda *a, **k: calls.append(a[5]) or original(*a, **k))
+    layer = gpunn.Linear(6, 4, device=device, activation="gelu")
+    x = torch.randn(3, 6, device=device)
+    with torch.no_grad():
+        layer(x)
+    with torch.inference_mode():
+        layer(x)
+    layer(x)
+    assert calls == [False, False, True]  # save_derivative: only when autograd records the call
+
+
+def test_tf32_through_torch_new_precision_api(device):
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch before 2.9 has no fp32_precision setting")
+    previous = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        x, w = torch.randn(9, 40, device=device), torch.randn(7, 40, device=device)
+        assert rel_error(gpunn.functional.linear(x, w), torch.nn.functional.linear(x.double(), w.double())) < 1e-3
+        matmul.fp32_precision = "ieee"
+        assert rel_error(gpunn.functional.linear(x, w),
+                         torch.nn.functional.linear(x.double(), w.double())) < TOLERANCE[torch.float32]
+    finally:
+        matmul.fp32_precision = previous
+
+
+def test_relu_gradient_passes_nan_like_torch(device):
+    x = torch.tensor([[float("nan"), 1.0]], device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.eye(2, device=device, dtype=torch.float64)
+    gpunn.functional.linear(x, w, None, "relu").sum().backward()
+    ref = x.detach().clone().requires_grad_()
+    torch.relu(torch.nn.functional.linear(ref, w)).sum().backward()
+    assert torch.equal(x.grad, ref.grad)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu_tanh"])
+@pytest.mark.parametrize("scale", [1e-4, 1e-2, 0.2, 3.0])
+def test_tanh_keeps_relative_accuracy_near_zero(device, activation, scale):
+    # Pre-activations of about `scale`: tanh(u) ~ u must keep fp32's relative accuracy however small u is.
+    x = torch.randn(40, 30, device=device) * scale
+    w = torch.eye(30, device=device)
+    out = gpunn.functional.linear(x, w, None, activation)
+    assert_close(out, reference_linear(x.double(), w.double(), None, activation), torch.float32, activation)

@@ -19,12 +19,14 @@ class LinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, activation, negative_slope):
+    def forward(ctx, input, weight, bias, activation, negative_slope, will_backward):
+        # will_backward: whether autograd records this call (grad mode on, some input requiring grad).
+        # ctx.needs_input_grad alone cannot tell: it is set under no_grad too.
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_from = activations.grad_source(activation, negative_slope)
-        save_derivative = grad_from == activations.GRAD_FROM_SAVED.value and (need_input or need_weight or need_bias)
-        y, derivative = dense.forward(Rows.of(input), weight, bias, activation, negative_slope, save_derivative)
-        output = y.view(*input.shape[:-1], weight.shape[0])
+        save_derivative = will_backward and grad_from == activations.GRAD_FROM_SAVED.value
+        output, derivative = dense.forward(Rows.of(input), weight, bias, activation, negative_slope,
+                                           save_derivative, out_shape=(*input.shape[:-1], weight.shape[0]))
 
         saved = {activations.GRAD_FROM_OUTPUT.value: output, activations.GRAD_FROM_SAVED.value: derivative}
         ctx.save_for_backward(input if need_weight else None, weight if need_input else None,
@@ -40,7 +42,7 @@ class LinearFunction(torch.autograd.Function):
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         n = ctx.weight_shape[0]
         dy = Rows.of(grad_output)
-        saved = saved.reshape(-1, n) if saved is not None else None
+        saved = saved.reshape(dy.m, n) if saved is not None else None
         grad_input = grad_weight = grad_bias = None
         if need_input:
             grad_input = dense.grad_input(dy, saved, weight, ctx.activation, ctx.negative_slope)
@@ -49,4 +51,4 @@ class LinearFunction(torch.autograd.Function):
             grad_weight, grad_bias = dense.grad_weight(
                 dy, saved, Rows.of(input) if need_weight else None, ctx.weight_shape,
                 ctx.activation, ctx.negative_slope, bias_grad=need_bias)
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None
