@@ -1,0 +1,61 @@
+"""Each dense kernel timed alone beside the cuBLAS GEMM of the same shape, with the configs its autotuner
+timed and the one it kept: which kernel (forward, grad_input, grad_weight) and which config fall short.
+
+    python -m bench.dense_kernels [--shapes 4096x4096x4096,16x4096x4096] [--activations none,relu,gelu]
+
+Needs a CUDA device. Shapes are MxNxK (x is MxK, the weight NxK), bf16.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.dense_kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="4096x4096x4096,16x4096x4096,64x4096x4096")
+    parser.add_argument("--activations", default="none,relu,gelu")
+    args = parser.parse_args(argv)
+
+    import torch
+    import triton
+
+    from gpunn.kernels import activations, dense
+    from gpunn.kernels.runtime import Rows
+
+    def ms(fn):
+        return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0]
+
+    for shape in args.shapes.split(","):
+        m, n, k = (int(v) for v in shape.split("x"))
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+        w = (torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5).bfloat16()
+        b = torch.randn(n, device="cuda", generator=gen).bfloat16()
+        dy = torch.randn(m, n, device="cuda", generator=gen).bfloat16()
+        gemm = 2 * m * n * k
+        cublas = {"forward": ms(lambda: x @ w.t()), "grad_input": ms(lambda: dy @ w), "grad_weight": ms(lambda: dy.t() @ x)}
+        for name in args.activations.split(","):
+            act = None if name == "none" else name
+            source = activations.grad_source(act, 0.01)
+            y, g = dense.forward(Rows.of(x), w, b, act, 0.01, source == activations.GRAD_FROM_SAVED.value)
+            saved = {activations.GRAD_FROM_OUTPUT.value: y, activations.GRAD_FROM_SAVED.value: g}.get(source)
+            runs = {
+                "forward": lambda: dense.forward(Rows.of(x), w, b, act, 0.01, False),
+                "grad_input": lambda: dense.grad_input(Rows.of(dy), saved, w, act, 0.01),
+                "grad_weight": lambda: dense.grad_weight(Rows.of(dy), saved, Rows.of(x), (n, k), act, 0.01, True),
+            }
+            for kernel_name, run in runs.items():
+                if m < 256 and kernel_name != "forward":
+                    continue
+                t = ms(run)
+                kernel = getattr(dense, f"dense_{kernel_name}_kernel")
+                print(f"{shape} {name:5s} {kernel_name:12s} {t * 1e3:8.1f} us {gemm / t / 1e9:6.1f} TFLOP/s "
+                      f"{n * k * 2 / t / 1e6:7.1f} GB/s(W)  cuBLAS {cublas[kernel_name] * 1e3:8.1f} us  "
+                      f"best {kernel.best_config}", flush=True)
+                for config, timing in sorted(getattr(kernel, "configs_timings", {}).items(), key=lambda kv: kv[1][0]):
+                    print(f"      {timing[0] * 1e3:8.1f} us  {config}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
