@@ -200,16 +200,18 @@ def dense_grad_weight_kernel(
         g_rows = tl.multiple_of(rows.to(tl.int64) * N, ROW_ALIGN)
         dy_ptrs = dy_ptr + dy_rows[:, None] + rn64[None, :] * stride_dyn  # [BM, BN]
         g_ptrs = g_ptr + g_rows[:, None] + rn[None, :]  # [BM, BN]
-        dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, ACC_DTYPE,
+        # dz in the operand dtype, as torch's backward has it: without an activation the dy tile goes to
+        # the MMA as loaded (the H100 timing showed an fp32 round trip here costing more than the GEMM).
+        dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, DOT_DTYPE,
                       ACT, GRAD_FROM, NEGATIVE_SLOPE)  # [BM, BN]
         if COMPUTE_DB:
-            db += tl.sum(dz, axis=0)
+            db += tl.sum(dz.to(ACC_DTYPE), axis=0)
         if COMPUTE_DW:
             x_rows = tl.multiple_of(
                 row_offsets(rows, x_inner, stride_x_outer, stride_x_inner, X_TWO_ROW_DIMS), ROW_ALIGN)
             x_ptrs = x_ptr + x_rows[:, None] + rk64[None, :] * stride_xk  # [BM, BK]
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(tl.trans(dz.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+            acc = tl.dot(tl.trans(dz), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
                          out_dtype=ACC_DTYPE)
 
     if COMPUTE_DW:
