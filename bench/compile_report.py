@@ -119,6 +119,7 @@ def _launch_dense_grad_input(dtype, m, n, k, activation):
 
 
 def _launch_dense_grad_weight(dtype, m, n, k, activation, weight_grad, bias_grad):
+    # dense.grad_weight launches dense_grad_weight_kernel for dW and dense_grad_bias_kernel for db.
     from gpunn.kernels import dense, runtime
     dy = _meta((m, n), dtype)
     x = runtime.Rows.of(_meta((m, k), dtype)) if weight_grad else None
@@ -136,8 +137,11 @@ CASES = (
         Variant("gelu", dict(activation="gelu")),  # GRAD_FROM=2: dz = dy * saved act'(z)
     )),
     Case("gpunn.kernels.dense", "dense_grad_weight_kernel", _launch_dense_grad_weight, (
-        Variant("relu,dW+db", dict(activation="relu", weight_grad=True, bias_grad=True)),  # GRAD_FROM=1
-        Variant("relu,db-only", dict(activation="relu", weight_grad=False, bias_grad=True), matmul=False),
+        Variant("relu", dict(activation="relu", weight_grad=True, bias_grad=False)),  # GRAD_FROM=1
+        Variant("none", dict(activation=None, weight_grad=True, bias_grad=False)),  # GRAD_FROM=0
+    )),
+    Case("gpunn.kernels.dense", "dense_grad_bias_kernel", _launch_dense_grad_weight, (
+        Variant("relu", dict(activation="relu", weight_grad=False, bias_grad=True), matmul=False),
     )),
 )
 
@@ -403,7 +407,7 @@ def _judge(row: dict, arch: int) -> dict:
     # sm_90 matmuls should use warpgroup MMA (HGMMA), which needs at least 64 tile rows (its M); the
     # narrower tiles serve small batches, bound by the weight read, where mma.sync (HMMA) is enough.
     # Other targets need some tensor-core MMA.
-    wgmma_tile = int(row["tile"].split("x")[0]) >= 64
+    wgmma_tile = bool(row["tile"]) and int(row["tile"].split("x")[0]) >= 64
     tensor_core = row["hgmma"] if arch == 90 and wgmma_tile else row["hgmma"] + row["hmma"]
     if row["tensor_cores_expected"] and tensor_core == 0:
         problems.append("no_hgmma" if arch == 90 else "no_tensor_cores")

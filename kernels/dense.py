@@ -9,8 +9,8 @@ Memory traffic, the least each launch must move (tiles of the other operand are 
 grouped tile order keeps a band of them there):
 - forward:      reads x (M K) and W (N K), writes y (M N), plus act'(z) (M N) when backward needs it.
 - grad_input:   reads dy, the saved tensor (M N each) and W (N K), writes dx (M K).
-- grad_weight:  reads dy, the saved tensor and x, writes dW (N K) and db (N); db is summed from the
-                same dz tiles the dW reduction uses, so it costs no extra pass.
+- grad_weight:  reads dy, the saved tensor and x, writes dW (N K).
+- grad_bias:    reads dy and the saved tensor once more, writes db (N): a separate pass (see the kernel).
 Operands enter tl.dot in their own dtype (runtime.dot_dtype: bf16 is widened only under the
 interpreter, which cannot multiply bf16); accumulation is fp32 (fp64 for fp64 inputs); every output is
 rounded once, at its store. Reductions
@@ -25,7 +25,7 @@ import triton.language as tl
 from . import activations
 from .runtime import (Rows, accumulator_dtype, dot_dtype, dot_precision, empty, launch,
                       row_alignment, size_bucket)
-from .tiling import GROUP_SIZE, configs, grouped_tile, pruner, row_offsets
+from .tiling import BIAS_TILE, GROUP_SIZE, configs, grouped_tile, pruner, row_offsets
 
 
 def _a_tiles(args) -> int:
@@ -161,7 +161,7 @@ def dense_grad_input_kernel(
 
 @triton.autotune(
     configs=configs("BLOCK_N", "BLOCK_K", "BLOCK_M"),
-    key=["M_BUCKET", "N", "K", "DOT_PRECISION", "ROW_ALIGN", "GRAD_FROM", "COMPUTE_DW"],
+    key=["M_BUCKET", "N", "K", "DOT_PRECISION", "ROW_ALIGN", "GRAD_FROM"],
     prune_configs_by={"early_config_prune": pruner("BLOCK_N", "BLOCK_K", "BLOCK_M", "N", "dy_ptr", _a_tiles)},
 )
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "dy_inner", "x_inner"])
@@ -169,19 +169,17 @@ def dense_grad_weight_kernel(
     dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn,
     g_ptr,  # (M, N) contiguous: the output y or act'(z), per GRAD_FROM
     x_ptr, x_inner, stride_x_outer, stride_x_inner, stride_xk,
-    dw_ptr, db_ptr,  # (N, K) and (N,) contiguous
+    dw_ptr,  # (N, K) contiguous
     M, N, K,
     M_BUCKET,  # autotuning key only
     DY_TWO_ROW_DIMS: tl.constexpr, X_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
     GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # dW = dz^T @ x: output tiles of (N, K), reduction over M; db = column sums of the same dz tiles.
-    num_k_tiles = tl.cdiv(K, BLOCK_K) if COMPUTE_DW else 1
-    pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_k_tiles, GROUP_M)
+    # dW = dz^T @ x: output tiles of (N, K), reduction over M.
+    pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
     rm = tl.arange(0, BLOCK_M)  # [BM]
@@ -191,7 +189,6 @@ def dense_grad_weight_kernel(
     rk64 = rk.to(tl.int64)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
-    db = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + rm
         m_ok = rows < M
@@ -204,22 +201,43 @@ def dense_grad_weight_kernel(
         # the MMA as loaded (the H100 timing showed an fp32 round trip here costing more than the GEMM).
         dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, DOT_DTYPE,
                       ACT, GRAD_FROM, NEGATIVE_SLOPE)  # [BM, BN]
-        if COMPUTE_DB:
-            db += tl.sum(dz.to(ACC_DTYPE), axis=0)
-        if COMPUTE_DW:
-            x_rows = tl.multiple_of(
-                row_offsets(rows, x_inner, stride_x_outer, stride_x_inner, X_TWO_ROW_DIMS), ROW_ALIGN)
-            x_ptrs = x_ptr + x_rows[:, None] + rk64[None, :] * stride_xk  # [BM, BK]
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(tl.trans(dz), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
-                         out_dtype=ACC_DTYPE)
+        x_rows = tl.multiple_of(
+            row_offsets(rows, x_inner, stride_x_outer, stride_x_inner, X_TWO_ROW_DIMS), ROW_ALIGN)
+        x_ptrs = x_ptr + x_rows[:, None] + rk64[None, :] * stride_xk  # [BM, BK]
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(dz), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
-    if COMPUTE_DW:
-        out = tl.multiple_of(rn64 * K, ROW_ALIGN)[:, None] + rk[None, :]
-        tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
-    if COMPUTE_DB:
-        if pid_k == 0:  # every K tile summed the same dz; the first one stores
-            tl.store(db_ptr + rn, db.to(db_ptr.dtype.element_ty), mask=n_ok)
+    out = tl.multiple_of(rn64 * K, ROW_ALIGN)[:, None] + rk[None, :]
+    tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "dy_inner"])
+def dense_grad_bias_kernel(
+    dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn,
+    g_ptr,  # (M, N) contiguous: the output y or act'(z), per GRAD_FROM
+    db_ptr,  # (N,)
+    M, N,
+    DY_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, GRAD_FROM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # db = column sums of dz, one program per BLOCK_N columns, rows in a fixed order (deterministic).
+    # A pass of its own: summed inside the dW GEMM, the dz tile had to live in registers and the H100
+    # timing showed the GEMM 2.3x slower; this pass reads dy (and the saved tensor) once more instead.
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    rm = tl.arange(0, BLOCK_M)  # [BM]
+    n_ok = rn < N
+    rn64 = rn.to(tl.int64)
+    db = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + rm
+        dy_rows = tl.multiple_of(
+            row_offsets(rows, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS), ROW_ALIGN)
+        g_rows = tl.multiple_of(rows.to(tl.int64) * N, ROW_ALIGN)
+        dz = _load_dz(dy_ptr + dy_rows[:, None] + rn64[None, :] * stride_dyn, g_ptr + g_rows[:, None] + rn[None, :],
+                      (rows < M)[:, None] & n_ok[None, :], ACC_DTYPE, ACC_DTYPE, ACT, GRAD_FROM, NEGATIVE_SLOPE)
+        db += tl.sum(dz, axis=0)
+    tl.store(db_ptr + rn, db.to(db_ptr.dtype.element_ty), mask=n_ok)
 
 
 def _grid(rows: int, cols: int, rows_block: str, cols_block: str):
@@ -285,7 +303,7 @@ def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_sha
                 activation: str | None, negative_slope: float, bias_grad: bool
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dW, db) = (dz^T @ x, sum of dz over rows): dW (N, K) when x is given, db (N,) when bias_grad;
-    each None where not asked for. Both come from one launch that reads each dz tile once.
+    each None where not asked for.
 
     dy: Rows of (M, N); x: Rows of (M, K) or None; saved as in grad_input.
     """
@@ -293,23 +311,25 @@ def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_sha
     like = dict(device=dy.tensor.device, dtype=dy.tensor.dtype)
     dw = empty((n, k), **like) if x is not None else None
     db = empty((n,), **like) if bias_grad else None
-    compute_dw = x is not None and k > 0
-    if n == 0 or not (compute_dw or bias_grad):
-        return dw, db
-    x = x if compute_dw else dy  # COMPUTE_DW=False never reads x; any Rows fills its arguments
-    with launch("dense_grad_weight_kernel", dy.tensor.device):
-        dense_grad_weight_kernel[_grid(n, k if compute_dw else 1, "BLOCK_N", "BLOCK_K")](
-            *dy.args(),
-            saved if saved is not None else dy.tensor,
-            *x.args(),
-            dw if dw is not None else dy.tensor, db if db is not None else dy.tensor,
-            dy.m, n, k, size_bucket(dy.m),
-            DY_TWO_ROW_DIMS=dy.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
-            ROW_ALIGN=row_alignment(*dy.row_strides, *x.row_strides, n, k),
-            DOT_DTYPE=dot_dtype(dy.tensor.dtype), ACC_DTYPE=accumulator_dtype(dy.tensor.dtype),
-            ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
-            GRAD_FROM=activations.grad_source(activation, negative_slope),
-            DOT_PRECISION=dot_precision(dy.tensor.dtype), COMPUTE_DW=compute_dw, COMPUTE_DB=bias_grad,
-            GROUP_M=GROUP_SIZE,
-        )
+    common = dict(ACC_DTYPE=accumulator_dtype(dy.tensor.dtype), ACT=activations.CODES[activation],
+                  NEGATIVE_SLOPE=float(negative_slope), GRAD_FROM=activations.grad_source(activation, negative_slope))
+    g = saved if saved is not None else dy.tensor
+    if dw is not None and n > 0 and k > 0:
+        with launch("dense_grad_weight_kernel", dy.tensor.device):
+            dense_grad_weight_kernel[_grid(n, k, "BLOCK_N", "BLOCK_K")](
+                *dy.args(), g, *x.args(), dw,
+                dy.m, n, k, size_bucket(dy.m),
+                DY_TWO_ROW_DIMS=dy.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
+                ROW_ALIGN=row_alignment(*dy.row_strides, *x.row_strides, n, k),
+                DOT_DTYPE=dot_dtype(dy.tensor.dtype), DOT_PRECISION=dot_precision(dy.tensor.dtype),
+                GROUP_M=GROUP_SIZE, **common,
+            )
+    if db is not None and n > 0:
+        rows, cols, _, _, warps = BIAS_TILE
+        with launch("dense_grad_bias_kernel", dy.tensor.device):
+            dense_grad_bias_kernel[(triton.cdiv(n, cols),)](
+                *dy.args(), g, db, dy.m, n,
+                DY_TWO_ROW_DIMS=dy.two_row_dims, ROW_ALIGN=row_alignment(*dy.row_strides, n),
+                BLOCK_M=rows, BLOCK_N=cols, num_warps=warps, **common,
+            )
     return dw, db

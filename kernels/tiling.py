@@ -31,6 +31,8 @@ GPU_TILES = (
 )
 # The interpreter runs programs one after another: one config, large blocks.
 INTERPRETER_TILE = (64, 64, 64, 1, 4)
+# Column sums (rows, cols, -, -, warps): narrow columns give N / 32 programs to stream the rows.
+BIAS_TILE = (64, 64, 0, 1, 4) if INTERPRET else (128, 32, 0, 1, 4)
 
 SHARED_MEMORY_BUDGET = 200 * 1024  # bytes per program; H100 allows 227 KB, leave room for the epilogue
 GROUP_SIZE = 8  # output tile rows per band in grouped order (keeps a band of operand tiles in L2)

@@ -14,7 +14,8 @@ import torch
 from bench.__main__ import main
 from gpunn.kernels import launch_counts
 
-DENSE_KERNELS = ("dense_forward_kernel", "dense_grad_input_kernel", "dense_grad_weight_kernel")
+DENSE_KERNELS = ("dense_forward_kernel", "dense_grad_input_kernel", "dense_grad_weight_kernel",
+                 "dense_grad_bias_kernel")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,18 @@ def test_subset_compiles_for_sm90_with_hgmma_and_no_spills(tmp_path):
         assert row["status"] == "ok", row
         assert int(row["spill_bytes"]) == 0 and int(row["stl"]) == 0, row
         assert int(row["registers"]) > 0 and int(row["shared_memory_bytes"]) > 0, row
-    bf16 = [row for row in written if row["dtype"] == "bfloat16"]
-    assert {row["kernel"] for row in bf16} == kernels
-    assert all(int(row["hgmma"]) > 0 for row in bf16)
-    ieee = [row for row in written if row["precision"] == "ieee"]
+    matmuls = {case.kernel for case in compile_report.CASES if any(v.matmul for v in case.variants)}
+    assert matmuls and matmuls != kernels  # the column-sum kernel has no matmul
+
+    def rows_of(**match):
+        return [row for row in written if row["kernel"] in matmuls and all(row[k] == v for k, v in match.items())]
+
+    bf16 = rows_of(dtype="bfloat16")
+    assert {row["kernel"] for row in bf16} == matmuls and all(int(row["hgmma"]) > 0 for row in bf16)
+    ieee = rows_of(precision="ieee")
     assert ieee and all(int(row["hgmma"]) == int(row["hmma"]) == 0 < int(row["ffma"]) for row in ieee)
-    fp64 = [row for row in written if row["dtype"] == "float64"]
-    assert {row["kernel"] for row in fp64} == kernels and all(int(row["dmma"]) > 0 for row in fp64)
+    fp64 = rows_of(dtype="float64")
+    assert {row["kernel"] for row in fp64} == matmuls and all(int(row["dmma"]) > 0 for row in fp64)
     assert summary["failures"] == summary["spills"] == summary["missing_tensor_cores"] == 0
 
 
