@@ -112,11 +112,10 @@ def _saved(dtype, m, n, activation):
     return None if activations.grad_source(activation, NEGATIVE_SLOPE) == 0 else _meta((m, n), dtype)
 
 
-def _launch_dense_grad_input(dtype, m, n, k, activation, write_dz):
+def _launch_dense_grad_input(dtype, m, n, k, activation):
     from gpunn.kernels import dense, runtime
     dy, w = _meta((m, n), dtype), _meta((n, k), dtype)
-    dense.grad_input(runtime.Rows.of(dy), _saved(dtype, m, n, activation), w, activation, NEGATIVE_SLOPE,
-                     write_dz)
+    dense.grad_input(runtime.Rows.of(dy), _saved(dtype, m, n, activation), w, activation, NEGATIVE_SLOPE)
 
 
 def _launch_dense_grad_weight(dtype, m, n, k, activation, weight_grad, bias_grad):
@@ -134,9 +133,8 @@ CASES = (
         Variant("gelu+bias+save", dict(activation="gelu", bias=True, save_derivative=True)),
     )),
     Case("gpunn.kernels.dense", "dense_grad_input_kernel", _launch_dense_grad_input, (
-        Variant("none", dict(activation=None, write_dz=False)),  # GRAD_FROM=0: dz = dy
-        # GRAD_FROM=2: dz = dy * saved act'(z), also written for the weight gradient (a training step)
-        Variant("gelu+dz", dict(activation="gelu", write_dz=True)),
+        Variant("none", dict(activation=None)),  # GRAD_FROM=0: dz = dy
+        Variant("gelu", dict(activation="gelu")),  # GRAD_FROM=2: dz = dy * saved act'(z)
     )),
     Case("gpunn.kernels.dense", "dense_grad_weight_kernel", _launch_dense_grad_weight, (
         Variant("relu", dict(activation="relu", weight_grad=True, bias_grad=False)),  # GRAD_FROM=1

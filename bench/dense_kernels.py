@@ -52,16 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             source = activations.grad_source(act, 0.01)
             y, g = dense.forward(Rows.of(x), w, b, act, 0.01, source == activations.GRAD_FROM_SAVED.value)
             saved = {activations.GRAD_FROM_OUTPUT.value: y, activations.GRAD_FROM_SAVED.value: g}.get(source)
-            # As a training step runs them: with an activation, grad_input also writes dz, and the
-            # weight and bias gradients run on dz.
-            write_dz = saved is not None
-            _, dz = dense.grad_input(Rows.of(dy), saved, w, act, 0.01, write_dz)
-            dw_in = (Rows.of(dz), None, None) if write_dz else (Rows.of(dy), saved, act)
             runs = {
                 "forward": lambda: dense.forward(Rows.of(x), w, b, act, 0.01, False),
-                "grad_input": lambda: dense.grad_input(Rows.of(dy), saved, w, act, 0.01, write_dz),
-                "grad_weight": lambda: dense.grad_weight(dw_in[0], dw_in[1], Rows.of(x), (n, k), dw_in[2], 0.01, True),
-                "grad_weight without db": lambda: dense.grad_weight(dw_in[0], dw_in[1], Rows.of(x), (n, k), dw_in[2],
+                "grad_input": lambda: dense.grad_input(Rows.of(dy), saved, w, act, 0.01),
+                "grad_weight": lambda: dense.grad_weight(Rows.of(dy), saved, Rows.of(x), (n, k), act, 0.01, True),
+                "grad_weight without db": lambda: dense.grad_weight(Rows.of(dy), saved, Rows.of(x), (n, k), act,
                                                                     0.01, False),
             }
             for kernel_name, run in runs.items():

@@ -2,14 +2,13 @@
 their launchers.
 
 Shapes: x (M, K) described by runtime.Rows (any leading dims, any strides), W (N, K), b (N,),
-y (M, N) contiguous. dz = dy * act'(z) is formed in registers from dy and the tensor forward saved
-(see activations.py), never by a separate elementwise pass.
+y (M, N) contiguous. dz = dy * act'(z) is never written to memory: each gradient kernel forms it in
+registers from dy and the tensor forward saved (see activations.py).
 
 Memory traffic, the least each launch must move (tiles of the other operand are re-read from L2;
 grouped tile order keeps a band of them there):
 - forward:      reads x (M K) and W (N K), writes y (M N), plus act'(z) (M N) when backward needs it.
-- grad_input:   reads dy, the saved tensor (M N each) and W (N K), writes dx (M K) and, when the weight
-                or bias also needs a gradient and there is an activation, dz (M N) for them.
+- grad_input:   reads dy, the saved tensor (M N each) and W (N K), writes dx (M K).
 - grad_weight:  reads dy, the saved tensor and x, writes dW (N K).
 - grad_bias:    reads dy and the saved tensor once more, writes db (N): a separate pass (see the kernel).
 Operands enter tl.dot in their own dtype (runtime.dot_dtype: bf16 is widened only under the
@@ -117,18 +116,15 @@ def dense_grad_input_kernel(
     g_ptr,  # (M, N) contiguous: the output y or act'(z), per GRAD_FROM
     w_ptr, stride_wn, stride_wk,
     dx_ptr,  # (M, K) contiguous
-    dz_ptr,  # (M, N) contiguous: receives dz when WRITE_DZ
     M, N, K,
     M_BUCKET,  # autotuning key only
     DY_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
-    GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr, WRITE_DZ: tl.constexpr,
+    GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    # dx = dz @ W: output tiles of (M, K), reduction over N. With WRITE_DZ the programs of the first K
-    # tile also store the dz tiles they form (each element once), so that the weight gradient runs as a
-    # plain GEMM on dz: formed in registers inside that GEMM, dz made it 2.3x slower on the H100.
+    # dx = dz @ W: output tiles of (M, K), reduction over N.
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
@@ -140,7 +136,6 @@ def dense_grad_input_kernel(
     g_rows = tl.multiple_of(rm.to(tl.int64) * N, ROW_ALIGN)
     dy_base = dy_ptr + dy_rows[:, None]  # [BM, 1]
     g_base = g_ptr + g_rows[:, None]  # [BM, 1]
-    dz_base = dz_ptr + g_rows[:, None]  # [BM, 1]
     w_base = w_ptr + rk.to(tl.int64)[None, :] * stride_wk  # [1, BK]
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
@@ -150,17 +145,14 @@ def dense_grad_input_kernel(
         g_ptrs = g_base + nn[None, :]  # [BM, BN]
         w_ptrs = w_base + tl.multiple_of(nn * stride_wn, ROW_ALIGN)[:, None]  # [BN, BK]
         if EVEN_N:
-            dz_mask = m_ok[:, None]
-            w_mask = k_ok[None, :]
+            dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None], ACC_DTYPE, DOT_DTYPE,
+                          ACT, GRAD_FROM, NEGATIVE_SLOPE)
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
         else:
             n_ok = nn < N
-            dz_mask = m_ok[:, None] & n_ok[None, :]
-            w_mask = n_ok[:, None] & k_ok[None, :]
-        dz = _load_dz(dy_ptrs, g_ptrs, dz_mask, ACC_DTYPE, DOT_DTYPE, ACT, GRAD_FROM, NEGATIVE_SLOPE)
-        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        if WRITE_DZ:
-            if pid_k == 0:
-                tl.store(dz_base + nn[None, :], dz.to(dz_ptr.dtype.element_ty), mask=dz_mask)
+            dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, DOT_DTYPE,
+                          ACT, GRAD_FROM, NEGATIVE_SLOPE)
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(dz, w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     out = tl.multiple_of(rm.to(tl.int64) * K, ROW_ALIGN)[:, None] + rk[None, :]
@@ -282,31 +274,29 @@ def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation
 
 
 def grad_input(dy: Rows, saved: torch.Tensor | None, weight: torch.Tensor, activation: str | None,
-               negative_slope: float, write_dz: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """dx = dz @ W as an (M, K) tensor, with dz = dy * act'(z); and, when write_dz, dz itself as an (M, N)
-    tensor (else None; also None where no program runs, K == 0 or M == 0).
+               negative_slope: float) -> torch.Tensor:
+    """dx = (dy * act'(z)) @ W as an (M, K) tensor.
 
     dy: Rows of (M, N); saved: what forward saved for this activation ((M, N) contiguous, or None).
     """
     n, k = weight.shape
     dx = empty((dy.m, k), device=weight.device, dtype=weight.dtype)
     if dy.m == 0 or k == 0:
-        return dx, None
-    dz = empty((dy.m, n), device=weight.device, dtype=weight.dtype) if write_dz else None
+        return dx
     with launch("dense_grad_input_kernel", weight.device):
         dense_grad_input_kernel[_grid(dy.m, k, "BLOCK_M", "BLOCK_K")](
             *dy.args(),
             saved if saved is not None else dy.tensor,
             weight, weight.stride(0), weight.stride(1),
-            dx, dz if dz is not None else dx,
+            dx,
             dy.m, n, k, size_bucket(dy.m),
             DY_TWO_ROW_DIMS=dy.two_row_dims, ROW_ALIGN=row_alignment(*dy.row_strides, weight.stride(0), n, k),
             DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype),
             ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
             GRAD_FROM=activations.grad_source(activation, negative_slope),
-            DOT_PRECISION=dot_precision(weight.dtype), WRITE_DZ=write_dz, GROUP_M=GROUP_SIZE,
+            DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_SIZE,
         )
-    return dx, dz
+    return dx
 
 
 def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_shape: tuple[int, int],

@@ -43,18 +43,12 @@ class LinearFunction(torch.autograd.Function):
         n = ctx.weight_shape[0]
         dy = Rows.of(grad_output)
         saved = saved.reshape(dy.m, n) if saved is not None else None
-        activation = ctx.activation
         grad_input = grad_weight = grad_bias = None
         if need_input:
-            # With an activation, the input-gradient kernel also writes dz for the weight and bias
-            # gradients, which then run on dz alone (a plain GEMM and a column sum).
-            write_dz = (need_weight or need_bias) and saved is not None
-            grad_input, dz = dense.grad_input(dy, saved, weight, activation, ctx.negative_slope, write_dz)
+            grad_input = dense.grad_input(dy, saved, weight, ctx.activation, ctx.negative_slope)
             grad_input = grad_input.view(ctx.input_shape)
-            if dz is not None:
-                dy, saved, activation = Rows.of(dz), None, None
         if need_weight or need_bias:
             grad_weight, grad_bias = dense.grad_weight(
                 dy, saved, Rows.of(input) if need_weight else None, ctx.weight_shape,
-                activation, ctx.negative_slope, bias_grad=need_bias)
+                ctx.activation, ctx.negative_slope, bias_grad=need_bias)
         return grad_input, grad_weight, grad_bias, None, None, None
