@@ -139,6 +139,13 @@ def test_frozen_weight_skips_weight_gradient(device):
               weight=torch.randn(4, 6, device=device, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("activation", ["gelu", "tanh"])
+def test_weight_gradient_without_input_gradient(device, activation):
+    # The weight-gradient kernel forms dz itself from dy and the saved tensor.
+    x = torch.randn(37, 19, device=device, dtype=torch.float64)
+    _run_case(device, torch.float64, (37,), 19, 23, activation, x=x)
+
+
 def test_input_without_grad_skips_input_gradient(device):
     x = torch.randn(10, 6, device=device)
     layer = gpunn.Linear(6, 4, device=device, bias=False)
