@@ -3,7 +3,8 @@ their launchers.
 
 Shapes: x (M, K) described by runtime.Rows (any leading dims, any strides), W (N, K), b (N,),
 y (M, N) contiguous. dz = dy * act'(z) is never written to memory: each gradient kernel forms it in
-registers from dy and the tensor forward saved (see activations.py).
+registers from dy and the tensor forward saved (see activations.py). (Writing it once from the input-
+gradient kernel for the weight gradient was measured on an H100 and lost: bench/NOTES.md.)
 
 Memory traffic, the least each launch must move (tiles of the other operand are re-read from L2;
 grouped tile order keeps a band of them there):
@@ -13,8 +14,8 @@ grouped tile order keeps a band of them there):
 - grad_bias:    reads dy and the saved tensor once more, writes db (N): a separate pass (see the kernel).
 Operands enter tl.dot in their own dtype (runtime.dot_dtype: bf16 is widened only under the
 interpreter, which cannot multiply bf16); accumulation is fp32 (fp64 for fp64 inputs); every output is
-rounded once, at its store. Reductions
-run inside one program in a fixed order: results are bitwise reproducible (no atomics).
+rounded once, at its store. Reductions run inside one program in a fixed order: results are bitwise
+reproducible for a given config (no atomics).
 """
 from __future__ import annotations
 
