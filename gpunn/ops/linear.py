@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
-
 from ..kernels import activations, dense
 from ..kernels.runtime import Rows
 
@@ -36,8 +34,11 @@ class LinearFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernels' gradients are not differentiable; refuse rather than hand
+            # back gradients that silently act as constants in a second differentiation.
+            raise RuntimeError("gpunn linear does not support double backward (create_graph=True)")
         input, weight, saved = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         n = ctx.weight_shape[0]
