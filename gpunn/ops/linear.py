@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+
 from ..kernels import activations, dense
 from ..kernels.runtime import Rows
 
@@ -9,7 +10,9 @@ from ..kernels.runtime import Rows
 class LinearFunction(torch.autograd.Function):
     """y = act(input @ weight^T + bias), forward and backward in Triton.
 
-    input (*, K), weight (N, K), bias (N,) or None -> output (*, N), all of one floating dtype.
+    input (*, K), weight (N, K), bias (N,) or None -> output (*, N), all of one floating dtype;
+    activation and negative_slope as in gpunn.functional.linear; will_backward says whether autograd
+    records the call (then forward writes act'(z) where backward needs it). No double backward.
 
     Saved for backward, the least that gives exact gradients: the input only if weight needs a
     gradient, the weight only if input does, plus what the activation's derivative needs (nothing,
