@@ -84,6 +84,8 @@ def pruner(rows: str, cols: str, reduction: str, rows_extent: str, element_of: s
         extent = args[rows_extent]
         exact_fp32 = element == 4 and args.get("DOT_PRECISION") == "ieee"
         budget = accumulator_budget(element, exact_fp32, args.get("SAVE_DERIVATIVE", False), args["ROW_ALIGN"])
+        if a_tiles == 2:
+            budget = min(budget, 64)  # dz formed in registers beside the accumulator (report: 128 spilled)
         kept = []
         for config in all_configs:
             r, c, k = (config.kwargs[name] for name in (rows, cols, reduction))
