@@ -13,10 +13,11 @@ _LAZY = {
     "Linear": ("gpunn.modules", "Linear"),
     "functional": ("gpunn.functional", None),
     "kernels": ("gpunn.kernels", None),
+    "masks": ("gpunn.masks", None),
     "modules": ("gpunn.modules", None),
 }
 
-__all__ = ["Linear", "functional", "kernels", "modules", "__version__"]
+__all__ = ["Linear", "functional", "kernels", "masks", "modules", "__version__"]
 
 
 def __getattr__(name: str):

@@ -1,0 +1,84 @@
+"""Connectivity masks for locally connected layers: bool tensors of shape (out_features, in_features),
+True where output neuron j reads input i (the layout of a torch.nn.Linear weight)."""
+from __future__ import annotations
+
+import torch
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def local_1d(in_features: int, out_features: int, window: int) -> torch.Tensor:
+    """Each output neuron reads `window` consecutive inputs around its position.
+
+    Output j is centred as near as possible on input position (j + 0.5) * in_features / out_features
+    and shifted inward at the borders, so every output has exactly min(window, in_features) inputs.
+
+    Returns:
+        bool (out_features, in_features).
+    """
+    if in_features < 0 or out_features < 0:
+        raise ValueError(f"in_features and out_features must be non-negative, got {in_features}, {out_features}")
+    if window < 1:
+        raise ValueError(f"window must be positive, got {window}")
+    width = min(window, in_features)
+    centre = (torch.arange(out_features, dtype=torch.float64) + 0.5) * in_features / max(out_features, 1)
+    # The window [start, start + width) has its centre at start + width / 2 (input i spans [i, i + 1)).
+    start = torch.floor(centre - width / 2 + 0.5).long().clamp(0, in_features - width)
+    columns = torch.arange(in_features)
+    return (columns >= start[:, None]) & (columns < start[:, None] + width)
+
+
+def local_2d(in_shape, kernel_size, stride=1, padding=0, dilation=1, out_channels: int = 1) -> torch.Tensor:
+    """The connectivity of a k x k neighbourhood over an image, as LocallyConnected2d and F.unfold see it.
+
+    in_shape is (C, H, W), or (H, W) for one channel, flattened in torch's C-major order. Outputs are
+    (out_channels, oh, ow) flattened likewise, oh = (H + 2p - d(k - 1) - 1) // s + 1 (ow alike). Output
+    (o, i, j) reads every input (c, i*s - p + di*d, j*s - p + dj*d), 0 <= di, dj < k, that lies inside the
+    image; taps in the padding read nothing. kernel_size=3 is the nine-neuron neighbourhood.
+
+    Returns:
+        bool (out_channels * oh * ow, C * H * W).
+    """
+    shape = tuple(in_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"in_shape must be (C, H, W) or (H, W) of positive sizes, got {tuple(in_shape)}")
+    channels, height, width = shape
+    (kh, kw), (sh, sw) = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
+    (ph, pw), (dh, dw) = _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError("kernel_size, stride and dilation must be positive and padding non-negative")
+    if out_channels < 1:
+        raise ValueError(f"out_channels must be positive, got {out_channels}")
+    oh = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"kernel of {kh}x{kw} (dilation {dh}x{dw}) does not fit the padded "
+                         f"{height}x{width} image")
+    rows = torch.arange(oh)[:, None, None, None] * sh - ph + torch.arange(kh)[None, None, :, None] * dh
+    cols = torch.arange(ow)[None, :, None, None] * sw - pw + torch.arange(kw)[None, None, None, :] * dw
+    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)  # (oh, ow, kh, kw)
+    pixel = (rows * width + cols).masked_fill(~inside, height * width)  # taps off the image -> a spare column
+    spatial = torch.zeros(oh * ow, height * width + 1, dtype=torch.bool)
+    spatial.scatter_(1, pixel.reshape(oh * ow, kh * kw), True)
+    spatial = spatial[:, :-1]  # (oh*ow, H*W)
+    return spatial.repeat(out_channels, channels)
+
+
+def random(in_features: int, out_features: int, density: float,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each connection present independently with probability `density`.
+
+    Returns:
+        bool (out_features, in_features).
+    """
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    return torch.rand(out_features, in_features, generator=generator) < density
+
