@@ -78,6 +78,8 @@ def random(in_features: int, out_features: int, density: float,
     Returns:
         bool (out_features, in_features).
     """
+    if in_features < 0 or out_features < 0:
+        raise ValueError(f"in_features and out_features must be non-negative, got {in_features}, {out_features}")
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {density}")
     return torch.rand(out_features, in_features, generator=generator) < density

@@ -1,6 +1,8 @@
 """gpunn.masks: the connectivity of local neighbourhoods, checked against F.unfold's geometry."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,8 +22,10 @@ def test_local_1d_windows(in_features, out_features, window):
         assert torch.equal(columns, torch.arange(columns[0], columns[0] + width))  # consecutive
         centre = (j + 0.5) * in_features / out_features
         start = int(columns[0])
-        if 0 < start < in_features - width:  # not shifted by a border: centred within half an input
-            assert abs(start + width / 2 - centre) <= 0.5
+        # Centred within half an input, then shifted inward just enough to fit.
+        nearest = math.floor(centre - width / 2 + 0.5)
+        assert start == min(max(nearest, 0), in_features - width)
+        assert abs(nearest + width / 2 - centre) <= 0.5
 
 
 def test_local_1d_nine_neighbours_of_a_square_layer():
@@ -75,6 +79,7 @@ def test_random_density_and_generator():
     lambda: gpunn.masks.local_2d((3, 3), 2, stride=0),
     lambda: gpunn.masks.local_2d((1, 2, 3, 4), 1),
     lambda: gpunn.masks.random(3, 3, 1.5),
+    lambda: gpunn.masks.random(-1, 3, 0.5),
 ])
 def test_bad_arguments(call):
     with pytest.raises(ValueError):
