@@ -12,7 +12,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import gpunn.kernels  # noqa: E402
 from gpunn.kernels import runtime  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,7 +5,6 @@ On CPU the smoke run goes through Triton's interpreter (conftest.py selects it):
 but the harness, the float64 accuracy checks, the CSV and the markdown are all exercised.
 """
 import csv
-import sys
 from pathlib import Path
 
 import pytest
