@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from .kernels.activations import NAMES as ACTIVATIONS
+from .kernels.block_layout import BlockLayout
 from .kernels.runtime import triton_runs_on
+from .masks import block_layout
 from .ops.linear import LinearFunction
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -111,4 +113,63 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         bias = bias.reshape(-1).expand(weight.shape[0])  # a broadcast bias; autograd sums its gradient
     will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
     with torch.autocast(device_type, enabled=False):
-        return LinearFunction.apply(input, weight, bias, activation, float(negative_slope), will_backward)
+        return LinearFunction.apply(input, weight, bias, activation, float(negative_slope), will_backward, None)
+
+
+def _check_mask(mask_or_layout, weight: torch.Tensor) -> None:
+    # RuntimeError, as torch raises for the reference weight.masked_fill(~mask, 0) with such a mask.
+    if isinstance(mask_or_layout, BlockLayout):
+        shape, device = mask_or_layout.shape, mask_or_layout.device
+    elif isinstance(mask_or_layout, torch.Tensor):
+        if mask_or_layout.dtype != torch.bool:
+            raise RuntimeError(f"masked_linear expects a bool mask, got {_dtype_name(mask_or_layout.dtype)}")
+        shape, device = tuple(mask_or_layout.shape), mask_or_layout.device
+    else:
+        raise TypeError(f"mask_or_layout must be a bool tensor or a BlockLayout, got {type(mask_or_layout).__name__}")
+    if shape != tuple(weight.shape):
+        raise RuntimeError(f"mask of shape {shape} does not match the weight's shape {tuple(weight.shape)} "
+                           f"(out_features, in_features)")
+    if device != weight.device:
+        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                           f"{weight.device} and {device}!")
+
+
+def masked_linear(input: torch.Tensor, weight: torch.Tensor, mask_or_layout, bias: torch.Tensor | None = None,
+                  activation: str | None = None, negative_slope: float = 0.01) -> torch.Tensor:
+    """act(input @ (weight * mask)^T + bias) with block-sparse kernels that visit only the weight blocks
+    holding a connection. Masked-out weights are never read (NaN or Inf there changes nothing) and
+    their gradient is exactly zero.
+
+    Args:
+        input: (*, in_features), any leading dims and strides, as in linear.
+        weight: (out_features, in_features).
+        mask_or_layout: a bool mask (out_features, in_features), True where output j reads input i, on
+            weight's device; or its gpunn.masks.block_layout(). A mask's layout is built on first use and
+            cached for that mask tensor (rebuilt after an in-place change).
+        bias: (out_features,) or None. Outputs with no connection are act(bias).
+        activation, negative_slope: as in linear.
+
+    Returns:
+        (*, out_features), in the dtype of input and weight (the autocast dtype under autocast).
+
+    Raises:
+        ValueError for an unknown activation; TypeError for a mask that is neither a tensor nor a layout;
+        RuntimeError for a mask that is not bool, of another shape than weight or on another device, and
+        for what linear rejects. All checked before any kernel runs.
+    """
+    check_activation(activation, negative_slope)
+    device_type = input.device.type
+    input, weight, bias = _autocast(device_type, input, weight, bias)
+    _check_linear(input, weight, bias)
+    _check_mask(mask_or_layout, weight)
+    if not triton_runs_on(input.device):
+        mask = mask_or_layout.mask.bool() if isinstance(mask_or_layout, BlockLayout) else mask_or_layout
+        return TORCH_ACTIVATIONS[activation](F.linear(input, weight.masked_fill(~mask, 0), bias), negative_slope)
+    layout = mask_or_layout
+    if isinstance(layout, torch.Tensor):
+        layout = block_layout(layout, weight.dtype)
+    if bias is not None and bias.shape != (weight.shape[0],):
+        bias = bias.reshape(-1).expand(weight.shape[0])
+    will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    with torch.autocast(device_type, enabled=False):
+        return LinearFunction.apply(input, weight, bias, activation, float(negative_slope), will_backward, layout)

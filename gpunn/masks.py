@@ -1,8 +1,11 @@
 """Connectivity masks for locally connected layers: bool tensors of shape (out_features, in_features),
-True where output neuron j reads input i (the layout of a torch.nn.Linear weight)."""
+True where output neuron j reads input i (the layout of a torch.nn.Linear weight); and the block layouts
+the masked kernels walk."""
 from __future__ import annotations
 
 import torch
+
+from .kernels.block_layout import DEFAULT_BLOCKS, BlockLayout, layout_for
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -84,3 +87,24 @@ def random(in_features: int, out_features: int, density: float,
         raise ValueError(f"density must be in [0, 1], got {density}")
     return torch.rand(out_features, in_features, generator=generator) < density
 
+
+
+def block_layout(mask: torch.Tensor, dtype: torch.dtype = torch.float32,
+                 block: tuple[int, int] | None = None) -> BlockLayout:
+    """The block-sparse layout gpunn's masked kernels use for `mask`, built on mask's device.
+
+    Args:
+        mask: bool (out_features, in_features).
+        dtype: the weight dtype the layout will serve; it picks the default block size.
+        block: (BLOCK_N, BLOCK_K) weight block, powers of two >= 16; default by dtype (64 x 64 for 16-bit
+            weights, 64 x 32 otherwise).
+
+    Returns:
+        A BlockLayout, cached per mask tensor, device and block (rebuilt after an in-place change to the
+        mask). Its visited_blocks / dense_blocks is the fraction of the dense layer's work the kernels do.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        raise TypeError(f"mask must be a 2-D bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)} "
+                        f"of shape {tuple(getattr(mask, 'shape', ()))}")
+    size = torch.empty((), dtype=dtype).element_size()
+    return layout_for(mask, block if block is not None else DEFAULT_BLOCKS[size])

@@ -1,6 +1,7 @@
-"""Activations as Triton epilogues: the forward value, its derivative, and what backward needs saved.
+"""Activations as Triton epilogues: the forward value, its derivative, what backward needs saved, and
+the tile-level pieces every fused layer shares (the forward epilogue, dz = dy * act'(z), the bias gradient).
 
-Every function here works on fp32 (or fp64) values already in registers; the caller rounds once when it
+The activation math works on fp32 (or fp64) values already in registers; the caller rounds once when it
 stores. Codes are compile-time constants, so each activation compiles to its own straight-line epilogue.
 
 What backward needs, per activation (the least that gives the exact derivative):
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .tiling import row_offsets
 
 NAMES = (None, "relu", "leaky_relu", "gelu", "gelu_tanh", "tanh", "sigmoid", "silu")
 CODES = {name: code for code, name in enumerate(NAMES)}
@@ -139,3 +142,53 @@ def grad_preactivation(dy, g, ACT: tl.constexpr, GRAD_FROM: tl.constexpr, NEGATI
             return dy * g * (1.0 - g)
     else:
         return dy
+
+
+@triton.jit
+def epilogue(acc, rm, rn, M, N, b_ptr, stride_b, y_ptr, g_ptr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
+             HAS_BIAS: tl.constexpr, SAVE_DERIVATIVE: tl.constexpr, ROW_ALIGN: tl.constexpr):
+    """Add the bias to an accumulator tile of z (rows rm, columns rn), store act(z) into y (M, N)
+    contiguous, and act'(z) into g when SAVE_DERIVATIVE; each rounded once, at its store."""
+    m_ok = rm < M
+    n_ok = rn < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn.to(tl.int64) * stride_b, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
+    out = tl.multiple_of(rm.to(tl.int64) * N, ROW_ALIGN)[:, None] + rn[None, :]  # [BM, BN]
+    mask = m_ok[:, None] & n_ok[None, :]
+    tl.store(y_ptr + out, forward(acc, ACT, NEGATIVE_SLOPE).to(y_ptr.dtype.element_ty), mask=mask)
+    if SAVE_DERIVATIVE:
+        tl.store(g_ptr + out, derivative(acc, ACT, NEGATIVE_SLOPE).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_dz(dy_ptrs, g_ptrs, mask, ACC_DTYPE: tl.constexpr, out_dtype: tl.constexpr,
+            ACT: tl.constexpr, GRAD_FROM: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
+    """A tile of dz = dy * act'(z) in out_dtype, formed in registers from dy and the saved tensor g."""
+    dy = tl.load(dy_ptrs, mask=mask, other=0.0)
+    if GRAD_FROM == GRAD_IS_DY:
+        return dy.to(out_dtype)
+    else:
+        g = tl.load(g_ptrs, mask=mask, other=0.0)
+        return grad_preactivation(dy.to(ACC_DTYPE), g.to(ACC_DTYPE), ACT, GRAD_FROM, NEGATIVE_SLOPE).to(out_dtype)
+
+
+@triton.jit
+def bias_gradient(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, rn, M, N,
+                  DY_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, GRAD_FROM: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """db for columns rn: the column sums of dz over all M rows, BLOCK_M rows at a time in a fixed order
+    (deterministic). dy is described as runtime.Rows; g (M, N) is contiguous."""
+    rm = tl.arange(0, BLOCK_M)  # [BM]
+    n_ok = rn < N
+    rn64 = rn.to(tl.int64)
+    db = tl.zeros(rn.shape, dtype=ACC_DTYPE)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + rm
+        dy_rows = tl.multiple_of(
+            row_offsets(rows, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS), ROW_ALIGN)
+        g_rows = tl.multiple_of(rows.to(tl.int64) * N, ROW_ALIGN)
+        dz = load_dz(dy_ptr + dy_rows[:, None] + rn64[None, :] * stride_dyn, g_ptr + g_rows[:, None] + rn64[None, :],
+                     (rows < M)[:, None] & n_ok[None, :], ACC_DTYPE, ACC_DTYPE, ACT, GRAD_FROM, NEGATIVE_SLOPE)
+        db += tl.sum(dz, axis=0)
+    return db

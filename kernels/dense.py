@@ -80,28 +80,8 @@ def dense_forward_kernel(
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn.to(tl.int64) * stride_b, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
-    out = tl.multiple_of(rm.to(tl.int64) * N, ROW_ALIGN)[:, None] + rn[None, :]  # [BM, BN]
-    mask = m_ok[:, None] & n_ok[None, :]
-    y = activations.forward(acc, ACT, NEGATIVE_SLOPE)
-    tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
-    if SAVE_DERIVATIVE:
-        g = activations.derivative(acc, ACT, NEGATIVE_SLOPE)
-        tl.store(g_ptr + out, g.to(g_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _load_dz(dy_ptrs, g_ptrs, mask, ACC_DTYPE: tl.constexpr, out_dtype: tl.constexpr,
-             ACT: tl.constexpr, GRAD_FROM: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
-    """A tile of dz = dy * act'(z) in out_dtype, formed in registers from dy and the saved tensor."""
-    dy = tl.load(dy_ptrs, mask=mask, other=0.0)
-    if GRAD_FROM == activations.GRAD_IS_DY:
-        return dy.to(out_dtype)
-    else:
-        g = tl.load(g_ptrs, mask=mask, other=0.0)
-        dz = activations.grad_preactivation(dy.to(ACC_DTYPE), g.to(ACC_DTYPE), ACT, GRAD_FROM, NEGATIVE_SLOPE)
-        return dz.to(out_dtype)
+    activations.epilogue(acc, rm, rn, M, N, b_ptr, stride_b, y_ptr, g_ptr, ACT, NEGATIVE_SLOPE, HAS_BIAS,
+                         SAVE_DERIVATIVE, ROW_ALIGN)
 
 
 @triton.autotune(
@@ -146,12 +126,12 @@ def dense_grad_input_kernel(
         g_ptrs = g_base + nn[None, :]  # [BM, BN]
         w_ptrs = w_base + tl.multiple_of(nn * stride_wn, ROW_ALIGN)[:, None]  # [BN, BK]
         if EVEN_N:
-            dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None], ACC_DTYPE, DOT_DTYPE,
+            dz = activations.load_dz(dy_ptrs, g_ptrs, m_ok[:, None], ACC_DTYPE, DOT_DTYPE,
                           ACT, GRAD_FROM, NEGATIVE_SLOPE)
             w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
         else:
             n_ok = nn < N
-            dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, DOT_DTYPE,
+            dz = activations.load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, DOT_DTYPE,
                           ACT, GRAD_FROM, NEGATIVE_SLOPE)
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(dz, w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -200,7 +180,7 @@ def dense_grad_weight_kernel(
         g_ptrs = g_ptr + g_rows[:, None] + rn[None, :]  # [BM, BN]
         # dz in the operand dtype, as torch's backward has it: without an activation the dy tile goes to
         # the MMA as loaded (the H100 timing showed an fp32 round trip here costing more than the GEMM).
-        dz = _load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, DOT_DTYPE,
+        dz = activations.load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, DOT_DTYPE,
                       ACT, GRAD_FROM, NEGATIVE_SLOPE)  # [BM, BN]
         x_rows = tl.multiple_of(
             row_offsets(rows, x_inner, stride_x_outer, stride_x_inner, X_TWO_ROW_DIMS), ROW_ALIGN)
@@ -222,23 +202,13 @@ def dense_grad_bias_kernel(
     ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, GRAD_FROM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # db = column sums of dz, one program per BLOCK_N columns, rows in a fixed order (deterministic).
+    # db = column sums of dz, one program per BLOCK_N columns.
     # A pass of its own: summed inside the dW GEMM, the dz tile had to live in registers and the H100
     # timing showed the GEMM 2.3x slower; this pass reads dy (and the saved tensor) once more instead.
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    rm = tl.arange(0, BLOCK_M)  # [BM]
-    n_ok = rn < N
-    rn64 = rn.to(tl.int64)
-    db = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    for m0 in range(0, M, BLOCK_M):
-        rows = m0 + rm
-        dy_rows = tl.multiple_of(
-            row_offsets(rows, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS), ROW_ALIGN)
-        g_rows = tl.multiple_of(rows.to(tl.int64) * N, ROW_ALIGN)
-        dz = _load_dz(dy_ptr + dy_rows[:, None] + rn64[None, :] * stride_dyn, g_ptr + g_rows[:, None] + rn[None, :],
-                      (rows < M)[:, None] & n_ok[None, :], ACC_DTYPE, ACC_DTYPE, ACT, GRAD_FROM, NEGATIVE_SLOPE)
-        db += tl.sum(dz, axis=0)
-    tl.store(db_ptr + rn, db.to(db_ptr.dtype.element_ty), mask=n_ok)
+    db = activations.bias_gradient(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, rn, M, N,
+                                   DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE, ACT, NEGATIVE_SLOPE, GRAD_FROM, BLOCK_M)
+    tl.store(db_ptr + rn, db.to(db_ptr.dtype.element_ty), mask=rn < N)
 
 
 def _grid(rows: int, cols: int, rows_block: str, cols_block: str):

@@ -20,18 +20,33 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on
 AUTOTUNE = os.environ.get("GPUNN_AUTOTUNE", "1") != "0"
 
 _launches: collections.Counter = collections.Counter()
+_visited_blocks: collections.Counter = collections.Counter()
+_dense_blocks: collections.Counter = collections.Counter()
 
 
-def launch(kernel_name: str, device: torch.device):
+def launch(kernel_name: str, device: torch.device, blocks: tuple[int, int] | None = None):
     """Context for one kernel launch: counts it (see launch_counts()) and makes `device` the current CUDA
-    device, since Triton launches on the current device, not on the tensors' one."""
+    device, since Triton launches on the current device, not on the tensors' one.
+
+    blocks: for a block-sparse launch, (weight blocks it visits, weight blocks the dense layer of the
+    same shape would visit), added to block_counts().
+    """
     _launches[kernel_name] += 1
+    if blocks is not None:
+        _visited_blocks[kernel_name] += blocks[0]
+        _dense_blocks[kernel_name] += blocks[1]
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def launch_counts() -> dict[str, int]:
     """How many times each Triton kernel has been launched in this process."""
     return dict(_launches)
+
+
+def block_counts() -> dict[str, tuple[int, int]]:
+    """Per block-sparse kernel, the weight blocks its launches visited and the weight blocks the dense
+    layer would have visited in the same launches, summed over this process: (visited, dense)."""
+    return {name: (_visited_blocks[name], _dense_blocks[name]) for name in _dense_blocks}
 
 
 _poison = False

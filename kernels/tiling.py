@@ -34,6 +34,19 @@ INTERPRETER_TILE = (64, 64, 64, 1, 4)
 # Column sums (rows, cols, -, -, warps): narrow columns give N / 32 programs to stream the rows.
 BIAS_TILE = (64, 64, 0, 1, 4) if INTERPRET else (128, 32, 0, 1, 4)
 
+# Block-sparse kernels take their weight block (BLOCK_N x BLOCK_K) from the layout and tune only the batch
+# tile: (batch rows, stages, warps). Their reduction loops are short (a band mask lists 2-4 blocks per
+# row), so deep pipelines buy little.
+GPU_BATCH_TILES = (
+    (128, 3, 8),
+    (128, 3, 4),
+    (64, 3, 4),
+    (256, 3, 8),
+    (32, 3, 4),
+    (16, 3, 4),
+)
+INTERPRETER_BATCH_TILE = (64, 1, 4)
+
 SHARED_MEMORY_BUDGET = 200 * 1024  # bytes per program; H100 allows 227 KB, leave room for the epilogue
 GROUP_SIZE = 8  # output tile rows per band in grouped order (keeps a band of operand tiles in L2)
 
@@ -45,6 +58,12 @@ def configs(rows: str, cols: str, reduction: str) -> list[triton.Config]:
         triton.Config({rows: r, cols: c, reduction: k}, num_stages=s, num_warps=w)
         for r, c, k, s, w in tiles
     ]
+
+
+def batch_configs(name: str) -> list[triton.Config]:
+    """Every batch tile of this machine's table as configs of the one block size `name`."""
+    tiles = [INTERPRETER_BATCH_TILE] if INTERPRET else GPU_BATCH_TILES
+    return [triton.Config({name: m}, num_stages=s, num_warps=w) for m, s, w in tiles]
 
 
 def accumulator_budget(element: int, exact_fp32: bool, saves_derivative: bool, row_align: int) -> int:
@@ -71,7 +90,8 @@ def accumulator_budget(element: int, exact_fp32: bool, saves_derivative: bool, r
 def pruner(rows: str, cols: str, reduction: str, rows_extent: str, element_of: str, streamed_a_tiles):
     """An early_config_prune hook keeping the configs that suit one call.
 
-    rows_extent names the argument that bounds the output rows (a bucketed batch, or N); element_of
+    A block size that is not in the configs (a block-sparse kernel's weight block) is read from the
+    kernel's arguments. rows_extent names the argument that bounds the output rows (a bucketed batch, or N); element_of
     names a tensor argument whose dtype is the operand dtype; streamed_a_tiles(args) says how many
     (rows x reduction) tiles each pipeline stage holds (2 where backward forms dz from dy and a saved
     tensor, in registers). The kernel passes ROW_ALIGN (and the forward SAVE_DERIVATIVE) as keywords.
@@ -88,7 +108,7 @@ def pruner(rows: str, cols: str, reduction: str, rows_extent: str, element_of: s
             budget = min(budget, 64)  # dz formed in registers beside the accumulator (report: 128 spilled)
         kept = []
         for config in all_configs:
-            r, c, k = (config.kwargs[name] for name in (rows, cols, reduction))
+            r, c, k = (config.kwargs.get(name, args.get(name)) for name in (rows, cols, reduction))
             threads = 32 * config.num_warps
             if config.num_stages * (a_tiles * r * k + k * c) * element > SHARED_MEMORY_BUDGET:
                 continue

@@ -1,0 +1,133 @@
+"""Block-sparse layouts of a connectivity mask: which weight blocks the masked kernels visit.
+
+A mask (N, K) (True where output n reads input k) is cut into blocks of BLOCK_N x BLOCK_K. A block with
+no connection is never visited. A block whose every in-range position is connected is *full*: kernels
+load it as a dense tile. Any other listed block is *partial*: kernels load its weights under the mask,
+so a masked-out weight is never read (NaN or Inf there changes nothing). The lists are built once per
+mask and device, on the device, with one host sync to size the grids, and cached (`layout_for`).
+"""
+from __future__ import annotations
+
+import collections
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+# Weight blocks (BLOCK_N, BLOCK_K) by operand size in bytes. Small blocks waste less work on a sparse
+# mask's partial blocks; 64 rows are the least that keep Hopper's warpgroup MMA busy. 4- and 8-byte
+# operands take a shorter reduction chunk, as the dense pruner does (fp64 and IEEE fp32 do not use it).
+DEFAULT_BLOCKS = {2: (64, 64), 4: (64, 32), 8: (64, 32)}
+_EMPTY, _PARTIAL, _FULL = 2, 1, 0  # sort keys: full blocks first, then partial, then empty
+
+
+@dataclass(frozen=True, eq=False)
+class BlockLayout:
+    """The blocks of a mask (N, K) that hold a connection, in the three orders the kernels walk them.
+
+    Per output block row r (forward): row_index[r, :row_count[r]] are the listed block columns, the
+    first row_full[r] of them full. Per input block column c (input gradient): col_index[c, :col_count[c]]
+    the listed block rows, full first. block_order lists every block id (r * KB + c): the full_blocks
+    full ones, then the partial_blocks partial ones, then the empty ones (weight gradient).
+    All index tensors are int32 on the mask's device; `mask` is the mask as uint8, read for partial blocks only.
+    """
+
+    shape: tuple[int, int]
+    block: tuple[int, int]
+    mask: torch.Tensor  # (N, K) uint8, contiguous
+    row_count: torch.Tensor  # (NB,)
+    row_full: torch.Tensor  # (NB,)
+    row_index: torch.Tensor  # (NB, KB)
+    col_count: torch.Tensor  # (KB,)
+    col_full: torch.Tensor  # (KB,)
+    col_index: torch.Tensor  # (KB, NB)
+    block_order: torch.Tensor  # (NB * KB,)
+    full_blocks: int
+    partial_blocks: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(NB, KB): block rows and block columns."""
+        return tuple(-(-size // block) for size, block in zip(self.shape, self.block))
+
+    @property
+    def visited_blocks(self) -> int:
+        """Weight blocks holding at least one connection: the blocks each kernel visits."""
+        return self.full_blocks + self.partial_blocks
+
+    @property
+    def dense_blocks(self) -> int:
+        """Weight blocks the dense layer of the same shape visits at this block size."""
+        rows, cols = self.grid
+        return rows * cols
+
+    @property
+    def device(self) -> torch.device:
+        return self.mask.device
+
+    def __repr__(self) -> str:
+        return (f"BlockLayout(shape={self.shape}, block={self.block}, full={self.full_blocks}, "
+                f"partial={self.partial_blocks}, dense={self.dense_blocks})")
+
+
+def check_block(block: tuple[int, int]) -> tuple[int, int]:
+    """Validate a (BLOCK_N, BLOCK_K) pair: powers of two of at least 16 (tl.dot's smallest tile)."""
+    block = tuple(block)
+    if len(block) != 2 or not all(isinstance(b, int) and b >= 16 and b & (b - 1) == 0 for b in block):
+        raise ValueError(f"block must be a pair of powers of two >= 16, got {block}")
+    return block
+
+
+def build(mask: torch.Tensor, block: tuple[int, int]) -> BlockLayout:
+    """The BlockLayout of a bool mask (N, K) at blocks of `block` (BLOCK_N, BLOCK_K), on the mask's device."""
+    block_n, block_k = check_block(block)
+    n, k = mask.shape
+    rows, cols = -(-n // block_n), -(-k // block_k)
+    padded = torch.zeros(rows * block_n, cols * block_k, dtype=torch.uint8, device=mask.device)
+    padded[:n, :k] = mask
+    connections = padded.view(rows, block_n, cols, block_k).sum(dim=(1, 3), dtype=torch.int32)  # (NB, KB)
+    rows_in = (n - torch.arange(rows, device=mask.device) * block_n).clamp(max=block_n)
+    cols_in = (k - torch.arange(cols, device=mask.device) * block_k).clamp(max=block_k)
+    key = torch.full_like(connections, _PARTIAL)
+    key[connections == rows_in[:, None] * cols_in[None, :]] = _FULL  # every in-range position connected
+    key[connections == 0] = _EMPTY
+
+    def lists(keys: torch.Tensor):
+        # Stable sort by key: full, partial, empty; ascending block index within each kind.
+        index = torch.sort(keys, dim=1, stable=True).indices.to(torch.int32)
+        return (keys != _EMPTY).sum(1, dtype=torch.int32), (keys == _FULL).sum(1, dtype=torch.int32), index
+
+    row_count, row_full, row_index = lists(key)
+    col_count, col_full, col_index = lists(key.t())
+    flat = key.reshape(-1)
+    full, partial = (int(v) for v in torch.stack([(flat == _FULL).sum(), (flat == _PARTIAL).sum()]).tolist())
+    return BlockLayout(
+        shape=(n, k), block=(block_n, block_k), mask=mask.to(torch.uint8).contiguous(),
+        row_count=row_count, row_full=row_full, row_index=row_index.contiguous(),
+        col_count=col_count, col_full=col_full, col_index=col_index.contiguous(),
+        block_order=torch.sort(flat, stable=True).indices.to(torch.int32),
+        full_blocks=full, partial_blocks=partial,
+    )
+
+
+_CACHE_SIZE = 64
+# key -> (weak reference to the mask, the mask's version when built, layout)
+_cache: collections.OrderedDict = collections.OrderedDict()
+
+
+def layout_for(mask: torch.Tensor, block: tuple[int, int]) -> BlockLayout:
+    """The layout of `mask` at `block`, built on first use and cached per mask tensor, device and block.
+
+    An in-place change to the mask (load_state_dict, mask[...] = ...) bumps its version and rebuilds
+    the layout on the next call; a mask that has been freed never matches a new one at the same address.
+    """
+    key = (id(mask), mask.data_ptr(), mask.device, tuple(block))
+    hit = _cache.get(key)
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+        _cache.move_to_end(key)
+        return hit[2]
+    layout = build(mask, block)
+    _cache[key] = (weakref.ref(mask), mask._version, layout)
+    if len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+    return layout
