@@ -11,13 +11,14 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Linear": ("gpunn.modules", "Linear"),
+    "MaskedLinear": ("gpunn.modules", "MaskedLinear"),
     "functional": ("gpunn.functional", None),
     "kernels": ("gpunn.kernels", None),
     "masks": ("gpunn.masks", None),
     "modules": ("gpunn.modules", None),
 }
 
-__all__ = ["Linear", "functional", "kernels", "masks", "modules", "__version__"]
+__all__ = ["Linear", "MaskedLinear", "functional", "kernels", "masks", "modules", "__version__"]
 
 
 def __getattr__(name: str):

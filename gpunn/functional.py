@@ -39,6 +39,12 @@ def check_activation(activation, negative_slope) -> None:
         raise TypeError(f"negative_slope must be a real number, got {type(negative_slope).__name__}")
 
 
+def activation_repr(activation, negative_slope) -> str:
+    """The modules' extra_repr suffix for a fused activation ("" for none)."""
+    text = f", activation={activation!r}" if activation is not None else ""
+    return text + (f", negative_slope={negative_slope}" if activation == "leaky_relu" else "")
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpunn.kernels import launch_counts
 
@@ -70,3 +72,42 @@ def count_launches():
     yield delta
     after = launch_counts()
     delta.update({name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)})
+
+
+class TorchOpSpy(TorchDispatchMode):
+    """Records every aten op that runs, to show no torch matmul (or activation) stands behind the Triton path."""
+
+    MATMULS = {"aten.mm", "aten.addmm", "aten.bmm", "aten.matmul", "aten.linear", "aten.baddbmm", "aten.dot",
+               "aten.mv", "aten.gelu", "aten.gelu_backward", "aten._sparse_mm", "aten.masked_fill"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+    def matmuls(self) -> list[str]:
+        return sorted(self.MATMULS & set(self.ops))
+
+
+@contextlib.contextmanager
+def count_dot_work():
+    """Under Triton's interpreter: yields a list that, after the block, holds the multiply-adds every
+    tl.dot executed inside it did (sum of BM * BK * BN over the calls), measured where the interpreter
+    multiplies rather than predicted from a layout."""
+    from triton.runtime import interpreter
+
+    work = [0]
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def counting_dot(self, a, b, d, *args, **kwargs):
+        work[0] += int(np.prod(a.data.shape)) * b.data.shape[-1]
+        return original(self, a, b, d, *args, **kwargs)
+
+    interpreter.InterpreterBuilder.create_dot = counting_dot
+    try:
+        yield work
+    finally:
+        interpreter.InterpreterBuilder.create_dot = original

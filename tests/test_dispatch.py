@@ -33,6 +33,16 @@ def test_cpu_without_interpreter_uses_plain_torch():
         expected = torch.nn.functional.gelu(ref(x.detach()))
         assert torch.allclose(out, expected), (out - expected).abs().max()
         assert layer.weight.grad is not None
+        mask = gpunn.masks.local_1d(9, 4, 3)
+        masked = gpunn.MaskedLinear(9, 4, mask, activation="tanh")
+        with torch.no_grad():
+            masked.weight[~mask] = float("nan")
+        out = masked(x)
+        out.sum().backward()
+        expected = torch.tanh(torch.nn.functional.linear(x.detach(), masked.weight.detach().masked_fill(~mask, 0),
+                                                         masked.bias.detach()))
+        assert torch.allclose(out, expected), (out - expected).abs().max()
+        assert (masked.weight.grad[~mask] == 0).all()
         assert launch_counts() == {}, launch_counts()
         print("plain torch ok")
     """)

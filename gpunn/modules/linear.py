@@ -34,9 +34,4 @@ class Linear(torch.nn.Linear):
         return functional.linear(input, self.weight, self.bias, self.activation, self.negative_slope)
 
     def extra_repr(self) -> str:
-        text = super().extra_repr()
-        if self.activation is not None:
-            text += f", activation={self.activation!r}"
-        if self.activation == "leaky_relu":
-            text += f", negative_slope={self.negative_slope}"
-        return text
+        return super().extra_repr() + functional.activation_repr(self.activation, self.negative_slope)
