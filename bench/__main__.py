@@ -11,24 +11,28 @@ import os
 import sys
 from pathlib import Path
 
-OPS = ("dense",)
+OPS = ("dense", "masked")
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "tanh", "sigmoid", "silu")
 DTYPE_CHOICES = ("bf16", "fp16", "fp32", "all")
 
 DESCRIPTION = """\
-Benchmark gpunn's fused dense layer (gpunn.functional.linear: matmul + bias + activation in one Triton
-kernel) against torch eager (F.linear through cuBLAS, then the activation) and torch.compile of that same
-eager function, all in this process. Ceilings are measured first (a bf16 matmul for TFLOP/s, a device copy
-for GB/s); each result reports time (median of triton.testing.do_bench, with p20/p80), TFLOP/s, GB/s,
-fractions of the ceilings, peak memory (CUDA) and its speedup over torch eager. Every result is checked against
-a float64 reference (relative norm error; tolerance bf16 1e-2, fp16 3e-3, fp32 1e-3); a result that fails
+Benchmark gpunn's fused dense layer (op dense: gpunn.functional.linear, matmul + bias + activation in one
+Triton kernel) and its masked block-sparse form (op masked: gpunn.functional.masked_linear) against torch
+eager (F.linear through cuBLAS, on the masked weight for masked, then the activation), torch.compile of
+that same eager function and, for masked forward on CUDA, torch's BSR sparse path, all in this process.
+Ceilings are measured first (a bf16 matmul for TFLOP/s, a device copy for GB/s); each result reports time
+(median of triton.testing.do_bench, with p20/p80), TFLOP/s, GB/s, fractions of the ceilings, peak memory
+(CUDA) and its speedup over torch eager; masked results also report the cost per visited block against
+the dense gpunn layer (bench/masked.py). Every result is checked against a float64 reference (relative norm error; tolerance bf16 1e-2, fp16 3e-3, fp32 1e-3); a result that fails
 gets no speedup. fp32 matmuls run with TF32 in every provider.
 
 Presets (shapes are MxNxK: x is MxK, the weight NxK):
   --quick   forward 4096^3 and 8192^3, forward 16x4096x4096 and 64x4096x4096 (weight-read bound),
             backward and forward+backward 4096^3. A few minutes on one H100.
+            masked: a band of nine (gpunn.masks.local_1d) at 4096 features, batch 4096, all modes.
   default   the quick shapes plus 1024^3, 2048^3, 256x4096x4096, Llama-8B MLP shapes
             (8192x14336x4096, 8192x4096x14336) forward, and 2048^3, 8192^3 and the MLP shapes backward.
+            masked: also batch 16, a 3x3 neighbourhood on a 64x64 image, 1% random connections, 8192^3.
   --smoke   tiny shapes, to check the harness, accuracy checks and outputs, not performance. Without
             CUDA (or with TRITON_INTERPRET=1 set) it runs on the CPU through Triton's interpreter,
             without torch.compile (its CPU compile is slow), and only --smoke runs there.
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from . import dense, harness  # imports triton: after choose_device
+    from . import dense, harness, masked  # imports triton: after choose_device
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,11 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         providers = [p for p in providers if not p.startswith("torch.compile")]
         notes.append("torch.compile skipped on the CPU smoke run (inductor's CPU compile takes ~30 s per case).")
     notes.append("fp32 matmuls use TF32 in every provider (torch.set_float32_matmul_precision('high')).")
-    notes += dense.NOTES
+    notes += dense.NOTES * ("dense" in args.only) + masked.NOTES * ("masked" in args.only)
+    # torch's BSR path (masked forward): CUDA only, its CPU product has no 16-bit kernels.
+    masked_providers = providers[:-1] + [masked.SPARSE_PROVIDER] * (device.type == "cuda") + providers[-1:]
 
     log(f"gpunn bench: {info.gpu}; torch {info.torch}; triton {info.triton}; git {info.git_sha}; {info.date}")
     log(f"preset {args.preset}; ops {','.join(args.only)}; dtypes {','.join(args.dtypes)}; activations "
-        f"{','.join(a or 'none' for a in args.activations)}; providers {','.join(providers)}")
+        f"{','.join(a or 'none' for a in args.activations)}; providers {','.join(masked_providers if 'masked' in args.only else providers)}")
     for note in notes:
         log(f"note: {note}")
 
@@ -145,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             f"copy {ceilings.copy_bytes / 2**20:.0f} MiB: {ceilings.copy_gbps:.0f} GB/s (read + write)")
 
         records, errors = [], []
-        if "dense" in args.only:
-            cases = dense.cases(args.preset, args.dtypes, args.activations)
-            progress = harness.Progress(dense.steps(cases, providers), log)
-            new, new_errors = dense.run(cases, providers, device, ceilings, log, progress)
+        runs = [(op, module, module.cases(args.preset, args.dtypes, args.activations), op_providers)
+                for op, module, op_providers in (("dense", dense, providers), ("masked", masked, masked_providers))
+                if op in args.only]
+        progress = harness.Progress(sum(module.steps(cases, ps) for _, module, cases, ps in runs), log)
+        for _, module, cases, op_providers in runs:
+            new, new_errors = module.run(cases, op_providers, device, ceilings, log, progress)
             records += new
             errors += new_errors
     finally:
@@ -165,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     harness.write_csv(records, info, out_dir / "bench.csv")
     (out_dir / "bench.md").write_text(harness.markdown(records, info, ceilings, notes))
     log("")
-    log(harness.summary(records, providers))
-    for path in harness.plot(records, info, ceilings, providers, out_dir, log):
+    log(harness.summary(records, masked_providers))
+    for path in harness.plot(records, info, ceilings, masked_providers, out_dir, log):
         log(f"wrote {path}")
     for problem in failures:
         log(f"ACCURACY FAIL {problem}")

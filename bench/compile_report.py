@@ -87,11 +87,13 @@ class Variant:
 @dataclass(frozen=True)
 class Case:
     """A kernel (an attribute of `module`) and how to launch it: launch(dtype, m, n, k, **variant.kwargs)
-    calls the kernel's public launcher once, on meta tensors."""
+    calls the kernel's public launcher once, on meta tensors. tile names the kernel's block sizes as
+    (MMA rows, MMA columns, reduction) when not every one of them is tuned (default: the config's)."""
     module: str
     kernel: str
     launch: Callable
     variants: tuple[Variant, ...] = ()
+    tile: tuple[str, ...] = ()
 
 
 def _meta(shape, dtype):
@@ -127,6 +129,42 @@ def _launch_dense_grad_weight(dtype, m, n, k, activation, weight_grad, bias_grad
                       NEGATIVE_SLOPE, bias_grad)
 
 
+def _band_layout(dtype, n, k):
+    """The block layout of a band of nine (the masked benchmark's mask), its tensors moved to "meta"."""
+    import dataclasses
+
+    import torch
+
+    from gpunn import masks
+    layout = masks.block_layout(masks.local_1d(k, n, 9), dtype)
+    return dataclasses.replace(layout, **{field.name: getattr(layout, field.name).to("meta")
+                                          for field in dataclasses.fields(layout)
+                                          if isinstance(getattr(layout, field.name), torch.Tensor)})
+
+
+def _launch_masked_forward(dtype, m, n, k, activation, bias, save_derivative):
+    from gpunn.kernels import masked, runtime
+    x, w = _meta((m, k), dtype), _meta((n, k), dtype)
+    b = _meta((n,), dtype) if bias else None
+    masked.forward(runtime.Rows.of(x), w, b, activation, NEGATIVE_SLOPE, save_derivative,
+                   layout=_band_layout(dtype, n, k))
+
+
+def _launch_masked_grad_input(dtype, m, n, k, activation):
+    from gpunn.kernels import masked, runtime
+    dy, w = _meta((m, n), dtype), _meta((n, k), dtype)
+    masked.grad_input(runtime.Rows.of(dy), _saved(dtype, m, n, activation), w, activation, NEGATIVE_SLOPE,
+                      layout=_band_layout(dtype, n, k))
+
+
+def _launch_masked_grad_weight(dtype, m, n, k, activation, bias_grad):
+    # One launch: dW blocks and, when bias_grad, the db programs.
+    from gpunn.kernels import masked, runtime
+    dy, x = runtime.Rows.of(_meta((m, n), dtype)), runtime.Rows.of(_meta((m, k), dtype))
+    masked.grad_weight(dy, _saved(dtype, m, n, activation), x, (n, k), activation, NEGATIVE_SLOPE, bias_grad,
+                       layout=_band_layout(dtype, n, k))
+
+
 CASES = (
     Case("gpunn.kernels.dense", "dense_forward_kernel", _launch_dense_forward, (
         Variant("relu+bias", dict(activation="relu", bias=True, save_derivative=False)),
@@ -143,6 +181,19 @@ CASES = (
     Case("gpunn.kernels.dense", "dense_grad_bias_kernel", _launch_dense_grad_weight, (
         Variant("relu", dict(activation="relu", weight_grad=False, bias_grad=True), matmul=False),
     )),
+    # Block-sparse: the weight block comes from the layout; only the batch tile (BLOCK_M) is tuned.
+    Case("gpunn.kernels.masked", "masked_forward_kernel", _launch_masked_forward, (
+        Variant("relu+bias", dict(activation="relu", bias=True, save_derivative=False)),
+        Variant("gelu+bias+save", dict(activation="gelu", bias=True, save_derivative=True)),
+    ), tile=("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    Case("gpunn.kernels.masked", "masked_grad_input_kernel", _launch_masked_grad_input, (
+        Variant("none", dict(activation=None)),
+        Variant("gelu", dict(activation="gelu")),
+    ), tile=("BLOCK_M", "BLOCK_K", "BLOCK_N")),
+    Case("gpunn.kernels.masked", "masked_grad_weight_kernel", _launch_masked_grad_weight, (
+        Variant("relu+db", dict(activation="relu", bias_grad=True)),
+        Variant("none", dict(activation=None, bias_grad=False)),
+    ), tile=("BLOCK_N", "BLOCK_K", "BLOCK_M")),
 )
 
 
@@ -254,11 +305,11 @@ def _specs(case: Case, variant: Variant, mode: str, size: str) -> list[Spec]:
         for wrapper in heuristics:  # as Heuristics.run: each sees the args and the config
             for name, rule in wrapper.values.items():
                 meta[name] = rule({**named, **meta})
-        specs.append(_specialize(fn, {**named, **meta}, config))
+        specs.append(_specialize(fn, {**named, **meta}, config, case.tile or tuple(config.kwargs)))
     return specs
 
 
-def _specialize(fn, values: dict, config) -> Spec:
+def _specialize(fn, values: dict, config, blocks: tuple[str, ...]) -> Spec:
     """Signature, constexprs and divisibility attrs as triton.runtime.jit derives them at launch."""
     from triton.runtime.jit import mangle_type  # "*bf16", "i32", "fp32"... (same API in Triton 3.6-3.9)
     signature, constexprs, attrs = {}, {}, {}
@@ -279,9 +330,7 @@ def _specialize(fn, values: dict, config) -> Spec:
         options["num_ctas"] = config.num_ctas
     if getattr(config, "maxnreg", None) is not None:
         options["maxnreg"] = config.maxnreg
-    blocks = list(config.kwargs)
-    return Spec(fn, signature, constexprs, attrs, options,
-                "x".join(str(config.kwargs[b]) for b in blocks), "x".join(blocks))
+    return Spec(fn, signature, constexprs, attrs, options, "x".join(str(values[b]) for b in blocks), "x".join(blocks))
 
 
 @dataclass(frozen=True)

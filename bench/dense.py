@@ -111,6 +111,24 @@ class Case:
         """Whether the weight is at least half the forward's traffic (N K >= M K + M N, up to the bias)."""
         return 2 * self.weight_bytes() >= self.bytes("fwd")
 
+    # The interface run() drives; bench/masked.py's cases override it.
+
+    def modes_for(self, provider: str) -> tuple[str, ...]:
+        """The modes `provider` runs for this case (every provider runs every mode here)."""
+        return self.modes
+
+    def make_provider(self, name: str, device: torch.device):
+        """The callable f(x, w, b) provider `name` benchmarks."""
+        return make_provider(name, self.activation)
+
+    def inputs(self, device: torch.device, seed: int):
+        """(x, w, b, dy) on device; x, w and b need gradients for bwd and fwd+bwd."""
+        return _inputs(self, device, seed)
+
+    def reference(self, x, w, b, dy) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Each mode's outputs in float64 from float64 copies of the inputs."""
+        return _reference(self, eager(self.activation), x, w, b, dy)
+
 
 def cases(preset: str, dtypes: list[str], activations: list[str | None]) -> list[Case]:
     """Every case of a preset, ordered by dtype, then forward before gradient shapes, then activation."""
@@ -124,7 +142,7 @@ def cases(preset: str, dtypes: list[str], activations: list[str | None]) -> list
 
 def steps(all_cases: list[Case], providers: list[str]) -> int:
     """How many (case, mode, provider) timings a run makes: the progress counter's total."""
-    return sum(len(case.modes) for case in all_cases) * len(providers)
+    return sum(len(case.modes_for(provider)) for case in all_cases for provider in providers)
 
 
 def eager(activation: str | None):
@@ -165,18 +183,19 @@ def _inputs(case: Case, device: torch.device, seed: int):
     return x, w, b, dy
 
 
-def _reference(case: Case, x, w, b, dy) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Each mode's outputs in float64 from float64 copies of the same inputs (on the same device)."""
+def _reference(case: Case, function, x, w, b, dy) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Each mode's outputs of function(x, w, b) in float64 from float64 copies of the same inputs (on the
+    same device)."""
     xd, wd, bd = (t.detach().to(torch.float64).requires_grad_(case.grad) for t in (x, w, b))
     with torch.enable_grad():
-        y = eager(case.activation)(xd, wd, bd)
+        y = function(xd, wd, bd)
     if not case.grad:
         return {"fwd": (y,)}
     grads = torch.autograd.grad(y, (xd, wd, bd), dy.to(torch.float64))
     return {"bwd": grads, "fwd+bwd": (y.detach(), *grads)}
 
 
-def _callables(mode: str, f, x, w, b, dy):
+def callables(mode: str, f, x, w, b, dy):
     """(run, check) for one mode: run is what gets timed, check returns the outputs compared for accuracy."""
     inputs = (x, w, b)
     if mode == "fwd":
@@ -200,7 +219,7 @@ def _callables(mode: str, f, x, w, b, dy):
     return run_step, check_step
 
 
-def _measure(case: Case, mode: str, provider: str, run, check, ref, device, ceilings: harness.Ceilings,
+def measure(case: Case, mode: str, provider: str, run, check, ref, device, ceilings: harness.Ceilings,
              warmup_calls: int) -> tuple[list[Record], str]:
     """Warm up, check accuracy, measure peak memory, time; the records and a one-line progress label."""
     start = time.perf_counter()
@@ -240,15 +259,17 @@ def run(all_cases: list[Case], providers: list[str], device: torch.device, ceili
     errors: list[str] = []
     warmup_calls = 3 if device.type == "cuda" else 1
     for index, case in enumerate(all_cases):
-        x, w, b, dy = _inputs(case, device, seed=index)
-        ref = _reference(case, x, w, b, dy)
+        x, w, b, dy = case.inputs(device, seed=index)
+        ref = case.reference(x, w, b, dy)
         for provider in providers:
             f = None
             try:
-                f = make_provider(provider, case.activation)
-                for mode in case.modes:
-                    run_fn, check = _callables(mode, f, x, w, b, dy)
-                    new, label = _measure(case, mode, provider, run_fn, check, ref[mode], device, ceilings,
+                if not case.modes_for(provider):
+                    continue
+                f = case.make_provider(provider, device)
+                for mode in case.modes_for(provider):
+                    run_fn, check = callables(mode, f, x, w, b, dy)
+                    new, label = measure(case, mode, provider, run_fn, check, ref[mode], device, ceilings,
                                           warmup_calls)
                     del run_fn, check  # the bwd graph dies here
                     records += new

@@ -384,6 +384,15 @@ def markdown(records: list[Record], info: RunInfo, ceilings: Ceilings, notes: li
                 f"| {speedup} | {_cell(m, 'rel_err', spec='.2e')} "
                 f"| {'ok' if accuracy_ok(m, dtype) else 'FAIL'} | {_cell(m, 'peak_mem_mib', spec='.0f')} |")
         lines.append("")
+        sparse = [(key, m) for key, m in group.items() if "dense_layer_ms" in m]
+        if sparse:
+            lines += ["Cost per visited block against the dense layer of the same shape (target <= 1.5):", "",
+                      "| op | shape (MxNxK) | provider | visited / dense blocks | ms | dense layer ms "
+                      "| block cost ratio |", "|" + "---|" * 7]
+            lines += [f"| {op} | {shape} | {provider} | {_cell(m, 'visited_fraction', spec='.4f')} "
+                      f"| {_cell(m, 'ms')} | {_cell(m, 'dense_layer_ms')} | {_cell(m, 'block_cost_ratio', spec='.2f')} |"
+                      for (op, provider, _, shape, _), m in sparse]
+            lines.append("")
     return "\n".join(lines)
 
 

@@ -97,7 +97,7 @@ def block_layout(mask: torch.Tensor, dtype: torch.dtype = torch.float32,
         mask: bool (out_features, in_features).
         dtype: the weight dtype the layout will serve; it picks the default block size.
         block: (BLOCK_N, BLOCK_K) weight block, powers of two >= 16; default by dtype (64 x 64 for 16-bit
-            weights, 64 x 32 otherwise).
+            weights, 32 x 32 otherwise).
 
     Returns:
         A BlockLayout, cached per mask tensor, device and block (rebuilt after an in-place change to the

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import torch
 
 # Weight blocks (BLOCK_N, BLOCK_K) by operand size in bytes. Small blocks waste less work on a sparse
-# mask's partial blocks; 64 rows are the least that keep Hopper's warpgroup MMA busy. 4- and 8-byte
-# operands take a shorter reduction chunk, as the dense pruner does (fp64 and IEEE fp32 do not use it).
-DEFAULT_BLOCKS = {2: (64, 64), 4: (64, 32), 8: (64, 32)}
+# mask's partial blocks; the batch tile (BLOCK_M, tuned) gives the MMA its 64+ rows. Each block side is
+# the reduction of one kernel (BLOCK_K forward, BLOCK_N for the input gradient), and 4- and 8-byte
+# operands keep reductions to 32, as the dense pruner does (longer ones only cost registers for
+# fp64's DMMA and IEEE fp32's FMA).
+DEFAULT_BLOCKS = {2: (64, 64), 4: (32, 32), 8: (32, 32)}
 _EMPTY, _PARTIAL, _FULL = 2, 1, 0  # sort keys: full blocks first, then partial, then empty
 
 

@@ -91,10 +91,10 @@ def pruner(rows: str, cols: str, reduction: str, rows_extent: str, element_of: s
     """An early_config_prune hook keeping the configs that suit one call.
 
     A block size that is not in the configs (a block-sparse kernel's weight block) is read from the
-    kernel's arguments. rows_extent names the argument that bounds the output rows (a bucketed batch, or N); element_of
-    names a tensor argument whose dtype is the operand dtype; streamed_a_tiles(args) says how many
-    (rows x reduction) tiles each pipeline stage holds (2 where backward forms dz from dy and a saved
-    tensor, in registers). The kernel passes ROW_ALIGN (and the forward SAVE_DERIVATIVE) as keywords.
+    kernel's arguments. rows_extent names the argument that bounds the output rows (a bucketed batch, or
+    N); element_of names a tensor argument whose dtype is the operand dtype; streamed_a_tiles(args) says
+    how many (rows x reduction) tiles each pipeline stage holds (2 where backward forms dz from dy and a
+    saved tensor, in registers). The kernel passes ROW_ALIGN (and the forward SAVE_DERIVATIVE) as keywords.
     """
 
     def prune(all_configs, named_args, **kwargs):
@@ -121,8 +121,10 @@ def pruner(rows: str, cols: str, reduction: str, rows_extent: str, element_of: s
             # only costs registers.
             if (element == 8 or exact_fp32) and k > 32:
                 continue
-            # Small batches want the narrow tiles, large ones the wide tiles (unless only narrow ones fit).
-            if r > max(extent, 16) or (extent >= 256 and r < 64 and budget >= 16):
+            # Small batches want the narrow tiles, large ones the wide tiles (unless only narrow ones fit);
+            # where the rows are a layout's block rather than tuned, there is nothing to choose.
+            tuned_rows = rows in config.kwargs
+            if tuned_rows and (r > max(extent, 16) or (extent >= 256 and r < 64 and budget >= 16)):
                 continue
             kept.append(config)
         kept = kept or [min(all_configs, key=lambda cfg: cfg.num_stages * sum(cfg.kwargs.values()))]

@@ -13,13 +13,13 @@ import torch
 from bench.__main__ import main
 from gpunn.kernels import launch_counts
 
-DENSE_KERNELS = ("dense_forward_kernel", "dense_grad_input_kernel", "dense_grad_weight_kernel",
-                 "dense_grad_bias_kernel")
+KERNELS = ("dense_forward_kernel", "dense_grad_input_kernel", "dense_grad_weight_kernel",
+           "dense_grad_bias_kernel", "masked_forward_kernel", "masked_grad_input_kernel", "masked_grad_weight_kernel")
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One smoke run shared by the tests below: (output dir, exit status, launches of each dense kernel)."""
+    """One smoke run shared by the tests below: (output dir, exit status, launches of each kernel)."""
     out = tmp_path_factory.mktemp("bench")
     before = launch_counts()
     argv = ["--smoke", "--out", str(out)]
@@ -27,7 +27,7 @@ def smoke(tmp_path_factory):
         argv.append("--no-compile")  # compiling each tiny case would dominate the GPU suite's time
     status = main(argv)
     after = launch_counts()
-    return out, status, {k: after.get(k, 0) - before.get(k, 0) for k in DENSE_KERNELS}
+    return out, status, {k: after.get(k, 0) - before.get(k, 0) for k in KERNELS}
 
 
 def _rows(out: Path) -> list[dict]:
@@ -73,8 +73,20 @@ def test_smoke_accuracy_passes_for_every_provider(smoke):
 
 def test_smoke_ran_gpunn_triton_kernels(smoke):
     _, _, launches = smoke
-    for kernel in DENSE_KERNELS:
+    for kernel in KERNELS:
         assert launches[kernel] > 0, kernel
+
+
+def test_smoke_masked_reports_block_costs(smoke):
+    out, _, _ = smoke
+    rows = [r for r in _rows(out) if r["op"].startswith("masked[")]
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    assert {r["provider"] for r in rows} >= {"gpunn", "torch"}
+    gpunn_timed = {(r["op"], r["mode"], r["shape"]) for r in rows if r["provider"] == "gpunn" and r["metric"] == "ms"}
+    for metric in ("dense_layer_ms", "block_cost_ratio", "visited_fraction"):
+        assert {(r["op"], r["mode"], r["shape"]) for r in rows if r["metric"] == metric} == gpunn_timed, metric
+    assert all(0 < float(r["p50"]) <= 1 for r in rows if r["metric"] == "visited_fraction")
+    assert "Cost per visited block" in (out / "bench.md").read_text()
 
 
 def test_failing_result_gets_no_speedup():
