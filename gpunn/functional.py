@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels.activations import NAMES as ACTIVATIONS
-from .kernels.block_layout import BlockLayout
+from .kernels.layout import BlockLayout, check_block
 from .kernels.runtime import triton_runs_on
 from .masks import block_layout
 from .ops.linear import LinearFunction
@@ -126,6 +126,7 @@ def _check_mask(mask_or_layout, weight: torch.Tensor) -> None:
     # RuntimeError, as torch raises for the reference weight.masked_fill(~mask, 0) with such a mask.
     if isinstance(mask_or_layout, BlockLayout):
         shape, device = mask_or_layout.shape, mask_or_layout.device
+        check_block(mask_or_layout.block, weight.element_size())  # a block too large for these weights
     elif isinstance(mask_or_layout, torch.Tensor):
         if mask_or_layout.dtype != torch.bool:
             raise RuntimeError(f"masked_linear expects a bool mask, got {_dtype_name(mask_or_layout.dtype)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.block_layout import DEFAULT_BLOCKS, BlockLayout, layout_for
+from .kernels.layout import DEFAULT_BLOCKS, BlockLayout, check_block, layout_for
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -95,16 +95,24 @@ def block_layout(mask: torch.Tensor, dtype: torch.dtype = torch.float32,
 
     Args:
         mask: bool (out_features, in_features).
-        dtype: the weight dtype the layout will serve; it picks the default block size.
-        block: (BLOCK_N, BLOCK_K) weight block, powers of two >= 16; default by dtype (64 x 64 for 16-bit
-            weights, 32 x 32 otherwise).
+        dtype: the weight dtype the layout will serve (float16, bfloat16, float32 or float64); it picks
+            the default block size.
+        block: (BLOCK_N, BLOCK_K) weight block, powers of two from 16 to 128 of at most 32 KiB of weights;
+            default by dtype (64 x 64 for 16-bit weights, 32 x 32 otherwise).
 
     Returns:
-        A BlockLayout, cached per mask tensor, device and block (rebuilt after an in-place change to the
-        mask). Its visited_blocks / dense_blocks is the fraction of the dense layer's work the kernels do.
+        A BlockLayout, cached per mask tensor, device and block: a change to the mask through torch ops
+        rebuilds it on the next call (see gpunn.kernels.layout.layout_for). Its visited_blocks /
+        dense_blocks is the fraction of the dense layer's work the kernels do.
+
+    Raises:
+        TypeError for a mask that is not a 2-D bool tensor or an unsupported dtype; ValueError for a bad block.
     """
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
         raise TypeError(f"mask must be a 2-D bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)} "
                         f"of shape {tuple(getattr(mask, 'shape', ()))}")
-    size = torch.empty((), dtype=dtype).element_size()
-    return layout_for(mask, block if block is not None else DEFAULT_BLOCKS[size])
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
+    size = dtype.itemsize
+    block = check_block(block if block is not None else DEFAULT_BLOCKS[size], size)
+    return layout_for(mask, block)

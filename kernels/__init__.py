@@ -2,7 +2,8 @@
 
 No nn.Module and no autograd here: launchers take tensors, choose grids and configs, and launch.
 """
-from . import activations, dense
-from .runtime import INTERPRET, Rows, launch_counts, triton_runs_on
+from . import activations, dense, layout, masked
+from .runtime import INTERPRET, Rows, block_counts, launch_counts, triton_runs_on
 
-__all__ = ["INTERPRET", "Rows", "activations", "dense", "launch_counts", "triton_runs_on"]
+__all__ = ["INTERPRET", "Rows", "activations", "block_counts", "dense", "layout", "launch_counts", "masked",
+           "triton_runs_on"]

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .block_layout import BlockLayout
+from .layout import BlockLayout
 from .runtime import (Rows, accumulator_dtype, dot_dtype, dot_precision, empty, launch, row_alignment,
                       size_bucket)
 from .tiling import GROUP_SIZE, batch_configs, grouped_tile, pruner, row_offsets
@@ -232,9 +232,10 @@ def masked_grad_weight_kernel(
         tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
 
-def _check(layout: BlockLayout, weight: torch.Tensor) -> None:
-    # The autograd layer validates user input; this guards the launchers' own contract.
-    assert layout.shape == tuple(weight.shape) and layout.device == weight.device, (layout, weight.shape)
+def _check(layout: BlockLayout, shape, device: torch.device) -> None:
+    # gpunn.functional validates user input; this guards the launchers' own contract.
+    if layout.shape != tuple(shape) or layout.device != device:
+        raise ValueError(f"{layout} does not describe a weight of shape {tuple(shape)} on {device}")
 
 
 def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
@@ -245,7 +246,7 @@ def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation
     x: Rows of (M, K); weight (N, K); bias (N,) or None; layout: the mask's BlockLayout on weight's device.
     y is contiguous, of shape out_shape (default (M, N)).
     """
-    _check(layout, weight)
+    _check(layout, weight.shape, weight.device)
     n, k = weight.shape
     y = empty(out_shape or (x.m, n), device=weight.device, dtype=weight.dtype)
     g = empty((x.m, n), device=weight.device, dtype=weight.dtype) if save_derivative else None
@@ -275,7 +276,7 @@ def grad_input(dy: Rows, saved: torch.Tensor | None, weight: torch.Tensor, activ
 
     dy: Rows of (M, N); saved: what forward saved for this activation ((M, N) contiguous, or None).
     """
-    _check(layout, weight)
+    _check(layout, weight.shape, weight.device)
     n, k = weight.shape
     dx = empty((dy.m, k), device=weight.device, dtype=weight.dtype)
     if dy.m == 0 or k == 0:
@@ -306,6 +307,7 @@ def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_sha
 
     dy: Rows of (M, N); x: Rows of (M, K) or None; saved as in grad_input.
     """
+    _check(layout, weight_shape, dy.tensor.device)
     n, k = weight_shape
     like = dict(device=dy.tensor.device, dtype=dy.tensor.dtype)
     dw = empty((n, k), **like) if x is not None else None

@@ -106,7 +106,7 @@ def pruner(rows: str, cols: str, reduction: str, rows_extent: str, element_of: s
         budget = accumulator_budget(element, exact_fp32, args.get("SAVE_DERIVATIVE", False), args["ROW_ALIGN"])
         if a_tiles == 2:
             budget = min(budget, 64)  # dz formed in registers beside the accumulator (report: 128 spilled)
-        kept = []
+        kept, narrow = [], []
         for config in all_configs:
             r, c, k = (config.kwargs.get(name, args.get(name)) for name in (rows, cols, reduction))
             threads = 32 * config.num_warps
@@ -121,12 +121,17 @@ def pruner(rows: str, cols: str, reduction: str, rows_extent: str, element_of: s
             # only costs registers.
             if (element == 8 or exact_fp32) and k > 32:
                 continue
-            # Small batches want the narrow tiles, large ones the wide tiles (unless only narrow ones fit);
-            # where the rows are a layout's block rather than tuned, there is nothing to choose.
-            tuned_rows = rows in config.kwargs
-            if tuned_rows and (r > max(extent, 16) or (extent >= 256 and r < 64 and budget >= 16)):
+            # Small batches want the narrow tiles, large ones the wide tiles (unless only narrow ones fit).
+            # Where the rows are a layout's block rather than tuned, there is nothing to choose.
+            if rows in config.kwargs and r > max(extent, 16):
+                continue
+            if rows in config.kwargs and extent >= 256 and r < 64 and budget >= 16:
+                narrow.append(config)
                 continue
             kept.append(config)
+        if not kept and cols not in all_configs[0].kwargs:
+            # The column block is a layout's: the register budget may rule out every wide tile.
+            kept = narrow
         kept = kept or [min(all_configs, key=lambda cfg: cfg.num_stages * sum(cfg.kwargs.values()))]
         return kept if AUTOTUNE else kept[:1]
 

@@ -2,11 +2,14 @@
 the mask, and how layouts are cached."""
 from __future__ import annotations
 
+import weakref
+
+import numpy as np
 import pytest
 import torch
 
 from gpunn import masks
-from gpunn.kernels import block_layout
+from gpunn.kernels import layout as block_layout
 
 MASKS = {
     "local_1d": lambda: masks.local_1d(300, 200, 9),
@@ -83,26 +86,68 @@ def test_cached_per_mask_block_and_version(device):
     assert masks.block_layout(mask, torch.float32) is rebuilt
 
 
-def test_a_freed_mask_never_matches_a_new_one(device):
-    layouts = []
-    for density in (0.0, 1.0):
-        mask = masks.random(64, 64, density).to(device)
-        layouts.append(masks.block_layout(mask))
-        del mask  # the next mask may reuse the address (and id)
-    assert layouts[0].visited_blocks == 0 and layouts[1].full_blocks == layouts[1].dense_blocks
+def test_a_version_bump_without_a_change_keeps_the_layout(device):
+    mask = masks.local_1d(100, 80, 5).to(device)
+    first = masks.block_layout(mask)
+    mask.copy_(mask.clone())  # as load_state_dict or a buffer broadcast does: same content, new version
+    assert masks.block_layout(mask) is first
 
 
-@pytest.mark.parametrize("block", [(8, 16), (16, 24), (16,), (16, 16.0)], ids=str)
+def test_inference_mode_masks_are_compared_by_content(device):
+    with torch.inference_mode():
+        mask = masks.local_1d(100, 80, 5).to(device)
+        first = masks.block_layout(mask)
+        assert masks.block_layout(mask) is first
+        mask[:, :] = True  # inference tensors have no version counter
+        rebuilt = masks.block_layout(mask)
+    assert rebuilt is not first and rebuilt.full_blocks == rebuilt.dense_blocks
+
+
+def test_a_freed_masks_entry_is_dropped(device):
+    mask = masks.local_1d(64, 64, 3).to(device)
+    masks.block_layout(mask)
+    key = next(key for key, entry in block_layout._cache.items() if entry.mask() is mask)
+    del mask
+    assert key not in block_layout._cache
+
+
+def test_an_entry_for_a_dead_mask_never_matches_a_new_one(device, monkeypatch):
+    # A new tensor can reuse a freed one's id: plant an entry under the new mask's key whose weak
+    # reference is dead (as if its mask had died without the entry being dropped) and whose version and
+    # address match, and check the layout is rebuilt rather than returned.
+    mask = torch.ones(64, 64, dtype=torch.bool, device=device)
+    stale = block_layout.build(torch.zeros(64, 64, dtype=torch.bool, device=device), (32, 32))
+    dead = weakref.ref(torch.empty(0))
+    assert dead() is None
+    key = (id(mask), mask.device, (32, 32))
+    monkeypatch.setitem(block_layout._cache, key, block_layout._Entry(dead, mask.data_ptr(), mask._version, stale))
+    layout = masks.block_layout(mask, block=(32, 32))
+    assert layout is not stale and layout.full_blocks == 4
+
+
+@pytest.mark.parametrize("block", [(8, 16), (16, 24), (16,), (16, 16.0), (256, 16), 64], ids=str)
 def test_bad_blocks(block):
     with pytest.raises(ValueError, match="powers of two"):
-        block_layout.check_block(block)
+        masks.block_layout(torch.ones(4, 4, dtype=torch.bool), block=block)
 
 
-def test_bad_masks():
+def test_blocks_too_large_for_the_dtype():
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    assert masks.block_layout(mask, torch.float16, (128, 128)).block == (128, 128)
+    with pytest.raises(ValueError, match="exceeds"):
+        masks.block_layout(mask, torch.float32, (128, 128))
+    with pytest.raises(ValueError, match="exceeds"):
+        masks.block_layout(mask, torch.float64, (128, 64))
+    assert block_layout.check_block((np.int64(32), np.int64(16))) == (32, 16)
+
+
+def test_bad_masks_and_dtypes():
     with pytest.raises(TypeError, match="2-D bool"):
         masks.block_layout(torch.ones(3, 4))
     with pytest.raises(TypeError, match="2-D bool"):
         masks.block_layout(torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="dtype must be"):
+        masks.block_layout(torch.ones(3, 4, dtype=torch.bool), torch.int8)
 
 
 def test_empty_shapes(device):

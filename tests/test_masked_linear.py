@@ -129,6 +129,31 @@ def test_strided_input_and_grad_output(device):
     run_masked_case(device, torch.float64, mask, "sigmoid", lead=x.shape[:-1], x=x, grad_output=grad_output)
 
 
+def test_non_contiguous_weight(device):
+    mask = MASKS["local_2d_stride2"]().to(device)
+    n, k = mask.shape
+    x = torch.randn(11, k, device=device, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(k, n, device=device, dtype=torch.float64).t().requires_grad_()  # column-major
+    bias = torch.randn(n, device=device, dtype=torch.float64, requires_grad=True)
+    out = gpunn.functional.masked_linear(x, weight, mask, bias, "relu")
+    x64, w64, b64 = leaf64(x), leaf64(weight), leaf64(bias)
+    ref = reference_linear(x64, w64.masked_fill(~mask, 0), b64, "relu")
+    assert_close(out, ref, torch.float64, "output")
+    for g, g64, name in zip(torch.autograd.grad(out, (x, weight, bias), torch.ones_like(out)),
+                            torch.autograd.grad(ref, (x64, w64, b64), torch.ones_like(ref)), "xwb"):
+        assert_close(g, g64, torch.float64, f"grad {name}")
+
+
+def test_mask_built_under_inference_mode(device):
+    with torch.inference_mode():
+        mask = MASKS["local_1d"]().to(device)
+        layer = gpunn.MaskedLinear(100, 130, mask, device=device, dtype=torch.float64)
+        x = torch.randn(3, 100, device=device, dtype=torch.float64)
+        out = layer(x)
+        expected = torch.nn.functional.linear(x, layer.weight.masked_fill(~mask, 0), layer.bias)
+    assert_close(out, expected, torch.float64, "output")
+
+
 def test_without_bias(device):
     run_masked_case(device, torch.float32, MASKS["random_0.05"](), None, bias=False)
 
@@ -235,9 +260,11 @@ def _bad_masks(device):
     yield "not a tensor", [[True] * 5] * 6, TypeError, "bool tensor or a BlockLayout"
     other = masks.block_layout(torch.ones(6, 4, dtype=torch.bool, device=device))
     yield "layout shape", other, RuntimeError, "does not match"
+    too_large = masks.block_layout(torch.ones(6, 5, dtype=torch.bool, device=device), torch.float16, (128, 128))
+    yield "layout block too large for float32", too_large, ValueError, "exceeds"
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(6))
 def test_bad_masks_raise_before_any_launch(device, case):
     name, mask, error, match = list(_bad_masks(device))[case]
     x, weight = torch.randn(3, 5, device=device), torch.randn(6, 5, device=device)

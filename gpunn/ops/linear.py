@@ -21,7 +21,7 @@ class LinearFunction(torch.autograd.Function):
     input (*, K), weight (N, K), bias (N,) or None -> output (*, N), all of one floating dtype;
     activation and negative_slope as in gpunn.functional.linear; will_backward says whether autograd
     records the call (then forward writes act'(z) where backward needs it); layout: None for the dense
-    layer, or the mask's kernels.block_layout.BlockLayout (masked-out weights are never read and get
+    layer, or the mask's kernels.layout.BlockLayout (masked-out weights are never read and get
     exactly zero gradient). No double backward.
 
     Saved for backward, the least that gives exact gradients: the input only if weight needs a

@@ -9,6 +9,8 @@ mask and device, on the device, with one host sync to size the grids, and cached
 from __future__ import annotations
 
 import collections
+import functools
+import operator
 import weakref
 from dataclasses import dataclass
 
@@ -72,11 +74,21 @@ class BlockLayout:
                 f"partial={self.partial_blocks}, dense={self.dense_blocks})")
 
 
-def check_block(block: tuple[int, int]) -> tuple[int, int]:
-    """Validate a (BLOCK_N, BLOCK_K) pair: powers of two of at least 16 (tl.dot's smallest tile)."""
-    block = tuple(block)
-    if len(block) != 2 or not all(isinstance(b, int) and b >= 16 and b & (b - 1) == 0 for b in block):
-        raise ValueError(f"block must be a pair of powers of two >= 16, got {block}")
+MAX_BLOCK_BYTES = 32 * 1024  # one weight block; larger ones overflow shared memory at 3 pipeline stages
+
+
+def check_block(block, element_size: int | None = None) -> tuple[int, int]:
+    """Validate a (BLOCK_N, BLOCK_K) pair: powers of two from 16 (tl.dot's smallest tile) to 128, and,
+    given the weights' element size, at most MAX_BLOCK_BYTES a block. Raises ValueError."""
+    try:
+        block = tuple(operator.index(b) for b in block)
+    except TypeError:
+        raise ValueError(f"block must be a pair of powers of two from 16 to 128, got {block!r}") from None
+    if len(block) != 2 or not all(16 <= b <= 128 and b & (b - 1) == 0 for b in block):
+        raise ValueError(f"block must be a pair of powers of two from 16 to 128, got {block}")
+    if element_size is not None and block[0] * block[1] * element_size > MAX_BLOCK_BYTES:
+        raise ValueError(f"a {block[0]}x{block[1]} block of {element_size}-byte weights exceeds "
+                         f"{MAX_BLOCK_BYTES} bytes; use a smaller block")
     return block
 
 
@@ -85,6 +97,8 @@ def build(mask: torch.Tensor, block: tuple[int, int]) -> BlockLayout:
     block_n, block_k = check_block(block)
     n, k = mask.shape
     rows, cols = -(-n // block_n), -(-k // block_k)
+    if rows * cols >= 2**31:
+        raise ValueError(f"a {n}x{k} mask has {rows * cols} blocks of {block_n}x{block_k}: more than int32 block ids")
     padded = torch.zeros(rows * block_n, cols * block_k, dtype=torch.uint8, device=mask.device)
     padded[:n, :k] = mask
     connections = padded.view(rows, block_n, cols, block_k).sum(dim=(1, 3), dtype=torch.int32)  # (NB, KB)
@@ -113,23 +127,48 @@ def build(mask: torch.Tensor, block: tuple[int, int]) -> BlockLayout:
 
 
 _CACHE_SIZE = 64
-# key -> (weak reference to the mask, the mask's version when built, layout)
-_cache: collections.OrderedDict = collections.OrderedDict()
 
 
+@dataclass
+class _Entry:
+    mask: weakref.ref  # the mask the layout was built from (dead once that tensor is freed)
+    data_ptr: int
+    version: int | None  # the mask's version counter when last checked (None: inference tensors have none)
+    layout: BlockLayout
+
+
+_cache: collections.OrderedDict = collections.OrderedDict()  # (id(mask), device, block) -> _Entry
+
+
+def _forget(key, ref) -> None:
+    # The mask was freed: drop its layout now (it holds a copy of the mask on the device).
+    entry = _cache.get(key)
+    if entry is not None and entry.mask is ref:
+        del _cache[key]
+
+
+@torch.compiler.disable  # reads ids, weak references and version counters: always run eagerly
 def layout_for(mask: torch.Tensor, block: tuple[int, int]) -> BlockLayout:
     """The layout of `mask` at `block`, built on first use and cached per mask tensor, device and block.
 
-    An in-place change to the mask (load_state_dict, mask[...] = ...) bumps its version and rebuilds
-    the layout on the next call; a mask that has been freed never matches a new one at the same address.
+    A change through torch ops (`mask[...] = ...`, `load_state_dict`) bumps the mask's version: the next
+    call compares the mask with the layout's copy and rebuilds if it differs (a version bump without a
+    change, as a DDP buffer broadcast makes, costs one comparison). Writes that bypass the version counter
+    (through `.data`, numpy or DLPack aliases) are not seen. Masks made under torch.inference_mode have
+    no version counter and are compared on every call. A freed mask's entry is dropped at once.
     """
-    key = (id(mask), mask.data_ptr(), mask.device, tuple(block))
-    hit = _cache.get(key)
-    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
-        _cache.move_to_end(key)
-        return hit[2]
+    key = (id(mask), mask.device, tuple(block))
+    version = None if mask.is_inference() else mask._version
+    entry = _cache.get(key)
+    if entry is not None and entry.mask() is mask:
+        unchanged = version is not None and entry.version == version and entry.data_ptr == mask.data_ptr()
+        if unchanged or torch.equal(entry.layout.mask.view(torch.bool), mask):
+            entry.version, entry.data_ptr = version, mask.data_ptr()
+            _cache.move_to_end(key)
+            return entry.layout
     layout = build(mask, block)
-    _cache[key] = (weakref.ref(mask), mask._version, layout)
+    _cache[key] = _Entry(weakref.ref(mask, functools.partial(_forget, key)), mask.data_ptr(), version, layout)
+    _cache.move_to_end(key)
     if len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
     return layout
