@@ -184,7 +184,7 @@ def _block_costs(all_cases: list[Case], records: list[Record], device: torch.dev
             timing = harness.time_ms(run, device)
             del run
 
-            def rec(metric, p50, p20=None, p80=None, mode=mode):
+            def rec(metric, p50, p20=None, p80=None, case=case, mode=mode):
                 return Record(case.op, "gpunn", mode, case.shape, case.dtype, metric, p50, p20, p80)
 
             extra += [rec("dense_layer_ms", timing.p50, timing.p20, timing.p80),

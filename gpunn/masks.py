@@ -8,7 +8,8 @@ import torch
 from .kernels.layout import DEFAULT_BLOCKS, BlockLayout, check_block, layout_for
 
 
-def _pair(value, name: str) -> tuple[int, int]:
+def as_pair(value, name: str) -> tuple[int, int]:
+    """(value, value) for an int, the pair itself for a pair of ints; TypeError otherwise."""
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -53,8 +54,8 @@ def local_2d(in_shape, kernel_size, stride=1, padding=0, dilation=1, out_channel
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"in_shape must be (C, H, W) or (H, W) of positive sizes, got {tuple(in_shape)}")
     channels, height, width = shape
-    (kh, kw), (sh, sw) = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
-    (ph, pw), (dh, dw) = _pair(padding, "padding"), _pair(dilation, "dilation")
+    (kh, kw), (sh, sw) = as_pair(kernel_size, "kernel_size"), as_pair(stride, "stride")
+    (ph, pw), (dh, dw) = as_pair(padding, "padding"), as_pair(dilation, "dilation")
     if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError("kernel_size, stride and dilation must be positive and padding non-negative")
     if out_channels < 1:

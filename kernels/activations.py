@@ -47,6 +47,12 @@ def grad_source(activation: str | None, negative_slope: float) -> int:
     return GRAD_FROM_SAVED.value
 
 
+def dz_tiles(args) -> int:
+    """Tiles a backward kernel streams per step to form dz (an autotune pruner hook): dy alone, or dy and
+    the saved tensor."""
+    return 1 if args["GRAD_FROM"] == GRAD_IS_DY.value else 2
+
+
 # Python floats as constexprs: Triton materialises them in the operand's dtype, so fp64 keeps every digit.
 # Write them to the right of a tensor operand (`z * C`): the interpreter mishandles `C * z`.
 _SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)

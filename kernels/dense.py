@@ -29,10 +29,6 @@ from .runtime import (Rows, accumulator_dtype, dot_dtype, dot_precision, empty, 
 from .tiling import BIAS_TILE, GROUP_SIZE, configs, grouped_tile, pruner, row_offsets
 
 
-def _a_tiles(args) -> int:
-    return 1 if args["GRAD_FROM"] == activations.GRAD_IS_DY.value else 2
-
-
 @triton.autotune(
     configs=configs("BLOCK_M", "BLOCK_N", "BLOCK_K"),
     key=["M_BUCKET", "N", "K", "DOT_PRECISION", "ROW_ALIGN", "SAVE_DERIVATIVE"],
@@ -88,7 +84,7 @@ def dense_forward_kernel(
     configs=configs("BLOCK_M", "BLOCK_K", "BLOCK_N"),
     key=["M_BUCKET", "N", "K", "DOT_PRECISION", "ROW_ALIGN", "GRAD_FROM"],
     prune_configs_by={"early_config_prune": pruner("BLOCK_M", "BLOCK_K", "BLOCK_N", "M_BUCKET", "w_ptr",
-                                                   _a_tiles)},
+                                                   activations.dz_tiles)},
 )
 @triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "dy_inner"])
@@ -143,7 +139,8 @@ def dense_grad_input_kernel(
 @triton.autotune(
     configs=configs("BLOCK_N", "BLOCK_K", "BLOCK_M"),
     key=["M_BUCKET", "N", "K", "DOT_PRECISION", "ROW_ALIGN", "GRAD_FROM"],
-    prune_configs_by={"early_config_prune": pruner("BLOCK_N", "BLOCK_K", "BLOCK_M", "N", "dy_ptr", _a_tiles)},
+    prune_configs_by={"early_config_prune": pruner("BLOCK_N", "BLOCK_K", "BLOCK_M", "N", "dy_ptr",
+                                                   activations.dz_tiles)},
 )
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "dy_inner", "x_inner"])
 def dense_grad_weight_kernel(

@@ -54,10 +54,6 @@ def _forward_step(acc, x_base, stride_xk, m_ok, w_base, stride_wk, mask_ptr, rn6
     return tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
 
-def _a_tiles(args) -> int:
-    return 1 if args["GRAD_FROM"] == activations.GRAD_IS_DY.value else 2
-
-
 @triton.autotune(
     configs=batch_configs("BLOCK_M"),
     key=["M_BUCKET", "N", "K", "BLOCK_N", "BLOCK_K", "DOT_PRECISION", "ROW_ALIGN", "SAVE_DERIVATIVE"],
@@ -120,7 +116,7 @@ def _grad_input_step(acc, dy_base, stride_dyn, g_base, m_ok, w_base, stride_wn, 
     configs=batch_configs("BLOCK_M"),
     key=["M_BUCKET", "N", "K", "BLOCK_N", "BLOCK_K", "DOT_PRECISION", "ROW_ALIGN", "GRAD_FROM"],
     prune_configs_by={"early_config_prune": pruner("BLOCK_M", "BLOCK_K", "BLOCK_N", "M_BUCKET", "w_ptr",
-                                                   _a_tiles)},
+                                                   activations.dz_tiles)},
 )
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "dy_inner"])
 def masked_grad_input_kernel(
@@ -168,7 +164,8 @@ def masked_grad_input_kernel(
 @triton.autotune(
     configs=batch_configs("BLOCK_M"),
     key=["M_BUCKET", "N", "K", "BLOCK_N", "BLOCK_K", "DOT_PRECISION", "ROW_ALIGN", "GRAD_FROM"],
-    prune_configs_by={"early_config_prune": pruner("BLOCK_N", "BLOCK_K", "BLOCK_M", "N", "dy_ptr", _a_tiles)},
+    prune_configs_by={"early_config_prune": pruner("BLOCK_N", "BLOCK_K", "BLOCK_M", "N", "dy_ptr",
+                                                   activations.dz_tiles)},
 )
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "dy_inner", "x_inner", "BIAS_PROGRAMS", "FULL_BLOCKS",
                                "VISITED_BLOCKS"])

@@ -42,8 +42,11 @@ GPU_BATCH_TILES = (
     (128, 3, 4),
     (64, 3, 4),
     (256, 3, 8),
+    (64, 3, 8),
     (32, 3, 4),
     (16, 3, 4),
+    (32, 3, 8),
+    (16, 3, 8),
 )
 INTERPRETER_BATCH_TILE = (64, 1, 4)
 
@@ -103,9 +106,12 @@ def pruner(rows: str, cols: str, reduction: str, rows_extent: str, element_of: s
         a_tiles = streamed_a_tiles(args)
         extent = args[rows_extent]
         exact_fp32 = element == 4 and args.get("DOT_PRECISION") == "ieee"
-        budget = accumulator_budget(element, exact_fp32, args.get("SAVE_DERIVATIVE", False), args["ROW_ALIGN"])
+        row_align = args["ROW_ALIGN"]
+        budget = accumulator_budget(element, exact_fp32, args.get("SAVE_DERIVATIVE", False), row_align)
         if a_tiles == 2:
             budget = min(budget, 64)  # dz formed in registers beside the accumulator (report: 128 spilled)
+        # A block-sparse kernel: the column block (and its weight block) is the layout's, not tuned.
+        layout_block = cols not in all_configs[0].kwargs
         kept, narrow = [], []
         for config in all_configs:
             r, c, k = (config.kwargs.get(name, args.get(name)) for name in (rows, cols, reduction))
@@ -117,6 +123,18 @@ def pruner(rows: str, cols: str, reduction: str, rows_extent: str, element_of: s
             # dz formed in registers in a narrow (mma.sync) tile: under 64 bytes a thread, or it spills.
             if a_tiles == 2 and r < 64 and r * k * element >= 64 * threads:
                 continue
+            if layout_block:
+                # The masked kernels' loops also carry the connection mask (the report: these spilled).
+                # dz in registers: at most 64 bytes a thread in any tile.
+                if a_tiles == 2 and r * k * element > 64 * threads:
+                    continue
+                # Rows not 16-byte aligned load the weight block element by element, an address register
+                # pair each: 4 warps spilled at 64 x 64, 8 do not.
+                if row_align * element < 16 and config.num_warps < 8:
+                    continue
+                # fp64: 16 accumulator elements a thread (32 registers) beside the mask loads.
+                if element == 8 and r * c > 16 * threads:
+                    continue
             # fp64 (DMMA, a small fraction of the bf16 rate) and IEEE fp32 (FMA): a long reduction chunk
             # only costs registers.
             if (element == 8 or exact_fp32) and k > 32:
@@ -129,7 +147,7 @@ def pruner(rows: str, cols: str, reduction: str, rows_extent: str, element_of: s
                 narrow.append(config)
                 continue
             kept.append(config)
-        if not kept and cols not in all_configs[0].kwargs:
+        if not kept and layout_block:
             # The column block is a layout's: the register budget may rule out every wide tile.
             kept = narrow
         kept = kept or [min(all_configs, key=lambda cfg: cfg.num_stages * sum(cfg.kwargs.values()))]
