@@ -12,13 +12,16 @@ __version__ = "0.1.0"
 _LAZY = {
     "Linear": ("gpunn.modules", "Linear"),
     "MaskedLinear": ("gpunn.modules", "MaskedLinear"),
+    "LocallyConnected1d": ("gpunn.modules", "LocallyConnected1d"),
+    "LocallyConnected2d": ("gpunn.modules", "LocallyConnected2d"),
+    "convert": ("gpunn.convert", None),
     "functional": ("gpunn.functional", None),
     "kernels": ("gpunn.kernels", None),
     "masks": ("gpunn.masks", None),
     "modules": ("gpunn.modules", None),
 }
 
-__all__ = ["Linear", "MaskedLinear", "functional", "kernels", "masks", "modules", "__version__"]
+__all__ = ["Linear", "LocallyConnected1d", "LocallyConnected2d", "MaskedLinear", "convert", "functional", "kernels", "masks", "modules", "__version__"]
 
 
 def __getattr__(name: str):

@@ -10,9 +10,11 @@ import torch.nn.functional as F
 
 from .kernels.activations import NAMES as ACTIVATIONS
 from .kernels.layout import BlockLayout, check_block
+from .kernels.local import Geometry
 from .kernels.runtime import triton_runs_on
-from .masks import block_layout
+from .masks import as_pair, block_layout
 from .ops.linear import LinearFunction
+from .ops.local import LocallyConnectedFunction
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -180,3 +182,139 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, mask_or_layout, bia
     will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
     with torch.autocast(device_type, enabled=False):
         return LinearFunction.apply(input, weight, bias, activation, float(negative_slope), will_backward, layout)
+
+
+def local_geometry(kernel_size, stride, padding, dilation) -> Geometry:
+    """The window of a locally connected layer from ints or pairs; RuntimeError for values F.conv2d
+    rejects (non-positive kernel, stride or dilation, negative padding), TypeError for non-ints."""
+    kernel, stride, padding, dilation = (as_pair(value, name) for value, name in (
+        (kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+    if min(*kernel, *stride, *dilation) < 1:
+        raise RuntimeError(f"non-positive kernel_size, stride or dilation is not supported: kernel_size={kernel}, "
+                           f"stride={stride}, dilation={dilation}")
+    if min(padding) < 0:
+        raise RuntimeError(f"negative padding is not supported: {padding}")
+    return Geometry(kernel, stride, padding, dilation)
+
+
+def _check_local(input, weight, bias, geometry: Geometry) -> None:
+    # RuntimeError throughout, as F.conv2d raises for inputs that do not fit its weight.
+    if input.dim() not in (3, 4):
+        raise RuntimeError(f"locally_connected2d expects a 3-D (unbatched) or 4-D (batched) input, got shape "
+                           f"{tuple(input.shape)}")
+    if weight.dim() != 6:
+        raise RuntimeError(f"locally_connected2d expects a 6-D weight (out_channels, oh, ow, in_channels, kh, kw), "
+                           f"got shape {tuple(weight.shape)}")
+    o, oh, ow, c, kh, kw = weight.shape
+    if (kh, kw) != (geometry.kh, geometry.kw):
+        raise RuntimeError(f"the weight's kernel {kh}x{kw} does not match kernel_size {geometry.kh}x{geometry.kw}")
+    channels, height, width = input.shape[-3:]
+    if channels != c:
+        raise RuntimeError(f"expected input with {c} channels (weight of shape {tuple(weight.shape)}), got "
+                           f"input of shape {tuple(input.shape)}")
+    expected = geometry.output_size(height, width)
+    if min(expected) < 1:
+        raise RuntimeError(f"kernel {kh}x{kw} (dilation {geometry.dh}x{geometry.dw}) does not fit the padded "
+                           f"{height}x{width} input")
+    if expected != (oh, ow):
+        raise RuntimeError(f"an input of {height}x{width} gives {expected[0]}x{expected[1]} output positions, but "
+                           f"the weight has {oh}x{ow}")
+    if input.dtype != weight.dtype or (bias is not None and bias.dtype != input.dtype):
+        names = ", ".join(_dtype_name(t.dtype) for t in (input, weight, bias) if t is not None)
+        raise RuntimeError(f"input, weight and bias must have the same dtype, got {names}")
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(f"gpunn locally connected layers support float16, bfloat16, float32 and float64, got "
+                           f"{_dtype_name(input.dtype)}")
+    for t in (weight, bias):
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{input.device} and {t.device}!")
+    if bias is not None and tuple(bias.shape) != (o, oh, ow):
+        raise RuntimeError(f"bias must have shape (out_channels, oh, ow) = {(o, oh, ow)}, got {tuple(bias.shape)}")
+
+
+def _locally_connected_torch(x, weight, bias, geometry: Geometry):
+    """The plain-torch form: F.unfold (the patch tensor in memory) and an einsum per position."""
+    o, oh, ow = weight.shape[:3]
+    g = geometry
+    patches = F.unfold(x, (g.kh, g.kw), dilation=(g.dh, g.dw), padding=(g.ph, g.pw), stride=(g.sh, g.sw))  # (N, R, L)
+    y = torch.einsum("nrl,olr->nol", patches, weight.reshape(o, oh * ow, -1))
+    if bias is not None:
+        y = y + bias.reshape(o, oh * ow)
+    return y.reshape(x.shape[0], o, oh, ow)
+
+
+def locally_connected2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """A locally connected layer: a convolution whose every output position has its own filter.
+
+    y[n, o, i, j] = bias[o, i, j] + sum_{c, di, dj} weight[o, i, j, c, di, dj] * x[n, c, i*s - p + di*d,
+    j*s - p + dj*d], with zero padding (taps in the padding read nothing), as F.unfold sees the input. The
+    patches are gathered inside the Triton kernels: no unfold tensor is made.
+
+    Args:
+        input: (N, C, H, W) or unbatched (C, H, W); any strides.
+        weight: (O, OH, OW, C, KH, KW); the kernel size is its last two dims.
+        bias: (O, OH, OW) or None.
+        stride, padding, dilation: an int or a pair (height, width).
+
+    Returns:
+        (N, O, OH, OW), or (O, OH, OW) for an unbatched input, with OH = (H + 2p - d(KH - 1) - 1) // s + 1.
+
+    Raises:
+        RuntimeError for shapes, dtypes or devices that do not fit together (as F.conv2d does), checked
+        before any kernel runs; TypeError for a stride, padding or dilation that is not an int or a pair.
+    """
+    geometry = local_geometry(tuple(weight.shape[-2:]) if weight.dim() == 6 else 1, stride, padding, dilation)
+    input, weight, bias = _autocast(input.device.type, input, weight, bias)
+    _check_local(input, weight, bias, geometry)
+    batched = input.dim() == 4
+    x = input if batched else input.unsqueeze(0)
+    if not triton_runs_on(x.device):
+        y = _locally_connected_torch(x, weight, bias, geometry)
+    else:
+        o, oh, ow = weight.shape[:3]
+        weight_flat = weight.reshape(o, oh * ow, -1)
+        bias_flat = bias.reshape(o, oh * ow) if bias is not None else None
+        with torch.autocast(input.device.type, enabled=False):
+            y = LocallyConnectedFunction.apply(x, weight_flat, bias_flat, geometry)
+    return y if batched else y.squeeze(0)
+
+
+def single(value, name: str) -> int:
+    """An int, or a 1-sequence of one int (as nn.Conv1d accepts); TypeError otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, (tuple, list)) and len(value) == 1 and isinstance(value[0], int):
+        return value[0]
+    raise TypeError(f"{name} must be an int or a 1-tuple of an int, got {value!r}")
+
+
+def locally_connected1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """The 1-D locally connected layer: locally_connected2d over a height of 1.
+
+    Args:
+        input: (N, C, L) or unbatched (C, L).
+        weight: (O, OL, C, K).
+        bias: (O, OL) or None.
+        stride, padding, dilation: an int (or a 1-tuple).
+
+    Returns:
+        (N, O, OL) or (O, OL), OL = (L + 2p - d(K - 1) - 1) // s + 1.
+    """
+    stride, padding, dilation = (single(v, n) for v, n in ((stride, "stride"), (padding, "padding"),
+                                                            (dilation, "dilation")))
+    if input.dim() not in (2, 3):
+        raise RuntimeError(f"locally_connected1d expects a 2-D (unbatched) or 3-D (batched) input, got shape "
+                           f"{tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise RuntimeError(f"locally_connected1d expects a 4-D weight (out_channels, ol, in_channels, k), got "
+                           f"shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != tuple(weight.shape[:2]):
+        raise RuntimeError(f"bias must have shape (out_channels, ol) = {tuple(weight.shape[:2])}, got "
+                           f"{tuple(bias.shape)}")
+    weight2d = weight.unsqueeze(1).unsqueeze(-2)  # (O, 1, OL, C, 1, K)
+    bias2d = bias.unsqueeze(1) if bias is not None else None
+    y = locally_connected2d(input.unsqueeze(-2), weight2d, bias2d, (1, stride), (0, padding), (1, dilation))
+    return y.squeeze(-2)

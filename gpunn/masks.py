@@ -10,7 +10,10 @@ from .kernels.layout import DEFAULT_BLOCKS, BlockLayout, check_block, layout_for
 
 def as_pair(value, name: str) -> tuple[int, int]:
     """(value, value) for an int, the pair itself for a pair of ints; TypeError otherwise."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    try:
+        pair = (value, value) if isinstance(value, int) else tuple(value)
+    except TypeError:
+        pair = ()
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     return pair

@@ -1,5 +1,6 @@
 """gpunn's nn.Module drop-ins."""
 from .linear import Linear
+from .local import LocallyConnected1d, LocallyConnected2d
 from .masked_linear import MaskedLinear
 
-__all__ = ["Linear", "MaskedLinear"]
+__all__ = ["Linear", "LocallyConnected1d", "LocallyConnected2d", "MaskedLinear"]

@@ -1,0 +1,79 @@
+"""Conversions between equivalent layers: a LocallyConnected2d and the MaskedLinear with a local_2d mask.
+
+The two compute the same function: the masked layer reads the input flattened, x.flatten(1) of shape
+(N, C * H * W), and its output (N, O * OH * OW) is the locally connected output flattened. Weights of taps
+that fall in the zero padding have no place in the masked layer (they multiply zeros): converting to it
+drops them, and converting back gives them zero.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import masks
+from .modules import LocallyConnected2d, MaskedLinear
+
+
+def _positions(layer: LocallyConnected2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every element of layer.weight (O, OH, OW, C, KH, KW): its (row, column) in the masked layer's
+    weight (O*OH*OW, C*H*W), and whether its tap lies inside the image."""
+    o, oh, ow, c, kh, kw = layer.weight.shape
+    (h, w), (sh, sw), (ph, pw), (dh, dw) = layer.input_size, layer.stride, layer.padding, layer.dilation
+    device = layer.weight.device
+    ar = lambda size: torch.arange(size, device=device)  # noqa: E731
+    # Broadcast over (O, OH, OW, C, KH, KW).
+    oo, ii, jj = ar(o).view(-1, 1, 1, 1, 1, 1), ar(oh).view(1, -1, 1, 1, 1, 1), ar(ow).view(1, 1, -1, 1, 1, 1)
+    cc, di, dj = ar(c).view(1, 1, 1, -1, 1, 1), ar(kh).view(1, 1, 1, 1, -1, 1), ar(kw).view(1, 1, 1, 1, 1, -1)
+    rows_in, cols_in = ii * sh - ph + di * dh, jj * sw - pw + dj * dw
+    inside = ((rows_in >= 0) & (rows_in < h) & (cols_in >= 0) & (cols_in < w)).expand(layer.weight.shape)
+    row = ((oo * oh + ii) * ow + jj).expand(layer.weight.shape)
+    column = ((cc * h + rows_in) * w + cols_in).expand(layer.weight.shape)
+    return row, column, inside
+
+
+def masked_from_local(layer: LocallyConnected2d) -> MaskedLinear:
+    """The MaskedLinear(C*H*W, O*OH*OW, local_2d mask) computing what `layer` computes, on the flattened
+    input; same device, dtype and weights (those of taps in the padding dropped)."""
+    c, (h, w) = layer.in_channels, layer.input_size
+    mask = masks.local_2d((c, h, w), layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                          layer.out_channels)
+    weight = layer.weight.detach()
+    masked = MaskedLinear(c * h * w, mask.shape[0], mask.to(weight.device), bias=layer.bias is not None,
+                          device=weight.device, dtype=weight.dtype)
+    row, column, inside = _positions(layer)
+    with torch.no_grad():
+        masked.weight.zero_()
+        masked.weight[row[inside], column[inside]] = weight[inside]
+        if layer.bias is not None:
+            masked.bias.copy_(layer.bias.reshape(-1))
+    return masked
+
+
+def local_from_masked(layer: MaskedLinear, in_channels: int, input_size, kernel_size, stride=1, padding=0,
+                      dilation=1) -> LocallyConnected2d:
+    """The LocallyConnected2d with this geometry computing what `layer` computes; layer's mask must be
+    masks.local_2d of that geometry (ValueError otherwise). Weights of taps in the padding are zero."""
+    height, width = masks.as_pair(input_size, "input_size")
+    if layer.in_features % in_channels or layer.in_features != in_channels * height * width:
+        raise ValueError(f"a MaskedLinear with {layer.in_features} inputs does not read {in_channels} channels of "
+                         f"{height}x{width}")
+    probe = masks.local_2d((in_channels, height, width), kernel_size, stride, padding, dilation)
+    if layer.out_features % probe.shape[0]:
+        raise ValueError(f"a MaskedLinear with {layer.out_features} outputs does not fit {probe.shape[0]} output "
+                         f"positions per channel")
+    out_channels = layer.out_features // probe.shape[0]
+    expected = probe.repeat(out_channels, 1).to(layer.mask.device)
+    if not torch.equal(layer.mask, expected):
+        raise ValueError("the MaskedLinear's mask is not masks.local_2d of this geometry")
+    weight = layer.weight.detach()
+    local = LocallyConnected2d(in_channels, out_channels, (height, width), kernel_size, stride, padding, dilation,
+                               bias=layer.bias is not None, device=weight.device, dtype=weight.dtype)
+    row, column, inside = _positions(local)
+    with torch.no_grad():
+        local.weight.zero_()
+        local.weight[inside] = weight[row[inside], column[inside]]
+        if layer.bias is not None:
+            local.bias.copy_(layer.bias.reshape(local.bias.shape))
+    return local
+
+
+__all__ = ["local_from_masked", "masked_from_local"]

@@ -1,0 +1,351 @@
+"""The locally connected layer (unshared weights): forward, input-gradient and weight-gradient kernels and
+their launchers.
+
+Shapes (2-D; the 1-D layer is the 2-D one with a height of 1):
+  x (N, C, H, W), any strides; weight (O, L, R) with L = OH * OW output positions and R = C * KH * KW taps
+  (the module's (O, OH, OW, C, KH, KW) viewed flat); bias (O, L); y (N, O, OH, OW) contiguous.
+  y[n, o, p] = bias[o, p] + sum_r weight[o, p, r] * x[n, c, p_h * SH - PH + di * DH, p_w * SW - PW + dj * DW]
+  with r = (c, di, dj); taps that fall in the zero padding read nothing, neither x nor the weight.
+
+Every position p has its own (O x R) weight: the layer is L small GEMMs, one per position, and the patches
+are gathered inside the kernels (no unfold / im2col tensor in memory):
+- forward:      program (batch tile, output-channel tile, position): (N x R) patch @ (R x O) weights.
+                Reads each position's weights once per batch tile (the batch tiles of one position run
+                next to each other, so repeats come from L2), gathers x (re-read from L2 by neighbouring
+                positions), writes y.
+- grad_input:   program (batch tile, input-channel tile, input pixel): sums dy @ W over the positions whose
+                window covers the pixel (the inverse neighbourhood, at most KH x KW of them); no atomics.
+- grad_weight:  program (tap tile, output-channel tile, position): dy^T @ patches over the batch; the
+                programs of tap tile 0 also sum dy over the batch for the bias gradient.
+Accumulation is fp32 (fp64 for fp64) and every output is rounded once; reductions run in one program in a
+fixed order (bitwise reproducible for a given config).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .runtime import AUTOTUNE, INTERPRET, accumulator_dtype, dot_dtype, dot_precision, empty, launch, size_bucket
+from .tiling import SHARED_MEMORY_BUDGET
+
+# (batch rows, output or input channels, taps, stages, warps). The target layer (batch 64, 64 channels,
+# 3x3 taps) fits one 64 x 64 tile per position.
+GPU_TILES = (
+    (64, 64, 64, 3, 4),
+    (64, 64, 32, 3, 4),
+    (128, 64, 64, 3, 8),
+    (32, 64, 64, 3, 4),
+    (16, 64, 64, 3, 4),
+    (64, 32, 64, 3, 4),
+    (16, 32, 64, 3, 4),
+)
+INTERPRETER_TILE = (32, 32, 64, 1, 4)
+
+
+def _configs(rows: str, cols: str, reduction: str) -> list[triton.Config]:
+    """The tile table as configs named for one kernel's (MMA rows, MMA columns, reduction) block sizes."""
+    tiles = [INTERPRETER_TILE] if INTERPRET else GPU_TILES
+    return [triton.Config({rows: n, cols: c, reduction: r}, num_stages=s, num_warps=w) for n, c, r, s, w in tiles]
+
+
+def _pruner(rows: str, cols: str, reduction: str):
+    """An early_config_prune hook: shared memory within budget; no batch tile (whichever role it plays)
+    larger than the batch; fp64 (DMMA) and IEEE fp32 (FMA) with a short reduction and at most 16
+    accumulator elements a thread for fp64. Keeps the smallest tile if nothing else fits."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        element = args["dy_ptr" if "dy_ptr" in args else "x_ptr"].element_size()
+        slow = element == 8 or (element == 4 and args["DOT_PRECISION"] == "ieee")
+        kept = []
+        for config in configs:
+            r, c, k = (config.kwargs[name] for name in (rows, cols, reduction))
+            threads = 32 * config.num_warps
+            if config.num_stages * (r * k + k * c) * element > SHARED_MEMORY_BUDGET:
+                continue
+            if config.kwargs["BLOCK_N"] > max(args["N_BUCKET"], 16):
+                continue
+            if slow and k > 32 or element == 8 and r * c > 16 * threads:
+                continue
+            kept.append(config)
+        kept = kept or [min(configs, key=lambda cfg: sum(cfg.kwargs.values()))]
+        return kept if AUTOTUNE else kept[:1]
+
+    return prune
+
+
+@triton.jit
+def _gather(x_ptr, x_rows, n_ok, rr, p_h, p_w, C, H, W, R, stride_xc, stride_xh, stride_xw,
+            KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+            PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
+    """The patch of output position (p_h, p_w) for batch rows x_rows (int64 offsets) and taps rr:
+    ([BN, BR] values, [BR] mask of the taps inside the image). Taps in the padding are not loaded."""
+    c = rr // (KH * KW)
+    t = rr % (KH * KW)
+    h = p_h * SH - PH + (t // KW) * DH
+    w = p_w * SW - PW + (t % KW) * DW
+    inside = (rr < R) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    offsets = c.to(tl.int64) * stride_xc + h.to(tl.int64) * stride_xh + w.to(tl.int64) * stride_xw  # [BR]
+    x = tl.load(x_ptr + x_rows[:, None] + offsets[None, :], mask=n_ok[:, None] & inside[None, :], other=0.0)
+    return x, inside
+
+
+@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_O", "BLOCK_R"),
+                 key=["N_BUCKET", "C", "H", "W", "O", "OW", "L", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _pruner("BLOCK_N", "BLOCK_O", "BLOCK_R")})
+@triton.jit(do_not_specialize=["N", "N_BUCKET"])
+def local_forward_kernel(
+    x_ptr, stride_xn, stride_xc, stride_xh, stride_xw,
+    w_ptr, stride_wo, stride_wl, stride_wr,  # (O, L, R)
+    b_ptr, stride_bo, stride_bl,  # (O, L)
+    y_ptr,  # (N, O, L) contiguous
+    N, C, H, W, O, OW, L, R,
+    N_BUCKET,  # autotuning key only
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # Program order: batch tiles fastest, then output-channel tiles, then positions, so that the programs
+    # reading one position's weights run together.
+    pid = tl.program_id(0)
+    batch_tiles = tl.cdiv(N, BLOCK_N)
+    channel_tiles = tl.cdiv(O, BLOCK_O)
+    p = pid // (batch_tiles * channel_tiles)
+    rn = (pid % batch_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    ro = ((pid // batch_tiles) % channel_tiles) * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO]
+    n_ok = rn < N
+    o_ok = ro < O
+    x_rows = rn.to(tl.int64) * stride_xn
+    w_base = w_ptr + ro.to(tl.int64)[None, :] * stride_wo + p.to(tl.int64) * stride_wl  # [1, BO]
+
+    acc = tl.zeros((BLOCK_N, BLOCK_O), dtype=ACC_DTYPE)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)  # [BR]
+        x, inside = _gather(x_ptr, x_rows, n_ok, rr, p // OW, p % OW, C, H, W, R, stride_xc, stride_xh,
+                            stride_xw, KH, KW, SH, SW, PH, PW, DH, DW)  # [BN, BR]
+        w = tl.load(w_base + rr.to(tl.int64)[:, None] * stride_wr, mask=inside[:, None] & o_ok[None, :],
+                    other=0.0)  # [BR, BO]
+        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + ro.to(tl.int64) * stride_bo + p.to(tl.int64) * stride_bl, mask=o_ok, other=0.0)
+        acc += bias.to(ACC_DTYPE)[None, :]
+    out = (rn.to(tl.int64) * O)[:, None] * L + (ro.to(tl.int64) * L)[None, :] + p
+    tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & o_ok[None, :])
+
+
+@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_C", "BLOCK_O"),
+                 key=["N_BUCKET", "C", "H", "W", "O", "OW", "L", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _pruner("BLOCK_N", "BLOCK_C", "BLOCK_O")})
+@triton.jit(do_not_specialize=["N", "N_BUCKET"])
+def local_grad_input_kernel(
+    dy_ptr, stride_dyn, stride_dyo, stride_dyh, stride_dyw,  # (N, O, OH, OW)
+    w_ptr, stride_wo, stride_wl, stride_wr,  # (O, L, R)
+    dx_ptr,  # (N, C, H, W) contiguous
+    N, C, H, W, O, OH, OW, L,
+    N_BUCKET,  # autotuning key only
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    # dx[n, c, h, w] = sum over taps (di, dj) whose output position (i, j) sees pixel (h, w):
+    #   i * SH - PH + di * DH = h, j * SW - PW + dj * DW = w, then sum_o dy[n, o, i, j] W[o, (i, j), (c, di, dj)].
+    pid = tl.program_id(0)
+    batch_tiles = tl.cdiv(N, BLOCK_N)
+    channel_tiles = tl.cdiv(C, BLOCK_C)
+    pixel = pid // (batch_tiles * channel_tiles)
+    h = pixel // W
+    w = pixel % W
+    rn = (pid % batch_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    rc = ((pid // batch_tiles) % channel_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BC]
+    ro = tl.arange(0, BLOCK_O)  # [BO]
+    n_ok = rn < N
+    c_ok = rc < C
+    dy_rows = rn.to(tl.int64) * stride_dyn  # [BN]
+    taps = rc.to(tl.int64) * (KH * KW)  # [BC]: the first tap of each input channel
+
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC_DTYPE)
+    for di in range(KH):
+        i_scaled = h + PH - di * DH
+        i = i_scaled // SH
+        row_ok = (i_scaled >= 0) & (i_scaled % SH == 0) & (i < OH)
+        for dj in range(KW):
+            j_scaled = w + PW - dj * DW
+            j = j_scaled // SW
+            if row_ok & (j_scaled >= 0) & (j_scaled % SW == 0) & (j < OW):
+                position = (i * OW + j).to(tl.int64)
+                dy_base = dy_ptr + dy_rows[:, None] + i.to(tl.int64) * stride_dyh + j.to(tl.int64) * stride_dyw
+                w_base = w_ptr + position * stride_wl + (taps + di * KW + dj)[None, :] * stride_wr  # [1, BC]
+                for o0 in range(0, O, BLOCK_O):
+                    oo = (o0 + ro).to(tl.int64)
+                    o_ok = oo < O
+                    dy = tl.load(dy_base + oo[None, :] * stride_dyo, mask=n_ok[:, None] & o_ok[None, :],
+                                 other=0.0)  # [BN, BO]
+                    wt = tl.load(w_base + oo[:, None] * stride_wo, mask=o_ok[:, None] & c_ok[None, :],
+                                 other=0.0)  # [BO, BC]
+                    acc = tl.dot(dy.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                                 out_dtype=ACC_DTYPE)
+
+    out = (rn.to(tl.int64) * C)[:, None] * (H * W) + (rc.to(tl.int64) * (H * W))[None, :] + pixel
+    tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=n_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _grad_weight_tile(x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, dy_ptr, stride_dyn, dy_position,
+                      stride_dyo, ro64, o_ok, rr, p_h, p_w, N, C, H, W, R,
+                      KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                      PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+                      WITH_BIAS: tl.constexpr):
+    """(dW tile [BO, BR], db [BO]) of one position: dy^T @ patches, and the column sums of dy when WITH_BIAS."""
+    acc = tl.zeros((BLOCK_O, BLOCK_R), dtype=ACC_DTYPE)
+    db = tl.zeros((BLOCK_O,), dtype=ACC_DTYPE)
+    rn = tl.arange(0, BLOCK_N)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + rn
+        n_ok = rows < N
+        rows64 = rows.to(tl.int64)
+        dy = tl.load(dy_ptr + (rows64 * stride_dyn)[:, None] + dy_position + ro64[None, :] * stride_dyo,
+                     mask=n_ok[:, None] & o_ok[None, :], other=0.0)  # [BN, BO]
+        x, inside = _gather(x_ptr, rows64 * stride_xn, n_ok, rr, p_h, p_w, C, H, W, R, stride_xc, stride_xh,
+                            stride_xw, KH, KW, SH, SW, PH, PW, DH, DW)  # [BN, BR]
+        acc = tl.dot(tl.trans(dy.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                     out_dtype=ACC_DTYPE)
+        if WITH_BIAS:
+            db += tl.sum(dy.to(ACC_DTYPE), axis=0)
+    return acc, db
+
+
+@triton.autotune(configs=_configs("BLOCK_O", "BLOCK_R", "BLOCK_N"),
+                 key=["N_BUCKET", "C", "H", "W", "O", "OW", "L", "DOT_PRECISION", "WEIGHT_GRAD", "BIAS_GRAD"],
+                 prune_configs_by={"early_config_prune": _pruner("BLOCK_O", "BLOCK_R", "BLOCK_N")})
+@triton.jit(do_not_specialize=["N", "N_BUCKET"])
+def local_grad_weight_kernel(
+    x_ptr, stride_xn, stride_xc, stride_xh, stride_xw,
+    dy_ptr, stride_dyn, stride_dyo, stride_dyh, stride_dyw,  # (N, O, OH, OW)
+    dw_ptr,  # (O, L, R) contiguous
+    db_ptr,  # (O, L) contiguous
+    N, C, H, W, O, OW, L, R,
+    N_BUCKET,  # autotuning key only
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # Program order: tap tiles fastest, then output-channel tiles, then positions (one position's
+    # programs read the same dy columns and patches, from L2). Tap tile 0 also writes db.
+    pid = tl.program_id(0)
+    tap_tiles = tl.cdiv(R, BLOCK_R) if WEIGHT_GRAD else 1
+    channel_tiles = tl.cdiv(O, BLOCK_O)
+    p = pid // (tap_tiles * channel_tiles)
+    tap_tile = pid % tap_tiles
+    ro64 = (((pid // tap_tiles) % channel_tiles) * BLOCK_O + tl.arange(0, BLOCK_O)).to(tl.int64)  # [BO]
+    rr = tap_tile * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    o_ok = ro64 < O
+    p_h = p // OW
+    p_w = p % OW
+    dy_position = p_h.to(tl.int64) * stride_dyh + p_w.to(tl.int64) * stride_dyw
+    if BIAS_GRAD and tap_tile == 0:
+        acc, db = _grad_weight_tile(x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, dy_ptr, stride_dyn,
+                                    dy_position, stride_dyo, ro64, o_ok, rr, p_h, p_w, N, C, H, W, R,
+                                    KH, KW, SH, SW, PH, PW, DH, DW, DOT_DTYPE, ACC_DTYPE, DOT_PRECISION,
+                                    BLOCK_N, BLOCK_O, BLOCK_R, True)
+        tl.store(db_ptr + ro64 * L + p, db.to(db_ptr.dtype.element_ty), mask=o_ok)
+    else:
+        acc, db = _grad_weight_tile(x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, dy_ptr, stride_dyn,
+                                    dy_position, stride_dyo, ro64, o_ok, rr, p_h, p_w, N, C, H, W, R,
+                                    KH, KW, SH, SW, PH, PW, DH, DW, DOT_DTYPE, ACC_DTYPE, DOT_PRECISION,
+                                    BLOCK_N, BLOCK_O, BLOCK_R, False)
+    if WEIGHT_GRAD:
+        out = (ro64 * L + p)[:, None] * R + rr[None, :]
+        tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=o_ok[:, None] & (rr < R)[None, :])
+
+
+class Geometry:
+    """The constexprs of one layer's window: kernel (KH, KW), stride, padding, dilation, each a pair."""
+
+    def __init__(self, kernel_size, stride, padding, dilation):
+        (self.kh, self.kw), (self.sh, self.sw) = kernel_size, stride
+        (self.ph, self.pw), (self.dh, self.dw) = padding, dilation
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        return ((h + 2 * self.ph - self.dh * (self.kh - 1) - 1) // self.sh + 1,
+                (w + 2 * self.pw - self.dw * (self.kw - 1) - 1) // self.sw + 1)
+
+    def constexprs(self) -> dict:
+        return dict(KH=self.kh, KW=self.kw, SH=self.sh, SW=self.sw, PH=self.ph, PW=self.pw, DH=self.dh, DW=self.dw)
+
+
+def _numerics(dtype: torch.dtype) -> dict:
+    return dict(DOT_DTYPE=dot_dtype(dtype), ACC_DTYPE=accumulator_dtype(dtype), DOT_PRECISION=dot_precision(dtype))
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: Geometry) -> torch.Tensor:
+    """y (N, O, OH, OW) contiguous from x (N, C, H, W) (any strides), weight (O, L, R), bias (O, L) or None."""
+    n, c, h, w = x.shape
+    o, positions, taps = weight.shape
+    oh, ow = geometry.output_size(h, w)
+    y = empty((n, o, oh, ow), device=x.device, dtype=x.dtype)
+    if y.numel() == 0:
+        return y
+    with launch("local_forward_kernel", x.device):
+        local_forward_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(o, meta["BLOCK_O"])
+                                           * positions,)](
+            x, *x.stride(), weight, *weight.stride(),
+            bias if bias is not None else weight, *(bias.stride() if bias is not None else (0, 0)),
+            y, n, c, h, w, o, ow, positions, taps, size_bucket(n),
+            **geometry.constexprs(), **_numerics(x.dtype), HAS_BIAS=bias is not None,
+        )
+    return y
+
+
+def grad_input(dy: torch.Tensor, weight: torch.Tensor, input_shape: tuple[int, ...], geometry: Geometry
+               ) -> torch.Tensor:
+    """dx (N, C, H, W) contiguous from dy (N, O, OH, OW) (any strides) and weight (O, L, R)."""
+    n, c, h, w = input_shape
+    o, positions, _ = weight.shape
+    oh, ow = dy.shape[2:]
+    dx = empty((n, c, h, w), device=dy.device, dtype=dy.dtype)
+    if dx.numel() == 0:
+        return dx
+    with launch("local_grad_input_kernel", dy.device):
+        local_grad_input_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(c, meta["BLOCK_C"])
+                                              * h * w,)](
+            dy, *dy.stride(), weight, *weight.stride(), dx,
+            n, c, h, w, o, oh, ow, positions, size_bucket(n),
+            **geometry.constexprs(), **_numerics(dy.dtype),
+        )
+    return dx
+
+
+def grad_weight(x: torch.Tensor | None, dy: torch.Tensor, input_shape: tuple[int, ...],
+                weight_shape: tuple[int, int, int], geometry: Geometry, bias_grad: bool
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dW (O, L, R) when x is given, db (O, L) when bias_grad; each None where not asked for) from
+    x (N, C, H, W) (any strides) and dy (N, O, OH, OW) (any strides)."""
+    n, c, h, w = input_shape
+    o, positions, taps = weight_shape
+    ow = dy.shape[3]
+    dw = empty((o, positions, taps), device=dy.device, dtype=dy.dtype) if x is not None else None
+    db = empty((o, positions), device=dy.device, dtype=dy.dtype) if bias_grad else None
+    weight_grad = x is not None and taps > 0  # an (O, L, 0) gradient is empty: nothing to write
+    if o * positions == 0 or not (weight_grad or bias_grad):
+        return dw, db
+    # Without dW the gather never runs: any tensor serves as x.
+    x_args = (x, *x.stride()) if x is not None else (dy, 0, 0, 0, 0)
+    with launch("local_grad_weight_kernel", dy.device):
+        local_grad_weight_kernel[lambda meta: (
+            (triton.cdiv(taps, meta["BLOCK_R"]) if weight_grad else 1) * triton.cdiv(o, meta["BLOCK_O"])
+            * positions,)](
+            *x_args, dy, *dy.stride(),
+            dw if dw is not None else dy, db if db is not None else dy,
+            n, c, h, w, o, ow, positions, taps, size_bucket(n),
+            **geometry.constexprs(), **_numerics(dy.dtype),
+            WEIGHT_GRAD=weight_grad, BIAS_GRAD=bias_grad,
+        )
+    return dw, db

@@ -1,0 +1,260 @@
+"""gpunn.LocallyConnected2d / 1d and their functional forms against F.unfold + einsum in float64: forward and
+every gradient, geometry (stride, padding, dilation, rectangular kernels), channels past a tile, unbatched
+inputs, conversion to and from MaskedLinear, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TorchOpSpy, assert_close, count_launches, leaf64
+
+import gpunn
+
+LOCAL_KERNELS = ("local_forward_kernel", "local_grad_input_kernel", "local_grad_weight_kernel")
+
+
+def reference_local2d(x, weight, bias, stride, padding, dilation):
+    """The usual workaround, in float64: the unfolded patches (N, C*KH*KW, L) times each position's weights."""
+    o, oh, ow, c, kh, kw = weight.shape
+    patches = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    y = torch.einsum("nrl,olr->nol", patches, weight.reshape(o, oh * ow, c * kh * kw))
+    if bias is not None:
+        y = y + bias.reshape(o, oh * ow)
+    return y.reshape(x.shape[0], o, oh, ow)
+
+
+def run_local2d_case(device, dtype, n, c, o, size, kernel, stride=1, padding=0, dilation=1, bias=True,
+                     unbatched=False, x=None):
+    """Module forward and backward against the float64 reference; returns (layer, output, gradients)."""
+    gen = torch.Generator().manual_seed(hash((n, c, o, size, kernel, stride, padding, dilation)) % 2**31)
+    layer = gpunn.LocallyConnected2d(c, o, size, kernel, stride, padding, dilation, bias=bias, device=device,
+                                     dtype=dtype)
+    if x is None:
+        shape = (c, *size) if unbatched else (n, c, *size)
+        x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    out = layer(x)
+    x64, w64, b64 = leaf64(x), leaf64(layer.weight), leaf64(layer.bias)
+    ref = reference_local2d(x64 if not unbatched else x64.unsqueeze(0), w64, b64, layer.stride, layer.padding,
+                            layer.dilation)
+    ref = ref.squeeze(0) if unbatched else ref
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, "output")
+    grad_output = torch.randn(ref.shape, generator=gen).to(device=device, dtype=dtype)
+    params = [t for t in (x, layer.weight, layer.bias) if t is not None and t.requires_grad]
+    params64 = [t for t in (x64, w64, b64) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, params, grad_output)
+    for name, g, g64 in zip(("input", "weight", "bias"), grads, torch.autograd.grad(ref, params64,
+                                                                                     grad_output.double())):
+        assert_close(g, g64, dtype, f"grad {name}")
+    return layer, out, grads
+
+
+# (N, C, O, (H, W), kernel, stride, padding, dilation): each geometry the issue names, at odd sizes.
+GEOMETRIES = {
+    "3x3_pad1": (3, 2, 5, (5, 6), 3, 1, 1, 1),
+    "stride2": (2, 3, 4, (7, 6), 3, 2, 0, 1),
+    "rectangular_mixed": (2, 2, 3, (6, 7), (2, 3), (1, 2), (1, 0), (2, 1)),
+    "dilation2_pad2": (2, 1, 2, (6, 5), 3, 1, 2, 2),
+    "1x1": (3, 4, 3, (3, 4), 1, 1, 0, 1),
+    "kernel_is_image": (2, 2, 3, (3, 4), (3, 4), 1, 0, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_geometries(device, name):
+    n, c, o, size, kernel, stride, padding, dilation = GEOMETRIES[name]
+    run_local2d_case(device, torch.float64, n, c, o, size, kernel, stride, padding, dilation)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d).removeprefix("torch."))
+def test_dtypes(device, dtype):
+    run_local2d_case(device, dtype, 3, 2, 5, (5, 6), 3, 1, 1, 1)
+
+
+def test_channels_past_one_tile(device):
+    # 33 channels in and out: the interpreter's 32-wide channel tiles and 64-wide tap chunks both split.
+    run_local2d_case(device, torch.float64, 33, 33, 33, (3, 3), 3, 1, 1, 1)
+
+
+def test_unbatched_and_without_bias(device):
+    run_local2d_case(device, torch.float64, 1, 2, 3, (4, 5), 3, 1, 1, 1, unbatched=True)
+    layer, _, grads = run_local2d_case(device, torch.float64, 2, 2, 3, (4, 5), 3, 1, 1, 1, bias=False)
+    assert layer.bias is None and len(grads) == 2
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_strided_input(device, layout):
+    base = torch.randn(3, 2, 12, 7, device=device, dtype=torch.float64)
+    x = base.contiguous(memory_format=torch.channels_last)[:, :, :6] if layout == "channels_last" else base[:, :, ::2]
+    assert not x.is_contiguous()
+    run_local2d_case(device, torch.float64, 3, 2, 3, (6, 7), 3, 1, 1, 1, x=x.detach().requires_grad_())
+
+
+def test_padding_weights_are_never_read(device):
+    # Weights of taps in the padding multiply zeros: NaN there must change nothing, and get zero gradient.
+    layer = gpunn.LocallyConnected2d(2, 3, (4, 4), 3, padding=1, device=device, dtype=torch.float64)
+    inside = gpunn.convert._positions(layer)[2]
+    with torch.no_grad():
+        layer.weight[~inside] = float("nan")
+    x = torch.randn(2, 2, 4, 4, device=device, dtype=torch.float64)
+    out = layer(x)
+    out.sum().backward()
+    assert not out.isnan().any()
+    assert torch.equal(layer.weight.grad[~inside], torch.zeros_like(layer.weight.grad[~inside]))
+
+
+@pytest.mark.parametrize("requires", ["input only", "weight only", "bias only"])
+def test_only_the_gradients_asked_for(device, requires):
+    layer = gpunn.LocallyConnected2d(2, 3, (4, 5), 3, padding=1, device=device, dtype=torch.float64)
+    x = torch.randn(2, 2, 4, 5, device=device, dtype=torch.float64, requires_grad=requires == "input only")
+    layer.weight.requires_grad_(requires == "weight only")
+    layer.bias.requires_grad_(requires == "bias only")
+    with count_launches() as launches:
+        layer(x).sum().backward()
+    expected = {"input only": "local_grad_input_kernel"}.get(requires, "local_grad_weight_kernel")
+    assert launches == {"local_forward_kernel": 1, expected: 1}
+    x64 = x.detach().requires_grad_(requires == "input only")
+    w64 = layer.weight.detach().requires_grad_(requires == "weight only")
+    b64 = layer.bias.detach().requires_grad_(requires == "bias only")
+    leaf, leaf64_ = {"input only": (x, x64), "weight only": (layer.weight, w64), "bias only": (layer.bias, b64)}[requires]
+    (expected_grad,) = torch.autograd.grad(reference_local2d(x64, w64, b64, 1, 1, 1).sum(), [leaf64_])
+    assert_close(leaf.grad, expected_grad, torch.float64, requires)
+
+
+def test_zero_batch(device):
+    layer = gpunn.LocallyConnected2d(2, 3, (4, 5), 3, padding=1, device=device)
+    x = torch.randn(0, 2, 4, 5, device=device, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (0, 3, 4, 5)
+    out.sum().backward()
+    assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
+    assert torch.equal(layer.bias.grad, torch.zeros_like(layer.bias))
+
+
+def test_triton_path_runs_without_unfold_or_matmul(device):
+    layer = gpunn.LocallyConnected2d(2, 3, (4, 5), 3, padding=1, device=device)
+    x = torch.randn(2, 2, 4, 5, device=device, requires_grad=True)
+    with count_launches() as launches, TorchOpSpy() as spy:
+        layer(x).sum().backward()
+    assert launches == dict.fromkeys(LOCAL_KERNELS, 1)
+    assert not spy.matmuls(), spy.matmuls()
+    assert not {"aten.im2col", "aten.col2im", "aten.unfold", "aten.einsum"} & set(spy.ops)
+
+
+def test_bitwise_deterministic(device):
+    layer = gpunn.LocallyConnected2d(3, 4, (5, 5), 3, stride=2, padding=1, device=device)
+    x = torch.randn(5, 3, 5, 5, device=device, requires_grad=True)
+    runs = []
+    for _ in range(2):
+        out = layer(x)
+        runs.append((out, *torch.autograd.grad(out, (x, layer.weight, layer.bias), torch.ones_like(out))))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+# 1-D: (N, C, O, L, kernel, stride, padding, dilation).
+@pytest.mark.parametrize("case", [(3, 2, 4, 11, 3, 1, 1, 1), (2, 3, 2, 12, 4, 3, 2, 2), (2, 1, 1, 5, 5, 1, 0, 1)],
+                         ids=["k3_pad1", "stride3_dilation2", "kernel_is_input"])
+def test_locally_connected1d(device, case):
+    n, c, o, length, kernel, stride, padding, dilation = case
+    layer = gpunn.LocallyConnected1d(c, o, length, kernel, stride, padding, dilation, device=device,
+                                     dtype=torch.float64)
+    assert layer.weight.shape == (o, layer.output_length, c, kernel) and layer.bias.shape == (o, layer.output_length)
+    x = torch.randn(n, c, length, device=device, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    x64, w64, b64 = leaf64(x), leaf64(layer.weight), leaf64(layer.bias)
+    ref = reference_local2d(x64.unsqueeze(2), w64.unsqueeze(1).unsqueeze(-2), b64.unsqueeze(1), (1, stride),
+                            (0, padding), (1, dilation)).squeeze(2)
+    assert_close(out, ref, torch.float64, "output")
+    for g, g64, name in zip(torch.autograd.grad(out, (x, layer.weight, layer.bias), torch.ones_like(out)),
+                            torch.autograd.grad(ref, (x64, w64, b64), torch.ones_like(ref)), "xwb"):
+        assert_close(g, g64, torch.float64, f"grad {name}")
+    unbatched = layer(x[0])
+    assert unbatched.shape == out.shape[1:] and torch.allclose(unbatched, out[0])
+
+
+def test_module_init_state_dict_and_repr(device):
+    torch.manual_seed(0)
+    layer = gpunn.LocallyConnected2d(16, 4, (6, 6), 3, padding=1, device=device)
+    assert layer.weight.shape == (4, 6, 6, 16, 3, 3) and layer.bias.shape == (4, 6, 6)
+    assert list(layer.state_dict()) == ["weight", "bias"]
+    bound = 1 / (16 * 9) ** 0.5  # nn.Conv2d's fan-in rule
+    for p in (layer.weight, layer.bias):
+        assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound
+    assert repr(layer) == "LocallyConnected2d(16, 4, input_size=(6, 6), kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))"
+    assert repr(gpunn.LocallyConnected1d(2, 3, 10, 3, bias=False)) == \
+        "LocallyConnected1d(2, 3, input_length=10, kernel_size=3, stride=1, bias=False)"
+    fresh = gpunn.LocallyConnected2d(16, 4, (6, 6), 3, padding=1, device=device)
+    fresh.load_state_dict(layer.state_dict(), strict=True)
+    x = torch.randn(2, 16, 6, 6, device=device)
+    assert torch.equal(fresh(x), layer(x))
+
+
+@pytest.mark.parametrize("geometry", [dict(kernel_size=3, padding=1), dict(kernel_size=(2, 3), stride=(2, 1),
+                                                                            padding=(1, 0), dilation=(1, 2))],
+                         ids=["3x3_pad1", "mixed"])
+def test_conversion_to_and_from_masked_linear(device, geometry):
+    layer = gpunn.LocallyConnected2d(2, 3, (5, 6), device=device, dtype=torch.float64, **geometry)
+    masked = gpunn.convert.masked_from_local(layer)
+    assert isinstance(masked, gpunn.MaskedLinear) and masked.in_features == 2 * 5 * 6
+    assert torch.equal(masked.mask.cpu(), gpunn.masks.local_2d((2, 5, 6), out_channels=3, **geometry))
+    x = torch.randn(4, 2, 5, 6, device=device, dtype=torch.float64)
+    assert_close(masked(x.flatten(1)), layer(x).flatten(1), torch.float64, "masked form")
+    back = gpunn.convert.local_from_masked(masked, 2, (5, 6), **geometry)
+    assert_close(back(x), layer(x), torch.float64, "back to the compact form")
+    inside = gpunn.convert._positions(layer)[2]
+    assert torch.equal(back.weight[inside], layer.weight[inside])
+    assert torch.equal(back.weight[~inside], torch.zeros_like(back.weight[~inside]))
+
+
+def test_conversion_rejects_another_geometry(device):
+    masked = gpunn.convert.masked_from_local(gpunn.LocallyConnected2d(2, 3, (5, 6), 3, padding=1, device=device))
+    with pytest.raises(ValueError, match="not masks.local_2d"):
+        gpunn.convert.local_from_masked(masked, 2, (5, 6), 3, padding=0 + 1, stride=2)
+    with pytest.raises(ValueError, match="does not read"):
+        gpunn.convert.local_from_masked(masked, 3, (5, 6), 3, padding=1)
+
+
+@pytest.mark.parametrize("make_input,match", [
+    (lambda d: torch.randn(2, 3, 5, 6, device=d), "channels"),
+    (lambda d: torch.randn(2, 2, 6, 6, device=d), "output positions"),
+    (lambda d: torch.randn(2, 2, 5, 6, device=d, dtype=torch.float64), "same dtype"),
+    (lambda d: torch.randn(2, 2, 2, 5, 6, device=d), "4-D"),
+    (lambda d: torch.ones(2, 2, 5, 6, device=d, dtype=torch.int64), "same dtype"),
+])
+def test_bad_inputs_raise_before_any_launch(device, make_input, match):
+    layer = gpunn.LocallyConnected2d(2, 3, (5, 6), 3, padding=1, device=device)
+    with count_launches() as launches, pytest.raises(RuntimeError, match=match):
+        layer(make_input(device))
+    assert launches == {}
+
+
+def test_functional_errors(device):
+    x, weight = torch.randn(1, 2, 5, 6, device=device), torch.randn(3, 5, 6, 2, 3, 3, device=device)
+    with pytest.raises(RuntimeError, match="6-D weight"):
+        gpunn.functional.locally_connected2d(x, weight[0])
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        gpunn.functional.locally_connected2d(x, weight, torch.randn(3, 5, device=device), padding=1)
+    with pytest.raises(RuntimeError, match="negative padding"):
+        gpunn.functional.locally_connected2d(x, weight, padding=-1)
+    with pytest.raises(RuntimeError, match="non-positive"):
+        gpunn.functional.locally_connected2d(x, weight, stride=0)
+    with pytest.raises(TypeError, match="pair"):
+        gpunn.functional.locally_connected2d(x, weight, stride=1.5)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        gpunn.functional.locally_connected1d(torch.randn(1, 2, 9, device=device), torch.randn(3, 9, 2, 3, device=device),
+                                             torch.randn(3, 8, device=device), padding=1)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(kernel_size=7), ValueError, "does not fit"),
+    (dict(kernel_size=3, stride=0), ValueError, "non-positive"),
+    (dict(kernel_size=3, padding=-1), ValueError, "negative padding"),
+    (dict(kernel_size=2.5), TypeError, "pair"),
+    (dict(kernel_size=3, in_channels=0), ValueError, "in_channels"),
+])
+def test_constructor_errors(kwargs, error, match):
+    args = dict(in_channels=2, out_channels=3, input_size=(5, 6))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        gpunn.LocallyConnected2d(**args)
