@@ -165,6 +165,33 @@ def _launch_masked_grad_weight(dtype, m, n, k, activation, bias_grad):
                        layout=_band_layout(dtype, n, k))
 
 
+def _local_problem(dtype, m, n):
+    """The locally connected layer for a size: batch m, 64 channels and a 32x32 image, or 33 channels and a
+    31x30 image where n is not a multiple of 16; 3x3 window, padding 1."""
+    from gpunn.kernels import local
+    channels, (h, w) = (64, (32, 32)) if n % 16 == 0 else (33, (31, 30))
+    geometry = local.Geometry((3, 3), (1, 1), (1, 1), (1, 1))
+    positions = h * w
+    x = _meta((m, channels, h, w), dtype)
+    weight = _meta((channels, positions, channels * 9), dtype)
+    return local, geometry, x, weight, _meta((m, channels, h, w), dtype)
+
+
+def _launch_local_forward(dtype, m, n, k, bias):
+    local, geometry, x, weight, _ = _local_problem(dtype, m, n)
+    local.forward(x, weight, _meta(weight.shape[:2], dtype) if bias else None, geometry)
+
+
+def _launch_local_grad_input(dtype, m, n, k):
+    local, geometry, x, weight, dy = _local_problem(dtype, m, n)
+    local.grad_input(dy, weight, tuple(x.shape), geometry)
+
+
+def _launch_local_grad_weight(dtype, m, n, k, weight_grad, bias_grad):
+    local, geometry, x, weight, dy = _local_problem(dtype, m, n)
+    local.grad_weight(x if weight_grad else None, dy, tuple(x.shape), tuple(weight.shape), geometry, bias_grad)
+
+
 CASES = (
     Case("gpunn.kernels.dense", "dense_forward_kernel", _launch_dense_forward, (
         Variant("relu+bias", dict(activation="relu", bias=True, save_derivative=False)),
@@ -194,6 +221,17 @@ CASES = (
         Variant("relu+db", dict(activation="relu", bias_grad=True)),
         Variant("none", dict(activation=None, bias_grad=False)),
     ), tile=("BLOCK_N", "BLOCK_K", "BLOCK_M")),
+    # Locally connected: one small GEMM per output position, patches gathered in the kernel.
+    Case("gpunn.kernels.local", "local_forward_kernel", _launch_local_forward, (
+        Variant("bias", dict(bias=True)),
+    )),
+    Case("gpunn.kernels.local", "local_grad_input_kernel", _launch_local_grad_input, (
+        Variant("plain", dict()),
+    )),
+    Case("gpunn.kernels.local", "local_grad_weight_kernel", _launch_local_grad_weight, (
+        Variant("weight+bias", dict(weight_grad=True, bias_grad=True)),
+        Variant("bias only", dict(weight_grad=False, bias_grad=True), matmul=False),
+    )),
 )
 
 

@@ -29,16 +29,23 @@ import triton.language as tl
 from .runtime import AUTOTUNE, INTERPRET, accumulator_dtype, dot_dtype, dot_precision, empty, launch, size_bucket
 from .tiling import SHARED_MEMORY_BUDGET
 
-# (batch rows, output or input channels, taps, stages, warps). The target layer (batch 64, 64 channels,
-# 3x3 taps) fits one 64 x 64 tile per position.
+# (MMA rows, MMA columns, reduction, stages, warps), named per kernel by _configs: forward (batch,
+# output channels, taps), input gradient (batch, input channels, output channels), weight gradient (output
+# channels, taps, batch). The target layer (batch 64, 64 channels, 3x3 taps) fits one 64 x 64 tile per
+# position. The operands are gathered (strided rows, padding masks), so each pipeline stage holds them in
+# registers: few stages, and 8 warps for the large fp32 tiles.
 GPU_TILES = (
-    (64, 64, 64, 3, 4),
-    (64, 64, 32, 3, 4),
-    (128, 64, 64, 3, 8),
-    (32, 64, 64, 3, 4),
-    (16, 64, 64, 3, 4),
-    (64, 32, 64, 3, 4),
-    (16, 32, 64, 3, 4),
+    (64, 64, 64, 2, 4),
+    (64, 64, 32, 2, 4),
+    (128, 64, 64, 2, 8),
+    (64, 64, 64, 1, 8),
+    (32, 64, 64, 2, 4),
+    (32, 64, 32, 2, 4),
+    (16, 64, 64, 2, 4),
+    (16, 32, 64, 2, 4),
+    (64, 32, 64, 2, 4),
+    (32, 32, 32, 2, 4),
+    (16, 32, 32, 1, 4),
 )
 INTERPRETER_TILE = (32, 32, 64, 1, 4)
 
@@ -50,9 +57,11 @@ def _configs(rows: str, cols: str, reduction: str) -> list[triton.Config]:
 
 
 def _pruner(rows: str, cols: str, reduction: str):
-    """An early_config_prune hook: shared memory within budget; no batch tile (whichever role it plays)
-    larger than the batch; fp64 (DMMA) and IEEE fp32 (FMA) with a short reduction and at most 16
-    accumulator elements a thread for fp64. Keeps the smallest tile if nothing else fits."""
+    """An early_config_prune hook: shared memory within budget; at most 256 bytes a thread of gathered
+    operands across the pipeline stages (the sm_90 compile report: 384 and more spilled); no batch tile
+    (whichever role it plays) larger than the batch; fp64 (DMMA) and IEEE fp32 (FMA) with a short
+    reduction and at most 16 accumulator elements a thread for fp64. Keeps the smallest tile if nothing
+    else fits."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -62,14 +71,15 @@ def _pruner(rows: str, cols: str, reduction: str):
         for config in configs:
             r, c, k = (config.kwargs[name] for name in (rows, cols, reduction))
             threads = 32 * config.num_warps
-            if config.num_stages * (r * k + k * c) * element > SHARED_MEMORY_BUDGET:
+            staged = config.num_stages * (r * k + k * c) * element
+            if staged > SHARED_MEMORY_BUDGET or staged > 256 * threads:
                 continue
             if config.kwargs["BLOCK_N"] > max(args["N_BUCKET"], 16):
                 continue
             if slow and k > 32 or element == 8 and r * c > 16 * threads:
                 continue
             kept.append(config)
-        kept = kept or [min(configs, key=lambda cfg: sum(cfg.kwargs.values()))]
+        kept = kept or [min(configs, key=lambda cfg: cfg.num_stages * sum(cfg.kwargs.values()))]
         return kept if AUTOTUNE else kept[:1]
 
     return prune
