@@ -14,7 +14,8 @@ from bench.__main__ import main
 from gpunn.kernels import launch_counts
 
 KERNELS = ("dense_forward_kernel", "dense_grad_input_kernel", "dense_grad_weight_kernel",
-           "dense_grad_bias_kernel", "masked_forward_kernel", "masked_grad_input_kernel", "masked_grad_weight_kernel")
+           "dense_grad_bias_kernel", "masked_forward_kernel", "masked_grad_input_kernel", "masked_grad_weight_kernel",
+           "local_forward_kernel", "local_grad_input_kernel", "local_grad_weight_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,15 @@ def test_smoke_masked_reports_block_costs(smoke):
         assert {(r["op"], r["mode"], r["shape"]) for r in rows if r["metric"] == metric} == gpunn_timed, metric
     assert all(0 < float(r["p50"]) <= 1 for r in rows if r["metric"] == "visited_fraction")
     assert "Cost per visited block" in (out / "bench.md").read_text()
+
+
+def test_smoke_local2d_rows(smoke):
+    out, _, _ = smoke
+    rows = [r for r in _rows(out) if r["op"].startswith("local2d[")]
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    assert {(r["provider"], r["metric"]) for r in rows} >= {("gpunn", "ms"), ("torch", "ms"), ("gpunn", "rel_err")}
+    if torch.cuda.is_available():  # peak memory is measured on CUDA only
+        assert any(r["metric"] == "peak_mem_ratio" for r in rows)
 
 
 def test_failing_result_gets_no_speedup():
