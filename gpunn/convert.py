@@ -32,7 +32,7 @@ def _positions(layer: LocallyConnected2d) -> tuple[torch.Tensor, torch.Tensor, t
 
 def masked_from_local(layer: LocallyConnected2d) -> MaskedLinear:
     """The MaskedLinear(C*H*W, O*OH*OW, local_2d mask) computing what `layer` computes, on the flattened
-    input; same device, dtype and weights (those of taps in the padding dropped)."""
+    input; same device, dtype and weights (those of taps in the padding dropped), no activation."""
     c, (h, w) = layer.in_channels, layer.input_size
     mask = masks.local_2d((c, h, w), layer.kernel_size, layer.stride, layer.padding, layer.dilation,
                           layer.out_channels)
@@ -52,8 +52,13 @@ def local_from_masked(layer: MaskedLinear, in_channels: int, input_size, kernel_
                       dilation=1) -> LocallyConnected2d:
     """The LocallyConnected2d with this geometry computing what `layer` computes; layer's mask must be
     masks.local_2d of that geometry (ValueError otherwise). Weights of taps in the padding are zero."""
+    if layer.activation is not None:
+        raise ValueError(f"the MaskedLinear fuses the activation {layer.activation!r}, which a LocallyConnected2d "
+                         f"does not have")
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     height, width = masks.as_pair(input_size, "input_size")
-    if layer.in_features % in_channels or layer.in_features != in_channels * height * width:
+    if layer.in_features != in_channels * height * width:
         raise ValueError(f"a MaskedLinear with {layer.in_features} inputs does not read {in_channels} channels of "
                          f"{height}x{width}")
     probe = masks.local_2d((in_channels, height, width), kernel_size, stride, padding, dilation)

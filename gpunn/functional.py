@@ -12,7 +12,7 @@ from .kernels.activations import NAMES as ACTIVATIONS
 from .kernels.layout import BlockLayout, check_block
 from .kernels.local import Geometry
 from .kernels.runtime import triton_runs_on
-from .masks import as_pair, block_layout
+from .masks import as_pair, as_single, block_layout
 from .ops.linear import LinearFunction
 from .ops.local import LocallyConnectedFunction
 
@@ -206,8 +206,6 @@ def _check_local(input, weight, bias, geometry: Geometry) -> None:
         raise RuntimeError(f"locally_connected2d expects a 6-D weight (out_channels, oh, ow, in_channels, kh, kw), "
                            f"got shape {tuple(weight.shape)}")
     o, oh, ow, c, kh, kw = weight.shape
-    if (kh, kw) != (geometry.kh, geometry.kw):
-        raise RuntimeError(f"the weight's kernel {kh}x{kw} does not match kernel_size {geometry.kh}x{geometry.kw}")
     channels, height, width = input.shape[-3:]
     if channels != c:
         raise RuntimeError(f"expected input with {c} channels (weight of shape {tuple(weight.shape)}), got "
@@ -281,15 +279,6 @@ def locally_connected2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return y if batched else y.squeeze(0)
 
 
-def single(value, name: str) -> int:
-    """An int, or a 1-sequence of one int (as nn.Conv1d accepts); TypeError otherwise."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, (tuple, list)) and len(value) == 1 and isinstance(value[0], int):
-        return value[0]
-    raise TypeError(f"{name} must be an int or a 1-tuple of an int, got {value!r}")
-
-
 def locally_connected1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                         stride=1, padding=0, dilation=1) -> torch.Tensor:
     """The 1-D locally connected layer: locally_connected2d over a height of 1.
@@ -303,17 +292,25 @@ def locally_connected1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
     Returns:
         (N, O, OL) or (O, OL), OL = (L + 2p - d(K - 1) - 1) // s + 1.
     """
-    stride, padding, dilation = (single(v, n) for v, n in ((stride, "stride"), (padding, "padding"),
-                                                            (dilation, "dilation")))
+    stride, padding, dilation = (as_single(v, n) for v, n in ((stride, "stride"), (padding, "padding"),
+                                                               (dilation, "dilation")))
     if input.dim() not in (2, 3):
         raise RuntimeError(f"locally_connected1d expects a 2-D (unbatched) or 3-D (batched) input, got shape "
                            f"{tuple(input.shape)}")
     if weight.dim() != 4:
         raise RuntimeError(f"locally_connected1d expects a 4-D weight (out_channels, ol, in_channels, k), got "
                            f"shape {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != tuple(weight.shape[:2]):
-        raise RuntimeError(f"bias must have shape (out_channels, ol) = {tuple(weight.shape[:2])}, got "
-                           f"{tuple(bias.shape)}")
+    o, ol, c, k = weight.shape
+    geometry = local_geometry((1, k), (1, stride), (0, padding), (1, dilation))  # 1-D errors, before the 2-D view
+    if input.shape[-2] != c:
+        raise RuntimeError(f"expected input with {c} channels (weight of shape {tuple(weight.shape)}), got input "
+                           f"of shape {tuple(input.shape)}")
+    expected = geometry.output_size(1, input.shape[-1])[1]
+    if expected != ol:
+        raise RuntimeError(f"an input of length {input.shape[-1]} gives {expected} output positions, but the weight "
+                           f"has {ol}")
+    if bias is not None and tuple(bias.shape) != (o, ol):
+        raise RuntimeError(f"bias must have shape (out_channels, ol) = {(o, ol)}, got {tuple(bias.shape)}")
     weight2d = weight.unsqueeze(1).unsqueeze(-2)  # (O, 1, OL, C, 1, K)
     bias2d = bias.unsqueeze(1) if bias is not None else None
     y = locally_connected2d(input.unsqueeze(-2), weight2d, bias2d, (1, stride), (0, padding), (1, dilation))

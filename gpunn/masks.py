@@ -19,6 +19,15 @@ def as_pair(value, name: str) -> tuple[int, int]:
     return pair
 
 
+def as_single(value, name: str) -> int:
+    """An int, or a 1-sequence of one int (as nn.Conv1d accepts); TypeError otherwise."""
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a 1-tuple of an int, got {value!r}")
+    return value
+
+
 def local_1d(in_features: int, out_features: int, window: int) -> torch.Tensor:
     """Each output neuron reads `window` consecutive inputs around its position.
 

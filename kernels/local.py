@@ -46,6 +46,8 @@ GPU_TILES = (
     (64, 32, 64, 2, 4),
     (32, 32, 32, 2, 4),
     (16, 32, 32, 1, 4),
+    (64, 64, 32, 1, 8),
+    (32, 64, 32, 1, 4),
 )
 INTERPRETER_TILE = (32, 32, 64, 1, 4)
 
@@ -60,13 +62,14 @@ def _pruner(rows: str, cols: str, reduction: str):
     """An early_config_prune hook: shared memory within budget; at most 256 bytes a thread of gathered
     operands across the pipeline stages (the sm_90 compile report: 384 and more spilled); no batch tile
     (whichever role it plays) larger than the batch; fp64 (DMMA) and IEEE fp32 (FMA) with a short
-    reduction and at most 16 accumulator elements a thread for fp64. Keeps the smallest tile if nothing
-    else fits."""
+    reduction, at most 16 accumulator elements a thread for fp64, and one stage for IEEE fp32 (FMA gains
+    nothing from the pipeline, and two stages spilled). Keeps the smallest tile if nothing else fits."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         element = args["dy_ptr" if "dy_ptr" in args else "x_ptr"].element_size()
-        slow = element == 8 or (element == 4 and args["DOT_PRECISION"] == "ieee")
+        exact_fp32 = element == 4 and args["DOT_PRECISION"] == "ieee"
+        slow = element == 8 or exact_fp32
         kept = []
         for config in configs:
             r, c, k = (config.kwargs[name] for name in (rows, cols, reduction))
@@ -76,7 +79,7 @@ def _pruner(rows: str, cols: str, reduction: str):
                 continue
             if config.kwargs["BLOCK_N"] > max(args["N_BUCKET"], 16):
                 continue
-            if slow and k > 32 or element == 8 and r * c > 16 * threads:
+            if slow and k > 32 or element == 8 and r * c > 16 * threads or exact_fp32 and config.num_stages > 1:
                 continue
             kept.append(config)
         kept = kept or [min(configs, key=lambda cfg: cfg.num_stages * sum(cfg.kwargs.values()))]
@@ -102,7 +105,7 @@ def _gather(x_ptr, x_rows, n_ok, rr, p_h, p_w, C, H, W, R, stride_xc, stride_xh,
 
 
 @triton.autotune(configs=_configs("BLOCK_N", "BLOCK_O", "BLOCK_R"),
-                 key=["N_BUCKET", "C", "H", "W", "O", "OW", "L", "DOT_PRECISION"],
+                 key=["N_BUCKET", "C", "H", "W", "O", "OW", "L", "R", "SH", "SW", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _pruner("BLOCK_N", "BLOCK_O", "BLOCK_R")})
 @triton.jit(do_not_specialize=["N", "N_BUCKET"])
 def local_forward_kernel(
@@ -147,7 +150,7 @@ def local_forward_kernel(
 
 
 @triton.autotune(configs=_configs("BLOCK_N", "BLOCK_C", "BLOCK_O"),
-                 key=["N_BUCKET", "C", "H", "W", "O", "OW", "L", "DOT_PRECISION"],
+                 key=["N_BUCKET", "C", "H", "W", "O", "OW", "L", "KH", "KW", "SH", "SW", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _pruner("BLOCK_N", "BLOCK_C", "BLOCK_O")})
 @triton.jit(do_not_specialize=["N", "N_BUCKET"])
 def local_grad_input_kernel(
@@ -199,7 +202,8 @@ def local_grad_input_kernel(
                     acc = tl.dot(dy.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
                                  out_dtype=ACC_DTYPE)
 
-    out = (rn.to(tl.int64) * C)[:, None] * (H * W) + (rc.to(tl.int64) * (H * W))[None, :] + pixel
+    plane = H.to(tl.int64) * W
+    out = (rn.to(tl.int64) * C)[:, None] * plane + (rc.to(tl.int64) * plane)[None, :] + pixel
     tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=n_ok[:, None] & c_ok[None, :])
 
 
@@ -210,8 +214,9 @@ def _grad_weight_tile(x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, dy_ptr,
                       PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                       DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
-                      WITH_BIAS: tl.constexpr):
-    """(dW tile [BO, BR], db [BO]) of one position: dy^T @ patches, and the column sums of dy when WITH_BIAS."""
+                      WITH_WEIGHT: tl.constexpr, WITH_BIAS: tl.constexpr):
+    """(dW tile [BO, BR], db [BO]) of one position: dy^T @ patches when WITH_WEIGHT, and the column sums of
+    dy when WITH_BIAS (each zeros otherwise)."""
     acc = tl.zeros((BLOCK_O, BLOCK_R), dtype=ACC_DTYPE)
     db = tl.zeros((BLOCK_O,), dtype=ACC_DTYPE)
     rn = tl.arange(0, BLOCK_N)
@@ -221,17 +226,19 @@ def _grad_weight_tile(x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, dy_ptr,
         rows64 = rows.to(tl.int64)
         dy = tl.load(dy_ptr + (rows64 * stride_dyn)[:, None] + dy_position + ro64[None, :] * stride_dyo,
                      mask=n_ok[:, None] & o_ok[None, :], other=0.0)  # [BN, BO]
-        x, inside = _gather(x_ptr, rows64 * stride_xn, n_ok, rr, p_h, p_w, C, H, W, R, stride_xc, stride_xh,
-                            stride_xw, KH, KW, SH, SW, PH, PW, DH, DW)  # [BN, BR]
-        acc = tl.dot(tl.trans(dy.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
-                     out_dtype=ACC_DTYPE)
+        if WITH_WEIGHT:
+            x, inside = _gather(x_ptr, rows64 * stride_xn, n_ok, rr, p_h, p_w, C, H, W, R, stride_xc,
+                                stride_xh, stride_xw, KH, KW, SH, SW, PH, PW, DH, DW)  # [BN, BR]
+            acc = tl.dot(tl.trans(dy.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                         out_dtype=ACC_DTYPE)
         if WITH_BIAS:
             db += tl.sum(dy.to(ACC_DTYPE), axis=0)
     return acc, db
 
 
 @triton.autotune(configs=_configs("BLOCK_O", "BLOCK_R", "BLOCK_N"),
-                 key=["N_BUCKET", "C", "H", "W", "O", "OW", "L", "DOT_PRECISION", "WEIGHT_GRAD", "BIAS_GRAD"],
+                 key=["N_BUCKET", "C", "H", "W", "O", "OW", "L", "R", "SH", "SW", "DOT_PRECISION", "WEIGHT_GRAD",
+                      "BIAS_GRAD"],
                  prune_configs_by={"early_config_prune": _pruner("BLOCK_O", "BLOCK_R", "BLOCK_N")})
 @triton.jit(do_not_specialize=["N", "N_BUCKET"])
 def local_grad_weight_kernel(
@@ -264,13 +271,13 @@ def local_grad_weight_kernel(
         acc, db = _grad_weight_tile(x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, dy_ptr, stride_dyn,
                                     dy_position, stride_dyo, ro64, o_ok, rr, p_h, p_w, N, C, H, W, R,
                                     KH, KW, SH, SW, PH, PW, DH, DW, DOT_DTYPE, ACC_DTYPE, DOT_PRECISION,
-                                    BLOCK_N, BLOCK_O, BLOCK_R, True)
+                                    BLOCK_N, BLOCK_O, BLOCK_R, WEIGHT_GRAD, True)
         tl.store(db_ptr + ro64 * L + p, db.to(db_ptr.dtype.element_ty), mask=o_ok)
     else:
         acc, db = _grad_weight_tile(x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, dy_ptr, stride_dyn,
                                     dy_position, stride_dyo, ro64, o_ok, rr, p_h, p_w, N, C, H, W, R,
                                     KH, KW, SH, SW, PH, PW, DH, DW, DOT_DTYPE, ACC_DTYPE, DOT_PRECISION,
-                                    BLOCK_N, BLOCK_O, BLOCK_R, False)
+                                    BLOCK_N, BLOCK_O, BLOCK_R, WEIGHT_GRAD, False)
     if WEIGHT_GRAD:
         out = (ro64 * L + p)[:, None] * R + rr[None, :]
         tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=o_ok[:, None] & (rr < R)[None, :])
@@ -346,7 +353,7 @@ def grad_weight(x: torch.Tensor | None, dy: torch.Tensor, input_shape: tuple[int
     weight_grad = x is not None and taps > 0  # an (O, L, 0) gradient is empty: nothing to write
     if o * positions == 0 or not (weight_grad or bias_grad):
         return dw, db
-    # Without dW the gather never runs: any tensor serves as x.
+    # Without dW the kernel neither gathers nor multiplies: any tensor serves as x.
     x_args = (x, *x.stride()) if x is not None else (dy, 0, 0, 0, 0)
     with launch("local_grad_weight_kernel", dy.device):
         local_grad_weight_kernel[lambda meta: (

@@ -3,10 +3,12 @@ every gradient, geometry (stride, padding, dilation, rectangular kernels), chann
 inputs, conversion to and from MaskedLinear, errors."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TorchOpSpy, assert_close, count_launches, leaf64
+from helpers import TorchOpSpy, assert_close, count_dot_work, count_launches, dtypes_for, leaf64, rel_error
 
 import gpunn
 
@@ -39,7 +41,9 @@ def run_local2d_case(device, dtype, n, c, o, size, kernel, stride=1, padding=0, 
     ref = ref.squeeze(0) if unbatched else ref
     assert out.dtype == dtype
     assert_close(out, ref, dtype, "output")
-    grad_output = torch.randn(ref.shape, generator=gen).to(device=device, dtype=dtype)
+    # dy with real strides, as a permute upstream would hand it back.
+    grad_output = torch.randn(tuple(reversed(ref.shape)), generator=gen).to(device=device, dtype=dtype)
+    grad_output = grad_output.permute(*reversed(range(ref.dim())))
     params = [t for t in (x, layer.weight, layer.bias) if t is not None and t.requires_grad]
     params64 = [t for t in (x64, w64, b64) if t is not None and t.requires_grad]
     grads = torch.autograd.grad(out, params, grad_output)
@@ -56,6 +60,8 @@ GEOMETRIES = {
     "rectangular_mixed": (2, 2, 3, (6, 7), (2, 3), (1, 2), (1, 0), (2, 1)),
     "dilation2_pad2": (2, 1, 2, (6, 5), 3, 1, 2, 2),
     "1x1": (3, 4, 3, (3, 4), 1, 1, 0, 1),
+    "stride2_pad1": (2, 2, 3, (7, 6), 3, 2, 1, 1),
+    "uncovered_pixels": (2, 2, 2, (7, 8), 2, 3, 0, 1),  # stride 3 over a 2-wide window: dx is zero there
     "kernel_is_image": (2, 2, 3, (3, 4), (3, 4), 1, 0, 1),
 }
 
@@ -66,9 +72,22 @@ def test_geometries(device, name):
     run_local2d_case(device, torch.float64, n, c, o, size, kernel, stride, padding, dilation)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
 def test_dtypes(device, dtype):
+    if dtype not in dtypes_for(device):
+        pytest.skip("bfloat16 is checked on a GPU only (the interpreter cannot compute it natively)")
     run_local2d_case(device, dtype, 3, 2, 5, (5, 6), 3, 1, 1, 1)
+
+
+def test_tf32_is_followed(device):
+    torch.set_float32_matmul_precision("high")  # the autouse fixture restores "highest"
+    layer = gpunn.LocallyConnected2d(8, 8, (4, 4), 3, padding=1, device=device)
+    x = torch.randn(16, 8, 4, 4, device=device)
+    ref = reference_local2d(x.double(), layer.weight.double(), layer.bias.double(), 1, 1, 1)
+    assert rel_error(layer(x), ref) < 1e-3
+    if device.type == "cuda":
+        assert rel_error(layer(x), ref) > 1e-6, "TF32 was allowed but the result is IEEE-exact"
 
 
 def test_channels_past_one_tile(device):
@@ -95,12 +114,17 @@ def test_padding_weights_are_never_read(device):
     layer = gpunn.LocallyConnected2d(2, 3, (4, 4), 3, padding=1, device=device, dtype=torch.float64)
     inside = gpunn.convert._positions(layer)[2]
     with torch.no_grad():
+        clean = layer.weight.masked_fill(~inside, 0)
         layer.weight[~inside] = float("nan")
-    x = torch.randn(2, 2, 4, 4, device=device, dtype=torch.float64)
+    x = torch.randn(2, 2, 4, 4, device=device, dtype=torch.float64, requires_grad=True)
     out = layer(x)
-    out.sum().backward()
-    assert not out.isnan().any()
-    assert torch.equal(layer.weight.grad[~inside], torch.zeros_like(layer.weight.grad[~inside]))
+    grads = torch.autograd.grad(out, (x, layer.weight, layer.bias), torch.ones_like(out))
+    x64, w64, b64 = leaf64(x), clean.requires_grad_(), leaf64(layer.bias)
+    ref = reference_local2d(x64, w64, b64, 1, 1, 1)
+    assert_close(out, ref, torch.float64, "output")
+    for g, g64, name in zip(grads, torch.autograd.grad(ref, (x64, w64, b64), torch.ones_like(ref)), "xwb"):
+        assert_close(g, g64, torch.float64, f"grad {name}")
+    assert torch.equal(grads[1][~inside], torch.zeros_like(grads[1][~inside]))
 
 
 @pytest.mark.parametrize("requires", ["input only", "weight only", "bias only"])
@@ -119,6 +143,29 @@ def test_only_the_gradients_asked_for(device, requires):
     leaf, leaf64_ = {"input only": (x, x64), "weight only": (layer.weight, w64), "bias only": (layer.bias, b64)}[requires]
     (expected_grad,) = torch.autograd.grad(reference_local2d(x64, w64, b64, 1, 1, 1).sum(), [leaf64_])
     assert_close(leaf.grad, expected_grad, torch.float64, requires)
+
+
+def test_bias_gradient_alone_does_no_dot_work(device):
+    if device.type != "cpu":
+        pytest.skip("counts the multiply-adds Triton's interpreter executes")
+    layer = gpunn.LocallyConnected2d(2, 3, (4, 5), 3, padding=1)
+    layer.weight.requires_grad_(False)
+    out = layer(torch.randn(2, 2, 4, 5))
+    with count_dot_work() as work:
+        out.sum().backward()
+    assert work[0] == 0 and layer.bias.grad is not None
+
+
+def test_dtype_conversion_copy_and_autocast(device):
+    layer = gpunn.LocallyConnected2d(2, 3, (4, 5), 3, padding=1, device=device)
+    x = torch.randn(2, 2, 4, 5, device=device)
+    clone = copy.deepcopy(layer)
+    assert torch.equal(clone(x), layer(x))
+    half = copy.deepcopy(layer).to(torch.float64)
+    assert half.weight.dtype == torch.float64 and rel_error(half(x.double()), layer(x)) < 1e-5
+    autocast_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    with torch.autocast(device.type, dtype=autocast_dtype):
+        assert layer(x).dtype == torch.nn.functional.conv2d(x, torch.randn(3, 2, 3, 3, device=device)).dtype
 
 
 def test_zero_batch(device):
@@ -153,21 +200,25 @@ def test_bitwise_deterministic(device):
 
 
 # 1-D: (N, C, O, L, kernel, stride, padding, dilation).
-@pytest.mark.parametrize("case", [(3, 2, 4, 11, 3, 1, 1, 1), (2, 3, 2, 12, 4, 3, 2, 2), (2, 1, 1, 5, 5, 1, 0, 1)],
-                         ids=["k3_pad1", "stride3_dilation2", "kernel_is_input"])
+@pytest.mark.parametrize("case", [(3, 2, 4, 11, 3, 1, 1, 1, True), (2, 3, 2, 12, 4, 3, 2, 2, True),
+                                  (2, 1, 1, 5, 5, 1, 0, 1, False)],
+                         ids=["k3_pad1", "stride3_dilation2", "kernel_is_input_no_bias"])
 def test_locally_connected1d(device, case):
-    n, c, o, length, kernel, stride, padding, dilation = case
-    layer = gpunn.LocallyConnected1d(c, o, length, kernel, stride, padding, dilation, device=device,
+    n, c, o, length, kernel, stride, padding, dilation, bias = case
+    layer = gpunn.LocallyConnected1d(c, o, length, kernel, stride, padding, dilation, bias=bias, device=device,
                                      dtype=torch.float64)
-    assert layer.weight.shape == (o, layer.output_length, c, kernel) and layer.bias.shape == (o, layer.output_length)
+    assert layer.weight.shape == (o, layer.output_length, c, kernel)
+    assert (layer.bias is None) if not bias else layer.bias.shape == (o, layer.output_length)
     x = torch.randn(n, c, length, device=device, dtype=torch.float64, requires_grad=True)
     out = layer(x)
-    x64, w64, b64 = leaf64(x), leaf64(layer.weight), leaf64(layer.bias)
-    ref = reference_local2d(x64.unsqueeze(2), w64.unsqueeze(1).unsqueeze(-2), b64.unsqueeze(1), (1, stride),
+    params = [t for t in (x, layer.weight, layer.bias) if t is not None]
+    params64 = [leaf64(t) for t in params]
+    b64 = params64[2].unsqueeze(1) if bias else None
+    ref = reference_local2d(params64[0].unsqueeze(2), params64[1].unsqueeze(1).unsqueeze(-2), b64, (1, stride),
                             (0, padding), (1, dilation)).squeeze(2)
     assert_close(out, ref, torch.float64, "output")
-    for g, g64, name in zip(torch.autograd.grad(out, (x, layer.weight, layer.bias), torch.ones_like(out)),
-                            torch.autograd.grad(ref, (x64, w64, b64), torch.ones_like(ref)), "xwb"):
+    dy = torch.randn(out.shape[::-1], device=device, dtype=torch.float64).permute(2, 1, 0)
+    for g, g64, name in zip(torch.autograd.grad(out, params, dy), torch.autograd.grad(ref, params64, dy), "xwb"):
         assert_close(g, g64, torch.float64, f"grad {name}")
     unbatched = layer(x[0])
     assert unbatched.shape == out.shape[1:] and torch.allclose(unbatched, out[0])
@@ -207,6 +258,13 @@ def test_conversion_to_and_from_masked_linear(device, geometry):
     assert torch.equal(back.weight[~inside], torch.zeros_like(back.weight[~inside]))
 
 
+def test_conversion_refuses_a_fused_activation(device):
+    mask = gpunn.masks.local_2d((1, 3, 3), 3, padding=1)
+    masked = gpunn.MaskedLinear(9, 9, mask, activation="relu", device=device)
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        gpunn.convert.local_from_masked(masked, 1, (3, 3), 3, padding=1)
+
+
 def test_conversion_rejects_another_geometry(device):
     masked = gpunn.convert.masked_from_local(gpunn.LocallyConnected2d(2, 3, (5, 6), 3, padding=1, device=device))
     with pytest.raises(ValueError, match="not masks.local_2d"):
@@ -217,7 +275,8 @@ def test_conversion_rejects_another_geometry(device):
 
 @pytest.mark.parametrize("make_input,match", [
     (lambda d: torch.randn(2, 3, 5, 6, device=d), "channels"),
-    (lambda d: torch.randn(2, 2, 6, 6, device=d), "output positions"),
+    (lambda d: torch.randn(2, 2, 6, 6, device=d), "built for inputs of 5x6"),
+    (lambda d: torch.randn(2, 2, 5, 7, device=d), "built for inputs of 5x6"),
     (lambda d: torch.randn(2, 2, 5, 6, device=d, dtype=torch.float64), "same dtype"),
     (lambda d: torch.randn(2, 2, 2, 5, 6, device=d), "4-D"),
     (lambda d: torch.ones(2, 2, 5, 6, device=d, dtype=torch.int64), "same dtype"),
@@ -233,6 +292,8 @@ def test_functional_errors(device):
     x, weight = torch.randn(1, 2, 5, 6, device=device), torch.randn(3, 5, 6, 2, 3, 3, device=device)
     with pytest.raises(RuntimeError, match="6-D weight"):
         gpunn.functional.locally_connected2d(x, weight[0])
+    with pytest.raises(RuntimeError, match="gives 5x6 output positions, but the weight has 3x4"):
+        gpunn.functional.locally_connected2d(x, torch.randn(3, 3, 4, 2, 3, 3, device=device), padding=1)
     with pytest.raises(RuntimeError, match="bias must have shape"):
         gpunn.functional.locally_connected2d(x, weight, torch.randn(3, 5, device=device), padding=1)
     with pytest.raises(RuntimeError, match="negative padding"):
@@ -241,9 +302,17 @@ def test_functional_errors(device):
         gpunn.functional.locally_connected2d(x, weight, stride=0)
     with pytest.raises(TypeError, match="pair"):
         gpunn.functional.locally_connected2d(x, weight, stride=1.5)
+    x1, w1 = torch.randn(1, 2, 9, device=device), torch.randn(3, 9, 2, 3, device=device)
     with pytest.raises(RuntimeError, match="bias must have shape"):
-        gpunn.functional.locally_connected1d(torch.randn(1, 2, 9, device=device), torch.randn(3, 9, 2, 3, device=device),
-                                             torch.randn(3, 8, device=device), padding=1)
+        gpunn.functional.locally_connected1d(x1, w1, torch.randn(3, 8, device=device), padding=1)
+    with pytest.raises(RuntimeError, match="gives 7 output positions, but the weight has 9"):
+        gpunn.functional.locally_connected1d(x1, w1)
+    with pytest.raises(RuntimeError, match="expected input with 2 channels"):
+        gpunn.functional.locally_connected1d(torch.randn(1, 3, 9, device=device), w1, padding=1)
+    with pytest.raises(RuntimeError, match="negative padding"):
+        gpunn.functional.locally_connected1d(x1, w1, padding=-1)
+    with pytest.raises(TypeError, match="1-tuple"):
+        gpunn.functional.locally_connected1d(x1, w1, padding=(1, 1))
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .. import functional
+from .. import functional, masks
 
 
 class LocallyConnected2d(torch.nn.Module):
@@ -38,7 +38,7 @@ class LocallyConnected2d(torch.nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         try:
             geometry = functional.local_geometry(kernel_size, stride, padding, dilation)
-            height, width = functional.as_pair(input_size, "input_size")
+            height, width = masks.as_pair(input_size, "input_size")
         except RuntimeError as error:
             raise ValueError(str(error)) from None
         if min(height, width) < 1:
@@ -65,6 +65,10 @@ class LocallyConnected2d(torch.nn.Module):
             torch.nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() in (3, 4) and tuple(input.shape[-2:]) != self.input_size:
+            # The functional form accepts any size giving the same positions; the layer's weights are for one.
+            raise RuntimeError(f"{type(self).__name__} was built for inputs of {self.input_size[0]}x"
+                               f"{self.input_size[1]}, got input of shape {tuple(input.shape)}")
         return functional.locally_connected2d(input, self.weight, self.bias, self.stride, self.padding,
                                               self.dilation)
 
@@ -97,7 +101,7 @@ class LocallyConnected1d(torch.nn.Module):
     def __init__(self, in_channels: int, out_channels: int, input_length: int, kernel_size, stride=1, padding=0,
                  dilation=1, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        kernel_size, stride, padding, dilation = (functional.single(v, n) for v, n in (
+        kernel_size, stride, padding, dilation = (masks.as_single(v, n) for v, n in (
             (kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
         # The 2-D layer over a height of 1 validates and computes the geometry; its parameters are viewed.
         plane = LocallyConnected2d(in_channels, out_channels, (1, input_length), (1, kernel_size), (1, stride),
@@ -117,6 +121,9 @@ class LocallyConnected1d(torch.nn.Module):
             torch.nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() in (2, 3) and input.shape[-1] != self.input_length:
+            raise RuntimeError(f"LocallyConnected1d was built for inputs of length {self.input_length}, got input "
+                               f"of shape {tuple(input.shape)}")
         return functional.locally_connected1d(input, self.weight, self.bias, self.stride, self.padding,
                                               self.dilation)
 
