@@ -192,6 +192,25 @@ def _launch_local_grad_weight(dtype, m, n, k, weight_grad, bias_grad):
     local.grad_weight(x if weight_grad else None, dy, tuple(x.shape), tuple(weight.shape), geometry, bias_grad)
 
 
+def _launch_rnn_cell_forward(dtype, m, n, k, activation):
+    # batch m, hidden n, input k
+    from gpunn.kernels import rnn
+    rnn.forward(_meta((m, k), dtype), _meta((m, n), dtype), _meta((n, k), dtype), _meta((n, n), dtype),
+                _meta((n,), dtype), _meta((n,), dtype), activation)
+
+
+def _launch_rnn_cell_grad_input(dtype, m, n, k, activation):
+    from gpunn.kernels import rnn
+    rnn.grad_input(_meta((m, n), dtype), _meta((m, n), dtype), _meta((n, k), dtype), _meta((n, n), dtype),
+                   activation)
+
+
+def _launch_rnn_cell_grad_weight(dtype, m, n, k, activation):
+    from gpunn.kernels import rnn
+    rnn.grad_weight(_meta((m, n), dtype), _meta((m, n), dtype), _meta((m, k), dtype), _meta((m, n), dtype),
+                    ((n, k), (n, n)), activation, True)
+
+
 CASES = (
     Case("gpunn.kernels.dense", "dense_forward_kernel", _launch_dense_forward, (
         Variant("relu+bias", dict(activation="relu", bias=True, save_derivative=False)),
@@ -231,6 +250,16 @@ CASES = (
     Case("gpunn.kernels.local", "local_grad_weight_kernel", _launch_local_grad_weight, (
         Variant("weight+bias", dict(weight_grad=True, bias_grad=True)),
         Variant("bias only", dict(weight_grad=False, bias_grad=True), matmul=False),
+    )),
+    # The Elman RNN step: both products in one accumulator; backward dx+dh and dW_ih+dW_hh+db launches.
+    Case("gpunn.kernels.rnn", "rnn_cell_forward_kernel", _launch_rnn_cell_forward, (
+        Variant("tanh", dict(activation="tanh")),
+    )),
+    Case("gpunn.kernels.rnn", "rnn_cell_grad_input_kernel", _launch_rnn_cell_grad_input, (
+        Variant("tanh", dict(activation="tanh")),
+    )),
+    Case("gpunn.kernels.rnn", "rnn_cell_grad_weight_kernel", _launch_rnn_cell_grad_weight, (
+        Variant("relu", dict(activation="relu")),
     )),
 )
 

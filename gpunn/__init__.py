@@ -14,6 +14,7 @@ _LAZY = {
     "MaskedLinear": ("gpunn.modules", "MaskedLinear"),
     "LocallyConnected1d": ("gpunn.modules", "LocallyConnected1d"),
     "LocallyConnected2d": ("gpunn.modules", "LocallyConnected2d"),
+    "RNNCell": ("gpunn.modules", "RNNCell"),
     "convert": ("gpunn.convert", None),
     "functional": ("gpunn.functional", None),
     "kernels": ("gpunn.kernels", None),
@@ -21,7 +22,7 @@ _LAZY = {
     "modules": ("gpunn.modules", None),
 }
 
-__all__ = ["Linear", "LocallyConnected1d", "LocallyConnected2d", "MaskedLinear", "convert", "functional", "kernels", "masks", "modules", "__version__"]
+__all__ = ["Linear", "LocallyConnected1d", "LocallyConnected2d", "MaskedLinear", "RNNCell", "convert", "functional", "kernels", "masks", "modules", "__version__"]
 
 
 def __getattr__(name: str):

@@ -15,6 +15,7 @@ from .kernels.runtime import triton_runs_on
 from .masks import as_pair, as_single, block_layout
 from .ops.linear import LinearFunction
 from .ops.local import LocallyConnectedFunction
+from .ops.rnn import RNNCellFunction
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -315,3 +316,73 @@ def locally_connected1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
     bias2d = bias.unsqueeze(1) if bias is not None else None
     y = locally_connected2d(input.unsqueeze(-2), weight2d, bias2d, (1, stride), (0, padding), (1, dilation))
     return y.squeeze(-2)
+
+
+RNN_NONLINEARITIES = ("tanh", "relu")
+
+
+def _check_rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> None:
+    # RuntimeError with torch's messages, as its rnn_tanh_cell / rnn_relu_cell raise.
+    if input.dim() != 2 or hx.dim() != 2:
+        raise RuntimeError(f"rnn_cell expects a 2-D input and hidden state, got {input.dim()}-D and {hx.dim()}-D")
+    if weight_ih.dim() != 2 or weight_hh.dim() != 2 or weight_hh.shape[0] != weight_hh.shape[1] \
+            or weight_ih.shape[0] != weight_hh.shape[0]:
+        raise RuntimeError(f"rnn_cell expects weight_ih (H, I) and weight_hh (H, H), got {tuple(weight_ih.shape)} "
+                           f"and {tuple(weight_hh.shape)}")
+    if input.shape[1] != weight_ih.shape[1]:
+        raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {weight_ih.shape[1]}")
+    if input.shape[0] != hx.shape[0]:
+        raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match hidden0 batch size {hx.shape[0]}")
+    if hx.shape[1] != weight_hh.shape[1]:
+        raise RuntimeError(f"hidden0 has inconsistent hidden_size: got {hx.shape[1]}, expected {weight_hh.shape[1]}")
+    if (bias_ih is None) != (bias_hh is None):
+        raise RuntimeError("rnn_cell takes both biases or neither")
+    for bias in (bias_ih, bias_hh):
+        if bias is not None and tuple(bias.shape) != (weight_ih.shape[0],):
+            raise RuntimeError(f"rnn_cell expects biases of shape ({weight_ih.shape[0]},), got {tuple(bias.shape)}")
+    tensors = [t for t in (input, hx, weight_ih, weight_hh, bias_ih, bias_hh) if t is not None]
+    if len({t.dtype for t in tensors}) > 1:
+        raise RuntimeError(f"rnn_cell expects tensors of one dtype, got {', '.join(_dtype_name(t.dtype) for t in tensors)}")
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(f"gpunn rnn_cell supports float16, bfloat16, float32 and float64, got "
+                           f"{_dtype_name(input.dtype)}")
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        first, second = sorted(devices, key=str)[:2]
+        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                           f"{first} and {second}!")
+
+
+def rnn_cell(input: torch.Tensor, hx: torch.Tensor | None, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
+             bias_ih: torch.Tensor | None = None, bias_hh: torch.Tensor | None = None,
+             nonlinearity: str = "tanh") -> torch.Tensor:
+    """One Elman RNN step h' = act(input W_ih^T + b_ih + hx W_hh^T + b_hh) as one fused Triton kernel
+    (backward: two).
+
+    Args:
+        input: (B, I), any strides.
+        hx: (B, H), or None for zeros.
+        weight_ih: (H, I); weight_hh: (H, H); bias_ih, bias_hh: (H,), both or neither.
+        nonlinearity: "tanh" or "relu".
+
+    Returns:
+        h' (B, H), in the dtype of the inputs (the autocast dtype under autocast).
+
+    Raises:
+        ValueError for an unknown nonlinearity; RuntimeError for shapes, dtypes or devices that torch's
+        RNN cell would reject (with its messages), before any kernel runs.
+    """
+    if nonlinearity not in RNN_NONLINEARITIES:
+        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    if hx is None:
+        hx = torch.zeros(input.shape[0] if input.dim() == 2 else 0, weight_hh.shape[0], dtype=input.dtype,
+                         device=input.device)
+    device_type = input.device.type
+    input, hx, weight_ih, weight_hh, bias_ih, bias_hh = _autocast(device_type, input, hx, weight_ih, weight_hh,
+                                                                  bias_ih, bias_hh)
+    _check_rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+    if not triton_runs_on(input.device):
+        z = F.linear(input, weight_ih, bias_ih) + F.linear(hx, weight_hh, bias_hh)
+        return torch.tanh(z) if nonlinearity == "tanh" else torch.relu(z)
+    with torch.autocast(device_type, enabled=False):
+        return RNNCellFunction.apply(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity)

@@ -52,6 +52,11 @@ def test_cpu_without_interpreter_uses_plain_torch():
         expected = (expected + local.bias.detach().reshape(3, 20)).reshape(2, 3, 4, 5)
         assert torch.allclose(out, expected, atol=1e-6), (out - expected).abs().max()
         assert image.grad is not None and local.weight.grad is not None
+        cell, reference_cell = gpunn.RNNCell(9, 6), torch.nn.RNNCell(9, 6)
+        reference_cell.load_state_dict(cell.state_dict())
+        hidden = torch.randn(5, 6)
+        assert torch.allclose(cell(x.detach(), hidden), reference_cell(x.detach(), hidden), atol=1e-6)
+        assert torch.allclose(cell(x.detach()), reference_cell(x.detach()), atol=1e-6)
         assert launch_counts() == {}, launch_counts()
         print("plain torch ok")
     """)
