@@ -37,6 +37,21 @@ def _forward_pruner():
     return prune_forward
 
 
+def _grad_input_pruner():
+    """The dense pruner; IEEE fp32 (FMA) kept to tiles of at most 32 rows (the sm_90 report: the wider ones
+    of this two-branch kernel spilled 8 bytes)."""
+    prune = pruner("BLOCK_B", "BLOCK_K", "BLOCK_H", "B_BUCKET", "w_ih_ptr", _dz_tiles)
+
+    def prune_grad_input(configs, named_args, **kwargs):
+        kept = prune(configs, named_args, **kwargs)
+        if kwargs["DOT_PRECISION"] == "ieee" and named_args["w_ih_ptr"].element_size() == 4:
+            kept = [c for c in kept if c.kwargs["BLOCK_B"] <= 32] or \
+                [min(configs, key=lambda c: c.num_stages * sum(c.kwargs.values()))]
+        return kept
+
+    return prune_grad_input
+
+
 @triton.jit
 def _accumulate(acc, a_ptr, stride_am, stride_ak, rows, rows_ok, w_ptr, stride_wn, stride_wk, cols, cols_ok, K,
                 DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -109,8 +124,7 @@ def _grad_input_tile(dy_ptr, g_ptr, rb, b_ok, H, w_ptr, stride_wn, stride_wk, rk
 
 @triton.autotune(configs=configs("BLOCK_B", "BLOCK_K", "BLOCK_H"),
                  key=["B_BUCKET", "I", "H", "DOT_PRECISION", "ROW_ALIGN"],
-                 prune_configs_by={"early_config_prune": pruner("BLOCK_B", "BLOCK_K", "BLOCK_H", "B_BUCKET",
-                                                                "w_ih_ptr", _dz_tiles)})
+                 prune_configs_by={"early_config_prune": _grad_input_pruner()})
 @triton.jit(do_not_specialize=["B", "B_BUCKET"])
 def rnn_cell_grad_input_kernel(
     dy_ptr, out_ptr,  # dh' and h', (B, H) contiguous
