@@ -70,13 +70,13 @@ def _accumulate(acc, a_ptr, stride_am, stride_ak, rows, rows_ok, w_ptr, stride_w
 
 
 @triton.autotune(configs=configs("BLOCK_B", "BLOCK_H", "BLOCK_K"),
-                 key=["B_BUCKET", "I", "H", "DOT_PRECISION", "ROW_ALIGN"],
+                 key=["B_BUCKET", "I", "H", "DOT_PRECISION", "ROW_ALIGN", "ACT"],
                  prune_configs_by={"early_config_prune": _forward_pruner()})
 @triton.jit(do_not_specialize=["B", "B_BUCKET"])
 def rnn_cell_forward_kernel(
     x_ptr, stride_xb, stride_xi, h_ptr, stride_hb, stride_hh,
     w_ih_ptr, stride_wih_n, stride_wih_k, w_hh_ptr, stride_whh_n, stride_whh_k,
-    b_ih_ptr, b_hh_ptr,  # (H,) contiguous
+    b_ih_ptr, stride_bih, b_hh_ptr, stride_bhh,  # (H,)
     out_ptr,  # (B, H) contiguous
     B, I, H,
     B_BUCKET,  # autotuning key only
@@ -96,8 +96,9 @@ def rnn_cell_forward_kernel(
     acc = _accumulate(acc, h_ptr, stride_hb, stride_hh, rb, b_ok, w_hh_ptr, stride_whh_n, stride_whh_k, rh, h_ok, H,
                       DOT_DTYPE, DOT_PRECISION, ACC_DTYPE, ROW_ALIGN, BLOCK_K)
     if HAS_BIAS:
-        acc += tl.load(b_ih_ptr + rh, mask=h_ok, other=0.0).to(ACC_DTYPE)[None, :]
-    activations.epilogue(acc, rb, rh, B, H, b_hh_ptr, 1, out_ptr, out_ptr, ACT, 0.0, HAS_BIAS, False, ROW_ALIGN)
+        acc += tl.load(b_ih_ptr + rh.to(tl.int64) * stride_bih, mask=h_ok, other=0.0).to(ACC_DTYPE)[None, :]
+    activations.epilogue(acc, rb, rh, B, H, b_hh_ptr, stride_bhh, out_ptr, out_ptr, ACT, 0.0, HAS_BIAS, False,
+                         ROW_ALIGN)
 
 
 @triton.jit
@@ -234,7 +235,7 @@ def forward(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Te
     with launch("rnn_cell_forward_kernel", x.device):
         rnn_cell_forward_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]) * triton.cdiv(hidden, meta["BLOCK_H"]),)](
             x, *x.stride(), h, *h.stride(), w_ih, *w_ih.stride(), w_hh, *w_hh.stride(),
-            b_ih if b_ih is not None else w_ih, b_hh if b_hh is not None else w_ih, out,
+            *((b_ih, b_ih.stride(0), b_hh, b_hh.stride(0)) if b_ih is not None else (w_ih, 0, w_ih, 0)), out,
             batch, inputs, hidden, size_bucket(batch),
             ACT=activations.CODES[activation], HAS_BIAS=b_ih is not None,
             ROW_ALIGN=row_alignment(x.stride(0), h.stride(0), w_ih.stride(0), w_hh.stride(0), hidden),
