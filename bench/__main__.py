@@ -25,7 +25,8 @@ torch.compile; all in this process.
 Ceilings are measured first (a bf16 matmul for TFLOP/s, a device copy for GB/s); each result reports time
 (median of triton.testing.do_bench, with p20/p80), TFLOP/s, GB/s, fractions of the ceilings, peak memory
 (CUDA) and its speedup over torch eager; masked results also report the cost per visited block against
-the dense gpunn layer (bench/masked.py). Every result is checked against a float64 reference (relative norm error; tolerance bf16 1e-2, fp16 3e-3, fp32 1e-3); a result that fails
+the dense gpunn layer (bench/masked.py). Every result is checked against a float64 reference (relative
+norm error; tolerance bf16 1e-2, fp16 3e-3, fp32 1e-3); a result that fails
 gets no speedup. fp32 matmuls run with TF32 in every provider.
 
 Presets (shapes are MxNxK: x is MxK, the weight NxK):
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"gpunn bench: {info.gpu}; torch {info.torch}; triton {info.triton}; git {info.git_sha}; {info.date}")
     log(f"preset {args.preset}; ops {','.join(args.only)}; dtypes {','.join(args.dtypes)}; activations "
-        f"{','.join(a or 'none' for a in args.activations)}; providers {','.join(masked_providers if 'masked' in args.only else providers)}")
+        f"{','.join(a or 'none' for a in args.activations)}; providers "
+        f"{','.join(masked_providers if 'masked' in args.only else providers)}")
     for note in notes:
         log(f"note: {note}")
 

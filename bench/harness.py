@@ -390,7 +390,8 @@ def markdown(records: list[Record], info: RunInfo, ceilings: Ceilings, notes: li
                       "| op | shape (MxNxK) | provider | visited / dense blocks | ms | dense layer ms "
                       "| block cost ratio |", "|" + "---|" * 7]
             lines += [f"| {op} | {shape} | {provider} | {_cell(m, 'visited_fraction', spec='.4f')} "
-                      f"| {_cell(m, 'ms')} | {_cell(m, 'dense_layer_ms')} | {_cell(m, 'block_cost_ratio', spec='.2f')} |"
+                      f"| {_cell(m, 'ms')} | {_cell(m, 'dense_layer_ms')} "
+                      f"| {_cell(m, 'block_cost_ratio', spec='.2f')} |"
                       for (op, provider, _, shape, _), m in sparse]
             lines.append("")
     return "\n".join(lines)

@@ -22,7 +22,8 @@ _LAZY = {
     "modules": ("gpunn.modules", None),
 }
 
-__all__ = ["Linear", "LocallyConnected1d", "LocallyConnected2d", "MaskedLinear", "RNNCell", "convert", "functional", "kernels", "masks", "modules", "__version__"]
+__all__ = ["Linear", "LocallyConnected1d", "LocallyConnected2d", "MaskedLinear", "RNNCell", "convert", "functional",
+           "kernels", "masks", "modules", "__version__"]
 
 
 def __getattr__(name: str):

@@ -342,7 +342,8 @@ def _check_rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> None:
             raise RuntimeError(f"rnn_cell expects biases of shape ({weight_ih.shape[0]},), got {tuple(bias.shape)}")
     tensors = [t for t in (input, hx, weight_ih, weight_hh, bias_ih, bias_hh) if t is not None]
     if len({t.dtype for t in tensors}) > 1:
-        raise RuntimeError(f"rnn_cell expects tensors of one dtype, got {', '.join(_dtype_name(t.dtype) for t in tensors)}")
+        names = ", ".join(_dtype_name(t.dtype) for t in tensors)
+        raise RuntimeError(f"rnn_cell expects tensors of one dtype, got {names}")
     if input.dtype not in SUPPORTED_DTYPES:
         raise RuntimeError(f"gpunn rnn_cell supports float16, bfloat16, float32 and float64, got "
                            f"{_dtype_name(input.dtype)}")

@@ -5,5 +5,6 @@ No nn.Module and no autograd here: launchers take tensors, choose grids and conf
 from . import activations, dense, layout, local, masked, rnn
 from .runtime import INTERPRET, Rows, block_counts, launch_counts, triton_runs_on
 
-__all__ = ["INTERPRET", "Rows", "activations", "block_counts", "dense", "layout", "launch_counts", "local", "masked", "rnn",
+__all__ = ["INTERPRET", "Rows", "activations", "block_counts", "dense", "layout", "launch_counts", "local", "masked",
+           "rnn",
            "triton_runs_on"]

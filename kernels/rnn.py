@@ -233,7 +233,8 @@ def forward(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Te
     if out.numel() == 0:
         return out
     with launch("rnn_cell_forward_kernel", x.device):
-        rnn_cell_forward_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]) * triton.cdiv(hidden, meta["BLOCK_H"]),)](
+        rnn_cell_forward_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_B"])
+                                              * triton.cdiv(hidden, meta["BLOCK_H"]),)](
             x, *x.stride(), h, *h.stride(), w_ih, *w_ih.stride(), w_hh, *w_hh.stride(),
             *((b_ih, b_ih.stride(0), b_hh, b_hh.stride(0)) if b_ih is not None else (w_ih, 0, w_ih, 0)), out,
             batch, inputs, hidden, size_bucket(batch),

@@ -140,7 +140,8 @@ def test_only_the_gradients_asked_for(device, requires):
     x64 = x.detach().requires_grad_(requires == "input only")
     w64 = layer.weight.detach().requires_grad_(requires == "weight only")
     b64 = layer.bias.detach().requires_grad_(requires == "bias only")
-    leaf, leaf64_ = {"input only": (x, x64), "weight only": (layer.weight, w64), "bias only": (layer.bias, b64)}[requires]
+    pairs = {"input only": (x, x64), "weight only": (layer.weight, w64), "bias only": (layer.bias, b64)}
+    leaf, leaf64_ = pairs[requires]
     (expected_grad,) = torch.autograd.grad(reference_local2d(x64, w64, b64, 1, 1, 1).sum(), [leaf64_])
     assert_close(leaf.grad, expected_grad, torch.float64, requires)
 
@@ -232,7 +233,8 @@ def test_module_init_state_dict_and_repr(device):
     bound = 1 / (16 * 9) ** 0.5  # nn.Conv2d's fan-in rule
     for p in (layer.weight, layer.bias):
         assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound
-    assert repr(layer) == "LocallyConnected2d(16, 4, input_size=(6, 6), kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))"
+    assert repr(layer) == ("LocallyConnected2d(16, 4, input_size=(6, 6), kernel_size=(3, 3), stride=(1, 1), "
+                           "padding=(1, 1))")
     assert repr(gpunn.LocallyConnected1d(2, 3, 10, 3, bias=False)) == \
         "LocallyConnected1d(2, 3, input_length=10, kernel_size=3, stride=1, bias=False)"
     fresh = gpunn.LocallyConnected2d(16, 4, (6, 6), 3, padding=1, device=device)

@@ -10,7 +10,7 @@ from .. import functional, masks
 
 
 class LocallyConnected2d(torch.nn.Module):
-    """y[n, o, i, j] = bias[o, i, j] + sum_{c, di, dj} weight[o, i, j, c, di, dj] x[n, c, i*s - p + di*d, j*s - p + dj*d].
+    """y[n, o, i, j] = bias[o, i, j] + sum_{c,di,dj} weight[o, i, j, c, di, dj] x[n, c, i*s - p + di*d, j*s - p + dj*d].
 
     Like nn.Conv2d, but each of the OH x OW output positions has its own (out_channels x in_channels x KH x
     KW) filter. Zero padding as in F.unfold; the patches are gathered inside the Triton kernels.
