@@ -6,5 +6,4 @@ from . import activations, dense, layout, local, masked, rnn
 from .runtime import INTERPRET, Rows, block_counts, launch_counts, triton_runs_on
 
 __all__ = ["INTERPRET", "Rows", "activations", "block_counts", "dense", "layout", "launch_counts", "local", "masked",
-           "rnn",
-           "triton_runs_on"]
+           "rnn", "triton_runs_on"]
