@@ -7,7 +7,8 @@ Providers, all run in the same process on the same inputs:
 - torch.sparse:   forward only (torch has no backward through a BSR weight): F.linear with the masked
                   weight as a torch.sparse_bsr tensor at gpunn's block size, through torch's Triton BSR
                   kernels. The conversion to BSR happens once per weight, outside the timed calls. CUDA
-                  only (torch's CPU BSR product has no 16-bit kernels).
+                  only (torch's CPU BSR product has no 16-bit kernels), and only for dtypes where a probe
+                  shows torch's BSR F.linear runs on the GPU.
 - gpunn:          gpunn.functional.masked_linear with the mask's cached BlockLayout.
 
 Modes as in bench/dense.py (fwd, bwd, fwd+bwd).
@@ -70,7 +71,8 @@ PRESETS = {
 
 NOTES = [
     "masked: torch = F.linear(x, W.masked_fill(~mask, 0), b) then the activation; torch.sparse = F.linear with "
-    "a BSR weight (forward only, converted outside the timed calls); gpunn = gpunn.functional.masked_linear.",
+    "a BSR weight (forward only, converted outside the timed calls; left out for a dtype where torch's BSR "
+    "F.linear raises on this GPU); gpunn = gpunn.functional.masked_linear.",
     "masked: FLOPs count connections (2 M C fwd), so TFLOP/s is effective throughput, equal work for every "
     "provider; block_cost_ratio = (gpunn masked ms / visited blocks) / (gpunn dense ms / dense blocks).",
 ]
@@ -107,7 +109,7 @@ class Case(dense.Case):
             block_n, block_k = masks.block_layout(_mask(self.mask, self.n, self.k, "cpu"),
                                                   harness.DTYPES[self.dtype]).block
             fits = self.n % block_n == 0 and self.k % block_k == 0
-            return tuple(mode for mode in self.modes if mode == "fwd" and fits)
+            return tuple(mode for mode in self.modes if mode == "fwd" and fits and _bsr_runs(self.dtype))
         return self.modes
 
     def make_provider(self, name: str, device: torch.device):
@@ -129,6 +131,21 @@ class Case(dense.Case):
     def reference(self, x, w, b, dy) -> dict[str, tuple[torch.Tensor, ...]]:
         mask = _mask(self.mask, self.n, self.k, str(x.device))
         return dense._reference(self, _eager(mask, gpunn.functional.TORCH_ACTIVATIONS[self.activation]), x, w, b, dy)
+
+
+@functools.lru_cache(maxsize=None)
+def _bsr_runs(dtype: str) -> bool:
+    """Whether torch's F.linear takes a BSR weight of this dtype on the GPU (probed once at 64 x 64): where
+    it raises, torch has no such path and the provider is left out rather than reported as failing."""
+    if not torch.cuda.is_available():
+        return False
+    dtype_ = harness.DTYPES[dtype]
+    weight = torch.randn(64, 64, device="cuda", dtype=dtype_)
+    try:
+        F.linear(torch.randn(16, 64, device="cuda", dtype=dtype_), weight.to_sparse_bsr((64, 64)))
+    except (RuntimeError, NotImplementedError, ValueError):
+        return False
+    return True
 
 
 def _eager(mask: torch.Tensor, act):
