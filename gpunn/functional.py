@@ -113,16 +113,20 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         torch.nn.functional.linear would reject (checked before any kernel runs).
     """
     check_activation(activation, negative_slope)
-    device_type = input.device.type
-    input, weight, bias = _autocast(device_type, input, weight, bias)
+    input, weight, bias = _autocast(input.device.type, input, weight, bias)
     _check_linear(input, weight, bias)
     if not triton_runs_on(input.device):
         return TORCH_ACTIVATIONS[activation](F.linear(input, weight, bias), negative_slope)
+    return _linear_function(input, weight, bias, activation, negative_slope, None)
+
+
+def _linear_function(input, weight, bias, activation, negative_slope, layout):
+    """The Triton path shared by linear and masked_linear, on checked (and autocast) arguments."""
     if bias is not None and bias.shape != (weight.shape[0],):
         bias = bias.reshape(-1).expand(weight.shape[0])  # a broadcast bias; autograd sums its gradient
     will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
-    with torch.autocast(device_type, enabled=False):
-        return LinearFunction.apply(input, weight, bias, activation, float(negative_slope), will_backward, None)
+    with torch.autocast(input.device.type, enabled=False):
+        return LinearFunction.apply(input, weight, bias, activation, float(negative_slope), will_backward, layout)
 
 
 def _check_mask(mask_or_layout, weight: torch.Tensor) -> None:
@@ -168,8 +172,7 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, mask_or_layout, bia
         for what linear rejects. All checked before any kernel runs.
     """
     check_activation(activation, negative_slope)
-    device_type = input.device.type
-    input, weight, bias = _autocast(device_type, input, weight, bias)
+    input, weight, bias = _autocast(input.device.type, input, weight, bias)
     _check_linear(input, weight, bias)
     _check_mask(mask_or_layout, weight)
     if not triton_runs_on(input.device):
@@ -178,11 +181,7 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, mask_or_layout, bia
     layout = mask_or_layout
     if isinstance(layout, torch.Tensor):
         layout = block_layout(layout, weight.dtype)
-    if bias is not None and bias.shape != (weight.shape[0],):
-        bias = bias.reshape(-1).expand(weight.shape[0])
-    will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
-    with torch.autocast(device_type, enabled=False):
-        return LinearFunction.apply(input, weight, bias, activation, float(negative_slope), will_backward, layout)
+    return _linear_function(input, weight, bias, activation, negative_slope, layout)
 
 
 def local_geometry(kernel_size, stride, padding, dilation) -> Geometry:

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import AUTOTUNE, INTERPRET, accumulator_dtype, dot_dtype, dot_precision, empty, launch, size_bucket
-from .tiling import SHARED_MEMORY_BUDGET
+from .runtime import AUTOTUNE, accumulator_dtype, dot_dtype, dot_precision, empty, launch, size_bucket
+from .tiling import SHARED_MEMORY_BUDGET, configs
 
 # (MMA rows, MMA columns, reduction, stages, warps), named per kernel by _configs: forward (batch,
 # output channels, taps), input gradient (batch, input channels, output channels), weight gradient (output
@@ -53,9 +53,7 @@ INTERPRETER_TILE = (32, 32, 64, 1, 4)
 
 
 def _configs(rows: str, cols: str, reduction: str) -> list[triton.Config]:
-    """The tile table as configs named for one kernel's (MMA rows, MMA columns, reduction) block sizes."""
-    tiles = [INTERPRETER_TILE] if INTERPRET else GPU_TILES
-    return [triton.Config({rows: n, cols: c, reduction: r}, num_stages=s, num_warps=w) for n, c, r, s, w in tiles]
+    return configs(rows, cols, reduction, GPU_TILES, INTERPRETER_TILE)
 
 
 def _pruner(rows: str, cols: str, reduction: str):

@@ -54,9 +54,11 @@ SHARED_MEMORY_BUDGET = 200 * 1024  # bytes per program; H100 allows 227 KB, leav
 GROUP_SIZE = 8  # output tile rows per band in grouped order (keeps a band of operand tiles in L2)
 
 
-def configs(rows: str, cols: str, reduction: str) -> list[triton.Config]:
-    """Every config of this machine's tile table, its block sizes named for one kernel."""
-    tiles = [INTERPRETER_TILE] if INTERPRET else GPU_TILES
+def configs(rows: str, cols: str, reduction: str, gpu_tiles=GPU_TILES,
+            interpreter_tile=INTERPRETER_TILE) -> list[triton.Config]:
+    """Every config of this machine's tile table (the matmul table unless another is given), its block
+    sizes named for one kernel."""
+    tiles = [interpreter_tile] if INTERPRET else gpu_tiles
     return [
         triton.Config({rows: r, cols: c, reduction: k}, num_stages=s, num_warps=w)
         for r, c, k, s, w in tiles
