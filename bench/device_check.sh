@@ -2,8 +2,8 @@
 # The prepared GPU check: on a machine with an NVIDIA GPU (no network needed), install gpunn, run the
 # quick benchmarks, each dense kernel timed alone, and the whole test suite compiled on the GPU, and keep
 # every log and CSV in OUTDIR.
-# Stage limits add up to 12.5 minutes on one H100 (dense, masked and locally connected benchmarks, then
-# about 320 tests); expect about 8 (the dense-only check took 3.3). Each stage has its own time limit,
+# Stage limits add up to 8.5 minutes on one H100 (dense, masked and locally connected benchmarks, then
+# about 320 tests); expect about 6 (the dense-only check took 3.3). Each stage has its own time limit,
 # and a stage that fails or times out does not stop the next.
 #
 #   usage: bash bench/device_check.sh OUTDIR
@@ -35,11 +35,11 @@ cat "$out/environment.txt"
 : >"$out/status.txt"
 
 stage install 60 "$python" -m pip install --no-deps --no-build-isolation --no-index -e .
-stage bench 300 "$python" -m bench --quick --out "$out/bench"
-stage kernels 90 "$python" -m bench.dense_kernels --shapes 4096x4096x4096,16x4096x4096 --activations none,gelu
+stage bench 200 "$python" -m bench --quick --out "$out/bench"
+stage kernels 50 "$python" -m bench.dense_kernels --shapes 4096x4096x4096,16x4096x4096 --activations none,gelu
 # One config per kernel variant (GPUNN_AUTOTUNE=0): the tests check results, the benchmark checks speed.
 xdist=$("$python" -c 'import xdist' 2>/dev/null && echo "-n 8")
-stage tests 300 env GPUNN_AUTOTUNE=0 "$python" -m pytest -q -p no:cacheprovider $xdist tests
+stage tests 200 env GPUNN_AUTOTUNE=0 "$python" -m pytest -q -p no:cacheprovider $xdist tests
 echo "== summary"
 cat "$out/status.txt"
 [ -f "$out/bench/bench.md" ] && cat "$out/bench/bench.md"
