@@ -165,30 +165,33 @@ def _launch_masked_grad_weight(dtype, m, n, k, activation, bias_grad):
                        layout=_band_layout(dtype, n, k))
 
 
-def _local_problem(dtype, m, n):
+def _local_problem(dtype, m, n, one_d=False):
     """The locally connected layer for a size: batch m, 64 channels and a 32x32 image, or 33 channels and a
-    31x30 image where n is not a multiple of 16; 3x3 window, padding 1."""
+    31x30 image where n is not a multiple of 16; 3x3 window, padding 1. one_d: a 1-D layer (H = 1, which
+    Triton passes as the constant 1) over 1024 or 999 positions, window 3."""
     from gpunn.kernels import local
     channels, (h, w) = (64, (32, 32)) if n % 16 == 0 else (33, (31, 30))
-    geometry = local.Geometry((3, 3), (1, 1), (1, 1), (1, 1))
-    positions = h * w
+    window = (3, 3)
+    if one_d:
+        (h, w), window = (1, 1024 if n % 16 == 0 else 999), (1, 3)
+    geometry = local.Geometry(window, (1, 1), (window[0] // 2, 1), (1, 1))
     x = _meta((m, channels, h, w), dtype)
-    weight = _meta((channels, positions, channels * 9), dtype)
+    weight = _meta((channels, h * w, channels * window[0] * window[1]), dtype)
     return local, geometry, x, weight, _meta((m, channels, h, w), dtype)
 
 
-def _launch_local_forward(dtype, m, n, k, bias):
-    local, geometry, x, weight, _ = _local_problem(dtype, m, n)
+def _launch_local_forward(dtype, m, n, k, bias, one_d=False):
+    local, geometry, x, weight, _ = _local_problem(dtype, m, n, one_d)
     local.forward(x, weight, _meta(weight.shape[:2], dtype) if bias else None, geometry)
 
 
-def _launch_local_grad_input(dtype, m, n, k):
-    local, geometry, x, weight, dy = _local_problem(dtype, m, n)
+def _launch_local_grad_input(dtype, m, n, k, one_d=False):
+    local, geometry, x, weight, dy = _local_problem(dtype, m, n, one_d)
     local.grad_input(dy, weight, tuple(x.shape), geometry)
 
 
-def _launch_local_grad_weight(dtype, m, n, k, weight_grad, bias_grad):
-    local, geometry, x, weight, dy = _local_problem(dtype, m, n)
+def _launch_local_grad_weight(dtype, m, n, k, weight_grad, bias_grad, one_d=False):
+    local, geometry, x, weight, dy = _local_problem(dtype, m, n, one_d)
     local.grad_weight(x if weight_grad else None, dy, tuple(x.shape), tuple(weight.shape), geometry, bias_grad)
 
 
@@ -243,12 +246,15 @@ CASES = (
     # Locally connected: one small GEMM per output position, patches gathered in the kernel.
     Case("gpunn.kernels.local", "local_forward_kernel", _launch_local_forward, (
         Variant("bias", dict(bias=True)),
+        Variant("1d", dict(bias=True, one_d=True)),
     )),
     Case("gpunn.kernels.local", "local_grad_input_kernel", _launch_local_grad_input, (
         Variant("plain", dict()),
+        Variant("1d", dict(one_d=True)),
     )),
     Case("gpunn.kernels.local", "local_grad_weight_kernel", _launch_local_grad_weight, (
         Variant("weight+bias", dict(weight_grad=True, bias_grad=True)),
+        Variant("1d", dict(weight_grad=True, bias_grad=True, one_d=True)),
         Variant("bias only", dict(weight_grad=False, bias_grad=True), matmul=False),
     )),
     # The Elman RNN step: both products in one accumulator; backward dx+dh and dW_ih+dW_hh+db launches.

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import AUTOTUNE, accumulator_dtype, dot_dtype, dot_precision, empty, launch, size_bucket
+from .runtime import AUTOTUNE, TRITON_VERSION, accumulator_dtype, dot_dtype, dot_precision, empty, launch, size_bucket
 from .tiling import SHARED_MEMORY_BUDGET, configs
 
 # (MMA rows, MMA columns, reduction, stages, warps), named per kernel by _configs: forward (batch,
@@ -58,7 +58,8 @@ def _configs(rows: str, cols: str, reduction: str) -> list[triton.Config]:
 
 def _pruner(rows: str, cols: str, reduction: str):
     """An early_config_prune hook: shared memory within budget; at most 256 bytes a thread of gathered
-    operands across the pipeline stages (the sm_90 compile report: 384 and more spilled); no batch tile
+    operands across the pipeline stages (the sm_90 compile report: 384 and more spilled under Triton 3.9,
+    160 and more under 3.6, so 128 before 3.9); no batch tile
     (whichever role it plays) larger than the batch; fp64 (DMMA) and IEEE fp32 (FMA) with a short
     reduction, at most 16 accumulator elements a thread for fp64, and one stage for IEEE fp32 (FMA gains
     nothing from the pipeline, and two stages spilled). Keeps the smallest tile if nothing else fits."""
@@ -68,12 +69,13 @@ def _pruner(rows: str, cols: str, reduction: str):
         element = args["dy_ptr" if "dy_ptr" in args else "x_ptr"].element_size()
         exact_fp32 = element == 4 and args["DOT_PRECISION"] == "ieee"
         slow = element == 8 or exact_fp32
+        staged_per_thread = 256 if TRITON_VERSION >= (3, 9) else 128
         kept = []
         for config in configs:
             r, c, k = (config.kwargs[name] for name in (rows, cols, reduction))
             threads = 32 * config.num_warps
             staged = config.num_stages * (r * k + k * c) * element
-            if staged > SHARED_MEMORY_BUDGET or staged > 256 * threads:
+            if staged > SHARED_MEMORY_BUDGET or staged > staged_per_thread * threads:
                 continue
             if config.kwargs["BLOCK_N"] > max(args["N_BUCKET"], 16):
                 continue
@@ -200,7 +202,7 @@ def local_grad_input_kernel(
                     acc = tl.dot(dy.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
                                  out_dtype=ACC_DTYPE)
 
-    plane = H.to(tl.int64) * W
+    plane = tl.cast(H, tl.int64) * W  # tl.cast: H == 1 (a 1-D layer) arrives as the constant 1
     out = (rn.to(tl.int64) * C)[:, None] * plane + (rc.to(tl.int64) * plane)[None, :] + pixel
     tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=n_ok[:, None] & c_ok[None, :])
 

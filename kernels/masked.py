@@ -39,7 +39,13 @@ def _load_weights(w_ptrs, mask_ptr, n2, k2, N, K, PARTIAL: tl.constexpr):
     weights are not loaded at all."""
     ok = (n2 < N) & (k2 < K)
     if PARTIAL:
-        ok = ok & (tl.load(mask_ptr + n2 * K + k2, mask=ok, other=0) != 0)
+        connected = tl.load(mask_ptr + n2 * K + k2, mask=ok, other=0).to(tl.int32)
+        if w_ptrs.dtype.element_ty == tl.float64:
+            # Triton 3.6 sizes an MMA operand's k-width by the narrowest load feeding it, this 8-bit mask
+            # included, and its fp64 MMA lowering then fails. A reduce over a size-1 axis (no work) is
+            # not followed by that search.
+            connected = tl.max(connected[:, :, None], axis=2)
+        ok = ok & (connected != 0)
     return tl.load(w_ptrs, mask=ok, other=0.0)
 
 

@@ -18,6 +18,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on
 # GPUNN_AUTOTUNE=0: each launch takes the first config that suits it instead of timing them all (the GPU
 # test suite uses it: correctness needs one compile per kernel variant, not one per config).
 AUTOTUNE = os.environ.get("GPUNN_AUTOTUNE", "1") != "0"
+# (major, minor): some pruning limits differ between Triton releases (see the compile reports).
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 _launches: collections.Counter = collections.Counter()
 _visited_blocks: collections.Counter = collections.Counter()
