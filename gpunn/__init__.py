@@ -14,6 +14,7 @@ _LAZY = {
     "MaskedLinear": ("gpunn.modules", "MaskedLinear"),
     "LocallyConnected1d": ("gpunn.modules", "LocallyConnected1d"),
     "LocallyConnected2d": ("gpunn.modules", "LocallyConnected2d"),
+    "RNN": ("gpunn.modules", "RNN"),
     "RNNCell": ("gpunn.modules", "RNNCell"),
     "convert": ("gpunn.convert", None),
     "functional": ("gpunn.functional", None),
@@ -22,7 +23,7 @@ _LAZY = {
     "modules": ("gpunn.modules", None),
 }
 
-__all__ = ["Linear", "LocallyConnected1d", "LocallyConnected2d", "MaskedLinear", "RNNCell", "convert", "functional",
+__all__ = ["Linear", "LocallyConnected1d", "LocallyConnected2d", "MaskedLinear", "RNN", "RNNCell", "convert", "functional",
            "kernels", "masks", "modules", "__version__"]
 
 

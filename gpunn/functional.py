@@ -16,6 +16,7 @@ from .masks import as_pair, as_single, block_layout
 from .ops.linear import LinearFunction
 from .ops.local import LocallyConnectedFunction
 from .ops.rnn import RNNCellFunction
+from .ops.rnn_sequence import RNNLayerFunction, Steps
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -386,3 +387,95 @@ def rnn_cell(input: torch.Tensor, hx: torch.Tensor | None, weight_ih: torch.Tens
         return torch.tanh(z) if nonlinearity == "tanh" else torch.relu(z)
     with torch.autocast(device_type, enabled=False):
         return RNNCellFunction.apply(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity)
+
+
+def _check_rnn(input, hx, weights, num_layers, directions, has_bias, batch_first, batch_sizes) -> None:
+    # The checks torch's rnn_tanh / rnn_relu make, as RuntimeErrors, before any kernel runs.
+    per = 4 if has_bias else 2
+    if len(weights) != num_layers * directions * per:
+        raise RuntimeError(f"rnn expects {num_layers * directions * per} weight tensors "
+                           f"(num_layers x directions x {per}), got {len(weights)}")
+    if input.dim() != (2 if batch_sizes is not None else 3):
+        raise RuntimeError(f"rnn: expected input to be {2 if batch_sizes is not None else 3}-D, got {input.dim()}-D")
+    hidden = weights[1].shape[0]
+    if batch_sizes is not None:
+        batch = int(batch_sizes[0]) if len(batch_sizes) else 0
+    else:
+        batch = input.shape[0 if batch_first else 1]
+    if hx.dim() != 3 or tuple(hx.shape) != (num_layers * directions, batch, hidden):
+        raise RuntimeError(f"Expected hidden size {(num_layers * directions, batch, hidden)}, got {list(hx.shape)}")
+    for index in range(0, len(weights), per):
+        layer = index // (per * directions)
+        w_ih, w_hh = weights[index], weights[index + 1]
+        inputs = input.shape[-1] if layer == 0 else directions * hidden
+        if tuple(w_ih.shape) != (hidden, inputs) or tuple(w_hh.shape) != (hidden, hidden):
+            raise RuntimeError(f"rnn layer {layer}: expected weight_ih {(hidden, inputs)} and weight_hh "
+                               f"{(hidden, hidden)}, got {tuple(w_ih.shape)} and {tuple(w_hh.shape)}")
+        if has_bias and any(tuple(b.shape) != (hidden,) for b in weights[index + 2:index + 4]):
+            raise RuntimeError(f"rnn layer {layer}: expected biases of shape ({hidden},)")
+    tensors = [input, hx, *weights]
+    if len({t.dtype for t in tensors}) > 1:
+        raise RuntimeError(f"rnn expects input, hx and weights of one dtype, got input {_dtype_name(input.dtype)}, "
+                           f"hx {_dtype_name(hx.dtype)}, weights {_dtype_name(weights[0].dtype)}")
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(f"gpunn rnn supports float16, bfloat16, float32 and float64, got {_dtype_name(input.dtype)}")
+    if len({t.device for t in tensors}) > 1:
+        first, second = sorted({t.device for t in tensors}, key=str)[:2]
+        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                           f"{first} and {second}!")
+
+
+def rnn(input: torch.Tensor, hx: torch.Tensor, weights, num_layers: int = 1, nonlinearity: str = "tanh",
+        bias: bool = True, dropout: float = 0.0, training: bool = False, bidirectional: bool = False,
+        batch_first: bool = False, batch_sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A multi-layer Elman RNN over a whole sequence (torch.nn.RNN's computation): per layer, one dense GEMM
+    projects every step's input, one launch per direction runs the recurrence, and backward is one
+    backward-through-time launch per direction plus dense GEMMs for the gradients.
+
+    Args:
+        input: (T, B, I), or (B, T, I) when batch_first, any strides; or, with batch_sizes, the data of a
+            PackedSequence (rows, I).
+        hx: (num_layers * D, B, H) initial states (D = 2 when bidirectional), in the rows' order.
+        weights: per layer, per direction: weight_ih (H, I or D*H), weight_hh (H, H), and when bias,
+            bias_ih and bias_hh (H,) (torch.nn.RNN's _flat_weights order).
+        nonlinearity: "tanh" or "relu". dropout: applied to each layer's output but the last, in training.
+        batch_sizes: a PackedSequence's batch_sizes (CPU int64, non-increasing), or None.
+
+    Returns:
+        (output, h_n): output (T, B, D*H) ((B, T, D*H) when batch_first; (rows, D*H) when packed) and h_n
+        (num_layers * D, B, H), in the input's dtype (the autocast dtype under autocast).
+
+    Raises:
+        ValueError for an unknown nonlinearity; RuntimeError for shapes, dtypes or devices torch's RNN
+        would reject, before any kernel runs.
+    """
+    if nonlinearity not in RNN_NONLINEARITIES:
+        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    directions = 2 if bidirectional else 1
+    device_type = input.device.type
+    input, hx, *weights = _autocast(device_type, input, hx, *weights)
+    _check_rnn(input, hx, weights, num_layers, directions, bias, batch_first, batch_sizes)
+    if not triton_runs_on(input.device):
+        torch_rnn = torch.rnn_tanh if nonlinearity == "tanh" else torch.rnn_relu
+        if batch_sizes is not None:
+            return torch_rnn(input, batch_sizes, hx, weights, bias, num_layers, dropout, training, bidirectional)
+        return torch_rnn(input, hx, weights, bias, num_layers, dropout, training, bidirectional, batch_first)
+    if batch_sizes is None:
+        x = input.transpose(0, 1) if batch_first else input  # (T, B, I), time-major rows without a copy
+        steps = Steps.uniform(x.shape[0], x.shape[1], input.device)
+    else:
+        x, steps = input, Steps.of(batch_sizes, input.device)
+    per_layer = len(weights) // num_layers
+    finals = []
+    with torch.autocast(device_type, enabled=False):
+        for layer in range(num_layers):
+            if layer > 0 and dropout > 0 and training:
+                x = F.dropout(x, dropout, training=True)
+            x, h_n = RNNLayerFunction.apply(x, hx[layer * directions:(layer + 1) * directions], steps, nonlinearity,
+                                            directions, *weights[layer * per_layer:(layer + 1) * per_layer])
+            finals.append(h_n)
+    if batch_sizes is None:
+        steps_count, batch = (input.shape[1], input.shape[0]) if batch_first else input.shape[:2]
+        x = x.view(steps_count, batch, -1)
+        x = x.transpose(0, 1) if batch_first else x
+    return x, torch.cat(finals)

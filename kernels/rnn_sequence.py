@@ -1,0 +1,246 @@
+"""The Elman recurrence over a whole sequence, one direction of one layer: h_t = act(p_t + h_{t-1} W_hh^T),
+where p = x W_ih^T + b_ih + b_hh comes from one dense GEMM over all time steps (ops/rnn.py). Its forward
+and its backward through time are each one launch that loops over time; the weight gradients are dense
+GEMMs after the loop.
+
+Layout: sequences are time-major and packed. Step t holds batch_sizes[t] rows starting at row
+offsets[t] of p, of the output and of its gradient; batch_sizes never increases with t (a
+PackedSequence sorted by length; an unpacked batch is the case where every step holds all B rows). Row b
+of the batch is active at step t while b < batch_sizes[t]; an inactive row keeps its state, and its
+rows of p and of the output gradient are never read (they do not exist in packed storage).
+
+Parallelism: one program per tile of BLOCK_B batch rows; rows are independent, so programs never wait for
+each other. Two ways to hold W_hh (chosen by `plan`):
+- resident: hidden sizes up to RESIDENT_LIMIT (per element size) hold W_hh on chip for the whole launch,
+  as the A operand of z^T = W_hh h^T (the batch tile is the MMA's narrow N side), and the state in
+  registers: each step reads only p_t and writes h_t.
+- streamed: larger hidden sizes read W_hh from L2 every step in (BLOCK_H x BLOCK_K) tiles; the state goes
+  through a small global buffer with a CTA barrier between steps.
+
+Numerics: fp32 accumulation and state (fp64 for fp64), one rounding per stored h_t; the backward reads
+the stored outputs, so it needs no pre-activations.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import activations
+from .runtime import INTERPRET, accumulator_dtype, dot_dtype, dot_precision, launch
+
+BLOCK_B = 16  # batch rows a program: the smallest MMA side
+
+# W_hh bytes a program may hold on chip across the loop: 128 KiB (bf16/fp16 H <= 256, fp32 and fp64 H <= 128).
+RESIDENT_BYTES = 128 * 1024
+STREAM_TILE = {2: (64, 64), 4: (64, 32), 8: (32, 32)}  # (BLOCK_H, BLOCK_K) by element size
+INTERPRETER_STREAM_TILE = (16, 16)
+
+
+def resident_limit(dtype: torch.dtype) -> int:
+    """The largest hidden size whose W_hh the sequence kernels hold on chip, for weights of `dtype`."""
+    size = 16
+    while (2 * size) ** 2 * torch.finfo(dtype).bits // 8 <= RESIDENT_BYTES:
+        size *= 2
+    return size
+
+
+def plan(hidden: int, dtype: torch.dtype) -> dict:
+    """Launch constexprs for a hidden size: resident or streamed, the tiles and the warps."""
+    padded = max(16, triton.next_power_of_2(hidden))
+    if hidden <= resident_limit(dtype):
+        return dict(RESIDENT=True, BLOCK_H=padded, BLOCK_K=padded, num_warps=8 if padded >= 128 else 4)
+    block_h, block_k = INTERPRETER_STREAM_TILE if INTERPRET else STREAM_TILE[torch.finfo(dtype).bits // 8]
+    return dict(RESIDENT=False, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=4)
+
+
+@triton.jit
+def _step(s, T, batch_sizes_ptr, offsets_ptr, rb, b_ok, REVERSE: tl.constexpr):
+    """Step s of the loop (in the direction's time order): (t, first row of step t, rows active at t)."""
+    t = T - 1 - s if REVERSE else s
+    active = b_ok & (rb < tl.load(batch_sizes_ptr + t))
+    return t, tl.load(offsets_ptr + t), active
+
+
+@triton.jit
+def rnn_sequence_forward_kernel(
+    p_ptr, stride_p,  # (rows, H) at column stride 1: x W_ih^T + b_ih + b_hh for this direction
+    w_ptr, stride_wn, stride_wk,  # W_hh (H, H)
+    out_ptr, stride_out,  # (rows, H) at column stride 1: h_t of every active row and step
+    state_ptr,  # (2, B, H) contiguous: slot 0 holds h0; the final states end in slot T % 2
+    batch_sizes_ptr, offsets_ptr,  # (T,) int64 each
+    B, H, T,
+    ACT: tl.constexpr, REVERSE: tl.constexpr, RESIDENT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = rb < B
+    rb64 = rb.to(tl.int64)
+    plane = tl.cast(B, tl.int64) * H  # tl.cast: B == 1 arrives as a constant
+    if RESIDENT:
+        # Transposed tiles: [H, BB]. W_hh is the MMA's A operand, loaded once; the state never leaves
+        # registers (slot T % 2 receives it at the end).
+        rh = tl.arange(0, BLOCK_H)
+        h_ok = rh < H
+        rh64 = rh.to(tl.int64)
+        w = tl.load(w_ptr + rh64[:, None] * stride_wn + rh64[None, :] * stride_wk,
+                    mask=h_ok[:, None] & h_ok[None, :], other=0.0).to(DOT_DTYPE)  # [H (n), H (k)]
+        tile_ok = h_ok[:, None] & b_ok[None, :]
+        h = tl.load(state_ptr + rb64[None, :] * H + rh64[:, None], mask=tile_ok, other=0.0).to(ACC_DTYPE)
+        for s in range(0, T):
+            t, offset, active = _step(s, T, batch_sizes_ptr, offsets_ptr, rb, b_ok, REVERSE)
+            rows = offset + rb64
+            ok = h_ok[:, None] & active[None, :]
+            z = tl.load(p_ptr + rows[None, :] * stride_p + rh64[:, None], mask=ok, other=0.0).to(ACC_DTYPE)
+            z = tl.dot(w, h.to(DOT_DTYPE), z, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            h_new = activations.forward(z, ACT, 0.0)
+            tl.store(out_ptr + rows[None, :] * stride_out + rh64[:, None], h_new.to(out_ptr.dtype.element_ty), mask=ok)
+            h = tl.where(active[None, :], h_new, h)
+        final = state_ptr + (T % 2) * plane
+        tl.store(final + rb64[None, :] * H + rh64[:, None], h.to(state_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        # [BB, BH] tiles: step s reads slot s % 2 and writes slot (s + 1) % 2 (inactive rows copy their
+        # state across), then waits for the whole tile before the next step reads it.
+        rn_in = tl.arange(0, BLOCK_H)
+        rk_in = tl.arange(0, BLOCK_K)
+        for s in range(0, T):
+            t, offset, active = _step(s, T, batch_sizes_ptr, offsets_ptr, rb, b_ok, REVERSE)
+            rows = offset + rb64
+            read = state_ptr + (s % 2) * plane + rb64[:, None] * H
+            write = state_ptr + ((s + 1) % 2) * plane + rb64[:, None] * H
+            for n0 in range(0, H, BLOCK_H):
+                rn = (n0 + rn_in).to(tl.int64)
+                n_ok = rn < H
+                ok = active[:, None] & n_ok[None, :]
+                z = tl.load(p_ptr + rows[:, None] * stride_p + rn[None, :], mask=ok, other=0.0).to(ACC_DTYPE)
+                for k0 in range(0, H, BLOCK_K):
+                    rk = (k0 + rk_in).to(tl.int64)
+                    k_ok = rk < H
+                    h = tl.load(read + rk[None, :], mask=active[:, None] & k_ok[None, :], other=0.0,
+                                cache_modifier=".cg")  # [BB, BK]; .cg: written by this CTA a step ago
+                    w = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk,
+                                mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BH] = W_hh^T tile
+                    z = tl.dot(h.to(DOT_DTYPE), w.to(DOT_DTYPE), z, input_precision=DOT_PRECISION,
+                               out_dtype=ACC_DTYPE)
+                h_new = activations.forward(z, ACT, 0.0)
+                tl.store(out_ptr + rows[:, None] * stride_out + rn[None, :], h_new.to(out_ptr.dtype.element_ty),
+                         mask=ok)
+                h_old = tl.load(read + rn[None, :], mask=b_ok[:, None] & n_ok[None, :], other=0.0,
+                                cache_modifier=".cg")
+                tl.store(write + rn[None, :], tl.where(active[:, None], h_new.to(state_ptr.dtype.element_ty), h_old),
+                         mask=b_ok[:, None] & n_ok[None, :])
+            tl.debug_barrier()
+
+
+@triton.jit
+def rnn_sequence_backward_kernel(
+    dout_ptr, stride_dout,  # (rows, H) at column stride 1: the output's gradient
+    out_ptr, stride_out,  # (rows, H): the forward's h_t (act'(z) comes from it)
+    w_ptr, stride_wn, stride_wk,  # W_hh (H, H)
+    dz_ptr, stride_dz,  # (rows, H): receives dz_t for every active row and step
+    dh_ptr,  # (B, H) contiguous: holds dh_n on entry (zeros if h_n got no gradient) and dh0 on exit
+    batch_sizes_ptr, offsets_ptr,
+    B, H, T,
+    ACT: tl.constexpr, REVERSE: tl.constexpr, RESIDENT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Backward through time runs the steps in the opposite order to the forward: dz_t = (dout_t + dh) *
+    # act'(h_t), then dh = dz_t W_hh for the step before; inactive rows carry dh unchanged.
+    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = rb < B
+    rb64 = rb.to(tl.int64)
+    if RESIDENT:
+        rh = tl.arange(0, BLOCK_H)
+        h_ok = rh < H
+        rh64 = rh.to(tl.int64)
+        # W_hh^T as the A operand: dh^T [k, BB] = W_hh^T [k, n] dz^T [n, BB].
+        w_t = tl.load(w_ptr + rh64[None, :] * stride_wn + rh64[:, None] * stride_wk,
+                      mask=h_ok[:, None] & h_ok[None, :], other=0.0).to(DOT_DTYPE)
+        tile_ok = h_ok[:, None] & b_ok[None, :]
+        dh = tl.load(dh_ptr + rb64[None, :] * H + rh64[:, None], mask=tile_ok, other=0.0).to(ACC_DTYPE)
+        for s in range(0, T):
+            t, offset, active = _step(T - 1 - s, T, batch_sizes_ptr, offsets_ptr, rb, b_ok, REVERSE)
+            rows = offset + rb64
+            ok = h_ok[:, None] & active[None, :]
+            g = dh + tl.load(dout_ptr + rows[None, :] * stride_dout + rh64[:, None], mask=ok, other=0.0).to(ACC_DTYPE)
+            h = tl.load(out_ptr + rows[None, :] * stride_out + rh64[:, None], mask=ok, other=0.0).to(ACC_DTYPE)
+            dz = activations.grad_preactivation(g, h, ACT, activations.GRAD_FROM_OUTPUT, 0.0)
+            tl.store(dz_ptr + rows[None, :] * stride_dz + rh64[:, None], dz.to(dz_ptr.dtype.element_ty), mask=ok)
+            dh_new = tl.dot(w_t, dz.to(DOT_DTYPE), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            dh = tl.where(active[None, :], dh_new, dh)
+        tl.store(dh_ptr + rb64[None, :] * H + rh64[:, None], dh.to(dh_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        # Two phases a step, each ending in a CTA barrier: dz_t tile by tile (reading dh), then dh tile
+        # by tile from the whole dz_t row (read back from dz).
+        rn_in = tl.arange(0, BLOCK_H)
+        rk_in = tl.arange(0, BLOCK_K)
+        dh_rows = dh_ptr + rb64[:, None] * H
+        for s in range(0, T):
+            t, offset, active = _step(T - 1 - s, T, batch_sizes_ptr, offsets_ptr, rb, b_ok, REVERSE)
+            rows = offset + rb64
+            for n0 in range(0, H, BLOCK_H):
+                rn = (n0 + rn_in).to(tl.int64)
+                ok = active[:, None] & (rn < H)[None, :]
+                g = tl.load(dh_rows + rn[None, :], mask=ok, other=0.0, cache_modifier=".cg").to(ACC_DTYPE)
+                g += tl.load(dout_ptr + rows[:, None] * stride_dout + rn[None, :], mask=ok, other=0.0).to(ACC_DTYPE)
+                h = tl.load(out_ptr + rows[:, None] * stride_out + rn[None, :], mask=ok, other=0.0).to(ACC_DTYPE)
+                dz = activations.grad_preactivation(g, h, ACT, activations.GRAD_FROM_OUTPUT, 0.0)
+                tl.store(dz_ptr + rows[:, None] * stride_dz + rn[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
+            tl.debug_barrier()
+            for k0 in range(0, H, BLOCK_H):
+                rk = (k0 + rn_in).to(tl.int64)
+                k_ok = rk < H
+                acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC_DTYPE)
+                for n0 in range(0, H, BLOCK_K):
+                    rn = (n0 + rk_in).to(tl.int64)
+                    n_ok = rn < H
+                    dz = tl.load(dz_ptr + rows[:, None] * stride_dz + rn[None, :], mask=active[:, None] & n_ok[None, :],
+                                 other=0.0, cache_modifier=".cg")  # [BB, BK]
+                    w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
+                                mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BK (n), BH (k)]
+                    acc = tl.dot(dz.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                                 out_dtype=ACC_DTYPE)
+                tl.store(dh_rows + rk[None, :], acc.to(dh_ptr.dtype.element_ty), mask=active[:, None] & k_ok[None, :])
+            tl.debug_barrier()
+
+
+def _numerics(dtype: torch.dtype) -> dict:
+    return dict(DOT_DTYPE=dot_dtype(dtype), ACC_DTYPE=accumulator_dtype(dtype), DOT_PRECISION=dot_precision(dtype))
+
+
+def forward(p: torch.Tensor, w_hh: torch.Tensor, out: torch.Tensor, state: torch.Tensor,
+            batch_sizes: torch.Tensor, offsets: torch.Tensor, activation: str, reverse: bool) -> torch.Tensor:
+    """Run the recurrence of one direction over every step; returns the final states (B, H).
+
+    p, out: (rows, H) views at column stride 1 (a direction's columns of a wider tensor are fine); out
+    receives h_t. state: (2, B, H) contiguous with h0 in slot 0 (slot 1 is scratch). batch_sizes and
+    offsets: (T,) int64 on the device (see the module docstring).
+    """
+    steps, (_, batch, hidden) = batch_sizes.shape[0], state.shape
+    if steps == 0 or batch == 0 or hidden == 0:
+        return state[0]
+    with launch("rnn_sequence_forward_kernel", p.device):
+        rnn_sequence_forward_kernel[(triton.cdiv(batch, BLOCK_B),)](
+            p, p.stride(0), w_hh, *w_hh.stride(), out, out.stride(0), state, batch_sizes, offsets,
+            batch, hidden, steps, ACT=activations.CODES[activation], REVERSE=reverse, BLOCK_B=BLOCK_B,
+            **_numerics(p.dtype), **plan(hidden, p.dtype),
+        )
+    return state[steps % 2]
+
+
+def backward(dout: torch.Tensor, out: torch.Tensor, w_hh: torch.Tensor, dz: torch.Tensor, dh: torch.Tensor,
+             batch_sizes: torch.Tensor, offsets: torch.Tensor, activation: str, reverse: bool) -> None:
+    """Backward through time of one direction. dout, out, dz: (rows, H) at column stride 1 (dout: the
+    output's gradient; dz receives dz_t); dh (B, H) contiguous holds dh_n on entry and dh0 on exit."""
+    steps, (batch, hidden) = batch_sizes.shape[0], dh.shape
+    if steps == 0 or batch == 0 or hidden == 0:
+        return
+    with launch("rnn_sequence_backward_kernel", out.device):
+        rnn_sequence_backward_kernel[(triton.cdiv(batch, BLOCK_B),)](
+            dout, dout.stride(0), out, out.stride(0), w_hh, *w_hh.stride(), dz, dz.stride(0), dh,
+            batch_sizes, offsets, batch, hidden, steps,
+            ACT=activations.CODES[activation], REVERSE=reverse,
+            BLOCK_B=BLOCK_B, **_numerics(out.dtype), **plan(hidden, out.dtype),
+        )

@@ -1,0 +1,225 @@
+"""gpunn.RNN / functional.rnn against torch.nn.RNN in float64: every layer, direction and input form,
+outputs and every gradient; the drop-in contract (parameters, state_dict, errors); launches that do not
+grow with the sequence; both ways of holding W_hh (on chip, and streamed from memory)."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from helpers import TorchOpSpy, assert_close, count_launches, dtypes_for
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import gpunn
+from gpunn.kernels import rnn_sequence
+
+SEQUENCE_KERNELS = ("rnn_sequence_forward_kernel", "rnn_sequence_backward_kernel")
+
+
+def _pair(device, dtype, *args, **kwargs):
+    """A gpunn.RNN and a torch.nn.RNN in float64 holding the same (rounded) weights."""
+    ours = gpunn.RNN(*args, device=device, dtype=dtype, **kwargs)
+    ref = torch.nn.RNN(*args, device=device, dtype=torch.float64, **kwargs)
+    ref.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    return ours, ref
+
+
+def _grads(output, hidden, inputs, generator, dtype):
+    """Gradients of a random linear function of output and h_n (the same one for both models)."""
+    dy = torch.randn(output.shape, generator=generator).to(output.device, dtype)
+    dh = torch.randn(hidden.shape, generator=generator).to(hidden.device, dtype)
+    return dy, dh
+
+
+def run_case(device, dtype, steps, batch, input_size, hidden_size, *, num_layers=1, bidirectional=False,
+             batch_first=False, nonlinearity="tanh", bias=True, with_h0=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ours, ref = _pair(device, dtype, input_size, hidden_size, num_layers, nonlinearity=nonlinearity, bias=bias,
+                      batch_first=batch_first, bidirectional=bidirectional)
+    directions = 2 if bidirectional else 1
+    shape = (batch, steps, input_size) if batch_first else (steps, batch, input_size)
+    x = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
+    h0 = torch.randn(num_layers * directions, batch, hidden_size, generator=gen).to(device, dtype).requires_grad_() \
+        if with_h0 else None
+    x64 = x.detach().double().requires_grad_()
+    h64 = h0.detach().double().requires_grad_() if with_h0 else None
+    out, h_n = ours(x, h0)
+    expected, expected_h = ref(x64, h64)
+    assert out.dtype == h_n.dtype == dtype
+    assert_close(out, expected, dtype, "output")
+    assert_close(h_n, expected_h, dtype, "h_n")
+    dy, dh = _grads(expected, expected_h, None, gen, dtype)
+    inputs = [x] + ([h0] if with_h0 else []) + list(ours.parameters())
+    inputs64 = [x64] + ([h64] if with_h0 else []) + list(ref.parameters())
+    names = ["input"] + (["h0"] if with_h0 else []) + [name for name, _ in ours.named_parameters()]
+    grads = torch.autograd.grad((out, h_n), inputs, (dy, dh))
+    grads64 = torch.autograd.grad((expected, expected_h), inputs64, (dy.double(), dh.double()))
+    for name, g, g64 in zip(names, grads, grads64):
+        assert g.dtype == dtype
+        assert_close(g, g64, dtype, f"grad {name}")
+
+
+# Every (layers, direction, nonlinearity); batch_first, bias and h0 vary across them.
+COMBOS = [(layers, bidirectional, nonlinearity, (i % 2 == 0), (i % 3 != 2), (i % 4 != 3))
+          for i, (layers, bidirectional, nonlinearity) in
+          enumerate(itertools.product((1, 2, 3), (False, True), ("tanh", "relu")))]
+
+
+@pytest.mark.parametrize("layers,bidirectional,nonlinearity,batch_first,bias,with_h0", COMBOS,
+                         ids=lambda v: str(v))
+def test_matches_torch(device, layers, bidirectional, nonlinearity, batch_first, bias, with_h0):
+    run_case(device, torch.float64, 6, 3, 5, 7, num_layers=layers, bidirectional=bidirectional,
+             nonlinearity=nonlinearity, batch_first=batch_first, bias=bias, with_h0=with_h0, seed=layers)
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
+def test_every_other_combination_of_layout_bias_and_h0(device, batch_first):
+    for bias, with_h0 in itertools.product((True, False), repeat=2):
+        run_case(device, torch.float64, 4, 2, 3, 5, num_layers=2, bidirectional=True, batch_first=batch_first,
+                 bias=bias, with_h0=with_h0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_dtypes(device, dtype):
+    if dtype not in dtypes_for(device):
+        pytest.skip("bfloat16 is checked on a GPU only (the interpreter cannot compute it natively)")
+    run_case(device, dtype, 5, 4, 9, 20, num_layers=2, bidirectional=True)
+
+
+@pytest.mark.parametrize("sizes", [(1, 1, 1, 1), (9, 17, 3, 33), (3, 2, 40, 16)], ids=str)
+def test_odd_sizes(device, sizes):
+    run_case(device, torch.float64, *sizes)
+
+
+def test_streamed_weights_match_the_resident_path(device, monkeypatch):
+    # Hidden sizes above the on-chip limit stream W_hh every step: force that path at a small size.
+    monkeypatch.setattr(rnn_sequence, "RESIDENT_BYTES", 0)
+    assert not rnn_sequence.plan(37, torch.float64)["RESIDENT"]
+    run_case(device, torch.float64, 5, 18, 6, 37, num_layers=2, bidirectional=True, seed=3)
+    test_packed_sequences_with_unsorted_lengths(device)
+
+
+def test_resident_limits():
+    limits = {dtype: rnn_sequence.resident_limit(dtype)
+              for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64)}
+    assert limits == {torch.bfloat16: 256, torch.float16: 256, torch.float32: 128, torch.float64: 128}
+    assert rnn_sequence.plan(256, torch.bfloat16)["RESIDENT"] and not rnn_sequence.plan(257, torch.bfloat16)["RESIDENT"]
+
+
+def test_unbatched(device):
+    gen = torch.Generator().manual_seed(1)
+    ours, ref = _pair(device, torch.float64, 4, 6, 2, bidirectional=True)
+    x = torch.randn(5, 4, generator=gen, dtype=torch.float64).to(device)
+    h0 = torch.randn(4, 6, generator=gen, dtype=torch.float64).to(device)
+    for args in ((x,), (x, h0)):
+        out, h_n = ours(*args)
+        expected, expected_h = ref(*args)
+        assert out.shape == expected.shape == (5, 12) and h_n.shape == expected_h.shape == (4, 6)
+        assert_close(out, expected, torch.float64, "output")
+        assert_close(h_n, expected_h, torch.float64, "h_n")
+
+
+def test_packed_sequences_with_unsorted_lengths(device):
+    gen = torch.Generator().manual_seed(2)
+    ours, ref = _pair(device, torch.float64, 3, 37, 2, bidirectional=True)
+    lengths = torch.tensor([2, 5, 1, 5, 3])
+    padded = torch.randn(5, 5, 3, generator=gen, dtype=torch.float64).to(device)  # (T, B, I)
+    padded[1:, 2] = float("nan")  # past each length: never read
+    padded[2:, 0] = float("nan")
+    padded[3:, 4] = float("nan")
+    x = padded.clone().requires_grad_()
+    x64 = padded.clone().requires_grad_()
+    h0 = torch.randn(4, 5, 37, generator=gen, dtype=torch.float64).to(device)
+    h0, h64 = h0.clone().requires_grad_(), h0.clone().requires_grad_()
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    packed64 = pack_padded_sequence(x64, lengths, enforce_sorted=False)
+    out, h_n = ours(packed, h0)
+    expected, expected_h = ref(packed64, h64)
+    assert isinstance(out, torch.nn.utils.rnn.PackedSequence)
+    assert torch.equal(out.batch_sizes, expected.batch_sizes)
+    assert torch.equal(out.unsorted_indices, expected.unsorted_indices)
+    assert_close(out.data, expected.data, torch.float64, "output")
+    assert_close(h_n, expected_h, torch.float64, "h_n")
+    dy = torch.randn(expected.data.shape, generator=gen, dtype=torch.float64).to(device)
+    dh = torch.randn(expected_h.shape, generator=gen, dtype=torch.float64).to(device)
+    grads = torch.autograd.grad((out.data, h_n), [x, h0, *ours.parameters()], (dy, dh))
+    grads64 = torch.autograd.grad((expected.data, expected_h), [x64, h64, *ref.parameters()], (dy, dh))
+    for g, g64 in zip(grads, grads64):
+        assert not torch.isnan(g).any()
+        assert_close(g, torch.nan_to_num(g64), torch.float64, "grad")
+    unpacked, unpacked_lengths = pad_packed_sequence(out)
+    assert torch.equal(unpacked_lengths, lengths)
+
+
+def test_dropout_between_layers(device):
+    gen = torch.Generator().manual_seed(4)
+    ours, ref = _pair(device, torch.float64, 3, 5, 3, dropout=1.0)
+    x = torch.randn(4, 2, 3, generator=gen, dtype=torch.float64).to(device)
+    for training in (False, True):  # eval: no dropout; p = 1 in training: layers 2 and 3 see zeros
+        ours.train(training)
+        ref.train(training)
+        out, h_n = ours(x)
+        expected, expected_h = ref(x)
+        assert_close(out, expected, torch.float64, f"output, training={training}")
+        assert_close(h_n, expected_h, torch.float64, f"h_n, training={training}")
+
+
+def test_launches_do_not_grow_with_the_sequence_and_no_torch_matmul(device):
+    ours = gpunn.RNN(4, 8, 2, bidirectional=True, device=device, dtype=torch.float64)
+    counts = {}
+    for steps in (8, 64):
+        x = torch.randn(steps, 3, 4, device=device, dtype=torch.float64, requires_grad=True)
+        with count_launches() as launches, TorchOpSpy() as spy:
+            out, h_n = ours(x)
+            (out.sum() + h_n.sum()).backward()
+        assert spy.matmuls() == []
+        counts[steps] = launches
+    assert counts[8] == counts[64]
+    # Per layer and direction: one recurrence and one backward-through-time launch.
+    assert all(counts[64][name] == 2 * 2 for name in SEQUENCE_KERNELS)
+
+
+def test_drop_in_contract(device):
+    ours = gpunn.RNN(6, 4, 2, "relu", False, True, 0.0, True, device=device)  # torch's positional order
+    ref = torch.nn.RNN(6, 4, 2, "relu", False, True, 0.0, True, device=device)
+    assert isinstance(ours, torch.nn.RNN)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ours.load_state_dict(ref.state_dict())
+    ours.flatten_parameters()
+    x = torch.randn(2, 5, 6, device=device)
+    with torch.no_grad():
+        assert_close(ours(x)[0], ref.double()(x.double())[0], torch.float32, "output")
+    bound = 1 / 4 ** 0.5
+    assert all(p.abs().max() <= bound for p in gpunn.RNN(3, 4, device=device).parameters())
+
+
+def test_errors_match_torch(device):
+    for args, kwargs in [((3, 4), dict(nonlinearity="gelu")), ((3, 4), dict(dropout=1.5)), ((3, 0), {}),
+                         ((3, 4, 0), {})]:
+        with pytest.raises(Exception) as expected:
+            torch.nn.RNN(*args, **kwargs)
+        with pytest.raises(expected.type):
+            gpunn.RNN(*args, **kwargs)
+    ours, ref = gpunn.RNN(3, 4, 2, device=device), torch.nn.RNN(3, 4, 2, device=device)
+    x = torch.randn(5, 2, 3, device=device)
+    bad_calls = [(torch.randn(5, 2, 3, 1, device=device),), (torch.randn(5, 2, 4, device=device),),
+                 (x, torch.randn(2, 3, 4, device=device)), (x, torch.randn(2, 4, device=device)),
+                 (x[:, 0], torch.randn(2, 2, 4, device=device)), (x.double(),)]
+    for call in bad_calls:
+        with pytest.raises(Exception) as expected:
+            ref(*call)
+        with count_launches() as launches, pytest.raises(expected.type):
+            ours(*call)
+        assert launches == {}
+
+
+def test_frozen_weights_give_only_input_gradients(device):
+    ours = gpunn.RNN(3, 5, 2, device=device, dtype=torch.float64).requires_grad_(False)
+    ref = torch.nn.RNN(3, 5, 2, device=device, dtype=torch.float64).requires_grad_(False)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 2, 3, device=device, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(ours(x)[0].sum(), x)
+    (g64,) = torch.autograd.grad(ref(x)[0].sum(), x)
+    assert_close(g, g64, torch.float64, "grad input")
