@@ -214,6 +214,25 @@ def _launch_rnn_cell_grad_weight(dtype, m, n, k, activation):
                     ((n, k), (n, n)), activation, True)
 
 
+def _launch_rnn_sequence(dtype, m, n, k, resident, backward):
+    # batch m; hidden n, or the largest hidden size held on chip for this dtype and pass (n where it has
+    # none); 8 steps (the step count is a runtime loop bound, so it changes nothing compiled).
+    import torch
+
+    from gpunn.kernels import rnn_sequence
+    hidden = (rnn_sequence.resident_limit(dtype, backward) or n) if resident else n
+    steps, rows = 8, 8 * m
+    sizes, offsets = _meta((steps,), torch.int64), _meta((steps,), torch.int64)
+    w_hh, out = _meta((hidden, hidden), dtype), _meta((rows, hidden), dtype)
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if backward:
+        rnn_sequence.backward(_meta((rows, hidden), dtype), out, w_hh, _meta((rows, hidden), dtype),
+                              _meta((m, hidden), state_dtype), sizes, offsets, "tanh", reverse=False)
+    else:
+        rnn_sequence.forward(_meta((rows, hidden), dtype), w_hh, out, _meta((2, m, hidden), state_dtype), sizes,
+                             offsets, "tanh", reverse=False)
+
+
 CASES = (
     Case("gpunn.kernels.dense", "dense_forward_kernel", _launch_dense_forward, (
         Variant("relu+bias", dict(activation="relu", bias=True, save_derivative=False)),
@@ -261,6 +280,16 @@ CASES = (
     Case("gpunn.kernels.rnn", "rnn_cell_forward_kernel", _launch_rnn_cell_forward, (
         Variant("tanh", dict(activation="tanh")),
     )),
+    # The sequence recurrence (one launch for all steps): W_hh on chip at the largest resident hidden size,
+    # and streamed tiles at the size's hidden.
+    Case("gpunn.kernels.rnn_sequence", "rnn_sequence_forward_kernel", _launch_rnn_sequence, (
+        Variant("resident", dict(resident=True, backward=False)),
+        Variant("streamed", dict(resident=False, backward=False)),
+    ), tile=("BLOCK_B", "BLOCK_H", "BLOCK_K")),
+    Case("gpunn.kernels.rnn_sequence", "rnn_sequence_backward_kernel", _launch_rnn_sequence, (
+        Variant("resident", dict(resident=True, backward=True)),
+        Variant("streamed", dict(resident=False, backward=True)),
+    ), tile=("BLOCK_B", "BLOCK_H", "BLOCK_K")),
     Case("gpunn.kernels.rnn", "rnn_cell_grad_input_kernel", _launch_rnn_cell_grad_input, (
         Variant("tanh", dict(activation="tanh")),
     )),
@@ -366,8 +395,8 @@ def _specs(case: Case, variant: Variant, mode: str, size: str) -> list[Spec]:
     kernel, (args, kwargs) = _capture(case, variant, mode, size)
     autotuner, heuristics, fn = _unwrap(kernel)
     named = dict(zip(fn.arg_names, args))
-    if autotuner is None:
-        configs = [Config({})]
+    if autotuner is None:  # launch options passed at the call, as in kernel[grid](..., num_warps=8)
+        configs = [Config({}, num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3))]
     else:
         configs = autotuner.configs
         if autotuner.early_config_prune:

@@ -394,6 +394,14 @@ def markdown(records: list[Record], info: RunInfo, ceilings: Ceilings, notes: li
                       f"| {_cell(m, 'block_cost_ratio', spec='.2f')} |"
                       for (op, provider, _, shape, _), m in sparse]
             lines.append("")
+        recurrent = [(key, m) for key, m in group.items() if "us_per_step" in m]
+        if recurrent:
+            lines += ["Time per step, and the share of it the arithmetic at the matmul ceiling would take (the "
+                      "rest is latency):", "", "| op | shape | provider | us per step | arithmetic fraction |",
+                      "|" + "---|" * 5]
+            lines += [f"| {op} | {shape} | {provider} | {_cell(m, 'us_per_step', spec='.2f')} "
+                      f"| {_cell(m, 'arith_fraction', spec='.3f')} |" for (op, provider, _, shape, _), m in recurrent]
+            lines.append("")
     return "\n".join(lines)
 
 

@@ -23,8 +23,8 @@ _LAZY = {
     "modules": ("gpunn.modules", None),
 }
 
-__all__ = ["Linear", "LocallyConnected1d", "LocallyConnected2d", "MaskedLinear", "RNN", "RNNCell", "convert", "functional",
-           "kernels", "masks", "modules", "__version__"]
+__all__ = ["Linear", "LocallyConnected1d", "LocallyConnected2d", "MaskedLinear", "RNN", "RNNCell", "convert",
+           "functional", "kernels", "masks", "modules", "__version__"]
 
 
 def __getattr__(name: str):

@@ -31,26 +31,33 @@ from .runtime import INTERPRET, accumulator_dtype, dot_dtype, dot_precision, lau
 
 BLOCK_B = 16  # batch rows a program: the smallest MMA side
 
-# W_hh bytes a program may hold on chip across the loop: 128 KiB (bf16/fp16 H <= 256, fp32 and fp64 H <= 128).
+# W_hh bytes a program may hold on chip across the loop (see resident_limit).
 RESIDENT_BYTES = 128 * 1024
 STREAM_TILE = {2: (64, 64), 4: (64, 32), 8: (32, 32)}  # (BLOCK_H, BLOCK_K) by element size
 INTERPRETER_STREAM_TILE = (16, 16)
 
 
-def resident_limit(dtype: torch.dtype) -> int:
-    """The largest hidden size whose W_hh the sequence kernels hold on chip, for weights of `dtype`."""
+def resident_limit(dtype: torch.dtype, backward: bool = False) -> int:
+    """The largest hidden size whose W_hh the forward (or backward) kernel holds on chip, for weights of
+    `dtype` (0: always streamed). From the sm_90 compile report: 128 KiB of W_hh in shared memory, except
+    where the backward spilled (fp64 at 128 by 72 B; IEEE fp32, whose FMA dot spilled 200-2600 B at 64
+    and 128)."""
+    if backward and dtype == torch.float32 and dot_precision(dtype) == "ieee":
+        return 0
     size = 16
     while (2 * size) ** 2 * torch.finfo(dtype).bits // 8 <= RESIDENT_BYTES:
         size *= 2
-    return size
+    return min(size, 64) if backward and dtype == torch.float64 else size
 
 
-def plan(hidden: int, dtype: torch.dtype) -> dict:
+def plan(hidden: int, dtype: torch.dtype, backward: bool = False) -> dict:
     """Launch constexprs for a hidden size: resident or streamed, the tiles and the warps."""
     padded = max(16, triton.next_power_of_2(hidden))
-    if hidden <= resident_limit(dtype):
+    if hidden <= resident_limit(dtype, backward):
         return dict(RESIDENT=True, BLOCK_H=padded, BLOCK_K=padded, num_warps=8 if padded >= 128 else 4)
-    block_h, block_k = INTERPRETER_STREAM_TILE if INTERPRET else STREAM_TILE[torch.finfo(dtype).bits // 8]
+    element = torch.finfo(dtype).bits // 8
+    exact_fp32 = element == 4 and dot_precision(dtype) == "ieee"  # FMA tiles: 64 x 32 spilled at odd sizes
+    block_h, block_k = INTERPRETER_STREAM_TILE if INTERPRET else (32, 32) if exact_fp32 else STREAM_TILE[element]
     return dict(RESIDENT=False, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=4)
 
 
@@ -242,5 +249,5 @@ def backward(dout: torch.Tensor, out: torch.Tensor, w_hh: torch.Tensor, dz: torc
             dout, dout.stride(0), out, out.stride(0), w_hh, *w_hh.stride(), dz, dz.stride(0), dh,
             batch_sizes, offsets, batch, hidden, steps,
             ACT=activations.CODES[activation], REVERSE=reverse,
-            BLOCK_B=BLOCK_B, **_numerics(out.dtype), **plan(hidden, out.dtype),
+            BLOCK_B=BLOCK_B, **_numerics(out.dtype), **plan(hidden, out.dtype, backward=True),
         )

@@ -15,7 +15,8 @@ from gpunn.kernels import launch_counts
 
 KERNELS = ("dense_forward_kernel", "dense_grad_input_kernel", "dense_grad_weight_kernel",
            "dense_grad_bias_kernel", "masked_forward_kernel", "masked_grad_input_kernel", "masked_grad_weight_kernel",
-           "local_forward_kernel", "local_grad_input_kernel", "local_grad_weight_kernel")
+           "local_forward_kernel", "local_grad_input_kernel", "local_grad_weight_kernel",
+           "rnn_sequence_forward_kernel", "rnn_sequence_backward_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,17 @@ def test_smoke_local2d_rows(smoke):
     assert {(r["provider"], r["metric"]) for r in rows} >= {("gpunn", "ms"), ("torch", "ms"), ("gpunn", "rel_err")}
     if torch.cuda.is_available():  # peak memory is measured on CUDA only
         assert any(r["metric"] == "peak_mem_ratio" for r in rows)
+
+
+def test_smoke_rnn_rows(smoke):
+    out, _, _ = smoke
+    rows = [r for r in _rows(out) if r["op"].startswith("rnn[")]
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    assert {r["provider"] for r in rows} == {"gpunn", "torch"}
+    timed = {(r["provider"], r["mode"], r["shape"]) for r in rows if r["metric"] == "ms"}
+    for metric in ("us_per_step", "arith_fraction"):
+        assert {(r["provider"], r["mode"], r["shape"]) for r in rows if r["metric"] == metric} == timed, metric
+    assert "Time per step" in (out / "bench.md").read_text()
 
 
 def test_failing_result_gets_no_speedup():

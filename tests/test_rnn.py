@@ -101,9 +101,9 @@ def test_streamed_weights_match_the_resident_path(device, monkeypatch):
 
 
 def test_resident_limits():
-    limits = {dtype: rnn_sequence.resident_limit(dtype)
-              for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64)}
-    assert limits == {torch.bfloat16: 256, torch.float16: 256, torch.float32: 128, torch.float64: 128}
+    dtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+    assert [rnn_sequence.resident_limit(dtype) for dtype in dtypes] == [256, 256, 128, 128]
+    assert [rnn_sequence.resident_limit(dtype, backward=True) for dtype in dtypes] == [256, 256, 0, 64]  # IEEE fp32
     assert rnn_sequence.plan(256, torch.bfloat16)["RESIDENT"] and not rnn_sequence.plan(257, torch.bfloat16)["RESIDENT"]
 
 
