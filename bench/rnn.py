@@ -120,7 +120,9 @@ def _torch_rnn(h0, weights):
     def torch_rnn(x, w, b):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "weights are not part of single contiguous chunk": by design here
-            return torch.rnn_tanh(x, h0.to(x.dtype), weights(w, b), True, 1, 0.0, False, False, False)[0]
+            # train=True: cuDNN's backward needs it (dropout is 0, so it changes nothing else).
+            return torch.rnn_tanh(x, h0.to(x.dtype), [t.contiguous() for t in weights(w, b)], True, 1, 0.0, True,
+                                  False, False)[0]
 
     return torch_rnn
 
