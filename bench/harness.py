@@ -400,7 +400,7 @@ def markdown(records: list[Record], info: RunInfo, ceilings: Ceilings, notes: li
                       "rest is latency):", "", "| op | shape | provider | us per step | arithmetic fraction |",
                       "|" + "---|" * 5]
             lines += [f"| {op} | {shape} | {provider} | {_cell(m, 'us_per_step', spec='.2f')} "
-                      f"| {_cell(m, 'arith_fraction', spec='.3f')} |" for (op, provider, _, shape, _), m in recurrent]
+                      f"| {_cell(m, 'arith_fraction', spec='.2e')} |" for (op, provider, _, shape, _), m in recurrent]
             lines.append("")
     return "\n".join(lines)
 

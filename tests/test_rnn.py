@@ -65,10 +65,11 @@ COMBOS = [(layers, bidirectional, nonlinearity, (i % 2 == 0), (i % 3 != 2), (i %
           enumerate(itertools.product((1, 2, 3), (False, True), ("tanh", "relu")))]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("layers,bidirectional,nonlinearity,batch_first,bias,with_h0", COMBOS,
                          ids=lambda v: str(v))
-def test_matches_torch(device, layers, bidirectional, nonlinearity, batch_first, bias, with_h0):
-    run_case(device, torch.float64, 6, 3, 5, 7, num_layers=layers, bidirectional=bidirectional,
+def test_matches_torch(device, dtype, layers, bidirectional, nonlinearity, batch_first, bias, with_h0):
+    run_case(device, dtype, 6, 3, 5, 7, num_layers=layers, bidirectional=bidirectional,
              nonlinearity=nonlinearity, batch_first=batch_first, bias=bias, with_h0=with_h0, seed=layers)
 
 
