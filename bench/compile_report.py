@@ -233,6 +233,15 @@ def _launch_rnn_sequence(dtype, m, n, k, resident, backward):
                              offsets, "tanh", reverse=False)
 
 
+def _launch_sgd(dtype, m, n, k, momentum, first_step):
+    # Two parameter tensors, (m, n) and (n,); a momentum buffer each when momentum.
+    from gpunn.kernels import sgd
+    shapes = ((m, n), (n,))
+    tensors = [[_meta(shape, dtype) for shape in shapes] for _ in range(3)]
+    sgd.step(tensors[0], tensors[1], tensors[2] if momentum else None, lr=0.1, weight_decay=0.01,
+             momentum=0.9 if momentum else 0.0, dampening=0.0, nesterov=True, maximize=False, first_step=first_step)
+
+
 CASES = (
     Case("gpunn.kernels.dense", "dense_forward_kernel", _launch_dense_forward, (
         Variant("relu+bias", dict(activation="relu", bias=True, save_derivative=False)),
@@ -290,6 +299,12 @@ CASES = (
         Variant("resident", dict(resident=True, backward=True)),
         Variant("streamed", dict(resident=False, backward=True)),
     ), tile=("BLOCK_B", "BLOCK_H", "BLOCK_K")),
+    # The optimizer: every parameter tensor of a group in one launch, addresses from a table.
+    Case("gpunn.kernels.sgd", "sgd_kernel", _launch_sgd, (
+        Variant("momentum", dict(momentum=True, first_step=False), matmul=False),
+        Variant("momentum first step", dict(momentum=True, first_step=True), matmul=False),
+        Variant("plain", dict(momentum=False, first_step=False), matmul=False),
+    ), tile=("BLOCK",)),
     Case("gpunn.kernels.rnn", "rnn_cell_grad_input_kernel", _launch_rnn_cell_grad_input, (
         Variant("tanh", dict(activation="tanh")),
     )),

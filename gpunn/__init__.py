@@ -21,10 +21,11 @@ _LAZY = {
     "kernels": ("gpunn.kernels", None),
     "masks": ("gpunn.masks", None),
     "modules": ("gpunn.modules", None),
+    "optim": ("gpunn.optim", None),
 }
 
 __all__ = ["Linear", "LocallyConnected1d", "LocallyConnected2d", "MaskedLinear", "RNN", "RNNCell", "convert",
-           "functional", "kernels", "masks", "modules", "__version__"]
+           "functional", "kernels", "masks", "modules", "optim", "__version__"]
 
 
 def __getattr__(name: str):

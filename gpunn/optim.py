@@ -1,0 +1,68 @@
+"""gpunn.optim.SGD: torch.optim.SGD whose update runs as Triton kernels, one launch per parameter group,
+dtype and device (gpunn.kernels.sgd), instead of one or more launches per tensor and elementwise op."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch.optim.sgd import sgd as torch_sgd
+
+from .kernels import sgd as sgd_kernels
+from .kernels.runtime import triton_runs_on
+
+
+class SGD(torch.optim.SGD):
+    """Stochastic gradient descent, optionally with momentum, weight decay, Nesterov momentum and
+    maximize: torch.optim.SGD's algorithm, arguments, validation, param groups and state_dict (the
+    momentum buffers are state[p]["momentum_buffer"], in the parameter's dtype), so state dicts load both
+    ways between the two.
+
+    Each step updates all the dense, contiguous parameters of a group that share a dtype and device in one
+    Triton launch (fp32 arithmetic, fp64 for fp64 parameters, one rounding per stored value). Sparse
+    gradients, non-contiguous tensors and devices where gpunn's kernels do not run take torch's own SGD.
+    """
+
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False):
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient; returns closure()'s loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)
+            momentum = group["momentum"]
+            if momentum == 0:
+                buffers = [None] * len(params)
+            hyper = dict(lr=float(group["lr"]), weight_decay=float(group["weight_decay"]), momentum=float(momentum),
+                         dampening=float(group["dampening"]), nesterov=group["nesterov"], maximize=group["maximize"])
+            batches, rest = defaultdict(list), []
+            for p, g, buf in zip(params, grads, buffers):
+                if (g.is_sparse or not triton_runs_on(p.device) or not (p.is_contiguous() and g.is_contiguous())
+                        or (buf is not None and not buf.is_contiguous())):
+                    rest.append((p, g, buf))
+                else:
+                    batches[(p.device, p.dtype, buf is None)].append((p, g, buf))
+            for (_, _, first_step), members in batches.items():
+                ps, gs, bs = (list(column) for column in zip(*members))
+                if momentum != 0 and first_step:
+                    bs = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in ps]
+                sgd_kernels.step(ps, gs, bs if momentum != 0 else None, first_step=first_step, **hyper)
+                if momentum != 0:
+                    for p, buf in zip(ps, bs):
+                        self.state[p]["momentum_buffer"] = buf
+            if rest:
+                ps, gs, bs = (list(column) for column in zip(*rest))
+                torch_sgd(ps, gs, bs, has_sparse_grad=any(g.is_sparse for g in gs), foreach=False, **hyper)
+                if momentum != 0:
+                    for p, buf in zip(ps, bs):
+                        self.state[p]["momentum_buffer"] = buf
+        return loss
+
+
+__all__ = ["SGD"]

@@ -1,0 +1,132 @@
+"""The SGD update (torch.optim.SGD's algorithm) over many parameter tensors in one launch.
+
+Per element, in fp32 (fp64 for fp64 parameters), rounding once when storing:
+    g = -grad if maximize else grad
+    g = g + weight_decay * p                               (weight_decay != 0)
+    buf = g on the first step, else momentum * buf + (1 - dampening) * g    (momentum != 0)
+    g = g + momentum * buf if nesterov else buf            (momentum != 0)
+    p = p - lr * g
+
+Memory traffic: reads p and grad (and buf), writes p (and buf): the floor for this update. One launch per
+(dtype, hyper-parameters, first step or not): a table on the device gives each program its tensor
+(element offsets from one base tensor, and length) and its block within it, so a model's hundreds of
+tensors cost one launch.
+The hyper-parameters travel in the same table (float64 bits): changing the learning rate every step
+recompiles nothing.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .runtime import INTERPRET, launch
+
+BLOCK = 1024 if INTERPRET else 4096  # elements a program
+WARPS = 8
+_HEADER: tl.constexpr = tl.constexpr(4)  # lr, weight_decay, momentum, dampening (float64 bits)
+_PER_TENSOR: tl.constexpr = tl.constexpr(4)  # param, grad, momentum buffer addresses; length
+
+
+@triton.jit
+def _tensor(base_ptr, slot, ALIGN: tl.constexpr):
+    """The tensor whose element offset from base_ptr is stored at slot. Offsets from a typed base pointer,
+    rather than raw addresses cast to pointers, keep Triton's alignment analysis: with ALIGN (elements
+    every offset is a multiple of) the loads and stores are vectorised."""
+    return base_ptr + tl.multiple_of(tl.load(slot), ALIGN)
+
+
+@triton.jit
+def _update(table_ptr, p_ptr, g_ptr, b_ptr, offsets, n, COMPUTE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+            MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+            TAIL: tl.constexpr):
+    """The update of one block; TAIL: the block runs past the tensor's end (masked; full blocks are not, so
+    their loads vectorise)."""
+    ok = offsets < n if TAIL else None
+    dtype = p_ptr.dtype.element_ty
+    p = tl.load(p_ptr + offsets, mask=ok).to(COMPUTE)
+    g = tl.load(g_ptr + offsets, mask=ok).to(COMPUTE)
+    if MAXIMIZE:
+        g = -g
+    if WEIGHT_DECAY:
+        g += tl.load(table_ptr + 1).to(tl.float64, bitcast=True).to(COMPUTE) * p
+    if MOMENTUM:
+        momentum = tl.load(table_ptr + 2).to(tl.float64, bitcast=True).to(COMPUTE)
+        if FIRST_STEP:
+            buf = g
+        else:
+            dampening = tl.load(table_ptr + 3).to(tl.float64, bitcast=True).to(COMPUTE)
+            buf = tl.load(b_ptr + offsets, mask=ok).to(COMPUTE) * momentum + g * (1.0 - dampening)
+        buf = buf.to(dtype)  # stored in the parameter's dtype, as torch keeps it
+        tl.store(b_ptr + offsets, buf, mask=ok)
+        buf = buf.to(COMPUTE)
+        if NESTEROV:
+            g += momentum * buf
+        else:
+            g = buf
+    lr = tl.load(table_ptr).to(tl.float64, bitcast=True).to(COMPUTE)
+    tl.store(p_ptr + offsets, (p - lr * g).to(dtype), mask=ok)
+
+
+@triton.jit
+def sgd_kernel(table_ptr, tensors, base_ptr,
+               COMPUTE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
+               FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGN: tl.constexpr,
+               BLOCK: tl.constexpr):
+    # table: [lr, weight_decay, momentum, dampening] as float64 bits, then 4 int64 per tensor (param, grad
+    # and buffer element offsets from base_ptr, length), then per tensor its first block, then per block
+    # its tensor.
+    pid = tl.program_id(0)
+    t = tl.load(table_ptr + _HEADER + tensors * (_PER_TENSOR + 1) + pid)
+    entry = table_ptr + _HEADER + t * _PER_TENSOR
+    p_ptr = _tensor(base_ptr, entry, ALIGN)
+    g_ptr = _tensor(base_ptr, entry + 1, ALIGN)
+    b_ptr = _tensor(base_ptr, entry + 2, ALIGN) if MOMENTUM else p_ptr
+    n = tl.load(entry + 3)
+    start = (pid - tl.load(table_ptr + _HEADER + tensors * _PER_TENSOR + t)).to(tl.int64) * BLOCK
+    offsets = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        _update(table_ptr, p_ptr, g_ptr, b_ptr, offsets, n, COMPUTE, WEIGHT_DECAY, MOMENTUM, FIRST_STEP, NESTEROV,
+                MAXIMIZE, False)
+    else:
+        _update(table_ptr, p_ptr, g_ptr, b_ptr, offsets, n, COMPUTE, WEIGHT_DECAY, MOMENTUM, FIRST_STEP, NESTEROV,
+                MAXIMIZE, True)
+
+
+def step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor] | None, *, lr: float,
+         weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+         first_step: bool) -> None:
+    """One SGD update of every tensor in params, in place, in one launch.
+
+    params, grads (and buffers, the momentum buffers, when momentum != 0): lists of contiguous tensors of one
+    floating dtype on one device, params[i], grads[i] and buffers[i] of one shape. first_step: the buffers
+    are new (their contents are ignored and set to the step's gradient).
+    """
+    if not params:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    lengths = [p.numel() for p in params]
+    block_counts = torch.tensor([triton.cdiv(n, BLOCK) for n in lengths], dtype=torch.int64)
+    total = int(block_counts.sum())
+    if total == 0:
+        return
+    base, size = params[0], params[0].element_size()
+    # Element offsets from params[0]: every tensor of one dtype starts at a multiple of its element size.
+    offsets = [((p.data_ptr() - base.data_ptr()) // size, (g.data_ptr() - base.data_ptr()) // size,
+                (b.data_ptr() - base.data_ptr()) // size if buffers is not None else 0, n)
+               for p, g, b, n in zip(params, grads, buffers or params, lengths)]
+    header = torch.tensor([lr, weight_decay, momentum, dampening], dtype=torch.float64).view(torch.int64)
+    first_blocks = torch.cumsum(block_counts, 0) - block_counts
+    table = torch.cat([header, torch.tensor(offsets, dtype=torch.int64).flatten(), first_blocks,
+                       torch.repeat_interleave(torch.arange(len(params)), block_counts)])
+    table = table.to(device, non_blocking=True)
+    align = 16 // size
+    while any(offset % align for entry in offsets for offset in entry[:3]):
+        align //= 2
+    with launch("sgd_kernel", device):
+        sgd_kernel[(total,)](
+            table, len(params), base,
+            COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+            WEIGHT_DECAY=weight_decay != 0, MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov,
+            MAXIMIZE=maximize, ALIGN=max(align, 1), BLOCK=BLOCK, num_warps=WARPS,
+        )

@@ -1,0 +1,140 @@
+"""gpunn.optim.SGD against torch.optim.SGD: several steps for each hyper-parameter, in float64 (and the
+lower precisions), param groups, state_dict both ways, one launch per group and dtype."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from helpers import assert_close, count_launches, dtypes_for
+
+import gpunn
+
+SETTINGS = [dict(momentum=m, dampening=d, weight_decay=wd, nesterov=n, maximize=mx)
+            for m, d, wd, n, mx in itertools.product((0.0, 0.9), (0.0, 0.3), (0.0, 0.05), (False, True),
+                                                     (False, True))
+            if not (n and (m == 0 or d != 0))]
+
+
+def _params(device, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(37, 11), (11,), (1,), (5000,), (3, 4, 5)]
+    return [torch.randn(shape, generator=gen, dtype=torch.float64).to(device, dtype) for shape in shapes]
+
+
+def _run(optimizer_class, params, grads_per_step, lrs=None, **settings):
+    params = [torch.nn.Parameter(p.clone()) for p in params]
+    optimizer = optimizer_class(params, lr=0.1, **settings)
+    for step, grads in enumerate(grads_per_step):
+        if lrs is not None:
+            optimizer.param_groups[0]["lr"] = lrs[step]
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        optimizer.step()
+    return params, optimizer
+
+
+def _grads(params, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype) for p in params]
+            for _ in range(steps)]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_matches_torch_over_steps(device, settings):
+    params = _params(device, torch.float64)
+    grads = _grads(params, 3)
+    ours, _ = _run(gpunn.optim.SGD, params, grads, **settings)
+    ref, _ = _run(torch.optim.SGD, params, grads, **settings)
+    for p, r in zip(ours, ref):
+        assert_close(p.detach(), r.detach(), torch.float64, str(settings))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_dtypes(device, dtype):
+    if dtype not in dtypes_for(device):
+        pytest.skip("bfloat16 is checked on a GPU only")
+    params = _params(device, dtype)
+    grads = _grads(params, 3)
+    settings = dict(momentum=0.9, dampening=0.1, weight_decay=0.01)
+    ours, _ = _run(gpunn.optim.SGD, params, grads, **settings)
+    ref, _ = _run(torch.optim.SGD, [p.double() for p in params], [[g.double() for g in s] for s in grads], **settings)
+    for p, r in zip(ours, ref):
+        assert p.dtype == dtype
+        assert_close(p.detach(), r.detach(), dtype, "param")
+
+
+def test_one_launch_per_group_and_dtype_and_lr_changes_recompile_nothing(device):
+    params = _params(device, torch.float64) + _params(device, torch.float32)
+    grads = _grads(params, 4)
+    with count_launches() as launches:
+        ours, _ = _run(gpunn.optim.SGD, params, grads, lrs=[0.1, 0.05, 0.02, 0.01], momentum=0.5)
+    assert launches == {"sgd_kernel": 2 * 4}
+    ref, _ = _run(torch.optim.SGD, params, grads, lrs=[0.1, 0.05, 0.02, 0.01], momentum=0.5)
+    for p, r in zip(ours, ref):
+        assert_close(p.detach(), r.detach(), p.dtype, "param")
+
+
+def test_param_groups_missing_grads_and_non_contiguous_params(device):
+    base = _params(device, torch.float64)
+    odd = torch.randn(6, 4, dtype=torch.float64, device=device).t()  # non-contiguous: torch's path
+
+    def build(optimizer_class):
+        ps = [torch.nn.Parameter(p.clone()) for p in base] + [torch.nn.Parameter(odd.clone())]
+        groups = [{"params": ps[:2], "lr": 0.3, "momentum": 0.9}, {"params": ps[2:], "weight_decay": 0.1}]
+        return ps, optimizer_class(groups, lr=0.05, nesterov=False)
+
+    ours, our_opt = build(gpunn.optim.SGD)
+    ref, ref_opt = build(torch.optim.SGD)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(3):
+        for i, (p, r) in enumerate(zip(ours, ref)):
+            g = None if (i + step) % 3 == 0 else torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device)
+            p.grad = None if g is None else g.clone()
+            r.grad = None if g is None else g.clone()
+        our_opt.step()
+        ref_opt.step()
+    assert not ours[-1].is_contiguous()
+    for p, r in zip(ours, ref):
+        assert_close(p.detach(), r.detach(), torch.float64, "param")
+
+
+def test_state_dict_loads_both_ways(device):
+    params = _params(device, torch.float64)
+    grads = _grads(params, 4)
+    settings = dict(momentum=0.8, dampening=0.2, weight_decay=0.01)
+    for first, second in ((torch.optim.SGD, gpunn.optim.SGD), (gpunn.optim.SGD, torch.optim.SGD)):
+        half, opt = _run(first, params, grads[:2], **settings)
+        state = opt.state_dict()
+        resumed = [torch.nn.Parameter(p.detach().clone()) for p in half]
+        opt2 = second(resumed, lr=0.1, **settings)
+        opt2.load_state_dict(state)
+        for step in grads[2:]:
+            for p, g in zip(resumed, step):
+                p.grad = g.clone()
+            opt2.step()
+        straight, straight_opt = _run(torch.optim.SGD, params, grads, **settings)
+        for p, r in zip(resumed, straight):
+            assert_close(p.detach(), r.detach(), torch.float64, f"{first.__module__} -> {second.__module__}")
+        assert opt2.state_dict()["state"].keys() == straight_opt.state_dict()["state"].keys()
+
+
+def test_closure_and_validation_errors(device):
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64, device=device))
+    opt = gpunn.optim.SGD([p], lr=0.5)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == 3.0
+    assert_close(p.detach(), torch.zeros(3, dtype=torch.float64), torch.float64, "after one step")
+    for kwargs in (dict(lr=-1.0), dict(lr=0.1, momentum=-0.5), dict(lr=0.1, weight_decay=-1.0),
+                   dict(lr=0.1, nesterov=True)):
+        with pytest.raises(ValueError):
+            torch.optim.SGD([p], **kwargs)
+        with pytest.raises(ValueError):
+            gpunn.optim.SGD([p], **kwargs)
