@@ -26,9 +26,9 @@ torch.compile; and the sequence RNN (op rnn: gpunn.functional.rnn, one tanh laye
 Ceilings are measured first (a bf16 matmul for TFLOP/s, a device copy for GB/s); each result reports time
 (median of triton.testing.do_bench, with p20/p80), TFLOP/s, GB/s, fractions of the ceilings, peak memory
 (CUDA) and its speedup over torch eager; masked results also report the cost per visited block against
-the dense gpunn layer (bench/masked.py), rnn results the time per step and its arithmetic fraction. Every result is checked against a float64 reference (relative
-norm error; tolerance bf16 1e-2, fp16 3e-3, fp32 1e-3); a result that fails
-gets no speedup. fp32 matmuls run with TF32 in every provider.
+the dense gpunn layer (bench/masked.py), rnn results the time per step and its arithmetic fraction.
+Every result is checked against a float64 reference (relative norm error; tolerance bf16 1e-2, fp16
+3e-3, fp32 1e-3); a result that fails gets no speedup. fp32 matmuls run with TF32 in every provider.
 
 Presets (shapes are MxNxK: x is MxK, the weight NxK):
   --quick   forward 4096^3 and 8192^3, forward 16x4096x4096 and 64x4096x4096 (weight-read bound),
