@@ -242,6 +242,30 @@ def _launch_sgd(dtype, m, n, k, momentum, first_step):
              momentum=0.9 if momentum else 0.0, dampening=0.0, nesterov=True, maximize=False, first_step=first_step)
 
 
+def _launch_cross_entropy(dtype, m, n, k, backward, weighted, smoothing):
+    # m rows of n classes (the logits (m, n)).
+    import torch
+
+    from gpunn.kernels import losses
+    x, target = _meta((m, n), dtype), _meta((m,), torch.int64)
+    weight = _meta((n,), dtype) if weighted else None
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    if backward:
+        losses.cross_entropy_backward(x, target, weight, -100, smoothing, _meta((m,), compute), _meta((), dtype),
+                                      "mean", _meta((2,), compute))
+    else:
+        losses.cross_entropy_forward(x, target, weight, -100, smoothing)
+
+
+def _launch_mse(dtype, m, n, k, backward):
+    from gpunn.kernels import losses
+    x, y = _meta((m, n), dtype), _meta((m, n), dtype)
+    if backward:
+        losses.mse_backward(x, y, _meta((), dtype), "mean", True, True)
+    else:
+        losses.mse_forward(x, y, "none")
+
+
 CASES = (
     Case("gpunn.kernels.dense", "dense_forward_kernel", _launch_dense_forward, (
         Variant("relu+bias", dict(activation="relu", bias=True, save_derivative=False)),
@@ -304,6 +328,21 @@ CASES = (
         Variant("momentum", dict(momentum=True, first_step=False), matmul=False),
         Variant("momentum first step", dict(momentum=True, first_step=True), matmul=False),
         Variant("plain", dict(momentum=False, first_step=False), matmul=False),
+    ), tile=("BLOCK",)),
+    # The losses: a row of logits a program (cross-entropy), blocks of elements (MSE).
+    Case("gpunn.kernels.losses", "cross_entropy_forward_kernel", _launch_cross_entropy, (
+        Variant("weighted+smoothing", dict(backward=False, weighted=True, smoothing=0.1), matmul=False),
+        Variant("plain", dict(backward=False, weighted=False, smoothing=0.0), matmul=False),
+    ), tile=("BLOCK_C",)),
+    Case("gpunn.kernels.losses", "cross_entropy_backward_kernel", _launch_cross_entropy, (
+        Variant("weighted+smoothing", dict(backward=True, weighted=True, smoothing=0.1), matmul=False),
+        Variant("plain", dict(backward=True, weighted=False, smoothing=0.0), matmul=False),
+    ), tile=("BLOCK_C",)),
+    Case("gpunn.kernels.losses", "mse_forward_kernel", _launch_mse, (
+        Variant("none", dict(backward=False), matmul=False),
+    ), tile=("BLOCK",)),
+    Case("gpunn.kernels.losses", "mse_backward_kernel", _launch_mse, (
+        Variant("mean", dict(backward=True), matmul=False),
     ), tile=("BLOCK",)),
     Case("gpunn.kernels.rnn", "rnn_cell_grad_input_kernel", _launch_rnn_cell_grad_input, (
         Variant("tanh", dict(activation="tanh")),

@@ -10,7 +10,9 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
+    "CrossEntropyLoss": ("gpunn.losses", "CrossEntropyLoss"),
     "Linear": ("gpunn.modules", "Linear"),
+    "MSELoss": ("gpunn.losses", "MSELoss"),
     "MaskedLinear": ("gpunn.modules", "MaskedLinear"),
     "LocallyConnected1d": ("gpunn.modules", "LocallyConnected1d"),
     "LocallyConnected2d": ("gpunn.modules", "LocallyConnected2d"),
@@ -19,13 +21,14 @@ _LAZY = {
     "convert": ("gpunn.convert", None),
     "functional": ("gpunn.functional", None),
     "kernels": ("gpunn.kernels", None),
+    "losses": ("gpunn.losses", None),
     "masks": ("gpunn.masks", None),
     "modules": ("gpunn.modules", None),
     "optim": ("gpunn.optim", None),
 }
 
-__all__ = ["Linear", "LocallyConnected1d", "LocallyConnected2d", "MaskedLinear", "RNN", "RNNCell", "convert",
-           "functional", "kernels", "masks", "modules", "optim", "__version__"]
+__all__ = ["CrossEntropyLoss", "Linear", "LocallyConnected1d", "LocallyConnected2d", "MSELoss", "MaskedLinear", "RNN",
+           "RNNCell", "convert", "functional", "kernels", "losses", "masks", "modules", "optim", "__version__"]
 
 
 def __getattr__(name: str):

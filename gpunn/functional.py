@@ -12,6 +12,7 @@ from .kernels.activations import NAMES as ACTIVATIONS
 from .kernels.layout import BlockLayout, check_block
 from .kernels.local import Geometry
 from .kernels.runtime import triton_runs_on
+from .losses import cross_entropy, mse_loss  # noqa: F401  (public here too, as in torch.nn.functional)
 from .masks import as_pair, as_single, block_layout
 from .ops.linear import LinearFunction
 from .ops.local import LocallyConnectedFunction

@@ -1,0 +1,240 @@
+"""Fused losses: cross-entropy over class indices (with class weights, ignore_index and label smoothing)
+and mean squared error, forward and backward.
+
+Cross-entropy, rows of C logits x, target y, class weights w (1 without), smoothing e:
+    lse = logsumexp(x);  nll = w_y (lse - x_y);  smooth = W lse - sum_j w_j x_j   (W = sum_j w_j)
+    loss_row = (1 - e) nll + (e / C) smooth  (0 for an ignored row)
+    mean: sum(loss_row) / sum(w_y over rows not ignored); sum: the sum; none: loss_row.
+torch.nn.functional.cross_entropy's definition, label smoothing included. The forward reads the logits
+once (an online logsumexp, the target logit and the weighted sum in one pass) and keeps lse per row;
+the backward reads them once more and writes the gradient
+    dx_j = s_row ((1 - e) w_y (p_j - [j = y]) + (e / C) (W p_j - w_j)),  p = softmax(x)
+with s_row the output gradient (over the denominator for mean). All arithmetic in fp32 (fp64 for fp64).
+Reductions over rows run in one program, in a fixed order: results are deterministic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .runtime import INTERPRET, launch
+
+BLOCK_C = 256 if INTERPRET else 2048  # logits a program handles at a time along a row
+REDUCE_BLOCK = 1024
+WARPS = 8
+
+
+@triton.jit
+def cross_entropy_forward_kernel(
+    x_ptr, stride_x, target_ptr, weight_ptr,
+    row_loss_ptr, row_weight_ptr, lse_ptr,  # (N,) each, in the compute dtype
+    C, ignore_index,
+    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # SMOOTHING: the label smoothing as a constant (0.0: none), materialised in the compute dtype.
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    cols = tl.arange(0, BLOCK_C)
+    running_max = tl.full((), float("-inf"), COMPUTE)
+    running_sum = tl.zeros((), COMPUTE)
+    weighted_x = tl.zeros((), COMPUTE)
+    weight_total = tl.zeros((), COMPUTE)
+    for c0 in range(0, C, BLOCK_C):
+        ok = c0 + cols < C
+        x = tl.load(x_row + c0 + cols, mask=ok, other=float("-inf")).to(COMPUTE)
+        new_max = tl.maximum(running_max, tl.max(x, axis=0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        running_max = new_max
+        if SMOOTHING != 0.0:
+            w = tl.load(weight_ptr + c0 + cols, mask=ok, other=0.0).to(COMPUTE) if HAS_WEIGHT else ok.to(COMPUTE)
+            weighted_x += tl.sum(w * tl.where(ok, x, 0.0), axis=0)  # masked lanes hold -inf
+            weight_total += tl.sum(w, axis=0)
+    lse = running_max + tl.log(running_sum)
+    target = tl.load(target_ptr + row)
+    kept = target != ignore_index
+    safe = tl.where(kept, target, 0)
+    w_y = tl.load(weight_ptr + safe).to(COMPUTE) if HAS_WEIGHT else tl.full((), 1.0, COMPUTE)
+    w_y = tl.where(kept, w_y, 0.0)
+    loss = w_y * (lse - tl.load(x_row + safe).to(COMPUTE))
+    if SMOOTHING != 0.0:
+        loss = loss * (1.0 - SMOOTHING) + tl.where(kept, weight_total * lse - weighted_x, 0.0) * SMOOTHING / C
+    tl.store(row_loss_ptr + row, loss)
+    tl.store(row_weight_ptr + row, w_y)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def row_sums_kernel(a_ptr, b_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    """out = [sum(a), sum(b)] over N values, in one program (a fixed order)."""
+    offsets = tl.arange(0, BLOCK)
+    total_a = tl.zeros((BLOCK,), out_ptr.dtype.element_ty)
+    total_b = tl.zeros((BLOCK,), out_ptr.dtype.element_ty)
+    for n0 in range(0, N, BLOCK):
+        ok = n0 + offsets < N
+        total_a += tl.load(a_ptr + n0 + offsets, mask=ok, other=0.0)
+        total_b += tl.load(b_ptr + n0 + offsets, mask=ok, other=0.0)
+    tl.store(out_ptr, tl.sum(total_a, axis=0))
+    tl.store(out_ptr + 1, tl.sum(total_b, axis=0))
+
+
+@triton.jit
+def cross_entropy_backward_kernel(
+    x_ptr, stride_x, target_ptr, weight_ptr, lse_ptr, grad_ptr, stride_grad, sums_ptr,
+    dx_ptr,  # (N, C) contiguous
+    C, ignore_index,
+    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # REDUCTION: 0 none (grad per row), 1 sum, 2 mean (grad over sums[1], the weight of the rows kept).
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    target = tl.load(target_ptr + row)
+    kept = target != ignore_index
+    scale = tl.load(grad_ptr + row * stride_grad).to(COMPUTE)
+    if REDUCTION == 2:
+        scale = scale / tl.load(sums_ptr + 1).to(COMPUTE)
+    scale = tl.where(kept, scale, 0.0)
+    safe = tl.where(kept, target, 0)
+    w_y = tl.load(weight_ptr + safe).to(COMPUTE) if HAS_WEIGHT else tl.full((), 1.0, COMPUTE)
+    weight_total = tl.zeros((), COMPUTE) + C
+    if SMOOTHING != 0.0 and HAS_WEIGHT:
+        weight_total = tl.zeros((), COMPUTE)
+        for c0 in range(0, C, BLOCK_C):
+            weight_total += tl.sum(tl.load(weight_ptr + c0 + cols, mask=c0 + cols < C, other=0.0).to(COMPUTE), axis=0)
+    lse = tl.load(lse_ptr + row)
+    for c0 in range(0, C, BLOCK_C):
+        ok = c0 + cols < C
+        p = tl.exp(tl.load(x_ptr + row * stride_x + c0 + cols, mask=ok, other=0.0).to(COMPUTE) - lse)
+        dx = w_y * (p - tl.where(c0 + cols == target, 1.0, 0.0))
+        if SMOOTHING != 0.0:
+            w = tl.load(weight_ptr + c0 + cols, mask=ok, other=0.0).to(COMPUTE) if HAS_WEIGHT else 1.0
+            dx = dx * (1.0 - SMOOTHING) + (weight_total * p - w) * SMOOTHING / C
+        tl.store(dx_ptr + row * C + c0 + cols, (dx * scale).to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
+                          smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-row loss, per-row weight w_y (0 when ignored), per-row lse), each (N,) in fp32 (fp64 for fp64).
+
+    x (N, C) with unit column stride; target (N,) int64 in [0, C) or ignore_index; weight (C,) or None.
+    """
+    rows, classes = x.shape
+    compute = _compute_dtype(x.dtype)
+    row_loss, row_weight, lse = (torch.empty(rows, device=x.device, dtype=compute) for _ in range(3))
+    if rows:
+        with launch("cross_entropy_forward_kernel", x.device):
+            cross_entropy_forward_kernel[(rows,)](
+                x, x.stride(0), target, weight if weight is not None else x, row_loss, row_weight, lse,
+                classes, ignore_index,
+                HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing), COMPUTE=_tl(x.dtype), BLOCK_C=BLOCK_C,
+                num_warps=WARPS,
+            )
+    return row_loss, row_weight, lse
+
+
+def sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[sum(a), sum(b)] of two (N,) tensors of one dtype, in one program: a (2,) tensor."""
+    out = torch.empty(2, device=a.device, dtype=a.dtype)
+    with launch("row_sums_kernel", a.device):
+        row_sums_kernel[(1,)](a, b, out, a.shape[0], BLOCK=REDUCE_BLOCK, num_warps=4)
+    return out
+
+
+def cross_entropy_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
+                           smoothing: float, lse: torch.Tensor, grad: torch.Tensor, reduction: str,
+                           totals: torch.Tensor | None) -> torch.Tensor:
+    """dx (N, C) contiguous in x's dtype. grad: the output gradient, (N,) for reduction "none", else a
+    scalar; totals: the forward's [sum of row losses, sum of w_y] (read for "mean")."""
+    rows, classes = x.shape
+    dx = torch.empty((rows, classes), device=x.device, dtype=x.dtype)
+    if rows == 0 or classes == 0:
+        return dx
+    with launch("cross_entropy_backward_kernel", x.device):
+        cross_entropy_backward_kernel[(rows,)](
+            x, x.stride(0), target, weight if weight is not None else x, lse, grad,
+            grad.stride(0) if grad.dim() else 0, totals if totals is not None else lse, dx,
+            classes, ignore_index,
+            HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing),
+            REDUCTION={"none": 0, "sum": 1, "mean": 2}[reduction], COMPUTE=_tl(x.dtype), BLOCK_C=BLOCK_C,
+            num_warps=WARPS,
+        )
+    return dx
+
+
+@triton.jit
+def mse_forward_kernel(x_ptr, y_ptr, out_ptr, N, COMPUTE: tl.constexpr, ELEMENTWISE: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """ELEMENTWISE: out[i] = (x - y)^2 (reduction "none"); else out[program] = the block's sum of it."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < N
+    d = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(COMPUTE) - tl.load(y_ptr + offsets, mask=ok, other=0.0).to(COMPUTE)
+    if ELEMENTWISE:
+        tl.store(out_ptr + offsets, (d * d).to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(out_ptr + tl.program_id(0), tl.sum(d * d, axis=0))
+
+
+@triton.jit
+def mse_backward_kernel(x_ptr, y_ptr, grad_ptr, stride_grad, dx_ptr, dy_ptr, N,
+                        COMPUTE: tl.constexpr, MEAN: tl.constexpr, INPUT_GRAD: tl.constexpr, TARGET_GRAD: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """dx = 2 (x - y) grad (/ N for the mean), dy = -dx; grad per element (stride 1) or one value (stride 0)."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < N
+    d = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(COMPUTE) - tl.load(y_ptr + offsets, mask=ok, other=0.0).to(COMPUTE)
+    g = tl.load(grad_ptr + offsets * stride_grad, mask=ok, other=0.0).to(COMPUTE)
+    dx = 2.0 * d * g
+    if MEAN:
+        dx = dx / N
+    if INPUT_GRAD:
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    if TARGET_GRAD:
+        tl.store(dy_ptr + offsets, (-dx).to(dy_ptr.dtype.element_ty), mask=ok)
+
+
+MSE_BLOCK = 1024 if INTERPRET else 2048
+
+
+def mse_forward(x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+    """(x - y)^2 per element for "none" (x's shape and dtype), else its sum or mean (a scalar in x's dtype).
+    x and y contiguous, of one shape."""
+    n = x.numel()
+    if reduction == "none":
+        out = torch.empty_like(x)
+        if n:
+            with launch("mse_forward_kernel", x.device):
+                mse_forward_kernel[(triton.cdiv(n, MSE_BLOCK),)](x, y, out, n, COMPUTE=_tl(x.dtype), ELEMENTWISE=True,
+                                                                  BLOCK=MSE_BLOCK, num_warps=WARPS)
+        return out
+    partial = torch.zeros(max(triton.cdiv(n, MSE_BLOCK), 1), device=x.device, dtype=_compute_dtype(x.dtype))
+    if n:
+        with launch("mse_forward_kernel", x.device):
+            mse_forward_kernel[(partial.shape[0],)](x, y, partial, n, COMPUTE=_tl(x.dtype), ELEMENTWISE=False,
+                                                    BLOCK=MSE_BLOCK, num_warps=WARPS)
+    total = sums(partial, partial)[0]
+    return (total / n if reduction == "mean" else total).to(x.dtype)
+
+
+def mse_backward(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, reduction: str, input_grad: bool,
+                 target_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dy) of the MSE loss for the output gradient grad (x's shape for "none", else a scalar)."""
+    n = x.numel()
+    dx = torch.empty_like(x) if input_grad else None
+    dy = torch.empty_like(y) if target_grad else None
+    if n and (input_grad or target_grad):
+        grad = grad.contiguous()
+        with launch("mse_backward_kernel", x.device):
+            mse_backward_kernel[(triton.cdiv(n, MSE_BLOCK),)](
+                x, y, grad, 1 if grad.dim() else 0, dx if input_grad else x, dy if target_grad else x, n,
+                COMPUTE=_tl(x.dtype), MEAN=reduction == "mean", INPUT_GRAD=input_grad,
+                TARGET_GRAD=target_grad, BLOCK=MSE_BLOCK, num_warps=WARPS)
+    return dx, dy

@@ -1,0 +1,112 @@
+"""gpunn.CrossEntropyLoss / MSELoss against torch.nn in float64: every reduction, class weights,
+ignore_index, label smoothing, input forms; forward and gradients; torch's errors; the fused launches."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TorchOpSpy, assert_close, count_launches, dtypes_for
+
+import gpunn
+
+
+def _ce_case(device, dtype, shape, classes, *, weighted, smoothing, reduction, ignore=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*shape[:1], classes, *shape[1:], generator=gen) * 3).to(device, dtype)
+    target = torch.randint(0, classes, shape, generator=gen).to(device)
+    if ignore and target.numel() > 1:
+        target.view(-1)[::3] = -100
+    weight = torch.rand(classes, generator=gen).to(device, dtype) + 0.1 if weighted else None
+    x = logits.clone().requires_grad_()
+    x64 = logits.double().requires_grad_()
+    loss = gpunn.CrossEntropyLoss(weight=weight, reduction=reduction, label_smoothing=smoothing)(x, target)
+    ref = torch.nn.CrossEntropyLoss(weight=None if weight is None else weight.double(), reduction=reduction,
+                                    label_smoothing=smoothing)(x64, target)
+    assert loss.dtype == dtype and loss.shape == ref.shape
+    assert_close(loss, ref, dtype, "loss")
+    grad_out = torch.randn(ref.shape, generator=gen).to(device, dtype) if reduction == "none" else torch.tensor(
+        1.7, device=device, dtype=dtype)
+    (g,) = torch.autograd.grad(loss, x, grad_out)
+    (g64,) = torch.autograd.grad(ref, x64, grad_out.double())
+    assert_close(g, g64, dtype, "grad")
+
+
+@pytest.mark.parametrize("reduction,weighted,smoothing",
+                         list(itertools.product(("mean", "sum", "none"), (False, True), (0.0, 0.15))), ids=str)
+def test_cross_entropy_matches_torch(device, reduction, weighted, smoothing):
+    _ce_case(device, torch.float64, (13,), 37, weighted=weighted, smoothing=smoothing, reduction=reduction)
+
+
+@pytest.mark.parametrize("shape,classes", [((5,), 3000), ((1,), 1), ((4, 3, 2), 7), ((), 9)], ids=str)
+def test_cross_entropy_shapes(device, shape, classes):
+    # Rows longer than a block, one class, (N, C, d1, d2) inputs, and unbatched (C,).
+    for reduction in ("mean", "none"):
+        _ce_case(device, torch.float64, shape, classes, weighted=True, smoothing=0.1, reduction=reduction,
+                 ignore=shape != ())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_cross_entropy_dtypes(device, dtype):
+    if dtype not in dtypes_for(device):
+        pytest.skip("bfloat16 is checked on a GPU only")
+    _ce_case(device, dtype, (33,), 50, weighted=True, smoothing=0.1, reduction="mean")
+
+
+def test_cross_entropy_all_ignored_is_nan_like_torch(device):
+    x = torch.randn(2, 4, device=device, dtype=torch.float64, requires_grad=True)
+    target = torch.full((2,), -100, device=device)
+    assert torch.isnan(gpunn.losses.cross_entropy(x, target)) and torch.isnan(F.cross_entropy(x, target))
+
+
+def test_cross_entropy_fused_launches_and_no_torch_softmax(device):
+    x = torch.randn(8, 10, device=device, requires_grad=True)
+    target = torch.randint(0, 10, (8,), device=device)
+    with count_launches() as launches, TorchOpSpy() as spy:
+        gpunn.CrossEntropyLoss(label_smoothing=0.1)(x, target).backward()
+    assert launches == {"cross_entropy_forward_kernel": 1, "row_sums_kernel": 1, "cross_entropy_backward_kernel": 1}
+    assert not {"aten._log_softmax", "aten._softmax", "aten.nll_loss_forward", "aten.logsumexp"} & set(spy.ops)
+
+
+def test_cross_entropy_errors_match_torch(device):
+    x = torch.randn(3, 4, device=device)
+    cases = [(x, torch.tensor([0, 1, 7], device=device), {}), (x, torch.tensor([0, 1, -5], device=device), {}),
+             (x, torch.tensor([0, 1], device=device), {}), (x, torch.tensor([0, 1, 2], device=device, dtype=torch.int32), {}),
+             (x, torch.tensor([0, 1, 2], device=device), dict(weight=torch.ones(3, device=device))),
+             (x, torch.tensor([0, 1, 2], device=device), dict(label_smoothing=1.5)),
+             (x, torch.tensor([0, 1, 2], device=device), dict(reduction="bad"))]
+    for logits, target, kwargs in cases:
+        with pytest.raises(Exception) as expected:
+            F.cross_entropy(logits, target, **kwargs)
+        with count_launches() as launches, pytest.raises(expected.type):
+            gpunn.losses.cross_entropy(logits, target, **kwargs)
+        assert launches == {}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_mse_matches_torch(device, reduction):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 1500, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    y = torch.randn(7, 1500, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    x64, y64 = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    loss = gpunn.MSELoss(reduction=reduction)(x, y)
+    ref = torch.nn.MSELoss(reduction=reduction)(x64, y64)
+    assert_close(loss, ref, torch.float64, "loss")
+    grad_out = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(device)
+    for g, g64 in zip(torch.autograd.grad(loss, (x, y), grad_out), torch.autograd.grad(ref, (x64, y64), grad_out)):
+        assert_close(g, g64, torch.float64, "grad")
+
+
+def test_mse_broadcast_promotion_and_launches(device):
+    x = torch.randn(4, 3, device=device, dtype=torch.float32, requires_grad=True)
+    y = torch.randn(3, device=device, dtype=torch.float64)
+    with pytest.warns(UserWarning), count_launches() as launches:
+        loss = gpunn.losses.mse_loss(x, y)
+        loss.backward()
+    with pytest.warns(UserWarning):
+        ref = F.mse_loss(x.detach().double(), y)
+    assert loss.dtype == torch.float64
+    assert_close(loss, ref, torch.float64, "loss")
+    assert launches == {"mse_forward_kernel": 1, "row_sums_kernel": 1, "mse_backward_kernel": 1}
