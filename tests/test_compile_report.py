@@ -22,12 +22,13 @@ def test_subset_compiles_for_sm90_with_hgmma_and_no_spills(tmp_path):
     assert len(written) == len(rows) == summary["rows"]
     kernels = {case.kernel for case in compile_report.CASES}
     assert {row["kernel"] for row in written} == kernels
+    matmuls = {case.kernel for case in compile_report.CASES if any(v.matmul for v in case.variants)}
+    assert matmuls and matmuls != kernels  # the column-sum, loss and optimizer kernels have no matmul
     for row in written:
         assert row["status"] == "ok", row
         assert int(row["spill_bytes"]) == 0 and int(row["stl"]) == 0, row
-        assert int(row["registers"]) > 0 and int(row["shared_memory_bytes"]) > 0, row
-    matmuls = {case.kernel for case in compile_report.CASES if any(v.matmul for v in case.variants)}
-    assert matmuls and matmuls != kernels  # the column-sum kernel has no matmul
+        assert int(row["registers"]) > 0, row
+        assert int(row["shared_memory_bytes"]) > 0 or row["kernel"] not in matmuls, row  # MMA operands staged
 
     def rows_of(**match):
         return [row for row in written if row["kernel"] in matmuls and all(row[k] == v for k, v in match.items())]
