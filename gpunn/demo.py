@@ -1,15 +1,17 @@
-"""The main job until the full training CLI lands: an MLP of gpunn.Linear layers trained beside the same
-torch.nn model, from the same initial weights, on the same batches."""
+"""The main job until the full training CLI lands: an MLP of gpunn.Linear layers, trained with
+gpunn.CrossEntropyLoss and gpunn.optim.SGD, beside the same torch.nn model trained with torch's loss and
+SGD, from the same initial weights, on the same batches."""
 from __future__ import annotations
 
 import copy
 import time
 
 import torch
-import torch.nn.functional as F
 
 from .kernels.runtime import INTERPRET
+from .losses import CrossEntropyLoss
 from .modules import Linear
+from .optim import SGD
 
 
 def spirals(samples: int, classes: int = 3, noise: float = 0.15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +58,8 @@ def train(epochs: int, batch_size: int, lr: float, hidden: int, samples: int, se
     where = "compiled on " + torch.cuda.get_device_name(device) if device.type == "cuda" else \
         ("the CPU through Triton's interpreter" if INTERPRET else "the CPU in plain torch (TRITON_INTERPRET unset)")
     print(f"gpunn train: MLP 2-{hidden}-{hidden}-3 on {samples} spiral points, {epochs} epochs, "
-          f"batch {batch_size}, SGD lr {lr}; gpunn kernels run {where}")
+          f"batch {batch_size}, SGD lr {lr} (gpunn: its loss and SGD kernels; torch.nn: torch's); gpunn kernels "
+          f"run {where}")
 
     x, y = spirals(samples + samples // 3, seed=seed)
     x, y = x.to(device), y.to(device)
@@ -64,7 +67,9 @@ def train(epochs: int, batch_size: int, lr: float, hidden: int, samples: int, se
     torch.manual_seed(seed)
     models = {"gpunn": mlp(hidden, 3, device)}
     models["torch.nn"] = torch_twin(models["gpunn"])
-    optimizers = {name: torch.optim.SGD(model.parameters(), lr=lr) for name, model in models.items()}
+    optimizers = {"gpunn": SGD(models["gpunn"].parameters(), lr=lr),
+                  "torch.nn": torch.optim.SGD(models["torch.nn"].parameters(), lr=lr)}
+    loss_functions = {"gpunn": CrossEntropyLoss(), "torch.nn": torch.nn.CrossEntropyLoss()}
 
     largest_gap = 0.0
     order = torch.Generator().manual_seed(seed + 1)
@@ -76,7 +81,7 @@ def train(epochs: int, batch_size: int, lr: float, hidden: int, samples: int, se
             batch = permutation[first:first + batch_size]
             for name, model in models.items():
                 optimizers[name].zero_grad()
-                loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
+                loss = loss_functions[name](model(x_train[batch]), y_train[batch])
                 loss.backward()
                 optimizers[name].step()
                 totals[name] += loss.item() * len(batch)
