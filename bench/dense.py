@@ -268,7 +268,8 @@ def run(all_cases: list[Case], providers: list[str], device: torch.device, ceili
                     continue
                 f = case.make_provider(provider, device)
                 for mode in case.modes_for(provider):
-                    run_fn, check = callables(mode, f, x, w, b, dy)
+                    # A case may bring its own (a loss, an optimizer step); layers use the default.
+                    run_fn, check = getattr(case, "callables", callables)(mode, f, x, w, b, dy)
                     new, label = measure(case, mode, provider, run_fn, check, ref[mode], device, ceilings,
                                           warmup_calls)
                     del run_fn, check  # the bwd graph dies here

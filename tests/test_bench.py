@@ -16,7 +16,8 @@ from gpunn.kernels import launch_counts
 KERNELS = ("dense_forward_kernel", "dense_grad_input_kernel", "dense_grad_weight_kernel",
            "dense_grad_bias_kernel", "masked_forward_kernel", "masked_grad_input_kernel", "masked_grad_weight_kernel",
            "local_forward_kernel", "local_grad_input_kernel", "local_grad_weight_kernel",
-           "rnn_sequence_forward_kernel", "rnn_sequence_backward_kernel")
+           "rnn_sequence_forward_kernel", "rnn_sequence_backward_kernel", "cross_entropy_forward_kernel",
+           "cross_entropy_backward_kernel", "sgd_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,15 @@ def test_smoke_rnn_rows(smoke):
     for metric in ("us_per_step", "arith_fraction"):
         assert {(r["provider"], r["mode"], r["shape"]) for r in rows if r["metric"] == metric} == timed, metric
     assert "Time per step" in (out / "bench.md").read_text()
+
+
+def test_smoke_xent_and_sgd_rows(smoke):
+    out, _, _ = smoke
+    rows = _rows(out)
+    xent = {(r["provider"], r["mode"]) for r in rows if r["op"] == "xent" and r["metric"] == "rel_err"}
+    assert xent >= {(p, m) for p in ("torch", "gpunn") for m in ("fwd", "bwd", "fwd+bwd")}
+    sgd = {(r["provider"], r["dtype"]) for r in rows if r["op"] == "sgd" and r["metric"] == "ms"}
+    assert {"torch", "gpunn"} == {p for p, _ in sgd} and "fp32" in {d for _, d in sgd}
 
 
 def test_failing_result_gets_no_speedup():
