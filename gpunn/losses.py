@@ -71,7 +71,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         raise NotImplementedError("gpunn cross_entropy takes class-index targets; class probabilities are not "
                                   "supported")
     if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {str(target.dtype).split('.')[-1].title()}")
+        name = str(target.dtype).split(".")[-1].title()
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {name}")
     if input.dim() == 0:
         raise IndexError("Dimension specified as 1 but tensor has no dimensions")
     classes = input.shape[1] if input.dim() > 1 else input.shape[0]

@@ -171,12 +171,18 @@ def cross_entropy_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.
 
 
 @triton.jit
+def _difference(x_ptr, y_ptr, offsets, ok, COMPUTE: tl.constexpr):
+    x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(COMPUTE)
+    return x - tl.load(y_ptr + offsets, mask=ok, other=0.0).to(COMPUTE)
+
+
+@triton.jit
 def mse_forward_kernel(x_ptr, y_ptr, out_ptr, N, COMPUTE: tl.constexpr, ELEMENTWISE: tl.constexpr,
                        BLOCK: tl.constexpr):
     """ELEMENTWISE: out[i] = (x - y)^2 (reduction "none"); else out[program] = the block's sum of it."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < N
-    d = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(COMPUTE) - tl.load(y_ptr + offsets, mask=ok, other=0.0).to(COMPUTE)
+    d = _difference(x_ptr, y_ptr, offsets, ok, COMPUTE)
     if ELEMENTWISE:
         tl.store(out_ptr + offsets, (d * d).to(out_ptr.dtype.element_ty), mask=ok)
     else:
@@ -190,7 +196,7 @@ def mse_backward_kernel(x_ptr, y_ptr, grad_ptr, stride_grad, dx_ptr, dy_ptr, N,
     """dx = 2 (x - y) grad (/ N for the mean), dy = -dx; grad per element (stride 1) or one value (stride 0)."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < N
-    d = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(COMPUTE) - tl.load(y_ptr + offsets, mask=ok, other=0.0).to(COMPUTE)
+    d = _difference(x_ptr, y_ptr, offsets, ok, COMPUTE)
     g = tl.load(grad_ptr + offsets * stride_grad, mask=ok, other=0.0).to(COMPUTE)
     dx = 2.0 * d * g
     if MEAN:
