@@ -1,16 +1,95 @@
-"""Conversions between equivalent layers: a LocallyConnected2d and the MaskedLinear with a local_2d mask.
+"""Conversions to gpunn layers.
 
-The two compute the same function: the masked layer reads the input flattened, x.flatten(1) of shape
+gpunn.convert(model) (this module is callable) returns the model with its torch.nn.Linear, RNNCell and RNN
+layers replaced by their gpunn twins, holding the same parameters, and each nn.Linear that an activation
+module directly follows in an nn.Sequential fused with it into one gpunn.Linear.
+
+masked_from_local / local_from_masked: a LocallyConnected2d and the MaskedLinear with a local_2d mask
+compute the same function: the masked layer reads the input flattened, x.flatten(1) of shape
 (N, C * H * W), and its output (N, O * OH * OW) is the locally connected output flattened. Weights of taps
 that fall in the zero padding have no place in the masked layer (they multiply zeros): converting to it
 drops them, and converting back gives them zero.
 """
 from __future__ import annotations
 
+import copy
+import sys
+import types
+
 import torch
 
 from . import masks
-from .modules import LocallyConnected2d, MaskedLinear
+from .modules import RNN, Linear, LocallyConnected2d, MaskedLinear, RNNCell
+
+# Activation modules gpunn.Linear can fuse: (its activation name, negative slope) for a module.
+_FUSABLE = {
+    torch.nn.ReLU: lambda m: ("relu", 0.01),
+    torch.nn.Tanh: lambda m: ("tanh", 0.01),
+    torch.nn.Sigmoid: lambda m: ("sigmoid", 0.01),
+    torch.nn.SiLU: lambda m: ("silu", 0.01),
+    torch.nn.GELU: lambda m: ("gelu" if m.approximate == "none" else "gelu_tanh", 0.01),
+    torch.nn.LeakyReLU: lambda m: ("leaky_relu", m.negative_slope),
+}
+
+
+def _adopt(twin: torch.nn.Module, module: torch.nn.Module) -> torch.nn.Module:
+    """twin (built on the meta device) takes module's own parameters and training mode: the same tensors,
+    so optimizers and hooks on them still apply."""
+    for name, parameter in module.named_parameters(recurse=False):
+        setattr(twin, name, parameter)
+    return twin.train(module.training)
+
+
+def _twin(module: torch.nn.Module, activation: tuple[str, float] | None = None) -> torch.nn.Module:
+    """The gpunn layer computing what module computes (followed by activation, for a Linear)."""
+    if type(module) is torch.nn.Linear:
+        name, slope = activation or (None, 0.01)
+        twin = Linear(module.in_features, module.out_features, module.bias is not None, device="meta",
+                      activation=name, negative_slope=slope)
+    elif type(module) is torch.nn.RNNCell:
+        twin = RNNCell(module.input_size, module.hidden_size, module.bias, module.nonlinearity, device="meta")
+    else:
+        twin = RNN(module.input_size, module.hidden_size, module.num_layers, module.nonlinearity, module.bias,
+                   module.batch_first, module.dropout, module.bidirectional, device="meta")
+    return _adopt(twin, module)
+
+
+_CONVERTIBLE = (torch.nn.Linear, torch.nn.RNNCell, torch.nn.RNN)
+
+
+def _convert_children(parent: torch.nn.Module) -> None:
+    children = list(parent.named_children())
+    skip = False
+    for index, (name, child) in enumerate(children):
+        if skip:
+            skip = False
+            continue
+        following = children[index + 1][1] if index + 1 < len(children) else None
+        if (isinstance(parent, torch.nn.Sequential) and type(child) is torch.nn.Linear
+                and type(following) in _FUSABLE):
+            setattr(parent, name, _twin(child, _FUSABLE[type(following)](following)))
+            setattr(parent, children[index + 1][0], torch.nn.Identity())  # keeps the Sequential's indices
+            skip = True
+        elif type(child) in _CONVERTIBLE:
+            setattr(parent, name, _twin(child))
+        else:
+            _convert_children(child)
+
+
+def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
+    """module with its torch.nn.Linear, RNNCell and RNN layers (exactly those types) replaced by gpunn.Linear,
+    RNNCell and RNN holding the same parameters, and each nn.Linear directly followed, in an nn.Sequential,
+    by an nn.ReLU, GELU, Tanh, Sigmoid, SiLU or LeakyReLU fused with it (the activation module becomes an
+    nn.Identity, so indices and state_dict keys do not change). Outputs are unchanged.
+
+    inplace=False (default) converts a deep copy; inplace=True converts module itself, and the converted
+    layers keep its very parameter tensors. Hooks registered on replaced modules do not carry over.
+    """
+    root = module if inplace else copy.deepcopy(module)
+    if type(root) in _CONVERTIBLE:
+        return _twin(root)
+    _convert_children(root)
+    return root
 
 
 def _positions(layer: LocallyConnected2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,4 +160,14 @@ def local_from_masked(layer: MaskedLinear, in_channels: int, input_size, kernel_
     return local
 
 
-__all__ = ["local_from_masked", "masked_from_local"]
+class _CallableModule(types.ModuleType):
+    """Lets `gpunn.convert(model)` call convert() while gpunn.convert stays this module (its other
+    functions remain gpunn.convert.masked_from_local and so on, however it was imported)."""
+
+    def __call__(self, module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
+        return convert(module, inplace)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+__all__ = ["convert", "local_from_masked", "masked_from_local"]

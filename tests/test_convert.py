@@ -1,0 +1,68 @@
+"""gpunn.convert(model): nn.Linear / RNNCell / RNN replaced by gpunn twins holding the same parameters,
+Linear + activation fused in Sequentials, outputs unchanged."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, count_launches
+
+import gpunn
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(approximate="tanh"),
+                                           torch.nn.Linear(16, 16), torch.nn.LeakyReLU(0.2),
+                                           torch.nn.Dropout(0.0), torch.nn.Linear(16, 8))
+        self.rnn = torch.nn.RNN(8, 12, 2, bidirectional=True, batch_first=True)
+        self.cell = torch.nn.RNNCell(24, 5, nonlinearity="relu")
+        self.head = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Sigmoid()))
+
+    def forward(self, x):
+        h, _ = self.rnn(self.encoder(x))
+        return self.head(self.cell(h[:, -1]))
+
+
+def test_nested_model_converts_with_outputs_unchanged(device):
+    torch.manual_seed(0)
+    model = Net().to(device=device, dtype=torch.float64)
+    converted = gpunn.convert(model)
+    assert converted is not model and type(model.encoder[0]) is torch.nn.Linear  # the original is untouched
+    encoder = converted.encoder
+    assert isinstance(encoder[0], gpunn.Linear) and encoder[0].activation == "gelu_tanh"
+    assert encoder[2].activation == "leaky_relu" and encoder[2].negative_slope == 0.2
+    assert isinstance(encoder[1], torch.nn.Identity) and isinstance(encoder[4], torch.nn.Dropout)
+    assert isinstance(encoder[5], gpunn.Linear) and encoder[5].activation is None
+    assert isinstance(converted.rnn, gpunn.RNN) and isinstance(converted.cell, gpunn.RNNCell)
+    assert converted.head[0][0].activation == "sigmoid"
+    assert converted.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(4, 7, 6, device=device, dtype=torch.float64)
+    with count_launches() as launches:
+        out = converted(x)
+    assert "dense_forward_kernel" in launches and "rnn_sequence_forward_kernel" in launches
+    assert_close(out, model(x), torch.float64, "output")
+
+
+def test_inplace_keeps_the_parameter_tensors(device):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).to(device)
+    model.eval()
+    params = list(model.parameters())
+    converted = gpunn.convert(model, inplace=True)
+    assert converted is model and isinstance(model[0], gpunn.Linear) and not model[0].training
+    assert all(a is b for a, b in zip(params, model.parameters()))
+
+
+def test_a_single_layer_and_the_module_functions():
+    linear = torch.nn.Linear(3, 2)
+    assert isinstance(gpunn.convert(linear), gpunn.Linear)
+    assert callable(gpunn.convert) and callable(gpunn.convert.masked_from_local)
+    from gpunn.convert import masked_from_local  # importing the module keeps gpunn.convert callable
+    assert masked_from_local is gpunn.convert.masked_from_local and callable(gpunn.convert)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gpunn_layers_and_other_modules_are_left_alone(inplace):
+    model = torch.nn.Sequential(gpunn.Linear(3, 3, activation="relu"), torch.nn.ReLU(), torch.nn.Conv1d(1, 1, 1))
+    converted = gpunn.convert(model, inplace=inplace)
+    assert isinstance(converted[1], torch.nn.ReLU) and isinstance(converted[2], torch.nn.Conv1d)
