@@ -398,6 +398,14 @@ def _check_rnn(input, hx, weights, num_layers, directions, has_bias, batch_first
                            f"(num_layers x directions x {per}), got {len(weights)}")
     if input.dim() != (2 if batch_sizes is not None else 3):
         raise RuntimeError(f"rnn: expected input to be {2 if batch_sizes is not None else 3}-D, got {input.dim()}-D")
+    if batch_sizes is not None:  # a hand-built PackedSequence: the kernels trust this layout
+        if batch_sizes.dim() != 1 or batch_sizes.device.type != "cpu" or batch_sizes.dtype != torch.int64:
+            raise RuntimeError("batch_sizes should always be on CPU, a 1-D int64 tensor")
+        if len(batch_sizes) and (batch_sizes.min() < 1 or (batch_sizes[1:] > batch_sizes[:-1]).any()):
+            raise RuntimeError("batch_sizes must be positive and non-increasing (a PackedSequence's)")
+        if int(batch_sizes.sum()) != input.shape[0]:
+            raise RuntimeError(f"batch_sizes sum to {int(batch_sizes.sum())} rows, but the packed input has "
+                               f"{input.shape[0]}")
     hidden = weights[1].shape[0]
     if batch_sizes is not None:
         batch = int(batch_sizes[0]) if len(batch_sizes) else 0
@@ -477,6 +485,6 @@ def rnn(input: torch.Tensor, hx: torch.Tensor, weights, num_layers: int = 1, non
             finals.append(h_n)
     if batch_sizes is None:
         steps_count, batch = (input.shape[1], input.shape[0]) if batch_first else input.shape[:2]
-        x = x.view(steps_count, batch, -1)
+        x = x.view(steps_count, batch, directions * weights[1].shape[0])
         x = x.transpose(0, 1) if batch_first else x
     return x, torch.cat(finals)

@@ -21,6 +21,7 @@ import triton.language as tl
 from .runtime import INTERPRET, launch
 
 BLOCK_C = 256 if INTERPRET else 2048  # logits a program handles at a time along a row
+TILE = 4096 if INTERPRET else 8192  # elements a program handles at a time (BLOCK_R x BLOCK_C)
 REDUCE_BLOCK = 1024
 WARPS = 8
 
@@ -29,39 +30,43 @@ WARPS = 8
 def cross_entropy_forward_kernel(
     x_ptr, stride_x, target_ptr, weight_ptr,
     row_loss_ptr, row_weight_ptr, lse_ptr,  # (N,) each, in the compute dtype
-    C, ignore_index,
-    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr,
+    N, C, ignore_index,
+    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # SMOOTHING: the label smoothing as a constant (0.0: none), materialised in the compute dtype.
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
+    # BLOCK_R rows a program, BLOCK_C logits of each at a time. SMOOTHING: the label smoothing as a
+    # constant (0.0: none), materialised in the compute dtype.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rows < N
+    x_rows = x_ptr + rows[:, None] * stride_x  # [BR, 1]
     cols = tl.arange(0, BLOCK_C)
-    running_max = tl.full((), float("-inf"), COMPUTE)
-    running_sum = tl.zeros((), COMPUTE)
-    weighted_x = tl.zeros((), COMPUTE)
-    weight_total = tl.zeros((), COMPUTE)
+    running_max = tl.full((BLOCK_R,), float("-inf"), COMPUTE)
+    running_sum = tl.zeros((BLOCK_R,), COMPUTE)
+    weighted_x = tl.zeros((BLOCK_R,), COMPUTE)
+    weight_total = tl.zeros((BLOCK_R,), COMPUTE)
     for c0 in range(0, C, BLOCK_C):
-        ok = c0 + cols < C
-        x = tl.load(x_row + c0 + cols, mask=ok, other=float("-inf")).to(COMPUTE)
-        new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        c_ok = c0 + cols < C
+        x = tl.load(x_rows + c0 + cols[None, :], mask=r_ok[:, None] & c_ok[None, :], other=float("-inf"))
+        x = tl.where(r_ok[:, None], x.to(COMPUTE), 0.0)  # rows past N: finite, never stored
+        new_max = tl.maximum(running_max, tl.max(x, axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
         running_max = new_max
         if SMOOTHING != 0.0:
-            w = tl.load(weight_ptr + c0 + cols, mask=ok, other=0.0).to(COMPUTE) if HAS_WEIGHT else ok.to(COMPUTE)
-            weighted_x += tl.sum(w * tl.where(ok, x, 0.0), axis=0)  # masked lanes hold -inf
+            w = tl.load(weight_ptr + c0 + cols, mask=c_ok, other=0.0).to(COMPUTE) if HAS_WEIGHT else c_ok.to(COMPUTE)
+            weighted_x += tl.sum(w[None, :] * tl.where(c_ok[None, :], x, 0.0), axis=1)  # masked lanes hold -inf
             weight_total += tl.sum(w, axis=0)
     lse = running_max + tl.log(running_sum)
-    target = tl.load(target_ptr + row)
-    kept = target != ignore_index
+    target = tl.load(target_ptr + rows, mask=r_ok, other=ignore_index)
+    kept = r_ok & (target != ignore_index)
     safe = tl.where(kept, target, 0)
-    w_y = tl.load(weight_ptr + safe).to(COMPUTE) if HAS_WEIGHT else tl.full((), 1.0, COMPUTE)
-    w_y = tl.where(kept, w_y, 0.0)
-    loss = w_y * (lse - tl.load(x_row + safe).to(COMPUTE))
+    w_y = tl.load(weight_ptr + safe, mask=kept, other=0.0).to(COMPUTE) if HAS_WEIGHT else kept.to(COMPUTE)
+    x_y = tl.load(x_ptr + rows * stride_x + safe, mask=kept, other=0.0).to(COMPUTE)
+    loss = w_y * (lse - x_y)
     if SMOOTHING != 0.0:
         loss = loss * (1.0 - SMOOTHING) + tl.where(kept, weight_total * lse - weighted_x, 0.0) * SMOOTHING / C
-    tl.store(row_loss_ptr + row, loss)
-    tl.store(row_weight_ptr + row, w_y)
-    tl.store(lse_ptr + row, lse)
+    tl.store(row_loss_ptr + rows, loss, mask=r_ok)
+    tl.store(row_weight_ptr + rows, w_y, mask=r_ok)
+    tl.store(lse_ptr + rows, lse, mask=r_ok)
 
 
 @triton.jit
@@ -82,35 +87,46 @@ def row_sums_kernel(a_ptr, b_ptr, out_ptr, N, BLOCK: tl.constexpr):
 def cross_entropy_backward_kernel(
     x_ptr, stride_x, target_ptr, weight_ptr, lse_ptr, grad_ptr, stride_grad, sums_ptr,
     dx_ptr,  # (N, C) contiguous
-    C, ignore_index,
+    N, C, ignore_index,
     HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # REDUCTION: 0 none (grad per row), 1 sum, 2 mean (grad over sums[1], the weight of the rows kept).
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rows < N
     cols = tl.arange(0, BLOCK_C)
-    target = tl.load(target_ptr + row)
-    kept = target != ignore_index
-    scale = tl.load(grad_ptr + row * stride_grad).to(COMPUTE)
+    target = tl.load(target_ptr + rows, mask=r_ok, other=ignore_index)
+    kept = r_ok & (target != ignore_index)
+    scale = tl.load(grad_ptr + rows * stride_grad, mask=r_ok, other=0.0).to(COMPUTE)
     if REDUCTION == 2:
         scale = scale / tl.load(sums_ptr + 1).to(COMPUTE)
     scale = tl.where(kept, scale, 0.0)
     safe = tl.where(kept, target, 0)
-    w_y = tl.load(weight_ptr + safe).to(COMPUTE) if HAS_WEIGHT else tl.full((), 1.0, COMPUTE)
+    w_y = tl.load(weight_ptr + safe, mask=kept, other=0.0).to(COMPUTE) if HAS_WEIGHT else kept.to(COMPUTE)
     weight_total = tl.zeros((), COMPUTE) + C
     if SMOOTHING != 0.0 and HAS_WEIGHT:
         weight_total = tl.zeros((), COMPUTE)
         for c0 in range(0, C, BLOCK_C):
             weight_total += tl.sum(tl.load(weight_ptr + c0 + cols, mask=c0 + cols < C, other=0.0).to(COMPUTE), axis=0)
-    lse = tl.load(lse_ptr + row)
+    lse = tl.load(lse_ptr + rows, mask=r_ok, other=0.0)
     for c0 in range(0, C, BLOCK_C):
-        ok = c0 + cols < C
-        p = tl.exp(tl.load(x_ptr + row * stride_x + c0 + cols, mask=ok, other=0.0).to(COMPUTE) - lse)
-        dx = w_y * (p - tl.where(c0 + cols == target, 1.0, 0.0))
+        c_ok = c0 + cols < C
+        ok = r_ok[:, None] & c_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + c0 + cols[None, :], mask=ok, other=0.0).to(COMPUTE)
+        p = tl.exp(x - lse[:, None])
+        dx = w_y[:, None] * (p - tl.where(c0 + cols[None, :] == target[:, None], 1.0, 0.0))
         if SMOOTHING != 0.0:
-            w = tl.load(weight_ptr + c0 + cols, mask=ok, other=0.0).to(COMPUTE) if HAS_WEIGHT else 1.0
+            w = tl.load(weight_ptr + c0 + cols, mask=c_ok, other=0.0).to(COMPUTE) if HAS_WEIGHT else 1.0
             dx = dx * (1.0 - SMOOTHING) + (weight_total * p - w) * SMOOTHING / C
-        tl.store(dx_ptr + row * C + c0 + cols, (dx * scale).to(dx_ptr.dtype.element_ty), mask=ok)
+        tl.store(dx_ptr + rows[:, None] * C + c0 + cols[None, :], (dx * scale[:, None]).to(dx_ptr.dtype.element_ty),
+                 mask=ok)
+
+
+def _tiles(rows: int, classes: int) -> dict:
+    """BLOCK_C logits of a row at a time (all of a short row), and as many rows as fill a TILE."""
+    block_c = min(triton.next_power_of_2(max(classes, 1)), BLOCK_C)
+    block_r = min(triton.next_power_of_2(max(rows, 1)), max(1, TILE // block_c))
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -131,11 +147,12 @@ def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.T
     compute = _compute_dtype(x.dtype)
     row_loss, row_weight, lse = (torch.empty(rows, device=x.device, dtype=compute) for _ in range(3))
     if rows:
+        tiles = _tiles(rows, classes)
         with launch("cross_entropy_forward_kernel", x.device):
-            cross_entropy_forward_kernel[(rows,)](
+            cross_entropy_forward_kernel[(triton.cdiv(rows, tiles["BLOCK_R"]),)](
                 x, x.stride(0), target, weight if weight is not None else x, row_loss, row_weight, lse,
-                classes, ignore_index,
-                HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing), COMPUTE=_tl(x.dtype), BLOCK_C=BLOCK_C,
+                rows, classes, ignore_index,
+                HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing), COMPUTE=_tl(x.dtype), **tiles,
                 num_warps=WARPS,
             )
     return row_loss, row_weight, lse
@@ -158,13 +175,14 @@ def cross_entropy_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.
     dx = torch.empty((rows, classes), device=x.device, dtype=x.dtype)
     if rows == 0 or classes == 0:
         return dx
+    tiles = _tiles(rows, classes)
     with launch("cross_entropy_backward_kernel", x.device):
-        cross_entropy_backward_kernel[(rows,)](
+        cross_entropy_backward_kernel[(triton.cdiv(rows, tiles["BLOCK_R"]),)](
             x, x.stride(0), target, weight if weight is not None else x, lse, grad,
             grad.stride(0) if grad.dim() else 0, totals if totals is not None else lse, dx,
-            classes, ignore_index,
+            rows, classes, ignore_index,
             HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing),
-            REDUCTION={"none": 0, "sum": 1, "mean": 2}[reduction], COMPUTE=_tl(x.dtype), BLOCK_C=BLOCK_C,
+            REDUCTION={"none": 0, "sum": 1, "mean": 2}[reduction], COMPUTE=_tl(x.dtype), **tiles,
             num_warps=WARPS,
         )
     return dx

@@ -34,7 +34,7 @@ BLOCK_B = 16  # batch rows a program: the smallest MMA side
 # W_hh bytes a program may hold on chip across the loop (see resident_limit).
 RESIDENT_BYTES = 128 * 1024
 STREAM_TILE = {2: (64, 64), 4: (64, 32), 8: (32, 32)}  # (BLOCK_H, BLOCK_K) by element size
-INTERPRETER_STREAM_TILE = (16, 16)
+INTERPRETER_STREAM_TILE = (32, 32)  # the interpreter pays per loop iteration: fewer, larger tiles
 
 
 def resident_limit(dtype: torch.dtype, backward: bool = False) -> int:

@@ -96,8 +96,8 @@ def test_odd_sizes(device, sizes):
 def test_streamed_weights_match_the_resident_path(device, monkeypatch):
     # Hidden sizes above the on-chip limit stream W_hh every step: force that path at a small size.
     monkeypatch.setattr(rnn_sequence, "RESIDENT_BYTES", 0)
-    assert not rnn_sequence.plan(37, torch.float64)["RESIDENT"]
-    run_case(device, torch.float64, 5, 18, 6, 37, num_layers=2, bidirectional=True, seed=3)
+    assert not rnn_sequence.plan(70, torch.float64)["RESIDENT"]
+    run_case(device, torch.float64, 5, 18, 6, 70, num_layers=2, bidirectional=True, seed=3)  # several tiles
     test_packed_sequences_with_unsorted_lengths(device)
 
 
@@ -213,6 +213,38 @@ def test_errors_match_torch(device):
             ref(*call)
         with count_launches() as launches, pytest.raises(expected.type):
             ours(*call)
+        assert launches == {}
+
+
+def test_bias_gradients_are_separate_tensors_and_accumulate(device):
+    ours, ref = _pair(device, torch.float64, 3, 4, bidirectional=True)
+    x = torch.randn(5, 2, 3, device=device, dtype=torch.float64)
+    for model in (ours, ref):
+        for _ in range(2):
+            model(x)[0].sum().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    assert ours.bias_ih_l0.grad.data_ptr() != ours.bias_hh_l0.grad.data_ptr()
+    for (name, p), r in zip(ours.named_parameters(), ref.parameters()):
+        assert_close(p.grad, r.grad, torch.float64, name)
+
+
+def test_parameters_swapped_in_by_functional_call(device):
+    ours, ref = _pair(device, torch.float64, 3, 4, 2)
+    x = torch.randn(5, 2, 3, device=device, dtype=torch.float64)
+    new = {k: torch.randn_like(v) for k, v in ref.named_parameters()}
+    out = torch.func.functional_call(ours, new, (x,))[0]
+    assert_close(out, torch.func.functional_call(ref, new, (x,))[0], torch.float64, "output")
+
+
+def test_empty_batch_and_bad_packed_layouts(device):
+    ours, ref = _pair(device, torch.float64, 3, 4, 2, bidirectional=True)
+    out, h_n = ours(torch.randn(5, 0, 3, device=device, dtype=torch.float64))
+    assert out.shape == (5, 0, 8) and h_n.shape == (4, 0, 4)
+    PackedSequence = torch.nn.utils.rnn.PackedSequence
+    data = torch.randn(6, 3, device=device, dtype=torch.float64)
+    for sizes in ([3, 3, 2], [1, 2, 3], [3, 2]):  # too many rows, increasing, too few rows
+        with count_launches() as launches, pytest.raises(RuntimeError):
+            ours(PackedSequence(data, torch.tensor(sizes)))
         assert launches == {}
 
 

@@ -57,6 +57,7 @@ class RNN(torch.nn.RNN):
 
     def forward(self, input, hx: torch.Tensor | None = None):
         # torch.nn.RNN.forward's input handling, with its exception types and messages.
+        self._update_flat_weights()  # parameters swapped in without __setattr__ (functional_call, weight_norm)
         directions = 2 if self.bidirectional else 1
         packed = isinstance(input, PackedSequence)
         batched = True

@@ -138,9 +138,9 @@ class RNNLayerFunction(torch.autograd.Function):
                 rows = slice(d * hidden, (d + 1) * hidden)
                 if needs[d][0]:
                     grads[d * per] = dw_ih[rows]
-                if want_bias:
+                if want_bias:  # the same values, in tensors of their own (a .grad may be changed in place)
                     grads[d * per + 2] = db[rows] if needs[d][2] else None
-                    grads[d * per + 3] = db[rows] if needs[d][3] else None
+                    grads[d * per + 3] = db[rows].clone() if needs[d][3] else None
         for d in range(directions):
             if needs[d][1]:
                 columns = slice(d * hidden, (d + 1) * hidden)
