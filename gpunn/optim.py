@@ -7,8 +7,18 @@ from collections import defaultdict
 import torch
 from torch.optim.sgd import sgd as torch_sgd
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support: no sharded parameters to meet
+    DTensor = ()
+
 from .kernels import sgd as sgd_kernels
 from .kernels.runtime import triton_runs_on
+
+
+def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The tensor the kernel updates: a DTensor's (FSDP2's) local shard, which shares its storage."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class SGD(torch.optim.SGD):
@@ -18,7 +28,8 @@ class SGD(torch.optim.SGD):
     ways between the two.
 
     Each step updates all the dense, contiguous parameters of a group that share a dtype and device in one
-    Triton launch (fp32 arithmetic, fp64 for fp64 parameters, one rounding per stored value). Sparse
+    Triton launch (fp32 arithmetic, fp64 for fp64 parameters, one rounding per stored value); a sharded
+    (FSDP2 DTensor) parameter is updated through its local shard, with its buffer a DTensor as torch's. Sparse
     gradients, non-contiguous tensors and devices where gpunn's kernels do not run take torch's own SGD.
     """
 
@@ -43,16 +54,19 @@ class SGD(torch.optim.SGD):
                          dampening=float(group["dampening"]), nesterov=group["nesterov"], maximize=group["maximize"])
             batches, rest = defaultdict(list), []
             for p, g, buf in zip(params, grads, buffers):
-                if (g.is_sparse or not triton_runs_on(p.device) or not (p.is_contiguous() and g.is_contiguous())
-                        or (buf is not None and not buf.is_contiguous())):
+                local_p, local_g, local_buf = _local(p), _local(g), _local(buf)
+                if (g.is_sparse or not triton_runs_on(local_p.device)
+                        or not (local_p.is_contiguous() and local_g.is_contiguous())
+                        or (buf is not None and not local_buf.is_contiguous())):
                     rest.append((p, g, buf))
                 else:
-                    batches[(p.device, p.dtype, buf is None)].append((p, g, buf))
+                    batches[(local_p.device, local_p.dtype, buf is None)].append((p, g, buf))
             for (_, _, first_step), members in batches.items():
                 ps, gs, bs = (list(column) for column in zip(*members))
                 if momentum != 0 and first_step:
                     bs = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in ps]
-                sgd_kernels.step(ps, gs, bs if momentum != 0 else None, first_step=first_step, **hyper)
+                sgd_kernels.step([_local(p) for p in ps], [_local(g) for g in gs],
+                                 [_local(b) for b in bs] if momentum != 0 else None, first_step=first_step, **hyper)
                 if momentum != 0:
                     for p, buf in zip(ps, bs):
                         self.state[p]["momentum_buffer"] = buf

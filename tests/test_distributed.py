@@ -1,7 +1,7 @@
-"""gpunn modules under torch.nn.parallel.DistributedDataParallel: two processes on the gloo backend (CPU,
-Triton's interpreter) train a network of gpunn layers with gpunn's loss and SGD, and the torch.nn twin
-of the same network under DDP; after a few steps on different data per rank, both ranks hold the same
-weights, equal to the torch twin's."""
+"""gpunn modules under DistributedDataParallel and FSDP2 (fully_shard): two processes on the gloo backend
+(CPU, Triton's interpreter) train a network of gpunn layers with gpunn's loss and SGD beside the torch.nn
+twin of the same network, wrapped the same way; after a few steps on different data per rank, both ranks
+hold the same weights, equal to the torch twin's."""
 from __future__ import annotations
 
 import os
@@ -25,13 +25,25 @@ def _models(seed: int):
     return ours, theirs
 
 
-def _worker(rank: int, world: int, port: int, result_path: str) -> None:
+def _wrap(model: torch.nn.Module, how: str) -> torch.nn.Module:
+    if how == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):  # gpunn.Linear and gpunn.MaskedLinear are nn.Linear too
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _worker(rank: int, world: int, port: int, how: str, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        ours, theirs = _models(seed=0)
-        ours = torch.nn.parallel.DistributedDataParallel(ours)
-        theirs = torch.nn.parallel.DistributedDataParallel(theirs)
+        ours, theirs = (_wrap(model, how) for model in _models(seed=0))
         optimizers = (gpunn.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9),
                       torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9))
         losses = (gpunn.CrossEntropyLoss(), torch.nn.CrossEntropyLoss())
@@ -43,18 +55,19 @@ def _worker(rank: int, world: int, port: int, result_path: str) -> None:
                 optimizer.zero_grad()
                 loss_fn(model(x), y).backward()
                 optimizer.step()
-        weights = [p.detach().clone() for p in ours.module.parameters()]
+        weights = [_full(p.detach()).clone() for p in ours.parameters()]
+        reference = [_full(p.detach()).clone() for p in theirs.parameters()]
         gathered = [None] * world
         dist.all_gather_object(gathered, weights)
         if rank == 0:
-            torch.save({"ranks": gathered, "torch": [p.detach().clone() for p in theirs.module.parameters()]},
-                       result_path)
+            torch.save({"ranks": gathered, "torch": reference}, result_path)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
-def test_ddp_two_processes_match_torch(device, tmp_path):
+@pytest.mark.parametrize("how", ["ddp", "fsdp2"])
+def test_two_processes_match_torch(device, tmp_path, how):
     if device.type != "cpu":
         pytest.skip("the two-process gloo test runs on CPU through the interpreter")
     import socket
@@ -62,7 +75,7 @@ def test_ddp_two_processes_match_torch(device, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = tmp_path / "result.pt"
-    mp.spawn(_worker, args=(2, port, str(result)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, port, how, str(result)), nprocs=2, join=True)
     saved = torch.load(result)
     first, second = saved["ranks"]
     for a, b in zip(first, second):
