@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-OPS = ("dense", "masked", "local2d", "rnn", "xent", "sgd")
+OPS = ("dense", "masked", "local2d", "rnn", "xent", "sgd", "mlp_step")
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "tanh", "sigmoid", "silu")
 DTYPE_CHOICES = ("bf16", "fp16", "fp32", "all")
 
@@ -23,8 +23,9 @@ that same eager function and, for masked forward on CUDA, torch's BSR sparse pat
 connected layer (op local2d: gpunn.functional.locally_connected2d) against F.unfold + einsum and its
 torch.compile; the sequence RNN (op rnn: gpunn.functional.rnn, one tanh layer) against torch.rnn_tanh
 (cuDNN) without torch.compile (inductor does not lower RNNs); cross-entropy (op xent) against
-F.cross_entropy and its torch.compile; and one SGD step (op sgd) against torch.optim.SGD; all in this
-process.
+F.cross_entropy and its torch.compile; one SGD step (op sgd) against torch.optim.SGD; and a whole
+training step of a 4-layer MLP (op mlp_step: forward, loss, backward, SGD) against eager torch; all in
+this process.
 Ceilings are measured first (a bf16 matmul for TFLOP/s, a device copy for GB/s); each result reports time
 (median of triton.testing.do_bench, with p20/p80), TFLOP/s, GB/s, fractions of the ceilings, peak memory
 (CUDA) and its speedup over torch eager; masked results also report the cost per visited block against
@@ -39,12 +40,13 @@ Presets (shapes are MxNxK: x is MxK, the weight NxK):
             local2d: batch 64, 64 -> 64 channels, 32x32, 3x3, padding 1, all modes.
             rnn: 512 steps, batch 8, 256 -> 256; 256 steps, batch 64, 1024 -> 1024; all modes.
             xent: 8192 x 32768 logits, all modes. sgd: 100M parameters (fp32, and --dtype).
+            mlp_step: batch 1024, width 4096.
   default   the quick shapes plus 1024^3, 2048^3, 256x4096x4096, Llama-8B MLP shapes
             (8192x14336x4096, 8192x4096x14336) forward, and 2048^3, 8192^3 and the MLP shapes backward.
             masked: also batch 16, a 3x3 neighbourhood on a 64x64 image, 1% random connections, 8192^3.
             local2d: also batch 256, a 5x5 window from 3 channels at 64x64, 128 channels at 16x16.
             rnn: also batch 1 at hidden 128 and batch 256 at hidden 512.
-            xent: also 4096 x 128256 and 65536 x 1000. sgd: also 10M parameters.
+            xent: also 4096 x 128256 and 65536 x 1000. sgd: also 10M parameters. mlp_step: also batch 4096.
   --smoke   tiny shapes, to check the harness, accuracy checks and outputs, not performance. Without
             CUDA (or with TRITON_INTERPRET=1 set) it runs on the CPU through Triton's interpreter,
             without torch.compile (its CPU compile is slow), and only --smoke runs there.
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from . import dense, harness, local, masked, rnn, sgd, xent  # imports triton: after choose_device
+    from . import dense, harness, local, masked, mlp_step, rnn, sgd, xent  # imports triton: after choose_device
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     notes += dense.NOTES * ("dense" in args.only) + masked.NOTES * ("masked" in args.only)
     notes += local.NOTES * ("local2d" in args.only) + rnn.NOTES * ("rnn" in args.only)
     notes += xent.NOTES * ("xent" in args.only) + sgd.NOTES * ("sgd" in args.only)
+    notes += mlp_step.NOTES * ("mlp_step" in args.only)
     # torch's BSR path (masked forward): CUDA only, its CPU product has no 16-bit kernels.
     masked_providers = providers[:-1] + [masked.SPARSE_PROVIDER] * (device.type == "cuda") + providers[-1:]
 
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [(op, module, module.cases(args.preset, args.dtypes, args.activations), op_providers)
                 for op, module, op_providers in (("dense", dense, providers), ("masked", masked, masked_providers),
                                                  ("local2d", local, providers), ("rnn", rnn, providers),
-                                                 ("xent", xent, providers), ("sgd", sgd, providers))
+                                                 ("xent", xent, providers), ("sgd", sgd, providers),
+                                                 ("mlp_step", mlp_step, providers))
                 if op in args.only]
         progress = harness.Progress(sum(module.steps(cases, ps) for _, module, cases, ps in runs), log)
         for _, module, cases, op_providers in runs:

@@ -112,13 +112,15 @@ def test_smoke_rnn_rows(smoke):
     assert "Time per step" in (out / "bench.md").read_text()
 
 
-def test_smoke_xent_and_sgd_rows(smoke):
+def test_smoke_xent_sgd_and_training_step_rows(smoke):
     out, _, _ = smoke
     rows = _rows(out)
     xent = {(r["provider"], r["mode"]) for r in rows if r["op"] == "xent" and r["metric"] == "rel_err"}
     assert xent >= {(p, m) for p in ("torch", "gpunn") for m in ("fwd", "bwd", "fwd+bwd")}
     sgd = {(r["provider"], r["dtype"]) for r in rows if r["op"] == "sgd" and r["metric"] == "ms"}
     assert {"torch", "gpunn"} == {p for p, _ in sgd} and "fp32" in {d for _, d in sgd}
+    step = {r["provider"] for r in rows if r["op"] == "mlp_step" and r["metric"] == "rel_err"}
+    assert step == {"torch", "gpunn"}
 
 
 def test_failing_result_gets_no_speedup():

@@ -1,0 +1,114 @@
+"""Benchmark of a whole training step (op mlp_step): a 4-layer MLP (width W, ReLU between layers),
+forward, cross-entropy, backward and an SGD step with momentum, on a batch of B.
+
+Providers: torch = nn.Linear + nn.ReLU, F.cross_entropy and torch.optim.SGD (eager); gpunn = the same
+model through gpunn.convert (ReLU fused into gpunn.Linear), gpunn's cross-entropy and gpunn.optim.SGD.
+Mode fwd+bwd is one step. FLOPs: 6 B W^2 per layer (forward and backward). Accuracy: one step from the
+same weights against the float64 torch model: the loss and the first layer's updated weight.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import gpunn
+
+from . import dense, harness
+
+NOTES = [
+    "mlp_step: 4 layers, ReLU, cross-entropy over width classes, SGD momentum 0.9; torch = eager nn.Linear + "
+    "torch.optim.SGD; gpunn = gpunn.convert of it + gpunn.CrossEntropyLoss + gpunn.optim.SGD; one step a call.",
+]
+
+PRESETS = {"smoke": [(16, 32)], "quick": [(1024, 4096)], "full": [(1024, 4096), (4096, 4096)]}  # (batch, width)
+LAYERS = 4
+
+
+def _model(width: int, device, dtype, seed: int) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    layers = []
+    for index in range(LAYERS):
+        layers.append(torch.nn.Linear(width, width, device=device, dtype=dtype))
+        if index < LAYERS - 1:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    width: int
+    dtype: str
+    grad: bool = True
+    activation: None = None
+
+    op = "mlp_step"
+
+    @property
+    def shape(self) -> str:
+        return f"{self.batch}x{self.width}x{LAYERS}"
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return ("fwd+bwd",)
+
+    def flops(self, mode: str) -> float:
+        return 6 * self.batch * self.width * self.width * LAYERS
+
+    def bytes(self, mode: str) -> float:
+        # Per weight: read forward, read for dx, dW written, then SGD's five accesses. Per activation
+        # (B x W a layer): written forward, then x and dy read and dx written backward.
+        per_layer = 8 * self.width * self.width + 4 * self.batch * self.width
+        return LAYERS * per_layer * harness.DTYPES[self.dtype].itemsize
+
+    def weight_read_bound(self) -> bool:
+        return False
+
+    def modes_for(self, provider: str) -> tuple[str, ...]:
+        return self.modes if provider in ("torch", "gpunn") else ()
+
+    def make_provider(self, name: str, device: torch.device):
+        return name
+
+    def inputs(self, device: torch.device, seed: int):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        x = torch.randn(self.batch, self.width, device=device, generator=gen).to(harness.DTYPES[self.dtype])
+        y = torch.randint(0, self.width, (self.batch,), device=device, generator=gen)
+        return x, y, seed, None
+
+    def _step_fn(self, provider: str, x, y, seed: int):
+        """One training step of a fresh model (the case's dtype, seeded init) on x, in x's dtype."""
+        model = _model(self.width, x.device, harness.DTYPES[self.dtype], seed).to(x.dtype)
+        if provider == "gpunn":
+            model = gpunn.convert(model, inplace=True)
+            optimizer, loss_fn = gpunn.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), gpunn.CrossEntropyLoss()
+        else:
+            optimizer, loss_fn = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), F.cross_entropy
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            return loss.detach(), model[0].weight.detach()
+
+        return step
+
+    def callables(self, mode: str, provider: str, x, y, seed, _):
+        return self._step_fn(provider, x, y, seed), lambda: self._step_fn(provider, x, y, seed)()
+
+    def reference(self, x, y, seed, _) -> dict[str, tuple[torch.Tensor, ...]]:
+        return {"fwd+bwd": tuple(t.clone() for t in self._step_fn("torch", x.to(torch.float64), y, seed)())}
+
+
+def cases(preset: str, dtypes: list[str], activations: list[str | None]) -> list[Case]:
+    return [Case(batch, width, dtype) for dtype in dtypes for batch, width in PRESETS[preset]]
+
+
+def steps(all_cases: list[Case], providers: list[str]) -> int:
+    return dense.steps(all_cases, providers)
+
+
+run = dense.run
