@@ -94,9 +94,9 @@ class RNNLayerFunction(torch.autograd.Function):
             final = rnn_sequence.forward(projected[:, columns], w_hh, out[:, columns], state,
                                          steps.sizes_on_device, steps.offsets_on_device, activation, reverse=d == 1)
             finals.append(final.to(x.dtype))
-        need_x, need_h0 = ctx.needs_input_grad[:2]
-        need_w_ih = any(ctx.needs_input_grad[5 + d * len(weights) // directions] for d in range(directions))
-        need_w_hh = any(ctx.needs_input_grad[6 + d * len(weights) // directions] for d in range(directions))
+        per = len(weights) // directions
+        need_w_ih = any(ctx.needs_input_grad[5 + d * per] for d in range(directions))
+        need_w_hh = any(ctx.needs_input_grad[6 + d * per] for d in range(directions))
         ctx.save_for_backward(out, x if need_w_ih else None, h0 if need_w_hh else None, w_ih,
                               *(w[1] for w in per_direction))
         ctx.steps, ctx.activation, ctx.directions, ctx.has_bias = steps, activation, directions, bias is not None
