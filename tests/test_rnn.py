@@ -24,7 +24,7 @@ def _pair(device, dtype, *args, **kwargs):
     return ours, ref
 
 
-def _grads(output, hidden, inputs, generator, dtype):
+def _grads(output, hidden, generator, dtype):
     """Gradients of a random linear function of output and h_n (the same one for both models)."""
     dy = torch.randn(output.shape, generator=generator).to(output.device, dtype)
     dh = torch.randn(hidden.shape, generator=generator).to(hidden.device, dtype)
@@ -48,7 +48,7 @@ def run_case(device, dtype, steps, batch, input_size, hidden_size, *, num_layers
     assert out.dtype == h_n.dtype == dtype
     assert_close(out, expected, dtype, "output")
     assert_close(h_n, expected_h, dtype, "h_n")
-    dy, dh = _grads(expected, expected_h, None, gen, dtype)
+    dy, dh = _grads(expected, expected_h, gen, dtype)
     inputs = [x] + ([h0] if with_h0 else []) + list(ours.parameters())
     inputs64 = [x64] + ([h64] if with_h0 else []) + list(ref.parameters())
     names = ["input"] + (["h0"] if with_h0 else []) + [name for name, _ in ours.named_parameters()]
