@@ -59,6 +59,27 @@ def test_odd_shapes(device, lead, k, n, activation):
     _run_case(device, torch.float32, lead, k, n, activation)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_gelu_tails_in_float32(device, activation):
+    # Every element, not the norm: for negative z, (1 + erf) and (1 + tanh) cancel in fp32 (torch's own fp32
+    # GELU is 100% off by z = -9). The references are exact forms in float64: 0.5 z erfc(-z / sqrt 2), and
+    # z sigmoid(2 v) for the tanh form.
+    import math
+    z = torch.cat([torch.linspace(-9, -0.5, 801), torch.linspace(0.5, 4, 201)]).reshape(-1, 1)
+    x = z.to(device).requires_grad_()
+    y = gpunn.functional.linear(x, torch.ones(1, 1, device=device), torch.zeros(1, device=device), activation)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    if activation == "gelu":
+        y64 = 0.5 * x64 * torch.special.erfc(-x64 / math.sqrt(2))
+    else:
+        y64 = x64 * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64 ** 3))
+    (g64,) = torch.autograd.grad(y64.sum(), x64)
+    assert ((y.double() - y64).abs() / y64.abs()).max() < 1e-5
+    steep = g64.abs() > 1e-2  # away from the derivative's zero crossing (there: fp32 absolute error)
+    assert ((g.double() - g64).abs() / g64.abs())[steep].max() < 1e-5
+
+
 @pytest.mark.parametrize("slope", [0.2, 0.0, -0.5])
 def test_leaky_relu_slopes(device, slope):
     # A negative slope makes the output's sign ambiguous: backward then reads the saved derivative.
