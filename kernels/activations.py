@@ -93,18 +93,18 @@ def _tanh(u):
 
 @triton.jit
 def _normal_cdf(z):
-    """Phi(z) = (1 + erf(z / sqrt 2)) / 2. For negative z that sum cancels (relative error about
-    eps / Phi: over 1e-5 in fp32 below z = -3), so fp32 takes erfc there from the Chebyshev fit of
-    Numerical Recipes' erfcc (fractional error below 1.2e-7); fp64's eps leaves the sum accurate enough."""
-    upper = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
+    """Phi(z) = erfc(-z / sqrt 2) / 2. In fp32, (1 + erf(z / sqrt 2)) / 2 cancels for negative z (relative
+    error about eps / Phi: over 1e-5 below z = -3), so fp32 takes e = erfc(|z| / sqrt 2) from the Chebyshev
+    fit of Numerical Recipes' erfcc (fractional error below 1.2e-7) and Phi = e / 2 or 1 - e / 2: one
+    evaluation for both signs. fp64's eps leaves the erf form accurate enough."""
     if z.dtype == tl.float64:
-        return upper
+        return 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
     a = tl.abs(z) * _SQRT1_2
     t = 1.0 / (1.0 + 0.5 * a)
     poly = t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223
                                                                                           + t * 0.17087277)))))
-    erfc = t * tl.exp(-a * a - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + poly))))
-    return tl.where(z < 0, 0.5 * erfc, upper)
+    half_erfc = 0.5 * t * tl.exp(-a * a - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + poly))))
+    return tl.where(z < 0, half_erfc, 1.0 - half_erfc)
 
 
 @triton.jit
