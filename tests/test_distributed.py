@@ -5,6 +5,7 @@ hold the same weights, equal to the torch twin's."""
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 def _worker(rank: int, world: int, port: int, how: str, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         ours, theirs = (_wrap(model, how) for model in _models(seed=0))
         optimizers = (gpunn.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9),
@@ -62,6 +63,9 @@ def _worker(rank: int, world: int, port: int, how: str, result_path: str) -> Non
         if rank == 0:
             torch.save({"ranks": gathered, "torch": reference}, result_path)
     finally:
+        # Rank 0 hosts the rendezvous store: a rank that tears down after rank 0 has exited waits on it
+        # (a hang CI met once), so every rank passes this barrier before any leaves.
+        dist.barrier()
         dist.destroy_process_group()
 
 
