@@ -153,6 +153,7 @@ def plot(curves: dict[str, dict[str, list[float]]], path: Path) -> str:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return "matplotlib is not installed: no plot"
     figure, axes = plt.subplots(figsize=(7, 4))
@@ -160,6 +161,7 @@ def plot(curves: dict[str, dict[str, list[float]]], path: Path) -> str:
         color = f"C{index}"
         for side, style in (("gpunn", "-"), ("torch", "--")):
             axes.plot(range(1, len(sides[side]) + 1), sides[side], style, color=color, label=f"{network} ({side})")
+    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
     axes.set_ylabel("training loss")
     axes.set_yscale("log")
