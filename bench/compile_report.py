@@ -219,17 +219,17 @@ def _launch_rnn_sequence(dtype, m, n, k, resident, backward):
     # none); 8 steps (the step count is a runtime loop bound, so it changes nothing compiled).
     import torch
 
-    from gpunn.kernels import rnn_sequence
+    from gpunn.kernels import rnn_sequence, runtime
     hidden = (rnn_sequence.resident_limit(dtype, backward) or n) if resident else n
     steps, rows = 8, 8 * m
     sizes, offsets = _meta((steps,), torch.int64), _meta((steps,), torch.int64)
     w_hh, out = _meta((hidden, hidden), dtype), _meta((rows, hidden), dtype)
-    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    state = runtime.state_dtype(dtype)
     if backward:
         rnn_sequence.backward(_meta((rows, hidden), dtype), out, w_hh, _meta((rows, hidden), dtype),
-                              _meta((m, hidden), state_dtype), sizes, offsets, "tanh", reverse=False)
+                              _meta((m, hidden), state), sizes, offsets, "tanh", reverse=False)
     else:
-        rnn_sequence.forward(_meta((rows, hidden), dtype), w_hh, out, _meta((2, m, hidden), state_dtype), sizes,
+        rnn_sequence.forward(_meta((rows, hidden), dtype), w_hh, out, _meta((2, m, hidden), state), sizes,
                              offsets, "tanh", reverse=False)
 
 
@@ -246,10 +246,10 @@ def _launch_cross_entropy(dtype, m, n, k, backward, weighted, smoothing):
     # m rows of n classes (the logits (m, n)).
     import torch
 
-    from gpunn.kernels import losses
+    from gpunn.kernels import losses, runtime
     x, target = _meta((m, n), dtype), _meta((m,), torch.int64)
     weight = _meta((n,), dtype) if weighted else None
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    compute = runtime.state_dtype(dtype)
     if backward:
         losses.cross_entropy_backward(x, target, weight, -100, smoothing, _meta((m,), compute), _meta((), dtype),
                                       "mean", _meta((2,), compute))

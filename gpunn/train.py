@@ -10,7 +10,6 @@ Networks (C classes, images S x S, F = S * S features):
 """
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import INTERPRET, launch
+from .runtime import INTERPRET, accumulator_dtype, launch, state_dtype
 
 BLOCK_C = 256 if INTERPRET else 2048  # logits a program handles at a time along a row
 TILE = 4096 if INTERPRET else 8192  # elements a program handles at a time (BLOCK_R x BLOCK_C)
@@ -129,14 +129,6 @@ def _tiles(rows: int, classes: int) -> dict:
     return dict(BLOCK_R=block_r, BLOCK_C=block_c)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
                           smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-row loss, per-row weight w_y (0 when ignored), per-row lse), each (N,) in fp32 (fp64 for fp64).
@@ -144,7 +136,7 @@ def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.T
     x (N, C) with unit column stride; target (N,) int64 in [0, C) or ignore_index; weight (C,) or None.
     """
     rows, classes = x.shape
-    compute = _compute_dtype(x.dtype)
+    compute = state_dtype(x.dtype)
     row_loss, row_weight, lse = (torch.empty(rows, device=x.device, dtype=compute) for _ in range(3))
     if rows:
         tiles = _tiles(rows, classes)
@@ -152,7 +144,7 @@ def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.T
             cross_entropy_forward_kernel[(triton.cdiv(rows, tiles["BLOCK_R"]),)](
                 x, x.stride(0), target, weight if weight is not None else x, row_loss, row_weight, lse,
                 rows, classes, ignore_index,
-                HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing), COMPUTE=_tl(x.dtype), **tiles,
+                HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing), COMPUTE=accumulator_dtype(x.dtype), **tiles,
                 num_warps=WARPS,
             )
     return row_loss, row_weight, lse
@@ -182,7 +174,7 @@ def cross_entropy_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.
             grad.stride(0) if grad.dim() else 0, totals if totals is not None else lse, dx,
             rows, classes, ignore_index,
             HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing),
-            REDUCTION={"none": 0, "sum": 1, "mean": 2}[reduction], COMPUTE=_tl(x.dtype), **tiles,
+            REDUCTION={"none": 0, "sum": 1, "mean": 2}[reduction], COMPUTE=accumulator_dtype(x.dtype), **tiles,
             num_warps=WARPS,
         )
     return dx
@@ -232,19 +224,16 @@ def mse_forward(x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tenso
     """(x - y)^2 per element for "none" (x's shape and dtype), else its sum or mean (a scalar in x's dtype).
     x and y contiguous, of one shape."""
     n = x.numel()
-    if reduction == "none":
-        out = torch.empty_like(x)
-        if n:
-            with launch("mse_forward_kernel", x.device):
-                mse_forward_kernel[(triton.cdiv(n, MSE_BLOCK),)](x, y, out, n, COMPUTE=_tl(x.dtype), ELEMENTWISE=True,
-                                                                  BLOCK=MSE_BLOCK, num_warps=WARPS)
-        return out
-    partial = torch.zeros(max(triton.cdiv(n, MSE_BLOCK), 1), device=x.device, dtype=_compute_dtype(x.dtype))
+    elementwise, blocks = reduction == "none", triton.cdiv(n, MSE_BLOCK)
+    out = torch.empty_like(x) if elementwise else \
+        torch.zeros(max(blocks, 1), device=x.device, dtype=state_dtype(x.dtype))  # per-block sums
     if n:
         with launch("mse_forward_kernel", x.device):
-            mse_forward_kernel[(partial.shape[0],)](x, y, partial, n, COMPUTE=_tl(x.dtype), ELEMENTWISE=False,
-                                                    BLOCK=MSE_BLOCK, num_warps=WARPS)
-    total = sums(partial, partial)[0]
+            mse_forward_kernel[(blocks,)](x, y, out, n, COMPUTE=accumulator_dtype(x.dtype), ELEMENTWISE=elementwise,
+                                          BLOCK=MSE_BLOCK, num_warps=WARPS)
+    if elementwise:
+        return out
+    total = sums(out, out)[0]
     return (total / n if reduction == "mean" else total).to(x.dtype)
 
 
@@ -259,6 +248,6 @@ def mse_backward(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, reduction
         with launch("mse_backward_kernel", x.device):
             mse_backward_kernel[(triton.cdiv(n, MSE_BLOCK),)](
                 x, y, grad, 1 if grad.dim() else 0, dx if input_grad else x, dy if target_grad else x, n,
-                COMPUTE=_tl(x.dtype), MEAN=reduction == "mean", INPUT_GRAD=input_grad,
+                COMPUTE=accumulator_dtype(x.dtype), MEAN=reduction == "mean", INPUT_GRAD=input_grad,
                 TARGET_GRAD=target_grad, BLOCK=MSE_BLOCK, num_warps=WARPS)
     return dx, dy

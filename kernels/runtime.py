@@ -109,6 +109,11 @@ def accumulator_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """accumulator_dtype as a torch dtype: for buffers that carry fp32 (fp64) state between launches."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 _TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
                   torch.float64: tl.float64}
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import INTERPRET, launch
+from .runtime import INTERPRET, accumulator_dtype, launch
 
 BLOCK = 1024 if INTERPRET else 4096  # elements a program
 WARPS = 8
@@ -126,7 +126,7 @@ def step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[to
     with launch("sgd_kernel", device):
         sgd_kernel[(total,)](
             table, len(params), base,
-            COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+            COMPUTE=accumulator_dtype(dtype),
             WEIGHT_DECAY=weight_decay != 0, MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov,
             MAXIMIZE=maximize, ALIGN=max(align, 1), BLOCK=BLOCK, num_warps=WARPS,
         )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import dense, rnn_sequence
-from ..kernels.runtime import Rows, empty
+from ..kernels.runtime import Rows, empty, state_dtype
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class RNNLayerFunction(torch.autograd.Function):
         finals = []
         for d, (_, w_hh, *_) in enumerate(per_direction):
             columns = slice(d * hidden, (d + 1) * hidden)
-            state = torch.empty((2, *h0.shape[1:]), device=x.device, dtype=accumulator_dtype_of(x.dtype))
+            state = torch.empty((2, *h0.shape[1:]), device=x.device, dtype=state_dtype(x.dtype))
             state[0] = h0[d]
             final = rnn_sequence.forward(projected[:, columns], w_hh, out[:, columns], state,
                                          steps.sizes_on_device, steps.offsets_on_device, activation, reverse=d == 1)
@@ -119,7 +119,7 @@ class RNNLayerFunction(torch.autograd.Function):
         for d in range(directions):
             columns = slice(d * hidden, (d + 1) * hidden)
             # dh_n in, dh0 out (the kernel updates it in place): always a fresh buffer.
-            dh = torch.zeros((steps.batch, hidden), device=out.device, dtype=accumulator_dtype_of(out.dtype))
+            dh = torch.zeros((steps.batch, hidden), device=out.device, dtype=state_dtype(out.dtype))
             if grad_hn is not None:
                 dh.copy_(grad_hn[d])
             rnn_sequence.backward(grad_out[:, columns], out[:, columns], w_hh[d], dz[:, columns], dh,
@@ -149,7 +149,3 @@ class RNNLayerFunction(torch.autograd.Function):
                                                           (hidden, hidden), None, 0.0, False)
         return (dx, torch.stack(dh0) if ctx.needs_input_grad[1] else None, None, None, None, *grads)
 
-
-def accumulator_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    """The state's dtype: float64 for float64 weights, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
