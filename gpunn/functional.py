@@ -8,6 +8,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from . import reference
 from .kernels.activations import NAMES as ACTIVATIONS
 from .kernels.layout import BlockLayout, check_block
 from .kernels.local import Geometry
@@ -21,18 +22,8 @@ from .ops.rnn_sequence import RNNLayerFunction, Steps
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Each activation as torch ops, act(z, negative_slope): gpunn's plain-torch path and the benchmarks'
-# eager baseline.
-TORCH_ACTIVATIONS = {
-    None: lambda z, slope: z,
-    "relu": lambda z, slope: F.relu(z),
-    "leaky_relu": lambda z, slope: F.leaky_relu(z, slope),
-    "gelu": lambda z, slope: F.gelu(z),
-    "gelu_tanh": lambda z, slope: F.gelu(z, approximate="tanh"),
-    "tanh": lambda z, slope: torch.tanh(z),
-    "sigmoid": lambda z, slope: torch.sigmoid(z),
-    "silu": lambda z, slope: F.silu(z),
-}
+# Each activation as torch ops, act(z, negative_slope) (the benchmarks' eager baseline uses it too).
+TORCH_ACTIVATIONS = reference.ACTIVATIONS
 
 
 def check_activation(activation, negative_slope) -> None:
@@ -118,7 +109,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     input, weight, bias = _autocast(input.device.type, input, weight, bias)
     _check_linear(input, weight, bias)
     if not triton_runs_on(input.device):
-        return TORCH_ACTIVATIONS[activation](F.linear(input, weight, bias), negative_slope)
+        return reference.linear(input, weight, bias, activation, negative_slope)
     return _linear_function(input, weight, bias, activation, negative_slope, None)
 
 
@@ -179,7 +170,7 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, mask_or_layout, bia
     _check_mask(mask_or_layout, weight)
     if not triton_runs_on(input.device):
         mask = mask_or_layout.mask.bool() if isinstance(mask_or_layout, BlockLayout) else mask_or_layout
-        return TORCH_ACTIVATIONS[activation](F.linear(input, weight.masked_fill(~mask, 0), bias), negative_slope)
+        return reference.masked_linear(input, weight, mask, bias, activation, negative_slope)
     layout = mask_or_layout
     if isinstance(layout, torch.Tensor):
         layout = block_layout(layout, weight.dtype)
@@ -233,17 +224,6 @@ def _check_local(input, weight, bias, geometry: Geometry) -> None:
         raise RuntimeError(f"bias must have shape (out_channels, oh, ow) = {(o, oh, ow)}, got {tuple(bias.shape)}")
 
 
-def _locally_connected_torch(x, weight, bias, geometry: Geometry):
-    """The plain-torch form: F.unfold (the patch tensor in memory) and an einsum per position."""
-    o, oh, ow = weight.shape[:3]
-    g = geometry
-    patches = F.unfold(x, (g.kh, g.kw), dilation=(g.dh, g.dw), padding=(g.ph, g.pw), stride=(g.sh, g.sw))  # (N, R, L)
-    y = torch.einsum("nrl,olr->nol", patches, weight.reshape(o, oh * ow, -1))
-    if bias is not None:
-        y = y + bias.reshape(o, oh * ow)
-    return y.reshape(x.shape[0], o, oh, ow)
-
-
 def locally_connected2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                         stride=1, padding=0, dilation=1) -> torch.Tensor:
     """A locally connected layer: a convolution whose every output position has its own filter.
@@ -268,16 +248,16 @@ def locally_connected2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
     geometry = local_geometry(tuple(weight.shape[-2:]) if weight.dim() == 6 else 1, stride, padding, dilation)
     input, weight, bias = _autocast(input.device.type, input, weight, bias)
     _check_local(input, weight, bias, geometry)
+    if not triton_runs_on(input.device):
+        g = geometry
+        return reference.locally_connected2d(input, weight, bias, (g.sh, g.sw), (g.ph, g.pw), (g.dh, g.dw))
     batched = input.dim() == 4
     x = input if batched else input.unsqueeze(0)
-    if not triton_runs_on(x.device):
-        y = _locally_connected_torch(x, weight, bias, geometry)
-    else:
-        o, oh, ow = weight.shape[:3]
-        weight_flat = weight.reshape(o, oh * ow, -1)
-        bias_flat = bias.reshape(o, oh * ow) if bias is not None else None
-        with torch.autocast(input.device.type, enabled=False):
-            y = LocallyConnectedFunction.apply(x, weight_flat, bias_flat, geometry)
+    o, oh, ow = weight.shape[:3]
+    weight_flat = weight.reshape(o, oh * ow, -1)
+    bias_flat = bias.reshape(o, oh * ow) if bias is not None else None
+    with torch.autocast(input.device.type, enabled=False):
+        y = LocallyConnectedFunction.apply(x, weight_flat, bias_flat, geometry)
     return y if batched else y.squeeze(0)
 
 
@@ -384,8 +364,7 @@ def rnn_cell(input: torch.Tensor, hx: torch.Tensor | None, weight_ih: torch.Tens
                                                                   bias_ih, bias_hh)
     _check_rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     if not triton_runs_on(input.device):
-        z = F.linear(input, weight_ih, bias_ih) + F.linear(hx, weight_hh, bias_hh)
-        return torch.tanh(z) if nonlinearity == "tanh" else torch.relu(z)
+        return reference.rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity)
     with torch.autocast(device_type, enabled=False):
         return RNNCellFunction.apply(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity)
 
@@ -465,10 +444,8 @@ def rnn(input: torch.Tensor, hx: torch.Tensor, weights, num_layers: int = 1, non
     input, hx, *weights = _autocast(device_type, input, hx, *weights)
     _check_rnn(input, hx, weights, num_layers, directions, bias, batch_first, batch_sizes)
     if not triton_runs_on(input.device):
-        torch_rnn = torch.rnn_tanh if nonlinearity == "tanh" else torch.rnn_relu
-        if batch_sizes is not None:
-            return torch_rnn(input, batch_sizes, hx, weights, bias, num_layers, dropout, training, bidirectional)
-        return torch_rnn(input, hx, weights, bias, num_layers, dropout, training, bidirectional, batch_first)
+        return reference.rnn(input, hx, weights, num_layers, nonlinearity, bias, dropout, training, bidirectional,
+                             batch_first, batch_sizes)
     if batch_sizes is None:
         x = input.transpose(0, 1) if batch_first else input  # (T, B, I), time-major rows without a copy
         steps = Steps.uniform(x.shape[0], x.shape[1], input.device)

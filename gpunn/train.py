@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import masks
+from . import masks, reference
 from .convert import convert
 from .kernels.runtime import INTERPRET
 from .losses import CrossEntropyLoss
@@ -48,7 +47,7 @@ def load_data(path: str | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 class TorchMaskedLinear(torch.nn.Module):
-    """The plain-torch twin of gpunn.MaskedLinear: F.linear on weight * mask, then the activation."""
+    """The plain-torch twin of gpunn.MaskedLinear: F.linear on the masked weight, then the activation."""
 
     def __init__(self, layer: MaskedLinear):
         super().__init__()
@@ -58,8 +57,7 @@ class TorchMaskedLinear(torch.nn.Module):
         self.activation = layer.activation
 
     def forward(self, x):
-        y = F.linear(x, self.weight * self.mask, self.bias)
-        return torch.relu(y) if self.activation == "relu" else y
+        return reference.masked_linear(x, self.weight, self.mask, self.bias, self.activation)
 
 
 class TorchLocallyConnected2d(torch.nn.Module):
@@ -73,10 +71,7 @@ class TorchLocallyConnected2d(torch.nn.Module):
         self.stride, self.padding = layer.stride, layer.padding
 
     def forward(self, x):
-        o, oh, ow, c, kh, kw = self.weight.shape
-        patches = F.unfold(x, (kh, kw), padding=self.padding, stride=self.stride)  # (N, C KH KW, OH OW)
-        y = torch.einsum("nrl,olr->nol", patches, self.weight.reshape(o, oh * ow, c * kh * kw))
-        return (y + self.bias.reshape(o, oh * ow)).reshape(len(x), o, oh, ow)
+        return reference.locally_connected2d(x, self.weight, self.bias, self.stride, self.padding)
 
 
 class Reshape(torch.nn.Module):
