@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: on a machine with an NVIDIA GPU (no network needed), install gpunn, run the
-# quick benchmarks, each dense kernel timed alone, and the whole test suite compiled on the GPU, and keep
-# every log and CSV in OUTDIR.
+# quick benchmarks, each dense kernel timed alone, `python -m gpunn check` and the whole test suite
+# compiled on the GPU, and keep every log and CSV in OUTDIR.
 # Stage limits add up to 12 minutes on one H100 (every op's quick benchmark, the RNN's in fp32 too, then
 # about 480 tests); expect about 8 (the check with the first three ops took 5.6). Each stage has its own time limit,
 # and a stage that fails or times out does not stop the next.
@@ -38,7 +38,8 @@ stage install 60 "$python" -m pip install --no-deps --no-build-isolation --no-in
 stage bench 300 "$python" -m bench --quick --out "$out/bench"
 stage bench_rnn_fp32 60 "$python" -m bench --quick --only rnn --dtype fp32 --out "$out/bench_rnn_fp32"
 stage kernels 50 "$python" -m bench.dense_kernels --shapes 4096x4096x4096,16x4096x4096 --activations none,gelu
-# One config per kernel variant (GPUNN_AUTOTUNE=0): the tests check results, the benchmark checks speed.
+# One config per kernel variant (GPUNN_AUTOTUNE=0): the check and the tests check results, the benchmark speed.
+stage check 60 env GPUNN_AUTOTUNE=0 "$python" -m gpunn check --out "$out/check.md"
 xdist=$("$python" -c 'import xdist' 2>/dev/null && echo "-n 8")
 stage tests 240 env GPUNN_AUTOTUNE=0 "$python" -m pytest -q -p no:cacheprovider $xdist tests
 echo "== summary"

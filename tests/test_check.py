@@ -1,0 +1,71 @@
+"""`python -m gpunn check`: it passes on gpunn as it is, and it fails when gpunn is wrong or did not run."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gpunn.check
+import gpunn.cli
+from gpunn import functional, reference
+
+
+def test_quick_check_covers_every_op_and_passes(capsys, tmp_path, device):
+    out = tmp_path / "check.md"
+    assert gpunn.cli.main(["check", "--quick", "--dtypes", "fp64,fp32", "--device", str(device),
+                           "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    table = out.read_text()
+    for op in gpunn.check.OPS:
+        assert f"| {op} | " in table, op
+        assert f"| {op} | " in printed, op
+    assert "| backward |" in table and "| step |" in table
+    assert "FAIL" not in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "| ok |" in line]
+    quick = [case for case in gpunn.check.CASES if case.quick]
+    assert len(rows) == 2 * sum(1 if case.op == "sgd" else 2 for case in quick)  # 2 dtypes; sgd has no backward
+    assert "0 failed" in printed
+
+
+def test_a_wrong_result_fails_with_exit_status_1(monkeypatch, capsys, device):
+    wrong = lambda *args, **kwargs: functional_mse(*args, **kwargs) * (1 + 1e-4)  # noqa: E731
+    functional_mse = functional.mse_loss
+    monkeypatch.setattr(functional, "mse_loss", wrong)
+    assert gpunn.check.main(str(device), True, ["mse_loss"], ["fp32"], 0, None) == 1
+    printed = capsys.readouterr().out
+    assert "| mse_loss | 33x17 mean | fp32 | forward | 1.00e-04 |" in printed
+    assert "| mse_loss | 33x17 mean | fp32 | backward | 1.00e-04 |" in printed  # the gradient scales too
+    assert "2 failed" in printed and "| FAIL |" in printed
+
+
+def test_an_op_that_ran_no_triton_kernel_fails(monkeypatch, capsys, device):
+    monkeypatch.setattr(functional, "linear", reference.linear)  # right numbers, but plain torch
+    results = gpunn.check.run(device, quick=True, ops=["linear"], precisions=["fp64"], log=lambda line: None)
+    assert results and all(not r.passed and r.gpunn_err < 1e-15 for r in results)
+    assert "FAIL: no Triton launch" in gpunn.check.table(results)
+
+
+def test_backward_errors_are_measured_on_gradients(monkeypatch, device):
+    class Scaled(torch.autograd.Function):  # the forward is right, every gradient is 1% off
+        @staticmethod
+        def forward(ctx, y):
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 1.01
+
+    linear = functional.linear
+    monkeypatch.setattr(functional, "linear", lambda *args: Scaled.apply(linear(*args)))
+    forward, backward = gpunn.check.run(device, quick=True, ops=["linear"], precisions=["fp64"],
+                                        log=lambda line: None)[:2]
+    assert forward.passed and not backward.passed
+    assert backward.gpunn_err == pytest.approx(0.01, rel=1e-6)
+
+
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        gpunn.cli.main(["check", "--ops", "linear,conv"])
+    assert exit_.value.code == 2 and "unknown conv" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert gpunn.cli.main(["check", "--dtypes", "bf16"]) == 2
+        assert "CUDA only" in capsys.readouterr().out
