@@ -117,9 +117,9 @@ def _local(x_shape, out_channels, kernel, stride, padding):
 def _rnn_cell(batch, inputs, hidden, nonlinearity):
     def build(dtype, device, gen):
         s = hidden ** -0.5
-        tensors = [_randn(gen, device, dtype, batch, inputs), _randn(gen, device, dtype, batch, hidden),
-                   _randn(gen, device, dtype, hidden, inputs, scale=s), _randn(gen, device, dtype, hidden, hidden, scale=s),
-                   _randn(gen, device, dtype, hidden, scale=s), _randn(gen, device, dtype, hidden, scale=s)]
+        shapes = [(batch, inputs, 1.0), (batch, hidden, 1.0), (hidden, inputs, s), (hidden, hidden, s), (hidden, s),
+                  (hidden, s)]  # x, h, W_ih, W_hh, b_ih, b_hh (and each one's scale)
+        tensors = [_randn(gen, device, dtype, *shape, scale=scale) for *shape, scale in shapes]
         return Problem(tensors, [True] * 6, lambda *t: functional.rnn_cell(*t, nonlinearity=nonlinearity),
                        lambda *t: reference.rnn_cell(*t, nonlinearity=nonlinearity))
     return build

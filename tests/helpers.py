@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -90,24 +89,3 @@ class TorchOpSpy(TorchDispatchMode):
 
     def matmuls(self) -> list[str]:
         return sorted(self.MATMULS & set(self.ops))
-
-
-@contextlib.contextmanager
-def count_dot_work():
-    """Under Triton's interpreter: yields a list that, after the block, holds the multiply-adds every
-    tl.dot executed inside it did (sum of BM * BK * BN over the calls), measured where the interpreter
-    multiplies rather than predicted from a layout."""
-    from triton.runtime import interpreter
-
-    work = [0]
-    original = interpreter.InterpreterBuilder.create_dot
-
-    def counting_dot(self, a, b, d, *args, **kwargs):
-        work[0] += int(np.prod(a.data.shape)) * b.data.shape[-1]
-        return original(self, a, b, d, *args, **kwargs)
-
-    interpreter.InterpreterBuilder.create_dot = counting_dot
-    try:
-        yield work
-    finally:
-        interpreter.InterpreterBuilder.create_dot = original
