@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-OPS = ("dense", "masked", "local2d", "rnn", "xent", "sgd", "mlp_step")
+OPS = ("dense", "masked", "local2d", "local1d", "rnn", "rnn_cell", "xent", "mse", "sgd", "mlp_step")
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "tanh", "sigmoid", "silu")
 DTYPE_CHOICES = ("bf16", "fp16", "fp32", "all")
 
@@ -19,13 +19,15 @@ DESCRIPTION = """\
 Benchmark gpunn's fused dense layer (op dense: gpunn.functional.linear, matmul + bias + activation in one
 Triton kernel) and its masked block-sparse form (op masked: gpunn.functional.masked_linear) against torch
 eager (F.linear through cuBLAS, on the masked weight for masked, then the activation), torch.compile of
-that same eager function and, for masked forward on CUDA, torch's BSR sparse path; and the locally
-connected layer (op local2d: gpunn.functional.locally_connected2d) against F.unfold + einsum and its
-torch.compile; the sequence RNN (op rnn: gpunn.functional.rnn, one tanh layer) against torch.rnn_tanh
-(cuDNN) without torch.compile (inductor does not lower RNNs); cross-entropy (op xent) against
-F.cross_entropy and its torch.compile; one SGD step (op sgd) against torch.optim.SGD; and a whole
-training step of a 4-layer MLP (op mlp_step: forward, loss, backward, SGD) against eager torch; all in
-this process.
+that same eager function and, for masked forward on CUDA, torch's BSR sparse path; the locally connected
+layers (ops local2d and local1d: gpunn.functional.locally_connected2d / 1d) against F.unfold + einsum
+(gpunn.reference) and its torch.compile; the sequence RNN (op rnn: gpunn.functional.rnn, one tanh layer)
+against torch.rnn_tanh (cuDNN) without torch.compile (inductor does not lower RNNs); one RNN cell step
+(op rnn_cell: gpunn.functional.rnn_cell, tanh) against torch.rnn_tanh_cell (nn.RNNCell's function) and
+torch.compile of gpunn.reference.rnn_cell; cross-entropy (op xent) and mean squared error (op mse) against
+F.cross_entropy / F.mse_loss and their torch.compile; one SGD step (op sgd) against torch.optim.SGD; and a
+whole training step of a 4-layer MLP (op mlp_step: forward, loss, backward, SGD) against eager torch; all
+in this process.
 Ceilings are measured first (a bf16 matmul for TFLOP/s, a device copy for GB/s); each result reports time
 (median of triton.testing.do_bench, with p20/p80), TFLOP/s, GB/s, fractions of the ceilings, peak memory
 (CUDA) and its speedup over torch eager; masked results also report the cost per visited block against
@@ -38,19 +40,28 @@ Presets (shapes are MxNxK: x is MxK, the weight NxK):
             backward and forward+backward 4096^3. A few minutes on one H100.
             masked: a band of nine (gpunn.masks.local_1d) at 4096 features, batch 4096, all modes.
             local2d: batch 64, 64 -> 64 channels, 32x32, 3x3, padding 1, all modes.
+            local1d: batch 64, 64 -> 64 channels, length 1024, kernel 9, padding 4, all modes.
             rnn: 512 steps, batch 8, 256 -> 256; 256 steps, batch 64, 1024 -> 1024; all modes.
-            xent: 8192 x 32768 logits, all modes. sgd: 100M parameters (fp32, and --dtype).
-            mlp_step: batch 1024, width 4096.
+            rnn_cell: one step, batch 64, 1024 -> 1024 and batch 8, 256 -> 256; all modes.
+            xent: 8192 x 32768 logits, all modes. mse: 8192 x 32768, all modes.
+            sgd: 100M parameters (fp32, and --dtype). mlp_step: batch 1024, width 4096.
   default   the quick shapes plus 1024^3, 2048^3, 256x4096x4096, Llama-8B MLP shapes
             (8192x14336x4096, 8192x4096x14336) forward, and 2048^3, 8192^3 and the MLP shapes backward.
-            masked: also batch 16, a 3x3 neighbourhood on a 64x64 image, 1% random connections, 8192^3.
+            masked: also batch 16, bands of 33 and 129, a 3x3 neighbourhood on a 64x64 image, 1% and 10%
+            random connections, 8192^3.
             local2d: also batch 256, a 5x5 window from 3 channels at 64x64, 128 channels at 16x16.
-            rnn: also batch 1 at hidden 128 and batch 256 at hidden 512.
-            xent: also 4096 x 128256 and 65536 x 1000. sgd: also 10M parameters. mlp_step: also batch 4096.
+            local1d: also batch 256, and a window of 33 over length 4096 (16 -> 32 channels).
+            rnn: also batch 1 at hidden 128 and batch 256 at hidden 512. rnn_cell: the same two.
+            xent: also 4096 x 128256 and 65536 x 1000. mse: also 1024 x 4096 and 16384 x 32768.
+            sgd: also 10M parameters. mlp_step: also batch 4096.
   --smoke   tiny shapes, to check the harness, accuracy checks and outputs, not performance. Without
             CUDA (or with TRITON_INTERPRET=1 set) it runs on the CPU through Triton's interpreter,
-            without torch.compile (its CPU compile is slow), and only --smoke runs there.
-Each dense and masked shape runs with every --activations entry; every shape with every --dtype.
+            without torch.compile (its CPU compile is slow), and only --smoke runs there. There it
+            also reports a cost model: per gpunn call, the Triton launches, programs, dot FLOPs and
+            bytes loaded and stored as the interpreter counts them, beside the op's minimal FLOPs and
+            bytes (bench/cost_model.py).
+Each dense and masked shape runs with every --activations entry (all: every activation, none included);
+every shape with every --dtype.
 
 Writes to --out: bench.csv (long format: op, provider, mode, shape, dtype, metric, p50, p20, p80, gpu,
 torch, triton, git_sha, date), bench.md, bench.log (what was printed), and bench_<mode>_<dtype>.png when
@@ -67,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tiny shapes; the CPU interpreter when there is no CUDA device (see above)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="input dtype (default: bf16)")
     parser.add_argument("--activations", default="relu,gelu", metavar="LIST",
-                        help=f"comma-separated, from: {', '.join(ACTIVATIONS)} (default: relu,gelu)")
+                        help=f"comma-separated, from: {', '.join(ACTIVATIONS)}; or all (default: relu,gelu)")
     parser.add_argument("--only", default=",".join(OPS), metavar="OPS",
                         help=f"comma-separated ops to run, from: {', '.join(OPS)} (default: all)")
     parser.add_argument("--out", default="bench-out", metavar="DIR", help="output directory (default: bench-out)")
@@ -77,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     args.activations = [a.strip() for a in args.activations.split(",") if a.strip()]
+    if "all" in args.activations:
+        args.activations = list(ACTIVATIONS)
     for name in args.activations:
         if name not in ACTIVATIONS:
             parser.error(f"--activations: unknown {name!r}; choose from {', '.join(ACTIVATIONS)}")
@@ -120,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from . import dense, harness, local, masked, mlp_step, rnn, sgd, xent  # imports triton: after choose_device
+    # These import triton: after choose_device.
+    from . import cost_model, dense, harness, local, local1d, masked, mlp_step, mse, rnn, rnn_cell, sgd, xent
+
+    modules = {"dense": dense, "masked": masked, "local2d": local, "local1d": local1d, "rnn": rnn,
+               "rnn_cell": rnn_cell, "xent": xent, "mse": mse, "sgd": sgd, "mlp_step": mlp_step}
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         providers = [p for p in providers if not p.startswith("torch.compile")]
         notes.append("torch.compile skipped on the CPU smoke run (inductor's CPU compile takes ~30 s per case).")
     notes.append("fp32 matmuls use TF32 in every provider (torch.set_float32_matmul_precision('high')).")
-    notes += dense.NOTES * ("dense" in args.only) + masked.NOTES * ("masked" in args.only)
-    notes += local.NOTES * ("local2d" in args.only) + rnn.NOTES * ("rnn" in args.only)
-    notes += xent.NOTES * ("xent" in args.only) + sgd.NOTES * ("sgd" in args.only)
-    notes += mlp_step.NOTES * ("mlp_step" in args.only)
+    notes += [note for op in OPS if op in args.only for note in modules[op].NOTES]
     # torch's BSR path (masked forward): CUDA only, its CPU product has no 16-bit kernels.
     masked_providers = providers[:-1] + [masked.SPARSE_PROVIDER] * (device.type == "cuda") + providers[-1:]
 
@@ -169,14 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             f"copy {ceilings.copy_bytes / 2**20:.0f} MiB: {ceilings.copy_gbps:.0f} GB/s (read + write)")
 
         records, errors = [], []
-        runs = [(op, module, module.cases(args.preset, args.dtypes, args.activations), op_providers)
-                for op, module, op_providers in (("dense", dense, providers), ("masked", masked, masked_providers),
-                                                 ("local2d", local, providers), ("rnn", rnn, providers),
-                                                 ("xent", xent, providers), ("sgd", sgd, providers),
-                                                 ("mlp_step", mlp_step, providers))
-                if op in args.only]
-        progress = harness.Progress(sum(module.steps(cases, ps) for _, module, cases, ps in runs), log)
-        for _, module, cases, op_providers in runs:
+        runs = [(modules[op], modules[op].cases(args.preset, args.dtypes, args.activations),
+                 masked_providers if op == "masked" else providers)
+                for op in OPS if op in args.only]
+        progress = harness.Progress(sum(module.steps(cases, ps) for module, cases, ps in runs), log)
+        for module, cases, op_providers in runs:
             new, new_errors = module.run(cases, op_providers, device, ceilings, log, progress)
             records += new
             errors += new_errors
@@ -192,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
                 if "rel_err" in m and not harness.accuracy_ok(m, dtype)]
 
     harness.write_csv(records, info, out_dir / "bench.csv")
-    (out_dir / "bench.md").write_text(harness.markdown(records, info, ceilings, notes))
+    (out_dir / "bench.md").write_text(harness.markdown(records, info, ceilings, notes) + "\n"
+                                      + cost_model.markdown(records))
     log("")
     log(harness.summary(records, masked_providers))
+    log(cost_model.summary(records))
     for path in harness.plot(records, info, ceilings, masked_providers, out_dir, log):
         log(f"wrote {path}")
     for problem in failures:

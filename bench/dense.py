@@ -33,11 +33,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import gpunn.functional
+import gpunn.reference
 
-from . import harness
+from . import cost_model, harness
 from .harness import Record
 
 OP = "dense"
@@ -146,11 +146,10 @@ def steps(all_cases: list[Case], providers: list[str]) -> int:
 
 
 def eager(activation: str | None):
-    """A fresh function computing act(F.linear(x, w, b)) with torch ops."""
-    act = gpunn.functional.TORCH_ACTIVATIONS[activation]
+    """A fresh function computing act(F.linear(x, w, b)) with torch ops (gpunn.reference.linear)."""
 
     def dense_eager(x, w, b):
-        return act(F.linear(x, w, b), NEGATIVE_SLOPE)
+        return gpunn.reference.linear(x, w, b, activation, NEGATIVE_SLOPE)
 
     return dense_eager
 
@@ -244,6 +243,8 @@ def measure(case: Case, mode: str, provider: str, run, check, ref, device, ceili
         records += [rec("weight_gbps", *weight), rec("weight_frac_copy_ceiling", weight[0] / ceilings.copy_gbps)]
     if peak is not None:
         records.append(rec("peak_mem_mib", peak))
+    if provider == "gpunn" and device.type == "cpu":  # the interpreter: count what the kernels do per call
+        records += cost_model.measure(case, mode, run)
     verdict = "ok" if harness.passes(case.dtype, err) else f"FAIL (tolerance {harness.TOLERANCE[case.dtype]:g})"
     label = (f"{case.op} {mode} {case.dtype} {case.shape} {provider}: {timing.p50:.4g} ms, "
              f"{tflops[0]:.1f} TFLOP/s, {gbps[0]:.0f} GB/s, rel err {err:.1e} {verdict}, warm-up {warm_s:.1f}s")

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The prepared GPU check: on a machine with an NVIDIA GPU (no network needed), install gpunn, run the
-# quick benchmarks, each dense kernel timed alone, `python -m gpunn check` and the whole test suite
-# compiled on the GPU, and keep every log and CSV in OUTDIR.
-# Stage limits add up to 12 minutes on one H100 (every op's quick benchmark, the RNN's in fp32 too, then
-# about 480 tests); expect about 8 (the check with the first three ops took 5.6). Each stage has its own time limit,
-# and a stage that fails or times out does not stop the next.
+# The prepared GPU check: on a machine with an NVIDIA GPU (no network needed), install gpunn, run
+# `python -m gpunn check` and the whole test suite compiled on the GPU, then the quick benchmarks of every
+# op, and keep every log and CSV in OUTDIR.
+# Stage limits add up to 13.5 minutes on one H100; expect about 8 (the last run: install 4 s, the quick
+# benchmarks of dense, masked and local2d with torch.compile 167 s, a test run 109 s). Each stage has its
+# own time limit, and a stage that fails or times out does not stop the next; the most needed come first.
 #
 #   usage: bash bench/device_check.sh OUTDIR
 set -uo pipefail
@@ -35,13 +35,15 @@ cat "$out/environment.txt"
 : >"$out/status.txt"
 
 stage install 60 "$python" -m pip install --no-deps --no-build-isolation --no-index -e .
-stage bench 300 "$python" -m bench --quick --out "$out/bench"
-stage bench_rnn_fp32 60 "$python" -m bench --quick --only rnn --dtype fp32 --out "$out/bench_rnn_fp32"
-stage kernels 50 "$python" -m bench.dense_kernels --shapes 4096x4096x4096,16x4096x4096 --activations none,gelu
-# One config per kernel variant (GPUNN_AUTOTUNE=0): the check and the tests check results, the benchmark speed.
+# Correctness first, with one config per kernel variant (GPUNN_AUTOTUNE=0: they check results, not speed).
 stage check 60 env GPUNN_AUTOTUNE=0 "$python" -m gpunn check --out "$out/check.md"
 xdist=$("$python" -c 'import xdist' 2>/dev/null && echo "-n 8")
 stage tests 240 env GPUNN_AUTOTUNE=0 "$python" -m pytest -q -p no:cacheprovider $xdist tests
+# Then speed: the ops no GPU has timed yet, then the layers measured before (without torch.compile, whose
+# numbers for them are committed), so that a run cut short loses the least.
+stage bench 240 "$python" -m bench --quick --only rnn,rnn_cell,local1d,xent,mse,sgd,mlp_step --out "$out/bench"
+stage bench_rnn_fp32 60 "$python" -m bench --quick --only rnn --dtype fp32 --out "$out/bench_rnn_fp32"
+stage bench_layers 150 "$python" -m bench --quick --only dense,masked,local2d --no-compile --out "$out/bench_layers"
 echo "== summary"
 cat "$out/status.txt"
 [ -f "$out/bench/bench.md" ] && cat "$out/bench/bench.md"

@@ -1,58 +1,66 @@
-"""Benchmark of the locally connected layer (gpunn.functional.locally_connected2d).
+"""Benchmark of the locally connected layers: op local2d (gpunn.functional.locally_connected2d) here, op
+local1d (gpunn.functional.locally_connected1d) in bench/local1d.py; one Case serves both, by the number of
+spatial dims of its input.
 
 Providers, all run in the same process on the same inputs:
-- torch:          the usual workaround: F.unfold (the (N, C*KH*KW, L) patch tensor in memory), an einsum with
-                  each position's weights, the bias added.
+- torch:          the usual workaround, gpunn.reference.locally_connected{1,2}d: F.unfold (the (N, C*K^d, L)
+                  patch tensor in memory), an einsum with each position's weights, the bias added.
 - torch.compile:  that same function through torch.compile (dynamic=False).
-- gpunn:          gpunn.functional.locally_connected2d: patches gathered inside the Triton kernels.
+- gpunn:          gpunn.functional.locally_connected{1,2}d: patches gathered inside the Triton kernels.
 
 Modes as in bench/dense.py (fwd, bwd, fwd+bwd); the --activations list does not apply (the layer has none).
 
-Work model: FLOPs 2 N O L R forward (L = OH OW positions, R = C KH KW taps), twice that backward. Fewest
+Work model: FLOPs 2 N O L R forward (L output positions, R = C K^d taps), twice that backward. Fewest
 bytes: forward reads x, the weights (O L R) and bias, writes y; backward reads dy, x and the weights,
 writes dx, dW and db. Memory: peak_mem_ratio = (inputs + weights + the peak a call allocates) / (inputs +
 outputs + weights), where outputs are what the mode returns; the target is <= 1.10 (no patch tensor).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import gpunn.functional
+import gpunn.reference
 
 from . import dense, harness
 from .harness import Record
 
 OP = "local2d"
 
-# (N, C, O, H, W, kernel, padding) per preset: "fwd" runs the forward mode, "grad" runs bwd and fwd+bwd.
+# (N, C, O, (H, W), kernel, padding) per preset: "fwd" runs the forward mode, "grad" runs bwd and fwd+bwd.
 PRESETS = {
-    "smoke": {"fwd": [(3, 2, 5, 5, 6, 3, 1), (16, 17, 16, 4, 4, 3, 0)], "grad": [(3, 2, 5, 5, 6, 3, 1)]},
+    "smoke": {"fwd": [(3, 2, 5, (5, 6), 3, 1), (16, 17, 16, (4, 4), 3, 0)], "grad": [(3, 2, 5, (5, 6), 3, 1)]},
     # The target: batch 64, 64 channels in and out, 32x32, 3x3, padding 1.
-    "quick": {"fwd": [(64, 64, 64, 32, 32, 3, 1)], "grad": [(64, 64, 64, 32, 32, 3, 1)]},
-    "full": {"fwd": [(64, 64, 64, 32, 32, 3, 1), (256, 64, 64, 32, 32, 3, 1), (64, 3, 64, 64, 64, 5, 2),
-                     (16, 128, 128, 16, 16, 3, 1)],
-             "grad": [(64, 64, 64, 32, 32, 3, 1), (256, 64, 64, 32, 32, 3, 1)]},
+    "quick": {"fwd": [(64, 64, 64, (32, 32), 3, 1)], "grad": [(64, 64, 64, (32, 32), 3, 1)]},
+    "full": {"fwd": [(64, 64, 64, (32, 32), 3, 1), (256, 64, 64, (32, 32), 3, 1), (64, 3, 64, (64, 64), 5, 2),
+                     (16, 128, 128, (16, 16), 3, 1)],
+             "grad": [(64, 64, 64, (32, 32), 3, 1), (256, 64, 64, (32, 32), 3, 1)]},
 }
 
 NOTES = [
-    "local2d: torch = F.unfold + einsum (+ bias), the usual workaround; gpunn = "
-    "gpunn.functional.locally_connected2d (patches gathered in the kernels). FLOPs 2 N O L R fwd; "
+    "local2d: torch = F.unfold + einsum (+ bias), the usual workaround (gpunn.reference.locally_connected2d); "
+    "gpunn = gpunn.functional.locally_connected2d (patches gathered in the kernels). FLOPs 2 N O L R fwd; "
     "peak_mem_ratio = (inputs + weights + peak allocated) / (inputs + outputs + weights), target <= 1.10.",
 ]
+
+# The layer of each spatial rank: (gpunn's, the plain-torch baseline's), both f(x, w, b, stride, padding, dilation).
+LAYERS = {1: (gpunn.functional.locally_connected1d, gpunn.reference.locally_connected1d),
+          2: (gpunn.functional.locally_connected2d, gpunn.reference.locally_connected2d)}
 
 
 @dataclass(frozen=True)
 class Case:
-    """One problem: x (N, C, H, W), a KxK window with padding, O output channels, stride and dilation 1."""
+    """One problem: x (N, C, *size) with size (H, W) or (L,), a window of `kernel` taps along each spatial dim
+    with zero padding, O output channels, stride and dilation 1. The weight is (O, *out_size, C, *window),
+    the bias (O, *out_size)."""
 
     n: int
     c: int
     o: int
-    h: int
-    w: int
+    size: tuple[int, ...]
     kernel: int
     padding: int
     dtype: str
@@ -61,33 +69,33 @@ class Case:
 
     @property
     def op(self) -> str:
-        return f"{OP}[k{self.kernel}p{self.padding}]"
+        return f"local{len(self.size)}d[k{self.kernel}p{self.padding}]"
 
     @property
     def shape(self) -> str:
-        return f"{self.n}x{self.c}x{self.h}x{self.w}->{self.o}"
+        return "x".join(map(str, (self.n, self.c, *self.size))) + f"->{self.o}"
 
     @property
     def modes(self) -> tuple[str, ...]:
         return ("bwd", "fwd+bwd") if self.grad else ("fwd",)
 
     @property
-    def out_size(self) -> tuple[int, int]:
-        return (self.h + 2 * self.padding - self.kernel + 1, self.w + 2 * self.padding - self.kernel + 1)
+    def out_size(self) -> tuple[int, ...]:
+        return tuple(s + 2 * self.padding - self.kernel + 1 for s in self.size)
 
     @property
     def positions(self) -> int:
-        return self.out_size[0] * self.out_size[1]
+        return math.prod(self.out_size)
 
     @property
     def taps(self) -> int:
-        return self.c * self.kernel * self.kernel
+        return self.c * self.kernel ** len(self.size)
 
     def flops(self, mode: str) -> float:
         return 2 * self.n * self.o * self.positions * self.taps * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
 
     def _elements(self) -> dict[str, int]:
-        x = self.n * self.c * self.h * self.w
+        x = self.n * self.c * math.prod(self.size)
         y = self.n * self.o * self.positions
         weight, bias = self.o * self.positions * self.taps, self.o * self.positions
         return {"x": x, "y": y, "weight": weight, "bias": bias}
@@ -118,50 +126,45 @@ class Case:
         return self.modes
 
     def make_provider(self, name: str, device: torch.device):
+        """The callable f(x, w, b) provider `name` benchmarks."""
+        gpunn_layer, torch_layer = LAYERS[len(self.size)]
         padding = self.padding
         if name == "gpunn":
-            return lambda x, w, b: gpunn.functional.locally_connected2d(x, w, b, padding=padding)
+            return lambda x, w, b: gpunn_layer(x, w, b, 1, padding, 1)
+        eager = lambda x, w, b: torch_layer(x, w, b, 1, padding, 1)  # noqa: E731
         if name == "torch":
-            return _unfold_einsum(padding)
+            return eager
         if name in dense.COMPILE_MODES:
             torch._dynamo.reset()  # one compiled variant per case (see bench/dense.py)
-            return torch.compile(_unfold_einsum(padding), mode=dense.COMPILE_MODES[name], dynamic=False)
+            return torch.compile(eager, mode=dense.COMPILE_MODES[name], dynamic=False)
         raise ValueError(f"unknown provider {name!r}")
 
     def inputs(self, device: torch.device, seed: int):
+        """(x, w, b, dy) on device; x, w and b need gradients for bwd and fwd+bwd."""
         dtype = harness.DTYPES[self.dtype]
         gen = torch.Generator(device=device).manual_seed(seed)
-        oh, ow = self.out_size
         randn = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, generator=gen)  # noqa: E731
         scale = self.taps ** -0.5
-        x = randn(self.n, self.c, self.h, self.w)
-        w = randn(self.o, oh, ow, self.c, self.kernel, self.kernel) * scale
-        b = randn(self.o, oh, ow) * scale
-        dy = randn(self.n, self.o, oh, ow)
+        window = (self.kernel,) * len(self.size)
+        x = randn(self.n, self.c, *self.size)
+        w = randn(self.o, *self.out_size, self.c, *window) * scale
+        b = randn(self.o, *self.out_size) * scale
+        dy = randn(self.n, self.o, *self.out_size)
         for t in (x, w, b):
             t.requires_grad_(self.grad)
         return x, w, b, dy
 
     def reference(self, x, w, b, dy) -> dict[str, tuple[torch.Tensor, ...]]:
-        return dense._reference(self, _unfold_einsum(self.padding), x, w, b, dy)
+        return dense._reference(self, self.make_provider("torch", x.device), x, w, b, dy)
 
 
-def _unfold_einsum(padding: int):
-    def unfold_einsum(x, w, b):
-        o, oh, ow, c, kh, kw = w.shape
-        patches = F.unfold(x, (kh, kw), padding=padding)  # (N, C*KH*KW, L): the tensor gpunn avoids
-        y = torch.einsum("nrl,olr->nol", patches, w.reshape(o, oh * ow, c * kh * kw)) + b.reshape(o, oh * ow)
-        return y.reshape(x.shape[0], o, oh, ow)
-
-    return unfold_einsum
-
-
-def cases(preset: str, dtypes: list[str], activations: list[str | None]) -> list[Case]:
-    """Every case of a preset, ordered by dtype, then forward before gradient shapes (activations ignored)."""
-    return [Case(n, c, o, h, w, k, p, dtype, grad)
+def cases(preset: str, dtypes: list[str], activations: list[str | None], presets=PRESETS) -> list[Case]:
+    """Every case of a preset (of `presets`: this module's 2-D shapes unless given), ordered by dtype, then
+    forward before gradient shapes (activations ignored)."""
+    return [Case(n, c, o, size, k, p, dtype, grad)
             for dtype in dtypes
             for grad, key in ((False, "fwd"), (True, "grad"))
-            for (n, c, o, h, w, k, p) in PRESETS[preset][key]]
+            for (n, c, o, size, k, p) in presets[preset][key]]
 
 
 def steps(all_cases: list[Case], providers: list[str]) -> int:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import gpunn.functional
+import gpunn.reference
 from gpunn import masks
 
 from . import dense, harness
@@ -52,20 +53,27 @@ def _local_2d(n: int, k: int) -> torch.Tensor:
 # Mask families by name, as functions of (out_features N, in_features K).
 MASKS = {
     "local_1d_9": lambda n, k: masks.local_1d(k, n, 9),  # the nine-neuron band
+    "local_1d_33": lambda n, k: masks.local_1d(k, n, 33),  # wider bands: denser, more blocks per row
+    "local_1d_129": lambda n, k: masks.local_1d(k, n, 129),
     "local_2d_3x3": _local_2d,  # a 3x3 neighbourhood on a square image, zero padding
     "random_1pct": lambda n, k: masks.random(k, n, 0.01, generator=torch.Generator().manual_seed(0)),
+    "random_10pct": lambda n, k: masks.random(k, n, 0.10, generator=torch.Generator().manual_seed(0)),
 }
 
 # (M, N, K, mask) per preset: "fwd" shapes run the forward mode, "grad" shapes run bwd and fwd+bwd.
 PRESETS = {
-    "smoke": {"fwd": [(33, 70, 50, "local_1d_9"), (16, 64, 64, "local_2d_3x3"), (20, 40, 70, "random_1pct")],
+    "smoke": {"fwd": [(33, 70, 50, "local_1d_9"), (16, 64, 64, "local_2d_3x3"), (20, 40, 70, "random_1pct"),
+                      (16, 256, 256, "local_1d_33")],  # 4 x 4 blocks of 64: some skipped
               "grad": [(33, 70, 50, "local_1d_9")]},
     # The target: a band of nine at 4096 features, batch 4096.
     "quick": {"fwd": [(4096, 4096, 4096, "local_1d_9")], "grad": [(4096, 4096, 4096, "local_1d_9")]},
+    # Also other families and densities: bands of 33 and 129, 1% and 10% random.
     "full": {"fwd": [(4096, 4096, 4096, "local_1d_9"), (16, 4096, 4096, "local_1d_9"),
+                     (4096, 4096, 4096, "local_1d_33"), (4096, 4096, 4096, "local_1d_129"),
                      (4096, 4096, 4096, "local_2d_3x3"), (4096, 4096, 4096, "random_1pct"),
-                     (8192, 8192, 8192, "local_1d_9")],
-             "grad": [(4096, 4096, 4096, "local_1d_9"), (4096, 4096, 4096, "local_2d_3x3"),
+                     (4096, 4096, 4096, "random_10pct"), (8192, 8192, 8192, "local_1d_9")],
+             "grad": [(4096, 4096, 4096, "local_1d_9"), (4096, 4096, 4096, "local_1d_129"),
+                      (4096, 4096, 4096, "local_2d_3x3"), (4096, 4096, 4096, "random_10pct"),
                       (8192, 8192, 8192, "local_1d_9")]},
 }
 
@@ -78,7 +86,7 @@ NOTES = [
 ]
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)
 def _mask(name: str, n: int, k: int, device: str) -> torch.Tensor:
     # One tensor per (mask, device): gpunn caches its block layout per mask tensor.
     return MASKS[name](n, k).to(device)
@@ -100,6 +108,12 @@ class Case(dense.Case):
     def flops(self, mode: str) -> float:
         return 2 * self.m * self.connections * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
 
+    def bytes(self, mode: str) -> float:
+        """dense.Case's fewest bytes with the weight read only where connected (masked-out weights need not be
+        loaded); the weight's gradient is still written in full (it is a dense tensor, zero outside the mask)."""
+        unconnected = (self.n * self.k - self.connections) * harness.DTYPES[self.dtype].itemsize
+        return super().bytes(mode) - unconnected * {"fwd": 1, "bwd": 1, "fwd+bwd": 2}[mode]
+
     def weight_read_bound(self) -> bool:
         return False  # the dense weight-read model does not apply: the kernels read only visited blocks
 
@@ -114,13 +128,13 @@ class Case(dense.Case):
 
     def make_provider(self, name: str, device: torch.device):
         mask = _mask(self.mask, self.n, self.k, str(device))
-        act = gpunn.functional.TORCH_ACTIVATIONS[self.activation]
+        act = gpunn.reference.ACTIVATIONS[self.activation]
         if name == "gpunn":
             layout = masks.block_layout(mask, harness.DTYPES[self.dtype])
             return lambda x, w, b: gpunn.functional.masked_linear(x, w, layout, b, self.activation, NEGATIVE_SLOPE)
         if name == SPARSE_PROVIDER:
             return _bsr_forward(mask, masks.block_layout(mask, harness.DTYPES[self.dtype]).block, act)
-        eager = _eager(mask, act)
+        eager = _eager(mask, self.activation)
         if name == "torch":
             return eager
         if name in dense.COMPILE_MODES:
@@ -130,7 +144,7 @@ class Case(dense.Case):
 
     def reference(self, x, w, b, dy) -> dict[str, tuple[torch.Tensor, ...]]:
         mask = _mask(self.mask, self.n, self.k, str(x.device))
-        return dense._reference(self, _eager(mask, gpunn.functional.TORCH_ACTIVATIONS[self.activation]), x, w, b, dy)
+        return dense._reference(self, _eager(mask, self.activation), x, w, b, dy)
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,9 +162,9 @@ def _bsr_runs(dtype: str) -> bool:
     return True
 
 
-def _eager(mask: torch.Tensor, act):
+def _eager(mask: torch.Tensor, activation: str | None):
     def masked_eager(x, w, b):
-        return act(F.linear(x, w.masked_fill(~mask, 0), b), NEGATIVE_SLOPE)
+        return gpunn.reference.masked_linear(x, w, mask, b, activation, NEGATIVE_SLOPE)
 
     return masked_eager
 

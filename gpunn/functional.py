@@ -22,10 +22,6 @@ from .ops.rnn_sequence import RNNLayerFunction, Steps
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Each activation as torch ops, act(z, negative_slope) (the benchmarks' eager baseline uses it too).
-TORCH_ACTIVATIONS = reference.ACTIVATIONS
-
-
 def check_activation(activation, negative_slope) -> None:
     """Raise ValueError for an activation gpunn does not fuse, TypeError for a non-real slope."""
     if activation not in ACTIVATIONS:

@@ -4,33 +4,56 @@ accuracy check gets no speedup.
 On CPU the smoke run goes through Triton's interpreter (conftest.py selects it): the timings mean nothing,
 but the harness, the float64 accuracy checks, the CSV and the markdown are all exercised.
 """
+import collections
 import csv
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench.__main__ import main
+from bench import harness
+from bench.__main__ import ACTIVATIONS, main, parse_args
 from gpunn.kernels import launch_counts
 
 KERNELS = ("dense_forward_kernel", "dense_grad_input_kernel", "dense_grad_weight_kernel",
            "dense_grad_bias_kernel", "masked_forward_kernel", "masked_grad_input_kernel", "masked_grad_weight_kernel",
            "local_forward_kernel", "local_grad_input_kernel", "local_grad_weight_kernel",
            "rnn_sequence_forward_kernel", "rnn_sequence_backward_kernel", "cross_entropy_forward_kernel",
-           "cross_entropy_backward_kernel", "sgd_kernel")
+           "cross_entropy_backward_kernel", "sgd_kernel", "rnn_cell_forward_kernel", "rnn_cell_grad_input_kernel",
+           "rnn_cell_grad_weight_kernel", "mse_forward_kernel", "mse_backward_kernel")
+# The kernels an op's gpunn provider must launch in its own measurements (local1d shares local2d's kernels,
+# so the totals above cannot tell that it ran them).
+OP_KERNELS = {"local1d": ("local_forward_kernel", "local_grad_input_kernel", "local_grad_weight_kernel"),
+              "rnn_cell": ("rnn_cell_forward_kernel", "rnn_cell_grad_input_kernel", "rnn_cell_grad_weight_kernel"),
+              "mse": ("mse_forward_kernel", "mse_backward_kernel")}
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One smoke run shared by the tests below: (output dir, exit status, launches of each kernel)."""
+    """One smoke run shared by the tests below: (output dir, exit status, launches of each kernel, launches
+    per (op, provider)). Each progress step ends one measurement, whose label starts "op mode dtype shape
+    provider"; the kernels launched since the step before are that measurement's."""
     out = tmp_path_factory.mktemp("bench")
     before = launch_counts()
     argv = ["--smoke", "--out", str(out)]
     if torch.cuda.is_available():
         argv.append("--no-compile")  # compiling each tiny case would dominate the GPU suite's time
-    status = main(argv)
+    by_step = collections.defaultdict(collections.Counter)
+    last = [before]
+    step = harness.Progress.step
+
+    def counting_step(self, label):
+        now = launch_counts()
+        op, _, _, _, provider = label.split(":")[0].split()[:5]
+        by_step[op.split("[")[0], provider].update({k: n - last[0].get(k, 0) for k, n in now.items()})
+        last[0] = now
+        step(self, label)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(harness.Progress, "step", counting_step)
+        status = main(argv)
     after = launch_counts()
-    return out, status, {k: after.get(k, 0) - before.get(k, 0) for k in KERNELS}
+    return out, status, {k: after.get(k, 0) - before.get(k, 0) for k in KERNELS}, by_step
 
 
 def _rows(out: Path) -> list[dict]:
@@ -39,7 +62,7 @@ def _rows(out: Path) -> list[dict]:
 
 
 def test_smoke_writes_csv_markdown_and_log(smoke):
-    out, status, _ = smoke
+    out, status, *_ = smoke
     assert status == 0
     for name in ("bench.csv", "bench.md", "bench.log"):
         assert (out / name).stat().st_size > 0, name
@@ -60,7 +83,7 @@ def test_smoke_writes_csv_markdown_and_log(smoke):
 
 
 def test_smoke_accuracy_passes_for_every_provider(smoke):
-    out, _, _ = smoke
+    out, *_ = smoke
     tolerance = {"bf16": 1e-2, "fp16": 3e-3, "fp32": 1e-3}
     errors = [r for r in _rows(out) if r["metric"] == "rel_err"]
     assert {r["provider"] for r in errors} >= {"gpunn", "torch"}
@@ -75,13 +98,18 @@ def test_smoke_accuracy_passes_for_every_provider(smoke):
 
 
 def test_smoke_ran_gpunn_triton_kernels(smoke):
-    _, _, launches = smoke
+    _, _, launches, by_step = smoke
     for kernel in KERNELS:
         assert launches[kernel] > 0, kernel
+    for op, kernels in OP_KERNELS.items():
+        for kernel in kernels:
+            assert by_step[op, "gpunn"][kernel] > 0, (op, kernel)
+    # The baselines are torch's own: no gpunn kernel runs in a torch measurement.
+    assert not [key for key, counts in by_step.items() if key[1] == "torch" and +counts]
 
 
 def test_smoke_masked_reports_block_costs(smoke):
-    out, _, _ = smoke
+    out, *_ = smoke
     rows = [r for r in _rows(out) if r["op"].startswith("masked[")]
     assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
     assert {r["provider"] for r in rows} >= {"gpunn", "torch"}
@@ -89,11 +117,12 @@ def test_smoke_masked_reports_block_costs(smoke):
     for metric in ("dense_layer_ms", "block_cost_ratio", "visited_fraction"):
         assert {(r["op"], r["mode"], r["shape"]) for r in rows if r["metric"] == metric} == gpunn_timed, metric
     assert all(0 < float(r["p50"]) <= 1 for r in rows if r["metric"] == "visited_fraction")
+    assert {r["op"].split(",")[0] for r in rows} >= {"masked[local_1d_9", "masked[local_1d_33"}
     assert "Cost per visited block" in (out / "bench.md").read_text()
 
 
 def test_smoke_local2d_rows(smoke):
-    out, _, _ = smoke
+    out, *_ = smoke
     rows = [r for r in _rows(out) if r["op"].startswith("local2d[")]
     assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
     assert {(r["provider"], r["metric"]) for r in rows} >= {("gpunn", "ms"), ("torch", "ms"), ("gpunn", "rel_err")}
@@ -102,7 +131,7 @@ def test_smoke_local2d_rows(smoke):
 
 
 def test_smoke_rnn_rows(smoke):
-    out, _, _ = smoke
+    out, *_ = smoke
     rows = [r for r in _rows(out) if r["op"].startswith("rnn[")]
     assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
     assert {r["provider"] for r in rows} == {"gpunn", "torch"}
@@ -113,7 +142,7 @@ def test_smoke_rnn_rows(smoke):
 
 
 def test_smoke_xent_sgd_and_training_step_rows(smoke):
-    out, _, _ = smoke
+    out, *_ = smoke
     rows = _rows(out)
     xent = {(r["provider"], r["mode"]) for r in rows if r["op"] == "xent" and r["metric"] == "rel_err"}
     assert xent >= {(p, m) for p in ("torch", "gpunn") for m in ("fwd", "bwd", "fwd+bwd")}
@@ -121,6 +150,59 @@ def test_smoke_xent_sgd_and_training_step_rows(smoke):
     assert {"torch", "gpunn"} == {p for p, _ in sgd} and "fp32" in {d for _, d in sgd}
     step = {r["provider"] for r in rows if r["op"] == "mlp_step" and r["metric"] == "rel_err"}
     assert step == {"torch", "gpunn"}
+
+
+@pytest.mark.parametrize("op", ["local1d", "rnn_cell", "mse"])
+def test_smoke_new_ops_ran_every_mode_accurately(smoke, op):
+    out, *_ = smoke
+    rows = [r for r in _rows(out) if r["op"].split("[")[0] == op]
+    every = {(p, m) for p in ("torch", "gpunn") for m in ("fwd", "bwd", "fwd+bwd")}
+    assert {(r["provider"], r["mode"]) for r in rows if r["metric"] == "rel_err"} == every
+    # A speedup is given only where both gpunn's result and torch's passed their accuracy check.
+    assert {r["mode"] for r in rows if r["provider"] == "gpunn" and r["metric"] == "speedup_vs_torch"} == \
+        {"fwd", "bwd", "fwd+bwd"}
+
+
+def test_smoke_cost_model(smoke):
+    """Interpreter counts per gpunn call beside each op's minimum (on the CPU, where the interpreter runs)."""
+    if torch.cuda.is_available():
+        pytest.skip("the cost model counts what Triton's interpreter executes")
+    out, *_ = smoke
+    cost = {(r["op"], r["mode"], r["shape"], r["dtype"], r["metric"]): float(r["p50"]) for r in _rows(out)
+            if r["metric"].startswith("cost_")}
+    counted = {key[:4] for key in cost}
+    timed = {(r["op"], r["mode"], r["shape"], r["dtype"]) for r in _rows(out)
+             if r["provider"] == "gpunn" and r["metric"] == "ms"}
+    assert counted == timed  # every gpunn result, and only gpunn's, has its counts
+
+    def of(op, mode, shape, dtype="bf16"):
+        return {m.removeprefix("cost_"): cost[op, mode, shape, dtype, m] for m in
+                ("cost_launches", "cost_programs", "cost_dot_flops", "cost_bytes_loaded", "cost_bytes_stored",
+                 "cost_flops_over_min", "cost_bytes_over_min")}
+
+    # A dense 64^3 layer is one 64 x 64 x 64 interpreter tile: exactly the minimal work, in one launch.
+    dense = of("dense[relu]", "fwd", "64x64x64")
+    assert (dense["launches"], dense["programs"], dense["dot_flops"]) == (1, 1, 2 * 64**3)
+    assert dense["bytes_loaded"] == 2 * (2 * 64 * 64 + 64) and dense["bytes_stored"] == 2 * 64 * 64
+    assert dense["flops_over_min"] == dense["bytes_over_min"] == 1.0
+    # The training step of the dense layer: the forward's launch plus three backward launches.
+    assert of("dense[relu]", "fwd+bwd", "64x64x64")["launches"] == 4
+    # A masked layer's dot work is its visited blocks': 64 x 64 blocks, each multiplied by one 64-row batch tile.
+    visited = {r["shape"]: float(r["p50"]) for r in _rows(out)
+               if r["op"] == "masked[local_1d_33,relu]" and r["metric"] == "visited_fraction"}
+    assert 0 < visited["16x256x256"] < 1
+    counted = of("masked[local_1d_33,relu]", "fwd", "16x256x256")["dot_flops"]
+    assert counted == pytest.approx(visited["16x256x256"] * 2 * 64 * 256**2, rel=1e-6)
+    # Loss and optimizer kernels do no dot work, and read what they must about once.
+    assert of("xent", "bwd", "5x3000")["dot_flops"] == 0
+    assert 1.0 <= of("xent", "bwd", "5x3000")["bytes_over_min"] < 1.01
+    md = (out / "bench.md").read_text()
+    assert "## Cost model" in md and "| dense[relu] | fwd | 64x64x64 | bf16 | 1 | 1 |" in md
+
+
+def test_activations_all():
+    assert parse_args(["--activations", "all"]).activations == [None if a == "none" else a for a in ACTIVATIONS]
+    assert parse_args([]).activations == ["relu", "gelu"]
 
 
 def test_failing_result_gets_no_speedup():
