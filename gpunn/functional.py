@@ -10,15 +10,12 @@ import torch.nn.functional as F
 
 from . import reference
 from .kernels.activations import NAMES as ACTIVATIONS
-from .kernels.layout import BlockLayout, check_block
+from .kernels.layout import DEFAULT_BLOCKS, BlockLayout, check_block
 from .kernels.local import Geometry
 from .kernels.runtime import triton_runs_on
 from .losses import cross_entropy, mse_loss  # noqa: F401  (public here too, as in torch.nn.functional)
-from .masks import as_pair, as_single, block_layout
-from .ops.linear import LinearFunction
-from .ops.local import LocallyConnectedFunction
-from .ops.rnn import RNNCellFunction
-from .ops.rnn_sequence import RNNLayerFunction, Steps
+from .masks import as_pair, as_single
+from .ops import linear as ops_linear, local as ops_local, rnn as ops_rnn, rnn_sequence as ops_rnn_sequence
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -106,16 +103,16 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     _check_linear(input, weight, bias)
     if not triton_runs_on(input.device):
         return reference.linear(input, weight, bias, activation, negative_slope)
-    return _linear_function(input, weight, bias, activation, negative_slope, None)
+    return _linear_op(input, weight, bias, activation, negative_slope, None, (0, 0))
 
 
-def _linear_function(input, weight, bias, activation, negative_slope, layout):
+def _linear_op(input, weight, bias, activation, negative_slope, mask, block):
     """The Triton path shared by linear and masked_linear, on checked (and autocast) arguments."""
     if bias is not None and bias.shape != (weight.shape[0],):
         bias = bias.reshape(-1).expand(weight.shape[0])  # a broadcast bias; autograd sums its gradient
+    # Whether autograd records the call: then the forward kernel also writes act'(z) where backward needs it.
     will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
-    with torch.autocast(input.device.type, enabled=False):
-        return LinearFunction.apply(input, weight, bias, activation, float(negative_slope), will_backward, layout)
+    return ops_linear.linear(input, weight, bias, mask, *block, activation, float(negative_slope), will_backward)[0]
 
 
 def _check_mask(mask_or_layout, weight: torch.Tensor) -> None:
@@ -167,10 +164,12 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, mask_or_layout, bia
     if not triton_runs_on(input.device):
         mask = mask_or_layout.mask.bool() if isinstance(mask_or_layout, BlockLayout) else mask_or_layout
         return reference.masked_linear(input, weight, mask, bias, activation, negative_slope)
-    layout = mask_or_layout
-    if isinstance(layout, torch.Tensor):
-        layout = block_layout(layout, weight.dtype)
-    return _linear_function(input, weight, bias, activation, negative_slope, layout)
+    # The op takes the mask as a tensor and finds its layout (built once per mask, cached).
+    if isinstance(mask_or_layout, BlockLayout):
+        mask, block = mask_or_layout.mask, mask_or_layout.block
+    else:
+        mask, block = mask_or_layout, DEFAULT_BLOCKS[weight.element_size()]
+    return _linear_op(input, weight, bias, activation, negative_slope, mask, block)
 
 
 def local_geometry(kernel_size, stride, padding, dilation) -> Geometry:
@@ -252,8 +251,7 @@ def locally_connected2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
     o, oh, ow = weight.shape[:3]
     weight_flat = weight.reshape(o, oh * ow, -1)
     bias_flat = bias.reshape(o, oh * ow) if bias is not None else None
-    with torch.autocast(input.device.type, enabled=False):
-        y = LocallyConnectedFunction.apply(x, weight_flat, bias_flat, geometry)
+    y = ops_local.locally_connected(x, weight_flat, bias_flat, geometry.as_list())
     return y if batched else y.squeeze(0)
 
 
@@ -361,8 +359,7 @@ def rnn_cell(input: torch.Tensor, hx: torch.Tensor | None, weight_ih: torch.Tens
     _check_rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     if not triton_runs_on(input.device):
         return reference.rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity)
-    with torch.autocast(device_type, enabled=False):
-        return RNNCellFunction.apply(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity)
+    return ops_rnn.rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity)
 
 
 def _check_rnn(input, hx, weights, num_layers, directions, has_bias, batch_first, batch_sizes) -> None:
@@ -442,21 +439,20 @@ def rnn(input: torch.Tensor, hx: torch.Tensor, weights, num_layers: int = 1, non
     if not triton_runs_on(input.device):
         return reference.rnn(input, hx, weights, num_layers, nonlinearity, bias, dropout, training, bidirectional,
                              batch_first, batch_sizes)
+    x = input
     if batch_sizes is None:
         x = input.transpose(0, 1) if batch_first else input  # (T, B, I), time-major rows without a copy
-        steps = Steps.uniform(x.shape[0], x.shape[1], input.device)
-    else:
-        x, steps = input, Steps.of(batch_sizes, input.device)
+        batch_sizes = torch.full((x.shape[0],), x.shape[1], dtype=torch.int64)
     per_layer = len(weights) // num_layers
     finals = []
-    with torch.autocast(device_type, enabled=False):
-        for layer in range(num_layers):
-            if layer > 0 and dropout > 0 and training:
-                x = F.dropout(x, dropout, training=True)
-            x, h_n = RNNLayerFunction.apply(x, hx[layer * directions:(layer + 1) * directions], steps, nonlinearity,
-                                            directions, *weights[layer * per_layer:(layer + 1) * per_layer])
-            finals.append(h_n)
-    if batch_sizes is None:
+    for layer in range(num_layers):
+        if layer > 0 and dropout > 0 and training:
+            x = F.dropout(x, dropout, training=True)
+        layer_weights = weights[layer * per_layer:(layer + 1) * per_layer]
+        x, h_n = ops_rnn_sequence.rnn_layer(x, hx[layer * directions:(layer + 1) * directions], batch_sizes,
+                                            nonlinearity, directions, layer_weights)
+        finals.append(h_n)
+    if input.dim() == 3:  # not packed
         steps_count, batch = (input.shape[1], input.shape[0]) if batch_first else input.shape[:2]
         x = x.view(steps_count, batch, directions * weights[1].shape[0])
         x = x.transpose(0, 1) if batch_first else x

@@ -8,6 +8,7 @@ import torch
 
 from .kernels import losses as kernels
 from .kernels.runtime import triton_runs_on
+from .ops.library import Op, nothing, refuse_double_backward
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -17,31 +18,60 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"{reduction} is not a valid value for reduction")
 
 
-class CrossEntropyFunction(torch.autograd.Function):
-    """The loss of logits (N, C) (unit column stride) against class indices (N,) int64; see
-    gpunn.kernels.losses. Saved for backward: the logits, targets, weight and each row's logsumexp."""
+def _cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
+                   smoothing: float, reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, each row's logsumexp (N,), the weighted loss and weight totals (2,) or nothing for "none") of
+    logits (N, C) (unit column stride) against class indices (N,) int64; see gpunn.kernels.losses."""
+    if not (logits.is_cuda and torch.cuda.is_current_stream_capturing()):  # a sync cannot be captured
+        bad = ((target < 0) & (target != ignore_index)) | (target >= logits.shape[1])
+        if bad.any():  # one sync; the kernels also never read through a bad index (that row's loss is NaN)
+            raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+    row_loss, row_weight, lse = kernels.cross_entropy_forward(logits, target, weight, ignore_index, smoothing)
+    if reduction == "none":
+        return row_loss.to(logits.dtype), lse, nothing(lse)
+    totals = kernels.sums(row_loss, row_weight)
+    loss = totals[0] / totals[1] if reduction == "mean" else totals[0].clone()  # not a view of totals, an output
+    return loss.to(logits.dtype), lse, totals
 
-    @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, smoothing, reduction):
-        row_loss, row_weight, lse = kernels.cross_entropy_forward(logits, target, weight, ignore_index, smoothing)
-        totals = None
-        if reduction == "none":
-            out = row_loss.to(logits.dtype)
-        else:
-            totals = kernels.sums(row_loss, row_weight)
-            out = (totals[0] / totals[1] if reduction == "mean" else totals[0]).to(logits.dtype)
-        ctx.save_for_backward(logits, target, weight, lse, totals)
-        ctx.ignore_index, ctx.smoothing, ctx.reduction = ignore_index, smoothing, reduction
-        return out
 
-    @staticmethod
-    def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError("gpunn cross_entropy does not support double backward (create_graph=True)")
-        logits, target, weight, lse, totals = ctx.saved_tensors
-        dx = kernels.cross_entropy_backward(logits, target, weight, ctx.ignore_index, ctx.smoothing, lse,
-                                            grad.contiguous(), ctx.reduction, totals)
-        return dx, None, None, None, None, None
+def _cross_entropy_fake(logits, target, weight, ignore_index, smoothing, reduction):
+    rows = logits.shape[0]
+    lse = logits.new_empty((rows,), dtype=torch.float32 if logits.dtype != torch.float64 else torch.float64)
+    if reduction == "none":
+        return logits.new_empty((rows,)), lse, nothing(lse)
+    return logits.new_empty(()), lse, lse.new_empty((2,))
+
+
+def _cross_entropy_backward_impl(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+                            weight: torch.Tensor | None, ignore_index: int, smoothing: float, lse: torch.Tensor,
+                            reduction: str, totals: torch.Tensor) -> torch.Tensor:
+    return kernels.cross_entropy_backward(logits, target, weight, ignore_index, smoothing, lse, grad.contiguous(),
+                                          reduction, totals if reduction != "none" else None)
+
+
+def _cross_entropy_backward_fake(grad, logits, target, weight, ignore_index, smoothing, lse, reduction, totals):
+    return torch.empty_like(logits)
+
+
+_cross_entropy_backward = Op("cross_entropy_backward", _cross_entropy_backward_impl, _cross_entropy_backward_fake)
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    logits, target, weight, ignore_index, smoothing, reduction = inputs
+    ctx.save_for_backward(logits, target, weight, output[1], output[2])
+    ctx.ignore_index, ctx.smoothing, ctx.reduction = ignore_index, smoothing, reduction
+
+
+def _cross_entropy_grad(ctx, grad, _, __):
+    refuse_double_backward("cross_entropy")
+    logits, target, weight, lse, totals = ctx.saved_tensors
+    dx = _cross_entropy_backward(grad, logits, target, weight, ctx.ignore_index, ctx.smoothing, lse, ctx.reduction,
+                                 totals)
+    return dx, None, None, None, None, None
+
+
+_cross_entropy = Op("cross_entropy", _cross_entropy_impl, _cross_entropy_fake, _cross_entropy_setup,
+                    _cross_entropy_grad)
 
 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
@@ -90,35 +120,54 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         return torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index,
                                                  reduction=reduction, label_smoothing=label_smoothing)
     flat_target = target.reshape(-1).to(torch.int64)
-    bad = ((flat_target < 0) & (flat_target != ignore_index)) | (flat_target >= classes)
-    if bad.any():  # one sync: a bad index must not reach the kernels
-        raise IndexError(f"Target {int(flat_target[bad][0])} is out of bounds.")
     logits = input.movedim(1, -1).reshape(-1, classes) if input.dim() > 1 else input.reshape(1, classes)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     if weight is not None:
         weight = weight.to(input.dtype).contiguous()
-    loss = CrossEntropyFunction.apply(logits, flat_target.contiguous(), weight, int(ignore_index),
-                                      float(label_smoothing), reduction)
+    loss, _, _ = _cross_entropy(logits, flat_target.contiguous(), weight, int(ignore_index), float(label_smoothing),
+                                reduction)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
-class MSEFunction(torch.autograd.Function):
+def _mse_loss_impl(input: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
     """The mean squared error of two contiguous tensors of one shape and dtype."""
+    return kernels.mse_forward(input, target, reduction)
 
-    @staticmethod
-    def forward(ctx, input, target, reduction):
-        ctx.save_for_backward(input, target)
-        ctx.reduction = reduction
-        return kernels.mse_forward(input, target, reduction)
 
-    @staticmethod
-    def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError("gpunn mse_loss does not support double backward (create_graph=True)")
-        input, target = ctx.saved_tensors
-        dx, dy = kernels.mse_backward(input, target, grad, ctx.reduction, *ctx.needs_input_grad[:2])
-        return dx, dy, None
+def _mse_loss_fake(input, target, reduction):
+    return input.new_empty(input.shape if reduction == "none" else ())
+
+
+def _mse_loss_backward_impl(grad: torch.Tensor, input: torch.Tensor, target: torch.Tensor, reduction: str,
+                       input_grad: bool, target_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d input, d target), each nothing where not asked for."""
+    dx, dy = kernels.mse_backward(input, target, grad, reduction, input_grad, target_grad)
+    return (dx if dx is not None else nothing(input)), (dy if dy is not None else nothing(input))
+
+
+def _mse_loss_backward_fake(grad, input, target, reduction, input_grad, target_grad):
+    return tuple(torch.empty_like(input) if need else nothing(input) for need in (input_grad, target_grad))
+
+
+_mse_loss_backward = Op("mse_loss_backward", _mse_loss_backward_impl, _mse_loss_backward_fake)
+
+
+def _mse_setup(ctx, inputs, output):
+    input, target, reduction = inputs
+    ctx.save_for_backward(input, target)
+    ctx.reduction = reduction
+
+
+def _mse_grad(ctx, grad):
+    refuse_double_backward("mse_loss")
+    input, target = ctx.saved_tensors
+    need_input, need_target = ctx.needs_input_grad[:2]
+    dx, dy = _mse_loss_backward(grad, input, target, ctx.reduction, need_input, need_target)
+    return dx if need_input else None, dy if need_target else None, None
+
+
+_mse_loss = Op("mse_loss", _mse_loss_impl, _mse_loss_fake, _mse_setup, _mse_grad)
 
 
 def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -136,7 +185,7 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean")
         return torch.nn.functional.mse_loss(input, target, reduction=reduction)
     dtype = torch.result_type(input, target)
     input, target = torch.broadcast_tensors(input.to(dtype), target.to(dtype))
-    return MSEFunction.apply(input.contiguous(), target.contiguous(), reduction)
+    return _mse_loss(input.contiguous(), target.contiguous(), reduction)
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):

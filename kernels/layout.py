@@ -117,16 +117,20 @@ def build(mask: torch.Tensor, block: tuple[int, int]) -> BlockLayout:
     col_count, col_full, col_index = lists(key.t())
     flat = key.reshape(-1)
     full, partial = (int(v) for v in torch.stack([(flat == _FULL).sum(), (flat == _PARTIAL).sum()]).tolist())
-    return BlockLayout(
+    layout = BlockLayout(
         shape=(n, k), block=(block_n, block_k), mask=mask.to(torch.uint8).contiguous(),
         row_count=row_count, row_full=row_full, row_index=row_index.contiguous(),
         col_count=col_count, col_full=col_full, col_index=col_index.contiguous(),
         block_order=torch.sort(flat, stable=True).indices.to(torch.int32),
         full_blocks=full, partial_blocks=partial,
     )
+    _by_own_mask[id(layout.mask)] = layout
+    return layout
 
 
 _CACHE_SIZE = 64
+# id(layout.mask) -> layout, for every live layout: an op handed a layout's own uint8 mask finds the layout.
+_by_own_mask: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 @dataclass
@@ -172,3 +176,16 @@ def layout_for(mask: torch.Tensor, block: tuple[int, int]) -> BlockLayout:
     if len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
     return layout
+
+
+@torch.compiler.disable
+def layout_of(mask: torch.Tensor, block: tuple[int, int]) -> BlockLayout:
+    """The layout a masked op is handed as a tensor (torch's custom ops take tensors, not layouts): a bool
+    mask (layout_for's cache), or the uint8 copy a BlockLayout holds (the layout itself; rebuilt, uncached,
+    for a uint8 mask that is no layout's)."""
+    if mask.dtype == torch.uint8:
+        layout = _by_own_mask.get(id(mask))
+        if layout is not None and layout.mask is mask and layout.block == tuple(block):
+            return layout
+        return build(mask.view(torch.bool), block)
+    return layout_for(mask, block)

@@ -297,6 +297,15 @@ class Geometry:
     def constexprs(self) -> dict:
         return dict(KH=self.kh, KW=self.kw, SH=self.sh, SW=self.sw, PH=self.ph, PW=self.pw, DH=self.dh, DW=self.dw)
 
+    def as_list(self) -> list[int]:
+        """[KH, KW, SH, SW, PH, PW, DH, DW]: the window as gpunn's custom ops take it (see of_list)."""
+        return [self.kh, self.kw, self.sh, self.sw, self.ph, self.pw, self.dh, self.dw]
+
+    @staticmethod
+    def of_list(window: list[int]) -> "Geometry":
+        kh, kw, sh, sw, ph, pw, dh, dw = window
+        return Geometry((kh, kw), (sh, sw), (ph, pw), (dh, dw))
+
 
 def _numerics(dtype: torch.dtype) -> dict:
     return dict(DOT_DTYPE=dot_dtype(dtype), ACC_DTYPE=accumulator_dtype(dtype), DOT_PRECISION=dot_precision(dtype))

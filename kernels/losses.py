@@ -58,12 +58,17 @@ def cross_entropy_forward_kernel(
     lse = running_max + tl.log(running_sum)
     target = tl.load(target_ptr + rows, mask=r_ok, other=ignore_index)
     kept = r_ok & (target != ignore_index)
+    # A target out of range (the host checks, except while a CUDA graph is captured) is never used as an
+    # address: its row's loss is NaN.
+    bad = kept & ((target < 0) | (target >= C))
+    kept = kept & ~bad
     safe = tl.where(kept, target, 0)
     w_y = tl.load(weight_ptr + safe, mask=kept, other=0.0).to(COMPUTE) if HAS_WEIGHT else kept.to(COMPUTE)
     x_y = tl.load(x_ptr + rows * stride_x + safe, mask=kept, other=0.0).to(COMPUTE)
     loss = w_y * (lse - x_y)
     if SMOOTHING != 0.0:
         loss = loss * (1.0 - SMOOTHING) + tl.where(kept, weight_total * lse - weighted_x, 0.0) * SMOOTHING / C
+    loss = tl.where(bad, float("nan"), loss)
     tl.store(row_loss_ptr + rows, loss, mask=r_ok)
     tl.store(row_weight_ptr + rows, w_y, mask=r_ok)
     tl.store(lse_ptr + rows, lse, mask=r_ok)
@@ -97,10 +102,12 @@ def cross_entropy_backward_kernel(
     cols = tl.arange(0, BLOCK_C)
     target = tl.load(target_ptr + rows, mask=r_ok, other=ignore_index)
     kept = r_ok & (target != ignore_index)
+    bad = kept & ((target < 0) | (target >= C))  # as in the forward: never an address; the gradient is NaN
+    kept = kept & ~bad
     scale = tl.load(grad_ptr + rows * stride_grad, mask=r_ok, other=0.0).to(COMPUTE)
     if REDUCTION == 2:
         scale = scale / tl.load(sums_ptr + 1).to(COMPUTE)
-    scale = tl.where(kept, scale, 0.0)
+    scale = tl.where(kept, scale, tl.where(bad, float("nan"), 0.0))
     safe = tl.where(kept, target, 0)
     w_y = tl.load(weight_ptr + safe, mask=kept, other=0.0).to(COMPUTE) if HAS_WEIGHT else kept.to(COMPUTE)
     weight_total = tl.zeros((), COMPUTE) + C

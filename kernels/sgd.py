@@ -16,6 +16,8 @@ recompiles nothing.
 """
 from __future__ import annotations
 
+import collections
+
 import torch
 import triton
 import triton.language as tl
@@ -93,6 +95,30 @@ def sgd_kernel(table_ptr, tensors, base_ptr,
                 MAXIMIZE, True)
 
 
+_TABLES: collections.OrderedDict = collections.OrderedDict()  # (device, offsets, hyper) -> table on the device
+_TABLES_KEPT = 16
+
+
+def _table(device: torch.device, offsets: tuple, blocks: list[int], hyper: tuple[float, ...]) -> torch.Tensor:
+    """The step's table on the device (layout in sgd_kernel), built once per (tensors' offsets and lengths,
+    hyper-parameters) and cached: a training loop's steps copy nothing to the device (which also lets a
+    step be captured in a CUDA graph once warmed up)."""
+    key = (device, offsets, hyper)
+    table = _TABLES.get(key)
+    if table is None:
+        block_counts = torch.tensor(blocks, dtype=torch.int64)
+        header = torch.tensor(hyper, dtype=torch.float64).view(torch.int64)
+        table = torch.cat([header, torch.tensor(offsets, dtype=torch.int64).flatten(),
+                           torch.cumsum(block_counts, 0) - block_counts,
+                           torch.repeat_interleave(torch.arange(len(blocks)), block_counts)])
+        table = table.to(device, non_blocking=True)
+        _TABLES[key] = table
+        if len(_TABLES) > _TABLES_KEPT:
+            _TABLES.popitem(last=False)
+    _TABLES.move_to_end(key)
+    return table
+
+
 def step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor] | None, *, lr: float,
          weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
          first_step: bool) -> None:
@@ -106,20 +132,16 @@ def step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[to
         return
     device, dtype = params[0].device, params[0].dtype
     lengths = [p.numel() for p in params]
-    block_counts = torch.tensor([triton.cdiv(n, BLOCK) for n in lengths], dtype=torch.int64)
-    total = int(block_counts.sum())
+    blocks = [triton.cdiv(n, BLOCK) for n in lengths]
+    total = sum(blocks)
     if total == 0:
         return
     base, size = params[0], params[0].element_size()
     # Element offsets from params[0]: every tensor of one dtype starts at a multiple of its element size.
-    offsets = [((p.data_ptr() - base.data_ptr()) // size, (g.data_ptr() - base.data_ptr()) // size,
-                (b.data_ptr() - base.data_ptr()) // size if buffers is not None else 0, n)
-               for p, g, b, n in zip(params, grads, buffers or params, lengths)]
-    header = torch.tensor([lr, weight_decay, momentum, dampening], dtype=torch.float64).view(torch.int64)
-    first_blocks = torch.cumsum(block_counts, 0) - block_counts
-    table = torch.cat([header, torch.tensor(offsets, dtype=torch.int64).flatten(), first_blocks,
-                       torch.repeat_interleave(torch.arange(len(params)), block_counts)])
-    table = table.to(device, non_blocking=True)
+    offsets = tuple(((p.data_ptr() - base.data_ptr()) // size, (g.data_ptr() - base.data_ptr()) // size,
+                     (b.data_ptr() - base.data_ptr()) // size if buffers is not None else 0, n)
+                    for p, g, b, n in zip(params, grads, buffers or params, lengths))
+    table = _table(device, offsets, blocks, (lr, weight_decay, momentum, dampening))
     align = 16 // size
     while any(offset % align for entry in offsets for offset in entry[:3]):
         align //= 2

@@ -85,6 +85,25 @@ def test_cross_entropy_errors_match_torch(device):
         assert launches == {}
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_cross_entropy_kernels_never_read_through_a_bad_target(device, smoothing):
+    """While a CUDA graph is captured the host cannot check targets: then the kernels themselves keep an out-of-range
+    target from becoming an address, and only its row turns NaN (loss and gradient)."""
+    from gpunn.kernels import losses as kernels
+
+    logits = torch.randn(5, 4, device=device, dtype=torch.float64)
+    target = torch.tensor([0, 9, -100, -3, 3], device=device)
+    weight = torch.rand(4, device=device, dtype=torch.float64) + 0.5
+    row_loss, row_weight, lse = kernels.cross_entropy_forward(logits, target, weight, -100, smoothing)
+    good = torch.tensor([True, False, True, False, True], device=device)
+    assert row_loss[~good].isnan().all() and not row_loss[good].isnan().any()
+    ref = F.cross_entropy(logits[[0, 4]], target[[0, 4]], weight, reduction="none", label_smoothing=smoothing)
+    assert torch.allclose(row_loss[[0, 4]], ref, rtol=1e-12, atol=0)
+    dx = kernels.cross_entropy_backward(logits, target, weight, -100, smoothing, lse,
+                                        torch.ones(5, device=device, dtype=torch.float64), "none", None)
+    assert dx[~good].isnan().all() and not dx[good].isnan().any() and (dx[2] == 0).all()
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_mse_matches_torch(device, reduction):
     gen = torch.Generator().manual_seed(5)

@@ -76,6 +76,33 @@ def test_one_launch_per_group_and_dtype_and_lr_changes_recompile_nothing(device)
         assert_close(p.detach(), r.detach(), p.dtype, "param")
 
 
+def test_the_step_table_is_built_once_for_a_training_loop(device):
+    """Steps over the same tensors (gradients kept in place, as zero_grad(set_to_none=False) and CUDA graphs
+    keep them) with the same settings reuse the table on the device (no copy a step); a new learning rate
+    makes a new table, and the results follow it."""
+    from gpunn.kernels import sgd as sgd_kernels
+
+    params = [torch.nn.Parameter(p) for p in _params(device, torch.float32)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours, theirs = gpunn.optim.SGD(params, lr=0.1, momentum=0.9), torch.optim.SGD(twins, lr=0.1, momentum=0.9)
+    sgd_kernels._TABLES.clear()
+    for step in range(4):
+        if step == 2:
+            for optimizer in (ours, theirs):
+                optimizer.param_groups[0]["lr"] = 0.05
+        for p, q in zip(params, twins):
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+            p.grad.normal_()
+            q.grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+    # Steps 1-2 (the buffers made by step 1 stay in place) and steps 3-4 (the new learning rate).
+    assert len(sgd_kernels._TABLES) == 2
+    for p, q in zip(params, twins):
+        assert_close(p.detach(), q.detach(), torch.float32, "param")
+
+
 def test_param_groups_missing_grads_and_non_contiguous_params(device):
     base = _params(device, torch.float64)
     odd = torch.randn(6, 4, dtype=torch.float64, device=device).t()  # non-contiguous: torch's path

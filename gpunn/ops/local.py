@@ -1,36 +1,74 @@
-"""The locally connected layer as a torch.autograd.Function over gpunn.kernels.local."""
+"""The locally connected layer as custom ops over gpunn.kernels.local: gpunn::locally_connected (forward),
+gpunn::locally_connected_grad_input and gpunn::locally_connected_grad_weight.
+
+input (N, C, H, W), weight (O, L, R) (L = OH * OW positions, R = C * KH * KW taps), bias (O, L) or None,
+window the kernels.local.Geometry as a list ([KH, KW, SH, SW, PH, PW, DH, DW]) -> output (N, O, OH, OW).
+Saved for backward: the input only if the weight needs a gradient, the weight only if the input does.
+No double backward.
+"""
 from __future__ import annotations
 
 import torch
 
 from ..kernels import local
+from ..kernels.local import Geometry
+from .library import Op, nothing, refuse_double_backward
 
 
-class LocallyConnectedFunction(torch.autograd.Function):
-    """y = locally connected layer of x, forward and backward in Triton.
+def _locally_connected(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      window: list[int]) -> torch.Tensor:
+    return local.forward(input, weight, bias, Geometry.of_list(window))
 
-    input (N, C, H, W), weight (O, L, R) (L = OH * OW positions, R = C * KH * KW taps), bias (O, L) or
-    None, geometry a kernels.local.Geometry -> output (N, O, OH, OW). Saved for backward: the input only if
-    the weight needs a gradient, the weight only if the input does. No double backward.
-    """
 
-    @staticmethod
-    def forward(ctx, input, weight, bias, geometry):
-        need_input, need_weight = ctx.needs_input_grad[:2]
-        ctx.save_for_backward(input if need_weight else None, weight if need_input else None)
-        ctx.geometry, ctx.input_shape, ctx.weight_shape = geometry, tuple(input.shape), tuple(weight.shape)
-        return local.forward(input, weight, bias, geometry)
+def _locally_connected_fake(input, weight, bias, window):
+    oh, ow = Geometry.of_list(window).output_size(*input.shape[2:])
+    return input.new_empty((input.shape[0], weight.shape[0], oh, ow))
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        if torch.is_grad_enabled():
-            raise RuntimeError("gpunn locally connected layers do not support double backward (create_graph=True)")
-        input, weight = ctx.saved_tensors
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_input = grad_weight = grad_bias = None
-        if need_input:
-            grad_input = local.grad_input(grad_output, weight, ctx.input_shape, ctx.geometry)
-        if need_weight or need_bias:
-            grad_weight, grad_bias = local.grad_weight(input if need_weight else None, grad_output, ctx.input_shape,
-                                                       ctx.weight_shape, ctx.geometry, need_bias)
-        return grad_input, grad_weight, grad_bias, None
+
+def _grad_input(grad_output: torch.Tensor, weight: torch.Tensor, input_shape: list[int],
+               window: list[int]) -> torch.Tensor:
+    return local.grad_input(grad_output, weight, tuple(input_shape), Geometry.of_list(window))
+
+
+def _grad_input_fake(grad_output, weight, input_shape, window):
+    return grad_output.new_empty(input_shape)
+
+
+def _grad_weight(input: torch.Tensor | None, grad_output: torch.Tensor, input_shape: list[int],
+                weight_shape: list[int], window: list[int], bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dW (O, L, R) when input is given, db (O, L) when bias_grad), each nothing where not asked for."""
+    dw, db = local.grad_weight(input, grad_output, tuple(input_shape), tuple(weight_shape), Geometry.of_list(window),
+                               bias_grad)
+    return (dw if dw is not None else nothing(grad_output)), (db if db is not None else nothing(grad_output))
+
+
+def _grad_weight_fake(input, grad_output, input_shape, weight_shape, window, bias_grad):
+    dw = grad_output.new_empty(weight_shape) if input is not None else nothing(grad_output)
+    return dw, grad_output.new_empty(weight_shape[:2]) if bias_grad else nothing(grad_output)
+
+
+grad_input = Op("locally_connected_grad_input", _grad_input, _grad_input_fake)
+grad_weight = Op("locally_connected_grad_weight", _grad_weight, _grad_weight_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, _, window = inputs
+    need_input, need_weight = ctx.needs_input_grad[:2]
+    ctx.save_for_backward(input if need_weight else None, weight if need_input else None)
+    ctx.window, ctx.input_shape, ctx.weight_shape = window, list(input.shape), list(weight.shape)
+
+
+def _backward(ctx, grad_output):
+    refuse_double_backward("locally connected layers")
+    input, weight = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    dx = dw = db = None
+    if need_input:
+        dx = grad_input(grad_output, weight, ctx.input_shape, ctx.window)
+    if need_weight or need_bias:
+        dw, db = grad_weight(input if need_weight else None, grad_output, ctx.input_shape, ctx.weight_shape,
+                             ctx.window, need_bias)
+    return dx, dw if need_weight else None, db if need_bias else None, None
+
+
+locally_connected = Op("locally_connected", _locally_connected, _locally_connected_fake, _setup_context, _backward)

@@ -1,40 +1,82 @@
-"""The Elman RNN step as a torch.autograd.Function over gpunn.kernels.rnn."""
+"""The Elman RNN step as custom ops over gpunn.kernels.rnn: gpunn::rnn_cell (forward),
+gpunn::rnn_cell_grad_input and gpunn::rnn_cell_grad_weight.
+
+h' = act(input W_ih^T + b_ih + hx W_hh^T + b_hh): input (B, I), hx (B, H), weight_ih (H, I), weight_hh
+(H, H), bias_ih and bias_hh (H,) or both None; activation "tanh" or "relu". Saved for backward: h' (its
+derivative comes from it), the input only if weight_ih needs a gradient, hx only if weight_hh does, the
+weights only if input or hx need theirs. No double backward.
+"""
 from __future__ import annotations
 
 import torch
 
 from ..kernels import rnn
+from .library import Op, nothing, refuse_double_backward
 
 
-class RNNCellFunction(torch.autograd.Function):
-    """h' = act(input W_ih^T + b_ih + hx W_hh^T + b_hh), forward and backward in Triton.
+def _rnn_cell(input: torch.Tensor, hx: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
+             bias_ih: torch.Tensor | None, bias_hh: torch.Tensor | None, activation: str) -> torch.Tensor:
+    return rnn.forward(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, activation)
 
-    input (B, I), hx (B, H), weight_ih (H, I), weight_hh (H, H), bias_ih and bias_hh (H,) or both None;
-    activation "tanh" or "relu". Saved for backward: h' (its derivative comes from it), the input only if
-    weight_ih needs a gradient, hx only if weight_hh does, the weights only if input or hx need theirs.
-    No double backward.
-    """
 
-    @staticmethod
-    def forward(ctx, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, activation):
-        out = rnn.forward(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, activation)
-        need_x, need_h, need_wih, need_whh = ctx.needs_input_grad[:4]
-        ctx.save_for_backward(out, input if need_wih else None, hx if need_whh else None,
-                              weight_ih if need_x else None, weight_hh if need_h else None)
-        ctx.activation, ctx.shapes = activation, (tuple(weight_ih.shape), tuple(weight_hh.shape))
-        return out
+def _rnn_cell_fake(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, activation):
+    return input.new_empty((input.shape[0], weight_ih.shape[0]))
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        if torch.is_grad_enabled():
-            raise RuntimeError("gpunn RNNCell does not support double backward (create_graph=True)")
-        out, input, hx, weight_ih, weight_hh = ctx.saved_tensors
-        need_x, need_h, _, _, need_bih, need_bhh = ctx.needs_input_grad[:6]
-        dy = grad_output.contiguous()
-        dx = dh = dw_ih = dw_hh = db_ih = db_hh = None
-        if need_x or need_h:
-            dx, dh = rnn.grad_input(dy, out, weight_ih, weight_hh, ctx.activation)
-        if input is not None or hx is not None or need_bih or need_bhh:
-            dw_ih, dw_hh, db_ih, db_hh = rnn.grad_weight(dy, out, input, hx, ctx.shapes, ctx.activation,
-                                                         need_bih or need_bhh)
-        return dx, dh, dw_ih, dw_hh, db_ih if need_bih else None, db_hh if need_bhh else None, None
+
+def _grad_input(grad_output: torch.Tensor, output: torch.Tensor, weight_ih: torch.Tensor | None,
+               weight_hh: torch.Tensor | None, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx (B, I) when weight_ih is given, dh (B, H) when weight_hh is given), each nothing otherwise."""
+    dx, dh = rnn.grad_input(grad_output.contiguous(), output, weight_ih, weight_hh, activation)
+    return (dx if dx is not None else nothing(output)), (dh if dh is not None else nothing(output))
+
+
+def _grad_input_fake(grad_output, output, weight_ih, weight_hh, activation):
+    dx = output.new_empty((output.shape[0], weight_ih.shape[1])) if weight_ih is not None else nothing(output)
+    return dx, output.new_empty(output.shape) if weight_hh is not None else nothing(output)
+
+
+def _grad_weight(grad_output: torch.Tensor, output: torch.Tensor, input: torch.Tensor | None, hx: torch.Tensor | None,
+                input_size: int, activation: str, bias_grad: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dW_ih (H, I) when input is given, dW_hh (H, H) when hx is given, db_ih and db_hh (H,) when bias_grad),
+    each nothing otherwise."""
+    hidden = output.shape[1]
+    grads = rnn.grad_weight(grad_output.contiguous(), output, input, hx, ((hidden, input_size), (hidden, hidden)),
+                            activation, bias_grad)
+    return tuple(g if g is not None else nothing(output) for g in grads)
+
+
+def _grad_weight_fake(grad_output, output, input, hx, input_size, activation, bias_grad):
+    hidden = output.shape[1]
+    shapes = ((hidden, input_size) if input is not None else None, (hidden, hidden) if hx is not None else None,
+              *(((hidden,),) * 2 if bias_grad else (None, None)))
+    return tuple(output.new_empty(s) if s is not None else nothing(output) for s in shapes)
+
+
+grad_input = Op("rnn_cell_grad_input", _grad_input, _grad_input_fake)
+grad_weight = Op("rnn_cell_grad_weight", _grad_weight, _grad_weight_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    input, hx, weight_ih, weight_hh, _, _, activation = inputs
+    need_x, need_h, need_wih, need_whh = ctx.needs_input_grad[:4]
+    ctx.save_for_backward(output, input if need_wih else None, hx if need_whh else None,
+                          weight_ih if need_x else None, weight_hh if need_h else None)
+    ctx.activation, ctx.input_size = activation, weight_ih.shape[1]
+
+
+def _backward(ctx, grad_output):
+    refuse_double_backward("RNNCell")
+    output, input, hx, weight_ih, weight_hh = ctx.saved_tensors
+    need_x, need_h, _, _, need_bih, need_bhh = ctx.needs_input_grad[:6]
+    dx = dh = dw_ih = dw_hh = db_ih = db_hh = None
+    if need_x or need_h:
+        dx, dh = grad_input(grad_output, output, weight_ih, weight_hh, ctx.activation)
+    if input is not None or hx is not None or need_bih or need_bhh:
+        dw_ih, dw_hh, db_ih, db_hh = grad_weight(grad_output, output, input, hx, ctx.input_size, ctx.activation,
+                                                 need_bih or need_bhh)
+    return (dx if need_x else None, dh if need_h else None, dw_ih if input is not None else None,
+            dw_hh if hx is not None else None, db_ih if need_bih else None, db_hh if need_bhh else None, None)
+
+
+rnn_cell = Op("rnn_cell", _rnn_cell, _rnn_cell_fake, _setup_context, _backward)

@@ -1,5 +1,5 @@
-"""The Elman RNN over a whole sequence (torch.nn.RNN's computation): one torch.autograd.Function per layer,
-both directions in it.
+"""The Elman RNN over a whole sequence (torch.nn.RNN's computation) as custom ops, one call per layer with
+both directions in it: gpunn::rnn_layer and gpunn::rnn_layer_backward.
 
 Per layer, forward is one dense GEMM for the input projection of every step and direction (with both
 biases), then one recurrence launch per direction (kernels/rnn_sequence.py). Backward is one
@@ -7,59 +7,79 @@ backward-through-time launch per direction, then dense GEMMs over all steps: dX 
 biases) for both directions at once, and dW_hh per direction. Launches per layer: 1 + D forward,
 D + 2 + D backward (D = 1 or 2 directions), whatever the sequence length.
 
-Sequences are time-major and packed (see kernels/rnn_sequence.py): `Steps` describes which rows belong to
-which step.
+Sequences are time-major and packed (see kernels/rnn_sequence.py): a PackedSequence's batch_sizes say which
+rows belong to which step (`Steps` holds them on the device). Saved for backward: the layer's output (each
+act'(z) comes from it), x only if a W_ih needs a gradient, h0 and the weights. No double backward.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import collections
+import math
+from dataclasses import dataclass, field
 
 import torch
 
 from ..kernels import dense, rnn_sequence
 from ..kernels.runtime import Rows, empty, state_dtype
+from .library import Op, nothing, refuse_double_backward
 
 
 @dataclass(frozen=True)
 class Steps:
-    """The time structure of a packed batch, shared by every layer.
+    """The time structure of a packed batch, on the device, shared by every layer and call with the same
+    batch_sizes (see of()).
 
-    batch_sizes: (T,) int64 on the CPU, non-increasing (a PackedSequence's); on_device: the same and the
-    first row of each step, (T,) int64 each, on the device the kernels run on.
+    batch_sizes: (T,) int64 on the CPU, non-increasing (a PackedSequence's); sizes_on_device and
+    offsets_on_device: the same and the first row of each step, (T,) int64 each, on the device.
     """
 
     batch_sizes: torch.Tensor
     sizes_on_device: torch.Tensor
     offsets_on_device: torch.Tensor
+    _previous: dict = field(default_factory=dict, compare=False)  # reverse -> previous_rows
 
     @staticmethod
     def of(batch_sizes: torch.Tensor, device: torch.device) -> "Steps":
-        sizes = batch_sizes.to(torch.int64)
-        offsets = torch.cumsum(sizes, 0) - sizes
-        return Steps(sizes, sizes.to(device, non_blocking=True), offsets.to(device, non_blocking=True))
-
-    @staticmethod
-    def uniform(steps: int, batch: int, device: torch.device) -> "Steps":
-        return Steps.of(torch.full((steps,), batch, dtype=torch.int64), device)
+        """The Steps of batch_sizes on device, built once per (batch sizes, device) and cached: the layers
+        of a network, their backward and later calls with the same lengths copy nothing to the device (so a
+        warmed-up step can be captured in a CUDA graph)."""
+        key = (device, tuple(batch_sizes.tolist()))
+        steps = _STEPS.get(key)
+        if steps is None:
+            sizes = batch_sizes.to(torch.int64, copy=True)
+            offsets = torch.cumsum(sizes, 0) - sizes
+            steps = Steps(sizes, sizes.to(device, non_blocking=True), offsets.to(device, non_blocking=True))
+            _STEPS[key] = steps
+            if len(_STEPS) > _STEPS_KEPT:
+                _STEPS.popitem(last=False)
+        _STEPS.move_to_end(key)
+        return steps
 
     @property
     def batch(self) -> int:
         return int(self.batch_sizes[0]) if len(self.batch_sizes) else 0
 
-    def previous_rows(self, reverse: bool, device: torch.device) -> torch.Tensor:
+    def previous_rows(self, reverse: bool) -> torch.Tensor:
         """(rows,) index into cat(h0, output) of the state each row's step started from: the same batch
-        row at the step before (after, for the reverse direction) or, where there is none, h0's row."""
-        sizes = self.batch_sizes
-        steps = len(sizes)
-        offsets = torch.cumsum(sizes, 0) - sizes
-        step_of = torch.repeat_interleave(torch.arange(steps), sizes)
-        row_in_step = torch.arange(int(sizes.sum())) - offsets[step_of]
-        neighbour = step_of + (1 if reverse else -1)
-        inside = (neighbour >= 0) & (neighbour < steps)
-        neighbour = neighbour.clamp(0, max(steps - 1, 0))
-        has = inside & (row_in_step < sizes[neighbour])
-        index = torch.where(has, self.batch + offsets[neighbour] + row_in_step, row_in_step)
-        return index.to(device, non_blocking=True)
+        row at the step before (after, for the reverse direction) or, where there is none, h0's row. On the
+        device, built once."""
+        if reverse not in self._previous:
+            sizes = self.batch_sizes
+            steps = len(sizes)
+            offsets = torch.cumsum(sizes, 0) - sizes
+            step_of = torch.repeat_interleave(torch.arange(steps), sizes)
+            row_in_step = torch.arange(int(sizes.sum())) - offsets[step_of]
+            neighbour = step_of + (1 if reverse else -1)
+            inside = (neighbour >= 0) & (neighbour < steps)
+            neighbour = neighbour.clamp(0, max(steps - 1, 0))
+            has = inside & (row_in_step < sizes[neighbour])
+            index = torch.where(has, self.batch + offsets[neighbour] + row_in_step, row_in_step)
+            self._previous[reverse] = index.to(self.sizes_on_device.device, non_blocking=True)
+        return self._previous[reverse]
+
+
+_STEPS: collections.OrderedDict = collections.OrderedDict()  # (device, batch sizes) -> Steps
+_STEPS_KEPT = 32
 
 
 def _directions(weights: tuple, count: int) -> list[tuple]:
@@ -67,85 +87,121 @@ def _directions(weights: tuple, count: int) -> list[tuple]:
     return [weights[d * per:(d + 1) * per] for d in range(count)]
 
 
-class RNNLayerFunction(torch.autograd.Function):
-    """One layer, D directions: output (rows, D*H) and h_n (D, B, H) from x (rows, I) (or (T, B, I), any
-    strides) and h0 (D, B, H).
+def _projection_weights(weights: list[torch.Tensor], directions: int):
+    """(W_ih of every direction stacked (D*H, I), b_ih + b_hh stacked (D*H,) or None, [W_hh per direction])."""
+    per_direction = _directions(weights, directions)
+    w_ih = torch.cat([w[0] for w in per_direction]) if directions > 1 else per_direction[0][0]
+    bias = None
+    if len(per_direction[0]) == 4:  # both biases enter every z: add them once, in the projection
+        bias = torch.cat([w[2] + w[3] for w in per_direction])
+    return w_ih, bias, [w[1] for w in per_direction]
+
+
+def _rnn_layer(x: torch.Tensor, h0: torch.Tensor, batch_sizes: torch.Tensor, activation: str, directions: int,
+              weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer, D directions: (output (rows, D*H), h_n (D, B, H)) from x (rows, I) (or (T, B, I), any
+    strides) and h0 (D, B, H); batch_sizes as a PackedSequence's (CPU int64, (T,)).
 
     weights: per direction (weight_ih (H, I), weight_hh (H, H)[, bias_ih (H,), bias_hh (H,)]).
-    Saved for backward: the layer's output (each act'(z) comes from it), x only if W_ih needs a gradient,
-    h0 only if W_hh does. No double backward.
     """
+    steps = Steps.of(batch_sizes, x.device)
+    w_ih, bias, w_hh = _projection_weights(weights, directions)
+    hidden = w_hh[0].shape[0]
+    projected, _ = dense.forward(Rows.of(x), w_ih, bias, None, 0.0, False)  # (rows, D*H)
+    out = empty(projected.shape, device=x.device, dtype=x.dtype)
+    finals = []
+    for d in range(directions):
+        columns = slice(d * hidden, (d + 1) * hidden)
+        state = torch.empty((2, *h0.shape[1:]), device=x.device, dtype=state_dtype(x.dtype))
+        state[0] = h0[d]
+        final = rnn_sequence.forward(projected[:, columns], w_hh[d], out[:, columns], state,
+                                     steps.sizes_on_device, steps.offsets_on_device, activation, reverse=d == 1)
+        finals.append(final.to(x.dtype))
+    return out, torch.stack(finals)
 
-    @staticmethod
-    def forward(ctx, x, h0, steps: Steps, activation: str, directions: int, *weights):
-        per_direction = _directions(weights, directions)
-        hidden = per_direction[0][1].shape[0]
-        w_ih = torch.cat([w[0] for w in per_direction]) if directions > 1 else per_direction[0][0]
-        bias = None
-        if len(per_direction[0]) == 4:  # both biases enter every z: add them once, in the projection
-            bias = torch.cat([w[2] + w[3] for w in per_direction])
-        projected, _ = dense.forward(Rows.of(x), w_ih, bias, None, 0.0, False)  # (rows, D*H)
-        out = empty(projected.shape, device=x.device, dtype=x.dtype)
-        finals = []
-        for d, (_, w_hh, *_) in enumerate(per_direction):
-            columns = slice(d * hidden, (d + 1) * hidden)
-            state = torch.empty((2, *h0.shape[1:]), device=x.device, dtype=state_dtype(x.dtype))
-            state[0] = h0[d]
-            final = rnn_sequence.forward(projected[:, columns], w_hh, out[:, columns], state,
-                                         steps.sizes_on_device, steps.offsets_on_device, activation, reverse=d == 1)
-            finals.append(final.to(x.dtype))
-        per = len(weights) // directions
-        need_w_ih = any(ctx.needs_input_grad[5 + d * per] for d in range(directions))
-        need_w_hh = any(ctx.needs_input_grad[6 + d * per] for d in range(directions))
-        ctx.save_for_backward(out, x if need_w_ih else None, h0 if need_w_hh else None, w_ih,
-                              *(w[1] for w in per_direction))
-        ctx.steps, ctx.activation, ctx.directions, ctx.has_bias = steps, activation, directions, bias is not None
-        ctx.input_shape = x.shape
-        return out, torch.stack(finals)
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_hn):
-        if torch.is_grad_enabled():
-            raise RuntimeError("gpunn RNN does not support double backward (create_graph=True)")
-        out, x, h0, w_ih, *w_hh = ctx.saved_tensors
-        steps, directions = ctx.steps, ctx.directions
-        hidden = w_hh[0].shape[0]
-        per = len(ctx.needs_input_grad[5:]) // directions
-        needs = [ctx.needs_input_grad[5 + d * per:5 + (d + 1) * per] for d in range(directions)]
-        dz = empty(out.shape, device=out.device, dtype=out.dtype)
-        if grad_out.stride(1) != 1:
-            grad_out = grad_out.contiguous()
-        dh0 = []
+def _rnn_layer_fake(x, h0, batch_sizes, activation, directions, weights):
+    return x.new_empty((math.prod(x.shape[:-1]), directions * weights[1].shape[0])), h0.new_empty(h0.shape)
+
+
+def _rnn_layer_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor | None, out: torch.Tensor,
+                       x: torch.Tensor | None, h0: torch.Tensor, batch_sizes: torch.Tensor, activation: str,
+                       directions: int, weights: list[torch.Tensor], input_shape: list[int],
+                       needs: list[bool]) -> list[torch.Tensor]:
+    """[dx, dh0, then a gradient per weight], each nothing where `needs` (for x, h0, then each weight) says
+    it is not needed. x is given when a W_ih needs its gradient."""
+    steps = Steps.of(batch_sizes, out.device)
+    w_ih, _, w_hh = _projection_weights(weights, directions)
+    hidden = w_hh[0].shape[0]
+    per = len(weights) // directions
+    need_weight = [needs[2 + d * per:2 + (d + 1) * per] for d in range(directions)]
+    dz = empty(out.shape, device=out.device, dtype=out.dtype)
+    if grad_out.stride(1) != 1:
+        grad_out = grad_out.contiguous()
+    dh0 = []
+    for d in range(directions):
+        columns = slice(d * hidden, (d + 1) * hidden)
+        # dh_n in, dh0 out (the kernel updates it in place): always a fresh buffer.
+        dh = torch.zeros((steps.batch, hidden), device=out.device, dtype=state_dtype(out.dtype))
+        if grad_hn is not None:
+            dh.copy_(grad_hn[d])
+        rnn_sequence.backward(grad_out[:, columns], out[:, columns], w_hh[d], dz[:, columns], dh,
+                              steps.sizes_on_device, steps.offsets_on_device, activation, reverse=d == 1)
+        dh0.append(dh.to(out.dtype))
+    grads = [nothing(out) for _ in weights]
+    dx = dense.grad_input(Rows.of(dz), None, w_ih, None, 0.0).view(input_shape) if needs[0] else nothing(out)
+    want_w_ih = any(n[0] for n in need_weight)
+    want_bias = per == 4 and any(n[2] or n[3] for n in need_weight)
+    if want_w_ih or want_bias:
+        dw_ih, db = dense.grad_weight(Rows.of(dz), None, Rows.of(x) if want_w_ih else None, tuple(w_ih.shape),
+                                      None, 0.0, want_bias)
+        # A custom op's outputs may not share storage: two directions' slices of one tensor get their own,
+        # and so do the two biases' (equal) gradients.
+        own = (lambda t, rows: t[rows].clone()) if directions > 1 else (lambda t, rows: t)
         for d in range(directions):
+            rows = slice(d * hidden, (d + 1) * hidden)
+            if need_weight[d][0]:
+                grads[d * per] = own(dw_ih, rows)
+            if want_bias and need_weight[d][2]:
+                grads[d * per + 2] = own(db, rows)
+            if want_bias and need_weight[d][3]:
+                grads[d * per + 3] = db[rows].clone()
+    for d in range(directions):
+        if need_weight[d][1]:
             columns = slice(d * hidden, (d + 1) * hidden)
-            # dh_n in, dh0 out (the kernel updates it in place): always a fresh buffer.
-            dh = torch.zeros((steps.batch, hidden), device=out.device, dtype=state_dtype(out.dtype))
-            if grad_hn is not None:
-                dh.copy_(grad_hn[d])
-            rnn_sequence.backward(grad_out[:, columns], out[:, columns], w_hh[d], dz[:, columns], dh,
-                                  steps.sizes_on_device, steps.offsets_on_device, ctx.activation, reverse=d == 1)
-            dh0.append(dh.to(out.dtype))
-        grads = [None] * (directions * per)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = dense.grad_input(Rows.of(dz), None, w_ih, None, 0.0).view(ctx.input_shape)
-        want_w_ih = any(n[0] for n in needs)
-        want_bias = ctx.has_bias and any(n[2] or n[3] for n in needs)
-        if want_w_ih or want_bias:
-            dw_ih, db = dense.grad_weight(Rows.of(dz), None, Rows.of(x) if want_w_ih else None, tuple(w_ih.shape),
-                                          None, 0.0, want_bias)
-            for d in range(directions):
-                rows = slice(d * hidden, (d + 1) * hidden)
-                if needs[d][0]:
-                    grads[d * per] = dw_ih[rows]
-                if want_bias:  # the same values, in tensors of their own (a .grad may be changed in place)
-                    grads[d * per + 2] = db[rows] if needs[d][2] else None
-                    grads[d * per + 3] = db[rows].clone() if needs[d][3] else None
-        for d in range(directions):
-            if needs[d][1]:
-                columns = slice(d * hidden, (d + 1) * hidden)
-                previous = torch.cat([h0[d], out[:, columns]])[steps.previous_rows(d == 1, out.device)]
-                grads[d * per + 1], _ = dense.grad_weight(Rows.of(dz[:, columns]), None, Rows.of(previous),
-                                                          (hidden, hidden), None, 0.0, False)
-        return (dx, torch.stack(dh0) if ctx.needs_input_grad[1] else None, None, None, None, *grads)
+            previous = torch.cat([h0[d], out[:, columns]])[steps.previous_rows(d == 1)]
+            grads[d * per + 1], _ = dense.grad_weight(Rows.of(dz[:, columns]), None, Rows.of(previous),
+                                                      (hidden, hidden), None, 0.0, False)
+    return [dx, torch.stack(dh0) if needs[1] else nothing(out), *grads]
 
+
+def _rnn_layer_backward_fake(grad_out, grad_hn, out, x, h0, batch_sizes, activation, directions, weights, input_shape,
+                             needs):
+    shapes = [input_shape, h0.shape, *(w.shape for w in weights)]
+    return [out.new_empty(shape) if need else nothing(out) for shape, need in zip(shapes, needs)]
+
+
+rnn_layer_backward = Op("rnn_layer_backward", _rnn_layer_backward, _rnn_layer_backward_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    x, h0, batch_sizes, activation, directions, weights = inputs
+    per = len(weights) // directions
+    needs = list(ctx.needs_input_grad[:2]) + list(ctx.needs_input_grad[5:5 + len(weights)])
+    need_w_ih = any(needs[2 + d * per] for d in range(directions))
+    ctx.save_for_backward(output[0], x if need_w_ih else None, h0, batch_sizes, *weights)
+    ctx.activation, ctx.directions, ctx.input_shape, ctx.needs = activation, directions, list(x.shape), needs
+
+
+def _backward(ctx, grad_out, grad_hn):
+    refuse_double_backward("RNN")
+    out, x, h0, batch_sizes, *weights = ctx.saved_tensors
+    if grad_out is None:  # only h_n was used
+        grad_out = torch.zeros_like(out)
+    grads = rnn_layer_backward(grad_out, grad_hn, out, x, h0, batch_sizes, ctx.activation, ctx.directions, weights,
+                               ctx.input_shape, ctx.needs)
+    dx, dh0, *dweights = (g if need else None for g, need in zip(grads, ctx.needs))
+    return dx, dh0, None, None, None, dweights
+
+
+rnn_layer = Op("rnn_layer", _rnn_layer, _rnn_layer_fake, _setup_context, _backward)

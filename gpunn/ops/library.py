@@ -1,0 +1,135 @@
+"""How gpunn's ops meet torch: each one is a torch.library custom op, `gpunn::<name>`, with a fast eager path.
+
+A custom op is one opaque node to torch.compile (fullgraph included): its fake implementation gives the
+tracer output shapes, its real one launches the Triton kernels, and the gradient formula registered with it
+calls the backward ops, which are ops of this kind too. Custom ops take tensors, numbers, strings and lists
+of them, and return new tensors; where an output exists only on request (act'(z) when asked to save it, a
+weight's gradient when it needs one), an op returns an empty tensor in its place and the caller, which made
+the request, ignores it.
+
+Going through torch's custom-op machinery costs host time on every call (argument normalisation, alias
+checks, a redispatch: about twice the wrapper time of a plain autograd.Function for a layer's forward and
+backward, measured on a CPU). Ops are therefore called through `Op`: on plain tensors outside compilation
+it runs the implementation directly, or through an autograd.Function made of the very same setup_context
+and backward when autograd records the call; anything else (the compiler's fake and functional tensors,
+other tensor subclasses) goes through the custom op.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+NAMESPACE = "gpunn"
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+class Op:
+    """A gpunn op: `op(*args)` runs it. See the module docstring for the two paths.
+
+    name: the op's name in the gpunn namespace; fn: the implementation, with type annotations (the schema
+    is inferred from them); fake: the fake implementation; setup_context and backward: the gradient formula
+    as torch.library.register_autograd takes it (None for an op without one). A list-of-tensors argument
+    counts as its tensors, in order, in ctx.needs_input_grad, and backward returns a list for it.
+    """
+
+    def __init__(self, name: str, fn: Callable, fake: Callable, setup_context: Callable | None = None,
+                 backward: Callable | None = None):
+        self.name, self.fn = name, fn
+        self.custom_op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
+        self.custom_op.register_fake(fake)
+        self.function = None
+        if backward is not None:
+            self.custom_op.register_autograd(backward, setup_context=setup_context)
+            self.function = _eager_function(name, fn, setup_context, backward)
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling() or not _all_plain(args):
+            return self.custom_op(*args)
+        if self.function is None or not (torch.is_grad_enabled() and _any_requires_grad(args)):
+            return self.fn(*args)
+        flat, lengths = _flatten(args)
+        return self.function.apply(lengths, *flat)
+
+
+def _all_plain(args) -> bool:
+    for arg in args:
+        kind = type(arg)
+        if kind in _PLAIN:
+            continue
+        if kind is list:
+            if not _all_plain(arg):
+                return False
+        elif isinstance(arg, torch.Tensor):
+            return False
+    return True
+
+
+def _any_requires_grad(args) -> bool:
+    return any((isinstance(a, torch.Tensor) and a.requires_grad)
+               or (isinstance(a, list) and _any_requires_grad(a)) for a in args)
+
+
+def _flatten(args) -> tuple[list, tuple]:
+    """args with each list of tensors spliced in, and the list lengths (-1 for an argument that is not one)."""
+    flat, lengths = [], []
+    for arg in args:
+        if isinstance(arg, list) and arg and isinstance(arg[0], torch.Tensor):
+            flat += arg
+            lengths.append(len(arg))
+        else:
+            flat.append(arg)
+            lengths.append(-1)
+    return flat, tuple(lengths)
+
+
+def _unflatten(flat, lengths) -> tuple:
+    args, i = [], 0
+    for length in lengths:
+        if length < 0:
+            args.append(flat[i])
+            i += 1
+        else:
+            args.append(list(flat[i:i + length]))
+            i += length
+    return tuple(args)
+
+
+def _eager_function(name: str, fn: Callable, setup_context: Callable, backward: Callable):
+    """An autograd.Function with fn as forward and the custom op's own setup_context and backward: the eager
+    twin of the custom op's autograd, on list arguments flattened (as ctx.needs_input_grad sees them). The
+    forward takes ctx itself (a separate setup_context staticmethod makes autograd bind the signature on
+    every call)."""
+
+    def forward(ctx, lengths, *flat):
+        args = _unflatten(flat, lengths)
+        output = fn(*args)
+        # An output nobody differentiates (act'(z), a logsumexp) gets None, not a tensor of zeros, in backward.
+        ctx.set_materialize_grads(False)
+        ctx.needs_input_grad = ctx.needs_input_grad[1:]  # as the custom op's: without `lengths`
+        ctx.lengths = lengths
+        setup_context(ctx, args, output)
+        return output
+
+    def backward_flat(ctx, *grads):
+        if all(grad is None for grad in grads):  # no gradient reached any output: none to pass on
+            return (None,) * (1 + sum(max(length, 1) for length in ctx.lengths))
+        flat = []
+        for grad, length in zip(backward(ctx, *grads), ctx.lengths):
+            flat += [grad] if length < 0 else grad if grad is not None else [None] * length
+        return (None, *flat)
+
+    return type(f"{name}_function", (torch.autograd.Function,), dict(
+        forward=staticmethod(forward), backward=staticmethod(backward_flat)))
+
+
+def nothing(like: torch.Tensor) -> torch.Tensor:
+    """The placeholder for an output that was not requested."""
+    return like.new_empty(0)
+
+
+def refuse_double_backward(op: str) -> None:
+    """The kernels' gradients are not differentiable: refuse create_graph=True rather than hand back
+    gradients that would silently act as constants in a second differentiation."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"gpunn {op} does not support double backward (create_graph=True)")

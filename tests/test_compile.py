@@ -1,0 +1,149 @@
+"""gpunn's layers and losses under torch.compile(fullgraph=True): every op is a custom op (gpunn::<name>), one
+opaque node to the compiler, so a model of gpunn modules compiles without a graph break and computes what it
+computes eagerly, forward and backward, through the same Triton kernels.
+
+On the CPU the compiled graph runs with the aot_eager backend (AOTAutograd's forward and backward graphs,
+without inductor's C++ compile); on a GPU with inductor.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import count_launches
+
+import gpunn
+from gpunn import masks
+
+
+class EveryLayer(torch.nn.Module):
+    """x (B, 2, 6, 6) -> local 2-D -> flatten -> masked -> linear(gelu) and, beside it, a sequence through
+    a local 1-D layer and a two-layer bidirectional RNN, and one RNN cell step: logits (B, 5)."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.local = gpunn.LocallyConnected2d(2, 3, (6, 6), 3, padding=1, device=device)
+        self.masked = gpunn.MaskedLinear(3 * 36, 24, masks.local_1d(3 * 36, 24, 9), activation="relu",
+                                         device=device)
+        self.local1d = gpunn.LocallyConnected1d(2, 4, 6, 3, padding=1, device=device)
+        self.rnn = gpunn.RNN(4, 8, num_layers=2, bidirectional=True, batch_first=True, device=device)
+        self.cell = gpunn.RNNCell(24, 16, device=device)
+        self.head = gpunn.Linear(16 + 16, 5, activation="gelu", device=device)
+
+    def forward(self, x):
+        flat = self.local(x).relu().flatten(1)
+        hidden = self.cell(self.masked(flat))
+        sequence = self.local1d(x[:, :, 0, :]).transpose(1, 2)  # (B, 6 steps, 4 features)
+        _, h_n = self.rnn(sequence)
+        return self.head(torch.cat([hidden, h_n[-2:].transpose(0, 1).flatten(1)], dim=1))
+
+
+def _backend(device) -> str:
+    return "inductor" if device.type == "cuda" else "aot_eager"
+
+
+def _step(model, x, target, loss_fns):
+    """Loss and every gradient (parameters, then the input) of one forward and backward."""
+    logits = model(x)
+    loss = loss_fns[0](logits, target) + loss_fns[1](logits, torch.zeros_like(logits))
+    grads = torch.autograd.grad(loss, [*model.parameters(), x])
+    return loss.detach(), grads
+
+
+def test_a_model_of_every_layer_compiles_without_graph_breaks(device):
+    torch.manual_seed(0)
+    model = EveryLayer(device)
+    x = torch.randn(3, 2, 6, 6, device=device, requires_grad=True)
+    target = torch.tensor([0, 4, 2], device=device)
+    loss_fns = (gpunn.CrossEntropyLoss(label_smoothing=0.1), gpunn.MSELoss())
+    eager_loss, eager_grads = _step(model, x, target, loss_fns)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=_backend(device))
+    # Dynamo refuses every torch.nn.RNN subclass unless told otherwise, gpunn.RNN included.
+    with count_launches() as launches, torch._dynamo.config.patch(allow_rnn=True):
+        loss, grads = _step(compiled, x, target, loss_fns)
+    for kernel in ("local_forward_kernel", "masked_forward_kernel", "rnn_cell_forward_kernel",
+                   "rnn_sequence_forward_kernel", "rnn_sequence_backward_kernel", "dense_grad_weight_kernel",
+                   "local_grad_input_kernel", "masked_grad_weight_kernel", "cross_entropy_backward_kernel",
+                   "mse_backward_kernel"):
+        assert launches.get(kernel, 0) > 0, kernel
+    # The same kernels on the same inputs: the same numbers.
+    assert torch.equal(loss, eager_loss)
+    for ours, theirs in zip(grads, eager_grads):
+        assert torch.equal(ours, theirs)
+
+
+def test_compiled_inference_and_a_second_batch_size(device):
+    torch.manual_seed(1)
+    model = EveryLayer(device).eval()
+    compiled = torch.compile(model, fullgraph=True, backend=_backend(device), dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(allow_rnn=True):
+        for batch in (3, 5):
+            x = torch.randn(batch, 2, 6, 6, device=device)
+            assert torch.equal(compiled(x), model(x))
+
+
+def test_fake_shapes_match_real_ones(device):
+    """Each op's fake implementation (what the compiler plans with) gives the shapes and dtypes its real one
+    returns, including odd shapes, a 3-D input and outputs that are not asked for."""
+    ops = [(torch.ops.gpunn.linear, (torch.randn(2, 3, 5), torch.randn(7, 5), None, None, 0, 0, "gelu", 0.01, True)),
+           (torch.ops.gpunn.linear_grad_weight, (torch.randn(6, 7), None, torch.randn(6, 5), [7, 5], None, 0, 0, None,
+                                                 0.01, True)),
+           (torch.ops.gpunn.rnn_cell_grad_input, (torch.randn(3, 4), torch.randn(3, 4), None, torch.randn(4, 4),
+                                                  "tanh")),
+           (torch.ops.gpunn.cross_entropy, (torch.randn(4, 6), torch.tensor([0, 5, -100, 2]), None, -100, 0.0, "sum")),
+           (torch.ops.gpunn.mse_loss, (torch.randn(3, 2), torch.randn(3, 2), "none"))]
+    for op, args in ops:
+        args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_training_step_is_captured_in_a_cuda_graph(device):
+    """After warm-up (autotuning, the mask's layout, SGD's table), one forward, loss, backward and SGD step of
+    dense, masked and locally connected layers is captured in a CUDA graph; replaying it trains exactly as
+    eager steps do."""
+    import copy
+
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(
+        gpunn.LocallyConnected2d(1, 2, (6, 6), 3, padding=1, device=device), torch.nn.Flatten(),
+        gpunn.MaskedLinear(72, 32, masks.local_1d(72, 32, 9), activation="gelu", device=device),
+        gpunn.RNNCell(32, 16, device=device), gpunn.Linear(16, 4, device=device))
+    twin = copy.deepcopy(model)
+    x = torch.randn(16, 1, 6, 6, device=device)
+    target = torch.randint(0, 4, (16,), device=device)
+
+    def trainer(net):
+        loss_fn = gpunn.CrossEntropyLoss()
+        optimizer = gpunn.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+
+        def step():
+            optimizer.zero_grad(set_to_none=False)  # the gradients keep their memory, as the graph needs
+            loss = loss_fn(net(x), target)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        return step
+
+    warmup, replays = 3, 2
+    step = trainer(model)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+
+    eager_step = trainer(twin)
+    losses = [eager_step() for _ in range(warmup + replays)]
+    assert torch.equal(static_loss, losses[-1])
+    for ours, theirs in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(ours, theirs)
