@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .kernels.activations import NAMES as ACTIVATIONS
+from .kernels.activations import GRAD_FROM_SAVED, NAMES as ACTIVATIONS, grad_source as activation_grad_source
 from .kernels.layout import DEFAULT_BLOCKS, BlockLayout, check_block
 from .kernels.local import Geometry
 from .kernels.runtime import triton_runs_on
@@ -110,9 +110,11 @@ def _linear_op(input, weight, bias, activation, negative_slope, mask, block):
     """The Triton path shared by linear and masked_linear, on checked (and autocast) arguments."""
     if bias is not None and bias.shape != (weight.shape[0],):
         bias = bias.reshape(-1).expand(weight.shape[0])  # a broadcast bias; autograd sums its gradient
-    # Whether autograd records the call: then the forward kernel also writes act'(z) where backward needs it.
+    # When autograd records the call and the activation's derivative cannot be had from the output, the
+    # forward kernel also writes act'(z) for backward.
     will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
-    return ops_linear.linear(input, weight, bias, mask, *block, activation, float(negative_slope), will_backward)[0]
+    save_derivative = will_backward and activation_grad_source(activation, negative_slope) == GRAD_FROM_SAVED.value
+    return ops_linear.linear(input, weight, bias, mask, *block, activation, float(negative_slope), save_derivative)[0]
 
 
 def _check_mask(mask_or_layout, weight: torch.Tensor) -> None:

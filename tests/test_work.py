@@ -43,3 +43,14 @@ def test_counts_per_call_and_nothing_outside_the_block():
                             bytes_stored=4 * 64 * 64)
     gpunn.functional.linear(x, w)
     assert work.launches == 3
+
+
+@pytest.mark.parametrize("activation, saves_derivative", [("relu", False), ("tanh", False), ("gelu", True),
+                                                          ("silu", True), (None, False)])
+def test_training_forward_writes_the_derivative_only_where_backward_needs_it(activation, saves_derivative):
+    """relu and tanh take their derivative from the output; gelu and silu need act'(z) written beside it."""
+    x = torch.randn(64, 64, requires_grad=True)
+    w = torch.randn(64, 64, requires_grad=True)
+    with count_work() as work:
+        gpunn.functional.linear(x, w, None, activation)
+    assert work.bytes_stored == 4 * 64 * 64 * (2 if saves_derivative else 1)
