@@ -5,9 +5,10 @@ For each gpunn result of a run under the interpreter: Triton launches, programs,
 loaded and stored per call (gpunn.kernels.work.count_work), next to the case's minimal FLOPs and bytes
 (its work model: the same numbers TFLOP/s and GB/s divide by). The ratios make fusion and skipped work
 visible without a GPU: a dense layer's dot FLOPs equal 2MNK up to tile padding; a masked layer's are
-the listed blocks', a few percent of the dense layer's; bytes loaded above the minimum are operands
-re-read by neighbouring programs (from L2 on a GPU), and an unfused activation would show as one more
-launch and a round trip of the output.
+the listed blocks', a few percent of the dense layer's; bytes above the minimum are operands read again,
+by neighbouring programs of one launch (from L2 on a GPU) or by separate launches (the dense backward's
+three kernels each read dy), or outputs written for backward (act'(z)); an unfused activation would show
+as one more launch and a round trip of the output.
 """
 from __future__ import annotations
 
@@ -47,9 +48,9 @@ def markdown(records: list[Record]) -> str:
     if not rows:
         return ""
     lines = ["## Cost model (Triton interpreter counts per gpunn call)", "",
-             "Dot FLOPs include tile padding past the tensors' edges; bytes count only the elements a mask lets "
-             "through, per program (on a GPU, programs re-reading the same data share it through L2). The minimum "
-             "is the op's work model (its TFLOP/s and GB/s denominators).", "",
+             "Dot FLOPs include tile padding past the tensors' edges; bytes count the distinct addresses of the "
+             "lanes a mask lets through, per load and program (on a GPU, programs re-reading the same data share "
+             "it through L2). The minimum is the op's work model (its TFLOP/s and GB/s denominators).", "",
              "| op | mode | shape | dtype | launches | programs | dot FLOPs | / min FLOPs | bytes loaded "
              "| bytes stored | / min bytes |", "|" + "---|" * 11]
     for (op, mode, shape, dtype), m in rows.items():

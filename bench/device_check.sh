@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The prepared GPU check: on a machine with an NVIDIA GPU (no network needed), install gpunn, run
-# `python -m gpunn check` and the whole test suite compiled on the GPU, then the quick benchmarks of every
-# op, and keep every log and CSV in OUTDIR.
-# Stage limits add up to 13.5 minutes on one H100; expect about 8 (the last run: install 4 s, the quick
+# The prepared GPU check: on a machine with an NVIDIA GPU (no network needed), install gpunn, run the whole
+# test suite and `python -m gpunn check` compiled on the GPU, then the quick benchmarks of every op, and
+# keep every log and CSV in OUTDIR.
+# Stage limits add up to 13.75 minutes on one H100; expect about 8 (the last run: install 4 s, the quick
 # benchmarks of dense, masked and local2d with torch.compile 167 s, a test run 109 s). Each stage has its
-# own time limit, and a stage that fails or times out does not stop the next; the most needed come first.
+# own time limit, and a stage that fails or times out does not stop the next; the most needed come first,
+# so give the whole run a limit that fits the device time left.
 #
 #   usage: bash bench/device_check.sh OUTDIR
 set -uo pipefail
@@ -36,14 +37,15 @@ cat "$out/environment.txt"
 
 stage install 60 "$python" -m pip install --no-deps --no-build-isolation --no-index -e .
 # Correctness first, with one config per kernel variant (GPUNN_AUTOTUNE=0: they check results, not speed).
-stage check 60 env GPUNN_AUTOTUNE=0 "$python" -m gpunn check --out "$out/check.md"
+# The tests compile most kernel variants; the check, after them, finds many in Triton's cache.
 xdist=$("$python" -c 'import xdist' 2>/dev/null && echo "-n 8")
 stage tests 240 env GPUNN_AUTOTUNE=0 "$python" -m pytest -q -p no:cacheprovider $xdist tests
+stage check 120 env GPUNN_AUTOTUNE=0 "$python" -m gpunn check --out "$out/check.md"
 # Then speed: the ops no GPU has timed yet, then the layers measured before (without torch.compile, whose
 # numbers for them are committed), so that a run cut short loses the least.
 stage bench 240 "$python" -m bench --quick --only rnn,rnn_cell,local1d,xent,mse,sgd,mlp_step --out "$out/bench"
-stage bench_rnn_fp32 60 "$python" -m bench --quick --only rnn --dtype fp32 --out "$out/bench_rnn_fp32"
-stage bench_layers 150 "$python" -m bench --quick --only dense,masked,local2d --no-compile --out "$out/bench_layers"
+stage bench_rnn_fp32 45 "$python" -m bench --quick --only rnn --dtype fp32 --out "$out/bench_rnn_fp32"
+stage bench_layers 120 "$python" -m bench --quick --only dense,masked,local2d --no-compile --out "$out/bench_layers"
 echo "== summary"
 cat "$out/status.txt"
 [ -f "$out/bench/bench.md" ] && cat "$out/bench/bench.md"

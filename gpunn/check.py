@@ -5,7 +5,7 @@ gradients of every input and parameter (backward, for one fixed random cotangent
 same computation in torch on float64 copies of the same rounded inputs, as ||gpunn - ref|| / ||ref||
 (the largest over the tensors; NaN or Inf fails). torch's own op at the same dtype is measured the same way
 and shown beside it as the baseline: what the dtype itself costs. A check passes when gpunn's error is
-within the dtype's tolerance and gpunn's Triton kernels ran (counted launches).
+within the dtype's tolerance and gpunn's Triton kernels ran in that direction (counted launches).
 """
 from __future__ import annotations
 
@@ -231,7 +231,7 @@ class Result:
     gpunn_err: float
     torch_err: float | None  # None where torch's op does not run at this dtype on this device
     tolerance: float
-    launches: int
+    launches: int  # gpunn's Triton launches in this direction (0: it did not run on the Triton path)
 
     @property
     def passed(self) -> bool:
@@ -239,9 +239,12 @@ class Result:
 
 
 def rel_err(outs, refs) -> float:
-    """max over tensors of ||out - ref|| / ||ref|| in float64; NaN or Inf anywhere gives inf."""
+    """max over tensors of ||out - ref|| / ||ref|| in float64; NaN or Inf anywhere, or a shape that differs,
+    gives inf."""
     worst = 0.0
     for out, ref in zip(outs, refs, strict=True):
+        if out.shape != ref.shape:
+            return math.inf
         diff = (out.detach().to(torch.float64) - ref.detach()).norm().item()
         scale = ref.norm().item()
         err = diff / scale if scale > 0 else diff
@@ -261,22 +264,29 @@ def _fp32_precision(tf32: bool):
         torch.set_float32_matmul_precision(previous)
 
 
+def _launches() -> int:
+    return sum(launch_counts().values())
+
+
 def evaluate(fn: Callable, problem: Problem, dtype: torch.dtype | None, cotangent_gen_seed: int):
-    """fn on copies of the problem's tensors (cast to `dtype` when given): (outputs, gradients of the
-    differentiable inputs for a fixed random cotangent)."""
+    """fn on copies of the problem's tensors (cast to `dtype` when given): ((outputs, gradients of the
+    differentiable inputs for a fixed random cotangent), (Triton launches of the forward, of the backward))."""
     leaves = [(t.to(dtype) if dtype is not None and t.is_floating_point() else t).detach().clone()
               .requires_grad_(grad) for t, grad in zip(problem.tensors, problem.differentiable)]
+    start = _launches()
     with torch.enable_grad():
         outs = fn(*leaves)
     outs = outs if isinstance(outs, tuple) else (outs,)
+    forward = _launches() - start
     wanted = [leaf for leaf, grad in zip(leaves, problem.differentiable) if grad]
     if not wanted:
-        return outs, ()
+        return (tuple(o.detach() for o in outs), ()), (forward, 0)
     gen = torch.Generator().manual_seed(cotangent_gen_seed)
     cotangents = [torch.randn(out.shape, generator=gen, dtype=torch.float64).to(problem.tensors[0].dtype)
                   .to(device=out.device, dtype=out.dtype) for out in outs]
+    start = _launches()
     grads = torch.autograd.grad(outs, wanted, cotangents)
-    return tuple(o.detach() for o in outs), grads
+    return (tuple(o.detach() for o in outs), grads), (forward, _launches() - start)
 
 
 def check_case(case: Case, precision: Precision, device: torch.device, seed: int) -> list[Result]:
@@ -284,21 +294,19 @@ def check_case(case: Case, precision: Precision, device: torch.device, seed: int
     gen = torch.Generator().manual_seed(seed)
     problem = case.build(precision.dtype, device, gen)
     with _fp32_precision(precision.tf32):
-        before = sum(launch_counts().values())
-        ours = evaluate(problem.gpunn, problem, None, seed)
-        launches = sum(launch_counts().values()) - before
+        ours, launches = evaluate(problem.gpunn, problem, None, seed)
         try:
-            theirs = evaluate(problem.torch, problem, None, seed)
+            theirs, _ = evaluate(problem.torch, problem, None, seed)
         except RuntimeError:  # torch has no kernel for this dtype on this device (a CPU half op, say)
             theirs = None
-    ref = evaluate(problem.torch, problem, torch.float64, seed)
+    ref, _ = evaluate(problem.torch, problem, torch.float64, seed)
     results = []
     for index, direction in enumerate((problem.output, "backward")):
         if not ref[index]:
             continue
         torch_err = rel_err(theirs[index], ref[index]) if theirs is not None else None
         results.append(Result(case.op, case.label, precision.name, direction, rel_err(ours[index], ref[index]),
-                              torch_err, precision.tolerance, launches))
+                              torch_err, precision.tolerance, launches[index]))
     return results
 
 
@@ -320,7 +328,7 @@ def run(device: torch.device, quick: bool = False, ops: list[str] | None = None,
 
 def table(results: list[Result]) -> str:
     """A markdown table: one row per (op, case, precision, direction)."""
-    lines = ["| op | case | dtype | pass | gpunn rel err | torch rel err (same dtype) | tolerance | result |",
+    lines = ["| op | case | dtype | direction | gpunn rel err | torch rel err (same dtype) | tolerance | result |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         torch_err = "n/a" if r.torch_err is None else f"{r.torch_err:.2e}"

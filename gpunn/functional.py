@@ -444,18 +444,16 @@ def rnn(input: torch.Tensor, hx: torch.Tensor, weights, num_layers: int = 1, non
     x = input
     if batch_sizes is None:
         x = input.transpose(0, 1) if batch_first else input  # (T, B, I), time-major rows without a copy
-        batch_sizes = torch.full((x.shape[0],), x.shape[1], dtype=torch.int64)
     per_layer = len(weights) // num_layers
     finals = []
     for layer in range(num_layers):
         if layer > 0 and dropout > 0 and training:
             x = F.dropout(x, dropout, training=True)
         layer_weights = weights[layer * per_layer:(layer + 1) * per_layer]
-        x, h_n = ops_rnn_sequence.rnn_layer(x, hx[layer * directions:(layer + 1) * directions], batch_sizes,
-                                            nonlinearity, directions, layer_weights)
+        out, h_n = ops_rnn_sequence.rnn_layer(x, hx[layer * directions:(layer + 1) * directions], batch_sizes,
+                                              nonlinearity, directions, layer_weights)
+        x = out if batch_sizes is not None else out.view(*x.shape[:2], out.shape[-1])  # (T, B, D*H)
         finals.append(h_n)
-    if input.dim() == 3:  # not packed
-        steps_count, batch = (input.shape[1], input.shape[0]) if batch_first else input.shape[:2]
-        x = x.view(steps_count, batch, directions * weights[1].shape[0])
-        x = x.transpose(0, 1) if batch_first else x
+    if batch_sizes is None and batch_first:
+        x = x.transpose(0, 1)
     return x, torch.cat(finals)

@@ -23,7 +23,7 @@ def _cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weight: torc
     """(loss, each row's logsumexp (N,), the weighted loss and weight totals (2,) or nothing for "none") of
     logits (N, C) (unit column stride) against class indices (N,) int64; see gpunn.kernels.losses."""
     if not (logits.is_cuda and torch.cuda.is_current_stream_capturing()):  # a sync cannot be captured
-        bad = ((target < 0) & (target != ignore_index)) | (target >= logits.shape[1])
+        bad = (target != ignore_index) & ((target < 0) | (target >= logits.shape[1]))
         if bad.any():  # one sync; the kernels also never read through a bad index (that row's loss is NaN)
             raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
     row_loss, row_weight, lse = kernels.cross_entropy_forward(logits, target, weight, ignore_index, smoothing)

@@ -36,6 +36,7 @@ class SGD(torch.optim.SGD):
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize)
+        self._tables = {}  # per (group, device, dtype, first step): the kernel's device table (gpunn.kernels.sgd)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -44,7 +45,7 @@ class SGD(torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params, grads, buffers = [], [], []
             self._init_group(group, params, grads, buffers)
             momentum = group["momentum"]
@@ -61,12 +62,13 @@ class SGD(torch.optim.SGD):
                     rest.append((p, g, buf))
                 else:
                     batches[(local_p.device, local_p.dtype, buf is None)].append((p, g, buf))
-            for (_, _, first_step), members in batches.items():
+            for (device, dtype, first_step), members in batches.items():
                 ps, gs, bs = (list(column) for column in zip(*members))
                 if momentum != 0 and first_step:
                     bs = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in ps]
                 sgd_kernels.step([_local(p) for p in ps], [_local(g) for g in gs],
-                                 [_local(b) for b in bs] if momentum != 0 else None, first_step=first_step, **hyper)
+                                 [_local(b) for b in bs] if momentum != 0 else None, first_step=first_step,
+                                 cache=self._tables, slot=(index, device, dtype, first_step), **hyper)
                 if momentum != 0:
                     for p, buf in zip(ps, bs):
                         self.state[p]["momentum_buffer"] = buf

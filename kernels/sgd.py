@@ -16,8 +16,6 @@ recompiles nothing.
 """
 from __future__ import annotations
 
-import collections
-
 import torch
 import triton
 import triton.language as tl
@@ -95,38 +93,40 @@ def sgd_kernel(table_ptr, tensors, base_ptr,
                 MAXIMIZE, True)
 
 
-_TABLES: collections.OrderedDict = collections.OrderedDict()  # (device, offsets, hyper) -> table on the device
-_TABLES_KEPT = 16
-
-
-def _table(device: torch.device, offsets: tuple, blocks: list[int], hyper: tuple[float, ...]) -> torch.Tensor:
-    """The step's table on the device (layout in sgd_kernel), built once per (tensors' offsets and lengths,
-    hyper-parameters) and cached: a training loop's steps copy nothing to the device (which also lets a
-    step be captured in a CUDA graph once warmed up)."""
-    key = (device, offsets, hyper)
-    table = _TABLES.get(key)
-    if table is None:
-        block_counts = torch.tensor(blocks, dtype=torch.int64)
-        header = torch.tensor(hyper, dtype=torch.float64).view(torch.int64)
-        table = torch.cat([header, torch.tensor(offsets, dtype=torch.int64).flatten(),
-                           torch.cumsum(block_counts, 0) - block_counts,
-                           torch.repeat_interleave(torch.arange(len(blocks)), block_counts)])
-        table = table.to(device, non_blocking=True)
-        _TABLES[key] = table
-        if len(_TABLES) > _TABLES_KEPT:
-            _TABLES.popitem(last=False)
-    _TABLES.move_to_end(key)
+def _table(device: torch.device, offsets: tuple, blocks: list[int], hyper: tuple[float, ...], cache: dict | None,
+           slot) -> torch.Tensor:
+    """The step's table on the device (layout in sgd_kernel). With a cache (the optimizer's), cache[slot] keeps
+    the last table of that slot: reused while the tensors stay where they are (a training loop whose
+    gradients are kept, as zero_grad(set_to_none=False) and CUDA graphs keep them, copies nothing to the
+    device), its header rewritten in place when a hyper-parameter changes (so a captured graph's replays
+    see a new learning rate), rebuilt when a tensor moved."""
+    entry = cache.get(slot) if cache is not None else None
+    if entry is not None and entry[0] == offsets:
+        table = entry[2]
+        if entry[1] != hyper:
+            table[:len(hyper)].copy_(torch.tensor(hyper, dtype=torch.float64).view(torch.int64), non_blocking=True)
+            cache[slot] = (offsets, hyper, table)
+        return table
+    block_counts = torch.tensor(blocks, dtype=torch.int64)
+    header = torch.tensor(hyper, dtype=torch.float64).view(torch.int64)
+    table = torch.cat([header, torch.tensor(offsets, dtype=torch.int64).flatten(),
+                       torch.cumsum(block_counts, 0) - block_counts,
+                       torch.repeat_interleave(torch.arange(len(blocks)), block_counts)])
+    table = table.to(device, non_blocking=True)
+    if cache is not None:
+        cache[slot] = (offsets, hyper, table)
     return table
 
 
 def step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor] | None, *, lr: float,
          weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
-         first_step: bool) -> None:
+         first_step: bool, cache: dict | None = None, slot=None) -> None:
     """One SGD update of every tensor in params, in place, in one launch.
 
     params, grads (and buffers, the momentum buffers, when momentum != 0): lists of contiguous tensors of one
     floating dtype on one device, params[i], grads[i] and buffers[i] of one shape. first_step: the buffers
-    are new (their contents are ignored and set to the step's gradient).
+    are new (their contents are ignored and set to the step's gradient). cache and slot: where the caller
+    keeps the step's device table between steps (see _table); None builds it for this step only.
     """
     if not params:
         return
@@ -141,7 +141,7 @@ def step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[to
     offsets = tuple(((p.data_ptr() - base.data_ptr()) // size, (g.data_ptr() - base.data_ptr()) // size,
                      (b.data_ptr() - base.data_ptr()) // size if buffers is not None else 0, n)
                     for p, g, b, n in zip(params, grads, buffers or params, lengths))
-    table = _table(device, offsets, blocks, (lr, weight_decay, momentum, dampening))
+    table = _table(device, offsets, blocks, (lr, weight_decay, momentum, dampening), cache, slot)
     align = 16 // size
     while any(offset % align for entry in offsets for offset in entry[:3]):
         align //= 2

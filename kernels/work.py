@@ -5,9 +5,10 @@ tl.dot goes through the interpreter's builder. count_work() wraps those builder 
 - launches and programs (the grid's size);
 - dot FLOPs: 2 M N K of every tl.dot as issued, so tile padding past a tensor's edge counts (it is work
   a GPU does too), and blocks a block-sparse kernel skips do not;
-- bytes loaded and stored: the elements a mask lets through, at their element size, per program. This is
-  what programs request from memory; on a GPU, programs that read the same data share it through L2, so
-  DRAM traffic can be lower.
+- bytes loaded and stored: the distinct addresses each tl.load / tl.store touches among the lanes its mask
+  lets through, at their element size (a broadcast load of one value counts once), summed over programs
+  and launches. This is what programs request from memory; on a GPU, programs that read the same data
+  share it through L2, so DRAM traffic can be lower.
 Set beside an op's minimal FLOPs and bytes, the counts show fusion and skipped work on a CPU.
 """
 from __future__ import annotations
@@ -36,8 +37,10 @@ class Work:
         return Work(*(getattr(self, f.name) // calls for f in fields(self)))
 
 
-def _element_bytes(pointers) -> int:
-    return pointers.get_element_ty().primitive_bitwidth // 8
+def _bytes(pointers, mask) -> int:
+    """Bytes at the distinct addresses of the lanes `mask` lets through."""
+    addresses = pointers.data[np.broadcast_to(mask.data, pointers.data.shape)]
+    return np.unique(addresses).size * pointers.get_element_ty().primitive_bitwidth // 8
 
 
 @contextlib.contextmanager
@@ -61,11 +64,11 @@ def count_work() -> Iterator[Work]:
         return originals["set_grid_dim"](self, nx, ny, nz)
 
     def create_masked_load(self, pointers, mask, *args, **kwargs):
-        work.bytes_loaded += int(np.count_nonzero(mask.data)) * _element_bytes(pointers)
+        work.bytes_loaded += _bytes(pointers, mask)
         return originals["create_masked_load"](self, pointers, mask, *args, **kwargs)
 
     def create_masked_store(self, pointers, value, mask, *args, **kwargs):
-        work.bytes_stored += int(np.count_nonzero(mask.data)) * _element_bytes(pointers)
+        work.bytes_stored += _bytes(pointers, mask)
         return originals["create_masked_store"](self, pointers, value, mask, *args, **kwargs)
 
     def create_dot(self, a, b, *args, **kwargs):

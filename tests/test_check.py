@@ -69,3 +69,17 @@ def test_bad_arguments_are_refused(capsys):
     if not torch.cuda.is_available():
         assert gpunn.cli.main(["check", "--dtypes", "bf16"]) == 2
         assert "CUDA only" in capsys.readouterr().out
+
+
+def test_a_backward_that_ran_no_triton_kernel_fails(monkeypatch, device):
+    """Forward values from gpunn's kernels, gradients from plain torch: the backward check must fail."""
+    linear = functional.linear
+
+    def torch_backward(x, w, b, activation):
+        torch_y = reference.linear(x, w, b, activation)
+        return linear(x.detach(), w.detach(), b.detach(), activation) + (torch_y - torch_y.detach())
+
+    monkeypatch.setattr(functional, "linear", torch_backward)
+    forward, backward = gpunn.check.run(device, quick=True, ops=["linear"], precisions=["fp64"],
+                                        log=lambda line: None)[:2]
+    assert forward.passed and backward.gpunn_err < 1e-12 and not backward.passed

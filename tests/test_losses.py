@@ -85,6 +85,16 @@ def test_cross_entropy_errors_match_torch(device):
         assert launches == {}
 
 
+def test_cross_entropy_ignore_index_may_be_past_the_classes(device):
+    """ignore_index = 255 with 4 classes (segmentation's convention): those targets are ignored, not out of range."""
+    logits = torch.randn(6, 4, device=device, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 255, 3, 255, 1, 2], device=device)
+    loss = gpunn.losses.cross_entropy(logits, target, ignore_index=255)
+    ref = F.cross_entropy(logits, target, ignore_index=255)
+    assert_close(loss, ref, torch.float64, "loss")
+    assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(ref, logits)[0], torch.float64, "grad")
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_cross_entropy_kernels_never_read_through_a_bad_target(device, smoothing):
     """While a CUDA graph is captured the host cannot check targets: then the kernels themselves keep an out-of-range

@@ -297,3 +297,20 @@ def test_autocast_casts_like_linear(device):
         expected = torch.nn.functional.linear(x, w.masked_fill(~mask, 0))
     assert out.dtype == expected.dtype
 
+
+
+def test_layouts_and_masks_made_under_inference_mode_still_train(device):
+    """An evaluation pass under torch.inference_mode caches the layout (its tensors are then inference
+    tensors, which autograd refuses to save); training afterwards, with the mask or that layout, works."""
+    layer = gpunn.MaskedLinear(40, 30, masks.local_1d(40, 30, 5), device=device)
+    x = torch.randn(6, 40, device=device)
+    with torch.inference_mode():
+        layer(x)
+        inference_mask = masks.local_1d(40, 30, 7).to(device)
+    for mask in (layer.mask, masks.block_layout(layer.mask), inference_mask):
+        weight = layer.weight.detach().double().requires_grad_()
+        out = gpunn.functional.masked_linear(x.double(), weight, mask, None)
+        (grad,) = torch.autograd.grad(out.sum(), weight)
+        dense_mask = mask.mask.bool() if isinstance(mask, masks.BlockLayout) else mask
+        assert_close(grad, torch.ones(6, 30, dtype=torch.float64, device=device).t() @ x.double() * dense_mask,
+                     torch.float64, "weight grad")

@@ -78,27 +78,28 @@ def test_one_launch_per_group_and_dtype_and_lr_changes_recompile_nothing(device)
 
 def test_the_step_table_is_built_once_for_a_training_loop(device):
     """Steps over the same tensors (gradients kept in place, as zero_grad(set_to_none=False) and CUDA graphs
-    keep them) with the same settings reuse the table on the device (no copy a step); a new learning rate
-    makes a new table, and the results follow it."""
-    from gpunn.kernels import sgd as sgd_kernels
-
+    keep them) reuse the optimizer's table on the device; a new learning rate rewrites its header in place
+    (a captured graph would see it); gradients that moved get a new table; results follow torch throughout."""
     params = [torch.nn.Parameter(p) for p in _params(device, torch.float32)]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     ours, theirs = gpunn.optim.SGD(params, lr=0.1, momentum=0.9), torch.optim.SGD(twins, lr=0.1, momentum=0.9)
-    sgd_kernels._TABLES.clear()
-    for step in range(4):
-        if step == 2:
+    tables = []
+    for step in range(6):
+        if step == 3:
             for optimizer in (ours, theirs):
                 optimizer.param_groups[0]["lr"] = 0.05
         for p, q in zip(params, twins):
-            if p.grad is None:
+            if p.grad is None or step == 5:  # new gradient tensors at the first and the last step
                 p.grad = torch.empty_like(p)
             p.grad.normal_()
             q.grad = p.grad.clone()
         ours.step()
         theirs.step()
-    # Steps 1-2 (the buffers made by step 1 stay in place) and steps 3-4 (the new learning rate).
-    assert len(sgd_kernels._TABLES) == 2
+        (steady,) = [table for (_, _, _, first), (_, _, table) in ours._tables.items() if not first] or [None]
+        tables.append(steady)
+    # Step 1 makes the buffers (a slot of its own); steps 2-5 share one table, step 6's gradients moved.
+    assert tables[0] is None and tables[1] is tables[2] is tables[3] is tables[4] and tables[5] is not tables[4]
+    assert len(ours._tables) == 2
     for p, q in zip(params, twins):
         assert_close(p.detach(), q.detach(), torch.float32, "param")
 

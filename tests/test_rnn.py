@@ -256,3 +256,13 @@ def test_frozen_weights_give_only_input_gradients(device):
     (g,) = torch.autograd.grad(ours(x)[0].sum(), x)
     (g64,) = torch.autograd.grad(ref(x)[0].sum(), x)
     assert_close(g, g64, torch.float64, "grad input")
+
+
+def test_a_packed_sequence_made_under_inference_mode_still_trains(device):
+    rnn = gpunn.RNN(3, 5, device=device)
+    with torch.inference_mode():
+        packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(4, 2, 3, device=device), [4, 2])
+    data = packed.data.clone().requires_grad_()
+    out, h_n = rnn(torch.nn.utils.rnn.PackedSequence(data, packed.batch_sizes))
+    (out.data.sum() + h_n.sum()).backward()
+    assert data.grad is not None and torch.isfinite(data.grad).all() and rnn.weight_hh_l0.grad is not None

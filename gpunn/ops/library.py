@@ -123,6 +123,21 @@ def _eager_function(name: str, fn: Callable, setup_context: Callable, backward: 
         forward=staticmethod(forward), backward=staticmethod(backward_flat)))
 
 
+def metadata_to_save(ctx, name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """What to pass to save_for_backward for a non-differentiable metadata tensor (a mask, batch sizes):
+    the tensor, except one made under torch.inference_mode, which autograd refuses to save (a layout cached
+    during an evaluation pass holds one): that one is kept as ctx.<name> (it has no version counter to
+    check anyway) and None is saved. saved_metadata() gives it back in backward."""
+    inference = tensor is not None and tensor.is_inference()
+    setattr(ctx, name, tensor if inference else None)
+    return None if inference else tensor
+
+
+def saved_metadata(ctx, name: str, saved: torch.Tensor | None) -> torch.Tensor | None:
+    kept = getattr(ctx, name)
+    return kept if kept is not None else saved
+
+
 def nothing(like: torch.Tensor) -> torch.Tensor:
     """The placeholder for an output that was not requested."""
     return like.new_empty(0)

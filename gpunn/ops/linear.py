@@ -20,7 +20,7 @@ import torch
 from ..kernels import activations, dense, masked
 from ..kernels.layout import layout_of
 from ..kernels.runtime import Rows
-from .library import Op, nothing, refuse_double_backward
+from .library import Op, metadata_to_save, nothing, refuse_double_backward, saved_metadata
 
 
 def _launcher(mask, block_n: int, block_k: int, name: str):
@@ -91,7 +91,8 @@ def _setup_context(ctx, inputs, output):
     need_input, need_weight = ctx.needs_input_grad[:2]
     grad_from = activations.grad_source(activation, negative_slope)
     saved = {activations.GRAD_FROM_OUTPUT.value: output[0], activations.GRAD_FROM_SAVED.value: output[1]}
-    ctx.save_for_backward(input if need_weight else None, weight if need_input else None, saved.get(grad_from), mask)
+    ctx.save_for_backward(input if need_weight else None, weight if need_input else None, saved.get(grad_from),
+                          metadata_to_save(ctx, "mask", mask))
     ctx.options = dict(block_n=block_n, block_k=block_k, activation=activation, negative_slope=negative_slope)
     ctx.weight_shape = list(weight.shape)
 
@@ -99,6 +100,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_output, _):
     refuse_double_backward("linear")
     input, weight, saved, mask = ctx.saved_tensors
+    mask = saved_metadata(ctx, "mask", mask)
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     dx = dw = db = None
     options = ctx.options

@@ -3,9 +3,10 @@ both directions in it: gpunn::rnn_layer and gpunn::rnn_layer_backward.
 
 Per layer, forward is one dense GEMM for the input projection of every step and direction (with both
 biases), then one recurrence launch per direction (kernels/rnn_sequence.py). Backward is one
-backward-through-time launch per direction, then dense GEMMs over all steps: dX and dW_ih (with the
-biases) for both directions at once, and dW_hh per direction. Launches per layer: 1 + D forward,
-D + 2 + D backward (D = 1 or 2 directions), whatever the sequence length.
+backward-through-time launch per direction, then dense kernels over all steps: dX, and dW_ih with the
+biases' gradient (a column sum of its own) for both directions at once, and dW_hh per direction.
+Launches per layer: 1 + D forward, at most 2D + 3 backward (D = 1 or 2 directions; fewer where a
+gradient is not needed), whatever the sequence length.
 
 Sequences are time-major and packed (see kernels/rnn_sequence.py): a PackedSequence's batch_sizes say which
 rows belong to which step (`Steps` holds them on the device). Saved for backward: the layer's output (each
@@ -21,7 +22,7 @@ import torch
 
 from ..kernels import dense, rnn_sequence
 from ..kernels.runtime import Rows, empty, state_dtype
-from .library import Op, nothing, refuse_double_backward
+from .library import Op, metadata_to_save, nothing, refuse_double_backward, saved_metadata
 
 
 @dataclass(frozen=True)
@@ -39,16 +40,18 @@ class Steps:
     _previous: dict = field(default_factory=dict, compare=False)  # reverse -> previous_rows
 
     @staticmethod
-    def of(batch_sizes: torch.Tensor, device: torch.device) -> "Steps":
-        """The Steps of batch_sizes on device, built once per (batch sizes, device) and cached: the layers
-        of a network, their backward and later calls with the same lengths copy nothing to the device (so a
-        warmed-up step can be captured in a CUDA graph)."""
-        key = (device, tuple(batch_sizes.tolist()))
+    def of(batch_sizes: torch.Tensor | None, shape: list[int], device: torch.device) -> "Steps":
+        """The Steps of a PackedSequence's batch_sizes, or, when None, of T steps of B rows (shape (T, B, ...)),
+        on device. Built once per (batch sizes, device) and cached: the layers of a network, their backward
+        and later calls with the same lengths copy nothing to the device (so a warmed-up step can be
+        captured in a CUDA graph)."""
+        sizes = tuple(batch_sizes.tolist()) if batch_sizes is not None else (shape[1],) * shape[0]
+        key = (device, sizes)
         steps = _STEPS.get(key)
         if steps is None:
-            sizes = batch_sizes.to(torch.int64, copy=True)
-            offsets = torch.cumsum(sizes, 0) - sizes
-            steps = Steps(sizes, sizes.to(device, non_blocking=True), offsets.to(device, non_blocking=True))
+            on_host = torch.tensor(sizes, dtype=torch.int64)
+            offsets = torch.cumsum(on_host, 0) - on_host
+            steps = Steps(on_host, on_host.to(device, non_blocking=True), offsets.to(device, non_blocking=True))
             _STEPS[key] = steps
             if len(_STEPS) > _STEPS_KEPT:
                 _STEPS.popitem(last=False)
@@ -97,14 +100,15 @@ def _projection_weights(weights: list[torch.Tensor], directions: int):
     return w_ih, bias, [w[1] for w in per_direction]
 
 
-def _rnn_layer(x: torch.Tensor, h0: torch.Tensor, batch_sizes: torch.Tensor, activation: str, directions: int,
-              weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer, D directions: (output (rows, D*H), h_n (D, B, H)) from x (rows, I) (or (T, B, I), any
-    strides) and h0 (D, B, H); batch_sizes as a PackedSequence's (CPU int64, (T,)).
+def _rnn_layer(x: torch.Tensor, h0: torch.Tensor, batch_sizes: torch.Tensor | None, activation: str,
+               directions: int, weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer, D directions: (output (rows, D*H), h_n (D, B, H)) from h0 (D, B, H) and x (rows, I) packed
+    with batch_sizes as a PackedSequence's (CPU int64, (T,)), or x (T, B, I) (any strides) and batch_sizes
+    None.
 
     weights: per direction (weight_ih (H, I), weight_hh (H, H)[, bias_ih (H,), bias_hh (H,)]).
     """
-    steps = Steps.of(batch_sizes, x.device)
+    steps = Steps.of(batch_sizes, list(x.shape), x.device)
     w_ih, bias, w_hh = _projection_weights(weights, directions)
     hidden = w_hh[0].shape[0]
     projected, _ = dense.forward(Rows.of(x), w_ih, bias, None, 0.0, False)  # (rows, D*H)
@@ -125,12 +129,12 @@ def _rnn_layer_fake(x, h0, batch_sizes, activation, directions, weights):
 
 
 def _rnn_layer_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor | None, out: torch.Tensor,
-                       x: torch.Tensor | None, h0: torch.Tensor, batch_sizes: torch.Tensor, activation: str,
+                        x: torch.Tensor | None, h0: torch.Tensor, batch_sizes: torch.Tensor | None, activation: str,
                        directions: int, weights: list[torch.Tensor], input_shape: list[int],
                        needs: list[bool]) -> list[torch.Tensor]:
     """[dx, dh0, then a gradient per weight], each nothing where `needs` (for x, h0, then each weight) says
     it is not needed. x is given when a W_ih needs its gradient."""
-    steps = Steps.of(batch_sizes, out.device)
+    steps = Steps.of(batch_sizes, input_shape, out.device)
     w_ih, _, w_hh = _projection_weights(weights, directions)
     hidden = w_hh[0].shape[0]
     per = len(weights) // directions
@@ -189,13 +193,15 @@ def _setup_context(ctx, inputs, output):
     per = len(weights) // directions
     needs = list(ctx.needs_input_grad[:2]) + list(ctx.needs_input_grad[5:5 + len(weights)])
     need_w_ih = any(needs[2 + d * per] for d in range(directions))
-    ctx.save_for_backward(output[0], x if need_w_ih else None, h0, batch_sizes, *weights)
+    ctx.save_for_backward(output[0], x if need_w_ih else None, h0, metadata_to_save(ctx, "batch_sizes", batch_sizes),
+                          *weights)
     ctx.activation, ctx.directions, ctx.input_shape, ctx.needs = activation, directions, list(x.shape), needs
 
 
 def _backward(ctx, grad_out, grad_hn):
     refuse_double_backward("RNN")
     out, x, h0, batch_sizes, *weights = ctx.saved_tensors
+    batch_sizes = saved_metadata(ctx, "batch_sizes", batch_sizes)
     if grad_out is None:  # only h_n was used
         grad_out = torch.zeros_like(out)
     grads = rnn_layer_backward(grad_out, grad_hn, out, x, h0, batch_sizes, ctx.activation, ctx.directions, weights,
