@@ -156,18 +156,25 @@ def eager(activation: str | None):
 
 def make_provider(name: str, activation: str | None):
     """The callable f(x, w, b) a provider benchmarks."""
+    return provider(name, lambda x, w, b: gpunn.functional.linear(x, w, b, activation, NEGATIVE_SLOPE),
+                    eager(activation))
+
+
+def provider(name: str, gpunn_fn, eager_fn, compiled_fn=None):
+    """What provider `name` runs for an op: gpunn_fn (gpunn), eager_fn (torch), or compiled_fn (default:
+    eager_fn) through torch.compile in the provider's mode (torch.compile, torch.compile-max-autotune)."""
     if name == "gpunn":
-        return lambda x, w, b: gpunn.functional.linear(x, w, b, activation, NEGATIVE_SLOPE)
+        return gpunn_fn
     if name == "torch":
-        return eager(activation)
+        return eager_fn
     if name in COMPILE_MODES:
-        # Dynamo keeps its compiled variants on the function's code object, shared by every closure made by
-        # eager(): without a reset, the shapes and dtypes of a sweep pile up until they pass its recompile
+        # Dynamo keeps its compiled variants on the function's code object, shared by every closure of one
+        # function: without a reset, the shapes and dtypes of a sweep pile up until they pass its recompile
         # limit, after which it silently runs eager code. One reset per case keeps one variant.
         import torch._dynamo
 
         torch._dynamo.reset()
-        return torch.compile(eager(activation), mode=COMPILE_MODES[name], dynamic=False)
+        return torch.compile(compiled_fn or eager_fn, mode=COMPILE_MODES[name], dynamic=False)
     raise ValueError(f"unknown provider {name!r}")
 
 

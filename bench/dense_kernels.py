@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         b = torch.randn(n, device="cuda", generator=gen).bfloat16()
         dy = torch.randn(m, n, device="cuda", generator=gen).bfloat16()
         gemm = 2 * m * n * k
-        cublas = {"forward": ms(lambda: x @ w.t()), "grad_input": ms(lambda: dy @ w), "grad_weight": ms(lambda: dy.t() @ x)}
+        cublas = {"forward": ms(lambda: x @ w.t()), "grad_input": ms(lambda: dy @ w),
+                  "grad_weight": ms(lambda: dy.t() @ x)}
         for name in args.activations.split(","):
             act = None if name == "none" else name
             source = activations.grad_source(act, 0.01)

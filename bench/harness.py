@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.testing
 
+from gpunn.check import rel_err  # noqa: F401  (the benchmarks' accuracy measure: gpunn check's)
+
 QUANTILES = (0.5, 0.2, 0.8)  # do_bench's order: the median first, then p20 and p80
 BASELINE = "torch"  # the provider every speedup is measured against
 
@@ -239,21 +241,6 @@ def _time_copy(nbytes: int, device: torch.device, gen: torch.Generator) -> Timin
 
 # ----------------------------------------------------------------------------------------------------
 # Accuracy
-
-def rel_err(outs, refs) -> float:
-    """max over tensors of ||out - ref|| / ||ref||, in float64; NaN/inf anywhere gives inf."""
-    if isinstance(outs, torch.Tensor):
-        outs, refs = (outs,), (refs,)
-    worst = 0.0
-    for out, ref in zip(outs, refs, strict=True):
-        diff = (out.detach().to(torch.float64) - ref).norm().item()
-        scale = ref.norm().item()
-        err = diff / scale if scale > 0 else diff
-        if not math.isfinite(err):
-            return math.inf
-        worst = max(worst, err)
-    return worst
-
 
 def add_speedups(records: list[Record]) -> list[Record]:
     """speedup_vs_torch = torch's median time / the provider's, for every provider whose result and whose

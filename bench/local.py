@@ -129,15 +129,8 @@ class Case:
         """The callable f(x, w, b) provider `name` benchmarks."""
         gpunn_layer, torch_layer = LAYERS[len(self.size)]
         padding = self.padding
-        if name == "gpunn":
-            return lambda x, w, b: gpunn_layer(x, w, b, 1, padding, 1)
-        eager = lambda x, w, b: torch_layer(x, w, b, 1, padding, 1)  # noqa: E731
-        if name == "torch":
-            return eager
-        if name in dense.COMPILE_MODES:
-            torch._dynamo.reset()  # one compiled variant per case (see bench/dense.py)
-            return torch.compile(eager, mode=dense.COMPILE_MODES[name], dynamic=False)
-        raise ValueError(f"unknown provider {name!r}")
+        return dense.provider(name, lambda x, w, b: gpunn_layer(x, w, b, 1, padding, 1),
+                              lambda x, w, b: torch_layer(x, w, b, 1, padding, 1))
 
     def inputs(self, device: torch.device, seed: int):
         """(x, w, b, dy) on device; x, w and b need gradients for bwd and fwd+bwd."""

@@ -134,13 +134,7 @@ class Case(dense.Case):
             return lambda x, w, b: gpunn.functional.masked_linear(x, w, layout, b, self.activation, NEGATIVE_SLOPE)
         if name == SPARSE_PROVIDER:
             return _bsr_forward(mask, masks.block_layout(mask, harness.DTYPES[self.dtype]).block, act)
-        eager = _eager(mask, self.activation)
-        if name == "torch":
-            return eager
-        if name in dense.COMPILE_MODES:
-            torch._dynamo.reset()  # one compiled variant per case (see bench/dense.py)
-            return torch.compile(eager, mode=dense.COMPILE_MODES[name], dynamic=False)
-        raise ValueError(f"unknown provider {name!r}")
+        return dense.provider(name, None, _eager(mask, self.activation))
 
     def reference(self, x, w, b, dy) -> dict[str, tuple[torch.Tensor, ...]]:
         mask = _mask(self.mask, self.n, self.k, str(x.device))

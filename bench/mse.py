@@ -51,14 +51,7 @@ class Case(xent.Case):
 
     def make_provider(self, name: str, device: torch.device):
         """The callable f(input, target, None) provider `name` benchmarks."""
-        if name == "gpunn":
-            return lambda x, target, _: gpunn.functional.mse_loss(x, target)
-        if name == "torch":
-            return _eager
-        if name in dense.COMPILE_MODES:
-            torch._dynamo.reset()  # one compiled variant per case (see bench/dense.py)
-            return torch.compile(_eager, mode=dense.COMPILE_MODES[name], dynamic=False)
-        raise ValueError(f"unknown provider {name!r}")
+        return dense.provider(name, lambda x, target, _: gpunn.functional.mse_loss(x, target), _eager)
 
     def inputs(self, device: torch.device, seed: int):
         """(input, target, None, None) on device; the input needs a gradient for bwd and fwd+bwd."""

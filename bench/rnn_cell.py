@@ -89,14 +89,7 @@ class Case:
 
     def make_provider(self, name: str, device: torch.device):
         """The callable f(x, h, w_ih, w_hh, b_ih, b_hh) provider `name` benchmarks."""
-        if name == "gpunn":
-            return gpunn.functional.rnn_cell
-        if name == "torch":
-            return torch.rnn_tanh_cell
-        if name in dense.COMPILE_MODES:
-            torch._dynamo.reset()  # one compiled variant per case (see bench/dense.py)
-            return torch.compile(gpunn.reference.rnn_cell, mode=dense.COMPILE_MODES[name], dynamic=False)
-        raise ValueError(f"unknown provider {name!r}")
+        return dense.provider(name, gpunn.functional.rnn_cell, torch.rnn_tanh_cell, gpunn.reference.rnn_cell)
 
     def inputs(self, device: torch.device, seed: int):
         """((x, h), (w_ih, w_hh), (b_ih, b_hh), dh') on device; all six need gradients for bwd and fwd+bwd."""

@@ -60,15 +60,8 @@ class Case:
         return self.modes
 
     def make_provider(self, name: str, device: torch.device):
-        if name == "gpunn":
-            return lambda x, target, _: gpunn.functional.cross_entropy(x, target)
-        eager = lambda x, target, _: F.cross_entropy(x, target)  # noqa: E731
-        if name == "torch":
-            return eager
-        if name in dense.COMPILE_MODES:
-            torch._dynamo.reset()
-            return torch.compile(eager, mode=dense.COMPILE_MODES[name], dynamic=False)
-        raise ValueError(f"unknown provider {name!r}")
+        return dense.provider(name, lambda x, target, _: gpunn.functional.cross_entropy(x, target),
+                              lambda x, target, _: F.cross_entropy(x, target))
 
     def inputs(self, device: torch.device, seed: int):
         gen = torch.Generator(device=device).manual_seed(seed)

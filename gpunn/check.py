@@ -239,8 +239,10 @@ class Result:
 
 
 def rel_err(outs, refs) -> float:
-    """max over tensors of ||out - ref|| / ||ref|| in float64; NaN or Inf anywhere, or a shape that differs,
-    gives inf."""
+    """max over tensors (or of one tensor) of ||out - ref|| / ||ref|| in float64; NaN or Inf anywhere, or a
+    shape that differs, gives inf."""
+    if isinstance(outs, torch.Tensor):
+        outs, refs = (outs,), (refs,)
     worst = 0.0
     for out, ref in zip(outs, refs, strict=True):
         if out.shape != ref.shape:

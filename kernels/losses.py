@@ -22,6 +22,7 @@ from .runtime import INTERPRET, accumulator_dtype, launch, state_dtype
 
 BLOCK_C = 256 if INTERPRET else 2048  # logits a program handles at a time along a row
 TILE = 4096 if INTERPRET else 8192  # elements a program handles at a time (BLOCK_R x BLOCK_C)
+FP64_ROWS = 32  # rows a program handles at most in fp64
 REDUCE_BLOCK = 1024
 WARPS = 8
 
@@ -129,10 +130,13 @@ def cross_entropy_backward_kernel(
                  mask=ok)
 
 
-def _tiles(rows: int, classes: int) -> dict:
-    """BLOCK_C logits of a row at a time (all of a short row), and as many rows as fill a TILE."""
+def _tiles(rows: int, classes: int, dtype: torch.dtype) -> dict:
+    """BLOCK_C logits of a row at a time (all of a short row), and as many rows as fill a TILE; at most
+    FP64_ROWS rows in fp64 (128 rows of 64 fp64 logits spilled 32-520 B a thread in the sm_90 compile report,
+    where 4-8 rows of 1024-2048 fit)."""
     block_c = min(triton.next_power_of_2(max(classes, 1)), BLOCK_C)
-    block_r = min(triton.next_power_of_2(max(rows, 1)), max(1, TILE // block_c))
+    most = FP64_ROWS if dtype == torch.float64 else TILE
+    block_r = min(triton.next_power_of_2(max(rows, 1)), max(1, TILE // block_c), most)
     return dict(BLOCK_R=block_r, BLOCK_C=block_c)
 
 
@@ -146,7 +150,7 @@ def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.T
     compute = state_dtype(x.dtype)
     row_loss, row_weight, lse = (torch.empty(rows, device=x.device, dtype=compute) for _ in range(3))
     if rows:
-        tiles = _tiles(rows, classes)
+        tiles = _tiles(rows, classes, x.dtype)
         with launch("cross_entropy_forward_kernel", x.device):
             cross_entropy_forward_kernel[(triton.cdiv(rows, tiles["BLOCK_R"]),)](
                 x, x.stride(0), target, weight if weight is not None else x, row_loss, row_weight, lse,
@@ -174,7 +178,7 @@ def cross_entropy_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.
     dx = torch.empty((rows, classes), device=x.device, dtype=x.dtype)
     if rows == 0 or classes == 0:
         return dx
-    tiles = _tiles(rows, classes)
+    tiles = _tiles(rows, classes, x.dtype)
     with launch("cross_entropy_backward_kernel", x.device):
         cross_entropy_backward_kernel[(triton.cdiv(rows, tiles["BLOCK_R"]),)](
             x, x.stride(0), target, weight if weight is not None else x, lse, grad,
