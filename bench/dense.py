@@ -71,7 +71,7 @@ NOTES = [
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(harness.CaseBase):
     """One problem: x (M, K), W (N, K), b (N,), an activation, a dtype; grad=True for bwd and fwd+bwd."""
 
     m: int
@@ -88,10 +88,6 @@ class Case:
     @property
     def shape(self) -> str:
         return f"{self.m}x{self.n}x{self.k}"
-
-    @property
-    def modes(self) -> tuple[str, ...]:
-        return ("bwd", "fwd+bwd") if self.grad else ("fwd",)
 
     def flops(self, mode: str) -> float:
         return 2 * self.m * self.n * self.k * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
@@ -110,12 +106,6 @@ class Case:
     def weight_read_bound(self) -> bool:
         """Whether the weight is at least half the forward's traffic (N K >= M K + M N, up to the bias)."""
         return 2 * self.weight_bytes() >= self.bytes("fwd")
-
-    # The interface run() drives; bench/masked.py's cases override it.
-
-    def modes_for(self, provider: str) -> tuple[str, ...]:
-        """The modes `provider` runs for this case (every provider runs every mode here)."""
-        return self.modes
 
     def make_provider(self, name: str, device: torch.device):
         """The callable f(x, w, b) provider `name` benchmarks."""

@@ -65,6 +65,25 @@ class Record:
         return self.op, self.provider, self.mode, self.shape, self.dtype
 
 
+class CaseBase:
+    """What benchmark cases share unless they say otherwise: a forward case (grad False) runs mode fwd, a
+    gradient case bwd and fwd+bwd; every provider runs every mode; no separate weight-read metric."""
+
+    grad: bool
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return ("bwd", "fwd+bwd") if self.grad else ("fwd",)
+
+    def modes_for(self, provider: str) -> tuple[str, ...]:
+        """The modes `provider` runs for this case."""
+        return self.modes
+
+    def weight_read_bound(self) -> bool:
+        """Whether the forward's time is the weight read (then GB/s of that read is reported too)."""
+        return False
+
+
 @dataclass
 class RunInfo:
     """Where and with what the results were produced (repeated on every CSV row)."""

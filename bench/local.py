@@ -52,7 +52,7 @@ LAYERS = {1: (gpunn.functional.locally_connected1d, gpunn.reference.locally_conn
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(harness.CaseBase):
     """One problem: x (N, C, *size) with size (H, W) or (L,), a window of `kernel` taps along each spatial dim
     with zero padding, O output channels, stride and dilation 1. The weight is (O, *out_size, C, *window),
     the bias (O, *out_size)."""
@@ -74,10 +74,6 @@ class Case:
     @property
     def shape(self) -> str:
         return "x".join(map(str, (self.n, self.c, *self.size))) + f"->{self.o}"
-
-    @property
-    def modes(self) -> tuple[str, ...]:
-        return ("bwd", "fwd+bwd") if self.grad else ("fwd",)
 
     @property
     def out_size(self) -> tuple[int, ...]:
@@ -118,12 +114,6 @@ class Case:
 
     def weight_bytes(self) -> float:
         return self._elements()["weight"] * harness.DTYPES[self.dtype].itemsize
-
-    def weight_read_bound(self) -> bool:
-        return False  # the memory floor is reported through gbps and frac_copy_ceiling
-
-    def modes_for(self, provider: str) -> tuple[str, ...]:
-        return self.modes
 
     def make_provider(self, name: str, device: torch.device):
         """The callable f(x, w, b) provider `name` benchmarks."""

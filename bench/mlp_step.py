@@ -37,7 +37,7 @@ def _model(width: int, device, dtype, seed: int) -> torch.nn.Sequential:
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(harness.CaseBase):
     batch: int
     width: int
     dtype: str
@@ -62,9 +62,6 @@ class Case:
         # (B x W a layer): written forward, then x and dy read and dx written backward.
         per_layer = 8 * self.width * self.width + 4 * self.batch * self.width
         return LAYERS * per_layer * harness.DTYPES[self.dtype].itemsize
-
-    def weight_read_bound(self) -> bool:
-        return False
 
     def modes_for(self, provider: str) -> tuple[str, ...]:
         return self.modes if provider in ("torch", "gpunn") else ()

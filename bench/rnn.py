@@ -45,7 +45,7 @@ NOTES = [
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(harness.CaseBase):
     """One problem: a sequence of `steps` steps of `batch` rows of `input_size` features, hidden size `hidden`."""
 
     steps: int
@@ -64,10 +64,6 @@ class Case:
     def shape(self) -> str:
         return f"{self.steps}x{self.batch}x{self.input_size}->{self.hidden}"
 
-    @property
-    def modes(self) -> tuple[str, ...]:
-        return ("bwd", "fwd+bwd") if self.grad else ("fwd",)
-
     def flops(self, mode: str) -> float:
         forward = 2 * self.steps * self.batch * self.hidden * (self.input_size + self.hidden)
         return forward * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
@@ -79,12 +75,6 @@ class Case:
         backward = (y + x + y + weights) + (x + weights)
         elements = {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}[mode]
         return elements * harness.DTYPES[self.dtype].itemsize
-
-    def weight_read_bound(self) -> bool:
-        return False
-
-    def modes_for(self, provider: str) -> tuple[str, ...]:
-        return self.modes
 
     def make_provider(self, name: str, device: torch.device):
         h0 = torch.zeros(1, self.batch, self.hidden, device=device, dtype=harness.DTYPES[self.dtype])

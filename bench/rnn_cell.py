@@ -44,7 +44,7 @@ NOTES = [
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(harness.CaseBase):
     """One step: x (B, I), h (B, H), W_ih (H, I), W_hh (H, H), b_ih and b_hh (H,), tanh."""
 
     batch: int
@@ -61,10 +61,6 @@ class Case:
     @property
     def shape(self) -> str:
         return f"{self.batch}x{self.input_size}->{self.hidden}"
-
-    @property
-    def modes(self) -> tuple[str, ...]:
-        return ("bwd", "fwd+bwd") if self.grad else ("fwd",)
 
     def flops(self, mode: str) -> float:
         forward = 2 * self.batch * (self.input_size + self.hidden) * self.hidden
@@ -83,9 +79,6 @@ class Case:
     def weight_read_bound(self) -> bool:
         """Whether the weights are at least half the forward's traffic (as for the dense layer)."""
         return 2 * self.weight_bytes() >= self.bytes("fwd")
-
-    def modes_for(self, provider: str) -> tuple[str, ...]:
-        return self.modes
 
     def make_provider(self, name: str, device: torch.device):
         """The callable f(x, h, w_ih, w_hh, b_ih, b_hh) provider `name` benchmarks."""

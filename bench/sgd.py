@@ -26,7 +26,7 @@ TENSOR = 1_000_000  # elements per parameter tensor (1000 below a million parame
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(harness.CaseBase):
     parameters: int
     dtype: str
     grad: bool = False
@@ -48,9 +48,6 @@ class Case:
 
     def bytes(self, mode: str) -> float:
         return 5 * self.parameters * harness.DTYPES[self.dtype].itemsize
-
-    def weight_read_bound(self) -> bool:
-        return False
 
     def modes_for(self, provider: str) -> tuple[str, ...]:
         return self.modes if provider in ("torch", "gpunn") else ()

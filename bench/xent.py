@@ -29,7 +29,7 @@ PRESETS = {
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(harness.CaseBase):
     rows: int
     classes: int
     dtype: str
@@ -42,22 +42,12 @@ class Case:
     def shape(self) -> str:
         return f"{self.rows}x{self.classes}"
 
-    @property
-    def modes(self) -> tuple[str, ...]:
-        return ("bwd", "fwd+bwd") if self.grad else ("fwd",)
-
     def flops(self, mode: str) -> float:
         return 4 * self.rows * self.classes * {"fwd": 1, "bwd": 1, "fwd+bwd": 2}[mode]
 
     def bytes(self, mode: str) -> float:
         logits = self.rows * self.classes * harness.DTYPES[self.dtype].itemsize
         return logits * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
-
-    def weight_read_bound(self) -> bool:
-        return False
-
-    def modes_for(self, provider: str) -> tuple[str, ...]:
-        return self.modes
 
     def make_provider(self, name: str, device: torch.device):
         return dense.provider(name, lambda x, target, _: gpunn.functional.cross_entropy(x, target),
