@@ -22,7 +22,8 @@ eager (F.linear through cuBLAS, on the masked weight for masked, then the activa
 that same eager function and, for masked forward on CUDA, torch's BSR sparse path; the locally connected
 layers (ops local2d and local1d: gpunn.functional.locally_connected2d / 1d) against F.unfold + einsum
 (gpunn.reference) and its torch.compile; the sequence RNN (op rnn: gpunn.functional.rnn, one tanh layer)
-against torch.rnn_tanh (cuDNN) without torch.compile (inductor does not lower RNNs); one RNN cell step
+against torch.rnn_tanh (cuDNN) without torch.compile (inductor does not lower RNNs), and on CUDA gpunn with
+GPUNN_RNN_GRID_SYNC=1 (provider gpunn-gridsync) where the hidden size is past the resident limit; one RNN cell step
 (op rnn_cell: gpunn.functional.rnn_cell, tanh) against torch.rnn_tanh_cell (nn.RNNCell's function) and
 torch.compile of gpunn.reference.rnn_cell; cross-entropy (op xent) and mean squared error (op mse) against
 F.cross_entropy / F.mse_loss and their torch.compile; one SGD step (op sgd) against torch.optim.SGD; and a
@@ -59,7 +60,9 @@ Presets (shapes are MxNxK: x is MxK, the weight NxK):
             without torch.compile (its CPU compile is slow), and only --smoke runs there. There it
             also reports a cost model: per gpunn call, the Triton launches, programs, dot FLOPs and
             bytes loaded and stored as the interpreter counts them, beside the op's minimal FLOPs and
-            bytes (bench/cost_model.py).
+            bytes (bench/cost_model.py). The interpreter rounds fp32 to bf16 by truncation, not to
+            nearest as GPUs do, so gpunn's bf16 errors there run up to ~2x torch's: --dtype fp16 is
+            the precise check on the CPU.
 Each dense and masked shape runs with every --activations entry (all: every activation, none included);
 every shape with every --dtype.
 
@@ -85,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-autotune", action="store_true",
                         help='also time torch.compile(mode="max-autotune-no-cudagraphs"); compiling takes minutes')
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
+    parser.add_argument("--skip-providers", default="", metavar="LIST",
+                        help="comma-separated providers not to run, e.g. torch.sparse,gpunn-gridsync")
     args = parser.parse_args(argv)
 
     args.activations = [a.strip() for a in args.activations.split(",") if a.strip()]
@@ -100,6 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in args.only:
         if name not in OPS:
             parser.error(f"--only: unknown op {name!r}; choose from {', '.join(OPS)}")
+    args.skip_providers = {p.strip() for p in args.skip_providers.split(",") if p.strip()}
     args.dtypes = ["bf16", "fp16", "fp32"] if args.dtype == "all" else [args.dtype]
     args.preset = "smoke" if args.smoke else "quick" if args.quick else "full"
     return args
@@ -153,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             notes.append("Smoke preset: tiny shapes and ceilings; the numbers are not performance results.")
     else:
         notes.append("CPU smoke run through Triton's interpreter: timings, ceilings and ratios are meaningless; "
-                     "only the harness, accuracy checks and outputs are exercised.")
+                     "only the harness, accuracy checks and outputs are exercised. The interpreter truncates fp32 "
+                     "to bf16 (GPUs round to nearest): bf16 errors of gpunn's kernels are inflated here.")
     if os.environ.get("GPUNN_AUTOTUNE", "1") == "0":
         notes.append("GPUNN_AUTOTUNE=0 is set: gpunn ran the first config that suits each launch, untuned.")
     if args.no_compile:
@@ -164,13 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("torch.compile skipped on the CPU smoke run (inductor's CPU compile takes ~30 s per case).")
     notes.append("fp32 matmuls use TF32 in every provider (torch.set_float32_matmul_precision('high')).")
     notes += [note for op in OPS if op in args.only for note in modules[op].NOTES]
-    # torch's BSR path (masked forward): CUDA only, its CPU product has no 16-bit kernels.
-    masked_providers = providers[:-1] + [masked.SPARSE_PROVIDER] * (device.type == "cuda") + providers[-1:]
+    # Providers only some ops have, run on CUDA only (an op module's CUDA_PROVIDERS): torch's BSR path for the
+    # masked forward (its CPU product has no 16-bit kernels), gpunn's grid-synchronised RNN.
+    op_providers = {op: [p for p in providers[:-1] + list(getattr(modules[op], "CUDA_PROVIDERS", ())) *
+                         (device.type == "cuda") + providers[-1:] if p not in args.skip_providers]
+                    for op in OPS if op in args.only}
+    every_provider = list(dict.fromkeys(p for ps in op_providers.values() for p in ps))
 
     log(f"gpunn bench: {info.gpu}; torch {info.torch}; triton {info.triton}; git {info.git_sha}; {info.date}")
     log(f"preset {args.preset}; ops {','.join(args.only)}; dtypes {','.join(args.dtypes)}; activations "
         f"{','.join(a or 'none' for a in args.activations)}; providers "
-        f"{','.join(masked_providers if 'masked' in args.only else providers)}")
+        f"{','.join(every_provider)}")
     for note in notes:
         log(f"note: {note}")
 
@@ -183,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             f"copy {ceilings.copy_bytes / 2**20:.0f} MiB: {ceilings.copy_gbps:.0f} GB/s (read + write)")
 
         records, errors = [], []
-        runs = [(modules[op], modules[op].cases(args.preset, args.dtypes, args.activations),
-                 masked_providers if op == "masked" else providers)
+        runs = [(modules[op], modules[op].cases(args.preset, args.dtypes, args.activations), op_providers[op])
                 for op in OPS if op in args.only]
         progress = harness.Progress(sum(module.steps(cases, ps) for module, cases, ps in runs), log)
         for module, cases, op_providers in runs:
@@ -206,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "bench.md").write_text(harness.markdown(records, info, ceilings, notes) + "\n"
                                       + cost_model.markdown(records))
     log("")
-    log(harness.summary(records, masked_providers))
+    log(harness.summary(records, every_provider))
     log(cost_model.summary(records))
-    for path in harness.plot(records, info, ceilings, masked_providers, out_dir, log):
+    for path in harness.plot(records, info, ceilings, every_provider, out_dir, log):
         log(f"wrote {path}")
     for problem in failures:
         log(f"ACCURACY FAIL {problem}")

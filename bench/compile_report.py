@@ -233,6 +233,15 @@ def _launch_rnn_sequence(dtype, m, n, k, resident, backward):
                              offsets, "tanh", reverse=False)
 
 
+def _launch_rnn_split(dtype, m, n, k, backward):
+    # The column-split recurrence (GPUNN_RNN_GRID_SYNC=1) at batch m, hidden n: one cooperative launch.
+    from unittest import mock
+
+    from gpunn.kernels import rnn_sequence
+    with mock.patch.dict(os.environ, GPUNN_RNN_GRID_SYNC="1"), mock.patch.object(rnn_sequence, "RESIDENT_BYTES", 0):
+        _launch_rnn_sequence(dtype, m, n, k, resident=False, backward=backward)
+
+
 def _launch_sgd(dtype, m, n, k, momentum, first_step):
     # Two parameter tensors, (m, n) and (n,); a momentum buffer each when momentum.
     from gpunn.kernels import sgd
@@ -323,6 +332,13 @@ CASES = (
         Variant("resident", dict(resident=True, backward=True)),
         Variant("streamed", dict(resident=False, backward=True)),
     ), tile=("BLOCK_B", "BLOCK_H", "BLOCK_K")),
+    # Past the resident limit with GPUNN_RNN_GRID_SYNC=1: columns of h_t split across the GPU, a grid barrier a step.
+    Case("gpunn.kernels.rnn_split", "rnn_split_forward_kernel", _launch_rnn_split, (
+        Variant("split", dict(backward=False)),
+    ), tile=("BLOCK_B", "BLOCK_N", "BLOCK_K")),
+    Case("gpunn.kernels.rnn_split", "rnn_split_backward_kernel", _launch_rnn_split, (
+        Variant("split", dict(backward=True)),
+    ), tile=("BLOCK_B", "BLOCK_N", "BLOCK_K")),
     # The optimizer: every parameter tensor of a group in one launch, addresses from a table.
     Case("gpunn.kernels.sgd", "sgd_kernel", _launch_sgd, (
         Variant("momentum", dict(momentum=True, first_step=False), matmul=False),

@@ -41,6 +41,7 @@ from .harness import Record
 OP = "masked"
 NEGATIVE_SLOPE = dense.NEGATIVE_SLOPE
 SPARSE_PROVIDER = "torch.sparse"
+CUDA_PROVIDERS = (SPARSE_PROVIDER,)
 
 
 def _local_2d(n: int, k: int) -> torch.Tensor:

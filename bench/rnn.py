@@ -4,6 +4,8 @@ Providers, all run in the same process on the same inputs:
 - torch:  torch.rnn_tanh, torch.nn.RNN's function (cuDNN on CUDA; the weights arrive as views, so torch
           packs them into cuDNN's buffer each call: a weight-sized copy, small beside the sequence).
 - gpunn:  gpunn.functional.rnn: the input projection as one GEMM, then one launch for all the steps.
+- gpunn-gridsync (CUDA, hidden sizes past the resident limit only): the same with GPUNN_RNN_GRID_SYNC=1,
+          the columns of h_t split across the GPU with a grid barrier a step (kernels/rnn_split.py).
 torch.compile is not run: inductor does not lower RNNs (it calls the same cuDNN kernels).
 
 The case's (x, w, b) are x (T, B, I), w = [W_ih | W_hh] (H, I + H) and b = [b_ih; b_hh] (2, H); both providers
@@ -17,17 +19,21 @@ step-to-step dependency).
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 import gpunn.functional
+from gpunn.kernels import rnn_sequence
 
 from . import dense, harness
 from .harness import Record
 
 OP = "rnn"
+GRID_SYNC_PROVIDER = "gpunn-gridsync"
+CUDA_PROVIDERS = (GRID_SYNC_PROVIDER,)
 
 # (T, B, I, H) per preset: "fwd" runs the forward mode, "grad" runs bwd and fwd+bwd.
 PRESETS = {
@@ -76,10 +82,18 @@ class Case(harness.CaseBase):
         elements = {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}[mode]
         return elements * harness.DTYPES[self.dtype].itemsize
 
+    def modes_for(self, provider: str) -> tuple[str, ...]:
+        if provider == GRID_SYNC_PROVIDER:  # the same kernels as gpunn's below the limit
+            dtype = harness.DTYPES[self.dtype]
+            if self.hidden <= min(rnn_sequence.resident_limit(dtype, backward) for backward in (False, True)):
+                return ()
+        return self.modes
+
     def make_provider(self, name: str, device: torch.device):
         h0 = torch.zeros(1, self.batch, self.hidden, device=device, dtype=harness.DTYPES[self.dtype])
-        if name == "gpunn":
-            return lambda x, w, b: gpunn.functional.rnn(x, h0, self._weights(w, b))[0]
+        if name in ("gpunn", GRID_SYNC_PROVIDER):
+            return _with_grid_sync(name == GRID_SYNC_PROVIDER,
+                                   lambda x, w, b: gpunn.functional.rnn(x, h0, self._weights(w, b))[0])
         if name == "torch":
             return _torch_rnn(h0, self._weights)
         raise ValueError(f"unknown provider {name!r}")
@@ -106,6 +120,16 @@ class Case(harness.CaseBase):
         return [w[:, :self.input_size], w[:, self.input_size:], b[0], b[1]]
 
 
+def _with_grid_sync(on: bool, function):
+    """function, setting GPUNN_RNN_GRID_SYNC to `on` on every call. The harness times a backward after its
+    provider's forward, outside the call: the variable is left set for it."""
+    def run(*args):
+        os.environ["GPUNN_RNN_GRID_SYNC"] = "1" if on else "0"
+        return function(*args)
+
+    return run
+
+
 def _torch_rnn(h0, weights):
     def torch_rnn(x, w, b):
         with warnings.catch_warnings():
@@ -130,7 +154,7 @@ def steps(all_cases: list[Case], providers: list[str]) -> int:
     return dense.steps(all_cases, [p for p in providers if p in PROVIDERS])
 
 
-PROVIDERS = ("torch", "gpunn")
+PROVIDERS = ("torch", "gpunn", GRID_SYNC_PROVIDER)
 
 
 def run(all_cases: list[Case], providers: list[str], device: torch.device, ceilings: harness.Ceilings,

@@ -48,6 +48,7 @@ GPU_TILES = (
     (16, 32, 32, 1, 4),
     (64, 64, 32, 1, 8),
     (32, 64, 32, 1, 4),
+    (16, 32, 16, 1, 4),  # fp64 only (Triton 3.6)
 )
 INTERPRETER_TILE = (32, 32, 64, 1, 4)
 
@@ -62,7 +63,9 @@ def _pruner(rows: str, cols: str, reduction: str):
     160 and more under 3.6, so 128 before 3.9); no batch tile
     (whichever role it plays) larger than the batch; fp64 (DMMA) and IEEE fp32 (FMA) with a short
     reduction, at most 16 accumulator elements a thread for fp64, and one stage for IEEE fp32 (FMA gains
-    nothing from the pipeline, and two stages spilled). Keeps the smallest tile if nothing else fits."""
+    nothing from the pipeline, and two stages spilled); a 16-deep reduction for fp64 only, and the only one
+    fp64 takes at 4 warps before Triton 3.9 (16x32x32 spilled 8-16 B at 80 registers under 3.6). Keeps the
+    smallest tile if nothing else fits."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -80,6 +83,8 @@ def _pruner(rows: str, cols: str, reduction: str):
             if config.kwargs["BLOCK_N"] > max(args["N_BUCKET"], 16):
                 continue
             if slow and k > 32 or element == 8 and r * c > 16 * threads or exact_fp32 and config.num_stages > 1:
+                continue
+            if k < 32 and element != 8 or element == 8 and config.num_warps == 4 and k > 16 and TRITON_VERSION < (3, 9):
                 continue
             kept.append(config)
         kept = kept or [min(configs, key=lambda cfg: cfg.num_stages * sum(cfg.kwargs.values()))]

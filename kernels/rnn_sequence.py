@@ -16,17 +16,22 @@ each other. Two ways to hold W_hh (chosen by `plan`):
   registers: each step reads only p_t and writes h_t.
 - streamed: larger hidden sizes read W_hh from L2 every step in (BLOCK_H x BLOCK_K) tiles; the state goes
   through a small global buffer with a CTA barrier between steps.
+With GPUNN_RNN_GRID_SYNC=1, hidden sizes past the resident limit instead split the columns of h_t across
+the whole GPU (kernels/rnn_split.py, `split_tiles`), which the few programs of the streamed kernel cannot
+use: one cooperative launch on CUDA, one launch a step under the interpreter.
 
 Numerics: fp32 accumulation and state (fp64 for fp64), one rounding per stored h_t; the backward reads
 the stored outputs, so it needs no pre-activations.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from . import activations
+from . import activations, rnn_split
 from .runtime import INTERPRET, accumulator_dtype, dot_dtype, dot_precision, launch
 
 BLOCK_B = 16  # batch rows a program: the smallest MMA side
@@ -59,6 +64,61 @@ def plan(hidden: int, dtype: torch.dtype, backward: bool = False) -> dict:
     exact_fp32 = element == 4 and dot_precision(dtype) == "ieee"  # FMA tiles: 64 x 32 spilled at odd sizes
     block_h, block_k = INTERPRETER_STREAM_TILE if INTERPRET else (32, 32) if exact_fp32 else STREAM_TILE[element]
     return dict(RESIDENT=False, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=4)
+
+
+# The split kernels' tiles (BLOCK_B batch rows, BLOCK_N columns, warps), two pipeline stages and a reduction
+# tile of 32 (16 for IEEE fp32's FMA dot): the ones without spills in the sm_90 compile report under Triton
+# 3.6 and 3.9 in bf16, TF32 and fp64 at aligned and odd sizes (wider tiles, 4 warps at 64 x 64, and three
+# stages spilled 8-800 B); fp64 and IEEE fp32 with 16 batch rows (32 x 32 and 64 x 64 spilled 8-16 B).
+SPLIT_TILES = ((16, 16, 4), (16, 32, 4), (32, 32, 4), (64, 64, 8))
+SPLIT_BLOCK_K = 32
+SPLIT_STAGES = 2
+INTERPRETER_SMS = 4  # the SM count split_tiles assumes under the interpreter: small tests still get a grid
+H100_SMS = 132  # and for meta tensors (the compile report sizes an H100's grid)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_SMS if INTERPRET else H100_SMS
+
+
+def grid_sync() -> bool:
+    """Whether hidden sizes past the resident limit run the column-split kernels (GPUNN_RNN_GRID_SYNC=1).
+    Off by default until their grid barrier has run on a GPU; the streamed kernels run instead."""
+    return os.environ.get("GPUNN_RNN_GRID_SYNC", "0") == "1"
+
+
+def split_tiles(hidden: int, batch: int, dtype: torch.dtype, device: torch.device) -> tuple[tuple[int, int], dict]:
+    """(grid, tile constexprs and launch options) of the column-split kernels: at most one program an SM (so
+    that a cooperative launch fits; see split_fits). Of SPLIT_TILES, the one whose busiest program reads the
+    fewest elements a step: its batch tiles' previous rows (BLOCK_B x H each) and W_hh slice (BLOCK_N x H,
+    read again per batch tile); then the fewest programs."""
+    sms = _sm_count(device)
+    exact_fp32 = dtype == torch.float32 and dot_precision(dtype) == "ieee"
+    choices = []
+    for block_b, block_n, warps in SPLIT_TILES:
+        if (dtype == torch.float64 or exact_fp32) and block_b > 16:
+            continue
+        column_programs = triton.cdiv(hidden, block_n)
+        if column_programs > sms and not INTERPRET:  # the interpreter launches once a step: any grid runs
+            continue
+        batch_tiles = triton.cdiv(batch, block_b)
+        batch_programs = max(1, min(batch_tiles, sms // column_programs))
+        reads = triton.cdiv(batch_tiles, batch_programs) * (block_b + block_n)
+        choices.append((reads, batch_programs * column_programs, block_b, block_n, warps, batch_programs))
+    _, programs, block_b, block_n, warps, batch_programs = min(choices)
+    block_k = SPLIT_BLOCK_K // 2 if exact_fp32 and not INTERPRET else SPLIT_BLOCK_K
+    return (batch_programs, programs // batch_programs), dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                              num_warps=warps, num_stages=SPLIT_STAGES)
+
+
+def split_fits(hidden: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the split kernels take this hidden size: compiled, its widest column tile's programs must
+    fit one an SM (H <= 32 x SMs, 4224 on an H100, for fp64 and IEEE fp32; 64 x SMs otherwise); the
+    interpreter takes any."""
+    widest = 32 if dtype == torch.float64 or (dtype == torch.float32 and dot_precision(dtype) == "ieee") else 64
+    return INTERPRET or triton.cdiv(hidden, widest) <= _sm_count(device)
 
 
 @triton.jit
@@ -217,6 +277,25 @@ def _numerics(dtype: torch.dtype) -> dict:
     return dict(DOT_DTYPE=dot_dtype(dtype), ACC_DTYPE=accumulator_dtype(dtype), DOT_PRECISION=dot_precision(dtype))
 
 
+def _split(kernel, name: str, tensors: tuple, batch: int, hidden: int, steps: int, units: int,
+           dtype: torch.dtype, **constexprs) -> None:
+    """Run `units` steps of a column-split kernel: compiled, in one cooperative launch with a grid barrier
+    between steps; under the interpreter, which runs programs one after another, in one launch a step."""
+    device = tensors[0].device
+    grid, tiles = split_tiles(hidden, batch, dtype, device)
+    together = not INTERPRET
+    counter = torch.zeros(1, dtype=torch.int32, device=device) if together else tensors[-1]
+    options = dict(launch_cooperative_grid=True) if together else {}
+    for first in range(0, units, units if together else 1):
+        with launch(name, device):
+            kernel[grid](*tensors, counter, batch, hidden, steps, first, units if together else first + 1,
+                         GRID_SYNC=together, **tiles, **_numerics(dtype), **constexprs, **options)
+
+
+def _splits(hidden: int, dtype: torch.dtype, device: torch.device, backward: bool) -> bool:
+    return hidden > resident_limit(dtype, backward) and grid_sync() and split_fits(hidden, dtype, device)
+
+
 def forward(p: torch.Tensor, w_hh: torch.Tensor, out: torch.Tensor, state: torch.Tensor,
             batch_sizes: torch.Tensor, offsets: torch.Tensor, activation: str, reverse: bool) -> torch.Tensor:
     """Run the recurrence of one direction over every step; returns the final states (B, H).
@@ -228,10 +307,16 @@ def forward(p: torch.Tensor, w_hh: torch.Tensor, out: torch.Tensor, state: torch
     steps, (_, batch, hidden) = batch_sizes.shape[0], state.shape
     if steps == 0 or batch == 0 or hidden == 0:
         return state[0]
+    act = activations.CODES[activation]
+    if _splits(hidden, p.dtype, p.device, backward=False):
+        _split(rnn_split.rnn_split_forward_kernel, "rnn_split_forward_kernel",
+               (p, p.stride(0), w_hh, *w_hh.stride(), out, out.stride(0), state, batch_sizes, offsets),
+               batch, hidden, steps, steps, p.dtype, ACT=act, REVERSE=reverse)
+        return state[1]
     with launch("rnn_sequence_forward_kernel", p.device):
         rnn_sequence_forward_kernel[(triton.cdiv(batch, BLOCK_B),)](
             p, p.stride(0), w_hh, *w_hh.stride(), out, out.stride(0), state, batch_sizes, offsets,
-            batch, hidden, steps, ACT=activations.CODES[activation], REVERSE=reverse, BLOCK_B=BLOCK_B,
+            batch, hidden, steps, ACT=act, REVERSE=reverse, BLOCK_B=BLOCK_B,
             **_numerics(p.dtype), **plan(hidden, p.dtype),
         )
     return state[steps % 2]
@@ -244,10 +329,15 @@ def backward(dout: torch.Tensor, out: torch.Tensor, w_hh: torch.Tensor, dz: torc
     steps, (batch, hidden) = batch_sizes.shape[0], dh.shape
     if steps == 0 or batch == 0 or hidden == 0:
         return
+    act = activations.CODES[activation]
+    if _splits(hidden, out.dtype, out.device, backward=True):
+        _split(rnn_split.rnn_split_backward_kernel, "rnn_split_backward_kernel",
+               (dout, dout.stride(0), out, out.stride(0), w_hh, *w_hh.stride(), dz, dz.stride(0), dh,
+                batch_sizes, offsets), batch, hidden, steps, steps + 1, out.dtype, ACT=act, REVERSE=reverse)
+        return
     with launch("rnn_sequence_backward_kernel", out.device):
         rnn_sequence_backward_kernel[(triton.cdiv(batch, BLOCK_B),)](
             dout, dout.stride(0), out, out.stride(0), w_hh, *w_hh.stride(), dz, dz.stride(0), dh,
-            batch_sizes, offsets, batch, hidden, steps,
-            ACT=activations.CODES[activation], REVERSE=reverse,
+            batch_sizes, offsets, batch, hidden, steps, ACT=act, REVERSE=reverse,
             BLOCK_B=BLOCK_B, **_numerics(out.dtype), **plan(hidden, out.dtype, backward=True),
         )

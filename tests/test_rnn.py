@@ -14,6 +14,7 @@ import gpunn
 from gpunn.kernels import rnn_sequence
 
 SEQUENCE_KERNELS = ("rnn_sequence_forward_kernel", "rnn_sequence_backward_kernel")
+SPLIT_KERNELS = ("rnn_split_forward_kernel", "rnn_split_backward_kernel")
 
 
 def _pair(device, dtype, *args, **kwargs):
@@ -99,6 +100,41 @@ def test_streamed_weights_match_the_resident_path(device, monkeypatch):
     assert not rnn_sequence.plan(70, torch.float64)["RESIDENT"]
     run_case(device, torch.float64, 5, 18, 6, 70, num_layers=2, bidirectional=True, seed=3)  # several tiles
     test_packed_sequences_with_unsorted_lengths(device)
+
+
+def test_grid_sync_split_columns_match_torch(device, monkeypatch):
+    # GPUNN_RNN_GRID_SYNC=1: past the resident limit (forced here) the columns of h_t are split across
+    # programs; on CUDA in one cooperative launch with a grid barrier a step (bench/device_check.sh runs
+    # the grid_sync tests on their own under a timeout), under the interpreter in one launch a step.
+    monkeypatch.setenv("GPUNN_RNN_GRID_SYNC", "1")
+    monkeypatch.setattr(rnn_sequence, "RESIDENT_BYTES", 0)
+    with count_launches() as launches:
+        run_case(device, torch.float64, 5, 40, 6, 20, num_layers=2, bidirectional=True, seed=5)
+        for dtype in dtypes_for(device):  # a partial column tile
+            if dtype != torch.float64:
+                run_case(device, dtype, 4, 18, 6, 70, nonlinearity="relu", seed=6)
+        test_packed_sequences_with_unsorted_lengths(device)  # rows that start and stop at every step
+    assert set(SEQUENCE_KERNELS).isdisjoint(launches)
+    low_precision = len(dtypes_for(device)) - 1
+    if device.type == "cuda":  # one launch a layer and direction
+        assert [launches[name] for name in SPLIT_KERNELS] == [4 + low_precision + 4] * 2
+    else:  # T launches forward, T + 1 backward
+        assert [launches[name] for name in SPLIT_KERNELS] == [4 * 5 + low_precision * 4 + 4 * 5,
+                                                              4 * 6 + low_precision * 5 + 4 * 6]
+
+
+def test_grid_sync_programs_with_several_batch_tiles(device, monkeypatch):
+    # split_tiles gives each program one batch tile where the GPU has enough SMs: force three a program
+    # (every program loops over batch tiles i, i + grid, ...), then all three in one program.
+    monkeypatch.setenv("GPUNN_RNN_GRID_SYNC", "1")
+    monkeypatch.setattr(rnn_sequence, "RESIDENT_BYTES", 0)
+    chosen = rnn_sequence.split_tiles
+    for batch_programs in (2, 1):
+        def few_programs(hidden, batch, dtype, device, batch_programs=batch_programs):
+            (_, column_programs), tiles = chosen(hidden, batch, dtype, device)
+            return (batch_programs, column_programs), {**tiles, "BLOCK_B": 16}
+        monkeypatch.setattr(rnn_sequence, "split_tiles", few_programs)
+        run_case(device, torch.float64, 4, 45, 3, 20, bidirectional=True, seed=7)  # 3 batch tiles
 
 
 def test_resident_limits():
