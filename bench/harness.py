@@ -153,6 +153,23 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | N
     return (peak - before) / 2**20
 
 
+def capture_cuda_graph(step: Callable[[], object], warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(graph, the step's outputs as captured) of step() recorded in a CUDA graph, after `warmup` eager
+    steps on a side stream (autotuning, compilation and every cache gpunn fills on first use: mask layouts,
+    SGD's device table, RNN step tables); graph.replay() then runs the step again, writing the same output
+    tensors. The step must keep its tensors' memory between calls (zero_grad(set_to_none=False))."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
+
+
 # ----------------------------------------------------------------------------------------------------
 # Timing
 

@@ -12,6 +12,7 @@ import torch
 from helpers import count_launches
 
 import gpunn
+from bench.harness import capture_cuda_graph
 from gpunn import masks
 
 
@@ -128,16 +129,7 @@ def test_a_training_step_is_captured_in_a_cuda_graph(device):
         return step
 
     warmup, replays = 3, 2
-    step = trainer(model)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = step()
+    graph, static_loss = capture_cuda_graph(trainer(model), warmup)
     for _ in range(replays):
         graph.replay()
     torch.cuda.synchronize()
