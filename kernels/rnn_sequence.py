@@ -284,11 +284,13 @@ def _split(kernel, name: str, tensors: tuple, batch: int, hidden: int, steps: in
     device = tensors[0].device
     grid, tiles = split_tiles(hidden, batch, dtype, device)
     together = not INTERPRET
-    counter = torch.zeros(1, dtype=torch.int32, device=device) if together else tensors[-1]
+    # A launch's barrier counter (int32) reaches units x programs: past 2^31, more launches.
+    chunk = min(units, (2**31 - 1) // (grid[0] * grid[1])) if together else 1
     options = dict(launch_cooperative_grid=True) if together else {}
-    for first in range(0, units, units if together else 1):
+    for first in range(0, units, chunk):
+        counter = torch.zeros(1, dtype=torch.int32, device=device) if together else tensors[-1]
         with launch(name, device):
-            kernel[grid](*tensors, counter, batch, hidden, steps, first, units if together else first + 1,
+            kernel[grid](*tensors, counter, batch, hidden, steps, first, min(first + chunk, units),
                          GRID_SYNC=together, **tiles, **_numerics(dtype), **constexprs, **options)
 
 

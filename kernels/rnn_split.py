@@ -31,7 +31,13 @@ from . import activations
 @triton.jit
 def _grid_barrier(counter_ptr, arrivals):
     """Wait until `arrivals` programs have arrived at the int32 counter (zeroed before the launch; each
-    program adds one per barrier, so the n-th barrier of a P-program grid waits for n * P)."""
+    program adds one per barrier, so the n-th barrier of a P-program grid waits for n * P; the launcher
+    keeps a launch's total under 2^31).
+
+    What makes the other programs' rows visible after it is the acquire: on sm_90 the poll compiles to a
+    strong GPU-scope load followed by an invalidation of this SM's L1 (CCTL.IVALL), then a CTA barrier.
+    The .cg hints on the loads that follow are not enough alone: Triton drops them on cp.async copies
+    narrower than 16 bytes (small tiles, odd sizes), which then go through L1."""
     tl.debug_barrier()  # every thread of this program has issued its stores before one thread announces them
     tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
     seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
@@ -81,7 +87,7 @@ def rnn_split_forward_kernel(
             for k0 in range(0, H, BLOCK_K):
                 rk = (k0 + rk_in).to(tl.int64)
                 k_ok = rk < H
-                # .cg: other programs wrote these rows during this launch (not through this SM's L1)
+                # other programs wrote these rows during this launch: see _grid_barrier for their visibility
                 h = tl.load(out_ptr + (previous_offset + rb)[:, None] * stride_out + rk[None, :],
                             mask=from_output[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
                 h0 = tl.load(state_ptr + rb[:, None] * H + rk[None, :],

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+import triton
 from helpers import TorchOpSpy, assert_close, count_launches, dtypes_for
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -135,6 +136,20 @@ def test_grid_sync_programs_with_several_batch_tiles(device, monkeypatch):
             return (batch_programs, column_programs), {**tiles, "BLOCK_B": 16}
         monkeypatch.setattr(rnn_sequence, "split_tiles", few_programs)
         run_case(device, torch.float64, 4, 45, 3, 20, bidirectional=True, seed=7)  # 3 batch tiles
+
+
+def test_grid_sync_one_launch_for_every_step(device, monkeypatch):
+    # The GPU's path, steps and barriers in one launch, run by the interpreter with a single program (its
+    # barriers pass at once): every batch tile and column of every step in one program's loops.
+    monkeypatch.setenv("GPUNN_RNN_GRID_SYNC", "1")
+    monkeypatch.setattr(rnn_sequence, "RESIDENT_BYTES", 0)
+    monkeypatch.setattr(rnn_sequence, "INTERPRET", False)
+    monkeypatch.setattr(rnn_sequence, "split_tiles", lambda hidden, batch, dtype, device: (
+        (1, 1), dict(BLOCK_B=16, BLOCK_N=triton.next_power_of_2(hidden), BLOCK_K=32, num_warps=4)))
+    with count_launches() as launches:
+        run_case(device, torch.float64, 6, 40, 3, 20, bidirectional=True, seed=8)  # 3 batch tiles
+        test_packed_sequences_with_unsorted_lengths(device)
+    assert [launches[name] for name in SPLIT_KERNELS] == [2 + 4, 2 + 4]  # one a layer and direction
 
 
 def test_resident_limits():
