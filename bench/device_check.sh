@@ -39,10 +39,11 @@ stage install 60 "$python" -m pip install --no-deps --no-build-isolation --no-in
 # Correctness first, with one config per kernel variant (GPUNN_AUTOTUNE=0: they check results, not speed).
 # The tests compile most kernel variants; the check, after them, finds many in Triton's cache.
 xdist=$("$python" -c 'import xdist' 2>/dev/null && echo "-n 8")
-stage tests 240 env GPUNN_AUTOTUNE=0 "$python" -m pytest -q -p no:cacheprovider $xdist tests -k "not grid_sync"
+# -v: a test per line as it ends, so a run cut off at its limit still names its failures.
+stage tests 240 env GPUNN_AUTOTUNE=0 "$python" -m pytest -v --durations=15 -p no:cacheprovider $xdist tests -k "not grid_sync"
 # The RNN's grid barrier (GPUNN_RNN_GRID_SYNC=1) has never run on a GPU: alone and short, since a barrier that
 # hangs holds the GPU until the limit; its benchmark runs only if these pass.
-stage grid_sync 60 env GPUNN_AUTOTUNE=0 "$python" -m pytest -q -p no:cacheprovider tests -k grid_sync
+stage grid_sync 60 env GPUNN_AUTOTUNE=0 "$python" -m pytest -v -p no:cacheprovider tests -k grid_sync
 skip_grid_sync=$(grep -q "^grid_sync rc=0 " "$out/status.txt" || echo --skip-providers=gpunn-gridsync)
 stage check 120 env GPUNN_AUTOTUNE=0 "$python" -m gpunn check --out "$out/check.md"
 # Then speed: the ops no GPU has timed yet, then the layers measured before (without torch.compile, whose

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .runtime import accumulator_dtype, dot_dtype, dot_precision, empty, launch, row_alignment, size_bucket
+from .runtime import (TRITON_VERSION, accumulator_dtype, dot_dtype, dot_precision, empty, launch, row_alignment,
+                      size_bucket)
 from .tiling import configs, pruner
 
 def _dz_tiles(args) -> int:
@@ -38,13 +39,15 @@ def _forward_pruner():
 
 
 def _grad_input_pruner():
-    """The dense pruner; IEEE fp32 (FMA) kept to tiles of at most 32 rows (the sm_90 report: the wider ones
-    of this two-branch kernel spilled 8 bytes)."""
+    """The dense pruner; IEEE fp32 (FMA), and fp64 before Triton 3.9, kept to tiles of at most 32 rows (the
+    sm_90 report: the wider ones of this two-branch kernel spilled 8 bytes, and fp64 64 x 32 x 32 16 bytes
+    under Triton 3.6)."""
     prune = pruner("BLOCK_B", "BLOCK_K", "BLOCK_H", "B_BUCKET", "w_ih_ptr", _dz_tiles)
 
     def prune_grad_input(configs, named_args, **kwargs):
         kept = prune(configs, named_args, **kwargs)
-        if kwargs["DOT_PRECISION"] == "ieee" and named_args["w_ih_ptr"].element_size() == 4:
+        element = named_args["w_ih_ptr"].element_size()
+        if kwargs["DOT_PRECISION"] == "ieee" and element == 4 or element == 8 and TRITON_VERSION < (3, 9):
             kept = [c for c in kept if c.kwargs["BLOCK_B"] <= 32] or \
                 [min(configs, key=lambda c: c.num_stages * sum(c.kwargs.values()))]
         return kept

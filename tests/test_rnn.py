@@ -110,10 +110,10 @@ def test_grid_sync_split_columns_match_torch(device, monkeypatch):
     monkeypatch.setenv("GPUNN_RNN_GRID_SYNC", "1")
     monkeypatch.setattr(rnn_sequence, "RESIDENT_BYTES", 0)
     with count_launches() as launches:
-        run_case(device, torch.float64, 5, 40, 6, 20, num_layers=2, bidirectional=True, seed=5)
-        for dtype in dtypes_for(device):  # a partial column tile
+        run_case(device, torch.float64, 5, 40, 6, 20, num_layers=2, bidirectional=True, nonlinearity="relu", seed=5)
+        for dtype in dtypes_for(device):  # a partial column tile; tanh: relu's kinks make 16-bit results chaotic
             if dtype != torch.float64:
-                run_case(device, dtype, 4, 18, 6, 70, nonlinearity="relu", seed=6)
+                run_case(device, dtype, 4, 18, 6, 70, seed=6)
         test_packed_sequences_with_unsorted_lengths(device)  # rows that start and stop at every step
     assert set(SEQUENCE_KERNELS).isdisjoint(launches)
     low_precision = len(dtypes_for(device)) - 1
