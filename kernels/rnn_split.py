@@ -47,6 +47,14 @@ def _grid_barrier(counter_ptr, arrivals):
 
 
 @triton.jit
+def _after_step(counter_ptr, s, first, last, GRID_SYNC: tl.constexpr):
+    """The grid barrier between step s and the next one of the same launch (none after its last)."""
+    if GRID_SYNC:
+        if s + 1 < last:
+            _grid_barrier(counter_ptr, tl.num_programs(0) * tl.num_programs(1) * (s + 1 - first))
+
+
+@triton.jit
 def _step_rows(s, T, batch_sizes_ptr, offsets_ptr, REVERSE: tl.constexpr):
     """(first row, rows) of step s in the direction's order; (0, 0) outside [0, T)."""
     inside = (s >= 0) & (s < T)
@@ -74,7 +82,6 @@ def rnn_split_forward_kernel(
     n_ok = rn < H
     rk_in = tl.arange(0, BLOCK_K)
     final = state_ptr + tl.cast(B, tl.int64) * H
-    programs = tl.num_programs(0) * tl.num_programs(1)
     for s in range(first, last):
         offset, size = _step_rows(s, T, batch_sizes_ptr, offsets_ptr, REVERSE)
         previous_offset, previous_size = _step_rows(s - 1, T, batch_sizes_ptr, offsets_ptr, REVERSE)
@@ -100,9 +107,7 @@ def rnn_split_forward_kernel(
             tl.store(out_ptr + (offset + rb)[:, None] * stride_out + rn[None, :],
                      h_new.to(out_ptr.dtype.element_ty), mask=ok)
             tl.store(final + rb[:, None] * H + rn[None, :], h_new.to(state_ptr.dtype.element_ty), mask=ok)
-        if GRID_SYNC:
-            if s + 1 < last:
-                _grid_barrier(counter_ptr, programs * (s + 1 - first))
+        _after_step(counter_ptr, s, first, last, GRID_SYNC)
 
 
 @triton.jit
@@ -122,7 +127,6 @@ def rnn_split_backward_kernel(
     rn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_ok = rn < H
     rk_in = tl.arange(0, BLOCK_K)
-    programs = tl.num_programs(0) * tl.num_programs(1)
     for u in range(first, last):
         done_offset, done_size = _step_rows(T - u, T, batch_sizes_ptr, offsets_ptr, REVERSE)
         offset, size = _step_rows(T - 1 - u, T, batch_sizes_ptr, offsets_ptr, REVERSE)
@@ -153,6 +157,4 @@ def rnn_split_backward_kernel(
             tl.store(dz_ptr + (offset + rb)[:, None] * stride_dz + rn[None, :], dz_new.to(dz_ptr.dtype.element_ty),
                      mask=ok)
             tl.store(dh_tile, dh.to(dh_ptr.dtype.element_ty), mask=(done[:, None] & n_ok[None, :]))
-        if GRID_SYNC:
-            if u + 1 < last:
-                _grid_barrier(counter_ptr, programs * (u + 1 - first))
+        _after_step(counter_ptr, u, first, last, GRID_SYNC)
