@@ -8,7 +8,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import autocast, reference
 from .kernels.activations import GRAD_FROM_SAVED, NAMES as ACTIVATIONS, grad_source as activation_grad_source
 from .kernels.layout import DEFAULT_BLOCKS, BlockLayout, check_block
 from .kernels.local import Geometry
@@ -71,15 +71,6 @@ def _check_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                                f"{weight.shape[0]} output features")
 
 
-def _autocast(device_type: str, *tensors):
-    """Under autocast, cast as torch does for linear: every floating tensor but float64 to the autocast dtype."""
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in tensors)
-
-
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str | None = None, negative_slope: float = 0.01) -> torch.Tensor:
     """act(input @ weight^T + bias) as one fused kernel, forward and backward.
@@ -99,7 +90,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         torch.nn.functional.linear would reject (checked before any kernel runs).
     """
     check_activation(activation, negative_slope)
-    input, weight, bias = _autocast(input.device.type, input, weight, bias)
+    input, weight, bias = autocast.cast(input.device.type, input, weight, bias)
     _check_linear(input, weight, bias)
     if not triton_runs_on(input.device):
         return reference.linear(input, weight, bias, activation, negative_slope)
@@ -160,7 +151,7 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, mask_or_layout, bia
         for what linear rejects. All checked before any kernel runs.
     """
     check_activation(activation, negative_slope)
-    input, weight, bias = _autocast(input.device.type, input, weight, bias)
+    input, weight, bias = autocast.cast(input.device.type, input, weight, bias)
     _check_linear(input, weight, bias)
     _check_mask(mask_or_layout, weight)
     if not triton_runs_on(input.device):
@@ -243,7 +234,7 @@ def locally_connected2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
         before any kernel runs; TypeError for a stride, padding or dilation that is not an int or a pair.
     """
     geometry = local_geometry(tuple(weight.shape[-2:]) if weight.dim() == 6 else 1, stride, padding, dilation)
-    input, weight, bias = _autocast(input.device.type, input, weight, bias)
+    input, weight, bias = autocast.cast(input.device.type, input, weight, bias)
     _check_local(input, weight, bias, geometry)
     if not triton_runs_on(input.device):
         g = geometry
@@ -356,7 +347,7 @@ def rnn_cell(input: torch.Tensor, hx: torch.Tensor | None, weight_ih: torch.Tens
         hx = torch.zeros(input.shape[0] if input.dim() == 2 else 0, weight_hh.shape[0], dtype=input.dtype,
                          device=input.device)
     device_type = input.device.type
-    input, hx, weight_ih, weight_hh, bias_ih, bias_hh = _autocast(device_type, input, hx, weight_ih, weight_hh,
+    input, hx, weight_ih, weight_hh, bias_ih, bias_hh = autocast.cast(device_type, input, hx, weight_ih, weight_hh,
                                                                   bias_ih, bias_hh)
     _check_rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     if not triton_runs_on(input.device):
@@ -436,7 +427,7 @@ def rnn(input: torch.Tensor, hx: torch.Tensor, weights, num_layers: int = 1, non
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
     directions = 2 if bidirectional else 1
     device_type = input.device.type
-    input, hx, *weights = _autocast(device_type, input, hx, *weights)
+    input, hx, *weights = autocast.cast(device_type, input, hx, *weights)
     _check_rnn(input, hx, weights, num_layers, directions, bias, batch_first, batch_sizes)
     if not triton_runs_on(input.device):
         return reference.rnn(input, hx, weights, num_layers, nonlinearity, bias, dropout, training, bidirectional,

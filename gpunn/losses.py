@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from . import autocast
 from .kernels import losses as kernels
 from .kernels.runtime import triton_runs_on
 from .ops.library import Op, nothing, refuse_double_backward
@@ -86,7 +87,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
             "none". label_smoothing: in [0, 1].
 
     Returns:
-        The loss: a scalar, or target's shape for "none"; in input's dtype.
+        The loss: a scalar, or target's shape for "none"; in input's dtype (float32 under autocast, as torch).
 
     Raises:
         The errors torch raises for these arguments, with its types, before any kernel runs: ValueError for
@@ -116,6 +117,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     if weight is not None and tuple(weight.shape) != (classes,):
         raise RuntimeError(f"weight tensor should be defined either for all {classes} classes or no classes but "
                            f"got weight tensor of shape: {list(weight.shape)}")
+    input, weight = autocast.cast(input.device.type, input, weight, to_float32=True)
     if not triton_runs_on(input.device) or not input.is_floating_point():
         return torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index,
                                                  reduction=reduction, label_smoothing=label_smoothing)
@@ -174,13 +176,15 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean")
     """torch.nn.functional.mse_loss: (input - target)^2, reduced, forward and backward in Triton.
 
     input and target: any shapes that broadcast (with torch's warning when they differ) and floating dtypes
-    (promoted as torch does). Returns a scalar, or the broadcast shape for "none".
+    (promoted as torch does; float32 under autocast, as torch). Returns a scalar, or the broadcast shape for
+    "none".
     """
     _check_reduction(reduction)
     if input.shape != target.shape:
         warnings.warn(f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
                       "This will likely lead to incorrect results due to broadcasting. Please ensure they have "
                       "the same size.", stacklevel=2)
+    input, target = autocast.cast(input.device.type, input, target, to_float32=True)
     if not triton_runs_on(input.device) or not (input.is_floating_point() and target.is_floating_point()):
         return torch.nn.functional.mse_loss(input, target, reduction=reduction)
     dtype = torch.result_type(input, target)

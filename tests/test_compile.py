@@ -84,6 +84,39 @@ def test_compiled_inference_and_a_second_batch_size(device):
             assert torch.equal(compiled(x), model(x))
 
 
+def test_a_model_of_every_layer_under_autocast_computes_what_a_cast_model_does(device):
+    """Under autocast (bfloat16 on a GPU, float16 on the CPU, whose interpreter rounds bfloat16 by
+    truncation) every gpunn layer casts its input and float32 parameters to the autocast dtype as torch's
+    layers do, and the losses run in float32: the same numbers as the model cast to that dtype, bit for
+    bit, with float32 gradients for the float32 parameters."""
+    import copy
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    torch.manual_seed(4)
+    model = EveryLayer(device)
+    cast = copy.deepcopy(model).to(dtype)
+    x = torch.randn(3, 2, 6, 6, device=device)
+    target = torch.tensor([1, 0, 3], device=device)
+    loss_fns = (gpunn.CrossEntropyLoss(label_smoothing=0.1), gpunn.MSELoss())
+
+    def loss_of(logits, to=lambda t: t):  # to: the float32 cast autocast makes for each loss separately
+        return loss_fns[0](to(logits), target) + loss_fns[1](to(logits), to(torch.zeros_like(logits)))
+
+    with torch.autocast(device.type, dtype=dtype), count_launches() as launches:
+        logits = model(x)
+        loss = loss_of(logits)
+    loss.backward()
+    expected_logits = cast(x.to(dtype))
+    expected_loss = loss_of(expected_logits, lambda t: t.float())
+    expected_loss.backward()
+    assert logits.dtype == dtype and loss.dtype == torch.float32
+    assert "rnn_sequence_forward_kernel" in launches and "cross_entropy_forward_kernel" in launches
+    assert torch.equal(logits, expected_logits) and torch.equal(loss, expected_loss)
+    for (name, ours), theirs in zip(model.named_parameters(), cast.parameters()):
+        assert ours.grad.dtype == torch.float32, name
+        assert torch.equal(ours.grad, theirs.grad.float()), name
+
+
 def test_fake_shapes_match_real_ones(device):
     """Each op's fake implementation (what the compiler plans with) gives the shapes and dtypes its real one
     returns, including odd shapes, a 3-D input and outputs that are not asked for."""

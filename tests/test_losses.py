@@ -139,3 +139,32 @@ def test_mse_broadcast_promotion_and_launches(device):
     assert loss.dtype == torch.float64
     assert_close(loss, ref, torch.float64, "loss")
     assert launches == {"mse_forward_kernel": 1, "row_sums_kernel": 1, "mse_backward_kernel": 1}
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_losses_run_in_float32_under_autocast_as_torch(device, autocast_dtype):
+    # torch autocasts cross_entropy and mse_loss to float32 (a float16 loss, scaled by a GradScaler, would
+    # overflow): the same dtypes, and gpunn's kernels on the float32 inputs, against float64.
+    gen = torch.Generator().manual_seed(9)
+    logits = (torch.randn(6, 300, generator=gen) * 4).to(device, autocast_dtype).requires_grad_()
+    target = torch.randint(0, 300, (6,), generator=gen).to(device)
+    other = torch.randn(6, 300, generator=gen).to(device, autocast_dtype)
+    weight = torch.rand(300, generator=gen).to(device, autocast_dtype)
+    cases = [("cross_entropy", lambda f, x: f.cross_entropy(x, target, weight, label_smoothing=0.1)),
+             ("mse_loss", lambda f, x: f.mse_loss(x, other))]
+    for name, loss_of in cases:
+        with torch.autocast(device.type, dtype=autocast_dtype), count_launches() as launches:
+            ours = loss_of(gpunn.functional, logits)
+            theirs = loss_of(F, logits)
+        assert ours.dtype == theirs.dtype == torch.float32, name
+        assert any(kernel.startswith(name.split("_")[0]) for kernel in launches), (name, launches)
+        x64 = logits.detach().double().requires_grad_()
+        with torch.no_grad():
+            weight64, other64 = weight.double(), other.double()  # the float32 casts of 16-bit values are exact
+        expected = (F.cross_entropy(x64, target, weight64, label_smoothing=0.1) if name == "cross_entropy"
+                    else F.mse_loss(x64, other64))
+        assert_close(ours, expected, torch.float32, f"{name} loss")
+        grad, = torch.autograd.grad(ours, logits)
+        grad64, = torch.autograd.grad(expected, x64)
+        assert grad.dtype == autocast_dtype, name  # the cast's backward, as torch's
+        assert_close(grad, grad64, autocast_dtype, f"{name} gradient")
