@@ -168,3 +168,24 @@ def test_losses_run_in_float32_under_autocast_as_torch(device, autocast_dtype):
         grad64, = torch.autograd.grad(expected, x64)
         assert grad.dtype == autocast_dtype, name  # the cast's backward, as torch's
         assert_close(grad, grad64, autocast_dtype, f"{name} gradient")
+
+
+def test_a_grad_scaler_trains_under_float16_autocast(device):
+    # The scaled loss (x 65536) overflowed float16 when gpunn's losses returned float16 under autocast: every
+    # step was skipped and the scale halved. In float32, as torch computes it, the steps happen.
+    torch.manual_seed(3)
+    layer = gpunn.Linear(12, 7, device=device)
+    optimizer = gpunn.optim.SGD(layer.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler(device.type)
+    x, target = torch.randn(5, 12, device=device), torch.randint(0, 7, (5,), device=device)
+    before = layer.weight.detach().clone()
+    for _ in range(2):
+        optimizer.zero_grad()
+        with torch.autocast(device.type, dtype=torch.float16):
+            logits = layer(x)
+            loss = gpunn.CrossEntropyLoss()(logits, target) + gpunn.MSELoss()(logits, torch.ones_like(logits))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    assert scaler.get_scale() == 65536.0  # no step found an inf
+    assert not torch.equal(layer.weight, before)
