@@ -170,22 +170,22 @@ def test_losses_run_in_float32_under_autocast_as_torch(device, autocast_dtype):
         assert_close(grad, grad64, autocast_dtype, f"{name} gradient")
 
 
-def test_a_grad_scaler_trains_under_float16_autocast(device):
-    # The scaled loss (x 65536) overflowed float16 when gpunn's losses returned float16 under autocast: every
-    # step was skipped and the scale halved. In float32, as torch computes it, the steps happen.
+def test_a_grad_scaler_takes_the_first_step_under_float16_autocast(device):
+    # A float16 loss (what gpunn's losses returned under autocast) times the GradScaler's initial 65536
+    # overflows, so the first steps were skipped while the scale fell. In float32, as torch computes it, the
+    # first step is taken (inputs small enough that no gradient overflows float16 at that scale).
     torch.manual_seed(3)
     layer = gpunn.Linear(12, 7, device=device)
     optimizer = gpunn.optim.SGD(layer.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler(device.type)
-    x, target = torch.randn(5, 12, device=device), torch.randint(0, 7, (5,), device=device)
+    x, target = 0.1 * torch.randn(5, 12, device=device), torch.randint(0, 7, (5,), device=device)
     before = layer.weight.detach().clone()
-    for _ in range(2):
-        optimizer.zero_grad()
-        with torch.autocast(device.type, dtype=torch.float16):
-            logits = layer(x)
-            loss = gpunn.CrossEntropyLoss()(logits, target) + gpunn.MSELoss()(logits, torch.ones_like(logits))
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    assert scaler.get_scale() == 65536.0  # no step found an inf
+    with torch.autocast(device.type, dtype=torch.float16):
+        logits = layer(x)
+        loss = gpunn.CrossEntropyLoss()(logits, target) + gpunn.MSELoss()(logits, torch.ones_like(logits))
+    assert loss.dtype == torch.float32 and loss.item() > 1  # x 65536: past float16's largest value
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 65536.0  # the step found no inf
     assert not torch.equal(layer.weight, before)
