@@ -177,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
                          (device.type == "cuda") + providers[-1:] if p not in args.skip_providers]
                     for op in OPS if op in args.only}
     every_provider = list(dict.fromkeys(p for ps in op_providers.values() for p in ps))
+    known = {*providers, "torch.compile", "torch.compile-max-autotune",
+             *(p for module in modules.values() for p in getattr(module, "CUDA_PROVIDERS", ()))}
+    if args.skip_providers - known:
+        print(f"error: --skip-providers: unknown {', '.join(sorted(args.skip_providers - known))}; known: "
+              f"{', '.join(sorted(known))}", file=sys.stderr)
+        return 2
 
     log(f"gpunn bench: {info.gpu}; torch {info.torch}; triton {info.triton}; git {info.git_sha}; {info.date}")
     log(f"preset {args.preset}; ops {','.join(args.only)}; dtypes {','.join(args.dtypes)}; activations "
@@ -197,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [(modules[op], modules[op].cases(args.preset, args.dtypes, args.activations), op_providers[op])
                 for op in OPS if op in args.only]
         progress = harness.Progress(sum(module.steps(cases, ps) for module, cases, ps in runs), log)
-        for module, cases, op_providers in runs:
-            new, new_errors = module.run(cases, op_providers, device, ceilings, log, progress)
+        for module, cases, providers_of_op in runs:
+            new, new_errors = module.run(cases, providers_of_op, device, ceilings, log, progress)
             records += new
             errors += new_errors
     finally:

@@ -83,11 +83,13 @@ class Case(harness.CaseBase):
         return elements * harness.DTYPES[self.dtype].itemsize
 
     def modes_for(self, provider: str) -> tuple[str, ...]:
-        if provider == GRID_SYNC_PROVIDER:  # the same kernels as gpunn's below the limit
-            dtype = harness.DTYPES[self.dtype]
-            if self.hidden <= min(rnn_sequence.resident_limit(dtype, backward) for backward in (False, True)):
-                return ()
-        return self.modes
+        if provider != GRID_SYNC_PROVIDER:
+            return self.modes
+        # Only the modes in which some pass is past its resident limit: gpunn's own kernels otherwise.
+        dtype = harness.DTYPES[self.dtype]
+        forward, backward = (self.hidden > rnn_sequence.resident_limit(dtype, pass_) for pass_ in (False, True))
+        return tuple(mode for mode in self.modes
+                     if {"fwd": forward, "bwd": backward, "fwd+bwd": forward or backward}[mode])
 
     def make_provider(self, name: str, device: torch.device):
         h0 = torch.zeros(1, self.batch, self.hidden, device=device, dtype=harness.DTYPES[self.dtype])
@@ -121,8 +123,9 @@ class Case(harness.CaseBase):
 
 
 def _with_grid_sync(on: bool, function):
-    """function, setting GPUNN_RNN_GRID_SYNC to `on` on every call. The harness times a backward after its
-    provider's forward, outside the call: the variable is left set for it."""
+    """function, setting GPUNN_RNN_GRID_SYNC to `on` on every call: provider gpunn runs the default path
+    whatever the environment says, gpunn-gridsync the split one. The harness times a backward after its
+    provider's forward, outside the call: the variable is left set for it (run() restores it at the end)."""
     def run(*args):
         os.environ["GPUNN_RNN_GRID_SYNC"] = "1" if on else "0"
         return function(*args)
@@ -159,10 +162,17 @@ PROVIDERS = ("torch", "gpunn", GRID_SYNC_PROVIDER)
 
 def run(all_cases: list[Case], providers: list[str], device: torch.device, ceilings: harness.Ceilings,
         log: harness.Log, progress: harness.Progress) -> tuple[list[Record], list[str]]:
-    """bench/dense.py's run over these cases (torch and gpunn only), plus each result's time per step and
-    arithmetic fraction."""
-    records, errors = dense.run(all_cases, [p for p in providers if p in PROVIDERS], device, ceilings, log,
-                                progress)
+    """bench/dense.py's run over these cases (torch, gpunn and gpunn-gridsync), plus each result's time per
+    step and arithmetic fraction. GPUNN_RNN_GRID_SYNC is restored afterwards (the providers set it)."""
+    previous = os.environ.get("GPUNN_RNN_GRID_SYNC")
+    try:
+        records, errors = dense.run(all_cases, [p for p in providers if p in PROVIDERS], device, ceilings, log,
+                                    progress)
+    finally:
+        if previous is None:
+            os.environ.pop("GPUNN_RNN_GRID_SYNC", None)
+        else:
+            os.environ["GPUNN_RNN_GRID_SYNC"] = previous
     by_key = {(case.op, case.shape, case.dtype): case for case in all_cases}
     for record in list(records):
         case = by_key.get((record.op, record.shape, record.dtype))

@@ -89,17 +89,20 @@ def grid_sync() -> bool:
     return os.environ.get("GPUNN_RNN_GRID_SYNC", "0") == "1"
 
 
+def _split_tiles_for(dtype: torch.dtype) -> list[tuple[int, int, int]]:
+    """SPLIT_TILES that dtype compiles without spills: 16 batch rows for fp64 and IEEE fp32."""
+    slow = dtype == torch.float64 or (dtype == torch.float32 and dot_precision(dtype) == "ieee")
+    return [tile for tile in SPLIT_TILES if not (slow and tile[0] > 16)]
+
+
 def split_tiles(hidden: int, batch: int, dtype: torch.dtype, device: torch.device) -> tuple[tuple[int, int], dict]:
     """(grid, tile constexprs and launch options) of the column-split kernels: at most one program an SM (so
     that a cooperative launch fits; see split_fits). Of SPLIT_TILES, the one whose busiest program reads the
     fewest elements a step: its batch tiles' previous rows (BLOCK_B x H each) and W_hh slice (BLOCK_N x H,
     read again per batch tile); then the fewest programs."""
     sms = _sm_count(device)
-    exact_fp32 = dtype == torch.float32 and dot_precision(dtype) == "ieee"
     choices = []
-    for block_b, block_n, warps in SPLIT_TILES:
-        if (dtype == torch.float64 or exact_fp32) and block_b > 16:
-            continue
+    for block_b, block_n, warps in _split_tiles_for(dtype):
         column_programs = triton.cdiv(hidden, block_n)
         if column_programs > sms and not INTERPRET:  # the interpreter launches once a step: any grid runs
             continue
@@ -108,6 +111,7 @@ def split_tiles(hidden: int, batch: int, dtype: torch.dtype, device: torch.devic
         reads = triton.cdiv(batch_tiles, batch_programs) * (block_b + block_n)
         choices.append((reads, batch_programs * column_programs, block_b, block_n, warps, batch_programs))
     _, programs, block_b, block_n, warps, batch_programs = min(choices)
+    exact_fp32 = dtype == torch.float32 and dot_precision(dtype) == "ieee"
     block_k = SPLIT_BLOCK_K // 2 if exact_fp32 and not INTERPRET else SPLIT_BLOCK_K
     return (batch_programs, programs // batch_programs), dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,
                                                               num_warps=warps, num_stages=SPLIT_STAGES)
@@ -117,7 +121,7 @@ def split_fits(hidden: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the split kernels take this hidden size: compiled, its widest column tile's programs must
     fit one an SM (H <= 32 x SMs, 4224 on an H100, for fp64 and IEEE fp32; 64 x SMs otherwise); the
     interpreter takes any."""
-    widest = 32 if dtype == torch.float64 or (dtype == torch.float32 and dot_precision(dtype) == "ieee") else 64
+    widest = max(block_n for _, block_n, _ in _split_tiles_for(dtype))
     return INTERPRET or triton.cdiv(hidden, widest) <= _sm_count(device)
 
 
@@ -283,18 +287,18 @@ def _split(kernel, name: str, tensors: tuple, batch: int, hidden: int, steps: in
     between steps; under the interpreter, which runs programs one after another, in one launch a step."""
     device = tensors[0].device
     grid, tiles = split_tiles(hidden, batch, dtype, device)
-    together = not INTERPRET
+    cooperative = not INTERPRET
     # A launch's barrier counter (int32) reaches units x programs: past 2^31, more launches.
-    chunk = min(units, (2**31 - 1) // (grid[0] * grid[1])) if together else 1
-    options = dict(launch_cooperative_grid=True) if together else {}
+    chunk = min(units, (2**31 - 1) // (grid[0] * grid[1])) if cooperative else 1
+    options = dict(launch_cooperative_grid=True) if cooperative else {}
     for first in range(0, units, chunk):
-        counter = torch.zeros(1, dtype=torch.int32, device=device) if together else tensors[-1]
+        counter = torch.zeros(1, dtype=torch.int32, device=device) if cooperative else tensors[-1]
         with launch(name, device):
             kernel[grid](*tensors, counter, batch, hidden, steps, first, min(first + chunk, units),
-                         GRID_SYNC=together, **tiles, **_numerics(dtype), **constexprs, **options)
+                         GRID_SYNC=cooperative, **tiles, **_numerics(dtype), **constexprs, **options)
 
 
-def _splits(hidden: int, dtype: torch.dtype, device: torch.device, backward: bool) -> bool:
+def _takes_split_path(hidden: int, dtype: torch.dtype, device: torch.device, backward: bool) -> bool:
     return hidden > resident_limit(dtype, backward) and grid_sync() and split_fits(hidden, dtype, device)
 
 
@@ -310,7 +314,7 @@ def forward(p: torch.Tensor, w_hh: torch.Tensor, out: torch.Tensor, state: torch
     if steps == 0 or batch == 0 or hidden == 0:
         return state[0]
     act = activations.CODES[activation]
-    if _splits(hidden, p.dtype, p.device, backward=False):
+    if _takes_split_path(hidden, p.dtype, p.device, backward=False):
         _split(rnn_split.rnn_split_forward_kernel, "rnn_split_forward_kernel",
                (p, p.stride(0), w_hh, *w_hh.stride(), out, out.stride(0), state, batch_sizes, offsets),
                batch, hidden, steps, steps, p.dtype, ACT=act, REVERSE=reverse)
@@ -332,7 +336,7 @@ def backward(dout: torch.Tensor, out: torch.Tensor, w_hh: torch.Tensor, dz: torc
     if steps == 0 or batch == 0 or hidden == 0:
         return
     act = activations.CODES[activation]
-    if _splits(hidden, out.dtype, out.device, backward=True):
+    if _takes_split_path(hidden, out.dtype, out.device, backward=True):
         _split(rnn_split.rnn_split_backward_kernel, "rnn_split_backward_kernel",
                (dout, dout.stride(0), out, out.stride(0), w_hh, *w_hh.stride(), dz, dz.stride(0), dh,
                 batch_sizes, offsets), batch, hidden, steps, steps + 1, out.dtype, ACT=act, REVERSE=reverse)

@@ -125,8 +125,8 @@ def test_grid_sync_split_columns_match_torch(device, monkeypatch):
 
 
 def test_grid_sync_programs_with_several_batch_tiles(device, monkeypatch):
-    # split_tiles gives each program one batch tile where the GPU has enough SMs: force three a program
-    # (every program loops over batch tiles i, i + grid, ...), then all three in one program.
+    # split_tiles gives each program one batch tile where the GPU has enough SMs: force several a program
+    # (program i loops over batch tiles i, i + grid, ...): 2 + 1 over two programs, then 3 in one.
     monkeypatch.setenv("GPUNN_RNN_GRID_SYNC", "1")
     monkeypatch.setattr(rnn_sequence, "RESIDENT_BYTES", 0)
     chosen = rnn_sequence.split_tiles

@@ -6,6 +6,8 @@ one step (forward, cross-entropy, backward, SGD with momentum) run eagerly and r
 
 Each line: us a step, wall clock over STEPS steady-state steps between two synchronisations (not
 do_bench: its L2 flush before every call would hide up to ~85 us of host time behind the GPU), bf16.
+gpunn's eager cross-entropy syncs with the device once a call (its target check, as torch's CPU
+loss raises; skipped inside a graph), which is part of what the graph saves.
 """
 import copy
 import os
