@@ -87,7 +87,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
             "none". label_smoothing: in [0, 1].
 
     Returns:
-        The loss: a scalar, or target's shape for "none"; in input's dtype (float32 under autocast for 16-bit inputs, as torch).
+        The loss: a scalar, or target's shape for "none"; in input's dtype (float32 under autocast for 16-bit
+        inputs, as torch).
 
     Raises:
         The errors torch raises for these arguments, with its types, before any kernel runs: ValueError for
@@ -176,8 +177,8 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean")
     """torch.nn.functional.mse_loss: (input - target)^2, reduced, forward and backward in Triton.
 
     input and target: any shapes that broadcast (with torch's warning when they differ) and floating dtypes
-    (promoted as torch does; float32 under autocast for 16-bit inputs, as torch). Returns a scalar, or the broadcast shape for
-    "none".
+    (promoted as torch does; float32 under autocast for 16-bit inputs, as torch). Returns a scalar, or the
+    broadcast shape for "none".
     """
     _check_reduction(reduction)
     if input.shape != target.shape:
