@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                          (device.type == "cuda") + providers[-1:] if p not in args.skip_providers]
                     for op in OPS if op in args.only}
     every_provider = list(dict.fromkeys(p for ps in op_providers.values() for p in ps))
-    known = {*providers, "torch.compile", "torch.compile-max-autotune",
+    known = {"torch", "gpunn", *dense.COMPILE_MODES,
              *(p for module in modules.values() for p in getattr(module, "CUDA_PROVIDERS", ()))}
     if args.skip_providers - known:
         print(f"error: --skip-providers: unknown {', '.join(sorted(args.skip_providers - known))}; known: "

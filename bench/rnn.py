@@ -126,8 +126,11 @@ def _with_grid_sync(on: bool, function):
     """function, setting GPUNN_RNN_GRID_SYNC to `on` on every call: provider gpunn runs the default path
     whatever the environment says, gpunn-gridsync the split one. The harness times a backward after its
     provider's forward, outside the call: the variable is left set for it (run() restores it at the end)."""
+    value = "1" if on else "0"
+
     def run(*args):
-        os.environ["GPUNN_RNN_GRID_SYNC"] = "1" if on else "0"
+        if os.environ.get("GPUNN_RNN_GRID_SYNC") != value:  # setting the environment costs more than reading it
+            os.environ["GPUNN_RNN_GRID_SYNC"] = value
         return function(*args)
 
     return run

@@ -42,12 +42,17 @@ STREAM_TILE = {2: (64, 64), 4: (64, 32), 8: (32, 32)}  # (BLOCK_H, BLOCK_K) by e
 INTERPRETER_STREAM_TILE = (32, 32)  # the interpreter pays per loop iteration: fewer, larger tiles
 
 
+def _exact_fp32(dtype: torch.dtype) -> bool:
+    """float32 under IEEE precision: tl.dot on FMA units, whose tiles need more registers."""
+    return dtype == torch.float32 and dot_precision(dtype) == "ieee"
+
+
 def resident_limit(dtype: torch.dtype, backward: bool = False) -> int:
     """The largest hidden size whose W_hh the forward (or backward) kernel holds on chip, for weights of
     `dtype` (0: always streamed). From the sm_90 compile report: 128 KiB of W_hh in shared memory, except
     where the backward spilled (fp64 at 128 by 72 B; IEEE fp32, whose FMA dot spilled 200-2600 B at 64
     and 128)."""
-    if backward and dtype == torch.float32 and dot_precision(dtype) == "ieee":
+    if backward and _exact_fp32(dtype):
         return 0
     size = 16
     while (2 * size) ** 2 * torch.finfo(dtype).bits // 8 <= RESIDENT_BYTES:
@@ -61,8 +66,10 @@ def plan(hidden: int, dtype: torch.dtype, backward: bool = False) -> dict:
     if hidden <= resident_limit(dtype, backward):
         return dict(RESIDENT=True, BLOCK_H=padded, BLOCK_K=padded, num_warps=8 if padded >= 128 else 4)
     element = torch.finfo(dtype).bits // 8
-    exact_fp32 = element == 4 and dot_precision(dtype) == "ieee"  # FMA tiles: 64 x 32 spilled at odd sizes
-    block_h, block_k = INTERPRETER_STREAM_TILE if INTERPRET else (32, 32) if exact_fp32 else STREAM_TILE[element]
+    if INTERPRET:
+        block_h, block_k = INTERPRETER_STREAM_TILE
+    else:  # FMA tiles for IEEE fp32: 64 x 32 spilled at odd sizes
+        block_h, block_k = (32, 32) if _exact_fp32(dtype) else STREAM_TILE[element]
     return dict(RESIDENT=False, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=4)
 
 
@@ -91,7 +98,7 @@ def grid_sync() -> bool:
 
 def _split_tiles_for(dtype: torch.dtype) -> list[tuple[int, int, int]]:
     """SPLIT_TILES that dtype compiles without spills: 16 batch rows for fp64 and IEEE fp32."""
-    slow = dtype == torch.float64 or (dtype == torch.float32 and dot_precision(dtype) == "ieee")
+    slow = dtype == torch.float64 or _exact_fp32(dtype)
     return [tile for tile in SPLIT_TILES if not (slow and tile[0] > 16)]
 
 
@@ -111,8 +118,7 @@ def split_tiles(hidden: int, batch: int, dtype: torch.dtype, device: torch.devic
         reads = triton.cdiv(batch_tiles, batch_programs) * (block_b + block_n)
         choices.append((reads, batch_programs * column_programs, block_b, block_n, warps, batch_programs))
     _, programs, block_b, block_n, warps, batch_programs = min(choices)
-    exact_fp32 = dtype == torch.float32 and dot_precision(dtype) == "ieee"
-    block_k = SPLIT_BLOCK_K // 2 if exact_fp32 and not INTERPRET else SPLIT_BLOCK_K
+    block_k = SPLIT_BLOCK_K // 2 if _exact_fp32(dtype) and not INTERPRET else SPLIT_BLOCK_K
     return (batch_programs, programs // batch_programs), dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,
                                                               num_warps=warps, num_stages=SPLIT_STAGES)
 

@@ -17,16 +17,19 @@ import triton
 import gpunn.functional as F
 from gpunn.kernels import rnn_sequence
 
+from .. import harness
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STEPS, BATCH, HIDDEN = (int(os.environ.get(name, default)) for name, default in
                         (("STEPS", 256), ("BATCH", 64), ("HIDDEN", 1024)))
 
 
 def bench_us(fn) -> float:
+    """Median us of fn (the harness's do_bench on CUDA; on the CPU one untimed call)."""
     if DEVICE == "cpu":
         fn()
         return 0.0
-    return triton.testing.do_bench(fn, warmup=5, rep=50) * 1e3
+    return harness.time_ms(fn, torch.device(DEVICE), warmup_ms=5, rep_ms=50).p50 * 1e3
 
 
 def per_step(forward, backward) -> str:
