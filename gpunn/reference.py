@@ -79,6 +79,8 @@ def rnn(x: torch.Tensor, hx: torch.Tensor, weights, num_layers: int = 1, nonline
         batch_first: bool = False, batch_sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's own multi-layer RNN (torch.rnn_tanh / rnn_relu: cuDNN on CUDA), gpunn.functional.rnn's arguments."""
     torch_rnn = torch.rnn_tanh if nonlinearity == "tanh" else torch.rnn_relu
+    # cuDNN keeps what its backward needs only in training mode; without dropout that mode computes the same.
+    training = training or dropout == 0
     if batch_sizes is not None:
         return torch_rnn(x, batch_sizes, hx, weights, bias, num_layers, dropout, training, bidirectional)
     return torch_rnn(x, hx, weights, bias, num_layers, dropout, training, bidirectional, batch_first)

@@ -78,8 +78,11 @@ def test_cross_entropy_errors_match_torch(device):
              (x, good, dict(weight=torch.ones(3, device=device))), (x, good, dict(label_smoothing=1.5)),
              (x, good, dict(reduction="bad"))]
     for logits, target, kwargs in cases:
+        # torch's reference runs on the CPU: on CUDA its out-of-range target is a device-side assert, which raises
+        # nothing here and leaves the process's CUDA context unusable. gpunn checks targets on the host and raises.
+        on_cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kwargs.items()}
         with pytest.raises(Exception) as expected:
-            F.cross_entropy(logits, target, **kwargs)
+            F.cross_entropy(logits.cpu(), target.cpu(), **on_cpu)
         with count_launches() as launches, pytest.raises(expected.type):
             gpunn.losses.cross_entropy(logits, target, **kwargs)
         assert launches == {}
