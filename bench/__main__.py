@@ -22,8 +22,7 @@ eager (F.linear through cuBLAS, on the masked weight for masked, then the activa
 that same eager function and, for masked forward on CUDA, torch's BSR sparse path; the locally connected
 layers (ops local2d and local1d: gpunn.functional.locally_connected2d / 1d) against F.unfold + einsum
 (gpunn.reference) and its torch.compile; the sequence RNN (op rnn: gpunn.functional.rnn, one tanh layer)
-against torch.rnn_tanh (cuDNN) without torch.compile (inductor does not lower RNNs), and on CUDA gpunn with
-GPUNN_RNN_GRID_SYNC=1 (provider gpunn-gridsync) where the hidden size is past the resident limit; one RNN cell step
+against torch.rnn_tanh (cuDNN) without torch.compile (inductor does not lower RNNs); one RNN cell step
 (op rnn_cell: gpunn.functional.rnn_cell, tanh) against torch.rnn_tanh_cell (nn.RNNCell's function) and
 torch.compile of gpunn.reference.rnn_cell; cross-entropy (op xent) and mean squared error (op mse) against
 F.cross_entropy / F.mse_loss and their torch.compile; one SGD step (op sgd) against torch.optim.SGD; and a
@@ -89,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='also time torch.compile(mode="max-autotune-no-cudagraphs"); compiling takes minutes')
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     parser.add_argument("--skip-providers", default="", metavar="LIST",
-                        help="comma-separated providers not to run, e.g. torch.sparse,gpunn-gridsync")
+                        help="comma-separated providers not to run, e.g. torch.sparse,torch.compile")
     args = parser.parse_args(argv)
 
     args.activations = [a.strip() for a in args.activations.split(",") if a.strip()]

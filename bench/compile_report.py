@@ -214,32 +214,32 @@ def _launch_rnn_cell_grad_weight(dtype, m, n, k, activation):
                     ((n, k), (n, n)), activation, True)
 
 
-def _launch_rnn_sequence(dtype, m, n, k, resident, backward):
-    # batch m; hidden n, or the largest hidden size held on chip for this dtype and pass (n where it has
-    # none); 8 steps (the step count is a runtime loop bound, so it changes nothing compiled).
+def _launch_rnn_sequence(dtype, m, n, k, backward, resident=False, sms=None):
+    # batch m; 8 steps (the step count is a runtime loop bound, so it changes nothing compiled). resident:
+    # the largest hidden size held on chip for this dtype and pass (no launch where it has none); else
+    # hidden n past the resident limit, the columns split across an H100's grid in one cooperative launch,
+    # or, with `sms` SMs too few for its column tiles, launched once a step.
+    from unittest import mock
+
     import torch
 
     from gpunn.kernels import rnn_sequence, runtime
-    hidden = (rnn_sequence.resident_limit(dtype, backward) or n) if resident else n
+    limit = rnn_sequence.resident_limit(dtype, backward)
+    if resident and not limit:
+        return
+    hidden = limit if resident else n
     steps, rows = 8, 8 * m
     sizes, offsets = _meta((steps,), torch.int64), _meta((steps,), torch.int64)
     w_hh, out = _meta((hidden, hidden), dtype), _meta((rows, hidden), dtype)
     state = runtime.state_dtype(dtype)
-    if backward:
-        rnn_sequence.backward(_meta((rows, hidden), dtype), out, w_hh, _meta((rows, hidden), dtype),
-                              _meta((m, hidden), state), sizes, offsets, "tanh", reverse=False)
-    else:
-        rnn_sequence.forward(_meta((rows, hidden), dtype), w_hh, out, _meta((2, m, hidden), state), sizes,
-                             offsets, "tanh", reverse=False)
-
-
-def _launch_rnn_split(dtype, m, n, k, backward):
-    # The column-split recurrence (GPUNN_RNN_GRID_SYNC=1) at batch m, hidden n: one cooperative launch.
-    from unittest import mock
-
-    from gpunn.kernels import rnn_sequence
-    with mock.patch.dict(os.environ, GPUNN_RNN_GRID_SYNC="1"), mock.patch.object(rnn_sequence, "RESIDENT_BYTES", 0):
-        _launch_rnn_sequence(dtype, m, n, k, resident=False, backward=backward)
+    with mock.patch.object(rnn_sequence, "RESIDENT_BYTES", rnn_sequence.RESIDENT_BYTES if resident else 0), \
+            mock.patch.object(rnn_sequence, "_sm_count", (lambda device: sms) if sms else rnn_sequence._sm_count):
+        if backward:
+            rnn_sequence.backward(_meta((rows, hidden), dtype), out, w_hh, _meta((rows, hidden), dtype),
+                                  _meta((m, hidden), state), sizes, offsets, "tanh", reverse=False)
+        else:
+            rnn_sequence.forward(_meta((rows, hidden), dtype), w_hh, out, _meta((2, m, hidden), state), sizes,
+                                 offsets, "tanh", reverse=False)
 
 
 def _launch_sgd(dtype, m, n, k, momentum, first_step):
@@ -322,22 +322,21 @@ CASES = (
     Case("gpunn.kernels.rnn", "rnn_cell_forward_kernel", _launch_rnn_cell_forward, (
         Variant("tanh", dict(activation="tanh")),
     )),
-    # The sequence recurrence (one launch for all steps): W_hh on chip at the largest resident hidden size,
-    # and streamed tiles at the size's hidden.
+    # The sequence recurrence: W_hh on chip at the largest resident hidden size (one launch for all steps).
     Case("gpunn.kernels.rnn_sequence", "rnn_sequence_forward_kernel", _launch_rnn_sequence, (
         Variant("resident", dict(resident=True, backward=False)),
-        Variant("streamed", dict(resident=False, backward=False)),
-    ), tile=("BLOCK_B", "BLOCK_H", "BLOCK_K")),
+    ), tile=("BLOCK_B", "BLOCK_H")),
     Case("gpunn.kernels.rnn_sequence", "rnn_sequence_backward_kernel", _launch_rnn_sequence, (
         Variant("resident", dict(resident=True, backward=True)),
-        Variant("streamed", dict(resident=False, backward=True)),
-    ), tile=("BLOCK_B", "BLOCK_H", "BLOCK_K")),
-    # Past the resident limit with GPUNN_RNN_GRID_SYNC=1: columns of h_t split across the GPU, a grid barrier a step.
-    Case("gpunn.kernels.rnn_split", "rnn_split_forward_kernel", _launch_rnn_split, (
-        Variant("split", dict(backward=False)),
+    ), tile=("BLOCK_B", "BLOCK_H")),
+    # Past it, columns of h_t split across the GPU: a grid barrier a step, or a launch a step (grids past the SMs).
+    Case("gpunn.kernels.rnn_split", "rnn_split_forward_kernel", _launch_rnn_sequence, (
+        Variant("grid barrier", dict(backward=False)),
+        Variant("launch a step", dict(backward=False, sms=1)),
     ), tile=("BLOCK_B", "BLOCK_N", "BLOCK_K")),
-    Case("gpunn.kernels.rnn_split", "rnn_split_backward_kernel", _launch_rnn_split, (
-        Variant("split", dict(backward=True)),
+    Case("gpunn.kernels.rnn_split", "rnn_split_backward_kernel", _launch_rnn_sequence, (
+        Variant("grid barrier", dict(backward=True)),
+        Variant("launch a step", dict(backward=True, sms=1)),
     ), tile=("BLOCK_B", "BLOCK_N", "BLOCK_K")),
     # The optimizer: every parameter tensor of a group in one launch, addresses from a table.
     Case("gpunn.kernels.sgd", "sgd_kernel", _launch_sgd, (
@@ -421,7 +420,9 @@ def _fp32_matmul(tf32: bool):
 
 
 def _capture(case: Case, variant: Variant, mode: str, size: str):
-    """The (positional args, keyword args) the launcher passes to the kernel, without launching it."""
+    """The kernel and the (positional args, keyword args) the launcher passes to it, without launching it;
+    None for the call where the launcher runs another kernel for this mode (IEEE fp32's backward has no
+    resident form)."""
     import torch
     kernel = getattr(importlib.import_module(case.module), case.kernel)
     dtype_name, tf32 = MODES[mode]
@@ -433,9 +434,9 @@ def _capture(case: Case, variant: Variant, mode: str, size: str):
             case.launch(getattr(torch, dtype_name), *SIZES[size], **variant.kwargs)
     finally:
         del kernel.run
-    if len(calls) != 1:
-        raise RuntimeError(f"{case.kernel}: the launcher made {len(calls)} launches, expected 1")
-    return kernel, calls[0]
+    if any(kwargs != calls[0][1] for _, kwargs in calls[1:]):  # a launch a step: the same compile each time
+        raise RuntimeError(f"{case.kernel}: the launcher's {len(calls)} launches differ in their constexprs")
+    return kernel, calls[0] if calls else None
 
 
 @dataclass
@@ -462,7 +463,10 @@ class Spec:
 def _specs(case: Case, variant: Variant, mode: str, size: str) -> list[Spec]:
     """One Spec per autotuning config the kernel's pruner keeps for this launch."""
     from triton.runtime.autotuner import Config
-    kernel, (args, kwargs) = _capture(case, variant, mode, size)
+    kernel, call = _capture(case, variant, mode, size)
+    if call is None:
+        return []
+    args, kwargs = call
     autotuner, heuristics, fn = _unwrap(kernel)
     named = dict(zip(fn.arg_names, args))
     if autotuner is None:  # launch options passed at the call, as in kernel[grid](..., num_warps=8)

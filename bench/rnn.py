@@ -3,9 +3,9 @@
 Providers, all run in the same process on the same inputs:
 - torch:  torch.rnn_tanh, torch.nn.RNN's function (cuDNN on CUDA; the weights arrive as views, so torch
           packs them into cuDNN's buffer each call: a weight-sized copy, small beside the sequence).
-- gpunn:  gpunn.functional.rnn: the input projection as one GEMM, then one launch for all the steps.
-- gpunn-gridsync (CUDA, hidden sizes past the resident limit only): the same with GPUNN_RNN_GRID_SYNC=1,
-          the columns of h_t split across the GPU with a grid barrier a step (kernels/rnn_split.py).
+- gpunn:  gpunn.functional.rnn: the input projection as one GEMM, then one launch for all the steps (W_hh
+          on chip, or past the resident limit the columns of h_t split across the GPU with a grid barrier a
+          step: kernels/rnn_sequence.py).
 torch.compile is not run: inductor does not lower RNNs (it calls the same cuDNN kernels).
 
 The case's (x, w, b) are x (T, B, I), w = [W_ih | W_hh] (H, I + H) and b = [b_ih; b_hh] (2, H); both providers
@@ -19,21 +19,16 @@ step-to-step dependency).
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 import gpunn.functional
-from gpunn.kernels import rnn_sequence
-
 from . import dense, harness
 from .harness import Record
 
 OP = "rnn"
-GRID_SYNC_PROVIDER = "gpunn-gridsync"
-CUDA_PROVIDERS = (GRID_SYNC_PROVIDER,)
 
 # (T, B, I, H) per preset: "fwd" runs the forward mode, "grad" runs bwd and fwd+bwd.
 PRESETS = {
@@ -82,20 +77,10 @@ class Case(harness.CaseBase):
         elements = {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}[mode]
         return elements * harness.DTYPES[self.dtype].itemsize
 
-    def modes_for(self, provider: str) -> tuple[str, ...]:
-        if provider != GRID_SYNC_PROVIDER:
-            return self.modes
-        # Only the modes in which some pass is past its resident limit: gpunn's own kernels otherwise.
-        dtype = harness.DTYPES[self.dtype]
-        forward, backward = (self.hidden > rnn_sequence.resident_limit(dtype, pass_) for pass_ in (False, True))
-        return tuple(mode for mode in self.modes
-                     if {"fwd": forward, "bwd": backward, "fwd+bwd": forward or backward}[mode])
-
     def make_provider(self, name: str, device: torch.device):
         h0 = torch.zeros(1, self.batch, self.hidden, device=device, dtype=harness.DTYPES[self.dtype])
-        if name in ("gpunn", GRID_SYNC_PROVIDER):
-            return _with_grid_sync(name == GRID_SYNC_PROVIDER,
-                                   lambda x, w, b: gpunn.functional.rnn(x, h0, self._weights(w, b))[0])
+        if name == "gpunn":
+            return lambda x, w, b: gpunn.functional.rnn(x, h0, self._weights(w, b))[0]
         if name == "torch":
             return _torch_rnn(h0, self._weights)
         raise ValueError(f"unknown provider {name!r}")
@@ -122,20 +107,6 @@ class Case(harness.CaseBase):
         return [w[:, :self.input_size], w[:, self.input_size:], b[0], b[1]]
 
 
-def _with_grid_sync(on: bool, function):
-    """function, setting GPUNN_RNN_GRID_SYNC to `on` on every call: provider gpunn runs the default path
-    whatever the environment says, gpunn-gridsync the split one. The harness times a backward after its
-    provider's forward, outside the call: the variable is left set for it (run() restores it at the end)."""
-    value = "1" if on else "0"
-
-    def run(*args):
-        if os.environ.get("GPUNN_RNN_GRID_SYNC") != value:  # setting the environment costs more than reading it
-            os.environ["GPUNN_RNN_GRID_SYNC"] = value
-        return function(*args)
-
-    return run
-
-
 def _torch_rnn(h0, weights):
     def torch_rnn(x, w, b):
         with warnings.catch_warnings():
@@ -160,22 +131,14 @@ def steps(all_cases: list[Case], providers: list[str]) -> int:
     return dense.steps(all_cases, [p for p in providers if p in PROVIDERS])
 
 
-PROVIDERS = ("torch", "gpunn", GRID_SYNC_PROVIDER)
+PROVIDERS = ("torch", "gpunn")
 
 
 def run(all_cases: list[Case], providers: list[str], device: torch.device, ceilings: harness.Ceilings,
         log: harness.Log, progress: harness.Progress) -> tuple[list[Record], list[str]]:
-    """bench/dense.py's run over these cases (torch, gpunn and gpunn-gridsync), plus each result's time per
-    step and arithmetic fraction. GPUNN_RNN_GRID_SYNC is restored afterwards (the providers set it)."""
-    previous = os.environ.get("GPUNN_RNN_GRID_SYNC")
-    try:
-        records, errors = dense.run(all_cases, [p for p in providers if p in PROVIDERS], device, ceilings, log,
-                                    progress)
-    finally:
-        if previous is None:
-            os.environ.pop("GPUNN_RNN_GRID_SYNC", None)
-        else:
-            os.environ["GPUNN_RNN_GRID_SYNC"] = previous
+    """bench/dense.py's run over these cases (torch and gpunn), plus each result's time per step and
+    arithmetic fraction."""
+    records, errors = dense.run(all_cases, [p for p in providers if p in PROVIDERS], device, ceilings, log, progress)
     by_key = {(case.op, case.shape, case.dtype): case for case in all_cases}
     for record in list(records):
         case = by_key.get((record.op, record.shape, record.dtype))

@@ -6,10 +6,11 @@ Grid (GB, GN): program (i, j) computes columns j*BLOCK_N.. of every batch tile i
 each step reads the previous step's whole rows (BLOCK_B x H) and a BLOCK_N x H slice of W_hh from L2. The
 programs of one step are independent; consecutive steps are not, so a launch covers steps
 [first, last) and either
-- runs one step (the host launches once a step: the interpreter, which runs programs one after another), or
-- runs them all with a grid-wide barrier between steps (GRID_SYNC: a cooperative launch, which the
-  driver refuses rather than start a grid whose programs cannot all be resident at once, so the barrier
-  cannot deadlock; the grid is sized to the SM count).
+- runs them all with a grid-wide barrier between steps (GRID_SYNC: a cooperative launch of at most one
+  program an SM, which the driver refuses rather than start a grid whose programs cannot all be resident
+  at once, so the barrier cannot deadlock), or
+- runs one step (the host launches once a step: grids larger than the GPU, and the interpreter, which runs
+  programs one after another).
 
 Forward, step s: h_t = act(p_t + h_prev W_hh^T) for the active rows, h_prev being the same row of the
 previous step's output where it was active then, else h0. Each row's latest h_t also goes to the final

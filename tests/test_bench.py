@@ -231,29 +231,7 @@ def test_help_exits_zero(capsys):
     assert "--smoke" in capsys.readouterr().out
 
 
-def test_rnn_grid_sync_provider_runs_the_split_kernels_past_the_resident_limit(device, monkeypatch):
-    # CUDA-only in `python -m bench`; here its case logic and its kernels (on the CPU, interpreted).
-    from bench import rnn
-    from gpunn.kernels import rnn_sequence
-    monkeypatch.setenv("GPUNN_RNN_GRID_SYNC", "0")
-    assert rnn.Case(8, 2, 4, 256, "bf16", True).modes_for(rnn.GRID_SYNC_PROVIDER) == ()
-    assert rnn.Case(8, 2, 4, 1024, "bf16", True).modes_for(rnn.GRID_SYNC_PROVIDER) == ("bwd", "fwd+bwd")
-    # IEEE fp32: the backward is always past its limit (0), the forward only past 128
-    assert rnn.Case(8, 2, 4, 100, "fp32", True).modes_for(rnn.GRID_SYNC_PROVIDER) == ("bwd", "fwd+bwd")
-    assert rnn.Case(8, 2, 4, 100, "fp32", False).modes_for(rnn.GRID_SYNC_PROVIDER) == ()
-    monkeypatch.setattr(rnn_sequence, "RESIDENT_BYTES", 0)  # the split path at a small hidden size
-    case = rnn.Case(3, 2, 4, 20, "fp32", False)
-    x, w, b, _ = case.inputs(device, 0)
-    before = launch_counts().get("rnn_split_forward_kernel", 0)
-    expected = case.make_provider("gpunn", device)(x, w, b)
-    assert launch_counts().get("rnn_split_forward_kernel", 0) == before  # gpunn: the default path
-    got = case.make_provider(rnn.GRID_SYNC_PROVIDER, device)(x, w, b)
-    # a launch a step under the interpreter, one cooperative launch on CUDA
-    assert launch_counts()["rnn_split_forward_kernel"] == before + (1 if device.type == "cuda" else 3)
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)  # two fp32 summation orders
-
-
 def test_skip_providers_refuses_an_unknown_name(tmp_path, capsys):
-    # A typo must not silently run what it meant to skip (the untested grid barrier, say).
-    assert main(["--smoke", "--only", "mse", "--skip-providers", "gpunn-grid-sync", "--out", str(tmp_path)]) == 2
-    assert "unknown gpunn-grid-sync" in capsys.readouterr().err
+    # A typo must not silently run what it meant to skip.
+    assert main(["--smoke", "--only", "mse", "--skip-providers", "torch-sparse", "--out", str(tmp_path)]) == 2
+    assert "unknown torch-sparse" in capsys.readouterr().err

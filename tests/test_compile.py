@@ -63,8 +63,9 @@ def test_a_model_of_every_layer_compiles_without_graph_breaks(device):
     # Dynamo refuses every torch.nn.RNN subclass unless told otherwise, gpunn.RNN included.
     with count_launches() as launches, torch._dynamo.config.patch(allow_rnn=True):
         loss, grads = _step(compiled, x, target, loss_fns)
+    # (IEEE fp32, as the tests run, has no resident RNN backward: the split kernel runs it.)
     for kernel in ("local_forward_kernel", "masked_forward_kernel", "rnn_cell_forward_kernel",
-                   "rnn_sequence_forward_kernel", "rnn_sequence_backward_kernel", "dense_grad_weight_kernel",
+                   "rnn_sequence_forward_kernel", "rnn_split_backward_kernel", "dense_grad_weight_kernel",
                    "local_grad_input_kernel", "masked_grad_weight_kernel", "cross_entropy_backward_kernel",
                    "mse_backward_kernel"):
         assert launches.get(kernel, 0) > 0, kernel
@@ -132,21 +133,12 @@ def test_fake_shapes_match_real_ones(device):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_a_training_step_is_captured_in_a_cuda_graph(device):
+def _replays_like_eager_steps(model, x, target):
     """After warm-up (autotuning, the mask's layout, SGD's table), one forward, loss, backward and SGD step of
-    dense, masked and locally connected layers is captured in a CUDA graph; replaying it trains exactly as
-    eager steps do."""
+    model is captured in a CUDA graph; replaying it trains exactly as eager steps train a copy."""
     import copy
 
-    torch.manual_seed(2)
-    model = torch.nn.Sequential(
-        gpunn.LocallyConnected2d(1, 2, (6, 6), 3, padding=1, device=device), torch.nn.Flatten(),
-        gpunn.MaskedLinear(72, 32, masks.local_1d(72, 32, 9), activation="gelu", device=device),
-        gpunn.RNNCell(32, 16, device=device), gpunn.Linear(16, 4, device=device))
     twin = copy.deepcopy(model)
-    x = torch.randn(16, 1, 6, 6, device=device)
-    target = torch.randint(0, 4, (16,), device=device)
 
     def trainer(net):
         loss_fn = gpunn.CrossEntropyLoss()
@@ -172,3 +164,41 @@ def test_a_training_step_is_captured_in_a_cuda_graph(device):
     assert torch.equal(static_loss, losses[-1])
     for ours, theirs in zip(model.parameters(), twin.parameters()):
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_training_step_is_captured_in_a_cuda_graph(device):
+    # dense, masked, locally connected and RNN-cell layers
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(
+        gpunn.LocallyConnected2d(1, 2, (6, 6), 3, padding=1, device=device), torch.nn.Flatten(),
+        gpunn.MaskedLinear(72, 32, masks.local_1d(72, 32, 9), activation="gelu", device=device),
+        gpunn.RNNCell(32, 16, device=device), gpunn.Linear(16, 4, device=device))
+    _replays_like_eager_steps(model, torch.randn(16, 1, 6, 6, device=device), torch.randint(0, 4, (16,), device=device))
+
+
+class LastStep(torch.nn.Module):
+    """x (B, T, I) -> a bidirectional RNN -> its last step's output -> logits (B, 4)."""
+
+    def __init__(self, hidden, device):
+        super().__init__()
+        self.rnn = gpunn.RNN(5, hidden, bidirectional=True, batch_first=True, device=device)
+        self.head = gpunn.Linear(2 * hidden, 4, device=device)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("split", [False, True], ids=["resident", "split"])
+def test_an_rnn_training_step_is_captured_in_a_cuda_graph(device, monkeypatch, split):
+    # W_hh on chip; and past the resident limit (forced) the split kernels, one cooperative launch a direction
+    # with a grid barrier a step, whose barrier counter is zeroed inside the graph on every replay.
+    from gpunn.kernels import rnn_sequence
+    if split:
+        monkeypatch.setattr(rnn_sequence, "RESIDENT_BYTES", 0)
+    torch.manual_seed(3)
+    x, target = torch.randn(24, 7, 5, device=device), torch.randint(0, 4, (24,), device=device)
+    with count_launches() as launches:
+        _replays_like_eager_steps(LastStep(40, device), x, target)
+    assert ("rnn_split_forward_kernel" in launches) == split

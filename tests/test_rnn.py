@@ -1,6 +1,6 @@
 """gpunn.RNN / functional.rnn against torch.nn.RNN in float64: every layer, direction and input form,
 outputs and every gradient; the drop-in contract (parameters, state_dict, errors); launches that do not
-grow with the sequence; both ways of holding W_hh (on chip, and streamed from memory)."""
+grow with the sequence; both ways of running the recurrence (W_hh on chip, and columns split across the GPU)."""
 from __future__ import annotations
 
 import itertools
@@ -95,39 +95,40 @@ def test_odd_sizes(device, sizes):
     run_case(device, torch.float64, *sizes)
 
 
-def test_streamed_weights_match_the_resident_path(device, monkeypatch):
-    # Hidden sizes above the on-chip limit stream W_hh every step: force that path at a small size.
-    monkeypatch.setattr(rnn_sequence, "RESIDENT_BYTES", 0)
-    assert not rnn_sequence.plan(70, torch.float64)["RESIDENT"]
-    run_case(device, torch.float64, 5, 18, 6, 70, num_layers=2, bidirectional=True, seed=3)  # several tiles
-    test_packed_sequences_with_unsorted_lengths(device)
-
-
-def test_grid_sync_split_columns_match_torch(device, monkeypatch):
-    # GPUNN_RNN_GRID_SYNC=1: past the resident limit (forced here) the columns of h_t are split across
-    # programs; on CUDA in one cooperative launch with a grid barrier a step (bench/device_check.sh runs
-    # the grid_sync tests on their own under a timeout), under the interpreter in one launch a step.
-    monkeypatch.setenv("GPUNN_RNN_GRID_SYNC", "1")
+def test_split_columns_match_torch(device, monkeypatch):
+    # Past the resident limit (forced here) the columns of h_t are split across programs: on CUDA in one
+    # cooperative launch with a grid barrier a step, under the interpreter in one launch a step.
     monkeypatch.setattr(rnn_sequence, "RESIDENT_BYTES", 0)
     with count_launches() as launches:
         run_case(device, torch.float64, 5, 40, 6, 20, num_layers=2, bidirectional=True, nonlinearity="relu", seed=5)
-        for dtype in dtypes_for(device):  # a partial column tile; tanh: relu's kinks make 16-bit results chaotic
+        run_case(device, torch.float64, 5, 18, 6, 70, num_layers=2, bidirectional=True, seed=3)  # partial tiles
+        for dtype in dtypes_for(device):  # tanh: relu's kinks make 16-bit results chaotic
             if dtype != torch.float64:
                 run_case(device, dtype, 4, 18, 6, 70, seed=6)
         test_packed_sequences_with_unsorted_lengths(device)  # rows that start and stop at every step
     assert set(SEQUENCE_KERNELS).isdisjoint(launches)
     low_precision = len(dtypes_for(device)) - 1
     if device.type == "cuda":  # one launch a layer and direction
-        assert [launches[name] for name in SPLIT_KERNELS] == [4 + low_precision + 4] * 2
+        assert [launches[name] for name in SPLIT_KERNELS] == [4 + 4 + low_precision + 4] * 2
     else:  # T launches forward, T + 1 backward
-        assert [launches[name] for name in SPLIT_KERNELS] == [4 * 5 + low_precision * 4 + 4 * 5,
-                                                              4 * 6 + low_precision * 5 + 4 * 6]
+        assert [launches[name] for name in SPLIT_KERNELS] == [4 * 5 + 4 * 5 + low_precision * 4 + 4 * 5,
+                                                              4 * 6 + 4 * 6 + low_precision * 5 + 4 * 6]
 
 
-def test_grid_sync_programs_with_several_batch_tiles(device, monkeypatch):
+def test_split_grid_larger_than_the_gpu_launches_once_a_step(device, monkeypatch):
+    # A hidden size whose widest column tile needs more programs than the GPU has SMs (a single SM here):
+    # no cooperative launch, one launch a step with every program of the grid.
+    monkeypatch.setattr(rnn_sequence, "RESIDENT_BYTES", 0)
+    monkeypatch.setattr(rnn_sequence, "_sm_count", lambda device: 1)
+    assert rnn_sequence.split_tiles(70, 18, torch.float64, device)[0] == (2, 3)
+    with count_launches() as launches:
+        run_case(device, torch.float64, 5, 18, 6, 70, bidirectional=True, seed=9)
+    assert [launches[name] for name in SPLIT_KERNELS] == [2 * 5, 2 * 6]
+
+
+def test_split_programs_with_several_batch_tiles(device, monkeypatch):
     # split_tiles gives each program one batch tile where the GPU has enough SMs: force several a program
     # (program i loops over batch tiles i, i + grid, ...): 2 + 1 over two programs, then 3 in one.
-    monkeypatch.setenv("GPUNN_RNN_GRID_SYNC", "1")
     monkeypatch.setattr(rnn_sequence, "RESIDENT_BYTES", 0)
     chosen = rnn_sequence.split_tiles
     for batch_programs in (2, 1):
@@ -138,10 +139,9 @@ def test_grid_sync_programs_with_several_batch_tiles(device, monkeypatch):
         run_case(device, torch.float64, 4, 45, 3, 20, bidirectional=True, seed=7)  # 3 batch tiles
 
 
-def test_grid_sync_one_launch_for_every_step(device, monkeypatch):
+def test_split_one_launch_for_every_step(device, monkeypatch):
     # The GPU's path, steps and barriers in one launch, run by the interpreter with a single program (its
     # barriers pass at once): every batch tile and column of every step in one program's loops.
-    monkeypatch.setenv("GPUNN_RNN_GRID_SYNC", "1")
     monkeypatch.setattr(rnn_sequence, "RESIDENT_BYTES", 0)
     monkeypatch.setattr(rnn_sequence, "INTERPRET", False)
     monkeypatch.setattr(rnn_sequence, "split_tiles", lambda hidden, batch, dtype, device: (
@@ -152,11 +152,16 @@ def test_grid_sync_one_launch_for_every_step(device, monkeypatch):
     assert [launches[name] for name in SPLIT_KERNELS] == [2 + 4, 2 + 4]  # one a layer and direction
 
 
-def test_resident_limits():
+def test_resident_limits_choose_the_kernels(device):
     dtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
     assert [rnn_sequence.resident_limit(dtype) for dtype in dtypes] == [256, 256, 128, 128]
     assert [rnn_sequence.resident_limit(dtype, backward=True) for dtype in dtypes] == [256, 256, 0, 64]  # IEEE fp32
-    assert rnn_sequence.plan(256, torch.bfloat16)["RESIDENT"] and not rnn_sequence.plan(257, torch.bfloat16)["RESIDENT"]
+    for hidden, forward, backward in ((64, "sequence", "sequence"), (65, "sequence", "split"), (129, "split", "split")):
+        ours = gpunn.RNN(3, hidden, device=device, dtype=torch.float64)
+        with count_launches() as launches:
+            ours(torch.randn(2, 1, 3, device=device, dtype=torch.float64))[0].sum().backward()
+        assert {name for name in launches if name.startswith("rnn_")} == {
+            f"rnn_{forward}_forward_kernel", f"rnn_{backward}_backward_kernel"}, hidden
 
 
 def test_unbatched(device):

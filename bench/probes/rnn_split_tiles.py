@@ -1,7 +1,7 @@
-"""GPU probe: the column-split RNN (GPUNN_RNN_GRID_SYNC=1) at the issue's large case, 256 steps, batch 64,
-hidden 1024, bf16, forward and backward through time, for each (BLOCK_B, BLOCK_N, BLOCK_K) tile and the
-grid it gets (at most one program an SM), beside split_tiles' own choice, the default path and cuDNN's
-forward. Some of these tiles spilled in the sm_90 compile report (see SPLIT_TILES); they are timed anyway.
+"""GPU probe: the column-split RNN (hidden sizes past the resident limit) at the issue's large case, 256 steps,
+batch 64, hidden 1024, bf16, forward and backward through time, for each (BLOCK_B, BLOCK_N, BLOCK_K) tile and
+the grid it gets (at most one program an SM), beside split_tiles' own choice and cuDNN's forward. Some of
+these tiles spilled in the sm_90 compile report (see SPLIT_TILES); they are timed anyway.
 
     python -m bench.probes.rnn_split_tiles    (STEPS=3 BATCH=20 HIDDEN=40 TRITON_INTERPRET=1: on the CPU, untimed)
 
@@ -53,18 +53,15 @@ def main() -> None:
         return per_step(bench_us(lambda: F.rnn(x, h0, weights)), backward)
 
     print(f"rnn {STEPS} steps, batch {BATCH}, hidden {HIDDEN}, {dtype}, {DEVICE}")
-    os.environ["GPUNN_RNN_GRID_SYNC"] = "0"
-    print(f"default path (streamed above the resident limit): {measure()}")
     if DEVICE == "cuda":
         with torch.no_grad():
             w_ih, w_hh, b_ih, b_hh = weights
             cudnn = bench_us(lambda: torch.rnn_tanh(x, h0, [w_ih, w_hh, b_ih, b_hh], True, 1, 0.0, False,
                                                      False, False))
         print(f"cuDNN forward: {cudnn / STEPS:7.2f} us/step")
-    os.environ["GPUNN_RNN_GRID_SYNC"] = "1"
     chosen = rnn_sequence.split_tiles
     print(f"split_tiles' choice {chosen(HIDDEN, BATCH, dtype, x.device)}: {measure()}")
-    for block_b, block_n, block_k, warps in itertools.product((16, 32, 64), (16, 32, 64), (32, 64), (4, 8)):
+    for block_b, block_n, block_k, warps in itertools.product((16, 32, 64), (16, 32, 64), (32, 64, 128), (4, 8)):
         def tiles(hidden, batch, dtype, device, block_b=block_b, block_n=block_n, block_k=block_k, warps=warps):
             sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
             columns = triton.cdiv(hidden, block_n)
