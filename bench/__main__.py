@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     notes.append("fp32 matmuls use TF32 in every provider (torch.set_float32_matmul_precision('high')).")
     notes += [note for op in OPS if op in args.only for note in modules[op].NOTES]
     # Providers only some ops have, run on CUDA only (an op module's CUDA_PROVIDERS): torch's BSR path for the
-    # masked forward (its CPU product has no 16-bit kernels), gpunn's grid-synchronised RNN.
+    # masked forward (its CPU product has no 16-bit kernels).
     op_providers = {op: [p for p in providers[:-1] + list(getattr(modules[op], "CUDA_PROVIDERS", ())) *
                          (device.type == "cuda") + providers[-1:] if p not in args.skip_providers]
                     for op in OPS if op in args.only}

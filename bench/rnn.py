@@ -3,9 +3,9 @@
 Providers, all run in the same process on the same inputs:
 - torch:  torch.rnn_tanh, torch.nn.RNN's function (cuDNN on CUDA; the weights arrive as views, so torch
           packs them into cuDNN's buffer each call: a weight-sized copy, small beside the sequence).
-- gpunn:  gpunn.functional.rnn: the input projection as one GEMM, then one launch for all the steps (W_hh
-          on chip, or past the resident limit the columns of h_t split across the GPU with a grid barrier a
-          step: kernels/rnn_sequence.py).
+- gpunn:  gpunn.functional.rnn: the input projection as one GEMM, then the recurrence (kernels/rnn_sequence.py:
+          W_hh on chip, or past the resident limit the columns of h_t split across the GPU with a grid
+          barrier a step, in one launch at the benchmark's sizes).
 torch.compile is not run: inductor does not lower RNNs (it calls the same cuDNN kernels).
 
 The case's (x, w, b) are x (T, B, I), w = [W_ih | W_hh] (H, I + H) and b = [b_ih; b_hh] (2, H); both providers

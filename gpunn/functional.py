@@ -403,7 +403,8 @@ def rnn(input: torch.Tensor, hx: torch.Tensor, weights, num_layers: int = 1, non
         bias: bool = True, dropout: float = 0.0, training: bool = False, bidirectional: bool = False,
         batch_first: bool = False, batch_sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A multi-layer Elman RNN over a whole sequence (torch.nn.RNN's computation): per layer, one dense GEMM
-    projects every step's input, one launch per direction runs the recurrence, and backward is one
+    projects every step's input, one launch per direction runs the recurrence (one a step where the hidden
+    size is too large for one cooperative grid: see kernels/rnn_sequence.py), and backward is one
     backward-through-time launch per direction plus dense GEMMs for the gradients.
 
     Args:

@@ -63,8 +63,9 @@ def _resident_tiles(hidden: int) -> dict:
 
 # The split kernels' tiles (BLOCK_B batch rows, BLOCK_N columns, warps) and two pipeline stages: the ones
 # without spills in the sm_90 compile report under Triton 3.6 and 3.9 in bf16, TF32 and fp64 at aligned and
-# odd sizes (wider tiles, 4 warps at 64 x 64, and three stages spilled 8-800 B); fp64 and IEEE fp32 with 16
-# batch rows (32 x 32 and 64 x 64 spilled 8-16 B).
+# odd sizes, with a grid barrier (wider tiles, 4 warps at 64 x 64, and three stages spilled 8-800 B); fp64
+# and IEEE fp32 with 16 batch rows (32 x 32 and 64 x 64 spilled 8-16 B). Launched once a step, fp64 spills
+# 40 B at odd sizes under Triton 3.6 (hidden sizes past 32 x SMs only; none under 3.9).
 SPLIT_TILES = ((16, 16, 4), (16, 32, 4), (32, 32, 4), (64, 64, 8))
 SPLIT_STAGES = 2
 INTERPRETER_SMS = 4  # the SM count split_tiles assumes under the interpreter: small tests still get a grid
@@ -209,14 +210,21 @@ def _numerics(dtype: torch.dtype) -> dict:
     return dict(DOT_DTYPE=dot_dtype(dtype), ACC_DTYPE=accumulator_dtype(dtype), DOT_PRECISION=dot_precision(dtype))
 
 
+def _cooperative(grid: tuple[int, int], device: torch.device) -> bool:
+    """Whether a split grid runs all its steps in one cooperative launch: compiled, and at most one program an
+    SM. Not whether a CUDA graph is being captured: a kernel variant first needed during a capture cannot be
+    loaded then (the driver forbids it), so a captured step must launch what its warm-up steps launched."""
+    return not INTERPRET and grid[0] * grid[1] <= _sm_count(device)
+
+
 def _split(kernel, name: str, tensors: tuple, batch: int, hidden: int, steps: int, units: int,
            dtype: torch.dtype, **constexprs) -> None:
     """Run `units` steps of a column-split kernel: in one cooperative launch with a grid barrier between
-    steps where its grid fits one program an SM (see split_tiles), else in one launch a step (also under the
-    interpreter, which runs programs one after another, so that a barrier would never open)."""
+    steps where `_cooperative` allows, else in one launch a step (so under the interpreter, which runs
+    programs one after another, and where a barrier would never open)."""
     device = tensors[0].device
     grid, tiles = split_tiles(hidden, batch, dtype, device)
-    cooperative = not INTERPRET and grid[0] * grid[1] <= _sm_count(device)
+    cooperative = _cooperative(grid, device)
     # A launch's barrier counter (int32) reaches units x programs: past 2^31, more launches.
     chunk = min(units, (2**31 - 1) // (grid[0] * grid[1])) if cooperative else 1
     options = dict(launch_cooperative_grid=True) if cooperative else {}

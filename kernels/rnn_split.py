@@ -28,6 +28,10 @@ import triton.language as tl
 
 from . import activations
 
+# The steps a launch covers are plain arguments: launched once a step, specialising on them (1 as a constant,
+# multiples of 16) would compile a kernel per step pattern, possibly while a CUDA graph is captured.
+STEP_RANGE = ("first", "last")
+
 
 @triton.jit
 def _grid_barrier(counter_ptr, arrivals):
@@ -67,7 +71,7 @@ def _step_rows(s, T, batch_sizes_ptr, offsets_ptr, REVERSE: tl.constexpr):
     return tl.load(offsets_ptr + t) * inside, tl.load(batch_sizes_ptr + t) * inside
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_RANGE)
 def rnn_split_forward_kernel(
     p_ptr, stride_p,  # (rows, H) at column stride 1
     w_ptr, stride_wn, stride_wk,  # W_hh (H, H)
@@ -111,7 +115,7 @@ def rnn_split_forward_kernel(
         _after_step(counter_ptr, s, first, last, GRID_SYNC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_RANGE)
 def rnn_split_backward_kernel(
     dout_ptr, stride_dout,  # (rows, H) at column stride 1: the output's gradient
     out_ptr, stride_out,  # (rows, H): the forward's h_t

@@ -180,10 +180,10 @@ def test_a_training_step_is_captured_in_a_cuda_graph(device):
 class LastStep(torch.nn.Module):
     """x (B, T, I) -> a bidirectional RNN -> its last step's output -> logits (B, 4)."""
 
-    def __init__(self, hidden, device):
+    def __init__(self, hidden, device, dtype):
         super().__init__()
-        self.rnn = gpunn.RNN(5, hidden, bidirectional=True, batch_first=True, device=device)
-        self.head = gpunn.Linear(2 * hidden, 4, device=device)
+        self.rnn = gpunn.RNN(5, hidden, bidirectional=True, batch_first=True, device=device, dtype=dtype)
+        self.head = gpunn.Linear(2 * hidden, 4, device=device, dtype=dtype)
 
     def forward(self, x):
         return self.head(self.rnn(x)[0][:, -1])
@@ -192,13 +192,17 @@ class LastStep(torch.nn.Module):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("split", [False, True], ids=["resident", "split"])
 def test_an_rnn_training_step_is_captured_in_a_cuda_graph(device, monkeypatch, split):
-    # W_hh on chip; and past the resident limit (forced) the split kernels, one cooperative launch a direction
-    # with a grid barrier a step, whose barrier counter is zeroed inside the graph on every replay.
+    # W_hh on chip (float64: IEEE fp32 has no resident backward); and past the resident limit (forced) the split
+    # kernels, one cooperative launch a direction with a grid barrier a step, whose barrier counter is zeroed
+    # inside the graph on every replay.
     from gpunn.kernels import rnn_sequence
     if split:
         monkeypatch.setattr(rnn_sequence, "RESIDENT_BYTES", 0)
     torch.manual_seed(3)
-    x, target = torch.randn(24, 7, 5, device=device), torch.randint(0, 4, (24,), device=device)
+    x = torch.randn(24, 7, 5, device=device, dtype=torch.float64)
+    target = torch.randint(0, 4, (24,), device=device)
     with count_launches() as launches:
-        _replays_like_eager_steps(LastStep(40, device), x, target)
-    assert ("rnn_split_forward_kernel" in launches) == split
+        _replays_like_eager_steps(LastStep(40, device, torch.float64), x, target)
+    path = "split" if split else "sequence"
+    assert {name for name in launches if name.startswith("rnn_")} == {
+        f"rnn_{path}_forward_kernel", f"rnn_{path}_backward_kernel"}

@@ -126,6 +126,15 @@ def test_split_grid_larger_than_the_gpu_launches_once_a_step(device, monkeypatch
     assert [launches[name] for name in SPLIT_KERNELS] == [2 * 5, 2 * 6]
 
 
+def test_cooperative_launch_only_for_a_compiled_grid_of_at_most_one_program_an_sm(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(rnn_sequence, "_sm_count", lambda device: 8)
+    monkeypatch.setattr(rnn_sequence, "INTERPRET", False)
+    assert rnn_sequence._cooperative((2, 4), cpu) and not rnn_sequence._cooperative((3, 3), cpu)
+    monkeypatch.setattr(rnn_sequence, "INTERPRET", True)  # the interpreter runs programs one after another
+    assert not rnn_sequence._cooperative((1, 1), cpu)
+
+
 def test_split_programs_with_several_batch_tiles(device, monkeypatch):
     # split_tiles gives each program one batch tile where the GPU has enough SMs: force several a program
     # (program i loops over batch tiles i, i + grid, ...): 2 + 1 over two programs, then 3 in one.
@@ -156,7 +165,8 @@ def test_resident_limits_choose_the_kernels(device):
     dtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
     assert [rnn_sequence.resident_limit(dtype) for dtype in dtypes] == [256, 256, 128, 128]
     assert [rnn_sequence.resident_limit(dtype, backward=True) for dtype in dtypes] == [256, 256, 0, 64]  # IEEE fp32
-    for hidden, forward, backward in ((64, "sequence", "sequence"), (65, "sequence", "split"), (129, "split", "split")):
+    for hidden, forward, backward in ((64, "sequence", "sequence"), (65, "sequence", "split"),
+                                      (128, "sequence", "split"), (129, "split", "split")):
         ours = gpunn.RNN(3, hidden, device=device, dtype=torch.float64)
         with count_launches() as launches:
             ours(torch.randn(2, 1, 3, device=device, dtype=torch.float64))[0].sum().backward()

@@ -6,7 +6,8 @@ biases), then one recurrence launch per direction (kernels/rnn_sequence.py). Bac
 backward-through-time launch per direction, then dense kernels over all steps: dX, and dW_ih with the
 biases' gradient (a column sum of its own) for both directions at once, and dW_hh per direction.
 Launches per layer: 1 + D forward, at most 2D + 3 backward (D = 1 or 2 directions; fewer where a
-gradient is not needed), whatever the sequence length.
+gradient is not needed), whatever the sequence length, except where the recurrence launches once a step
+(hidden sizes whose split grid exceeds the GPU; see kernels/rnn_sequence.py).
 
 Sequences are time-major and packed (see kernels/rnn_sequence.py): a PackedSequence's batch_sizes say which
 rows belong to which step (`Steps` holds them on the device). Saved for backward: the layer's output (each
