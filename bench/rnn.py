@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 import gpunn.functional
+
 from . import dense, harness
 from .harness import Record
 

@@ -348,7 +348,7 @@ def rnn_cell(input: torch.Tensor, hx: torch.Tensor | None, weight_ih: torch.Tens
                          device=input.device)
     device_type = input.device.type
     input, hx, weight_ih, weight_hh, bias_ih, bias_hh = autocast.cast(device_type, input, hx, weight_ih, weight_hh,
-                                                                  bias_ih, bias_hh)
+                                                                      bias_ih, bias_hh)
     _check_rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     if not triton_runs_on(input.device):
         return reference.rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity)

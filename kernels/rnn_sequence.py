@@ -113,11 +113,11 @@ def split_tiles(hidden: int, batch: int, dtype: torch.dtype, device: torch.devic
             reads = triton.cdiv(batch_tiles, batch_programs) * (block_b + block_n)
             choices.append((reads, batch_programs * column_programs, block_b, block_n, warps, batch_programs))
     if choices:
-        _, programs, block_b, block_n, warps, batch_programs = min(choices)
-        grid = (batch_programs, programs // batch_programs)
+        _, _, block_b, block_n, warps, batch_programs = min(choices)
     else:
         block_b, block_n, warps = max(tiles, key=lambda tile: tile[1])
-        grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_n))
+        batch_programs = triton.cdiv(batch, block_b)
+    grid = (batch_programs, triton.cdiv(hidden, block_n))
     return grid, dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=_split_block_k(dtype), num_warps=warps,
                       num_stages=SPLIT_STAGES)
 

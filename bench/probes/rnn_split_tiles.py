@@ -63,7 +63,7 @@ def main() -> None:
     print(f"split_tiles' choice {chosen(HIDDEN, BATCH, dtype, x.device)}: {measure()}")
     for block_b, block_n, block_k, warps in itertools.product((16, 32, 64), (16, 32, 64), (32, 64, 128), (4, 8)):
         def tiles(hidden, batch, dtype, device, block_b=block_b, block_n=block_n, block_k=block_k, warps=warps):
-            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+            sms = rnn_sequence._sm_count(device)
             columns = triton.cdiv(hidden, block_n)
             grid = (max(1, min(triton.cdiv(batch, block_b), sms // columns)), columns)
             return grid, dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
