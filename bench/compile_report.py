@@ -270,6 +270,13 @@ def _launch_cross_entropy(dtype, m, n, k, backward, weighted, smoothing):
         losses.cross_entropy_forward(x, target, weight, -100, smoothing)
 
 
+def _launch_reduced_loss(dtype, m, n, k, divisor):
+    # The sums of m per-row (or per-block) values into a loss of dtype.
+    from gpunn.kernels import losses, runtime
+    compute = runtime.state_dtype(dtype)
+    losses.reduced_loss(_meta((m,), compute), _meta((m,), compute), dtype, m if divisor == "count" else divisor)
+
+
 def _launch_mse(dtype, m, n, k, backward):
     from gpunn.kernels import losses
     x, y = _meta((m, n), dtype), _meta((m, n), dtype)
@@ -357,6 +364,11 @@ CASES = (
         Variant("weighted+smoothing", dict(backward=True, weighted=True, smoothing=0.1), matmul=False),
         Variant("plain", dict(backward=True, weighted=False, smoothing=0.0), matmul=False),
     ), tile=("BLOCK_C",)),
+    Case("gpunn.kernels.losses", "reduced_loss_kernel", _launch_reduced_loss, (
+        Variant("mean over weights", dict(divisor="b"), matmul=False),
+        Variant("mean over count", dict(divisor="count"), matmul=False),
+        Variant("sum", dict(divisor=None), matmul=False),
+    ), tile=("BLOCK",)),
     Case("gpunn.kernels.losses", "mse_forward_kernel", _launch_mse, (
         Variant("none", dict(backward=False), matmul=False),
     ), tile=("BLOCK",)),
@@ -400,8 +412,13 @@ def _unwrap(kernel):
     """(autotuner or None, heuristics wrappers outermost first, the JITFunction) of a kernel object."""
     from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.jit import JITFunction
+
+    from gpunn.kernels.tuned import Tuned
     autotuner, heuristics, fn = None, [], kernel
     while not isinstance(fn, JITFunction):
+        if isinstance(fn, Tuned):
+            fn = fn.autotuner
+            continue
         if isinstance(fn, Autotuner):
             autotuner = fn
         elif isinstance(fn, Heuristics):

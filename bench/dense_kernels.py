@@ -64,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
                 if m < 256 and kernel_name != "forward":
                     continue
                 t = ms(run)
-                kernel = getattr(dense, f"dense_{kernel_name.split()[0]}_kernel")
+                tuner = getattr(dense, f"dense_{kernel_name.split()[0]}_kernel").autotuner
                 print(f"{shape} {name:5s} {kernel_name:22s} {t * 1e3:8.1f} us {gemm / t / 1e9:6.1f} TFLOP/s "
                       f"{n * k * 2 / t / 1e6:7.1f} GB/s(W)  cuBLAS {cublas[kernel_name.split()[0]] * 1e3:8.1f} us  "
-                      f"best {kernel.best_config}", flush=True)
-                for config, timing in sorted(getattr(kernel, "configs_timings", {}).items(), key=lambda kv: kv[1][0]):
+                      f"best {tuner.best_config}", flush=True)
+                for config, timing in sorted(getattr(tuner, "configs_timings", {}).items(), key=lambda kv: kv[1][0]):
                     print(f"      {timing[0] * 1e3:8.1f} us  {config}")
     return 0
 

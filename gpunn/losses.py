@@ -30,9 +30,8 @@ def _cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weight: torc
     row_loss, row_weight, lse = kernels.cross_entropy_forward(logits, target, weight, ignore_index, smoothing)
     if reduction == "none":
         return row_loss.to(logits.dtype), lse, nothing(lse)
-    totals = kernels.sums(row_loss, row_weight)
-    loss = totals[0] / totals[1] if reduction == "mean" else totals[0].clone()  # not a view of totals, an output
-    return loss.to(logits.dtype), lse, totals
+    totals, loss = kernels.reduced_loss(row_loss, row_weight, logits.dtype, "b" if reduction == "mean" else None)
+    return loss, lse, totals
 
 
 def _cross_entropy_fake(logits, target, weight, ignore_index, smoothing, reduction):

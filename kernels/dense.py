@@ -24,11 +24,12 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .runtime import (Rows, accumulator_dtype, dot_dtype, dot_precision, empty, launch,
-                      row_alignment, size_bucket)
+from .runtime import Rows, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, launch, row_alignment, size_bucket
 from .tiling import BIAS_TILE, GROUP_SIZE, configs, grouped_tile, pruner, row_offsets
+from .tuned import tuned
 
 
+@tuned
 @triton.autotune(
     configs=configs("BLOCK_M", "BLOCK_N", "BLOCK_K"),
     key=["M_BUCKET", "N", "K", "DOT_PRECISION", "ROW_ALIGN", "SAVE_DERIVATIVE"],
@@ -80,6 +81,7 @@ def dense_forward_kernel(
                          SAVE_DERIVATIVE, ROW_ALIGN)
 
 
+@tuned
 @triton.autotune(
     configs=configs("BLOCK_M", "BLOCK_K", "BLOCK_N"),
     key=["M_BUCKET", "N", "K", "DOT_PRECISION", "ROW_ALIGN", "GRAD_FROM"],
@@ -136,6 +138,7 @@ def dense_grad_input_kernel(
     tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
+@tuned
 @triton.autotune(
     configs=configs("BLOCK_N", "BLOCK_K", "BLOCK_M"),
     key=["M_BUCKET", "N", "K", "DOT_PRECISION", "ROW_ALIGN", "GRAD_FROM"],
@@ -209,7 +212,7 @@ def dense_grad_bias_kernel(
 
 
 def _grid(rows: int, cols: int, rows_block: str, cols_block: str):
-    return lambda meta: (triton.cdiv(rows, meta[rows_block]) * triton.cdiv(cols, meta[cols_block]),)
+    return lambda meta: (cdiv(rows, meta[rows_block]) * cdiv(cols, meta[cols_block]),)
 
 
 def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
@@ -295,7 +298,7 @@ def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_sha
     if db is not None and n > 0:
         rows, cols, _, _, warps = BIAS_TILE
         with launch("dense_grad_bias_kernel", dy.tensor.device):
-            dense_grad_bias_kernel[(triton.cdiv(n, cols),)](
+            dense_grad_bias_kernel[(cdiv(n, cols),)](
                 *dy.args(), g, db, dy.m, n,
                 DY_TWO_ROW_DIMS=dy.two_row_dims, ROW_ALIGN=row_alignment(*dy.row_strides, n),
                 BLOCK_M=rows, BLOCK_N=cols, num_warps=warps, **common,

@@ -26,8 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import AUTOTUNE, TRITON_VERSION, accumulator_dtype, dot_dtype, dot_precision, empty, launch, size_bucket
+from .runtime import (AUTOTUNE, TRITON_VERSION, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, launch,
+                      size_bucket)
 from .tiling import SHARED_MEMORY_BUDGET, configs
+from .tuned import tuned
 
 # (MMA rows, MMA columns, reduction, stages, warps), named per kernel by _configs: forward (batch,
 # output channels, taps), input gradient (batch, input channels, output channels), weight gradient (output
@@ -109,6 +111,7 @@ def _gather(x_ptr, x_rows, n_ok, rr, p_h, p_w, C, H, W, R, stride_xc, stride_xh,
     return x, inside
 
 
+@tuned
 @triton.autotune(configs=_configs("BLOCK_N", "BLOCK_O", "BLOCK_R"),
                  key=["N_BUCKET", "C", "H", "W", "O", "OW", "L", "R", "SH", "SW", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _pruner("BLOCK_N", "BLOCK_O", "BLOCK_R")})
@@ -154,6 +157,7 @@ def local_forward_kernel(
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & o_ok[None, :])
 
 
+@tuned
 @triton.autotune(configs=_configs("BLOCK_N", "BLOCK_C", "BLOCK_O"),
                  key=["N_BUCKET", "C", "H", "W", "O", "OW", "L", "KH", "KW", "SH", "SW", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _pruner("BLOCK_N", "BLOCK_C", "BLOCK_O")})
@@ -241,6 +245,7 @@ def _grad_weight_tile(x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, dy_ptr,
     return acc, db
 
 
+@tuned
 @triton.autotune(configs=_configs("BLOCK_O", "BLOCK_R", "BLOCK_N"),
                  key=["N_BUCKET", "C", "H", "W", "O", "OW", "L", "R", "SH", "SW", "DOT_PRECISION", "WEIGHT_GRAD",
                       "BIAS_GRAD"],
@@ -325,7 +330,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ge
     if y.numel() == 0:
         return y
     with launch("local_forward_kernel", x.device):
-        local_forward_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(o, meta["BLOCK_O"])
+        local_forward_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]) * cdiv(o, meta["BLOCK_O"])
                                            * positions,)](
             x, *x.stride(), weight, *weight.stride(),
             bias if bias is not None else weight, *(bias.stride() if bias is not None else (0, 0)),
@@ -345,7 +350,7 @@ def grad_input(dy: torch.Tensor, weight: torch.Tensor, input_shape: tuple[int, .
     if dx.numel() == 0:
         return dx
     with launch("local_grad_input_kernel", dy.device):
-        local_grad_input_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(c, meta["BLOCK_C"])
+        local_grad_input_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]) * cdiv(c, meta["BLOCK_C"])
                                               * h * w,)](
             dy, *dy.stride(), weight, *weight.stride(), dx,
             n, c, h, w, o, oh, ow, positions, size_bucket(n),
@@ -371,7 +376,7 @@ def grad_weight(x: torch.Tensor | None, dy: torch.Tensor, input_shape: tuple[int
     x_args = (x, *x.stride()) if x is not None else (dy, 0, 0, 0, 0)
     with launch("local_grad_weight_kernel", dy.device):
         local_grad_weight_kernel[lambda meta: (
-            (triton.cdiv(taps, meta["BLOCK_R"]) if weight_grad else 1) * triton.cdiv(o, meta["BLOCK_O"])
+            (cdiv(taps, meta["BLOCK_R"]) if weight_grad else 1) * cdiv(o, meta["BLOCK_O"])
             * positions,)](
             *x_args, dy, *dy.stride(),
             dw if dw is not None else dy, db if db is not None else dy,

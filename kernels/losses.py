@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import INTERPRET, accumulator_dtype, launch, state_dtype
+from .runtime import INTERPRET, accumulator_dtype, cdiv, launch, next_power_of_2, state_dtype
 
 BLOCK_C = 256 if INTERPRET else 2048  # logits a program handles at a time along a row
 TILE = 4096 if INTERPRET else 8192  # elements a program handles at a time (BLOCK_R x BLOCK_C)
@@ -76,17 +76,36 @@ def cross_entropy_forward_kernel(
 
 
 @triton.jit
-def row_sums_kernel(a_ptr, b_ptr, out_ptr, N, BLOCK: tl.constexpr):
-    """out = [sum(a), sum(b)] over N values, in one program (a fixed order)."""
+def _divide(a, b):
+    # Correctly rounded, as torch divides: Triton's fp32 `/` is the approximate division (fp64's rounds).
+    if a.dtype == tl.float32:
+        return tl.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
+def reduced_loss_kernel(a_ptr, b_ptr, totals_ptr, loss_ptr, N, count, MEAN_OVER_B: tl.constexpr,
+                        MEAN_OVER_COUNT: tl.constexpr, BLOCK: tl.constexpr):
+    """totals = [sum(a), sum(b)] over N values, in one program (a fixed order), and the reduced loss in
+    loss's dtype: sum(a), over sum(b) or over count when asked (IEEE division, as torch's)."""
     offsets = tl.arange(0, BLOCK)
-    total_a = tl.zeros((BLOCK,), out_ptr.dtype.element_ty)
-    total_b = tl.zeros((BLOCK,), out_ptr.dtype.element_ty)
+    total_a = tl.zeros((BLOCK,), totals_ptr.dtype.element_ty)
+    total_b = tl.zeros((BLOCK,), totals_ptr.dtype.element_ty)
     for n0 in range(0, N, BLOCK):
         ok = n0 + offsets < N
         total_a += tl.load(a_ptr + n0 + offsets, mask=ok, other=0.0)
         total_b += tl.load(b_ptr + n0 + offsets, mask=ok, other=0.0)
-    tl.store(out_ptr, tl.sum(total_a, axis=0))
-    tl.store(out_ptr + 1, tl.sum(total_b, axis=0))
+    sum_a = tl.sum(total_a, axis=0)
+    sum_b = tl.sum(total_b, axis=0)
+    tl.store(totals_ptr, sum_a)
+    tl.store(totals_ptr + 1, sum_b)
+    loss = sum_a
+    if MEAN_OVER_B:
+        loss = _divide(sum_a, sum_b)
+    if MEAN_OVER_COUNT:
+        loss = _divide(sum_a, count.to(sum_a.dtype))
+    tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -134,9 +153,9 @@ def _tiles(rows: int, classes: int, dtype: torch.dtype) -> dict:
     """BLOCK_C logits of a row at a time (all of a short row), and as many rows as fill a TILE; at most
     FP64_ROWS rows in fp64 (128 rows of 64 fp64 logits spilled 32-520 B a thread in the sm_90 compile report,
     where 4-8 rows of 1024-2048 fit)."""
-    block_c = min(triton.next_power_of_2(max(classes, 1)), BLOCK_C)
+    block_c = min(next_power_of_2(max(classes, 1)), BLOCK_C)
     most = FP64_ROWS if dtype == torch.float64 else TILE
-    block_r = min(triton.next_power_of_2(max(rows, 1)), max(1, TILE // block_c), most)
+    block_r = min(next_power_of_2(max(rows, 1)), max(1, TILE // block_c), most)
     return dict(BLOCK_R=block_r, BLOCK_C=block_c)
 
 
@@ -152,7 +171,7 @@ def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.T
     if rows:
         tiles = _tiles(rows, classes, x.dtype)
         with launch("cross_entropy_forward_kernel", x.device):
-            cross_entropy_forward_kernel[(triton.cdiv(rows, tiles["BLOCK_R"]),)](
+            cross_entropy_forward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
                 x, x.stride(0), target, weight if weight is not None else x, row_loss, row_weight, lse,
                 rows, classes, ignore_index,
                 HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing), COMPUTE=accumulator_dtype(x.dtype), **tiles,
@@ -161,12 +180,18 @@ def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.T
     return row_loss, row_weight, lse
 
 
-def sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[sum(a), sum(b)] of two (N,) tensors of one dtype, in one program: a (2,) tensor."""
-    out = torch.empty(2, device=a.device, dtype=a.dtype)
-    with launch("row_sums_kernel", a.device):
-        row_sums_kernel[(1,)](a, b, out, a.shape[0], BLOCK=REDUCE_BLOCK, num_warps=4)
-    return out
+def reduced_loss(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, divisor: str | int | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(totals, loss) of two (N,) tensors of one dtype, in one launch: totals = [sum(a), sum(b)], a (2,)
+    tensor of their dtype; loss a scalar of `dtype`: sum(a), divided by sum(b) for divisor "b" or by an int
+    divisor. (One kernel where torch ops would take four launches: the loss's host time.)"""
+    totals = torch.empty(2, device=a.device, dtype=a.dtype)
+    loss = torch.empty((), device=a.device, dtype=dtype)
+    count = divisor if isinstance(divisor, int) else 1
+    with launch("reduced_loss_kernel", a.device):
+        reduced_loss_kernel[(1,)](a, b, totals, loss, a.shape[0], count, MEAN_OVER_B=divisor == "b",
+                                  MEAN_OVER_COUNT=isinstance(divisor, int), BLOCK=REDUCE_BLOCK, num_warps=4)
+    return totals, loss
 
 
 def cross_entropy_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
@@ -180,7 +205,7 @@ def cross_entropy_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.
         return dx
     tiles = _tiles(rows, classes, x.dtype)
     with launch("cross_entropy_backward_kernel", x.device):
-        cross_entropy_backward_kernel[(triton.cdiv(rows, tiles["BLOCK_R"]),)](
+        cross_entropy_backward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
             x, x.stride(0), target, weight if weight is not None else x, lse, grad,
             grad.stride(0) if grad.dim() else 0, totals if totals is not None else lse, dx,
             rows, classes, ignore_index,
@@ -235,7 +260,7 @@ def mse_forward(x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tenso
     """(x - y)^2 per element for "none" (x's shape and dtype), else its sum or mean (a scalar in x's dtype).
     x and y contiguous, of one shape."""
     n = x.numel()
-    elementwise, blocks = reduction == "none", triton.cdiv(n, MSE_BLOCK)
+    elementwise, blocks = reduction == "none", cdiv(n, MSE_BLOCK)
     out = torch.empty_like(x) if elementwise else \
         torch.zeros(max(blocks, 1), device=x.device, dtype=state_dtype(x.dtype))  # per-block sums
     if n:
@@ -244,8 +269,7 @@ def mse_forward(x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tenso
                                           BLOCK=MSE_BLOCK, num_warps=WARPS)
     if elementwise:
         return out
-    total = sums(out, out)[0]
-    return (total / n if reduction == "mean" else total).to(x.dtype)
+    return reduced_loss(out, out, x.dtype, n if reduction == "mean" else None)[1]
 
 
 def mse_backward(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, reduction: str, input_grad: bool,
@@ -257,7 +281,7 @@ def mse_backward(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, reduction
     if n and (input_grad or target_grad):
         grad = grad.contiguous()
         with launch("mse_backward_kernel", x.device):
-            mse_backward_kernel[(triton.cdiv(n, MSE_BLOCK),)](
+            mse_backward_kernel[(cdiv(n, MSE_BLOCK),)](
                 x, y, grad, 1 if grad.dim() else 0, dx if input_grad else x, dy if target_grad else x, n,
                 COMPUTE=accumulator_dtype(x.dtype), MEAN=reduction == "mean", INPUT_GRAD=input_grad,
                 TARGET_GRAD=target_grad, BLOCK=MSE_BLOCK, num_warps=WARPS)

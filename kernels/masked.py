@@ -27,9 +27,9 @@ import triton.language as tl
 
 from . import activations
 from .layout import BlockLayout
-from .runtime import (Rows, accumulator_dtype, dot_dtype, dot_precision, empty, launch, row_alignment,
-                      size_bucket)
+from .runtime import Rows, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, launch, row_alignment, size_bucket
 from .tiling import GROUP_SIZE, batch_configs, grouped_tile, pruner, row_offsets
+from .tuned import tuned
 
 
 @triton.jit
@@ -60,6 +60,7 @@ def _forward_step(acc, x_base, stride_xk, m_ok, w_base, stride_wk, mask_ptr, rn6
     return tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
 
+@tuned
 @triton.autotune(
     configs=batch_configs("BLOCK_M"),
     key=["M_BUCKET", "N", "K", "BLOCK_N", "BLOCK_K", "DOT_PRECISION", "ROW_ALIGN", "SAVE_DERIVATIVE"],
@@ -118,6 +119,7 @@ def _grad_input_step(acc, dy_base, stride_dyn, g_base, m_ok, w_base, stride_wn, 
     return tl.dot(dz, w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
 
+@tuned
 @triton.autotune(
     configs=batch_configs("BLOCK_M"),
     key=["M_BUCKET", "N", "K", "BLOCK_N", "BLOCK_K", "DOT_PRECISION", "ROW_ALIGN", "GRAD_FROM"],
@@ -167,6 +169,7 @@ def masked_grad_input_kernel(
     tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & (rk < K)[None, :])
 
 
+@tuned
 @triton.autotune(
     configs=batch_configs("BLOCK_M"),
     key=["M_BUCKET", "N", "K", "BLOCK_N", "BLOCK_K", "DOT_PRECISION", "ROW_ALIGN", "GRAD_FROM"],
@@ -257,7 +260,7 @@ def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation
         return y, g
     block_n, block_k = layout.block
     with launch("masked_forward_kernel", weight.device, (layout.visited_blocks, layout.dense_blocks)):
-        masked_forward_kernel[lambda meta: (triton.cdiv(x.m, meta["BLOCK_M"]) * layout.grid[0],)](
+        masked_forward_kernel[lambda meta: (cdiv(x.m, meta["BLOCK_M"]) * layout.grid[0],)](
             *x.args(),
             weight, weight.stride(0), weight.stride(1),
             bias if bias is not None else weight, bias.stride(0) if bias is not None else 0,
@@ -286,7 +289,7 @@ def grad_input(dy: Rows, saved: torch.Tensor | None, weight: torch.Tensor, activ
         return dx
     block_n, block_k = layout.block
     with launch("masked_grad_input_kernel", weight.device, (layout.visited_blocks, layout.dense_blocks)):
-        masked_grad_input_kernel[lambda meta: (triton.cdiv(dy.m, meta["BLOCK_M"]) * layout.grid[1],)](
+        masked_grad_input_kernel[lambda meta: (cdiv(dy.m, meta["BLOCK_M"]) * layout.grid[1],)](
             *dy.args(),
             saved if saved is not None else dy.tensor,
             weight, weight.stride(0), weight.stride(1),

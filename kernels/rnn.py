@@ -19,9 +19,11 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .runtime import (TRITON_VERSION, accumulator_dtype, dot_dtype, dot_precision, empty, launch, row_alignment,
-                      size_bucket)
+from .runtime import (TRITON_VERSION, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, launch,
+                      row_alignment, size_bucket)
 from .tiling import configs, pruner
+from .tuned import tuned
+
 
 def _dz_tiles(args) -> int:
     return 2  # backward forms dz from dh' and h': two tiles a pipeline stage
@@ -72,6 +74,7 @@ def _accumulate(acc, a_ptr, stride_am, stride_ak, rows, rows_ok, w_ptr, stride_w
     return acc
 
 
+@tuned
 @triton.autotune(configs=configs("BLOCK_B", "BLOCK_H", "BLOCK_K"),
                  key=["B_BUCKET", "I", "H", "DOT_PRECISION", "ROW_ALIGN", "ACT"],
                  prune_configs_by={"early_config_prune": _forward_pruner()})
@@ -126,6 +129,7 @@ def _grad_input_tile(dy_ptr, g_ptr, rb, b_ok, H, w_ptr, stride_wn, stride_wk, rk
     tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=b_ok[:, None] & k_ok[None, :])
 
 
+@tuned
 @triton.autotune(configs=configs("BLOCK_B", "BLOCK_K", "BLOCK_H"),
                  key=["B_BUCKET", "I", "H", "DOT_PRECISION", "ROW_ALIGN"],
                  prune_configs_by={"early_config_prune": _grad_input_pruner()})
@@ -182,6 +186,7 @@ def _grad_weight_tile(dy_ptr, g_ptr, a_ptr, stride_ab, stride_ak, rn, n_ok, rk, 
              mask=n_ok[:, None] & k_ok[None, :])
 
 
+@tuned
 @triton.autotune(configs=configs("BLOCK_H", "BLOCK_K", "BLOCK_B"),
                  key=["B_BUCKET", "I", "H", "DOT_PRECISION", "ROW_ALIGN"],
                  prune_configs_by={"early_config_prune": pruner("BLOCK_H", "BLOCK_K", "BLOCK_B", "H", "dy_ptr",
@@ -236,8 +241,8 @@ def forward(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Te
     if out.numel() == 0:
         return out
     with launch("rnn_cell_forward_kernel", x.device):
-        rnn_cell_forward_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_B"])
-                                              * triton.cdiv(hidden, meta["BLOCK_H"]),)](
+        rnn_cell_forward_kernel[lambda meta: (cdiv(batch, meta["BLOCK_B"])
+                                              * cdiv(hidden, meta["BLOCK_H"]),)](
             x, *x.stride(), h, *h.stride(), w_ih, *w_ih.stride(), w_hh, *w_hh.stride(),
             *((b_ih, b_ih.stride(0), b_hh, b_hh.stride(0)) if b_ih is not None else (w_ih, 0, w_ih, 0)), out,
             batch, inputs, hidden, size_bucket(batch),
@@ -262,9 +267,9 @@ def grad_input(dy: torch.Tensor, out: torch.Tensor, w_ih: torch.Tensor | None, w
         return dx, dh
 
     def grid(meta):
-        tiles = triton.cdiv(batch, meta["BLOCK_B"])
-        return (tiles * ((triton.cdiv(inputs, meta["BLOCK_K"]) if input_grad else 0)
-                         + (triton.cdiv(hidden, meta["BLOCK_K"]) if hidden_grad else 0)),)
+        tiles = cdiv(batch, meta["BLOCK_B"])
+        return (tiles * ((cdiv(inputs, meta["BLOCK_K"]) if input_grad else 0)
+                         + (cdiv(hidden, meta["BLOCK_K"]) if hidden_grad else 0)),)
 
     # A weight not given is never read: its programs do not run.
     w_ih_args = (w_ih, *w_ih.stride()) if w_ih is not None else (w_hh, 0, 0)
@@ -298,9 +303,9 @@ def grad_weight(dy: torch.Tensor, out: torch.Tensor, x: torch.Tensor | None, h: 
     # Without a batch the loops run zero times and every gradient is written as zeros.
 
     def grid(meta):
-        tiles = triton.cdiv(hidden, meta["BLOCK_H"])
-        return (tiles * ((triton.cdiv(inputs, meta["BLOCK_K"]) if ih else 0)
-                         + (triton.cdiv(hidden, meta["BLOCK_K"]) if hh else 0) + bias_grad),)
+        tiles = cdiv(hidden, meta["BLOCK_H"])
+        return (tiles * ((cdiv(inputs, meta["BLOCK_K"]) if ih else 0)
+                         + (cdiv(hidden, meta["BLOCK_K"]) if hh else 0) + bias_grad),)
 
     x_args = (x, *x.stride()) if x is not None else (dy, 0, 0)
     h_args = (h, *h.stride()) if h is not None else (dy, 0, 0)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import activations, rnn_split
-from .runtime import INTERPRET, accumulator_dtype, dot_dtype, dot_precision, launch
+from .runtime import INTERPRET, accumulator_dtype, cdiv, dot_dtype, dot_precision, launch, next_power_of_2
 
 BLOCK_B = 16  # batch rows a program: the smallest MMA side
 
@@ -57,7 +57,7 @@ def resident_limit(dtype: torch.dtype, backward: bool = False) -> int:
 
 def _resident_tiles(hidden: int) -> dict:
     """Launch constexprs of the resident kernels: W_hh as one padded BLOCK_H x BLOCK_H tile."""
-    padded = max(16, triton.next_power_of_2(hidden))
+    padded = max(16, next_power_of_2(hidden))
     return dict(BLOCK_H=padded, num_warps=8 if padded >= 128 else 4)
 
 
@@ -106,18 +106,18 @@ def split_tiles(hidden: int, batch: int, dtype: torch.dtype, device: torch.devic
     tiles = _split_tiles_for(dtype)
     choices = []
     for block_b, block_n, warps in tiles:
-        column_programs = triton.cdiv(hidden, block_n)
+        column_programs = cdiv(hidden, block_n)
         if column_programs <= sms:
-            batch_tiles = triton.cdiv(batch, block_b)
+            batch_tiles = cdiv(batch, block_b)
             batch_programs = max(1, min(batch_tiles, sms // column_programs))
-            reads = triton.cdiv(batch_tiles, batch_programs) * (block_b + block_n)
+            reads = cdiv(batch_tiles, batch_programs) * (block_b + block_n)
             choices.append((reads, batch_programs * column_programs, block_b, block_n, warps, batch_programs))
     if choices:
         _, _, block_b, block_n, warps, batch_programs = min(choices)
     else:
         block_b, block_n, warps = max(tiles, key=lambda tile: tile[1])
-        batch_programs = triton.cdiv(batch, block_b)
-    grid = (batch_programs, triton.cdiv(hidden, block_n))
+        batch_programs = cdiv(batch, block_b)
+    grid = (batch_programs, cdiv(hidden, block_n))
     return grid, dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=_split_block_k(dtype), num_warps=warps,
                       num_stages=SPLIT_STAGES)
 
@@ -253,7 +253,7 @@ def forward(p: torch.Tensor, w_hh: torch.Tensor, out: torch.Tensor, state: torch
                batch, hidden, steps, steps, p.dtype, ACT=act, REVERSE=reverse)
     else:
         with launch("rnn_sequence_forward_kernel", p.device):
-            rnn_sequence_forward_kernel[(triton.cdiv(batch, BLOCK_B),)](
+            rnn_sequence_forward_kernel[(cdiv(batch, BLOCK_B),)](
                 p, p.stride(0), w_hh, *w_hh.stride(), out, out.stride(0), state, batch_sizes, offsets,
                 batch, hidden, steps, ACT=act, REVERSE=reverse, BLOCK_B=BLOCK_B,
                 **_numerics(p.dtype), **_resident_tiles(hidden),
@@ -275,7 +275,7 @@ def backward(dout: torch.Tensor, out: torch.Tensor, w_hh: torch.Tensor, dz: torc
                 batch_sizes, offsets), batch, hidden, steps, steps + 1, out.dtype, ACT=act, REVERSE=reverse)
         return
     with launch("rnn_sequence_backward_kernel", out.device):
-        rnn_sequence_backward_kernel[(triton.cdiv(batch, BLOCK_B),)](
+        rnn_sequence_backward_kernel[(cdiv(batch, BLOCK_B),)](
             dout, dout.stride(0), out, out.stride(0), w_hh, *w_hh.stride(), dz, dz.stride(0), dh,
             batch_sizes, offsets, batch, hidden, steps, ACT=act, REVERSE=reverse,
             BLOCK_B=BLOCK_B, **_numerics(out.dtype), **_resident_tiles(hidden),

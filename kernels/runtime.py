@@ -86,14 +86,15 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def _matmul_allows_tf32() -> bool:
     # torch >= 2.9 keeps the setting in fp32_precision ("tf32", "ieee", or "none": defer to the global
-    # torch.backends.fp32_precision); reading the older allow_tf32 flag raises once the new API was used.
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
+    # fp32_precision, and from there to the older allow_tf32 flag, whose reading raises once the new API was
+    # used). Read through the C getters that torch.backends' attributes call: the attributes cost ~5 us a
+    # launch on the development CPU (tests/test_linear.py checks every way of setting it).
+    precision = torch._C._get_fp32_precision_getter("cuda", "matmul")
     if precision == "none":
-        precision = getattr(torch.backends, "fp32_precision", None)
+        precision = torch._C._get_fp32_precision_getter("generic", "all")
     if precision in ("tf32", "ieee"):
         return precision == "tf32"
-    return bool(matmul.allow_tf32)
+    return torch._C._get_cublas_allow_tf32()
 
 
 def dot_dtype(dtype: torch.dtype):
@@ -131,10 +132,21 @@ def row_alignment(*strides: int) -> int:
     return align
 
 
+# Host-side integer helpers. triton.cdiv and triton.next_power_of_2 serve kernels too, and a host call to
+# either costs ~5 us (it unwraps constexprs); a launcher calls several a launch.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def size_bucket(n: int) -> int:
     """Autotuning key for a size that varies call to call (the batch): the next power of two, clamped to
     [16, 8192], so that a new batch size rarely re-tunes."""
-    return min(max(triton.next_power_of_2(max(n, 1)), 16), 8192)
+    return min(max(next_power_of_2(n), 16), 8192)
 
 
 @dataclass(frozen=True)
@@ -156,6 +168,9 @@ class Rows:
 
     @staticmethod
     def of(t: torch.Tensor) -> "Rows":
+        if t.dim() == 2:  # the common case, without the general merge below (host time: bench/NOTES.md)
+            m = t.shape[0]
+            return Rows(t, m, m, 0, t.stride(0) if m != 1 else 0, t.stride(1))
         lead = [(size, stride) for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size != 1]
         merged: list[tuple[int, int]] = []
         for size, stride in lead:

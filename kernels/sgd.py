@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import INTERPRET, accumulator_dtype, launch
+from .runtime import INTERPRET, accumulator_dtype, cdiv, launch
 
 BLOCK = 1024 if INTERPRET else 4096  # elements a program
 WARPS = 8
@@ -132,18 +132,22 @@ def step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[to
         return
     device, dtype = params[0].device, params[0].dtype
     lengths = [p.numel() for p in params]
-    blocks = [triton.cdiv(n, BLOCK) for n in lengths]
+    blocks = [cdiv(n, BLOCK) for n in lengths]
     total = sum(blocks)
     if total == 0:
         return
     base, size = params[0], params[0].element_size()
+    origin = base.data_ptr()
     # Element offsets from params[0]: every tensor of one dtype starts at a multiple of its element size.
-    offsets = tuple(((p.data_ptr() - base.data_ptr()) // size, (g.data_ptr() - base.data_ptr()) // size,
-                     (b.data_ptr() - base.data_ptr()) // size if buffers is not None else 0, n)
+    offsets = tuple(((p.data_ptr() - origin) // size, (g.data_ptr() - origin) // size,
+                     (b.data_ptr() - origin) // size if buffers is not None else 0, n)
                     for p, g, b, n in zip(params, grads, buffers or params, lengths))
     table = _table(device, offsets, blocks, (lr, weight_decay, momentum, dampening), cache, slot)
+    bits = 0  # the low bits of every offset: their lowest set bit bounds the alignment
+    for p_offset, g_offset, b_offset, _ in offsets:
+        bits |= p_offset | g_offset | b_offset
     align = 16 // size
-    while any(offset % align for entry in offsets for offset in entry[:3]):
+    while bits % align:
         align //= 2
     with launch("sgd_kernel", device):
         sgd_kernel[(total,)](

@@ -7,6 +7,7 @@ from helpers import (ACTIVATIONS, TOLERANCE, TorchOpSpy, assert_close, count_lau
                      reference_linear, rel_error)
 
 import gpunn
+from gpunn.kernels import runtime
 from gpunn.kernels.runtime import Rows
 
 # (leading dims, in_features, out_features): odd sizes, sizes around and past the interpreter's 64-wide
@@ -324,6 +325,29 @@ def test_tf32_through_torch_new_precision_api(device):
                          torch.nn.functional.linear(x.double(), w.double())) < TOLERANCE[torch.float32]
     finally:
         matmul.fp32_precision = previous
+
+
+def test_fp32_dot_precision_follows_every_torch_setting():
+    matmul, backends = torch.backends.cuda.matmul, torch.backends
+    previous = (matmul.fp32_precision, backends.fp32_precision)
+    try:
+        for setting, expected in (("tf32", "tf32"), ("ieee", "ieee")):
+            matmul.fp32_precision = setting
+            assert runtime.dot_precision(torch.float32) == expected
+        matmul.fp32_precision = "none"
+        for setting, expected in (("tf32", "tf32"), ("ieee", "ieee")):
+            backends.fp32_precision = setting
+            assert runtime.dot_precision(torch.float32) == expected
+        backends.fp32_precision = "none"
+        for setting, expected in (("high", "tf32"), ("medium", "tf32"), ("highest", "ieee")):
+            torch.set_float32_matmul_precision(setting)
+            assert runtime.dot_precision(torch.float32) == expected
+        for flag, expected in ((True, "tf32"), (False, "ieee")):
+            matmul.allow_tf32 = flag
+            assert runtime.dot_precision(torch.float32) == expected
+        assert runtime.dot_precision(torch.float64) == runtime.dot_precision(torch.bfloat16) == "ieee"
+    finally:
+        matmul.fp32_precision, backends.fp32_precision = previous
 
 
 def test_relu_gradient_passes_nan_like_torch(device):

@@ -66,7 +66,7 @@ def test_cross_entropy_fused_launches_and_no_torch_softmax(device):
     target = torch.randint(0, 10, (8,), device=device)
     with count_launches() as launches, TorchOpSpy() as spy:
         gpunn.CrossEntropyLoss(label_smoothing=0.1)(x, target).backward()
-    assert launches == {"cross_entropy_forward_kernel": 1, "row_sums_kernel": 1, "cross_entropy_backward_kernel": 1}
+    assert launches == {"cross_entropy_forward_kernel": 1, "reduced_loss_kernel": 1, "cross_entropy_backward_kernel": 1}
     assert not {"aten._log_softmax", "aten._softmax", "aten.nll_loss_forward", "aten.logsumexp"} & set(spy.ops)
 
 
@@ -141,7 +141,7 @@ def test_mse_broadcast_promotion_and_launches(device):
         ref = F.mse_loss(x.detach().double(), y)
     assert loss.dtype == torch.float64
     assert_close(loss, ref, torch.float64, "loss")
-    assert launches == {"mse_forward_kernel": 1, "row_sums_kernel": 1, "mse_backward_kernel": 1}
+    assert launches == {"mse_forward_kernel": 1, "reduced_loss_kernel": 1, "mse_backward_kernel": 1}
 
 
 @pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])

@@ -176,7 +176,7 @@ def test_the_forward_pruner_budgets_tanh_and_tuning_keys_on_it(monkeypatch):
     kept = {act: rnn._forward_pruner()(gpu_configs, args, ACT=code, DOT_PRECISION="tf32", ROW_ALIGN=16)
             for act, code in (("relu", 1), ("tanh", 5))}
     assert set(map(str, kept["tanh"])) < set(map(str, kept["relu"]))
-    assert "ACT" in rnn.rnn_cell_forward_kernel.keys  # a tanh call must not reuse a relu pick
+    assert "ACT" in rnn.rnn_cell_forward_kernel.autotuner.keys  # a tanh call must not reuse a relu pick
 
 
 def test_bitwise_deterministic(device):

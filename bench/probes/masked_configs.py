@@ -25,10 +25,10 @@ def bench_us(fn) -> float:
 
 
 def print_timings(kernel, indent: str, limit: int = 5) -> None:
-    timings = getattr(kernel, "configs_timings", None) or {}
+    timings = getattr(kernel.autotuner, "configs_timings", None) or {}
     for config, ms in sorted(timings.items(), key=lambda item: item[1][0])[:limit]:
-        print(indent, kernel.fn.__name__, config, [round(t * 1e3, 1) for t in ms], "us")
-    kernel.cache.clear()
+        print(indent, kernel.jit.__name__, config, [round(t * 1e3, 1) for t in ms], "us")
+    kernel.clear()
 
 
 def main() -> None:

@@ -12,10 +12,10 @@ import itertools
 import os
 
 import torch
-import triton
 
 import gpunn.functional as F
 from gpunn.kernels import rnn_sequence
+from gpunn.kernels.runtime import cdiv
 
 from .. import harness
 
@@ -64,8 +64,8 @@ def main() -> None:
     for block_b, block_n, block_k, warps in itertools.product((16, 32, 64), (16, 32, 64), (32, 64, 128), (4, 8)):
         def tiles(hidden, batch, dtype, device, block_b=block_b, block_n=block_n, block_k=block_k, warps=warps):
             sms = rnn_sequence._sm_count(device)
-            columns = triton.cdiv(hidden, block_n)
-            grid = (max(1, min(triton.cdiv(batch, block_b), sms // columns)), columns)
+            columns = cdiv(hidden, block_n)
+            grid = (max(1, min(cdiv(batch, block_b), sms // columns)), columns)
             return grid, dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
                               num_stages=rnn_sequence.SPLIT_STAGES)
 

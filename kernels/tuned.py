@@ -1,0 +1,85 @@
+"""Autotuned kernels whose launches skip Triton's per-call autotuning work once their signature is tuned.
+
+On every launch, Triton's Autotuner and Heuristics wrappers rebuild dicts of all ~35 arguments to find the
+tuning key and the heuristic values, and stringify each tensor's dtype: about 13 us of host time a launch
+of the dense forward on the development CPU, where the launch itself took 3 us. Small layers are bound by
+host time (bench/NOTES.md). `@tuned` on top of `@triton.autotune` sends the first launch of
+each signature through Triton's wrappers, which tune it (or take the one config the pruner keeps); later
+launches of that signature call the JIT function with the config and the heuristic values found then.
+
+A signature is the values of the autotuning key's positional arguments, the dtype of every pointer
+argument (those named *_ptr) and every keyword argument with its value (the launcher's constexprs).
+The key, the config pruner and the heuristics must read nothing else besides the config: true of every
+kernel here, which passes the arguments that vary call to call without changing the pick (row counts,
+strides, tensors) positionally and names the rest. A grid is a tuple or a function of the config's
+values (meta["BLOCK_M"]), as Triton's own grids here are.
+"""
+from __future__ import annotations
+
+import torch
+from triton.runtime.autotuner import Autotuner, Heuristics
+from triton.runtime.jit import KernelInterface
+
+
+class Tuned(KernelInterface):
+    """An autotuned kernel: launch it as `kernel[grid](*args, **constexprs)`, as the Autotuner it wraps.
+
+    .autotuner is Triton's Autotuner (its configs, best_config, configs_timings); .clear() forgets every
+    tuned signature, so that the next launch of each tunes again.
+    """
+
+    def __init__(self, autotuner: Autotuner):
+        self.autotuner = autotuner
+        self.heuristics = {}  # name -> function of the arguments, outermost wrapper first, as Triton runs them
+        fn = autotuner.fn
+        while isinstance(fn, Heuristics):
+            self.heuristics.update(fn.values)
+            fn = fn.fn
+        self.jit = fn
+        names = autotuner.arg_names
+        self._key_positions = tuple(names.index(name) for name in autotuner.keys)
+        self._pointer_positions = tuple(i for i, name in enumerate(names) if name.endswith("_ptr"))
+        self._plans: dict[tuple, dict] = {}  # signature -> the config's launch options and heuristic values
+
+    def run(self, *args, grid, warmup, **constexprs):
+        if warmup:
+            return self.autotuner.run(*args, grid=grid, warmup=warmup, **constexprs)
+        count = len(args)
+        signature = (tuple(args[i] for i in self._key_positions if i < count),
+                     tuple(args[i].dtype for i in self._pointer_positions),
+                     tuple(constexprs.items()))
+        plan = self._plans.get(signature)
+        if plan is None:
+            self._check_signature(args, constexprs)
+            self.autotuner.run(*args, grid=grid, warmup=False, **constexprs)
+            self._plans[signature] = self._plan(args, constexprs)
+            return None
+        return self.jit.run(*args, grid=grid(plan) if callable(grid) else grid, warmup=False, **constexprs, **plan)
+
+    def _check_signature(self, args: tuple, constexprs: dict) -> None:
+        """Refuse a launch whose signature would miss a tensor's dtype, or hold a tensor (never equal twice)."""
+        names = self.autotuner.arg_names
+        misplaced = [names[i] for i, arg in enumerate(args)
+                     if isinstance(arg, torch.Tensor) and i not in self._pointer_positions]
+        misplaced += [name for name, value in constexprs.items() if isinstance(value, torch.Tensor)]
+        if misplaced:
+            raise TypeError(f"{self.jit.__name__}: tensor arguments {misplaced} are not named *_ptr and passed "
+                            f"positionally, so a launch signature would not see their dtype")
+
+    def _plan(self, args: tuple, constexprs: dict) -> dict:
+        """The launch options and heuristic values the wrappers just used for this signature."""
+        names = self.autotuner.arg_names
+        plan = self.autotuner.best_config.all_kwargs()
+        named = {**dict(zip(names, args)), **constexprs, **plan}
+        for name, heuristic in self.heuristics.items():
+            named[name] = plan[name] = heuristic(named)
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+        self.autotuner.cache.clear()
+
+
+def tuned(autotuner: Autotuner) -> Tuned:
+    """Decorator, above @triton.autotune: see the module docstring."""
+    return Tuned(autotuner)
