@@ -270,11 +270,11 @@ def _launch_cross_entropy(dtype, m, n, k, backward, weighted, smoothing):
         losses.cross_entropy_forward(x, target, weight, -100, smoothing)
 
 
-def _launch_reduced_loss(dtype, m, n, k, divisor):
+def _launch_reduced_loss(dtype, m, n, k, divide_by):
     # The sums of m per-row (or per-block) values into a loss of dtype.
     from gpunn.kernels import losses, runtime
     compute = runtime.state_dtype(dtype)
-    losses.reduced_loss(_meta((m,), compute), _meta((m,), compute), dtype, m if divisor == "count" else divisor)
+    losses.reduced_loss(_meta((m,), compute), _meta((m,), compute), dtype, divide_by, count=m)
 
 
 def _launch_mse(dtype, m, n, k, backward):
@@ -365,9 +365,9 @@ CASES = (
         Variant("plain", dict(backward=True, weighted=False, smoothing=0.0), matmul=False),
     ), tile=("BLOCK_C",)),
     Case("gpunn.kernels.losses", "reduced_loss_kernel", _launch_reduced_loss, (
-        Variant("mean over weights", dict(divisor="b"), matmul=False),
-        Variant("mean over count", dict(divisor="count"), matmul=False),
-        Variant("sum", dict(divisor=None), matmul=False),
+        Variant("mean over weights", dict(divide_by="sum_b"), matmul=False),
+        Variant("mean over count", dict(divide_by="count"), matmul=False),
+        Variant("sum", dict(divide_by="none"), matmul=False),
     ), tile=("BLOCK",)),
     Case("gpunn.kernels.losses", "mse_forward_kernel", _launch_mse, (
         Variant("none", dict(backward=False), matmul=False),

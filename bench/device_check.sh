@@ -3,7 +3,7 @@
 # test suite compiled on the GPU, then the quick benchmarks of every op, a CUDA-graph training-step probe,
 # `python -m gpunn check --quick` and the split RNN's tile sweep, and keep every log and CSV in OUTDIR.
 # Each stage has its own time limit, and a stage that fails or times out does not stop the next. The
-# limits add up to about 13 minutes; give the run an outer limit of about 8 (a 15-minute lease, a start of
+# limits add up to about 14 minutes; give the run an outer limit of about 8 (a 15-minute lease, a start of
 # about 30 s, and a rerun): the most needed stages come first, so a run cut short loses the least. The
 # last run (H200, 2026-11-27): tests 169 s, the quick benchmarks of the RNN and the newer ops with
 # torch.compile 150 s, graph_step 25 s.
@@ -54,6 +54,8 @@ stage check 60 env GPUNN_AUTOTUNE=0 "$python" -m gpunn check --quick --out "$out
 stage rnn_split_tiles 120 "$python" -m bench.probes.rnn_split_tiles
 stage bench_rnn_fp32 45 "$python" -m bench --quick --only rnn --dtype fp32 --out "$out/bench_rnn_fp32"
 stage bench_layers 90 "$python" -m bench --quick --only dense,masked,local2d --no-compile --out "$out/bench_layers"
+# Whether the cross-entropy and SGD misses are the kernels or host time inside do_bench.
+stage kernel_alone 60 "$python" -m bench.probes.kernel_alone
 echo "== summary"
 cat "$out/status.txt"
 [ -f "$out/bench/bench.md" ] && cat "$out/bench/bench.md"

@@ -30,7 +30,7 @@ def _cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weight: torc
     row_loss, row_weight, lse = kernels.cross_entropy_forward(logits, target, weight, ignore_index, smoothing)
     if reduction == "none":
         return row_loss.to(logits.dtype), lse, nothing(lse)
-    totals, loss = kernels.reduced_loss(row_loss, row_weight, logits.dtype, "b" if reduction == "mean" else None)
+    totals, loss = kernels.reduced_loss(row_loss, row_weight, logits.dtype, "sum_b" if reduction == "mean" else "none")
     return loss, lse, totals
 
 
@@ -76,8 +76,8 @@ _cross_entropy = Op("cross_entropy", _cross_entropy_impl, _cross_entropy_fake, _
 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
-    """torch.nn.functional.cross_entropy for class-index targets, in two fused Triton kernels (one pass
-    over the logits forward, one backward).
+    """torch.nn.functional.cross_entropy for class-index targets, in fused Triton kernels: one pass over the
+    logits forward (and, for "mean" and "sum", one small launch that reduces the rows), one backward.
 
     Args:
         input: logits (N, C), unbatched (C,), or (N, C, d1, ...); any strides.

@@ -77,7 +77,7 @@ def cross_entropy_forward_kernel(
 
 @triton.jit
 def _divide(a, b):
-    # Correctly rounded, as torch divides: Triton's fp32 `/` is the approximate division (fp64's rounds).
+    # Correctly rounded: Triton's fp32 `/` is the approximate division (fp64's rounds).
     if a.dtype == tl.float32:
         return tl.div_rn(a, b)
     else:
@@ -85,10 +85,9 @@ def _divide(a, b):
 
 
 @triton.jit
-def reduced_loss_kernel(a_ptr, b_ptr, totals_ptr, loss_ptr, N, count, MEAN_OVER_B: tl.constexpr,
-                        MEAN_OVER_COUNT: tl.constexpr, BLOCK: tl.constexpr):
+def reduced_loss_kernel(a_ptr, b_ptr, totals_ptr, loss_ptr, N, count, DIVIDE_BY: tl.constexpr, BLOCK: tl.constexpr):
     """totals = [sum(a), sum(b)] over N values, in one program (a fixed order), and the reduced loss in
-    loss's dtype: sum(a), over sum(b) or over count when asked (IEEE division, as torch's)."""
+    loss's dtype: sum(a), divided by sum(b) (DIVIDE_BY "sum_b") or by count ("count"), or not ("none")."""
     offsets = tl.arange(0, BLOCK)
     total_a = tl.zeros((BLOCK,), totals_ptr.dtype.element_ty)
     total_b = tl.zeros((BLOCK,), totals_ptr.dtype.element_ty)
@@ -101,9 +100,9 @@ def reduced_loss_kernel(a_ptr, b_ptr, totals_ptr, loss_ptr, N, count, MEAN_OVER_
     tl.store(totals_ptr, sum_a)
     tl.store(totals_ptr + 1, sum_b)
     loss = sum_a
-    if MEAN_OVER_B:
+    if DIVIDE_BY == "sum_b":
         loss = _divide(sum_a, sum_b)
-    if MEAN_OVER_COUNT:
+    if DIVIDE_BY == "count":
         loss = _divide(sum_a, count.to(sum_a.dtype))
     tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
 
@@ -180,17 +179,19 @@ def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.T
     return row_loss, row_weight, lse
 
 
-def reduced_loss(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, divisor: str | int | None
+def reduced_loss(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, divide_by: str = "none", count: int = 1
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(totals, loss) of two (N,) tensors of one dtype, in one launch: totals = [sum(a), sum(b)], a (2,)
-    tensor of their dtype; loss a scalar of `dtype`: sum(a), divided by sum(b) for divisor "b" or by an int
-    divisor. (One kernel where torch ops would take four launches: the loss's host time.)"""
+    tensor of their dtype; loss a scalar of `dtype`: sum(a), divided by sum(b) for divide_by "sum_b" or by
+    count for "count". One kernel where torch ops would make three more launches (host time a call).
+
+    The division is correctly rounded: as torch divides a cross-entropy's sums; its MSE mean multiplies by
+    1 / count, which can differ in the last bit of fp32."""
     totals = torch.empty(2, device=a.device, dtype=a.dtype)
     loss = torch.empty((), device=a.device, dtype=dtype)
-    count = divisor if isinstance(divisor, int) else 1
     with launch("reduced_loss_kernel", a.device):
-        reduced_loss_kernel[(1,)](a, b, totals, loss, a.shape[0], count, MEAN_OVER_B=divisor == "b",
-                                  MEAN_OVER_COUNT=isinstance(divisor, int), BLOCK=REDUCE_BLOCK, num_warps=4)
+        reduced_loss_kernel[(1,)](a, b, totals, loss, a.shape[0], count, DIVIDE_BY=divide_by, BLOCK=REDUCE_BLOCK,
+                                  num_warps=4)
     return totals, loss
 
 
@@ -269,7 +270,7 @@ def mse_forward(x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tenso
                                           BLOCK=MSE_BLOCK, num_warps=WARPS)
     if elementwise:
         return out
-    return reduced_loss(out, out, x.dtype, n if reduction == "mean" else None)[1]
+    return reduced_loss(out, out, x.dtype, "count" if reduction == "mean" else "none", count=n)[1]
 
 
 def mse_backward(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, reduction: str, input_grad: bool,

@@ -1,9 +1,9 @@
 """Autotuned kernels whose launches skip Triton's per-call autotuning work once their signature is tuned.
 
 On every launch, Triton's Autotuner and Heuristics wrappers rebuild dicts of all ~35 arguments to find the
-tuning key and the heuristic values, and stringify each tensor's dtype: about 13 us of host time a launch
-of the dense forward on the development CPU, where the launch itself took 3 us. Small layers are bound by
-host time (bench/NOTES.md). `@tuned` on top of `@triton.autotune` sends the first launch of
+tuning key and the heuristic values, and stringify each tensor's dtype: on the development CPU, 24-35 us
+of host time a dense-forward launch with the GPU's twelve configs, where the JIT function's own entry took
+2.4-4.5 us. Small layers are bound by host time (bench/NOTES.md). `@tuned` on top of `@triton.autotune` sends the first launch of
 each signature through Triton's wrappers, which tune it (or take the one config the pruner keeps); later
 launches of that signature call the JIT function with the config and the heuristic values found then.
 
@@ -15,6 +15,9 @@ strides, tensors) positionally and names the rest. A grid is a tuple or a functi
 values (meta["BLOCK_M"]), as Triton's own grids here are.
 """
 from __future__ import annotations
+
+import threading
+from operator import itemgetter
 
 import torch
 from triton.runtime.autotuner import Autotuner, Heuristics
@@ -40,21 +43,35 @@ class Tuned(KernelInterface):
         self._key_positions = tuple(names.index(name) for name in autotuner.keys)
         self._pointer_positions = tuple(i for i, name in enumerate(names) if name.endswith("_ptr"))
         self._plans: dict[tuple, dict] = {}  # signature -> the config's launch options and heuristic values
+        self._lock = threading.Lock()
+        self._getters: dict[int, tuple] = {}  # positional count -> (key values, pointers) of a launch's args
+
+    def _make_getters(self, count: int) -> tuple:
+        """Functions of a launch's positional args: the key values, and the pointers, each as a tuple."""
+        getters = tuple(_tuple_getter([i for i in positions if i < count])
+                        for positions in (self._key_positions, self._pointer_positions))
+        self._getters[count] = getters
+        return getters
 
     def run(self, *args, grid, warmup, **constexprs):
         if warmup:
             return self.autotuner.run(*args, grid=grid, warmup=warmup, **constexprs)
-        count = len(args)
-        signature = (tuple(args[i] for i in self._key_positions if i < count),
-                     tuple(args[i].dtype for i in self._pointer_positions),
+        getters = self._getters.get(len(args)) or self._make_getters(len(args))
+        signature = (getters[0](args), tuple([pointer.dtype for pointer in getters[1](args)]),
                      tuple(constexprs.items()))
         plan = self._plans.get(signature)
-        if plan is None:
-            self._check_signature(args, constexprs)
-            self.autotuner.run(*args, grid=grid, warmup=False, **constexprs)
-            self._plans[signature] = self._plan(args, constexprs)
-            return None
-        return self.jit.run(*args, grid=grid(plan) if callable(grid) else grid, warmup=False, **constexprs, **plan)
+        if plan is not None:
+            return self.jit.run(*args, grid=grid(plan) if callable(grid) else grid, warmup=False, **constexprs,
+                                **plan)
+        self._check_signature(args, constexprs)
+        # The plan is read from the autotuner's best_config, which another thread's launch could overwrite.
+        with self._lock:
+            kernel = self.autotuner.run(*args, grid=grid, warmup=False, **constexprs)
+            plan = self._plan(args, constexprs)
+        # A NaN (a leaky_relu slope) never equals itself: its signature would never be found again.
+        if all(value == value for value in constexprs.values()):
+            self._plans[signature] = plan
+        return kernel
 
     def _check_signature(self, args: tuple, constexprs: dict) -> None:
         """Refuse a launch whose signature would miss a tensor's dtype, or hold a tensor (never equal twice)."""
@@ -78,6 +95,14 @@ class Tuned(KernelInterface):
     def clear(self) -> None:
         self._plans.clear()
         self.autotuner.cache.clear()
+
+
+def _tuple_getter(positions: list[int]):
+    """args -> the tuple of args at `positions` (operator.itemgetter, which returns a lone item bare)."""
+    if len(positions) == 1:
+        (position,) = positions
+        return lambda args: (args[position],)
+    return itemgetter(*positions) if positions else lambda args: ()
 
 
 def tuned(autotuner: Autotuner) -> Tuned:
