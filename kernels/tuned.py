@@ -3,9 +3,10 @@
 On every launch, Triton's Autotuner and Heuristics wrappers rebuild dicts of all ~35 arguments to find the
 tuning key and the heuristic values, and stringify each tensor's dtype: on the development CPU, 24-35 us
 of host time a dense-forward launch with the GPU's twelve configs, where the JIT function's own entry took
-2.4-4.5 us. Small layers are bound by host time (bench/NOTES.md). `@tuned` on top of `@triton.autotune` sends the first launch of
-each signature through Triton's wrappers, which tune it (or take the one config the pruner keeps); later
-launches of that signature call the JIT function with the config and the heuristic values found then.
+2.4-4.5 us. Small layers are bound by host time (bench/NOTES.md). `@tuned` on top of `@triton.autotune`
+sends the first launch of each signature through Triton's wrappers, which tune it (or take the one config
+the pruner keeps); later launches of that signature call the JIT function with the config and the
+heuristic values found then.
 
 A signature is the values of the autotuning key's positional arguments, the dtype of every pointer
 argument (those named *_ptr) and every keyword argument with its value (the launcher's constexprs).

@@ -4,8 +4,9 @@ Triton's interpreter is told to run nothing (its launch entry point is stubbed),
 as on a GPU: gpunn's checks, ops and autograd glue, its launchers, and Triton's autotuner and heuristics
 wrappers. Not included: the compiled path's own launch (Triton's JIT binder and the driver), which only a
 GPU has; bench/probes/host_overhead.py measures whole calls there. The interpreter has one config a
-kernel, so a launch that goes through Triton's autotuner costs less here than with a GPU's tile table. torch runs its CPU kernels at shapes
-(16 x 16) where they take a few microseconds, so its numbers are mostly host time too.
+kernel, so a launch that goes through Triton's autotuner costs less here than with a GPU's tile table.
+torch runs its CPU kernels at shapes (16 x 16) where they take a few microseconds, so its numbers are
+mostly host time too.
 
     python -m bench.probes.wrapper_overhead
 
