@@ -16,8 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train three networks on handwritten digits, each built from gpunn layers and trained with "
                     "gpunn's cross-entropy and SGD kernels, side by side with the same network in plain torch "
                     "(same initial weights and batches, torch's loss and SGD): an MLP of gpunn.Linear layers "
-                    "(fused activations); a locally connected network (a MaskedLinear with 3x3 neighbourhoods, "
-                    "then a LocallyConnected2d); an RNN that reads each image row by row. Prints per-epoch "
+                    "(fused activations); a locally connected network (a LocallyConnected2d, then a MaskedLinear "
+                    "over 3x3 neighbourhoods of its maps); an RNN that reads each image row by row. Prints per-epoch "
                     "loss and accuracy of each, writes a loss-curve PNG, and ends with a summary line per "
                     "network with its test accuracy and the largest loss gap between gpunn and torch. Runs "
                     "compiled on a CUDA GPU, otherwise through Triton's interpreter on the CPU.")
