@@ -270,11 +270,11 @@ def _launch_cross_entropy(dtype, m, n, k, backward, weighted, smoothing):
         losses.cross_entropy_forward(x, target, weight, -100, smoothing)
 
 
-def _launch_reduced_loss(dtype, m, n, k, divide_by):
-    # The sums of m per-row (or per-block) values into a loss of dtype.
+def _launch_reduced_loss(dtype, m, n, k, divide_by, count=None):
+    # The sums of m per-row (or per-block) values into a loss of dtype, divided by count (default m).
     from gpunn.kernels import losses, runtime
     compute = runtime.state_dtype(dtype)
-    losses.reduced_loss(_meta((m,), compute), _meta((m,), compute), dtype, divide_by, count=m)
+    losses.reduced_loss(_meta((m,), compute), _meta((m,), compute), dtype, divide_by, count=count or m)
 
 
 def _launch_mse(dtype, m, n, k, backward):
@@ -367,6 +367,7 @@ CASES = (
     Case("gpunn.kernels.losses", "reduced_loss_kernel", _launch_reduced_loss, (
         Variant("mean over weights", dict(divide_by="sum_b"), matmul=False),
         Variant("mean over count", dict(divide_by="count"), matmul=False),
+        Variant("mean of one value", dict(divide_by="count", count=1), matmul=False),  # the MSE of one element
         Variant("sum", dict(divide_by="none"), matmul=False),
     ), tile=("BLOCK",)),
     Case("gpunn.kernels.losses", "mse_forward_kernel", _launch_mse, (

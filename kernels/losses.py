@@ -84,7 +84,7 @@ def _divide(a, b):
         return a / b
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count"])  # a count of 1 would be a constant, which has no .to()
 def reduced_loss_kernel(a_ptr, b_ptr, totals_ptr, loss_ptr, N, count, DIVIDE_BY: tl.constexpr, BLOCK: tl.constexpr):
     """totals = [sum(a), sum(b)] over N values, in one program (a fixed order), and the reduced loss in
     loss's dtype: sum(a), divided by sum(b) (DIVIDE_BY "sum_b") or by count ("count"), or not ("none")."""

@@ -117,11 +117,12 @@ def test_cross_entropy_kernels_never_read_through_a_bad_target(device, smoothing
     assert dx[~good].isnan().all() and not dx[good].isnan().any() and (dx[2] == 0).all()
 
 
+@pytest.mark.parametrize("shape", [(7, 1500), (1,)], ids=str)  # one element: a count of 1 (a GPU constant)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_mse_matches_torch(device, reduction):
+def test_mse_matches_torch(device, reduction, shape):
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(7, 1500, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    y = torch.randn(7, 1500, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    y = torch.randn(shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     x64, y64 = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
     loss = gpunn.MSELoss(reduction=reduction)(x, y)
     ref = torch.nn.MSELoss(reduction=reduction)(x64, y64)
