@@ -54,7 +54,8 @@ def _linear_cases() -> dict:
 
 def _training_cases() -> dict:
     params = [torch.randn(WIDTH, WIDTH) for _ in range(6)]
-    for p in params:
+    many = [torch.randn(1000) for _ in range(100)]  # the SGD benchmark's tensor count
+    for p in params + many:
         p.grad = torch.randn_like(p)
     mlp = torch.nn.Sequential(torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU(), torch.nn.Linear(WIDTH, WIDTH),
                               torch.nn.ReLU(), torch.nn.Linear(WIDTH, 10))
@@ -71,6 +72,8 @@ def _training_cases() -> dict:
     return {
         "SGD with momentum, 6 tensors": (gpunn.optim.SGD(params, lr=1e-3, momentum=0.9).step,
                                          torch.optim.SGD(params, lr=1e-3, momentum=0.9).step),
+        "SGD with momentum, 100 tensors": (gpunn.optim.SGD(many, lr=1e-3, momentum=0.9).step,
+                                           torch.optim.SGD(many, lr=1e-3, momentum=0.9).step),
         "training step, MLP of 3 layers": (
             step(ours, gpunn.CrossEntropyLoss(), gpunn.optim.SGD(ours.parameters(), lr=1e-3, momentum=0.9)),
             step(mlp, torch.nn.CrossEntropyLoss(), torch.optim.SGD(mlp.parameters(), lr=1e-3, momentum=0.9))),
