@@ -19,14 +19,20 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"{reduction} is not a valid value for reduction")
 
 
+def check_targets(target: torch.Tensor, classes: int, ignore_index: int) -> None:
+    """IndexError, as torch's CPU loss raises, for a class index outside [0, classes) that is not ignore_index.
+    One device sync; the kernels also never read through a bad index (that row's loss is NaN)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    if bad.any():
+        raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+
+
 def _cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
                    smoothing: float, reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, each row's logsumexp (N,), the weighted loss and weight totals (2,) or nothing for "none") of
     logits (N, C) (unit column stride) against class indices (N,) int64; see gpunn.kernels.losses."""
     if not (logits.is_cuda and torch.cuda.is_current_stream_capturing()):  # a sync cannot be captured
-        bad = (target != ignore_index) & ((target < 0) | (target >= logits.shape[1]))
-        if bad.any():  # one sync; the kernels also never read through a bad index (that row's loss is NaN)
-            raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+        check_targets(target, logits.shape[1], ignore_index)
     row_loss, row_weight, lse = kernels.cross_entropy_forward(logits, target, weight, ignore_index, smoothing)
     if reduction == "none":
         return row_loss.to(logits.dtype), lse, nothing(lse)

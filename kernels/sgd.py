@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import INTERPRET, accumulator_dtype, cdiv, launch
+from .runtime import INTERPRET, accumulator_dtype, cdiv, launch, row_alignment
 
 BLOCK = 1024 if INTERPRET else 4096  # elements a program
 WARPS = 8
@@ -143,16 +143,14 @@ def step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[to
                      (b.data_ptr() - origin) // size if buffers is not None else 0, n)
                     for p, g, b, n in zip(params, grads, buffers or params, lengths))
     table = _table(device, offsets, blocks, (lr, weight_decay, momentum, dampening), cache, slot)
-    bits = 0  # the low bits of every offset: their lowest set bit bounds the alignment
+    bits = 0  # every offset's low bits in one value: its alignment is theirs
     for p_offset, g_offset, b_offset, _ in offsets:
         bits |= p_offset | g_offset | b_offset
-    align = 16 // size
-    while bits % align:
-        align //= 2
+    align = min(row_alignment(bits), 16 // size)  # in elements, up to 16 bytes
     with launch("sgd_kernel", device):
         sgd_kernel[(total,)](
             table, len(params), base,
             COMPUTE=accumulator_dtype(dtype),
             WEIGHT_DECAY=weight_decay != 0, MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov,
-            MAXIMIZE=maximize, ALIGN=max(align, 1), BLOCK=BLOCK, num_warps=WARPS,
+            MAXIMIZE=maximize, ALIGN=align, BLOCK=BLOCK, num_warps=WARPS,
         )
