@@ -7,8 +7,8 @@ loaded and stored per call (gpunn.kernels.work.count_work), next to the case's m
 visible without a GPU: a dense layer's dot FLOPs equal 2MNK up to tile padding; a masked layer's are
 the listed blocks', a few percent of the dense layer's; bytes above the minimum are operands read again,
 by neighbouring programs of one launch (from L2 on a GPU) or by separate launches (the dense backward's
-three kernels each read dy), or outputs written for backward (act'(z)); an unfused activation would show
-as one more launch and a round trip of the output.
+elementwise pass writes dz, which both of its GEMMs read), or outputs written for backward (act'(z)); an
+unfused forward activation would show as one more launch and a round trip of the output.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Each dense kernel timed alone beside the cuBLAS GEMM of the same shape, with the configs its autotuner
-timed and the one it kept: which kernel (forward, grad_input, grad_weight) and which config fall short.
+timed and the one it kept: which kernel (forward, grad_input, grad_weight) and which config fall short;
+and the backward's elementwise pass (dz = dy * act'(z) and db) in GB/s of the bytes it must move.
 
     python -m bench.dense_kernels [--shapes 4096x4096x4096,16x4096x4096] [--activations none,relu,gelu]
 
@@ -48,28 +49,34 @@ def main(argv: list[str] | None = None) -> int:
         gemm = 2 * m * n * k
         cublas = {"forward": ms(lambda: x @ w.t()), "grad_input": ms(lambda: dy @ w),
                   "grad_weight": ms(lambda: dy.t() @ x)}
+        def report(label: str, kernel: str, t: float, tuner) -> None:
+            print(f"{shape} {label:28s} {t * 1e3:8.1f} us {gemm / t / 1e9:6.1f} TFLOP/s "
+                  f"{n * k * 2 / t / 1e6:7.1f} GB/s(W)  cuBLAS {cublas[kernel] * 1e3:8.1f} us  "
+                  f"best {tuner.best_config}", flush=True)
+            for config, timing in sorted(getattr(tuner, "configs_timings", {}).items(), key=lambda kv: kv[1][0]):
+                print(f"      {timing[0] * 1e3:8.1f} us  {config}")
+
+        for name in args.activations.split(","):
+            act = None if name == "none" else name
+            report(f"{name:5s} forward", "forward", ms(lambda: dense.forward(Rows.of(x), w, b, act, 0.01, False)),
+                   dense.dense_forward_kernel.autotuner)
+        if m < 256:
+            continue
+        # The gradient GEMMs take dz whatever the activation: one timing each.
+        report("grad_input", "grad_input", ms(lambda: dense.grad_input(Rows.of(dy), w)),
+               dense.dense_grad_input_kernel.autotuner)
+        report("grad_weight", "grad_weight", ms(lambda: dense.grad_weight(Rows.of(dy), Rows.of(x), (n, k))),
+               dense.dense_grad_weight_kernel.autotuner)
         for name in args.activations.split(","):
             act = None if name == "none" else name
             source = activations.grad_source(act, 0.01)
             y, g = dense.forward(Rows.of(x), w, b, act, 0.01, source == activations.GRAD_FROM_SAVED.value)
             saved = {activations.GRAD_FROM_OUTPUT.value: y, activations.GRAD_FROM_SAVED.value: g}.get(source)
-            runs = {
-                "forward": lambda: dense.forward(Rows.of(x), w, b, act, 0.01, False),
-                "grad_input": lambda: dense.grad_input(Rows.of(dy), saved, w, act, 0.01),
-                "grad_weight": lambda: dense.grad_weight(Rows.of(dy), saved, Rows.of(x), (n, k), act, 0.01, True),
-                "grad_weight without db": lambda: dense.grad_weight(Rows.of(dy), saved, Rows.of(x), (n, k), act,
-                                                                    0.01, False),
-            }
-            for kernel_name, run in runs.items():
-                if m < 256 and kernel_name != "forward":
-                    continue
-                t = ms(run)
-                tuner = getattr(dense, f"dense_{kernel_name.split()[0]}_kernel").autotuner
-                print(f"{shape} {name:5s} {kernel_name:22s} {t * 1e3:8.1f} us {gemm / t / 1e9:6.1f} TFLOP/s "
-                      f"{n * k * 2 / t / 1e6:7.1f} GB/s(W)  cuBLAS {cublas[kernel_name.split()[0]] * 1e3:8.1f} us  "
-                      f"best {tuner.best_config}", flush=True)
-                for config, timing in sorted(getattr(tuner, "configs_timings", {}).items(), key=lambda kv: kv[1][0]):
-                    print(f"      {timing[0] * 1e3:8.1f} us  {config}")
+            write_dz = act is not None
+            t = ms(lambda: dense.grad_preactivation(Rows.of(dy), saved, act, 0.01, write_dz, True))
+            moved = m * n * 2 * (1 + (saved is not None) + write_dz) + n * 2  # dy, saved; dz, db
+            label = f"{name:5s} grad_preactivation " + ("(dz+db)" if write_dz else "(db)")
+            print(f"{shape} {label:28s} {t * 1e3:8.1f} us {moved / t / 1e6:7.1f} GB/s", flush=True)
     return 0
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check: on a machine with an NVIDIA GPU (no network needed), install gpunn, run the whole
-# test suite compiled on the GPU, then the quick benchmarks of every op, a CUDA-graph training-step probe,
-# `python -m gpunn check --quick` and the split RNN's tile sweep, and keep every log and CSV in OUTDIR.
+# test suite compiled on the GPU, then the quick benchmarks of every op, the dense kernels one by one, a
+# CUDA-graph training-step probe, `python -m gpunn check --quick` and the split RNN's tile sweep, and keep
+# every log and CSV in OUTDIR.
 # Each stage has its own time limit, and a stage that fails or times out does not stop the next. The
 # limits add up to about 14 minutes; give the run an outer limit of about 8 (a 15-minute lease, a start of
 # about 30 s, and a rerun): the most needed stages come first, so a run cut short loses the least. The
@@ -46,6 +47,9 @@ stage tests 220 env GPUNN_AUTOTUNE=0 "$python" -m pytest -v --durations=15 -p no
 # Then speed: the RNN first (its split kernels, past the resident limit, became the default after the last
 # run), then the other ops with torch.compile, then the layers measured before (without it).
 stage bench 180 "$python" -m bench --quick --only rnn,rnn_cell,local1d,xent,mse,sgd,mlp_step --out "$out/bench"
+# The dense backward's new split (an elementwise dz pass, then plain GEMMs), kernel by kernel, beside the
+# fused kernels' times in bench/results/2026-11-27-h100-run3/kernels.log.
+stage dense_kernels 60 "$python" -m bench.dense_kernels --shapes 4096x4096x4096 --activations none,relu,gelu
 # How much of a host-bound training step a CUDA graph recovers (gpunn and torch, eager and replayed; untuned
 # kernel configs, to fit the limit: the question is host time).
 stage graph_step 45 env GPUNN_AUTOTUNE=0 "$python" -m bench.probes.graph_step

@@ -1,5 +1,5 @@
 """Activations as Triton epilogues: the forward value, its derivative, what backward needs saved, and
-the tile-level pieces every fused layer shares (the forward epilogue, dz = dy * act'(z), the bias gradient).
+the tile-level pieces every fused layer shares (the forward epilogue, dz = dy * act'(z), its column sums).
 
 The activation math works on fp32 (or fp64) values already in registers; the caller rounds once when it
 stores. Codes are compile-time constants, so each activation compiles to its own straight-line epilogue.
@@ -9,8 +9,8 @@ What backward needs, per activation (the least that gives the exact derivative):
 - relu, tanh, sigmoid:   the output y (relu: y > 0; tanh: 1 - y^2; sigmoid: y (1 - y)).
 - leaky_relu, slope>=0:  the output y (y > 0 exactly when z > 0).
 - leaky_relu, slope<0, gelu, gelu_tanh, silu: the derivative act'(z), written by the forward epilogue
-  (the same size as z, and backward then only multiplies instead of re-evaluating erf/exp in every
-  gradient-GEMM tile that reads it).
+  (the same size as z, and backward then only multiplies instead of re-evaluating erf/exp wherever it
+  forms dz).
 """
 from __future__ import annotations
 
@@ -196,22 +196,36 @@ def load_dz(dy_ptrs, g_ptrs, mask, ACC_DTYPE: tl.constexpr, out_dtype: tl.conste
 
 
 @triton.jit
+def dz_rows(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, dz_ptr, rn, start, end, N,
+            DY_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr, ACC_DTYPE: tl.constexpr,
+            ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, GRAD_FROM: tl.constexpr,
+            WRITE_DZ: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dz = dy * act'(z) over rows [start, end) and columns rn, BLOCK_M rows at a time in a fixed order
+    (deterministic): its column sums (ACC_DTYPE, from dz before rounding), and dz itself stored into dz_ptr
+    when WRITE_DZ. dy is described as runtime.Rows; g and dz (M, N) are contiguous."""
+    rm = tl.arange(0, BLOCK_M)  # [BM]
+    n_ok = rn < N
+    rn64 = rn.to(tl.int64)
+    sums = tl.zeros(rn.shape, dtype=ACC_DTYPE)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + rm
+        ok = (rows < end)[:, None] & n_ok[None, :]
+        dy_rows = tl.multiple_of(
+            row_offsets(rows, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS), ROW_ALIGN)
+        z_rows = tl.multiple_of(rows.to(tl.int64) * N, ROW_ALIGN)[:, None]  # [BM, 1], in g and dz
+        dz = load_dz(dy_ptr + dy_rows[:, None] + rn64[None, :] * stride_dyn, g_ptr + z_rows + rn64[None, :], ok,
+                     ACC_DTYPE, ACC_DTYPE, ACT, GRAD_FROM, NEGATIVE_SLOPE)
+        if WRITE_DZ:
+            tl.store(dz_ptr + z_rows + rn64[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
+        sums += tl.sum(dz, axis=0)
+    return sums
+
+
+@triton.jit
 def bias_gradient(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, rn, M, N,
                   DY_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr, ACC_DTYPE: tl.constexpr,
                   ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, GRAD_FROM: tl.constexpr,
                   BLOCK_M: tl.constexpr):
-    """db for columns rn: the column sums of dz over all M rows, BLOCK_M rows at a time in a fixed order
-    (deterministic). dy is described as runtime.Rows; g (M, N) is contiguous."""
-    rm = tl.arange(0, BLOCK_M)  # [BM]
-    n_ok = rn < N
-    rn64 = rn.to(tl.int64)
-    db = tl.zeros(rn.shape, dtype=ACC_DTYPE)
-    for m0 in range(0, M, BLOCK_M):
-        rows = m0 + rm
-        dy_rows = tl.multiple_of(
-            row_offsets(rows, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS), ROW_ALIGN)
-        g_rows = tl.multiple_of(rows.to(tl.int64) * N, ROW_ALIGN)
-        dz = load_dz(dy_ptr + dy_rows[:, None] + rn64[None, :] * stride_dyn, g_ptr + g_rows[:, None] + rn64[None, :],
-                     (rows < M)[:, None] & n_ok[None, :], ACC_DTYPE, ACC_DTYPE, ACT, GRAD_FROM, NEGATIVE_SLOPE)
-        db += tl.sum(dz, axis=0)
-    return db
+    """db for columns rn: the column sums of dz over all M rows (dz_rows, nothing stored)."""
+    return dz_rows(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, g_ptr, rn, 0, M, N,
+                   DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE, ACT, NEGATIVE_SLOPE, GRAD_FROM, False, BLOCK_M)

@@ -1,21 +1,24 @@
-"""The fused dense layer y = act(x W^T + b): forward, input-gradient and weight-gradient kernels and
-their launchers.
+"""The fused dense layer y = act(x W^T + b): the forward kernel, the backward's elementwise pass and its
+two gradient GEMMs, and their launchers.
 
 Shapes: x (M, K) described by runtime.Rows (any leading dims, any strides), W (N, K), b (N,),
-y (M, N) contiguous. dz = dy * act'(z) is never written to memory: each gradient kernel forms it in
-registers from dy and the tensor forward saved (see activations.py). (Writing it once from the input-
-gradient kernel for the weight gradient was measured on an H100 and lost: bench/NOTES.md.)
+y (M, N) contiguous. Backward forms dz = dy * act'(z) once, in its own pass over (M, N), which also
+sums db; the input- and weight-gradient kernels are then plain GEMMs on dz. (Formed in registers inside
+each GEMM's loop, dz kept the MMA operand off the shared-memory path, and those GEMMs measured 1.6-2.3x
+slower on an H100 than on a plain operand; written from inside the input-gradient GEMM's pipelined loop,
+it slowed that GEMM 1.9x: bench/NOTES.md.)
 
 Memory traffic, the least each launch must move (tiles of the other operand are re-read from L2;
 grouped tile order keeps a band of them there):
-- forward:      reads x (M K) and W (N K), writes y (M N), plus act'(z) (M N) when backward needs it.
-- grad_input:   reads dy, the saved tensor (M N each) and W (N K), writes dx (M K).
-- grad_weight:  reads dy, the saved tensor and x, writes dW (N K).
-- grad_bias:    reads dy and the saved tensor once more, writes db (N): a separate pass (see the kernel).
+- forward:            reads x (M K) and W (N K), writes y (M N), plus act'(z) (M N) when backward needs it.
+- grad_preactivation: reads dy and the saved tensor (M N each), writes dz (M N) where there is an
+                      activation, and db (N) (via (chunks, N) partial sums; see the launcher).
+- grad_input:         reads dz (M N) and W (N K), writes dx (M K).
+- grad_weight:        reads dz and x (M K), writes dW (N K).
 Operands enter tl.dot in their own dtype (runtime.dot_dtype: bf16 is widened only under the
-interpreter, which cannot multiply bf16); accumulation is fp32 (fp64 for fp64 inputs); every output is
-rounded once, at its store. Reductions run inside one program in a fixed order: results are bitwise
-reproducible for a given config (no atomics).
+interpreter, which cannot multiply bf16); dz is stored in dy's dtype, which it enters the MMA in anyway;
+accumulation is fp32 (fp64 for fp64 inputs); every output is rounded once, at its store. Reductions run
+in a fixed order: results are bitwise reproducible for a given config (no atomics).
 """
 from __future__ import annotations
 
@@ -24,8 +27,10 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .runtime import Rows, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, launch, row_alignment, size_bucket
-from .tiling import BIAS_TILE, GROUP_SIZE, configs, grouped_tile, pruner, row_offsets
+from .runtime import (Rows, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, launch, row_alignment,
+                      size_bucket, state_dtype)
+from .tiling import (GROUP_SIZE, PREACTIVATION_PROGRAMS, PREACTIVATION_SPLIT, PREACTIVATION_TILE, configs,
+                     grouped_tile, pruner, row_offsets)
 from .tuned import tuned
 
 
@@ -84,22 +89,20 @@ def dense_forward_kernel(
 @tuned
 @triton.autotune(
     configs=configs("BLOCK_M", "BLOCK_K", "BLOCK_N"),
-    key=["M_BUCKET", "N", "K", "DOT_PRECISION", "ROW_ALIGN", "GRAD_FROM"],
+    key=["M_BUCKET", "N", "K", "DOT_PRECISION", "ROW_ALIGN"],
     prune_configs_by={"early_config_prune": pruner("BLOCK_M", "BLOCK_K", "BLOCK_N", "M_BUCKET", "w_ptr",
-                                                   activations.dz_tiles)},
+                                                   lambda args: 1)},
 )
 @triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "dy_inner"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "dz_inner"])
 def dense_grad_input_kernel(
-    dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn,
-    g_ptr,  # (M, N) contiguous: the output y or act'(z), per GRAD_FROM
+    dz_ptr, dz_inner, stride_dz_outer, stride_dz_inner, stride_dzn,
     w_ptr, stride_wn, stride_wk,
     dx_ptr,  # (M, K) contiguous
     M, N, K,
     M_BUCKET,  # autotuning key only
-    DY_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
-    GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DZ_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
@@ -110,29 +113,24 @@ def dense_grad_input_kernel(
     rn = tl.arange(0, BLOCK_N)  # [BN]
     m_ok = rm < M
     k_ok = rk < K
-    dy_rows = tl.multiple_of(row_offsets(rm, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS),
+    dz_rows = tl.multiple_of(row_offsets(rm, dz_inner, stride_dz_outer, stride_dz_inner, DZ_TWO_ROW_DIMS),
                              ROW_ALIGN)
-    g_rows = tl.multiple_of(rm.to(tl.int64) * N, ROW_ALIGN)
-    dy_base = dy_ptr + dy_rows[:, None]  # [BM, 1]
-    g_base = g_ptr + g_rows[:, None]  # [BM, 1]
+    dz_base = dz_ptr + dz_rows[:, None]  # [BM, 1]
     w_base = w_ptr + rk.to(tl.int64)[None, :] * stride_wk  # [1, BK]
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
         nn = (n * BLOCK_N + rn).to(tl.int64)  # [BN], int64 as in the forward
-        dy_ptrs = dy_base + nn[None, :] * stride_dyn  # [BM, BN]
-        g_ptrs = g_base + nn[None, :]  # [BM, BN]
+        dz_ptrs = dz_base + nn[None, :] * stride_dzn  # [BM, BN]
         w_ptrs = w_base + tl.multiple_of(nn * stride_wn, ROW_ALIGN)[:, None]  # [BN, BK]
         if EVEN_N:
-            dz = activations.load_dz(dy_ptrs, g_ptrs, m_ok[:, None], ACC_DTYPE, DOT_DTYPE,
-                          ACT, GRAD_FROM, NEGATIVE_SLOPE)
+            dz = tl.load(dz_ptrs, mask=m_ok[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
         else:
             n_ok = nn < N
-            dz = activations.load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, DOT_DTYPE,
-                          ACT, GRAD_FROM, NEGATIVE_SLOPE)
+            dz = tl.load(dz_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(dz, w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = tl.dot(dz.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     out = tl.multiple_of(rm.to(tl.int64) * K, ROW_ALIGN)[:, None] + rk[None, :]
     tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
@@ -141,21 +139,19 @@ def dense_grad_input_kernel(
 @tuned
 @triton.autotune(
     configs=configs("BLOCK_N", "BLOCK_K", "BLOCK_M"),
-    key=["M_BUCKET", "N", "K", "DOT_PRECISION", "ROW_ALIGN", "GRAD_FROM"],
-    prune_configs_by={"early_config_prune": pruner("BLOCK_N", "BLOCK_K", "BLOCK_M", "N", "dy_ptr",
-                                                   activations.dz_tiles)},
+    key=["M_BUCKET", "N", "K", "DOT_PRECISION", "ROW_ALIGN"],
+    prune_configs_by={"early_config_prune": pruner("BLOCK_N", "BLOCK_K", "BLOCK_M", "N", "dz_ptr",
+                                                   lambda args: 1)},
 )
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "dy_inner", "x_inner"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "dz_inner", "x_inner"])
 def dense_grad_weight_kernel(
-    dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn,
-    g_ptr,  # (M, N) contiguous: the output y or act'(z), per GRAD_FROM
+    dz_ptr, dz_inner, stride_dz_outer, stride_dz_inner, stride_dzn,
     x_ptr, x_inner, stride_x_outer, stride_x_inner, stride_xk,
     dw_ptr,  # (N, K) contiguous
     M, N, K,
     M_BUCKET,  # autotuning key only
-    DY_TWO_ROW_DIMS: tl.constexpr, X_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
-    GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DZ_TWO_ROW_DIMS: tl.constexpr, X_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -166,49 +162,51 @@ def dense_grad_weight_kernel(
     rm = tl.arange(0, BLOCK_M)  # [BM]
     n_ok = rn < N
     k_ok = rk < K
-    rn64 = rn.to(tl.int64)  # column offsets in int64: dy or x may be column-major and huge
+    rn64 = rn.to(tl.int64)  # column offsets in int64: dz or x may be column-major and huge
     rk64 = rk.to(tl.int64)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + rm
         m_ok = rows < M
-        dy_rows = tl.multiple_of(
-            row_offsets(rows, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS), ROW_ALIGN)
-        g_rows = tl.multiple_of(rows.to(tl.int64) * N, ROW_ALIGN)
-        dy_ptrs = dy_ptr + dy_rows[:, None] + rn64[None, :] * stride_dyn  # [BM, BN]
-        g_ptrs = g_ptr + g_rows[:, None] + rn[None, :]  # [BM, BN]
-        # dz in the operand dtype, as torch's backward has it: without an activation the dy tile goes to
-        # the MMA as loaded (the H100 timing showed an fp32 round trip here costing more than the GEMM).
-        dz = activations.load_dz(dy_ptrs, g_ptrs, m_ok[:, None] & n_ok[None, :], ACC_DTYPE, DOT_DTYPE,
-                      ACT, GRAD_FROM, NEGATIVE_SLOPE)  # [BM, BN]
+        dz_rows = tl.multiple_of(
+            row_offsets(rows, dz_inner, stride_dz_outer, stride_dz_inner, DZ_TWO_ROW_DIMS), ROW_ALIGN)
+        dz = tl.load(dz_ptr + dz_rows[:, None] + rn64[None, :] * stride_dzn, mask=m_ok[:, None] & n_ok[None, :],
+                     other=0.0)  # [BM, BN]
         x_rows = tl.multiple_of(
             row_offsets(rows, x_inner, stride_x_outer, stride_x_inner, X_TWO_ROW_DIMS), ROW_ALIGN)
-        x_ptrs = x_ptr + x_rows[:, None] + rk64[None, :] * stride_xk  # [BM, BK]
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(dz), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        x = tl.load(x_ptr + x_rows[:, None] + rk64[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # [BM, BK]
+        acc = tl.dot(tl.trans(dz.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                     out_dtype=ACC_DTYPE)
 
     out = tl.multiple_of(rn64 * K, ROW_ALIGN)[:, None] + rk[None, :]
     tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "dy_inner"])
-def dense_grad_bias_kernel(
+@triton.jit(do_not_specialize=["M", "dy_inner", "CHUNK_ROWS"])
+def dense_grad_preactivation_kernel(
     dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn,
     g_ptr,  # (M, N) contiguous: the output y or act'(z), per GRAD_FROM
-    db_ptr,  # (N,)
-    M, N,
+    dz_ptr,  # (M, N) contiguous: receives dz when WRITE_DZ
+    sums_ptr,  # (chunks, N): receives each chunk's column sums of dz when SUMS
+    M, N, CHUNK_ROWS,
     DY_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
     ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, GRAD_FROM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WRITE_DZ: tl.constexpr, SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # db = column sums of dz, one program per BLOCK_N columns.
-    # A pass of its own: summed inside the dW GEMM, the dz tile had to live in registers and the H100
-    # timing showed the GEMM 2.3x slower; this pass reads dy (and the saved tensor) once more instead.
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    db = activations.bias_gradient(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, rn, M, N,
-                                   DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE, ACT, NEGATIVE_SLOPE, GRAD_FROM, BLOCK_M)
-    tl.store(db_ptr + rn, db.to(db_ptr.dtype.element_ty), mask=rn < N)
+    # One program per (chunk of CHUNK_ROWS rows, BLOCK_N columns), column blocks fastest: neighbouring
+    # programs stream neighbouring columns of the same rows.
+    pid = tl.program_id(0)
+    column_blocks = tl.cdiv(N, BLOCK_N)
+    chunk = pid // column_blocks
+    rn = (pid % column_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    start = chunk * CHUNK_ROWS
+    sums = activations.dz_rows(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, dz_ptr, rn,
+                               start, tl.minimum(start + CHUNK_ROWS, M), N, DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE,
+                               ACT, NEGATIVE_SLOPE, GRAD_FROM, WRITE_DZ, BLOCK_M)
+    if SUMS:
+        tl.store(sums_ptr + chunk.to(tl.int64) * N + rn, sums.to(sums_ptr.dtype.element_ty), mask=rn < N)
 
 
 def _grid(rows: int, cols: int, rows_block: str, cols_block: str):
@@ -244,63 +242,97 @@ def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation
     return y, g
 
 
-def grad_input(dy: Rows, saved: torch.Tensor | None, weight: torch.Tensor, activation: str | None,
-               negative_slope: float) -> torch.Tensor:
-    """dx = (dy * act'(z)) @ W as an (M, K) tensor.
+def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | None, negative_slope: float,
+                       write_dz: bool, bias_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dz, db): dz = dy * act'(z) as an (M, N) contiguous tensor of dy's dtype when write_dz, and db (N,),
+    the column sums of dz (of its values before they are rounded to dz's dtype), when bias_grad; each None
+    where not asked for.
 
     dy: Rows of (M, N); saved: what forward saved for this activation ((M, N) contiguous, or None).
+    One pass reads dy and the saved tensor and writes dz; the gradient GEMMs then take dz as a plain
+    operand. db: the rows are cut into a fixed number of chunks for the shape (any device), each chunk's
+    column sums are added in row order, then a second launch adds the chunks' sums in order: deterministic.
     """
+    tensor = dy.tensor
+    n = tensor.shape[-1]
+    like = dict(device=tensor.device, dtype=tensor.dtype)
+    dz = empty((dy.m, n), **like) if write_dz else None
+    db = empty((n,), **like) if bias_grad else None
+    if (dz is None and db is None) or n == 0:
+        return dz, db
+    chunk_rows, chunks = row_chunks(dy.m, n)
+    # A single chunk's sums are db; more chunks' go to fp32 (fp64) partial sums, added by a second pass.
+    sums = None if db is None else db if chunks == 1 else empty((chunks, n), device=tensor.device,
+                                                                 dtype=state_dtype(tensor.dtype))
+    _preactivation_pass(dy, saved, dz, sums, activation, negative_slope, chunk_rows, chunks)
+    if sums is not None and sums is not db:
+        _preactivation_pass(Rows.of(sums), None, None, db, None, 0.0, chunks, 1)
+    return dz, db
+
+
+def row_chunks(m: int, n: int) -> tuple[int, int]:
+    """(rows a chunk, chunks) of grad_preactivation's pass over an (m, n) gradient: whole tiles of rows, and
+    enough chunks that with the column blocks they make about PREACTIVATION_PROGRAMS programs. Below
+    PREACTIVATION_SPLIT elements, one chunk: the pass is short there, and db's second launch would cost
+    more host time than the programs it adds save."""
+    rows, cols, _ = PREACTIVATION_TILE
+    row_tiles = max(cdiv(m, rows), 1)
+    chunks = 1 if m * n < PREACTIVATION_SPLIT else min(row_tiles, max(PREACTIVATION_PROGRAMS // cdiv(n, cols), 1))
+    tiles_a_chunk = cdiv(row_tiles, chunks)
+    return tiles_a_chunk * rows, cdiv(row_tiles, tiles_a_chunk)
+
+
+def _preactivation_pass(dy: Rows, saved: torch.Tensor | None, dz: torch.Tensor | None, sums: torch.Tensor | None,
+                        activation: str | None, negative_slope: float, chunk_rows: int, chunks: int) -> None:
+    tensor = dy.tensor
+    n = tensor.shape[-1]
+    rows, cols, warps = PREACTIVATION_TILE
+    with launch("dense_grad_preactivation_kernel", tensor.device):
+        dense_grad_preactivation_kernel[(chunks * cdiv(n, cols),)](
+            *dy.args(), saved if saved is not None else tensor, dz if dz is not None else tensor,
+            sums if sums is not None else tensor,
+            dy.m, n, chunk_rows,
+            DY_TWO_ROW_DIMS=dy.two_row_dims, ROW_ALIGN=row_alignment(*dy.row_strides, n),
+            ACC_DTYPE=accumulator_dtype(tensor.dtype), ACT=activations.CODES[activation],
+            NEGATIVE_SLOPE=float(negative_slope), GRAD_FROM=activations.grad_source(activation, negative_slope),
+            WRITE_DZ=dz is not None, SUMS=sums is not None, BLOCK_M=rows, BLOCK_N=cols, num_warps=warps,
+        )
+
+
+def grad_input(dz: Rows, weight: torch.Tensor) -> torch.Tensor:
+    """dx = dz @ W as an (M, K) tensor. dz: Rows of (M, N), the gradient at the pre-activation
+    (grad_preactivation's dz, or dy itself without an activation)."""
     n, k = weight.shape
-    dx = empty((dy.m, k), device=weight.device, dtype=weight.dtype)
-    if dy.m == 0 or k == 0:
+    dx = empty((dz.m, k), device=weight.device, dtype=weight.dtype)
+    if dz.m == 0 or k == 0:
         return dx
     with launch("dense_grad_input_kernel", weight.device):
-        dense_grad_input_kernel[_grid(dy.m, k, "BLOCK_M", "BLOCK_K")](
-            *dy.args(),
-            saved if saved is not None else dy.tensor,
+        dense_grad_input_kernel[_grid(dz.m, k, "BLOCK_M", "BLOCK_K")](
+            *dz.args(),
             weight, weight.stride(0), weight.stride(1),
             dx,
-            dy.m, n, k, size_bucket(dy.m),
-            DY_TWO_ROW_DIMS=dy.two_row_dims, ROW_ALIGN=row_alignment(*dy.row_strides, weight.stride(0), n, k),
+            dz.m, n, k, size_bucket(dz.m),
+            DZ_TWO_ROW_DIMS=dz.two_row_dims, ROW_ALIGN=row_alignment(*dz.row_strides, weight.stride(0), n, k),
             DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype),
-            ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
-            GRAD_FROM=activations.grad_source(activation, negative_slope),
             DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_SIZE,
         )
     return dx
 
 
-def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_shape: tuple[int, int],
-                activation: str | None, negative_slope: float, bias_grad: bool
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(dW, db) = (dz^T @ x, sum of dz over rows): dW (N, K) when x is given, db (N,) when bias_grad;
-    each None where not asked for.
-
-    dy: Rows of (M, N); x: Rows of (M, K) or None; saved as in grad_input.
-    """
+def grad_weight(dz: Rows, x: Rows, weight_shape: tuple[int, int]) -> torch.Tensor:
+    """dW = dz^T @ x as an (N, K) tensor. dz: Rows of (M, N) as in grad_input; x: Rows of (M, K)."""
     n, k = weight_shape
-    like = dict(device=dy.tensor.device, dtype=dy.tensor.dtype)
-    dw = empty((n, k), **like) if x is not None else None
-    db = empty((n,), **like) if bias_grad else None
-    common = dict(ACC_DTYPE=accumulator_dtype(dy.tensor.dtype), ACT=activations.CODES[activation],
-                  NEGATIVE_SLOPE=float(negative_slope), GRAD_FROM=activations.grad_source(activation, negative_slope))
-    g = saved if saved is not None else dy.tensor
-    if dw is not None and n > 0 and k > 0:
-        with launch("dense_grad_weight_kernel", dy.tensor.device):
-            dense_grad_weight_kernel[_grid(n, k, "BLOCK_N", "BLOCK_K")](
-                *dy.args(), g, *x.args(), dw,
-                dy.m, n, k, size_bucket(dy.m),
-                DY_TWO_ROW_DIMS=dy.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
-                ROW_ALIGN=row_alignment(*dy.row_strides, *x.row_strides, n, k),
-                DOT_DTYPE=dot_dtype(dy.tensor.dtype), DOT_PRECISION=dot_precision(dy.tensor.dtype),
-                GROUP_M=GROUP_SIZE, **common,
-            )
-    if db is not None and n > 0:
-        rows, cols, _, _, warps = BIAS_TILE
-        with launch("dense_grad_bias_kernel", dy.tensor.device):
-            dense_grad_bias_kernel[(cdiv(n, cols),)](
-                *dy.args(), g, db, dy.m, n,
-                DY_TWO_ROW_DIMS=dy.two_row_dims, ROW_ALIGN=row_alignment(*dy.row_strides, n),
-                BLOCK_M=rows, BLOCK_N=cols, num_warps=warps, **common,
-            )
-    return dw, db
+    dtype = dz.tensor.dtype
+    dw = empty((n, k), device=dz.tensor.device, dtype=dtype)
+    if n == 0 or k == 0:
+        return dw
+    with launch("dense_grad_weight_kernel", dz.tensor.device):
+        dense_grad_weight_kernel[_grid(n, k, "BLOCK_N", "BLOCK_K")](
+            *dz.args(), *x.args(), dw,
+            dz.m, n, k, size_bucket(dz.m),
+            DZ_TWO_ROW_DIMS=dz.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
+            ROW_ALIGN=row_alignment(*dz.row_strides, *x.row_strides, n, k),
+            DOT_DTYPE=dot_dtype(dtype), ACC_DTYPE=accumulator_dtype(dtype), DOT_PRECISION=dot_precision(dtype),
+            GROUP_M=GROUP_SIZE,
+        )
+    return dw

@@ -31,8 +31,13 @@ GPU_TILES = (
 )
 # The interpreter runs programs one after another: one config, large blocks.
 INTERPRETER_TILE = (64, 64, 64, 1, 4)
-# Column sums (rows, cols, -, -, warps): narrow columns give N / 32 programs to stream the rows.
-BIAS_TILE = (64, 64, 0, 1, 4) if INTERPRET else (128, 32, 0, 1, 4)
+# The dense backward's elementwise pass (dz and its column sums): (rows, cols, warps) a program step, 128
+# columns so each row is a 256-byte (bf16) contiguous read; about this many programs (row chunks x column
+# blocks) to stream the (M, N) gradient across the SMs; and rows split into chunks only from this many
+# elements (dense.row_chunks). The interpreter splits small gradients too, so that tests cover it.
+PREACTIVATION_TILE = (64, 64, 4) if INTERPRET else (32, 128, 4)
+PREACTIVATION_PROGRAMS = 16 if INTERPRET else 1024
+PREACTIVATION_SPLIT = 0 if INTERPRET else 1 << 20
 
 # Block-sparse kernels take their weight block (BLOCK_N x BLOCK_K) from the layout and tune only the batch
 # tile: (batch rows, stages, warps). Their reduction loops are short (a band mask lists 2-4 blocks per

@@ -15,8 +15,8 @@ from bench import harness
 from bench.__main__ import ACTIVATIONS, main, parse_args
 from gpunn.kernels import launch_counts
 
-KERNELS = ("dense_forward_kernel", "dense_grad_input_kernel", "dense_grad_weight_kernel",
-           "dense_grad_bias_kernel", "masked_forward_kernel", "masked_grad_input_kernel", "masked_grad_weight_kernel",
+KERNELS = ("dense_forward_kernel", "dense_grad_preactivation_kernel", "dense_grad_input_kernel",
+           "dense_grad_weight_kernel", "masked_forward_kernel", "masked_grad_input_kernel", "masked_grad_weight_kernel",
            "local_forward_kernel", "local_grad_input_kernel", "local_grad_weight_kernel",
            "rnn_sequence_forward_kernel", "rnn_sequence_backward_kernel", "cross_entropy_forward_kernel",
            "cross_entropy_backward_kernel", "sgd_kernel", "rnn_cell_forward_kernel", "rnn_cell_grad_input_kernel",

@@ -7,7 +7,7 @@ from helpers import (ACTIVATIONS, TOLERANCE, TorchOpSpy, assert_close, count_lau
                      reference_linear, rel_error)
 
 import gpunn
-from gpunn.kernels import runtime
+from gpunn.kernels import dense, runtime
 from gpunn.kernels.runtime import Rows
 
 # (leading dims, in_features, out_features): odd sizes, sizes around and past the interpreter's 64-wide
@@ -155,14 +155,33 @@ def test_frozen_weight_skips_weight_gradient(device):
     with count_launches() as launches:
         out.sum().backward()
     assert weight.grad is None
-    assert launches == {"dense_grad_input_kernel": 1, "dense_grad_bias_kernel": 1}  # no dW GEMM
+    assert launches == {"dense_grad_preactivation_kernel": 1, "dense_grad_input_kernel": 1}  # no dW GEMM
     _run_case(device, torch.float64, (10,), 6, 4, "relu",
               weight=torch.randn(4, 6, device=device, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("activation,bias,passes", [
+    ("gelu", True, 2),  # dz and each row chunk's column sums, then the chunks' sums added
+    ("tanh", False, 1),  # dz alone: no sums to add
+    (None, True, 2),  # the column sums of dy, no dz written
+    (None, False, 0),  # dz is dy: the GEMMs read it in place
+])
+def test_backward_passes(device, activation, bias, passes):
+    # The fewest rows of these that this device's policy splits into chunks (a GPU splits only large gradients).
+    k, n = 7, 130
+    m = next(m for m in (261, 8195) if dense.row_chunks(m, n)[1] > 1)
+    x = torch.randn(m, k, device=device, requires_grad=True)
+    layer = gpunn.Linear(k, n, bias=bias, device=device, activation=activation)
+    out = layer(x)
+    with count_launches() as launches:
+        out.backward(torch.randn_like(out))
+    assert launches == {"dense_grad_input_kernel": 1, "dense_grad_weight_kernel": 1,
+                        **({"dense_grad_preactivation_kernel": passes} if passes else {})}
+    _run_case(device, torch.float64, (m,), k, n, activation, bias=bias)
+
+
 @pytest.mark.parametrize("activation", ["gelu", "tanh"])
 def test_weight_gradient_without_input_gradient(device, activation):
-    # The weight-gradient kernel forms dz itself from dy and the saved tensor.
     x = torch.randn(37, 19, device=device, dtype=torch.float64)
     _run_case(device, torch.float64, (37,), 19, 23, activation, x=x)
 
@@ -223,8 +242,8 @@ def test_triton_path_runs_and_no_torch_matmul(device):
     x = torch.randn(5, 24, device=device, requires_grad=True)
     with count_launches() as launches, TorchOpSpy() as spy:
         layer(x).sum().backward()
-    assert launches == {"dense_forward_kernel": 1, "dense_grad_input_kernel": 1, "dense_grad_weight_kernel": 1,
-                        "dense_grad_bias_kernel": 1}
+    assert launches == {"dense_forward_kernel": 1, "dense_grad_preactivation_kernel": 1, "dense_grad_input_kernel": 1,
+                        "dense_grad_weight_kernel": 1}
     assert not spy.matmuls(), spy.matmuls()
 
 
@@ -297,7 +316,6 @@ def test_zero_out_features_with_activation(device):
 
 
 def test_inference_writes_no_derivative(device, monkeypatch):
-    from gpunn.kernels import dense
     calls = []
     original = dense.forward
     monkeypatch.setattr(dense, "forward", lambda *a, **k: calls.append(a[5]) or original(*a, **k))

@@ -101,8 +101,8 @@ def _launch_every_tuned_kernel(rnd: random.Random, dtype: torch.dtype) -> None:
     x = empty(k, m).t() if rnd.random() < 0.5 else empty(m, k)  # row strides that change ROW_ALIGN
     w, b, dy = empty(n, k), empty(n) if flag else None, empty(m, n)
     dense.forward(Rows.of(x), w, b, activation, 0.01, flag)
-    dense.grad_input(Rows.of(dy), empty(m, n), w, activation, 0.01)
-    dense.grad_weight(Rows.of(dy), empty(m, n), Rows.of(x), (n, k), activation, 0.01, flag)
+    dense.grad_input(Rows.of(dy), w)
+    dense.grad_weight(Rows.of(dy), Rows.of(x), (n, k))
     blocks = layout.layout_for(torch.rand(n, k, generator=torch.Generator().manual_seed(m)) < 0.5, (32, 32))
     masked.forward(Rows.of(x), w, b, activation, 0.01, flag, layout=blocks)
     masked.grad_input(Rows.of(dy), empty(m, n), w, activation, 0.01, layout=blocks)

@@ -1,5 +1,6 @@
 """The fused dense layer and its masked (block-sparse) form as ops over gpunn.kernels.dense and
-gpunn.kernels.masked: gpunn::linear (forward), gpunn::linear_grad_input and gpunn::linear_grad_weight.
+gpunn.kernels.masked: gpunn::linear (forward), gpunn::linear_grad_input and gpunn::linear_grad_weight, and
+the dense layer's gpunn::linear_grad_preactivation (dz = dy * act'(z) and db, before its two GEMMs).
 
 y = act(input @ (weight * mask)^T + bias): input (*, K), weight (N, K), bias (N,) or None, all of one
 floating dtype -> output (*, N); mask None for the dense layer, or the mask as the kernels' layout is
@@ -12,7 +13,6 @@ written by the forward kernel when save_derivative; see gpunn.kernels.activation
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -23,24 +23,39 @@ from ..kernels.runtime import Rows
 from .library import Op, metadata_to_save, nothing, refuse_double_backward, saved_metadata
 
 
-def _launcher(mask, block_n: int, block_k: int, name: str):
-    """The dense launcher `name`, or the masked one bound to the mask's layout."""
-    if mask is None:
-        return getattr(dense, name)
-    return functools.partial(getattr(masked, name), layout=layout_of(mask, (block_n, block_k)))
-
-
 def _as_rows(saved: torch.Tensor | None, dy: Rows) -> torch.Tensor | None:
     """What forward saved (the output, or act'(z)) as (M, N), matching dy's rows."""
     return saved.reshape(dy.m, saved.shape[-1]) if saved is not None else None
 
 
+def _layout(mask: torch.Tensor, block_n: int, block_k: int):
+    return layout_of(mask, (block_n, block_k))
+
+
+def _grad_preactivation(grad_output: torch.Tensor, saved: torch.Tensor | None, activation: str | None,
+                        negative_slope: float, write_dz: bool, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense layer's (dz (*, N) when write_dz, db (N,) when bias_grad), each nothing where not asked for."""
+    dy = Rows.of(grad_output)
+    dz, db = dense.grad_preactivation(dy, _as_rows(saved, dy), activation, negative_slope, write_dz, bias_grad)
+    return (dz.view(grad_output.shape) if dz is not None else nothing(grad_output)), \
+        (db if db is not None else nothing(grad_output))
+
+
+def _grad_preactivation_fake(grad_output, saved, activation, negative_slope, write_dz, bias_grad):
+    return (grad_output.new_empty(grad_output.shape) if write_dz else nothing(grad_output)), \
+        (grad_output.new_empty(grad_output.shape[-1:]) if bias_grad else nothing(grad_output))
+
+
 def _grad_input(grad_output: torch.Tensor, saved: torch.Tensor | None, weight: torch.Tensor,
                 mask: torch.Tensor | None, block_n: int, block_k: int, activation: str | None,
                 negative_slope: float) -> torch.Tensor:
-    """dx (*, K) of grad_output (*, N)."""
+    """dx (*, K) of grad_output (*, N): the dense layer's takes dz (activation None, nothing saved)."""
     dy = Rows.of(grad_output)
-    dx = _launcher(mask, block_n, block_k, "grad_input")(dy, _as_rows(saved, dy), weight, activation, negative_slope)
+    if mask is None:
+        dx = dense.grad_input(dy, weight)
+    else:
+        dx = masked.grad_input(dy, _as_rows(saved, dy), weight, activation, negative_slope,
+                               layout=_layout(mask, block_n, block_k))
     return dx.view(*grad_output.shape[:-1], weight.shape[1])
 
 
@@ -52,11 +67,16 @@ def _grad_weight(grad_output: torch.Tensor, saved: torch.Tensor | None, input: t
                  weight_shape: list[int], mask: torch.Tensor | None, block_n: int, block_k: int,
                  activation: str | None, negative_slope: float, bias_grad: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dW (N, K) when input is given, db (N,) when bias_grad), each nothing where not asked for."""
+    """(dW (N, K) when input is given, db (N,) when bias_grad), each nothing where not asked for. The dense
+    layer's takes dz (activation None, nothing saved; its backward has db from _grad_preactivation's pass)."""
     dy = Rows.of(grad_output)
-    dw, db = _launcher(mask, block_n, block_k, "grad_weight")(
-        dy, _as_rows(saved, dy), Rows.of(input) if input is not None else None, tuple(weight_shape),
-        activation, negative_slope, bias_grad)
+    x = Rows.of(input) if input is not None else None
+    if mask is None:
+        dw = dense.grad_weight(dy, x, tuple(weight_shape)) if x is not None else None
+        db = dense.grad_preactivation(dy, None, None, 0.0, False, True)[1] if bias_grad else None
+    else:
+        dw, db = masked.grad_weight(dy, _as_rows(saved, dy), x, tuple(weight_shape), activation, negative_slope,
+                                    bias_grad, layout=_layout(mask, block_n, block_k))
     return (dw if dw is not None else nothing(grad_output)), (db if db is not None else nothing(grad_output))
 
 
@@ -66,6 +86,7 @@ def _grad_weight_fake(grad_output, saved, input, weight_shape, mask, block_n, bl
     return dw, grad_output.new_empty(weight_shape[:1]) if bias_grad else nothing(grad_output)
 
 
+grad_preactivation = Op("linear_grad_preactivation", _grad_preactivation, _grad_preactivation_fake)
 grad_input = Op("linear_grad_input", _grad_input, _grad_input_fake)
 grad_weight = Op("linear_grad_weight", _grad_weight, _grad_weight_fake)
 
@@ -74,9 +95,12 @@ def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             block_n: int, block_k: int, activation: str | None, negative_slope: float, save_derivative: bool
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output (*, N), act'(z) (M, N) when save_derivative, else nothing)."""
-    output, derivative = _launcher(mask, block_n, block_k, "forward")(
-        Rows.of(input), weight, bias, activation, negative_slope, save_derivative,
-        out_shape=(*input.shape[:-1], weight.shape[0]))
+    x, out_shape = Rows.of(input), (*input.shape[:-1], weight.shape[0])
+    if mask is None:
+        output, derivative = dense.forward(x, weight, bias, activation, negative_slope, save_derivative, out_shape)
+    else:
+        output, derivative = masked.forward(x, weight, bias, activation, negative_slope, save_derivative, out_shape,
+                                            layout=_layout(mask, block_n, block_k))
     return output, derivative if derivative is not None else nothing(output)
 
 
@@ -102,15 +126,26 @@ def _backward(ctx, grad_output, _):
     input, weight, saved, mask = ctx.saved_tensors
     mask = saved_metadata(ctx, "mask", mask)
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-    dx = dw = db = None
     options = ctx.options
+    activation, negative_slope = options["activation"], options["negative_slope"]
+    dx = dw = db = None
+    if mask is None:
+        # The dense layer forms dz = dy * act'(z) and db in one pass, then runs two plain GEMMs on dz. Formed
+        # inside the GEMMs' loops instead, dz left the MMA operand in registers: 1.6-2.3x slower (bench/NOTES.md).
+        shaped = activations.grad_source(activation, negative_slope) != activations.GRAD_IS_DY.value
+        write_dz = shaped and (need_input or need_weight)
+        if write_dz or need_bias:
+            dz, db = grad_preactivation(grad_output, saved, activation, negative_slope, write_dz, need_bias)
+            grad_output = dz if write_dz else grad_output
+        saved, activation = None, None
+    block_n, block_k = options["block_n"], options["block_k"]
     if need_input:
-        dx = grad_input(grad_output, saved, weight, mask, options["block_n"], options["block_k"],
-                        options["activation"], options["negative_slope"])
-    if need_weight or need_bias:
-        dw, db = grad_weight(grad_output, saved, input if need_weight else None, ctx.weight_shape, mask,
-                             options["block_n"], options["block_k"], options["activation"], options["negative_slope"],
-                             need_bias)
+        dx = grad_input(grad_output, saved, weight, mask, block_n, block_k, activation, negative_slope)
+    masked_bias = need_bias and mask is not None
+    if need_weight or masked_bias:
+        dw, masked_db = grad_weight(grad_output, saved, input if need_weight else None, ctx.weight_shape, mask,
+                                    block_n, block_k, activation, negative_slope, masked_bias)
+        db = masked_db if masked_bias else db
     return (dx, dw if need_weight else None, db if need_bias else None) + (None,) * 6
 
 

@@ -154,12 +154,12 @@ def _rnn_layer_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor | None, ou
                               steps.sizes_on_device, steps.offsets_on_device, activation, reverse=d == 1)
         dh0.append(dh.to(out.dtype))
     grads = [nothing(out) for _ in weights]
-    dx = dense.grad_input(Rows.of(dz), None, w_ih, None, 0.0).view(input_shape) if needs[0] else nothing(out)
+    dx = dense.grad_input(Rows.of(dz), w_ih).view(input_shape) if needs[0] else nothing(out)
     want_w_ih = any(n[0] for n in need_weight)
     want_bias = per == 4 and any(n[2] or n[3] for n in need_weight)
     if want_w_ih or want_bias:
-        dw_ih, db = dense.grad_weight(Rows.of(dz), None, Rows.of(x) if want_w_ih else None, tuple(w_ih.shape),
-                                      None, 0.0, want_bias)
+        dw_ih = dense.grad_weight(Rows.of(dz), Rows.of(x), tuple(w_ih.shape)) if want_w_ih else None
+        db = dense.grad_preactivation(Rows.of(dz), None, None, 0.0, False, True)[1] if want_bias else None
         # A custom op's outputs may not share storage: two directions' slices of one tensor get their own,
         # and so do the two biases' (equal) gradients.
         own = (lambda t, rows: t[rows].clone()) if directions > 1 else (lambda t, rows: t)
@@ -175,8 +175,7 @@ def _rnn_layer_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor | None, ou
         if need_weight[d][1]:
             columns = slice(d * hidden, (d + 1) * hidden)
             previous = torch.cat([h0[d], out[:, columns]])[steps.previous_rows(d == 1)]
-            grads[d * per + 1], _ = dense.grad_weight(Rows.of(dz[:, columns]), None, Rows.of(previous),
-                                                      (hidden, hidden), None, 0.0, False)
+            grads[d * per + 1] = dense.grad_weight(Rows.of(dz[:, columns]), Rows.of(previous), (hidden, hidden))
     return [dx, torch.stack(dh0) if needs[1] else nothing(out), *grads]
 
 
