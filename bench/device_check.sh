@@ -4,10 +4,10 @@
 # CUDA-graph training-step probe, `python -m gpunn check --quick` and the split RNN's tile sweep, and keep
 # every log and CSV in OUTDIR.
 # Each stage has its own time limit, and a stage that fails or times out does not stop the next. The
-# limits add up to about 14 minutes; give the run an outer limit of about 8 (a 15-minute lease, a start of
+# limits add up to about 15 minutes; give the run an outer limit of about 8 (a 15-minute lease, a start of
 # about 30 s, and a rerun): the most needed stages come first, so a run cut short loses the least. The
 # last run (H200, 2026-11-27): tests 169 s, the quick benchmarks of the RNN and the newer ops with
-# torch.compile 150 s, graph_step 25 s.
+# torch.compile 150 s, graph_step 25 s; at those times the dense_kernels stage ends by about 7 minutes.
 #
 #   usage: bash bench/device_check.sh OUTDIR
 set -uo pipefail

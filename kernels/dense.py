@@ -29,7 +29,7 @@ import triton.language as tl
 from . import activations
 from .runtime import (Rows, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, launch, row_alignment,
                       size_bucket, state_dtype)
-from .tiling import (GROUP_SIZE, PREACTIVATION_PROGRAMS, PREACTIVATION_SPLIT, PREACTIVATION_TILE, configs,
+from .tiling import (GROUP_SIZE, PREACTIVATION_CHUNK_TILES, PREACTIVATION_PROGRAMS, PREACTIVATION_TILE, configs,
                      grouped_tile, pruner, row_offsets)
 from .tuned import tuned
 
@@ -250,8 +250,9 @@ def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | N
 
     dy: Rows of (M, N); saved: what forward saved for this activation ((M, N) contiguous, or None).
     One pass reads dy and the saved tensor and writes dz; the gradient GEMMs then take dz as a plain
-    operand. db: the rows are cut into a fixed number of chunks for the shape (any device), each chunk's
-    column sums are added in row order, then a second launch adds the chunks' sums in order: deterministic.
+    operand. Rows are cut into chunks (row_chunks, a function of the shape); db: each chunk's column sums
+    are added in row order, then, over several chunks, a second launch adds the chunks' sums in order:
+    deterministic.
     """
     tensor = dy.tensor
     n = tensor.shape[-1]
@@ -260,7 +261,7 @@ def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | N
     db = empty((n,), **like) if bias_grad else None
     if (dz is None and db is None) or n == 0:
         return dz, db
-    chunk_rows, chunks = row_chunks(dy.m, n)
+    chunk_rows, chunks = row_chunks(dy.m, n, db is not None)
     # A single chunk's sums are db; more chunks' go to fp32 (fp64) partial sums, added by a second pass.
     sums = None if db is None else db if chunks == 1 else empty((chunks, n), device=tensor.device,
                                                                  dtype=state_dtype(tensor.dtype))
@@ -270,15 +271,17 @@ def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | N
     return dz, db
 
 
-def row_chunks(m: int, n: int) -> tuple[int, int]:
+def row_chunks(m: int, n: int, sums: bool) -> tuple[int, int]:
     """(rows a chunk, chunks) of grad_preactivation's pass over an (m, n) gradient: whole tiles of rows, and
-    enough chunks that with the column blocks they make about PREACTIVATION_PROGRAMS programs. Below
-    PREACTIVATION_SPLIT elements, one chunk: the pass is short there, and db's second launch would cost
-    more host time than the programs it adds save."""
+    enough chunks that with the column blocks they make about PREACTIVATION_PROGRAMS programs (a narrow
+    layer's few column blocks would otherwise leave each program a long serial loop). Where the pass sums
+    db (sums), more than one chunk costs a second launch, so up to PREACTIVATION_CHUNK_TILES row tiles stay
+    one chunk: a short loop costs less than a launch."""
     rows, cols, _ = PREACTIVATION_TILE
     row_tiles = max(cdiv(m, rows), 1)
-    chunks = 1 if m * n < PREACTIVATION_SPLIT else min(row_tiles, max(PREACTIVATION_PROGRAMS // cdiv(n, cols), 1))
-    tiles_a_chunk = cdiv(row_tiles, chunks)
+    if sums and row_tiles <= PREACTIVATION_CHUNK_TILES:
+        return row_tiles * rows, 1
+    tiles_a_chunk = cdiv(row_tiles, min(row_tiles, max(PREACTIVATION_PROGRAMS // cdiv(n, cols), 1)))
     return tiles_a_chunk * rows, cdiv(row_tiles, tiles_a_chunk)
 
 

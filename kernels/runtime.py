@@ -179,9 +179,9 @@ class Rows:
             else:
                 merged.append((size, stride))
         if len(merged) > 2:
-            # Rare (three or more leading dims that cannot be merged): one copy makes it contiguous.
-            t = t.contiguous()
-            return Rows.of(t)
+            # Rare (three or more leading dims that cannot be merged): one copy makes it contiguous. An empty
+            # tensor counts as contiguous whatever its strides, so it gets standard ones instead.
+            return Rows.of(t.contiguous() if t.numel() else t.new_empty(t.shape))
         m = 1
         for size, _ in merged:
             m *= size

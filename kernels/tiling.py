@@ -33,11 +33,12 @@ GPU_TILES = (
 INTERPRETER_TILE = (64, 64, 64, 1, 4)
 # The dense backward's elementwise pass (dz and its column sums): (rows, cols, warps) a program step, 128
 # columns so each row is a 256-byte (bf16) contiguous read; about this many programs (row chunks x column
-# blocks) to stream the (M, N) gradient across the SMs; and rows split into chunks only from this many
-# elements (dense.row_chunks). The interpreter splits small gradients too, so that tests cover it.
+# blocks) to stream the (M, N) gradient across the SMs; and, where splitting the rows costs db a second
+# launch, the row tiles one chunk keeps (dense.row_chunks). The interpreter splits from two tiles, so that
+# tests cover it.
 PREACTIVATION_TILE = (64, 64, 4) if INTERPRET else (32, 128, 4)
 PREACTIVATION_PROGRAMS = 16 if INTERPRET else 1024
-PREACTIVATION_SPLIT = 0 if INTERPRET else 1 << 20
+PREACTIVATION_CHUNK_TILES = 1 if INTERPRET else 16
 
 # Block-sparse kernels take their weight block (BLOCK_N x BLOCK_K) from the layout and tune only the batch
 # tile: (batch rows, stages, warps). Their reduction loops are short (a band mask lists 2-4 blocks per

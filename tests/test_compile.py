@@ -136,6 +136,18 @@ def test_fake_shapes_match_real_ones(device):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
+def test_dense_gradient_ops_refuse_an_activation(device):
+    # The dense GEMM ops take dz: an activation or a saved tensor there would be ignored, so it is refused;
+    # the pass that forms dz needs the saved tensor its activation reads.
+    dy, w, x = (torch.randn(*shape, device=device) for shape in ((6, 7), (7, 5), (6, 5)))
+    with pytest.raises(ValueError, match="take dz"):
+        torch.ops.gpunn.linear_grad_input(dy, dy, w, None, 0, 0, "gelu", 0.01)
+    with pytest.raises(ValueError, match="take dz"):
+        torch.ops.gpunn.linear_grad_weight(dy, None, x, [7, 5], None, 0, 0, "relu", 0.01, True)
+    with pytest.raises(ValueError, match="saved"):
+        torch.ops.gpunn.linear_grad_preactivation(dy, None, "gelu", 0.01, True, True)
+
+
 def _replays_like_eager_steps(model, x, target):
     """After warm-up (autotuning, the mask's layout, SGD's table), one forward, loss, backward and SGD step of
     model is captured in a CUDA graph; replaying it trains exactly as eager steps train a copy."""

@@ -108,6 +108,15 @@ def test_zero_sized_batch(device):
     assert torch.equal(layer.bias.grad, torch.zeros_like(layer.bias))
 
 
+def test_empty_gradient_with_unmergeable_leading_dims(device):
+    # An empty tensor counts as contiguous whatever its strides; its rows are read with standard ones.
+    x = torch.randn(2, 3, 5, 4, device=device, requires_grad=True)
+    w = torch.randn(0, 4, device=device, requires_grad=True)
+    out = gpunn.functional.linear(x, w, None, "relu")
+    out.backward(torch.randn(3, 2, 5, 0, device=device).transpose(0, 1))
+    assert torch.equal(x.grad, torch.zeros_like(x)) and w.grad.shape == (0, 4)
+
+
 def test_zero_in_features(device):
     # nn.Linear(0, n) returns act(bias): an empty reduction.
     _run_case(device, torch.float64, (4,), 0, 3, "sigmoid")
@@ -167,9 +176,9 @@ def test_frozen_weight_skips_weight_gradient(device):
     (None, False, 0),  # dz is dy: the GEMMs read it in place
 ])
 def test_backward_passes(device, activation, bias, passes):
-    # The fewest rows of these that this device's policy splits into chunks (a GPU splits only large gradients).
+    # The fewest rows of these that this device's policy splits into chunks (a GPU keeps 16 row tiles whole).
     k, n = 7, 130
-    m = next(m for m in (261, 8195) if dense.row_chunks(m, n)[1] > 1)
+    m = next(m for m in (261, 8195) if dense.row_chunks(m, n, True)[1] > 1)
     x = torch.randn(m, k, device=device, requires_grad=True)
     layer = gpunn.Linear(k, n, bias=bias, device=device, activation=activation)
     out = layer(x)

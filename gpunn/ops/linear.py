@@ -32,9 +32,17 @@ def _layout(mask: torch.Tensor, block_n: int, block_k: int):
     return layout_of(mask, (block_n, block_k))
 
 
+def _check_dense_takes_dz(saved: torch.Tensor | None, activation: str | None) -> None:
+    if saved is not None or activation is not None:
+        raise ValueError("gpunn's dense gradient GEMMs take dz (linear_grad_preactivation's), not an activation "
+                         "and what its forward saved")
+
+
 def _grad_preactivation(grad_output: torch.Tensor, saved: torch.Tensor | None, activation: str | None,
                         negative_slope: float, write_dz: bool, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The dense layer's (dz (*, N) when write_dz, db (N,) when bias_grad), each nothing where not asked for."""
+    if saved is None and activations.grad_source(activation, negative_slope) != activations.GRAD_IS_DY.value:
+        raise ValueError(f"gpunn linear_grad_preactivation: {activation} needs the tensor its forward saved")
     dy = Rows.of(grad_output)
     dz, db = dense.grad_preactivation(dy, _as_rows(saved, dy), activation, negative_slope, write_dz, bias_grad)
     return (dz.view(grad_output.shape) if dz is not None else nothing(grad_output)), \
@@ -52,6 +60,7 @@ def _grad_input(grad_output: torch.Tensor, saved: torch.Tensor | None, weight: t
     """dx (*, K) of grad_output (*, N): the dense layer's takes dz (activation None, nothing saved)."""
     dy = Rows.of(grad_output)
     if mask is None:
+        _check_dense_takes_dz(saved, activation)
         dx = dense.grad_input(dy, weight)
     else:
         dx = masked.grad_input(dy, _as_rows(saved, dy), weight, activation, negative_slope,
@@ -72,6 +81,7 @@ def _grad_weight(grad_output: torch.Tensor, saved: torch.Tensor | None, input: t
     dy = Rows.of(grad_output)
     x = Rows.of(input) if input is not None else None
     if mask is None:
+        _check_dense_takes_dz(saved, activation)
         dw = dense.grad_weight(dy, x, tuple(weight_shape)) if x is not None else None
         db = dense.grad_preactivation(dy, None, None, 0.0, False, True)[1] if bias_grad else None
     else:
