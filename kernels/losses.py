@@ -152,9 +152,9 @@ def _tiles(rows: int, classes: int, dtype: torch.dtype) -> dict:
     """BLOCK_C logits of a row at a time (all of a short row), and as many rows as fill a TILE; at most
     FP64_ROWS rows in fp64 (128 rows of 64 fp64 logits spilled 32-520 B a thread in the sm_90 compile report,
     where 4-8 rows of 1024-2048 fit)."""
-    block_c = min(next_power_of_2(max(classes, 1)), BLOCK_C)
+    block_c = min(next_power_of_2(classes), BLOCK_C)
     most = FP64_ROWS if dtype == torch.float64 else TILE
-    block_r = min(next_power_of_2(max(rows, 1)), max(1, TILE // block_c), most)
+    block_r = min(next_power_of_2(rows), max(1, TILE // block_c), most)
     return dict(BLOCK_R=block_r, BLOCK_C=block_c)
 
 
