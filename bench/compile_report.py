@@ -447,11 +447,16 @@ def _capture(case: Case, variant: Variant, mode: str, size: str):
     """The kernel and the (positional args, keyword args) the launcher passes to it, without launching it;
     None for the call where the kernel has no form for this mode (the case's launch raised NoSuchKernel)."""
     import torch
+    from triton.runtime.jit import JITFunction
     kernel = getattr(importlib.import_module(case.module), case.kernel)
     dtype_name, tf32 = MODES[mode]
     calls = []
     # kernel[grid](...) calls kernel.run(..., grid=, warmup=); an instance attribute shadows the method.
     kernel.run = lambda *args, grid, warmup, **kwargs: calls.append((args, kwargs))
+    # Another kernel the launcher makes (the dense weight gradient's pass adding its splits' sums) has its own
+    # case: not launched here.
+    jit_run = JITFunction.run
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None
     try:
         with _fp32_matmul(tf32):
             case.launch(getattr(torch, dtype_name), *SIZES[size], **variant.kwargs)
@@ -459,6 +464,7 @@ def _capture(case: Case, variant: Variant, mode: str, size: str):
         return kernel, None
     finally:
         del kernel.run
+        JITFunction.run = jit_run
     if variant.launch is not None:  # a size with fewer launches (one chunk of rows) has no row for it
         return kernel, calls[variant.launch] if variant.launch < len(calls) else None
     # Launched once a step, the launches differ only in unspecialised arguments: one compile serves them all.

@@ -48,8 +48,10 @@ stage tests 220 env GPUNN_AUTOTUNE=0 "$python" -m pytest -v --durations=15 -p no
 # run), then the other ops with torch.compile, then the layers measured before (without it).
 stage bench 180 "$python" -m bench --quick --only rnn,rnn_cell,local1d,xent,mse,sgd,mlp_step --out "$out/bench"
 # The dense backward's new split (an elementwise dz pass, then plain GEMMs), kernel by kernel, beside the
-# fused kernels' times in bench/results/2026-11-27-h100-run3/kernels.log.
-stage dense_kernels 60 "$python" -m bench.dense_kernels --shapes 4096x4096x4096 --activations none,relu,gelu
+# fused kernels' times in bench/results/2026-11-27-h100-run3/kernels.log; and a weight gradient whose rows
+# split (an RNN's recurrent weight at hidden 256 over 256 steps of 64), beside cuBLAS.
+stage dense_kernels 75 "$python" -m bench.dense_kernels --shapes 4096x4096x4096,16384x256x256 \
+  --activations none,relu,gelu
 # How much of a host-bound training step a CUDA graph recovers (gpunn and torch, eager and replayed; untuned
 # kernel configs, to fit the limit: the question is host time).
 stage graph_step 45 env GPUNN_AUTOTUNE=0 "$python" -m bench.probes.graph_step

@@ -29,7 +29,8 @@ import triton.language as tl
 from . import activations
 from .runtime import (Rows, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, launch, row_alignment,
                       size_bucket, state_dtype)
-from .tiling import (GROUP_SIZE, PREACTIVATION_CHUNK_TILES, PREACTIVATION_PROGRAMS, PREACTIVATION_TILE, configs,
+from .tiling import (GROUP_SIZE, LARGEST_REDUCTION_BLOCK, PREACTIVATION_CHUNK_TILES, PREACTIVATION_PROGRAMS,
+                     PREACTIVATION_TILE, WEIGHT_GRAD_PROGRAMS, WEIGHT_GRAD_SPLIT_ROWS, WEIGHT_GRAD_TILE, configs,
                      grouped_tile, pruner, row_offsets)
 from .tuned import tuned
 
@@ -143,20 +144,24 @@ def dense_grad_input_kernel(
     prune_configs_by={"early_config_prune": pruner("BLOCK_N", "BLOCK_K", "BLOCK_M", "N", "dz_ptr",
                                                    lambda args: 1)},
 )
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "dz_inner", "x_inner"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "dz_inner", "x_inner", "SPLIT_ROWS"])
 def dense_grad_weight_kernel(
     dz_ptr, dz_inner, stride_dz_outer, stride_dz_inner, stride_dzn,
     x_ptr, x_inner, stride_x_outer, stride_x_inner, stride_xk,
-    dw_ptr,  # (N, K) contiguous
+    dw_ptr,  # (splits, N, K) contiguous: dW, or each split's partial sums of it
     M, N, K,
-    M_BUCKET,  # autotuning key only
+    SPLIT_ROWS,  # rows each split reduces (grid axis 1)
+    M_BUCKET,  # autotuning key only: SPLIT_ROWS bucketed
     DZ_TWO_ROW_DIMS: tl.constexpr, X_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # dW = dz^T @ x: output tiles of (N, K), reduction over M.
+    # dW = dz^T @ x: output tiles of (N, K), reduction over the split's rows of M.
     pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_M)
+    split = tl.program_id(1)
+    start = split * SPLIT_ROWS
+    end = tl.minimum(start + SPLIT_ROWS, M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
     rm = tl.arange(0, BLOCK_M)  # [BM]
@@ -166,9 +171,9 @@ def dense_grad_weight_kernel(
     rk64 = rk.to(tl.int64)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(start, end, BLOCK_M):
         rows = m0 + rm
-        m_ok = rows < M
+        m_ok = rows < end
         dz_rows = tl.multiple_of(
             row_offsets(rows, dz_inner, stride_dz_outer, stride_dz_inner, DZ_TWO_ROW_DIMS), ROW_ALIGN)
         dz = tl.load(dz_ptr + dz_rows[:, None] + rn64[None, :] * stride_dzn, mask=m_ok[:, None] & n_ok[None, :],
@@ -180,7 +185,7 @@ def dense_grad_weight_kernel(
         acc = tl.dot(tl.trans(dz.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
                      out_dtype=ACC_DTYPE)
 
-    out = tl.multiple_of(rn64 * K, ROW_ALIGN)[:, None] + rk[None, :]
+    out = tl.multiple_of(split.to(tl.int64) * N * K + rn64 * K, ROW_ALIGN)[:, None] + rk[None, :]
     tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
 
@@ -209,8 +214,9 @@ def dense_grad_preactivation_kernel(
         tl.store(sums_ptr + chunk.to(tl.int64) * N + rn, sums.to(sums_ptr.dtype.element_ty), mask=rn < N)
 
 
-def _grid(rows: int, cols: int, rows_block: str, cols_block: str):
-    return lambda meta: (cdiv(rows, meta[rows_block]) * cdiv(cols, meta[cols_block]),)
+def _grid(rows: int, cols: int, rows_block: str, cols_block: str, splits: int = 1):
+    """(output tiles, splits of the reduction) for a tuned tile of rows_block x cols_block."""
+    return lambda meta: (cdiv(rows, meta[rows_block]) * cdiv(cols, meta[cols_block]), splits)
 
 
 def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
@@ -267,7 +273,7 @@ def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | N
                                                                  dtype=state_dtype(tensor.dtype))
     _preactivation_pass(dy, saved, dz, sums, activation, negative_slope, chunk_rows, chunks)
     if sums is not None and sums is not db:
-        _preactivation_pass(Rows.of(sums), None, None, db, None, 0.0, chunks, 1)
+        _add_partial_sums(sums, db)
     return dz, db
 
 
@@ -302,6 +308,12 @@ def _preactivation_pass(dy: Rows, saved: torch.Tensor | None, dz: torch.Tensor |
         )
 
 
+def _add_partial_sums(partials: torch.Tensor, out: torch.Tensor) -> None:
+    """out (C,) = the column sums of partials ((R, C) contiguous, fp32 or fp64), added in row order and
+    rounded once to out's dtype: the pass, with no activation, over one chunk of R rows."""
+    _preactivation_pass(Rows.of(partials), None, None, out, None, 0.0, partials.shape[0], 1)
+
+
 def grad_input(dz: Rows, weight: torch.Tensor) -> torch.Tensor:
     """dx = dz @ W as an (M, K) tensor. dz: Rows of (M, N), the gradient at the pre-activation
     (grad_preactivation's dz, or dy itself without an activation)."""
@@ -323,19 +335,42 @@ def grad_input(dz: Rows, weight: torch.Tensor) -> torch.Tensor:
 
 
 def grad_weight(dz: Rows, x: Rows, weight_shape: tuple[int, int]) -> torch.Tensor:
-    """dW = dz^T @ x as an (N, K) tensor. dz: Rows of (M, N) as in grad_input; x: Rows of (M, K)."""
+    """dW = dz^T @ x as an (N, K) tensor. dz: Rows of (M, N) as in grad_input; x: Rows of (M, K).
+
+    Where (N, K) makes few output tiles and M is long (a narrow layer on a large batch, an RNN's weights
+    over every step), the M rows split (weight_grad_splits, a function of the shape): each split's
+    programs write fp32 (fp64) partial sums, and a second launch adds them in split order, so dW stays
+    deterministic.
+    """
     n, k = weight_shape
-    dtype = dz.tensor.dtype
-    dw = empty((n, k), device=dz.tensor.device, dtype=dtype)
+    tensor = dz.tensor
+    dw = empty((n, k), device=tensor.device, dtype=tensor.dtype)
     if n == 0 or k == 0:
         return dw
-    with launch("dense_grad_weight_kernel", dz.tensor.device):
-        dense_grad_weight_kernel[_grid(n, k, "BLOCK_N", "BLOCK_K")](
-            *dz.args(), *x.args(), dw,
-            dz.m, n, k, size_bucket(dz.m),
+    split_rows, splits = weight_grad_splits(dz.m, n, k)
+    out = dw if splits == 1 else empty((splits, n, k), device=tensor.device, dtype=state_dtype(tensor.dtype))
+    with launch("dense_grad_weight_kernel", tensor.device):
+        dense_grad_weight_kernel[_grid(n, k, "BLOCK_N", "BLOCK_K", splits)](
+            *dz.args(), *x.args(), out,
+            dz.m, n, k, split_rows, size_bucket(split_rows),
             DZ_TWO_ROW_DIMS=dz.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
             ROW_ALIGN=row_alignment(*dz.row_strides, *x.row_strides, n, k),
-            DOT_DTYPE=dot_dtype(dtype), ACC_DTYPE=accumulator_dtype(dtype), DOT_PRECISION=dot_precision(dtype),
-            GROUP_M=GROUP_SIZE,
+            DOT_DTYPE=dot_dtype(tensor.dtype), ACC_DTYPE=accumulator_dtype(tensor.dtype),
+            DOT_PRECISION=dot_precision(tensor.dtype), GROUP_M=GROUP_SIZE,
         )
+    if splits > 1:
+        _add_partial_sums(out.view(splits, n * k), dw.view(n * k))
     return dw
+
+
+def weight_grad_splits(m: int, n: int, k: int) -> tuple[int, int]:
+    """(rows a split, splits) of grad_weight's reduction over m rows for an (n, k) weight: enough splits
+    that with the output's tiles (counted at WEIGHT_GRAD_TILE) they make about WEIGHT_GRAD_PROGRAMS
+    programs, none of fewer than WEIGHT_GRAD_SPLIT_ROWS rows, each a whole number of the largest row
+    block the kernel tunes, so that only the last split's last block is partial."""
+    rows, cols = WEIGHT_GRAD_TILE
+    splits = min(cdiv(WEIGHT_GRAD_PROGRAMS, cdiv(n, rows) * cdiv(k, cols)), m // WEIGHT_GRAD_SPLIT_ROWS)
+    if splits <= 1:
+        return m, 1
+    split_rows = cdiv(cdiv(m, splits), LARGEST_REDUCTION_BLOCK) * LARGEST_REDUCTION_BLOCK
+    return split_rows, cdiv(m, split_rows)

@@ -39,6 +39,15 @@ INTERPRETER_TILE = (64, 64, 64, 1, 4)
 PREACTIVATION_TILE = (64, 64, 4) if INTERPRET else (32, 128, 4)
 PREACTIVATION_PROGRAMS = 16 if INTERPRET else 1024
 PREACTIVATION_CHUNK_TILES = 1 if INTERPRET else 16
+# The dense weight gradient's output (N, K) may have few tiles while its reduction over the batch is long
+# (an RNN's weights over every step: 4 tiles of 128 x 128 at hidden 256, reducing 16384 rows), which would
+# leave most SMs idle. Its rows then split (dense.weight_grad_splits) until about WEIGHT_GRAD_PROGRAMS
+# programs (two per SM of an H100), counting output tiles at WEIGHT_GRAD_TILE, with at least
+# WEIGHT_GRAD_SPLIT_ROWS rows a split: each split writes an fp32 (N, K) of partial sums, which must stay
+# small beside the rows it reads. The interpreter splits from two row tiles, so that tests cover it.
+WEIGHT_GRAD_TILE = (64, 64) if INTERPRET else (128, 128)
+WEIGHT_GRAD_PROGRAMS = 16 if INTERPRET else 264
+WEIGHT_GRAD_SPLIT_ROWS = 64 if INTERPRET else 1024
 
 # Block-sparse kernels take their weight block (BLOCK_N x BLOCK_K) from the layout and tune only the batch
 # tile: (batch rows, stages, warps). Their reduction loops are short (a band mask lists 2-4 blocks per
@@ -55,6 +64,10 @@ GPU_BATCH_TILES = (
     (16, 3, 8),
 )
 INTERPRETER_BATCH_TILE = (64, 1, 4)
+
+# The largest reduction block of this machine's tile table: a split of a reduction made of whole ones
+# ends on a block boundary whichever config the autotuner picks.
+LARGEST_REDUCTION_BLOCK = INTERPRETER_TILE[2] if INTERPRET else max(tile[2] for tile in GPU_TILES)
 
 SHARED_MEMORY_BUDGET = 200 * 1024  # bytes per program; H100 allows 227 KB, leave room for the epilogue
 GROUP_SIZE = 8  # output tile rows per band in grouped order (keeps a band of operand tiles in L2)

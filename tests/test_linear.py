@@ -7,7 +7,7 @@ from helpers import (ACTIVATIONS, TOLERANCE, TorchOpSpy, assert_close, count_lau
                      reference_linear, rel_error)
 
 import gpunn
-from gpunn.kernels import dense, runtime
+from gpunn.kernels import dense, runtime, tiling
 from gpunn.kernels.runtime import Rows
 
 # (leading dims, in_features, out_features): odd sizes, sizes around and past the interpreter's 64-wide
@@ -184,9 +184,50 @@ def test_backward_passes(device, activation, bias, passes):
     out = layer(x)
     with count_launches() as launches:
         out.backward(torch.randn_like(out))
+    passes += dense.weight_grad_splits(m, n, k)[1] > 1  # the weight gradient's partial sums, added by the pass
     assert launches == {"dense_grad_input_kernel": 1, "dense_grad_weight_kernel": 1,
                         **({"dense_grad_preactivation_kernel": passes} if passes else {})}
     _run_case(device, torch.float64, (m,), k, n, activation, bias=bias)
+
+
+def _split_batch(n: int, k: int) -> int:
+    """The fewest rows of a few candidates that this device's policy splits for an (n, k) weight gradient,
+    with a short last split."""
+    return next(m for m in (261, 4100) if dense.weight_grad_splits(m, n, k)[1] > 1)
+
+
+@pytest.mark.parametrize("k,n", [(7, 130), (65, 3), (33, 64)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_weight_gradient_splits_a_long_batch(device, dtype, k, n):
+    if dtype not in dtypes_for(device):
+        pytest.skip("bfloat16 is checked on a GPU only (the interpreter cannot compute it natively)")
+    m = _split_batch(n, k)
+    split_rows, splits = dense.weight_grad_splits(m, n, k)
+    assert split_rows % tiling.LARGEST_REDUCTION_BLOCK == 0 and split_rows >= tiling.WEIGHT_GRAD_SPLIT_ROWS
+    assert (splits - 1) * split_rows < m <= splits * split_rows
+    x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+    weight = torch.randn(n, k, device=device, dtype=dtype, requires_grad=True)
+    out = gpunn.functional.linear(x, weight, None, "gelu")
+    with count_launches() as launches:
+        out.backward(torch.randn_like(out))
+    # dz, the split GEMM, then the pass adding the splits' partial sums
+    assert launches == {"dense_grad_preactivation_kernel": 2, "dense_grad_input_kernel": 1,
+                        "dense_grad_weight_kernel": 1}
+    _run_case(device, dtype, (m,), k, n, "gelu", x=x.detach().requires_grad_(), weight=weight.detach().requires_grad_())
+
+
+def test_weight_gradient_split_is_deterministic_over_strided_rows(device):
+    # Splits cut across the outer of two unmergeable row dims, and x is column-major.
+    n, k = 9, 5
+    m = _split_batch(n, k)
+    outer = next(d for d in range(2, m) if m % d == 0)
+    dz = torch.randn(m // outer, outer, n, device=device, dtype=torch.float64).transpose(0, 1)
+    assert Rows.of(dz).two_row_dims
+    x = torch.randn(k, m, device=device, dtype=torch.float64).t()
+    first, second = (dense.grad_weight(Rows.of(dz), Rows.of(x), (n, k)) for _ in range(2))
+    assert torch.equal(first, second)
+    assert_close(first, dz.reshape(m, n).t() @ x, torch.float64, "grad weight")
 
 
 @pytest.mark.parametrize("activation", ["gelu", "tanh"])

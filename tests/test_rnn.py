@@ -12,7 +12,7 @@ from helpers import TorchOpSpy, assert_close, count_launches, dtypes_for
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import gpunn
-from gpunn.kernels import rnn_sequence
+from gpunn.kernels import dense, rnn_sequence
 
 SEQUENCE_KERNELS = ("rnn_sequence_forward_kernel", "rnn_sequence_backward_kernel")
 SPLIT_KERNELS = ("rnn_split_forward_kernel", "rnn_split_backward_kernel")
@@ -235,17 +235,21 @@ def test_dropout_between_layers(device):
 def test_launches_do_not_grow_with_the_sequence_and_no_torch_matmul(device):
     ours = gpunn.RNN(4, 8, 2, bidirectional=True, device=device, dtype=torch.float64)
     counts = {}
-    # 24 and 64 steps: as many launches of the bias gradient's pass (its row chunks' policy) on any device.
-    for steps in (24, 64):
+    # 48 and 128 steps of 3 rows: on any device, as many launches of the pass that sums the bias gradient's
+    # row chunks and the weight gradients' row splits (policies of the rows, 144 or 384, not of the steps).
+    for policy in [lambda m: dense.row_chunks(m, 16, True)[1]] + [
+            lambda m, n=n, k=k: dense.weight_grad_splits(m, n, k)[1] for n, k in ((16, 4), (16, 16), (8, 8))]:
+        assert (policy(48 * 3) > 1) == (policy(128 * 3) > 1)
+    for steps in (48, 128):
         x = torch.randn(steps, 3, 4, device=device, dtype=torch.float64, requires_grad=True)
         with count_launches() as launches, TorchOpSpy() as spy:
             out, h_n = ours(x)
             (out.sum() + h_n.sum()).backward()
         assert spy.matmuls() == []
         counts[steps] = launches
-    assert counts[24] == counts[64]
+    assert counts[48] == counts[128]
     # Per layer and direction: one recurrence and one backward-through-time launch.
-    assert all(counts[64][name] == 2 * 2 for name in SEQUENCE_KERNELS)
+    assert all(counts[128][name] == 2 * 2 for name in SEQUENCE_KERNELS)
 
 
 def test_drop_in_contract(device):
