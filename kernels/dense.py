@@ -160,7 +160,7 @@ def dense_grad_weight_kernel(
     # dW = dz^T @ x: output tiles of (N, K), reduction over the split's rows of M.
     pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_M)
     split = tl.program_id(1)
-    start = split * SPLIT_ROWS
+    start = split.to(tl.int64) * SPLIT_ROWS  # int64: the last splits of a batch near 2^31 rows would wrap
     end = tl.minimum(start + SPLIT_ROWS, M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
@@ -364,12 +364,20 @@ def grad_weight(dz: Rows, x: Rows, weight_shape: tuple[int, int]) -> torch.Tenso
 
 
 def weight_grad_splits(m: int, n: int, k: int) -> tuple[int, int]:
-    """(rows a split, splits) of grad_weight's reduction over m rows for an (n, k) weight: enough splits
-    that with the output's tiles (counted at WEIGHT_GRAD_TILE) they make about WEIGHT_GRAD_PROGRAMS
-    programs, none of fewer than WEIGHT_GRAD_SPLIT_ROWS rows, each a whole number of the largest row
-    block the kernel tunes, so that only the last split's last block is partial."""
+    """(rows a split, splits) of grad_weight's reduction over m rows for an (n, k) weight.
+
+    Only an output of fewer tiles (counted at WEIGHT_GRAD_TILE) than half of WEIGHT_GRAD_PROGRAMS splits:
+    into enough splits that with the tiles they make about WEIGHT_GRAD_PROGRAMS programs, none of fewer
+    than WEIGHT_GRAD_SPLIT_ROWS rows nor of fewer rows than keep the fp32 partials' traffic (written and
+    read, 8 n k bytes a split) within the bf16 rows' it reads (2 (n + k) bytes a row). Each split is a whole
+    number of the largest row block the kernel tunes, so that only the last split's last block is partial.
+    """
     rows, cols = WEIGHT_GRAD_TILE
-    splits = min(cdiv(WEIGHT_GRAD_PROGRAMS, cdiv(n, rows) * cdiv(k, cols)), m // WEIGHT_GRAD_SPLIT_ROWS)
+    tiles = cdiv(n, rows) * cdiv(k, cols)
+    if n == 0 or k == 0 or 2 * tiles > WEIGHT_GRAD_PROGRAMS:
+        return m, 1
+    fewest_rows = max(WEIGHT_GRAD_SPLIT_ROWS, cdiv(4 * n * k, n + k))
+    splits = min(cdiv(WEIGHT_GRAD_PROGRAMS, tiles), m // fewest_rows)
     if splits <= 1:
         return m, 1
     split_rows = cdiv(cdiv(m, splits), LARGEST_REDUCTION_BLOCK) * LARGEST_REDUCTION_BLOCK

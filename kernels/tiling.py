@@ -41,10 +41,11 @@ PREACTIVATION_PROGRAMS = 16 if INTERPRET else 1024
 PREACTIVATION_CHUNK_TILES = 1 if INTERPRET else 16
 # The dense weight gradient's output (N, K) may have few tiles while its reduction over the batch is long
 # (an RNN's weights over every step: 4 tiles of 128 x 128 at hidden 256, reducing 16384 rows), which would
-# leave most SMs idle. Its rows then split (dense.weight_grad_splits) until about WEIGHT_GRAD_PROGRAMS
-# programs (two per SM of an H100), counting output tiles at WEIGHT_GRAD_TILE, with at least
-# WEIGHT_GRAD_SPLIT_ROWS rows a split: each split writes an fp32 (N, K) of partial sums, which must stay
-# small beside the rows it reads. The interpreter splits from two row tiles, so that tests cover it.
+# leave most SMs idle. Where the output has under half of WEIGHT_GRAD_PROGRAMS tiles (counted at
+# WEIGHT_GRAD_TILE), its rows split (dense.weight_grad_splits) until about WEIGHT_GRAD_PROGRAMS programs (two
+# per SM of an H100), with at least WEIGHT_GRAD_SPLIT_ROWS rows a split, and enough that the fp32 (N, K) of
+# partial sums each split writes moves no more than the rows it reads. The interpreter splits from two row
+# tiles, so that tests cover it.
 WEIGHT_GRAD_TILE = (64, 64) if INTERPRET else (128, 128)
 WEIGHT_GRAD_PROGRAMS = 16 if INTERPRET else 264
 WEIGHT_GRAD_SPLIT_ROWS = 64 if INTERPRET else 1024

@@ -196,7 +196,7 @@ def _split_batch(n: int, k: int) -> int:
     return next(m for m in (261, 4100) if dense.weight_grad_splits(m, n, k)[1] > 1)
 
 
-@pytest.mark.parametrize("k,n", [(7, 130), (65, 3), (33, 64)], ids=str)
+@pytest.mark.parametrize("k,n", [(7, 130), (65, 3), (33, 64), (48, 64)], ids=str)  # the last: 16-byte rows
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
                          ids=lambda d: str(d).removeprefix("torch."))
 def test_weight_gradient_splits_a_long_batch(device, dtype, k, n):
@@ -205,6 +205,7 @@ def test_weight_gradient_splits_a_long_batch(device, dtype, k, n):
     m = _split_batch(n, k)
     split_rows, splits = dense.weight_grad_splits(m, n, k)
     assert split_rows % tiling.LARGEST_REDUCTION_BLOCK == 0 and split_rows >= tiling.WEIGHT_GRAD_SPLIT_ROWS
+    assert 8 * n * k <= split_rows * 2 * (n + k)  # the partials move no more than the rows a split reads
     assert (splits - 1) * split_rows < m <= splits * split_rows
     x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
     weight = torch.randn(n, k, device=device, dtype=dtype, requires_grad=True)
