@@ -129,8 +129,10 @@ def _launch_dense_grad_input(dtype, m, n, k):
     dense.grad_input(runtime.Rows.of(_meta((m, n), dtype)), _meta((n, k), dtype))
 
 
-def _launch_dense_grad_weight(dtype, m, n, k):
+def _launch_dense_grad_weight(dtype, m, n, k, rows=None):
+    # rows: the batch instead of the size's M (past 2^31, the splits' int64 bounds).
     from gpunn.kernels import dense, runtime
+    m = rows or m
     dense.grad_weight(runtime.Rows.of(_meta((m, n), dtype)), runtime.Rows.of(_meta((m, k), dtype)), (n, k))
 
 
@@ -275,6 +277,19 @@ def _launch_cross_entropy(dtype, m, n, k, backward, weighted, smoothing):
         losses.cross_entropy_forward(x, target, weight, -100, smoothing)
 
 
+def _launch_cross_entropy_probs(dtype, m, n, k, backward, weighted, smoothing, target_grad=False):
+    # m rows of n classes, class-probability targets (m, n).
+    from gpunn.kernels import losses, runtime
+    x, target = _meta((m, n), dtype), _meta((m, n), dtype)
+    weight = _meta((n,), dtype) if weighted else None
+    compute = runtime.state_dtype(dtype)
+    if backward:
+        losses.cross_entropy_probs_backward(x, target, weight, smoothing, _meta((m,), compute), _meta((m,), compute),
+                                            _meta((), dtype), "mean", True, target_grad)
+    else:
+        losses.cross_entropy_probs_forward(x, target, weight, smoothing)
+
+
 def _launch_reduced_loss(dtype, m, n, k, divide_by, count=None):
     # The sums of m per-row (or per-block) values into a loss of dtype, divided by count (default m).
     from gpunn.kernels import losses, runtime
@@ -303,7 +318,8 @@ CASES = (
         Variant("db chunks", dict(activation=None, write_dz=False, bias_grad=True), matmul=False, launch=1),
     )),
     Case("gpunn.kernels.dense", "dense_grad_input_kernel", _launch_dense_grad_input, (Variant("dz", dict()),)),
-    Case("gpunn.kernels.dense", "dense_grad_weight_kernel", _launch_dense_grad_weight, (Variant("dz", dict()),)),
+    Case("gpunn.kernels.dense", "dense_grad_weight_kernel", _launch_dense_grad_weight, (
+        Variant("dz", dict()), Variant("dz, 2^31 + 10^7 rows", dict(rows=2 ** 31 + 10 ** 7)))),
     # Block-sparse: the weight block comes from the layout; only the batch tile (BLOCK_M) is tuned.
     Case("gpunn.kernels.masked", "masked_forward_kernel", _launch_masked_forward, (
         Variant("relu+bias", dict(activation="relu", bias=True, save_derivative=False)),
@@ -364,6 +380,15 @@ CASES = (
     ), tile=("BLOCK_C",)),
     Case("gpunn.kernels.losses", "cross_entropy_backward_kernel", _launch_cross_entropy, (
         Variant("weighted+smoothing", dict(backward=True, weighted=True, smoothing=0.1), matmul=False),
+        Variant("plain", dict(backward=True, weighted=False, smoothing=0.0), matmul=False),
+    ), tile=("BLOCK_C",)),
+    Case("gpunn.kernels.losses", "cross_entropy_probs_forward_kernel", _launch_cross_entropy_probs, (
+        Variant("weighted+smoothing", dict(backward=False, weighted=True, smoothing=0.1), matmul=False),
+        Variant("plain", dict(backward=False, weighted=False, smoothing=0.0), matmul=False),
+    ), tile=("BLOCK_C",)),
+    Case("gpunn.kernels.losses", "cross_entropy_probs_backward_kernel", _launch_cross_entropy_probs, (
+        Variant("weighted+smoothing, both gradients", dict(backward=True, weighted=True, smoothing=0.1,
+                                                            target_grad=True), matmul=False),
         Variant("plain", dict(backward=True, weighted=False, smoothing=0.0), matmul=False),
     ), tile=("BLOCK_C",)),
     Case("gpunn.kernels.losses", "reduced_loss_kernel", _launch_reduced_loss, (

@@ -163,6 +163,21 @@ def _cross_entropy(shape, weighted, smoothing, reduction="mean"):
     return build
 
 
+def _cross_entropy_probabilities(shape, weighted, smoothing, reduction="mean"):
+    """Class-probability targets (a softmax of random scores), differentiated along with the logits."""
+    def build(dtype, device, gen):
+        classes = shape[1] if len(shape) > 1 else shape[0]
+        logits = _randn(gen, device, dtype, *shape, scale=3.0)
+        target = torch.softmax(torch.randn(shape, generator=gen, dtype=torch.float64), 1).to(device, dtype)
+        weight = torch.rand(classes, generator=gen, dtype=torch.float64).to(device, dtype) + 0.5
+        options = dict(reduction=reduction, label_smoothing=smoothing)
+        w = (lambda w: w) if weighted else (lambda w: None)
+        return Problem([logits, target, weight], [True, True, False],
+                       lambda x, t, wt: functional.cross_entropy(x, t, w(wt), **options),
+                       lambda x, t, wt: F.cross_entropy(x, t, w(wt), **options))
+    return build
+
+
 def _mse(shape, reduction):
     def build(dtype, device, gen):
         tensors = [_randn(gen, device, dtype, *shape), _randn(gen, device, dtype, *shape)]
@@ -210,6 +225,10 @@ CASES = [
     Case("rnn", "11 steps, 2 x (4 -> 17), relu, batch_first", _rnn(11, 2, 4, 17, 1, False, "relu", batch_first=True)),
     Case("cross_entropy", "37x50, class weights, smoothing 0.1", _cross_entropy((37, 50), True, 0.1), quick=True),
     Case("cross_entropy", "(4, 7, 3) sum", _cross_entropy((4, 7, 3), False, 0.0, "sum")),
+    Case("cross_entropy", "37x50 class probabilities, class weights, smoothing 0.1",
+         _cross_entropy_probabilities((37, 50), True, 0.1)),
+    Case("cross_entropy", "(4, 7, 3) class probabilities, none", _cross_entropy_probabilities((4, 7, 3), False, 0.0,
+                                                                                                "none")),
     Case("mse_loss", "33x17 mean", _mse((33, 17), "mean"), quick=True),
     Case("mse_loss", "(5, 130) none", _mse((5, 130), "none")),
     Case("sgd", "3 tensors, 3 steps, momentum 0.9, nesterov, weight decay",

@@ -2,6 +2,7 @@
 run as fused Triton kernels (gpunn.kernels.losses), with their functional forms."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -38,6 +39,16 @@ def _cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weight: torc
         return row_loss.to(logits.dtype), lse, nothing(lse)
     totals, loss = kernels.reduced_loss(row_loss, row_weight, logits.dtype, "sum_b" if reduction == "mean" else "none")
     return loss, lse, totals
+
+
+def _class_rows(input: torch.Tensor) -> torch.Tensor:
+    """input (N, C), (C,) or (N, C, d1, ...) as rows of C classes (N * d1 * ..., C) with a unit column stride
+    (a view where one exists)."""
+    if input.dim() == 1:
+        return input.reshape(1, -1) if input.stride(0) == 1 else input.contiguous().reshape(1, -1)
+    # The row count spelled out: reshape cannot infer it when there are no classes.
+    rows = input.movedim(1, -1).reshape(math.prod(input.shape[:1] + input.shape[2:]), input.shape[1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _cross_entropy_fake(logits, target, weight, ignore_index, smoothing, reduction):
@@ -82,60 +93,142 @@ _cross_entropy = Op("cross_entropy", _cross_entropy_impl, _cross_entropy_fake, _
 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
-    """torch.nn.functional.cross_entropy for class-index targets, in fused Triton kernels: one pass over the
-    logits forward (and, for "mean" and "sum", one small launch that reduces the rows), one backward.
+    """torch.nn.functional.cross_entropy, in fused Triton kernels: one pass over the logits forward (and, for
+    "mean" and "sum", one small launch that reduces the rows), one backward.
 
     Args:
         input: logits (N, C), unbatched (C,), or (N, C, d1, ...); any strides.
-        target: class indices (N,), (), or (N, d1, ...), int64 (uint8 too), each in [0, C) or ignore_index.
-        weight: (C,) class weights or None. reduction: "mean" (over the weights of the rows kept), "sum" or
-            "none". label_smoothing: in [0, 1].
+        target: class indices (N,), (), or (N, d1, ...), int64 (uint8 too), each in [0, C) or ignore_index;
+            or class probabilities, a floating tensor of input's shape (differentiable too).
+        weight: (C,) class weights or None. reduction: "mean" (over the weights of the rows kept; over the
+            rows for class probabilities), "sum" or "none". label_smoothing: at most 1 (0 or less: none).
+        ignore_index: a class index whose rows are left out (class-index targets only, as torch's).
 
     Returns:
-        The loss: a scalar, or target's shape for "none"; in input's dtype (float32 under autocast for 16-bit
+        The loss: a scalar, or the shape of the batch (N, d1, ...) for "none"; in input's dtype (for class
+        probabilities, the dtype input, target and weight promote to; float32 under autocast for 16-bit
         inputs, as torch).
 
     Raises:
         The errors torch raises for these arguments, with its types, before any kernel runs: ValueError for
-        a bad reduction or batch-size mismatch, RuntimeError for a bad target dtype, weight shape or
-        label_smoothing, IndexError for a target out of range (checked with one device sync).
-        NotImplementedError for class-probability targets (a floating target of input's shape).
+        a bad reduction or batch-size mismatch, RuntimeError for a bad target dtype, weight shape,
+        label_smoothing or an ignore_index given with class probabilities, IndexError for a target out of
+        range (checked with one device sync).
     """
     _check_reduction(reduction)
-    if not 0.0 <= label_smoothing <= 1.0:
+    if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    if target.is_floating_point():
-        raise NotImplementedError("gpunn cross_entropy takes class-index targets; class probabilities are not "
-                                  "supported")
-    if target.dtype not in (torch.int64, torch.uint8):
-        name = str(target.dtype).split(".")[-1].title()
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {name}")
+    # As torch: only the upper bound is checked, and a smoothing of 0 or less smooths nothing.
+    label_smoothing = max(float(label_smoothing), 0.0)
     if input.dim() == 0:
         raise IndexError("Dimension specified as 1 but tensor has no dimensions")
-    classes = input.shape[1] if input.dim() > 1 else input.shape[0]
-    expected_target = (input.shape[0], *input.shape[2:]) if input.dim() > 1 else ()
     if input.dim() > 1 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
         raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
                          f"({target.shape[0]}).")
-    if tuple(target.shape) != expected_target:
-        raise RuntimeError(f"expected target of shape {list(expected_target)} for input of shape "
-                           f"{list(input.shape)}, got {list(target.shape)}")
+    classes = input.shape[1] if input.dim() > 1 else input.shape[0]
     if weight is not None and tuple(weight.shape) != (classes,):
         raise RuntimeError(f"weight tensor should be defined either for all {classes} classes or no classes but "
                            f"got weight tensor of shape: {list(weight.shape)}")
+    if target.shape == input.shape and input.dim() > 0 and target.is_floating_point():
+        return _cross_entropy_probabilities(input, target, weight, ignore_index, reduction, label_smoothing)
+    if target.dtype not in (torch.int64, torch.uint8):
+        name = str(target.dtype).split(".")[-1].title()
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {name}")
+    expected_target = (input.shape[0], *input.shape[2:]) if input.dim() > 1 else ()
+    if tuple(target.shape) != expected_target:
+        raise RuntimeError(f"expected target of shape {list(expected_target)} for input of shape "
+                           f"{list(input.shape)}, got {list(target.shape)}")
     input, weight = autocast.cast(input.device.type, input, weight, to_float32=True)
     if not triton_runs_on(input.device) or not input.is_floating_point():
         return torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index,
                                                  reduction=reduction, label_smoothing=label_smoothing)
     flat_target = target.reshape(-1).to(torch.int64)
-    logits = input.movedim(1, -1).reshape(-1, classes) if input.dim() > 1 else input.reshape(1, classes)
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
+    logits = _class_rows(input)
     if weight is not None:
         weight = weight.to(input.dtype).contiguous()
     loss, _, _ = _cross_entropy(logits, flat_target.contiguous(), weight, int(ignore_index), float(label_smoothing),
                                 reduction)
     return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def _cross_entropy_probabilities(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+                                 ignore_index: int, reduction: str, label_smoothing: float) -> torch.Tensor:
+    """cross_entropy for class-probability targets (a floating target of input's shape), arguments checked."""
+    if ignore_index != -100:
+        raise RuntimeError("ignore_index is not supported for floating point target")
+    input, target, weight = autocast.cast(input.device.type, input, target, weight, to_float32=True)
+    if not triton_runs_on(input.device) or not input.is_floating_point():
+        return torch.nn.functional.cross_entropy(input, target, weight, reduction=reduction,
+                                                 label_smoothing=label_smoothing)
+    dtype = torch.result_type(input, target) if weight is None else \
+        torch.promote_types(torch.result_type(input, target), weight.dtype)
+    logits, probabilities = _class_rows(input.to(dtype)), _class_rows(target.to(dtype))
+    if weight is not None:
+        weight = weight.to(dtype).contiguous()
+    loss = _cross_entropy_probs(logits, probabilities, weight, float(label_smoothing), reduction,
+                                input.numel() == 0)[0]
+    if reduction == "none":  # the batch's shape: (N, d1, ...), or () for an unbatched (C,)
+        return loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
+    return loss
+
+
+def _cross_entropy_probs_impl(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+                              smoothing: float, reduction: str, empty: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, each row's logsumexp (N,), each row's mass sum_j w_j q_j (N,)) of logits and class
+    probabilities (N, C), unit column stride; see gpunn.kernels.losses. empty: the input had no elements,
+    whose mean torch makes NaN."""
+    row_loss, row_mass, lse = kernels.cross_entropy_probs_forward(logits, target, weight, smoothing)
+    if reduction == "none":
+        return row_loss.to(logits.dtype), lse, row_mass
+    count = 0 if empty else logits.shape[0]
+    _, loss = kernels.reduced_loss(row_loss, row_loss, logits.dtype, "count" if reduction == "mean" else "none",
+                                   count=count)
+    return loss, lse, row_mass
+
+
+def _cross_entropy_probs_fake(logits, target, weight, smoothing, reduction, empty):
+    rows = logits.shape[0]
+    lse = logits.new_empty((rows,), dtype=torch.float32 if logits.dtype != torch.float64 else torch.float64)
+    return logits.new_empty((rows,) if reduction == "none" else ()), lse, torch.empty_like(lse)
+
+
+def _cross_entropy_probs_backward_impl(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+                                       weight: torch.Tensor | None, smoothing: float, lse: torch.Tensor,
+                                       row_mass: torch.Tensor, reduction: str, input_grad: bool, target_grad: bool
+                                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d logits, d target), each nothing where not asked for."""
+    dx, dt = kernels.cross_entropy_probs_backward(logits, target, weight, smoothing, lse, row_mass, grad.contiguous(),
+                                                  reduction, input_grad, target_grad)
+    return (dx if dx is not None else nothing(logits)), (dt if dt is not None else nothing(logits))
+
+
+def _cross_entropy_probs_backward_fake(grad, logits, target, weight, smoothing, lse, row_mass, reduction, input_grad,
+                                       target_grad):
+    return tuple(torch.empty_like(logits) if need else nothing(logits) for need in (input_grad, target_grad))
+
+
+_cross_entropy_probs_backward = Op("cross_entropy_probs_backward", _cross_entropy_probs_backward_impl,
+                                   _cross_entropy_probs_backward_fake)
+
+
+def _cross_entropy_probs_setup(ctx, inputs, output):
+    logits, target, weight, smoothing, reduction, _ = inputs
+    ctx.save_for_backward(logits, target, weight, output[1], output[2])
+    ctx.smoothing, ctx.reduction = smoothing, reduction
+
+
+def _cross_entropy_probs_grad(ctx, grad, _, __):
+    refuse_double_backward("cross_entropy")
+    logits, target, weight, lse, row_mass = ctx.saved_tensors
+    need_input, need_target = ctx.needs_input_grad[:2]
+    dx, dt = _cross_entropy_probs_backward(grad, logits, target, weight, ctx.smoothing, lse, row_mass, ctx.reduction,
+                                           need_input, need_target)
+    return dx if need_input else None, dt if need_target else None, None, None, None, None
+
+
+_cross_entropy_probs = Op("cross_entropy_probs", _cross_entropy_probs_impl, _cross_entropy_probs_fake,
+                          _cross_entropy_probs_setup, _cross_entropy_probs_grad)
 
 
 def _mse_loss_impl(input: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -199,8 +292,8 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean")
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """A drop-in for torch.nn.CrossEntropyLoss (it subclasses it) over class-index targets: the same
-    constructor (weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
+    """A drop-in for torch.nn.CrossEntropyLoss (it subclasses it) over class-index or class-probability
+    targets: the same constructor (weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
     label_smoothing=0.0), buffer and behaviour; see gpunn.losses.cross_entropy for shapes and errors."""
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -152,7 +152,7 @@ def dense_grad_weight_kernel(
     M, N, K,
     SPLIT_ROWS,  # rows each split reduces (grid axis 1)
     M_BUCKET,  # autotuning key only: SPLIT_ROWS bucketed
-    DZ_TWO_ROW_DIMS: tl.constexpr, X_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    DZ_TWO_ROW_DIMS: tl.constexpr, X_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr, WIDE_ROWS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -160,7 +160,10 @@ def dense_grad_weight_kernel(
     # dW = dz^T @ x: output tiles of (N, K), reduction over the split's rows of M.
     pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_M)
     split = tl.program_id(1)
-    start = split.to(tl.int64) * SPLIT_ROWS  # int64: the last splits of a batch near 2^31 rows would wrap
+    if WIDE_ROWS:  # the splits' bounds pass 2^31 - 1: int64 (int32 everywhere else, as int64 rows cost registers)
+        start = split.to(tl.int64) * SPLIT_ROWS
+    else:
+        start = split * SPLIT_ROWS
     end = tl.minimum(start + SPLIT_ROWS, M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
@@ -354,7 +357,7 @@ def grad_weight(dz: Rows, x: Rows, weight_shape: tuple[int, int]) -> torch.Tenso
             *dz.args(), *x.args(), out,
             dz.m, n, k, split_rows, size_bucket(split_rows),
             DZ_TWO_ROW_DIMS=dz.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
-            ROW_ALIGN=row_alignment(*dz.row_strides, *x.row_strides, n, k),
+            ROW_ALIGN=row_alignment(*dz.row_strides, *x.row_strides, n, k), WIDE_ROWS=dz.m + split_rows >= 2 ** 31,
             DOT_DTYPE=dot_dtype(tensor.dtype), ACC_DTYPE=accumulator_dtype(tensor.dtype),
             DOT_PRECISION=dot_precision(tensor.dtype), GROUP_M=GROUP_SIZE,
         )

@@ -1,5 +1,6 @@
 """Fused losses: cross-entropy over class indices (with class weights, ignore_index and label smoothing)
-and mean squared error, forward and backward.
+or over class probabilities (with class weights and label smoothing), and mean squared error, forward
+and backward.
 
 Cross-entropy, rows of C logits x, target y, class weights w (1 without), smoothing e:
     lse = logsumexp(x);  nll = w_y (lse - x_y);  smooth = W lse - sum_j w_j x_j   (W = sum_j w_j)
@@ -10,6 +11,9 @@ once (an online logsumexp, the target logit and the weighted sum in one pass) an
 the backward reads them once more and writes the gradient
     dx_j = s_row ((1 - e) w_y (p_j - [j = y]) + (e / C) (W p_j - w_j)),  p = softmax(x)
 with s_row the output gradient (over the denominator for mean). All arithmetic in fp32 (fp64 for fp64).
+Class probabilities t (smoothed to q = (1 - e) t + e / C): loss_row = sum_j w_j q_j (lse - x_j), in one
+pass as the index form's; dx_j = s_row (A p_j - w_j q_j) with A = sum_j w_j q_j, and dt_j =
+s_row (1 - e) w_j (lse - x_j); the mean divides by the rows, whatever the weights (torch's definition).
 Reductions over rows run in one program, in a fixed order: results are deterministic.
 """
 from __future__ import annotations
@@ -23,6 +27,9 @@ from .runtime import INTERPRET, accumulator_dtype, cdiv, launch, next_power_of_2
 BLOCK_C = 256 if INTERPRET else 2048  # logits a program handles at a time along a row
 TILE = 4096 if INTERPRET else 8192  # elements a program handles at a time (BLOCK_R x BLOCK_C)
 FP64_ROWS = 32  # rows a program handles at most in fp64
+# Class-probability targets hold a second (rows x classes) tile, the targets, and backward writes up to two
+# gradients: half the elements a program (a full TILE spilled 8-224 B in the sm_90 compile report).
+PROBABILITIES_TILE = TILE // 2
 REDUCE_BLOCK = 1024
 WARPS = 8
 
@@ -148,13 +155,13 @@ def cross_entropy_backward_kernel(
                  mask=ok)
 
 
-def _tiles(rows: int, classes: int, dtype: torch.dtype) -> dict:
-    """BLOCK_C logits of a row at a time (all of a short row), and as many rows as fill a TILE; at most
+def _tiles(rows: int, classes: int, dtype: torch.dtype, elements: int = TILE) -> dict:
+    """BLOCK_C logits of a row at a time (all of a short row), and as many rows as fill `elements`; at most
     FP64_ROWS rows in fp64 (128 rows of 64 fp64 logits spilled 32-520 B a thread in the sm_90 compile report,
     where 4-8 rows of 1024-2048 fit)."""
     block_c = min(next_power_of_2(classes), BLOCK_C)
-    most = FP64_ROWS if dtype == torch.float64 else TILE
-    block_r = min(next_power_of_2(rows), max(1, TILE // block_c), most)
+    most = FP64_ROWS if dtype == torch.float64 else elements
+    block_r = min(next_power_of_2(rows), max(1, elements // block_c), most)
     return dict(BLOCK_R=block_r, BLOCK_C=block_c)
 
 
@@ -166,6 +173,8 @@ def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.T
     """
     rows, classes = x.shape
     compute = state_dtype(x.dtype)
+    if classes == 0:  # every target ignored (any other is out of range): each row's loss is 0, as torch's
+        return tuple(torch.zeros(rows, device=x.device, dtype=compute) for _ in range(3))
     row_loss, row_weight, lse = (torch.empty(rows, device=x.device, dtype=compute) for _ in range(3))
     if rows:
         tiles = _tiles(rows, classes, x.dtype)
@@ -215,6 +224,134 @@ def cross_entropy_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.
             num_warps=WARPS,
         )
     return dx
+
+
+@triton.jit
+def cross_entropy_probs_forward_kernel(
+    x_ptr, stride_x, t_ptr, stride_t, weight_ptr,
+    row_loss_ptr, row_mass_ptr, lse_ptr,  # (N,) each, in the compute dtype
+    N, C,
+    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Class-probability targets t, smoothed to q = (1 - e) t + e / C: loss_row = sum_j w_j q_j (lse - x_j)
+    # = A lse - B with A = sum_j w_j q_j (the row's mass, kept for backward) and B = sum_j w_j q_j x_j, both
+    # summed in the same pass over the row as its online logsumexp: x and t are read once.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rows < N
+    cols = tl.arange(0, BLOCK_C)
+    running_max = tl.full((BLOCK_R,), float("-inf"), COMPUTE)
+    running_sum = tl.zeros((BLOCK_R,), COMPUTE)
+    # The mass is summed lane by lane and reduced once after the loop: a row sum added to a loop-carried
+    # value and used twice after the loop fails Triton 3.6's OptimizeThreadLocality pass (an assertion).
+    mass_lanes = tl.zeros((BLOCK_R, BLOCK_C), COMPUTE)
+    weighted_x = tl.zeros((BLOCK_R,), COMPUTE)
+    for c0 in range(0, C, BLOCK_C):
+        c_ok = c0 + cols < C
+        ok = r_ok[:, None] & c_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + c0 + cols[None, :], mask=ok, other=float("-inf"))
+        x = tl.where(r_ok[:, None], x.to(COMPUTE), 0.0)  # rows past N: finite, never stored
+        new_max = tl.maximum(running_max, tl.max(x, axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
+        running_max = new_max
+        q = _smoothed(t_ptr + rows[:, None] * stride_t + c0 + cols[None, :], ok, C, SMOOTHING, COMPUTE)
+        if HAS_WEIGHT:
+            q = q * tl.load(weight_ptr + c0 + cols, mask=c_ok, other=0.0).to(COMPUTE)[None, :]
+        mass_lanes += q
+        weighted_x += tl.sum(q * tl.where(ok, x, 0.0), axis=1)  # masked lanes hold -inf
+    lse = running_max + tl.log(running_sum)
+    mass = tl.sum(mass_lanes, axis=1)
+    tl.store(row_loss_ptr + rows, mass * lse - weighted_x, mask=r_ok)
+    tl.store(row_mass_ptr + rows, mass, mask=r_ok)
+    tl.store(lse_ptr + rows, lse, mask=r_ok)
+
+
+@triton.jit
+def _smoothed(t_ptrs, ok, C, SMOOTHING: tl.constexpr, COMPUTE: tl.constexpr):
+    """The target probabilities at t_ptrs with label smoothing, (1 - e) t + e / C; 0 where not ok."""
+    t = tl.load(t_ptrs, mask=ok, other=0.0).to(COMPUTE)
+    if SMOOTHING != 0.0:
+        # e / C in the compute dtype: a constexpr over the runtime int C would be divided in fp32.
+        t = tl.where(ok, t * (1.0 - SMOOTHING) + tl.full((), SMOOTHING, COMPUTE) / C, 0.0)
+    return t
+
+
+@triton.jit
+def cross_entropy_probs_backward_kernel(
+    x_ptr, stride_x, t_ptr, stride_t, weight_ptr, lse_ptr, row_mass_ptr, grad_ptr, stride_grad,
+    dx_ptr, dt_ptr,  # (N, C) contiguous each
+    N, C,
+    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, MEAN: tl.constexpr, COMPUTE: tl.constexpr,
+    INPUT_GRAD: tl.constexpr, TARGET_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # dx_j = s (A p_j - w_j q_j) and dt_j = s (1 - e) w_j (lse - x_j), with s the row's output gradient
+    # (over N for the mean, which divides by the rows whatever the weights, as torch's does).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rows < N
+    cols = tl.arange(0, BLOCK_C)
+    scale = tl.load(grad_ptr + rows * stride_grad, mask=r_ok, other=0.0).to(COMPUTE)
+    if MEAN:
+        scale = scale / N
+    lse = tl.load(lse_ptr + rows, mask=r_ok, other=0.0)
+    mass = tl.load(row_mass_ptr + rows, mask=r_ok, other=0.0)
+    for c0 in range(0, C, BLOCK_C):
+        c_ok = c0 + cols < C
+        ok = r_ok[:, None] & c_ok[None, :]
+        out = rows[:, None] * C + c0 + cols[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + c0 + cols[None, :], mask=ok, other=0.0).to(COMPUTE)
+        w = tl.load(weight_ptr + c0 + cols, mask=c_ok, other=0.0).to(COMPUTE)[None, :] if HAS_WEIGHT else 1.0
+        if INPUT_GRAD:
+            q = _smoothed(t_ptr + rows[:, None] * stride_t + c0 + cols[None, :], ok, C, SMOOTHING, COMPUTE)
+            dx = mass[:, None] * tl.exp(x - lse[:, None]) - w * q
+            tl.store(dx_ptr + out, (dx * scale[:, None]).to(dx_ptr.dtype.element_ty), mask=ok)
+        if TARGET_GRAD:
+            dt = w * (lse[:, None] - x) * (scale[:, None] * (1.0 - SMOOTHING))
+            tl.store(dt_ptr + out, dt.to(dt_ptr.dtype.element_ty), mask=ok)
+
+
+def cross_entropy_probs_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+                                smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-row loss, per-row mass A = sum_j w_j q_j, per-row lse), each (N,) in fp32 (fp64 for fp64), for
+    class-probability targets. x and target (N, C) of one dtype, unit column stride; weight (C,) or None."""
+    rows, classes = x.shape
+    compute = state_dtype(x.dtype)
+    if classes == 0:  # no classes: every row's loss is an empty sum (a logsumexp of nothing is -inf)
+        return tuple(torch.zeros(rows, device=x.device, dtype=compute) for _ in range(3))
+    row_loss, row_mass, lse = (torch.empty(rows, device=x.device, dtype=compute) for _ in range(3))
+    if rows:
+        tiles = _tiles(rows, classes, x.dtype, PROBABILITIES_TILE)
+        with launch("cross_entropy_probs_forward_kernel", x.device):
+            cross_entropy_probs_forward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
+                x, x.stride(0), target, target.stride(0), weight if weight is not None else x, row_loss, row_mass,
+                lse, rows, classes,
+                HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing), COMPUTE=accumulator_dtype(x.dtype), **tiles,
+                num_warps=WARPS,
+            )
+    return row_loss, row_mass, lse
+
+
+def cross_entropy_probs_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+                                 smoothing: float, lse: torch.Tensor, row_mass: torch.Tensor, grad: torch.Tensor,
+                                 reduction: str, input_grad: bool, target_grad: bool
+                                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dtarget), (N, C) contiguous in x's dtype, each None where not asked for, in one pass over the
+    rows. grad: the output gradient, (N,) for reduction "none", else a scalar."""
+    rows, classes = x.shape
+    dx = torch.empty((rows, classes), device=x.device, dtype=x.dtype) if input_grad else None
+    dt = torch.empty((rows, classes), device=x.device, dtype=x.dtype) if target_grad else None
+    if rows == 0 or classes == 0 or not (input_grad or target_grad):
+        return dx, dt
+    tiles = _tiles(rows, classes, x.dtype, PROBABILITIES_TILE)
+    with launch("cross_entropy_probs_backward_kernel", x.device):
+        cross_entropy_probs_backward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
+            x, x.stride(0), target, target.stride(0), weight if weight is not None else x, lse, row_mass, grad,
+            grad.stride(0) if grad.dim() else 0, dx if dx is not None else x, dt if dt is not None else x,
+            rows, classes,
+            HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing), MEAN=reduction == "mean",
+            COMPUTE=accumulator_dtype(x.dtype), INPUT_GRAD=input_grad, TARGET_GRAD=target_grad, **tiles,
+            num_warps=WARPS,
+        )
+    return dx, dt
 
 
 @triton.jit

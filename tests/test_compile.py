@@ -130,6 +130,10 @@ def test_fake_shapes_match_real_ones(device):
            (torch.ops.gpunn.rnn_cell_grad_input, (torch.randn(3, 4), torch.randn(3, 4), None, torch.randn(4, 4),
                                                   "tanh")),
            (torch.ops.gpunn.cross_entropy, (torch.randn(4, 6), torch.tensor([0, 5, -100, 2]), None, -100, 0.0, "sum")),
+           (torch.ops.gpunn.cross_entropy_probs, (torch.randn(4, 6), torch.rand(4, 6), torch.rand(6), 0.1, "none",
+                                                  False)),
+           (torch.ops.gpunn.cross_entropy_probs_backward, (torch.tensor(1.0), torch.randn(4, 6), torch.rand(4, 6), None,
+                                                           0.0, torch.randn(4), torch.rand(4), "mean", True, False)),
            (torch.ops.gpunn.mse_loss, (torch.randn(3, 2), torch.randn(3, 2), "none"))]
     for op, args in ops:
         args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]

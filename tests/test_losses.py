@@ -1,5 +1,6 @@
 """gpunn.CrossEntropyLoss / MSELoss against torch.nn in float64: every reduction, class weights,
-ignore_index, label smoothing, input forms; forward and gradients; torch's errors; the fused launches."""
+ignore_index, label smoothing, class-index and class-probability targets, input forms; forward and gradients;
+torch's errors; the fused launches."""
 from __future__ import annotations
 
 import itertools
@@ -117,6 +118,115 @@ def test_cross_entropy_kernels_never_read_through_a_bad_target(device, smoothing
     assert dx[~good].isnan().all() and not dx[good].isnan().any() and (dx[2] == 0).all()
 
 
+def _soft_case(device, dtype, shape, classes, *, weighted, smoothing, reduction, target_dtype=None, seed=0):
+    """Class-probability targets (smoothed random distributions, a few rows of zeros and unnormalised mass,
+    which torch accepts): loss and the gradients of both logits and target against torch in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    full = (*shape[:1], classes, *shape[1:])
+    logits = (torch.randn(full, generator=gen) * 3).to(device, dtype)
+    probabilities = torch.softmax(torch.randn(full, generator=gen, dtype=torch.float64), dim=1 if shape else 0)
+    if probabilities.dim() > 1 and shape[0] > 2:
+        probabilities[0] = 0.0
+        probabilities[1] *= 1.5
+    target = probabilities.to(device, target_dtype or dtype)
+    weight = torch.rand(classes, generator=gen).to(device, dtype) + 0.1 if weighted else None
+    x, t = logits.clone().requires_grad_(), target.clone().requires_grad_()
+    x64, t64 = logits.double().requires_grad_(), target.double().requires_grad_()
+    loss = gpunn.CrossEntropyLoss(weight=weight, reduction=reduction, label_smoothing=smoothing)(x, t)
+    ref = torch.nn.CrossEntropyLoss(weight=None if weight is None else weight.double(), reduction=reduction,
+                                    label_smoothing=smoothing)(x64, t64)
+    expected_dtype = torch.promote_types(dtype, target_dtype or dtype)
+    assert loss.dtype == expected_dtype and loss.shape == ref.shape
+    assert_close(loss, ref, expected_dtype, "loss")
+    grad_out = torch.randn(ref.shape, generator=gen).to(device, expected_dtype)
+    grads = torch.autograd.grad(loss, (x, t), grad_out)
+    grads64 = torch.autograd.grad(ref, (x64, t64), grad_out.double())
+    for name, g, g64, like in zip(("logits", "target"), grads, grads64, (x, t)):
+        assert g.dtype == like.dtype
+        assert_close(g, g64, like.dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("reduction,weighted,smoothing",
+                         list(itertools.product(("mean", "sum", "none"), (False, True), (0.0, 0.15))), ids=str)
+def test_cross_entropy_probabilities_match_torch(device, reduction, weighted, smoothing):
+    _soft_case(device, torch.float64, (13,), 37, weighted=weighted, smoothing=smoothing, reduction=reduction)
+
+
+@pytest.mark.parametrize("shape,classes", [((5,), 3000), ((1,), 1), ((4, 3, 2), 7), ((), 9)], ids=str)
+def test_cross_entropy_probabilities_shapes(device, shape, classes):
+    # Rows longer than a block, one class, (N, C, d1, d2) inputs (class dim not the last: copied to rows), and
+    # unbatched (C,).
+    for reduction in ("mean", "none"):
+        _soft_case(device, torch.float64, shape, classes, weighted=True, smoothing=0.1, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype,target_dtype", [(torch.float32, None), (torch.float16, None), (torch.bfloat16, None),
+                                                (torch.float16, torch.float32), (torch.float32, torch.float64)],
+                         ids=str)
+def test_cross_entropy_probabilities_dtypes_promote_as_torch(device, dtype, target_dtype):
+    if dtype not in dtypes_for(device):
+        pytest.skip("bfloat16 is checked on a GPU only")
+    _soft_case(device, dtype, (33,), 50, weighted=True, smoothing=0.1, reduction="mean", target_dtype=target_dtype)
+
+
+def test_cross_entropy_probabilities_launches_and_no_torch_softmax(device):
+    x = torch.randn(8, 10, device=device, requires_grad=True)
+    target = torch.softmax(torch.randn(8, 10, device=device), 1)
+    with count_launches() as launches, TorchOpSpy() as spy:
+        gpunn.CrossEntropyLoss(label_smoothing=0.1)(x, target).backward()
+    assert launches == {"cross_entropy_probs_forward_kernel": 1, "reduced_loss_kernel": 1,
+                        "cross_entropy_probs_backward_kernel": 1}
+    assert not {"aten._log_softmax", "aten._softmax", "aten.logsumexp"} & set(spy.ops)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0), (2, 0, 5)], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_probabilities_empty_like_torch(device, shape, reduction):
+    # No rows or no classes: an empty sum per row, and a mean over no elements is NaN, as torch's.
+    x = torch.randn(shape, device=device, dtype=torch.float64, requires_grad=True)
+    target = torch.rand(shape, device=device, dtype=torch.float64)
+    ours, theirs = gpunn.losses.cross_entropy(x, target, reduction=reduction), F.cross_entropy(x, target,
+                                                                                                reduction=reduction)
+    assert ours.shape == theirs.shape
+    assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+    ours.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_over_no_classes_like_torch(device, reduction):
+    # Only ignored targets are valid without classes; torch's losses are 0 (NaN for the mean over no weight).
+    x = torch.randn(3, 0, device=device, dtype=torch.float64, requires_grad=True)
+    target = torch.full((3,), -100, device=device)
+    ours, theirs = gpunn.losses.cross_entropy(x, target, reduction=reduction), F.cross_entropy(x, target,
+                                                                                                reduction=reduction)
+    assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+
+
+def test_cross_entropy_negative_smoothing_is_none_as_torch(device):
+    # torch checks label_smoothing <= 1 only, and smooths only for a positive value.
+    x = torch.randn(5, 6, device=device, dtype=torch.float64)
+    for target in (torch.randint(0, 6, (5,), device=device), torch.softmax(torch.randn_like(x), 1)):
+        assert_close(gpunn.losses.cross_entropy(x, target, label_smoothing=-0.3),
+                     F.cross_entropy(x, target, label_smoothing=-0.3), torch.float64, "loss")
+        assert_close(gpunn.losses.cross_entropy(x, target, label_smoothing=-0.3),
+                     F.cross_entropy(x, target), torch.float64, "loss")
+
+
+def test_cross_entropy_probabilities_errors_match_torch(device):
+    x = torch.randn(3, 4, device=device)
+    soft = torch.softmax(torch.randn(3, 4, device=device), 1)
+    cases = [(soft, dict(ignore_index=2)), (soft, dict(weight=torch.ones(3, device=device))),
+             (soft, dict(label_smoothing=1.5)), (soft[:2], {}), (soft[:, :3], {}), (soft[:, 0], {}),
+             (soft > 0.2, {}), (soft, dict(reduction="avg"))]
+    for target, kwargs in cases:
+        with pytest.raises(Exception) as expected:
+            F.cross_entropy(x, target, **kwargs)
+        with count_launches() as launches, pytest.raises(expected.type):
+            gpunn.losses.cross_entropy(x, target, **kwargs)
+        assert launches == {}
+
+
 @pytest.mark.parametrize("shape", [(7, 1500), (1,)], ids=str)  # one element: a count of 1 (a GPU constant)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_mse_matches_torch(device, reduction, shape):
@@ -154,19 +264,25 @@ def test_losses_run_in_float32_under_autocast_as_torch(device, autocast_dtype):
     target = torch.randint(0, 300, (6,), generator=gen).to(device)
     other = torch.randn(6, 300, generator=gen).to(device, autocast_dtype)
     weight = torch.rand(300, generator=gen).to(device, autocast_dtype)
+    soft = torch.softmax(other.float(), 1).to(autocast_dtype)
     cases = [("cross_entropy", lambda f, x: f.cross_entropy(x, target, weight, label_smoothing=0.1)),
+             ("cross_entropy_probs", lambda f, x: f.cross_entropy(x, soft, weight, label_smoothing=0.1)),
              ("mse_loss", lambda f, x: f.mse_loss(x, other))]
     for name, loss_of in cases:
         with torch.autocast(device.type, dtype=autocast_dtype), count_launches() as launches:
             ours = loss_of(gpunn.functional, logits)
             theirs = loss_of(F, logits)
         assert ours.dtype == theirs.dtype == torch.float32, name
-        assert any(kernel.startswith(name.split("_")[0]) for kernel in launches), (name, launches)
+        forward_kernel = {"cross_entropy": "cross_entropy_forward_kernel",
+                          "cross_entropy_probs": "cross_entropy_probs_forward_kernel", "mse_loss": "mse_forward_kernel"}
+        assert forward_kernel[name] in launches, (name, launches)
         x64 = logits.detach().double().requires_grad_()
         with torch.no_grad():
             weight64, other64 = weight.double(), other.double()  # the float32 casts of 16-bit values are exact
-        expected = (F.cross_entropy(x64, target, weight64, label_smoothing=0.1) if name == "cross_entropy"
-                    else F.mse_loss(x64, other64))
+            soft64 = soft.double()
+        expected = {"cross_entropy": lambda: F.cross_entropy(x64, target, weight64, label_smoothing=0.1),
+                    "cross_entropy_probs": lambda: F.cross_entropy(x64, soft64, weight64, label_smoothing=0.1),
+                    "mse_loss": lambda: F.mse_loss(x64, other64)}[name]()
         assert_close(ours, expected, torch.float32, f"{name} loss")
         grad, = torch.autograd.grad(ours, logits)
         grad64, = torch.autograd.grad(expected, x64)
