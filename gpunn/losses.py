@@ -112,14 +112,16 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     Raises:
         The errors torch raises for these arguments, with its types, before any kernel runs: ValueError for
         a bad reduction or batch-size mismatch, RuntimeError for a bad target dtype, weight shape,
-        label_smoothing or an ignore_index given with class probabilities, IndexError for a target out of
-        range (checked with one device sync).
+        label_smoothing, a non-negative ignore_index given with class probabilities or class weights that
+        require grad with class indices, IndexError for a target out of range (checked with one device
+        sync). NotImplementedError for class weights that require grad with class probabilities (torch
+        differentiates them; gpunn's kernels do not).
     """
     _check_reduction(reduction)
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    # As torch: only the upper bound is checked, and a smoothing of 0 or less smooths nothing.
-    label_smoothing = max(float(label_smoothing), 0.0)
+    # As torch: only the upper bound is checked, and a smoothing of 0 or less (or NaN) smooths nothing.
+    label_smoothing = float(label_smoothing) if label_smoothing > 0.0 else 0.0
     if input.dim() == 0:
         raise IndexError("Dimension specified as 1 but tensor has no dimensions")
     if input.dim() > 1 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
@@ -129,7 +131,16 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     if weight is not None and tuple(weight.shape) != (classes,):
         raise RuntimeError(f"weight tensor should be defined either for all {classes} classes or no classes but "
                            f"got weight tensor of shape: {list(weight.shape)}")
-    if target.shape == input.shape and input.dim() > 0 and target.is_floating_point():
+    probabilities = target.shape == input.shape and target.is_floating_point()
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        # torch refuses this for class indices; for class probabilities it differentiates the weights, which
+        # gpunn's kernels do not: refused, rather than a gradient silently missing.
+        if probabilities:
+            raise NotImplementedError("gpunn cross_entropy does not differentiate the class weights; pass "
+                                      "weight.detach()")
+        raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect to argument 'weight'. "
+                           "This input cannot have requires_grad True.")
+    if probabilities:
         return _cross_entropy_probabilities(input, target, weight, ignore_index, reduction, label_smoothing)
     if target.dtype not in (torch.int64, torch.uint8):
         name = str(target.dtype).split(".")[-1].title()
@@ -154,14 +165,15 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 def _cross_entropy_probabilities(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
                                  ignore_index: int, reduction: str, label_smoothing: float) -> torch.Tensor:
     """cross_entropy for class-probability targets (a floating target of input's shape), arguments checked."""
-    if ignore_index != -100:
+    if ignore_index >= 0:  # torch's check: any negative index (never a class) is accepted
         raise RuntimeError("ignore_index is not supported for floating point target")
     input, target, weight = autocast.cast(input.device.type, input, target, weight, to_float32=True)
     if not triton_runs_on(input.device) or not input.is_floating_point():
         return torch.nn.functional.cross_entropy(input, target, weight, reduction=reduction,
                                                  label_smoothing=label_smoothing)
-    dtype = torch.result_type(input, target) if weight is None else \
-        torch.promote_types(torch.result_type(input, target), weight.dtype)
+    dtype = _floating_result_type(input, target)  # of one shape: promote_types
+    if weight is not None:
+        dtype = torch.promote_types(dtype, weight.dtype)
     logits, probabilities = _class_rows(input.to(dtype)), _class_rows(target.to(dtype))
     if weight is not None:
         weight = weight.to(dtype).contiguous()
@@ -231,6 +243,14 @@ _cross_entropy_probs = Op("cross_entropy_probs", _cross_entropy_probs_impl, _cro
                           _cross_entropy_probs_setup, _cross_entropy_probs_grad)
 
 
+def _floating_result_type(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    """torch.result_type of two floating tensors, which torch.compile cannot trace (it returns a dtype): a
+    0-dim tensor beside one with dims takes no part, as a scalar of the same category."""
+    if (a.dim() == 0) != (b.dim() == 0):
+        return b.dtype if a.dim() == 0 else a.dtype
+    return torch.promote_types(a.dtype, b.dtype)
+
+
 def _mse_loss_impl(input: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
     """The mean squared error of two contiguous tensors of one shape and dtype."""
     return kernels.mse_forward(input, target, reduction)
@@ -286,7 +306,7 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean")
     input, target = autocast.cast(input.device.type, input, target, to_float32=True)
     if not triton_runs_on(input.device) or not (input.is_floating_point() and target.is_floating_point()):
         return torch.nn.functional.mse_loss(input, target, reduction=reduction)
-    dtype = torch.result_type(input, target)
+    dtype = _floating_result_type(input, target)
     input, target = torch.broadcast_tensors(input.to(dtype), target.to(dtype))
     return _mse_loss(input.contiguous(), target.contiguous(), reduction)
 

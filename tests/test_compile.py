@@ -118,6 +118,32 @@ def test_a_model_of_every_layer_under_autocast_computes_what_a_cast_model_does(d
         assert torch.equal(ours.grad, theirs.grad.float()), name
 
 
+def test_the_losses_compile_without_graph_breaks(device):
+    # Class indices, class probabilities (with smoothing and weights) and MSE, each compiled whole, forward and
+    # backward: the same numbers as eager, through the same kernels.
+    torch._dynamo.reset()
+    x = torch.randn(6, 5, device=device, requires_grad=True)
+    index = torch.tensor([0, 4, 2, 1, -100, 3], device=device)
+    soft = torch.softmax(torch.randn(6, 5, device=device), 1).requires_grad_()
+    weight = torch.rand(5, device=device) + 0.5
+
+    def losses(x, index, soft):
+        return (gpunn.losses.cross_entropy(x, index, weight, label_smoothing=0.1)
+                + gpunn.losses.cross_entropy(x, soft, weight, label_smoothing=0.1, reduction="none").sum()
+                + gpunn.losses.mse_loss(x, soft))
+
+    compiled = torch.compile(losses, fullgraph=True, backend=_backend(device))
+    with count_launches() as launches:
+        loss = compiled(x, index, soft)
+        grads = torch.autograd.grad(loss, [x, soft])
+    backward_kernels = {"cross_entropy_backward_kernel", "cross_entropy_probs_backward_kernel", "mse_backward_kernel"}
+    assert backward_kernels <= set(launches)
+    eager = losses(x, index, soft)
+    assert torch.equal(loss, eager)
+    for ours, theirs in zip(grads, torch.autograd.grad(eager, [x, soft])):
+        assert torch.equal(ours, theirs)
+
+
 def test_fake_shapes_match_real_ones(device):
     """Each op's fake implementation (what the compiler plans with) gives the shapes and dtypes its real one
     returns, including odd shapes, a 3-D input and outputs that are not asked for."""

@@ -203,14 +203,38 @@ def test_cross_entropy_over_no_classes_like_torch(device, reduction):
     assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.nan_to_num(), theirs.nan_to_num())
 
 
-def test_cross_entropy_negative_smoothing_is_none_as_torch(device):
+@pytest.mark.parametrize("smoothing", [-0.3, float("nan")])
+def test_cross_entropy_smoothing_of_zero_or_less_is_none_as_torch(device, smoothing):
     # torch checks label_smoothing <= 1 only, and smooths only for a positive value.
     x = torch.randn(5, 6, device=device, dtype=torch.float64)
     for target in (torch.randint(0, 6, (5,), device=device), torch.softmax(torch.randn_like(x), 1)):
-        assert_close(gpunn.losses.cross_entropy(x, target, label_smoothing=-0.3),
-                     F.cross_entropy(x, target, label_smoothing=-0.3), torch.float64, "loss")
-        assert_close(gpunn.losses.cross_entropy(x, target, label_smoothing=-0.3),
+        assert_close(gpunn.losses.cross_entropy(x, target, label_smoothing=smoothing),
+                     F.cross_entropy(x, target, label_smoothing=smoothing), torch.float64, "loss")
+        assert_close(gpunn.losses.cross_entropy(x, target, label_smoothing=smoothing),
                      F.cross_entropy(x, target), torch.float64, "loss")
+
+
+def test_cross_entropy_probabilities_accept_a_negative_ignore_index(device):
+    x = torch.randn(5, 6, device=device, dtype=torch.float64)
+    soft = torch.softmax(torch.randn_like(x), 1)
+    assert_close(gpunn.CrossEntropyLoss(ignore_index=-1)(x, soft), F.cross_entropy(x, soft, ignore_index=-1),
+                 torch.float64, "loss")
+
+
+def test_cross_entropy_refuses_weights_that_require_grad(device):
+    # torch refuses them with class indices (RuntimeError) and differentiates them with probabilities, which gpunn
+    # does not: refused (NotImplementedError) before any launch, not a gradient silently missing.
+    x = torch.randn(5, 6, device=device)
+    weight = torch.rand(6, device=device, requires_grad=True)
+    index, soft = torch.randint(0, 6, (5,), device=device), torch.softmax(torch.randn_like(x), 1)
+    with pytest.raises(RuntimeError):
+        F.cross_entropy(x, index, weight)
+    for target, error in ((index, RuntimeError), (soft, NotImplementedError)):
+        with count_launches() as launches, pytest.raises(error):
+            gpunn.losses.cross_entropy(x, target, weight)
+        assert launches == {}
+        with torch.no_grad():
+            gpunn.losses.cross_entropy(x, target, weight)
 
 
 def test_cross_entropy_probabilities_errors_match_torch(device):
