@@ -271,7 +271,7 @@ def _launch_cross_entropy(dtype, m, n, k, backward, weighted, smoothing):
     weight = _meta((n,), dtype) if weighted else None
     compute = runtime.state_dtype(dtype)
     if backward:
-        losses.cross_entropy_backward(x, target, weight, -100, smoothing, _meta((m,), compute), _meta((), dtype),
+        losses.cross_entropy_backward(x, target, weight, -100, smoothing, _meta((2, m), compute), _meta((), dtype),
                                       "mean", _meta((2,), compute))
     else:
         losses.cross_entropy_forward(x, target, weight, -100, smoothing)
@@ -284,7 +284,7 @@ def _launch_cross_entropy_probs(dtype, m, n, k, backward, weighted, smoothing, t
     weight = _meta((n,), dtype) if weighted else None
     compute = runtime.state_dtype(dtype)
     if backward:
-        losses.cross_entropy_probs_backward(x, target, weight, smoothing, _meta((m,), compute), _meta((m,), compute),
+        losses.cross_entropy_probs_backward(x, target, weight, smoothing, _meta((2, m), compute), _meta((m,), compute),
                                             _meta((), dtype), "mean", True, target_grad)
     else:
         losses.cross_entropy_probs_forward(x, target, weight, smoothing)

@@ -30,15 +30,16 @@ def check_targets(target: torch.Tensor, classes: int, ignore_index: int) -> None
 
 def _cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
                    smoothing: float, reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, each row's logsumexp (N,), the weighted loss and weight totals (2,) or nothing for "none") of
-    logits (N, C) (unit column stride) against class indices (N,) int64; see gpunn.kernels.losses."""
+    """(loss, each row's stats (2, N): its max and log-sum, the weighted loss and weight totals (2,) or nothing
+    for "none") of logits (N, C) (unit column stride) against class indices (N,) int64; see
+    gpunn.kernels.losses."""
     if not (logits.is_cuda and torch.cuda.is_current_stream_capturing()):  # a sync cannot be captured
         check_targets(target, logits.shape[1], ignore_index)
-    row_loss, row_weight, lse = kernels.cross_entropy_forward(logits, target, weight, ignore_index, smoothing)
+    row_loss, row_weight, stats = kernels.cross_entropy_forward(logits, target, weight, ignore_index, smoothing)
     if reduction == "none":
-        return row_loss.to(logits.dtype), lse, nothing(lse)
+        return row_loss.to(logits.dtype), stats, nothing(stats)
     totals, loss = kernels.reduced_loss(row_loss, row_weight, logits.dtype, "sum_b" if reduction == "mean" else "none")
-    return loss, lse, totals
+    return loss, stats, totals
 
 
 def _class_rows(input: torch.Tensor) -> torch.Tensor:
@@ -51,22 +52,28 @@ def _class_rows(input: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def _stats_fake(logits: torch.Tensor) -> torch.Tensor:
+    """The (2, N) per-row stats (max, log-sum) a cross-entropy forward keeps, in fp32 (fp64 for fp64)."""
+    return logits.new_empty((2, logits.shape[0]), dtype=torch.float64 if logits.dtype == torch.float64 else
+                            torch.float32)
+
+
 def _cross_entropy_fake(logits, target, weight, ignore_index, smoothing, reduction):
     rows = logits.shape[0]
-    lse = logits.new_empty((rows,), dtype=torch.float32 if logits.dtype != torch.float64 else torch.float64)
+    stats = _stats_fake(logits)
     if reduction == "none":
-        return logits.new_empty((rows,)), lse, nothing(lse)
-    return logits.new_empty(()), lse, lse.new_empty((2,))
+        return logits.new_empty((rows,)), stats, nothing(stats)
+    return logits.new_empty(()), stats, stats.new_empty((2,))
 
 
 def _cross_entropy_backward_impl(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
-                            weight: torch.Tensor | None, ignore_index: int, smoothing: float, lse: torch.Tensor,
+                            weight: torch.Tensor | None, ignore_index: int, smoothing: float, stats: torch.Tensor,
                             reduction: str, totals: torch.Tensor) -> torch.Tensor:
-    return kernels.cross_entropy_backward(logits, target, weight, ignore_index, smoothing, lse, grad.contiguous(),
+    return kernels.cross_entropy_backward(logits, target, weight, ignore_index, smoothing, stats, grad.contiguous(),
                                           reduction, totals if reduction != "none" else None)
 
 
-def _cross_entropy_backward_fake(grad, logits, target, weight, ignore_index, smoothing, lse, reduction, totals):
+def _cross_entropy_backward_fake(grad, logits, target, weight, ignore_index, smoothing, stats, reduction, totals):
     return torch.empty_like(logits)
 
 
@@ -81,8 +88,8 @@ def _cross_entropy_setup(ctx, inputs, output):
 
 def _cross_entropy_grad(ctx, grad, _, __):
     refuse_double_backward("cross_entropy")
-    logits, target, weight, lse, totals = ctx.saved_tensors
-    dx = _cross_entropy_backward(grad, logits, target, weight, ctx.ignore_index, ctx.smoothing, lse, ctx.reduction,
+    logits, target, weight, stats, totals = ctx.saved_tensors
+    dx = _cross_entropy_backward(grad, logits, target, weight, ctx.ignore_index, ctx.smoothing, stats, ctx.reduction,
                                  totals)
     return dx, None, None, None, None, None
 
@@ -187,35 +194,34 @@ def _cross_entropy_probabilities(input: torch.Tensor, target: torch.Tensor, weig
 def _cross_entropy_probs_impl(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
                               smoothing: float, reduction: str, empty: bool
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, each row's logsumexp (N,), each row's mass sum_j w_j q_j (N,)) of logits and class
+    """(loss, each row's stats (2, N): its max and log-sum, each row's mass sum_j w_j q_j (N,)) of logits and class
     probabilities (N, C), unit column stride; see gpunn.kernels.losses. empty: the input had no elements,
     whose mean torch makes NaN."""
-    row_loss, row_mass, lse = kernels.cross_entropy_probs_forward(logits, target, weight, smoothing)
+    row_loss, row_mass, stats = kernels.cross_entropy_probs_forward(logits, target, weight, smoothing)
     if reduction == "none":
-        return row_loss.to(logits.dtype), lse, row_mass
+        return row_loss.to(logits.dtype), stats, row_mass
     count = 0 if empty else logits.shape[0]
     _, loss = kernels.reduced_loss(row_loss, row_loss, logits.dtype, "count" if reduction == "mean" else "none",
                                    count=count)
-    return loss, lse, row_mass
+    return loss, stats, row_mass
 
 
 def _cross_entropy_probs_fake(logits, target, weight, smoothing, reduction, empty):
-    rows = logits.shape[0]
-    lse = logits.new_empty((rows,), dtype=torch.float32 if logits.dtype != torch.float64 else torch.float64)
-    return logits.new_empty((rows,) if reduction == "none" else ()), lse, torch.empty_like(lse)
+    stats = _stats_fake(logits)
+    return logits.new_empty((logits.shape[0],) if reduction == "none" else ()), stats, stats.new_empty(stats.shape[1:])
 
 
 def _cross_entropy_probs_backward_impl(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
-                                       weight: torch.Tensor | None, smoothing: float, lse: torch.Tensor,
+                                       weight: torch.Tensor | None, smoothing: float, stats: torch.Tensor,
                                        row_mass: torch.Tensor, reduction: str, input_grad: bool, target_grad: bool
                                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d logits, d target), each nothing where not asked for."""
-    dx, dt = kernels.cross_entropy_probs_backward(logits, target, weight, smoothing, lse, row_mass, grad.contiguous(),
+    dx, dt = kernels.cross_entropy_probs_backward(logits, target, weight, smoothing, stats, row_mass, grad.contiguous(),
                                                   reduction, input_grad, target_grad)
     return (dx if dx is not None else nothing(logits)), (dt if dt is not None else nothing(logits))
 
 
-def _cross_entropy_probs_backward_fake(grad, logits, target, weight, smoothing, lse, row_mass, reduction, input_grad,
+def _cross_entropy_probs_backward_fake(grad, logits, target, weight, smoothing, stats, row_mass, reduction, input_grad,
                                        target_grad):
     return tuple(torch.empty_like(logits) if need else nothing(logits) for need in (input_grad, target_grad))
 
@@ -232,9 +238,9 @@ def _cross_entropy_probs_setup(ctx, inputs, output):
 
 def _cross_entropy_probs_grad(ctx, grad, _, __):
     refuse_double_backward("cross_entropy")
-    logits, target, weight, lse, row_mass = ctx.saved_tensors
+    logits, target, weight, stats, row_mass = ctx.saved_tensors
     need_input, need_target = ctx.needs_input_grad[:2]
-    dx, dt = _cross_entropy_probs_backward(grad, logits, target, weight, ctx.smoothing, lse, row_mass, ctx.reduction,
+    dx, dt = _cross_entropy_probs_backward(grad, logits, target, weight, ctx.smoothing, stats, row_mass, ctx.reduction,
                                            need_input, need_target)
     return dx if need_input else None, dt if need_target else None, None, None, None, None
 

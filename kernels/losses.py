@@ -7,7 +7,10 @@ Cross-entropy, rows of C logits x, target y, class weights w (1 without), smooth
     loss_row = (1 - e) nll + (e / C) smooth  (0 for an ignored row)
     mean: sum(loss_row) / sum(w_y over rows not ignored); sum: the sum; none: loss_row.
 torch.nn.functional.cross_entropy's definition, label smoothing included. The forward reads the logits
-once (an online logsumexp, the target logit and the weighted sum in one pass) and keeps lse per row;
+once (an online logsumexp, the target logit and the weighted sum in one pass) and keeps each row's max
+and the log of its sum of exp(x - max) (lse is their sum: differences from lse are formed as
+(max - x) + log_sum, so that they keep the precision of x - max rather than of lse's magnitude; weighted
+sums of logits are taken relative to the row's first logit for the same reason);
 the backward reads them once more and writes the gradient
     dx_j = s_row ((1 - e) w_y (p_j - [j = y]) + (e / C) (W p_j - w_j)),  p = softmax(x)
 with s_row the output gradient (over the denominator for mean). All arithmetic in fp32 (fp64 for fp64).
@@ -37,7 +40,8 @@ WARPS = 8
 @triton.jit
 def cross_entropy_forward_kernel(
     x_ptr, stride_x, target_ptr, weight_ptr,
-    row_loss_ptr, row_weight_ptr, lse_ptr,  # (N,) each, in the compute dtype
+    row_loss_ptr, row_weight_ptr,  # (N,) each, in the compute dtype
+    stats_ptr,  # (2, N): each row's max, then the log of its sum of exp(x - max)
     N, C, ignore_index,
     HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -47,6 +51,7 @@ def cross_entropy_forward_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rows < N
     x_rows = x_ptr + rows[:, None] * stride_x  # [BR, 1]
+    ref = _reference_logit(x_ptr + rows * stride_x, r_ok, COMPUTE) if SMOOTHING != 0.0 else 0.0
     cols = tl.arange(0, BLOCK_C)
     running_max = tl.full((BLOCK_R,), float("-inf"), COMPUTE)
     running_sum = tl.zeros((BLOCK_R,), COMPUTE)
@@ -61,9 +66,8 @@ def cross_entropy_forward_kernel(
         running_max = new_max
         if SMOOTHING != 0.0:
             w = tl.load(weight_ptr + c0 + cols, mask=c_ok, other=0.0).to(COMPUTE) if HAS_WEIGHT else c_ok.to(COMPUTE)
-            weighted_x += tl.sum(w[None, :] * tl.where(c_ok[None, :], x, 0.0), axis=1)  # masked lanes hold -inf
+            weighted_x += tl.sum(w[None, :] * tl.where(c_ok[None, :], x - ref[:, None], 0.0), axis=1)  # masked: -inf
             weight_total += tl.sum(w, axis=0)
-    lse = running_max + tl.log(running_sum)
     target = tl.load(target_ptr + rows, mask=r_ok, other=ignore_index)
     kept = r_ok & (target != ignore_index)
     # A target out of range (the host checks, except while a CUDA graph is captured) is never used as an
@@ -73,13 +77,42 @@ def cross_entropy_forward_kernel(
     safe = tl.where(kept, target, 0)
     w_y = tl.load(weight_ptr + safe, mask=kept, other=0.0).to(COMPUTE) if HAS_WEIGHT else kept.to(COMPUTE)
     x_y = tl.load(x_ptr + rows * stride_x + safe, mask=kept, other=0.0).to(COMPUTE)
-    loss = w_y * (lse - x_y)
+    # lse - x_y as (max - x_y) + log_sum: lse itself, rounded at the logits' scale, would carry an error of
+    # that scale into the difference (torch's x - max - log_sum does not).
+    log_sum = _store_row_stats(stats_ptr, rows, r_ok, N, running_max, running_sum)
+    loss = w_y * ((running_max - x_y) + log_sum)
     if SMOOTHING != 0.0:
-        loss = loss * (1.0 - SMOOTHING) + tl.where(kept, weight_total * lse - weighted_x, 0.0) * SMOOTHING / C
+        smooth = weight_total * ((running_max - ref) + log_sum) - weighted_x
+        loss = loss * (1.0 - SMOOTHING) + tl.where(kept, smooth, 0.0) * SMOOTHING / C
     loss = tl.where(bad, float("nan"), loss)
     tl.store(row_loss_ptr + rows, loss, mask=r_ok)
     tl.store(row_weight_ptr + rows, w_y, mask=r_ok)
-    tl.store(lse_ptr + rows, lse, mask=r_ok)
+
+
+@triton.jit
+def _store_row_stats(stats_ptr, rows, r_ok, N, running_max, running_sum):
+    """Stores each row's max and log-sum for backward, and returns the log-sum, where the loss is formed:
+    stored at the kernel's end instead, after the loss's stores, one value spilled 8 B in the class-index
+    forward's sm_90 compile (fp32, 64 classes)."""
+    log_sum = tl.log(running_sum)
+    tl.store(stats_ptr + rows, running_max, mask=r_ok)
+    tl.store(stats_ptr + N + rows, log_sum, mask=r_ok)
+    return log_sum
+
+
+@triton.jit
+def _row_stats(stats_ptr, rows, r_ok, N):
+    """(each row's max, the log of its sum of exp(x - max)), as the forward kernels stored them."""
+    return (tl.load(stats_ptr + rows, mask=r_ok, other=0.0), tl.load(stats_ptr + N + rows, mask=r_ok, other=0.0))
+
+
+@triton.jit
+def _reference_logit(first_ptrs, r_ok, COMPUTE: tl.constexpr):
+    """Each row's first logit where finite, else 0: weighted sums of logits are taken relative to it, so that
+    their difference from lse cancels at the scale of the row's spread, not of the logits (as torch's
+    x - lse does: with logits near 1e3, fp32 sums taken from 0 lost 3e-5 relative)."""
+    first = tl.load(first_ptrs, mask=r_ok, other=0.0).to(COMPUTE)
+    return tl.where(tl.abs(first) < float("inf"), first, 0.0)
 
 
 @triton.jit
@@ -116,7 +149,7 @@ def reduced_loss_kernel(a_ptr, b_ptr, totals_ptr, loss_ptr, N, count, DIVIDE_BY:
 
 @triton.jit
 def cross_entropy_backward_kernel(
-    x_ptr, stride_x, target_ptr, weight_ptr, lse_ptr, grad_ptr, stride_grad, sums_ptr,
+    x_ptr, stride_x, target_ptr, weight_ptr, stats_ptr, grad_ptr, stride_grad, sums_ptr,
     dx_ptr,  # (N, C) contiguous
     N, C, ignore_index,
     HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, COMPUTE: tl.constexpr,
@@ -141,12 +174,12 @@ def cross_entropy_backward_kernel(
         weight_total = tl.zeros((), COMPUTE)
         for c0 in range(0, C, BLOCK_C):
             weight_total += tl.sum(tl.load(weight_ptr + c0 + cols, mask=c0 + cols < C, other=0.0).to(COMPUTE), axis=0)
-    lse = tl.load(lse_ptr + rows, mask=r_ok, other=0.0)
+    row_max, log_sum = _row_stats(stats_ptr, rows, r_ok, N)
     for c0 in range(0, C, BLOCK_C):
         c_ok = c0 + cols < C
         ok = r_ok[:, None] & c_ok[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_x + c0 + cols[None, :], mask=ok, other=0.0).to(COMPUTE)
-        p = tl.exp(x - lse[:, None])
+        p = tl.exp((x - row_max[:, None]) - log_sum[:, None])
         dx = w_y[:, None] * (p - tl.where(c0 + cols[None, :] == target[:, None], 1.0, 0.0))
         if SMOOTHING != 0.0:
             w = tl.load(weight_ptr + c0 + cols, mask=c_ok, other=0.0).to(COMPUTE) if HAS_WEIGHT else 1.0
@@ -156,10 +189,12 @@ def cross_entropy_backward_kernel(
 
 
 def _tiles(rows: int, classes: int, dtype: torch.dtype, elements: int = TILE) -> dict:
-    """BLOCK_C logits of a row at a time (all of a short row), and as many rows as fill `elements`; at most
-    FP64_ROWS rows in fp64 (128 rows of 64 fp64 logits spilled 32-520 B a thread in the sm_90 compile report,
-    where 4-8 rows of 1024-2048 fit)."""
+    """BLOCK_C logits of a row at a time (all of a short row), and as many rows as fill `elements`; in fp64
+    half the elements and at most FP64_ROWS rows (128 rows of 64 fp64 logits spilled 32-520 B a thread in
+    the sm_90 compile report; with its per-row max and log-sum kept apart, 8 rows of 1024 spilled 8-40 B)."""
     block_c = min(next_power_of_2(classes), BLOCK_C)
+    if dtype == torch.float64:
+        elements //= 2
     most = FP64_ROWS if dtype == torch.float64 else elements
     block_r = min(next_power_of_2(rows), max(1, elements // block_c), most)
     return dict(BLOCK_R=block_r, BLOCK_C=block_c)
@@ -167,25 +202,32 @@ def _tiles(rows: int, classes: int, dtype: torch.dtype, elements: int = TILE) ->
 
 def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
                           smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-row loss, per-row weight w_y (0 when ignored), per-row lse), each (N,) in fp32 (fp64 for fp64).
+    """(per-row loss, per-row weight w_y (0 when ignored)), each (N,), and per-row stats (2, N): the row's max
+and the log of its sum of exp(x - max); all in fp32 (fp64 for fp64).
 
     x (N, C) with unit column stride; target (N,) int64 in [0, C) or ignore_index; weight (C,) or None.
     """
     rows, classes = x.shape
     compute = state_dtype(x.dtype)
     if classes == 0:  # every target ignored (any other is out of range): each row's loss is 0, as torch's
-        return tuple(torch.zeros(rows, device=x.device, dtype=compute) for _ in range(3))
-    row_loss, row_weight, lse = (torch.empty(rows, device=x.device, dtype=compute) for _ in range(3))
+        return *(torch.zeros(rows, device=x.device, dtype=compute) for _ in range(2)), _stats(rows, x, compute)
+    row_loss, row_weight = (torch.empty(rows, device=x.device, dtype=compute) for _ in range(2))
+    stats = _stats(rows, x, compute)
     if rows:
         tiles = _tiles(rows, classes, x.dtype)
         with launch("cross_entropy_forward_kernel", x.device):
             cross_entropy_forward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
-                x, x.stride(0), target, weight if weight is not None else x, row_loss, row_weight, lse,
+                x, x.stride(0), target, weight if weight is not None else x, row_loss, row_weight, stats,
                 rows, classes, ignore_index,
                 HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing), COMPUTE=accumulator_dtype(x.dtype), **tiles,
                 num_warps=WARPS,
             )
-    return row_loss, row_weight, lse
+    return row_loss, row_weight, stats
+
+
+def _stats(rows: int, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (2, rows) per-row stats the forward kernels write (zeros where there are no classes)."""
+    return torch.zeros((2, rows), device=x.device, dtype=dtype)
 
 
 def reduced_loss(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, divide_by: str = "none", count: int = 1
@@ -205,7 +247,7 @@ def reduced_loss(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, divide_by
 
 
 def cross_entropy_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
-                           smoothing: float, lse: torch.Tensor, grad: torch.Tensor, reduction: str,
+                           smoothing: float, stats: torch.Tensor, grad: torch.Tensor, reduction: str,
                            totals: torch.Tensor | None) -> torch.Tensor:
     """dx (N, C) contiguous in x's dtype. grad: the output gradient, (N,) for reduction "none", else a
     scalar; totals: the forward's [sum of row losses, sum of w_y] (read for "mean")."""
@@ -216,8 +258,8 @@ def cross_entropy_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.
     tiles = _tiles(rows, classes, x.dtype)
     with launch("cross_entropy_backward_kernel", x.device):
         cross_entropy_backward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
-            x, x.stride(0), target, weight if weight is not None else x, lse, grad,
-            grad.stride(0) if grad.dim() else 0, totals if totals is not None else lse, dx,
+            x, x.stride(0), target, weight if weight is not None else x, stats, grad,
+            grad.stride(0) if grad.dim() else 0, totals if totals is not None else stats, dx,
             rows, classes, ignore_index,
             HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing),
             REDUCTION={"none": 0, "sum": 1, "mean": 2}[reduction], COMPUTE=accumulator_dtype(x.dtype), **tiles,
@@ -229,7 +271,8 @@ def cross_entropy_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.
 @triton.jit
 def cross_entropy_probs_forward_kernel(
     x_ptr, stride_x, t_ptr, stride_t, weight_ptr,
-    row_loss_ptr, row_mass_ptr, lse_ptr,  # (N,) each, in the compute dtype
+    row_loss_ptr, row_mass_ptr,  # (N,) each, in the compute dtype
+    stats_ptr,  # (2, N): each row's max, then the log of its sum of exp(x - max)
     N, C,
     HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -246,6 +289,7 @@ def cross_entropy_probs_forward_kernel(
     # value and used twice after the loop fails Triton 3.6's OptimizeThreadLocality pass (an assertion).
     mass_lanes = tl.zeros((BLOCK_R, BLOCK_C), COMPUTE)
     weighted_x = tl.zeros((BLOCK_R,), COMPUTE)
+    ref = _reference_logit(x_ptr + rows * stride_x, r_ok, COMPUTE)
     for c0 in range(0, C, BLOCK_C):
         c_ok = c0 + cols < C
         ok = r_ok[:, None] & c_ok[None, :]
@@ -258,12 +302,11 @@ def cross_entropy_probs_forward_kernel(
         if HAS_WEIGHT:
             q = q * tl.load(weight_ptr + c0 + cols, mask=c_ok, other=0.0).to(COMPUTE)[None, :]
         mass_lanes += q
-        weighted_x += tl.sum(q * tl.where(ok, x, 0.0), axis=1)  # masked lanes hold -inf
-    lse = running_max + tl.log(running_sum)
+        weighted_x += tl.sum(q * tl.where(ok, x - ref[:, None], 0.0), axis=1)  # masked lanes hold -inf
+    log_sum = _store_row_stats(stats_ptr, rows, r_ok, N, running_max, running_sum)
     mass = tl.sum(mass_lanes, axis=1)
-    tl.store(row_loss_ptr + rows, mass * lse - weighted_x, mask=r_ok)
+    tl.store(row_loss_ptr + rows, mass * ((running_max - ref) + log_sum) - weighted_x, mask=r_ok)
     tl.store(row_mass_ptr + rows, mass, mask=r_ok)
-    tl.store(lse_ptr + rows, lse, mask=r_ok)
 
 
 @triton.jit
@@ -278,7 +321,7 @@ def _smoothed(t_ptrs, ok, C, SMOOTHING: tl.constexpr, COMPUTE: tl.constexpr):
 
 @triton.jit
 def cross_entropy_probs_backward_kernel(
-    x_ptr, stride_x, t_ptr, stride_t, weight_ptr, lse_ptr, row_mass_ptr, grad_ptr, stride_grad,
+    x_ptr, stride_x, t_ptr, stride_t, weight_ptr, stats_ptr, row_mass_ptr, grad_ptr, stride_grad,
     dx_ptr, dt_ptr,  # (N, C) contiguous each
     N, C,
     HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, MEAN: tl.constexpr, COMPUTE: tl.constexpr,
@@ -292,7 +335,7 @@ def cross_entropy_probs_backward_kernel(
     scale = tl.load(grad_ptr + rows * stride_grad, mask=r_ok, other=0.0).to(COMPUTE)
     if MEAN:
         scale = scale / N
-    lse = tl.load(lse_ptr + rows, mask=r_ok, other=0.0)
+    row_max, log_sum = _row_stats(stats_ptr, rows, r_ok, N)
     mass = tl.load(row_mass_ptr + rows, mask=r_ok, other=0.0)
     for c0 in range(0, C, BLOCK_C):
         c_ok = c0 + cols < C
@@ -302,36 +345,38 @@ def cross_entropy_probs_backward_kernel(
         w = tl.load(weight_ptr + c0 + cols, mask=c_ok, other=0.0).to(COMPUTE)[None, :] if HAS_WEIGHT else 1.0
         if INPUT_GRAD:
             q = _smoothed(t_ptr + rows[:, None] * stride_t + c0 + cols[None, :], ok, C, SMOOTHING, COMPUTE)
-            dx = mass[:, None] * tl.exp(x - lse[:, None]) - w * q
+            dx = mass[:, None] * tl.exp((x - row_max[:, None]) - log_sum[:, None]) - w * q
             tl.store(dx_ptr + out, (dx * scale[:, None]).to(dx_ptr.dtype.element_ty), mask=ok)
         if TARGET_GRAD:
-            dt = w * (lse[:, None] - x) * (scale[:, None] * (1.0 - SMOOTHING))
+            dt = w * ((row_max[:, None] - x) + log_sum[:, None]) * (scale[:, None] * (1.0 - SMOOTHING))
             tl.store(dt_ptr + out, dt.to(dt_ptr.dtype.element_ty), mask=ok)
 
 
 def cross_entropy_probs_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
                                 smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-row loss, per-row mass A = sum_j w_j q_j, per-row lse), each (N,) in fp32 (fp64 for fp64), for
-    class-probability targets. x and target (N, C) of one dtype, unit column stride; weight (C,) or None."""
+    """(per-row loss, per-row mass A = sum_j w_j q_j), each (N,), and per-row stats (2, N) as
+    cross_entropy_forward's, in fp32 (fp64 for fp64), for class-probability targets. x and target (N, C) of
+    one dtype, unit column stride; weight (C,) or None."""
     rows, classes = x.shape
     compute = state_dtype(x.dtype)
     if classes == 0:  # no classes: every row's loss is an empty sum (a logsumexp of nothing is -inf)
-        return tuple(torch.zeros(rows, device=x.device, dtype=compute) for _ in range(3))
-    row_loss, row_mass, lse = (torch.empty(rows, device=x.device, dtype=compute) for _ in range(3))
+        return *(torch.zeros(rows, device=x.device, dtype=compute) for _ in range(2)), _stats(rows, x, compute)
+    row_loss, row_mass = (torch.empty(rows, device=x.device, dtype=compute) for _ in range(2))
+    stats = _stats(rows, x, compute)
     if rows:
         tiles = _tiles(rows, classes, x.dtype, PROBABILITIES_TILE)
         with launch("cross_entropy_probs_forward_kernel", x.device):
             cross_entropy_probs_forward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
                 x, x.stride(0), target, target.stride(0), weight if weight is not None else x, row_loss, row_mass,
-                lse, rows, classes,
+                stats, rows, classes,
                 HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing), COMPUTE=accumulator_dtype(x.dtype), **tiles,
                 num_warps=WARPS,
             )
-    return row_loss, row_mass, lse
+    return row_loss, row_mass, stats
 
 
 def cross_entropy_probs_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-                                 smoothing: float, lse: torch.Tensor, row_mass: torch.Tensor, grad: torch.Tensor,
+                                 smoothing: float, stats: torch.Tensor, row_mass: torch.Tensor, grad: torch.Tensor,
                                  reduction: str, input_grad: bool, target_grad: bool
                                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dx, dtarget), (N, C) contiguous in x's dtype, each None where not asked for, in one pass over the
@@ -344,7 +389,7 @@ def cross_entropy_probs_backward(x: torch.Tensor, target: torch.Tensor, weight: 
     tiles = _tiles(rows, classes, x.dtype, PROBABILITIES_TILE)
     with launch("cross_entropy_probs_backward_kernel", x.device):
         cross_entropy_probs_backward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
-            x, x.stride(0), target, target.stride(0), weight if weight is not None else x, lse, row_mass, grad,
+            x, x.stride(0), target, target.stride(0), weight if weight is not None else x, stats, row_mass, grad,
             grad.stride(0) if grad.dim() else 0, dx if dx is not None else x, dt if dt is not None else x,
             rows, classes,
             HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing), MEAN=reduction == "mean",

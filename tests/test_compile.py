@@ -159,7 +159,7 @@ def test_fake_shapes_match_real_ones(device):
            (torch.ops.gpunn.cross_entropy_probs, (torch.randn(4, 6), torch.rand(4, 6), torch.rand(6), 0.1, "none",
                                                   False)),
            (torch.ops.gpunn.cross_entropy_probs_backward, (torch.tensor(1.0), torch.randn(4, 6), torch.rand(4, 6), None,
-                                                           0.0, torch.randn(4), torch.rand(4), "mean", True, False)),
+                                                           0.0, torch.randn(2, 4), torch.rand(4), "mean", True, False)),
            (torch.ops.gpunn.mse_loss, (torch.randn(3, 2), torch.randn(3, 2), "none"))]
     for op, args in ops:
         args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
