@@ -202,15 +202,15 @@ def _tiles(rows: int, classes: int, dtype: torch.dtype, elements: int = TILE) ->
 
 def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
                           smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-row loss, per-row weight w_y (0 when ignored)), each (N,), and per-row stats (2, N): the row's max
-and the log of its sum of exp(x - max); all in fp32 (fp64 for fp64).
+    """(per-row loss, per-row weight w_y (0 when ignored)), each (N,), and per-row stats (2, N): the row's
+    max and the log of its sum of exp(x - max); all in fp32 (fp64 for fp64).
 
     x (N, C) with unit column stride; target (N,) int64 in [0, C) or ignore_index; weight (C,) or None.
     """
     rows, classes = x.shape
     compute = state_dtype(x.dtype)
     if classes == 0:  # every target ignored (any other is out of range): each row's loss is 0, as torch's
-        return *(torch.zeros(rows, device=x.device, dtype=compute) for _ in range(2)), _stats(rows, x, compute)
+        return *(torch.zeros(rows, device=x.device, dtype=compute) for _ in range(2)), _stats(rows, x, compute, True)
     row_loss, row_weight = (torch.empty(rows, device=x.device, dtype=compute) for _ in range(2))
     stats = _stats(rows, x, compute)
     if rows:
@@ -225,9 +225,9 @@ and the log of its sum of exp(x - max); all in fp32 (fp64 for fp64).
     return row_loss, row_weight, stats
 
 
-def _stats(rows: int, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The (2, rows) per-row stats the forward kernels write (zeros where there are no classes)."""
-    return torch.zeros((2, rows), device=x.device, dtype=dtype)
+def _stats(rows: int, x: torch.Tensor, dtype: torch.dtype, zeros: bool = False) -> torch.Tensor:
+    """The (2, rows) per-row stats the forward kernels write (zeros where no kernel runs: no classes)."""
+    return (torch.zeros if zeros else torch.empty)((2, rows), device=x.device, dtype=dtype)
 
 
 def reduced_loss(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, divide_by: str = "none", count: int = 1
@@ -278,8 +278,9 @@ def cross_entropy_probs_forward_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # Class-probability targets t, smoothed to q = (1 - e) t + e / C: loss_row = sum_j w_j q_j (lse - x_j)
-    # = A lse - B with A = sum_j w_j q_j (the row's mass, kept for backward) and B = sum_j w_j q_j x_j, both
-    # summed in the same pass over the row as its online logsumexp: x and t are read once.
+    # = A (lse - ref) - B with A = sum_j w_j q_j (the row's mass, kept for backward), B = sum_j w_j q_j
+    # (x_j - ref) and ref the row's first finite logit, both summed in the same pass over the row as its
+    # online logsumexp: x and t are read once.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rows < N
     cols = tl.arange(0, BLOCK_C)
@@ -360,7 +361,7 @@ def cross_entropy_probs_forward(x: torch.Tensor, target: torch.Tensor, weight: t
     rows, classes = x.shape
     compute = state_dtype(x.dtype)
     if classes == 0:  # no classes: every row's loss is an empty sum (a logsumexp of nothing is -inf)
-        return *(torch.zeros(rows, device=x.device, dtype=compute) for _ in range(2)), _stats(rows, x, compute)
+        return *(torch.zeros(rows, device=x.device, dtype=compute) for _ in range(2)), _stats(rows, x, compute, True)
     row_loss, row_mass = (torch.empty(rows, device=x.device, dtype=compute) for _ in range(2))
     stats = _stats(rows, x, compute)
     if rows:
