@@ -42,13 +42,18 @@ def _cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weight: torc
     return loss, stats, totals
 
 
+def _batch_shape(input: torch.Tensor) -> tuple[int, ...]:
+    """The batch of a cross-entropy input (N, C, d1, ...): (N, d1, ...), or () for an unbatched (C,)."""
+    return (input.shape[0], *input.shape[2:]) if input.dim() > 1 else ()
+
+
 def _class_rows(input: torch.Tensor) -> torch.Tensor:
     """input (N, C), (C,) or (N, C, d1, ...) as rows of C classes (N * d1 * ..., C) with a unit column stride
     (a view where one exists)."""
     if input.dim() == 1:
         return input.reshape(1, -1) if input.stride(0) == 1 else input.contiguous().reshape(1, -1)
     # The row count spelled out: reshape cannot infer it when there are no classes.
-    rows = input.movedim(1, -1).reshape(math.prod(input.shape[:1] + input.shape[2:]), input.shape[1])
+    rows = input.movedim(1, -1).reshape(math.prod(_batch_shape(input)), input.shape[1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
@@ -152,7 +157,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     if target.dtype not in (torch.int64, torch.uint8):
         name = str(target.dtype).split(".")[-1].title()
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {name}")
-    expected_target = (input.shape[0], *input.shape[2:]) if input.dim() > 1 else ()
+    expected_target = _batch_shape(input)
     if tuple(target.shape) != expected_target:
         raise RuntimeError(f"expected target of shape {list(expected_target)} for input of shape "
                            f"{list(input.shape)}, got {list(target.shape)}")
@@ -164,7 +169,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     logits = _class_rows(input)
     if weight is not None:
         weight = weight.to(input.dtype).contiguous()
-    loss, _, _ = _cross_entropy(logits, flat_target.contiguous(), weight, int(ignore_index), float(label_smoothing),
+    loss, _, _ = _cross_entropy(logits, flat_target.contiguous(), weight, int(ignore_index), label_smoothing,
                                 reduction)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
@@ -184,11 +189,8 @@ def _cross_entropy_probabilities(input: torch.Tensor, target: torch.Tensor, weig
     logits, probabilities = _class_rows(input.to(dtype)), _class_rows(target.to(dtype))
     if weight is not None:
         weight = weight.to(dtype).contiguous()
-    loss = _cross_entropy_probs(logits, probabilities, weight, float(label_smoothing), reduction,
-                                input.numel() == 0)[0]
-    if reduction == "none":  # the batch's shape: (N, d1, ...), or () for an unbatched (C,)
-        return loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
-    return loss
+    loss = _cross_entropy_probs(logits, probabilities, weight, label_smoothing, reduction, input.numel() == 0)[0]
+    return loss.reshape(_batch_shape(input)) if reduction == "none" else loss
 
 
 def _cross_entropy_probs_impl(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,

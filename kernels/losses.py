@@ -59,11 +59,8 @@ def cross_entropy_forward_kernel(
     weight_total = tl.zeros((BLOCK_R,), COMPUTE)
     for c0 in range(0, C, BLOCK_C):
         c_ok = c0 + cols < C
-        x = tl.load(x_rows + c0 + cols[None, :], mask=r_ok[:, None] & c_ok[None, :], other=float("-inf"))
-        x = tl.where(r_ok[:, None], x.to(COMPUTE), 0.0)  # rows past N: finite, never stored
-        new_max = tl.maximum(running_max, tl.max(x, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
-        running_max = new_max
+        x, running_max, running_sum = _logsumexp_step(x_rows + c0 + cols[None, :], r_ok[:, None] & c_ok[None, :],
+                                                      r_ok, running_max, running_sum, COMPUTE)
         if SMOOTHING != 0.0:
             w = tl.load(weight_ptr + c0 + cols, mask=c_ok, other=0.0).to(COMPUTE) if HAS_WEIGHT else c_ok.to(COMPUTE)
             weighted_x += tl.sum(w[None, :] * tl.where(c_ok[None, :], x - ref[:, None], 0.0), axis=1)  # masked: -inf
@@ -87,6 +84,18 @@ def cross_entropy_forward_kernel(
     loss = tl.where(bad, float("nan"), loss)
     tl.store(row_loss_ptr + rows, loss, mask=r_ok)
     tl.store(row_weight_ptr + rows, w_y, mask=r_ok)
+
+
+@triton.jit
+def _logsumexp_step(x_ptrs, ok, r_ok, running_max, running_sum, COMPUTE: tl.constexpr):
+    """One block of logits of BLOCK_R rows into their online logsumexp: (the block in the compute dtype,
+    -inf where masked off and 0 on rows past N, which are finite and never stored; the rows' max; their sum
+    of exp(x - max))."""
+    x = tl.load(x_ptrs, mask=ok, other=float("-inf"))
+    x = tl.where(r_ok[:, None], x.to(COMPUTE), 0.0)
+    new_max = tl.maximum(running_max, tl.max(x, axis=1))
+    running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
+    return x, new_max, running_sum
 
 
 @triton.jit
@@ -294,11 +303,8 @@ def cross_entropy_probs_forward_kernel(
     for c0 in range(0, C, BLOCK_C):
         c_ok = c0 + cols < C
         ok = r_ok[:, None] & c_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + c0 + cols[None, :], mask=ok, other=float("-inf"))
-        x = tl.where(r_ok[:, None], x.to(COMPUTE), 0.0)  # rows past N: finite, never stored
-        new_max = tl.maximum(running_max, tl.max(x, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
-        running_max = new_max
+        x, running_max, running_sum = _logsumexp_step(x_ptr + rows[:, None] * stride_x + c0 + cols[None, :], ok,
+                                                      r_ok, running_max, running_sum, COMPUTE)
         q = _smoothed(t_ptr + rows[:, None] * stride_t + c0 + cols[None, :], ok, C, SMOOTHING, COMPUTE)
         if HAS_WEIGHT:
             q = q * tl.load(weight_ptr + c0 + cols, mask=c_ok, other=0.0).to(COMPUTE)[None, :]
