@@ -280,6 +280,11 @@ def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | N
     return dz, db
 
 
+def grad_bias(dz: Rows) -> torch.Tensor:
+    """db (N,) = the column sums of dz, Rows of (M, N) (the pass with no activation, nothing written but db)."""
+    return grad_preactivation(dz, None, None, 0.0, False, True)[1]
+
+
 def row_chunks(m: int, n: int, sums: bool) -> tuple[int, int]:
     """(rows a chunk, chunks) of grad_preactivation's pass over an (m, n) gradient: whole tiles of rows, and
     enough chunks that with the column blocks they make about PREACTIVATION_PROGRAMS programs (a narrow

@@ -83,7 +83,7 @@ def _grad_weight(grad_output: torch.Tensor, saved: torch.Tensor | None, input: t
     if mask is None:
         _check_dense_takes_dz(saved, activation)
         dw = dense.grad_weight(dy, x, tuple(weight_shape)) if x is not None else None
-        db = dense.grad_preactivation(dy, None, None, 0.0, False, True)[1] if bias_grad else None
+        db = dense.grad_bias(dy) if bias_grad else None
     else:
         dw, db = masked.grad_weight(dy, _as_rows(saved, dy), x, tuple(weight_shape), activation, negative_slope,
                                     bias_grad, layout=_layout(mask, block_n, block_k))

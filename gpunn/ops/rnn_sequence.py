@@ -159,7 +159,7 @@ def _rnn_layer_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor | None, ou
     want_bias = per == 4 and any(n[2] or n[3] for n in need_weight)
     if want_w_ih or want_bias:
         dw_ih = dense.grad_weight(Rows.of(dz), Rows.of(x), tuple(w_ih.shape)) if want_w_ih else None
-        db = dense.grad_preactivation(Rows.of(dz), None, None, 0.0, False, True)[1] if want_bias else None
+        db = dense.grad_bias(Rows.of(dz)) if want_bias else None
         # A custom op's outputs may not share storage: two directions' slices of one tensor get their own,
         # and so do the two biases' (equal) gradients.
         own = (lambda t, rows: t[rows].clone()) if directions > 1 else (lambda t, rows: t)
