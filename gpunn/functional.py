@@ -43,13 +43,16 @@ def _check_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if input.dim() == 0 or weight.dim() == 0:
         raise RuntimeError(f"both arguments to linear need to be at least 1D, but they are "
                            f"{input.dim()}D and {weight.dim()}D")
-    if weight.dim() != 2:
-        raise RuntimeError(f"gpunn linear expects a 2-D weight (out_features, in_features), got shape "
-                           f"{tuple(weight.shape)}")
-    if input.shape[-1] != weight.shape[1]:
-        rows = input.shape[:-1].numel()
+    if weight.dim() > 2:
+        raise RuntimeError(f"gpunn linear expects a 2-D weight (out_features, in_features) or a 1-D one "
+                           f"(in_features,), got shape {tuple(weight.shape)}")
+    if weight.dim() == 1 and bias is not None and not (input.dim() == 1 and bias.dim() == 0):
+        # torch adds a bias to a 1-D weight's product only when all three are vectors and a scalar.
+        raise RuntimeError("mat2 must be a matrix, got 1-D tensor")
+    if input.shape[-1] != weight.shape[-1]:
+        rows, outputs = input.shape[:-1].numel(), weight.shape[0] if weight.dim() == 2 else 1
         raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{input.shape[-1]} and "
-                           f"{weight.shape[1]}x{weight.shape[0]})")
+                           f"{weight.shape[-1]}x{outputs})")
     if input.dtype != weight.dtype:
         raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_dtype_name(input.dtype)} and "
                            f"{_dtype_name(weight.dtype)}")
@@ -66,9 +69,17 @@ def _check_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         if bias.device != input.device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two "
                                f"devices, {input.device} and {bias.device}!")
-        if bias.dim() > 1 or bias.numel() not in (1, weight.shape[0]):
-            raise RuntimeError(f"bias of shape {tuple(bias.shape)} does not broadcast to the "
-                               f"{weight.shape[0]} output features")
+        # One value per output feature, in any shape of leading 1s (torch's own rules for other shapes
+        # depend on which of its kernels runs: it adds some after the product and rejects others).
+        if bias.dim() > 0 and (bias.shape[-1] not in (1, weight.shape[0]) or any(n != 1 for n in bias.shape[:-1])):
+            product = (*input.shape[:-1], weight.shape[0])
+            try:
+                torch.broadcast_shapes(product, bias.shape)
+            except RuntimeError:
+                raise RuntimeError(f"bias of shape {tuple(bias.shape)} does not broadcast to the product's "
+                                   f"shape {tuple(product)}") from None
+            raise NotImplementedError(f"gpunn adds one bias per output feature; a bias of shape "
+                                      f"{tuple(bias.shape)} varies along the batch dims")
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -77,23 +88,28 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
     Args:
         input: (*, in_features), any number of leading dims (1-D included), any strides.
-        weight: (out_features, in_features).
-        bias: (out_features,) or None.
+        weight: (out_features, in_features), or (in_features,) for one output whose dim is dropped.
+        bias: (out_features,), or one value per output feature in another shape ((), (1,), (1,
+            out_features), ...), or None.
         activation: None, "relu", "leaky_relu", "gelu" (erf), "gelu_tanh", "tanh", "sigmoid" or "silu".
         negative_slope: the slope of "leaky_relu" for negative inputs.
 
     Returns:
-        (*, out_features), in the dtype of input and weight (the autocast dtype under autocast).
+        (*, out_features) ((*) for a 1-D weight), in the dtype of input and weight (the autocast dtype
+        under autocast).
 
     Raises:
         ValueError for an unknown activation; RuntimeError for shapes, dtypes or devices that
-        torch.nn.functional.linear would reject (checked before any kernel runs).
+        torch.nn.functional.linear would reject; NotImplementedError for a bias that varies along the
+        batch dims (torch adds it after the matmul). All checked before any kernel runs.
     """
     check_activation(activation, negative_slope)
     input, weight, bias = autocast.cast(input.device.type, input, weight, bias)
     _check_linear(input, weight, bias)
     if not triton_runs_on(input.device):
         return reference.linear(input, weight, bias, activation, negative_slope)
+    if weight.dim() == 1:  # one output feature, its dim dropped (torch's matrix-vector product)
+        return _linear_op(input, weight[None], bias, activation, negative_slope, None, (0, 0)).squeeze(-1)
     return _linear_op(input, weight, bias, activation, negative_slope, None, (0, 0))
 
 
@@ -110,6 +126,9 @@ def _linear_op(input, weight, bias, activation, negative_slope, mask, block):
 
 def _check_mask(mask_or_layout, weight: torch.Tensor) -> None:
     # RuntimeError, as torch raises for the reference weight.masked_fill(~mask, 0) with such a mask.
+    if weight.dim() != 2:
+        raise RuntimeError(f"masked_linear expects a 2-D weight (out_features, in_features), got shape "
+                           f"{tuple(weight.shape)}")
     if isinstance(mask_or_layout, BlockLayout):
         shape, device = mask_or_layout.shape, mask_or_layout.device
         check_block(mask_or_layout.block, weight.element_size())  # a block too large for these weights
@@ -139,7 +158,7 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, mask_or_layout, bia
         mask_or_layout: a bool mask (out_features, in_features), True where output j reads input i, on
             weight's device; or its gpunn.masks.block_layout(). A mask's layout is built on first use and
             cached for that mask tensor (rebuilt after an in-place change).
-        bias: (out_features,) or None. Outputs with no connection are act(bias).
+        bias: as in linear, or None. Outputs with no connection are act(bias).
         activation, negative_slope: as in linear.
 
     Returns:

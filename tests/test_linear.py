@@ -298,6 +298,50 @@ def test_triton_path_runs_and_no_torch_matmul(device):
     assert not spy.matmuls(), spy.matmuls()
 
 
+# (input shape, weight shape, bias shape or None): the 1-D weights, and the biases of one value per output
+# feature in other shapes, that torch.nn.functional.linear accepts.
+BROADCAST_CASES = [((6, 5), (5,), None), ((2, 3, 5), (5,), None), ((5,), (5,), None), ((5,), (5,), ()),
+                   ((6, 5), (7, 5), ()), ((6, 5), (7, 5), (1,)), ((6, 5), (7, 5), (1, 7)),
+                   ((2, 6, 5), (7, 5), (1, 7)), ((2, 6, 5), (7, 5), (1, 1)), ((5,), (7, 5), (1, 7))]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,b_shape", BROADCAST_CASES, ids=str)
+def test_vector_weight_and_broadcast_bias_match_torch(device, x_shape, w_shape, b_shape):
+    gen = torch.Generator().manual_seed(len(x_shape) * 100 + len(w_shape) * 10 + len(b_shape or ()))
+    x, weight = (torch.randn(shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+                 for shape in (x_shape, w_shape))
+    bias = None if b_shape is None else torch.randn(b_shape, generator=gen, dtype=torch.float64).to(device)
+    bias = bias.requires_grad_() if bias is not None else None
+    with count_launches() as launches:
+        out = gpunn.functional.linear(x, weight, bias, "tanh")
+    assert launches == {"dense_forward_kernel": 1}
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    ref_leaves = [leaf64(t) for t in leaves]
+    ref = reference_linear(*ref_leaves, *([None] if bias is None else []), "tanh")
+    assert_close(out, ref, torch.float64, "output")
+    grad_output = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(device)
+    grads = torch.autograd.grad(out, leaves, grad_output)
+    grads64 = torch.autograd.grad(ref, ref_leaves, grad_output)
+    for name, g, g64 in zip(["input", "weight", "bias"], grads, grads64):
+        assert_close(g, g64, torch.float64, f"grad {name}")
+
+
+@pytest.mark.parametrize("x_shape,w_shape,b_shape,error", [
+    ((6, 5), (5,), (1,), RuntimeError), ((5,), (5,), (1,), RuntimeError),  # torch: "mat2 must be a matrix"
+    ((6, 5), (7, 5), (2, 7), RuntimeError),  # does not broadcast
+    # A bias that varies along the batch dims (torch adds it after its product):
+    ((6, 5), (7, 5), (6, 7), NotImplementedError), ((2, 6, 5), (7, 5), (2, 1, 7), NotImplementedError),
+], ids=str)
+def test_unsupported_bias_raises_before_any_launch(device, x_shape, w_shape, b_shape, error):
+    args = [torch.randn(shape, device=device) for shape in (x_shape, w_shape, b_shape)]
+    with count_launches() as launches, pytest.raises(error):
+        gpunn.functional.linear(*args)
+    assert launches == {}
+    if error is RuntimeError:
+        with pytest.raises(RuntimeError):
+            torch.nn.functional.linear(*args)
+
+
 @pytest.mark.parametrize("make_args,match", [
     (lambda d: (torch.randn(2, 5, device=d), torch.randn(3, 4, device=d)), "shapes cannot be multiplied"),
     (lambda d: (torch.randn(2, 4, device=d, dtype=torch.float64), torch.randn(3, 4, device=d)), "same dtype"),
