@@ -136,6 +136,14 @@ def _launch_dense_grad_weight(dtype, m, n, k, rows=None):
     dense.grad_weight(runtime.Rows.of(_meta((m, n), dtype)), runtime.Rows.of(_meta((m, k), dtype)), (n, k))
 
 
+def _launch_dense_double_backward(dtype, m, n, k, activation, bias_grad):
+    # Every output written: g_dy, the [dz | g_z] pair and g_b (over several chunks, a second launch).
+    from gpunn.kernels import dense_double_backward, runtime
+    rows = runtime.Rows.of(_meta((m, n), dtype))
+    dense_double_backward.elementwise(rows, rows, _meta((m, n), dtype), activation, NEGATIVE_SLOPE, True, True, True,
+                                      bias_grad)
+
+
 def _band_layout(dtype, n, k):
     """The block layout of a band of nine (the masked benchmark's mask), its tensors moved to "meta"."""
     import dataclasses
@@ -320,6 +328,10 @@ CASES = (
     Case("gpunn.kernels.dense", "dense_grad_input_kernel", _launch_dense_grad_input, (Variant("dz", dict()),)),
     Case("gpunn.kernels.dense", "dense_grad_weight_kernel", _launch_dense_grad_weight, (
         Variant("dz", dict()), Variant("dz, 2^31 + 10^7 rows", dict(rows=2 ** 31 + 10 ** 7)))),
+    Case("gpunn.kernels.dense_double_backward", "dense_double_backward_kernel", _launch_dense_double_backward, (
+        Variant("gelu", dict(activation="gelu", bias_grad=True), matmul=False, launch=0),
+        Variant("gelu_tanh", dict(activation="gelu_tanh", bias_grad=False), matmul=False),
+    )),
     # Block-sparse: the weight block comes from the layout; only the batch tile (BLOCK_M) is tuned.
     Case("gpunn.kernels.masked", "masked_forward_kernel", _launch_masked_forward, (
         Variant("relu+bias", dict(activation="relu", bias=True, save_derivative=False)),

@@ -96,7 +96,7 @@ def _positions(layer: LocallyConnected2d) -> tuple[torch.Tensor, torch.Tensor, t
     """For every element of layer.weight (O, OH, OW, C, KH, KW): its (row, column) in the masked layer's
     weight (O*OH*OW, C*H*W), and whether its tap lies inside the image."""
     o, oh, ow, c, kh, kw = layer.weight.shape
-    (h, w), (sh, sw), (ph, pw), (dh, dw) = layer.input_size, layer.stride, layer.padding, layer.dilation
+    (h, w), (sh, sw), (ph, pw), (dh, dw) = layer.input_size, layer.stride, layer.padding_pair, layer.dilation
     device = layer.weight.device
     ar = lambda size: torch.arange(size, device=device)  # noqa: E731
     # Broadcast over (O, OH, OW, C, KH, KW).
@@ -113,7 +113,7 @@ def masked_from_local(layer: LocallyConnected2d) -> MaskedLinear:
     """The MaskedLinear(C*H*W, O*OH*OW, local_2d mask) computing what `layer` computes, on the flattened
     input; same device, dtype and weights (those of taps in the padding dropped), no activation."""
     c, (h, w) = layer.in_channels, layer.input_size
-    mask = masks.local_2d((c, h, w), layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+    mask = masks.local_2d((c, h, w), layer.kernel_size, layer.stride, layer.padding_pair, layer.dilation,
                           layer.out_channels)
     weight = layer.weight.detach()
     masked = MaskedLinear(c * h * w, mask.shape[0], mask.to(weight.device), bias=layer.bias is not None,

@@ -185,16 +185,35 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, mask_or_layout, bia
 
 
 def local_geometry(kernel_size, stride, padding, dilation) -> Geometry:
-    """The window of a locally connected layer from ints or pairs; RuntimeError for values F.conv2d
-    rejects (non-positive kernel, stride or dilation, negative padding), TypeError for non-ints."""
-    kernel, stride, padding, dilation = (as_pair(value, name) for value, name in (
-        (kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+    """The window of a locally connected layer from ints or pairs, and padding "valid" or "same" as F.conv2d
+    takes them; RuntimeError for values F.conv2d rejects (non-positive kernel, stride or dilation, negative
+    padding, another padding string, "same" with a stride), TypeError for non-ints; NotImplementedError for
+    "same" where it would pad one side more than the other (an even dilation x (kernel - 1))."""
+    kernel, stride, dilation = (as_pair(value, name) for value, name in (
+        (kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation")))
     if min(*kernel, *stride, *dilation) < 1:
         raise RuntimeError(f"non-positive kernel_size, stride or dilation is not supported: kernel_size={kernel}, "
                            f"stride={stride}, dilation={dilation}")
+    padding = _padding_of_string(padding, kernel, stride, dilation) if isinstance(padding, str) \
+        else as_pair(padding, "padding")
     if min(padding) < 0:
         raise RuntimeError(f"negative padding is not supported: {padding}")
     return Geometry(kernel, stride, padding, dilation)
+
+
+def _padding_of_string(padding: str, kernel, stride, dilation) -> tuple[int, int]:
+    if padding == "valid":
+        return 0, 0
+    if padding != "same":
+        raise RuntimeError(f"Invalid padding string: '{padding}'")
+    if stride != (1, 1):
+        raise RuntimeError("padding='same' is not supported for strided convolutions")
+    totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    if any(total % 2 for total in totals):
+        # torch pads the far side one more there; gpunn's window pads both sides alike.
+        raise NotImplementedError(f"padding='same' with kernel_size={kernel} and dilation={dilation} pads one side "
+                                  f"more than the other, which gpunn's locally connected layers do not")
+    return totals[0] // 2, totals[1] // 2
 
 
 def _check_local(input, weight, bias, geometry: Geometry) -> None:
@@ -243,14 +262,16 @@ def locally_connected2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
         input: (N, C, H, W) or unbatched (C, H, W); any strides.
         weight: (O, OH, OW, C, KH, KW); the kernel size is its last two dims.
         bias: (O, OH, OW) or None.
-        stride, padding, dilation: an int or a pair (height, width).
+        stride, dilation: an int or a pair (height, width). padding: an int, a pair, "valid" or "same"
+            (stride 1, as F.conv2d).
 
     Returns:
         (N, O, OH, OW), or (O, OH, OW) for an unbatched input, with OH = (H + 2p - d(KH - 1) - 1) // s + 1.
 
     Raises:
         RuntimeError for shapes, dtypes or devices that do not fit together (as F.conv2d does), checked
-        before any kernel runs; TypeError for a stride, padding or dilation that is not an int or a pair.
+        before any kernel runs; TypeError for a stride, padding or dilation that is not an int or a pair;
+        NotImplementedError for "same" that pads one side more than the other (see local_geometry).
     """
     geometry = local_geometry(tuple(weight.shape[-2:]) if weight.dim() == 6 else 1, stride, padding, dilation)
     input, weight, bias = autocast.cast(input.device.type, input, weight, bias)
@@ -275,13 +296,13 @@ def locally_connected1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
         input: (N, C, L) or unbatched (C, L).
         weight: (O, OL, C, K).
         bias: (O, OL) or None.
-        stride, padding, dilation: an int (or a 1-tuple).
+        stride, dilation: an int (or a 1-tuple). padding: an int (or a 1-tuple), "valid" or "same".
 
     Returns:
         (N, O, OL) or (O, OL), OL = (L + 2p - d(K - 1) - 1) // s + 1.
     """
-    stride, padding, dilation = (as_single(v, n) for v, n in ((stride, "stride"), (padding, "padding"),
-                                                               (dilation, "dilation")))
+    stride, dilation = (as_single(v, n) for v, n in ((stride, "stride"), (dilation, "dilation")))
+    padding = padding if isinstance(padding, str) else (0, as_single(padding, "padding"))
     if input.dim() not in (2, 3):
         raise RuntimeError(f"locally_connected1d expects a 2-D (unbatched) or 3-D (batched) input, got shape "
                            f"{tuple(input.shape)}")
@@ -289,7 +310,7 @@ def locally_connected1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
         raise RuntimeError(f"locally_connected1d expects a 4-D weight (out_channels, ol, in_channels, k), got "
                            f"shape {tuple(weight.shape)}")
     o, ol, c, k = weight.shape
-    geometry = local_geometry((1, k), (1, stride), (0, padding), (1, dilation))  # 1-D errors, before the 2-D view
+    geometry = local_geometry((1, k), (1, stride), padding, (1, dilation))  # 1-D errors, before the 2-D view
     if input.shape[-2] != c:
         raise RuntimeError(f"expected input with {c} channels (weight of shape {tuple(weight.shape)}), got input "
                            f"of shape {tuple(input.shape)}")
@@ -301,7 +322,7 @@ def locally_connected1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
         raise RuntimeError(f"bias must have shape (out_channels, ol) = {(o, ol)}, got {tuple(bias.shape)}")
     weight2d = weight.unsqueeze(1).unsqueeze(-2)  # (O, 1, OL, C, 1, K)
     bias2d = bias.unsqueeze(1) if bias is not None else None
-    y = locally_connected2d(input.unsqueeze(-2), weight2d, bias2d, (1, stride), (0, padding), (1, dilation))
+    y = locally_connected2d(input.unsqueeze(-2), weight2d, bias2d, (1, stride), padding, (1, dilation))
     return y.squeeze(-2)
 
 
@@ -395,6 +416,8 @@ def _check_rnn(input, hx, weights, num_layers, directions, has_bias, batch_first
         batch = int(batch_sizes[0]) if len(batch_sizes) else 0
     else:
         batch = input.shape[0 if batch_first else 1]
+        if input.shape[1 if batch_first else 0] == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     if hx.dim() != 3 or tuple(hx.shape) != (num_layers * directions, batch, hidden):
         raise RuntimeError(f"Expected hidden size {(num_layers * directions, batch, hidden)}, got {list(hx.shape)}")
     for index in range(0, len(weights), per):

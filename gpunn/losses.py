@@ -110,7 +110,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 
     Args:
         input: logits (N, C), unbatched (C,), or (N, C, d1, ...); any strides.
-        target: class indices (N,), (), or (N, d1, ...), int64 (uint8 too), each in [0, C) or ignore_index;
+        target: class indices (N,), () or (1,) for unbatched logits, or (N, d1, ...), int64 (uint8 too), each
+            in [0, C) or ignore_index;
             or class probabilities, a floating tensor of input's shape (differentiable too).
         weight: (C,) class weights or None. reduction: "mean" (over the weights of the rows kept; over the
             rows for class probabilities), "sum" or "none". label_smoothing: at most 1 (0 or less: none).
@@ -134,16 +135,24 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     # As torch: only the upper bound is checked, and a smoothing of 0 or less (or NaN) smooths nothing.
     label_smoothing = float(label_smoothing) if label_smoothing > 0.0 else 0.0
+    # torch's checks, in its order: a target of input's shape is class probabilities.
+    probabilities = target.shape == input.shape
+    if probabilities and not target.is_floating_point():
+        raise RuntimeError(f"Expected floating point type for target with class probabilities, got "
+                           f"{_scalar_type_name(target.dtype)}")
     if input.dim() == 0:
         raise IndexError("Dimension specified as 1 but tensor has no dimensions")
-    if input.dim() > 1 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+    if input.dim() == 1 and target.dim() == 1 and not probabilities:
+        if target.shape[0] != 1:
+            raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
+        target = target.reshape(())  # torch takes a (1,) target of unbatched logits as their class
+    if input.dim() > 1 and (target.dim() == 0 or target.shape[0] != input.shape[0]):
         raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
-                         f"({target.shape[0]}).")
+                         f"({target.shape[0] if target.dim() else 0}).")
     classes = input.shape[1] if input.dim() > 1 else input.shape[0]
     if weight is not None and tuple(weight.shape) != (classes,):
         raise RuntimeError(f"weight tensor should be defined either for all {classes} classes or no classes but "
                            f"got weight tensor of shape: {list(weight.shape)}")
-    probabilities = target.shape == input.shape and target.is_floating_point()
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         # torch refuses this for class indices; for class probabilities it differentiates the weights, which
         # gpunn's kernels do not: refused, rather than a gradient silently missing.
@@ -155,13 +164,15 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     if probabilities:
         return _cross_entropy_probabilities(input, target, weight, ignore_index, reduction, label_smoothing)
     if target.dtype not in (torch.int64, torch.uint8):
-        name = str(target.dtype).split(".")[-1].title()
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {name}")
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_scalar_type_name(target.dtype)}")
     expected_target = _batch_shape(input)
     if tuple(target.shape) != expected_target:
         raise RuntimeError(f"expected target of shape {list(expected_target)} for input of shape "
                            f"{list(input.shape)}, got {list(target.shape)}")
     input, weight = autocast.cast(input.device.type, input, weight, to_float32=True)
+    if weight is not None and weight.dtype != input.dtype:  # torch promotes them only for class probabilities
+        raise RuntimeError(f"expected scalar type {_scalar_type_name(input.dtype)} but found "
+                           f"{_scalar_type_name(weight.dtype)}")
     if not triton_runs_on(input.device) or not input.is_floating_point():
         return torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index,
                                                  reduction=reduction, label_smoothing=label_smoothing)
@@ -183,7 +194,7 @@ def _cross_entropy_probabilities(input: torch.Tensor, target: torch.Tensor, weig
     if not triton_runs_on(input.device) or not input.is_floating_point():
         return torch.nn.functional.cross_entropy(input, target, weight, reduction=reduction,
                                                  label_smoothing=label_smoothing)
-    dtype = _floating_result_type(input, target)  # of one shape: promote_types
+    dtype = torch.promote_types(input.dtype, target.dtype)
     if weight is not None:
         dtype = torch.promote_types(dtype, weight.dtype)
     logits, probabilities = _class_rows(input.to(dtype)), _class_rows(target.to(dtype))
@@ -251,12 +262,14 @@ _cross_entropy_probs = Op("cross_entropy_probs", _cross_entropy_probs_impl, _cro
                           _cross_entropy_probs_setup, _cross_entropy_probs_grad)
 
 
-def _floating_result_type(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
-    """torch.result_type of two floating tensors, which torch.compile cannot trace (it returns a dtype): a
-    0-dim tensor beside one with dims takes no part, as a scalar of the same category."""
-    if (a.dim() == 0) != (b.dim() == 0):
-        return b.dtype if a.dim() == 0 else a.dtype
-    return torch.promote_types(a.dtype, b.dtype)
+_SCALAR_TYPE_NAMES = {torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
+                      torch.uint8: "Byte", torch.bool: "Bool", torch.float64: "Double", torch.float32: "Float",
+                      torch.float16: "Half", torch.bfloat16: "BFloat16"}
+
+
+def _scalar_type_name(dtype: torch.dtype) -> str:
+    """A dtype as torch's error messages name it (its C++ ScalarType)."""
+    return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def _mse_loss_impl(input: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -314,7 +327,7 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean")
     input, target = autocast.cast(input.device.type, input, target, to_float32=True)
     if not triton_runs_on(input.device) or not (input.is_floating_point() and target.is_floating_point()):
         return torch.nn.functional.mse_loss(input, target, reduction=reduction)
-    dtype = _floating_result_type(input, target)
+    dtype = torch.promote_types(input.dtype, target.dtype)  # torch broadcasts first: a 0-dim operand counts too
     input, target = torch.broadcast_tensors(input.to(dtype), target.to(dtype))
     return _mse_loss(input.contiguous(), target.contiguous(), reduction)
 

@@ -17,8 +17,11 @@ from .kernels.runtime import triton_runs_on
 
 
 def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """The tensor the kernel updates: a DTensor's (FSDP2's) local shard, which shares its storage."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    """The tensor the kernel updates: a DTensor's (FSDP2's) local shard, which shares its storage; a complex
+    tensor as its real view (the update is linear, so real and imaginary parts update independently, as
+    torch's SGD does through the same view)."""
+    tensor = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return torch.view_as_real(tensor) if tensor is not None and tensor.is_complex() else tensor
 
 
 class SGD(torch.optim.SGD):
@@ -28,14 +31,25 @@ class SGD(torch.optim.SGD):
     ways between the two.
 
     Each step updates all the dense, contiguous parameters of a group that share a dtype and device in one
-    Triton launch (fp32 arithmetic, fp64 for fp64 parameters, one rounding per stored value); a sharded
-    (FSDP2 DTensor) parameter is updated through its local shard, with its buffer a DTensor as torch's. Sparse
-    gradients, non-contiguous tensors and devices where gpunn's kernels do not run take torch's own SGD.
+    Triton launch (fp32 arithmetic, fp64 for fp64 parameters, one rounding per stored value); a complex
+    parameter is updated as its real view; a sharded (FSDP2 DTensor) parameter through its local shard, with
+    its buffer a DTensor as torch's. Sparse gradients, a gradient or buffer of another dtype than its
+    parameter, non-contiguous tensors and devices where gpunn's kernels do not run take torch's own SGD.
+    foreach and fused are accepted and kept in the param groups (every update is one fused launch anyway;
+    fused=True does not make step unscale a GradScaler's gradients, as torch's fused SGD does, so the scaler
+    unscales them first); differentiable=True raises NotImplementedError (the kernels' update is not
+    differentiable).
     """
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
-                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False):
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize)
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None):
+        if differentiable:
+            raise NotImplementedError("gpunn.optim.SGD does not support differentiable=True: its update kernels "
+                                      "are not differentiable (use torch.optim.SGD)")
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
+                         foreach=foreach, differentiable=differentiable, fused=fused)
+        self._step_supports_amp_scaling = False  # step takes no grad_scale / found_inf, fused or not
         self._tables = {}  # per (group, device, dtype, first step): the kernel's device table (gpunn.kernels.sgd)
 
     @torch.no_grad()
@@ -58,9 +72,9 @@ class SGD(torch.optim.SGD):
             batches, rest = defaultdict(list), []
             for p, g, buf in zip(params, grads, buffers):
                 local_p, local_g, local_buf = _local(p), _local(g), _local(buf)
-                if (g.is_sparse or not triton_runs_on(local_p.device)
+                if (g.is_sparse or not triton_runs_on(local_p.device) or local_g.dtype != local_p.dtype
                         or not (local_p.is_contiguous() and local_g.is_contiguous())
-                        or (buf is not None and not local_buf.is_contiguous())):
+                        or (buf is not None and (not local_buf.is_contiguous() or local_buf.dtype != local_p.dtype))):
                     rest.append((p, g, buf))
                 else:
                     batches[(local_p.device, local_p.dtype, buf is None)].append((p, local_p, local_g, local_buf))

@@ -132,8 +132,17 @@ def forward(z, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
 
 @triton.jit
 def derivative(z, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
-    """act'(z) for the activations whose backward reads a saved derivative (GRAD_FROM_SAVED)."""
-    if ACT == LEAKY_RELU:
+    """act'(z): what the forward saves for the GRAD_FROM_SAVED activations, and any activation's derivative
+    for double backward (relu's is 0 at z <= 0, as torch's threshold_backward)."""
+    if ACT == RELU:
+        return tl.where(z > 0, tl.full(z.shape, 1.0, z.dtype), tl.full(z.shape, 0.0, z.dtype))
+    elif ACT == TANH:
+        t = _tanh(z)
+        return 1.0 - t * t
+    elif ACT == SIGMOID:
+        s = _sigmoid(z)
+        return s * (1.0 - s)
+    elif ACT == LEAKY_RELU:
         return tl.where(z > 0, tl.full(z.shape, 1.0, z.dtype), tl.full(z.shape, NEGATIVE_SLOPE, z.dtype))
     elif ACT == GELU:
         return _normal_cdf(z) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
@@ -147,6 +156,36 @@ def derivative(z, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
         return s * (1.0 + z * (1.0 - s))
     else:
         return tl.full(z.shape, 1.0, z.dtype)
+
+
+@triton.jit
+def second_derivative(z, ACT: tl.constexpr):
+    """act''(z), for double backward: 0 for none, relu and leaky_relu (piecewise linear)."""
+    if ACT == TANH:
+        t = _tanh(z)
+        return -2.0 * t * (1.0 - t * t)
+    elif ACT == SIGMOID:
+        s = _sigmoid(z)
+        return s * (1.0 - s) * (1.0 - 2.0 * s)
+    elif ACT == GELU:
+        return (2.0 - z * z) * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)  # phi(z) (2 - z^2)
+    elif ACT == GELU_TANH:
+        # y = z S, S = sigmoid(2 v), v = c (z + a z^3): y'' = 2 S (1 - S) (2 v' + z (2 v'^2 (1 - 2 S) + v'')).
+        z2 = z * z
+        s = _sigmoid(2.0 * (z + z2 * z * _GELU_TANH_C) * _SQRT_2_OVER_PI)
+        v1 = (1.0 + z2 * (3.0 * _GELU_TANH_C)) * _SQRT_2_OVER_PI
+        v2 = z * (6.0 * _GELU_TANH_C) * _SQRT_2_OVER_PI
+        return 2.0 * s * (1.0 - s) * (2.0 * v1 + z * (2.0 * v1 * v1 * (1.0 - 2.0 * s) + v2))
+    elif ACT == SILU:
+        s = _sigmoid(z)
+        return s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+    else:
+        return tl.zeros(z.shape, z.dtype)
+
+
+def has_second_derivative(activation: str | None) -> bool:
+    """Whether act'' is not identically zero (double backward then needs z, and its gradient flows through z)."""
+    return activation in ("tanh", "sigmoid", "gelu", "gelu_tanh", "silu")
 
 
 @triton.jit

@@ -276,7 +276,7 @@ def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | N
                                                                  dtype=state_dtype(tensor.dtype))
     _preactivation_pass(dy, saved, dz, sums, activation, negative_slope, chunk_rows, chunks)
     if sums is not None and sums is not db:
-        _add_partial_sums(sums, db)
+        add_partial_sums(sums, db)
     return dz, db
 
 
@@ -285,13 +285,13 @@ def grad_bias(dz: Rows) -> torch.Tensor:
     return grad_preactivation(dz, None, None, 0.0, False, True)[1]
 
 
-def row_chunks(m: int, n: int, sums: bool) -> tuple[int, int]:
+def row_chunks(m: int, n: int, sums: bool, tile: tuple[int, int, int] = PREACTIVATION_TILE) -> tuple[int, int]:
     """(rows a chunk, chunks) of grad_preactivation's pass over an (m, n) gradient: whole tiles of rows, and
     enough chunks that with the column blocks they make about PREACTIVATION_PROGRAMS programs (a narrow
     layer's few column blocks would otherwise leave each program a long serial loop). Where the pass sums
     db (sums), more than one chunk costs a second launch, so up to PREACTIVATION_CHUNK_TILES row tiles stay
     one chunk: a short loop costs less than a launch."""
-    rows, cols, _ = PREACTIVATION_TILE
+    rows, cols, _ = tile
     row_tiles = max(cdiv(m, rows), 1)
     if sums and row_tiles <= PREACTIVATION_CHUNK_TILES:
         return row_tiles * rows, 1
@@ -316,7 +316,7 @@ def _preactivation_pass(dy: Rows, saved: torch.Tensor | None, dz: torch.Tensor |
         )
 
 
-def _add_partial_sums(partials: torch.Tensor, out: torch.Tensor) -> None:
+def add_partial_sums(partials: torch.Tensor, out: torch.Tensor) -> None:
     """out (C,) = the column sums of partials ((R, C) contiguous, fp32 or fp64), added in row order and
     rounded once to out's dtype: the pass, with no activation, over one chunk of R rows."""
     _preactivation_pass(Rows.of(partials), None, None, out, None, 0.0, partials.shape[0], 1)
@@ -367,7 +367,7 @@ def grad_weight(dz: Rows, x: Rows, weight_shape: tuple[int, int]) -> torch.Tenso
             DOT_PRECISION=dot_precision(tensor.dtype), GROUP_M=GROUP_SIZE,
         )
     if splits > 1:
-        _add_partial_sums(out.view(splits, n * k), dw.view(n * k))
+        add_partial_sums(out.view(splits, n * k), dw.view(n * k))
     return dw
 
 

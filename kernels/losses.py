@@ -94,7 +94,10 @@ def _logsumexp_step(x_ptrs, ok, r_ok, running_max, running_sum, COMPUTE: tl.cons
     x = tl.load(x_ptrs, mask=ok, other=float("-inf"))
     x = tl.where(r_ok[:, None], x.to(COMPUTE), 0.0)
     new_max = tl.maximum(running_max, tl.max(x, axis=1))
-    running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
+    # Shifted by 0 while every logit so far is -inf: -inf - -inf would make the sum NaN for good (a row whose
+    # first BLOCK_C logits are masked out with -inf, as a restricted vocabulary does).
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
     return x, new_max, running_sum
 
 

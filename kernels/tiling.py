@@ -39,6 +39,10 @@ INTERPRETER_TILE = (64, 64, 64, 1, 4)
 PREACTIVATION_TILE = (64, 64, 4) if INTERPRET else (32, 128, 4)
 PREACTIVATION_PROGRAMS = 16 if INTERPRET else 1024
 PREACTIVATION_CHUNK_TILES = 1 if INTERPRET else 16
+# Double backward's pass (dense_double_backward) holds some eight tiles at once (dy, g_dz, z, act', act'' and
+# what it forms): at the pass's 32 x 128 tile that reached 255 registers and spilled up to 2 KB in the sm_90
+# compile report, so it takes a quarter of the elements a step.
+DOUBLE_BACKWARD_TILE = (64, 64, 4) if INTERPRET else (16, 64, 4)
 # The dense weight gradient's output (N, K) may have few tiles while its reduction over the batch is long
 # (an RNN's weights over every step: 4 tiles of 128 x 128 at hidden 256, reducing 16384 rows), which would
 # leave most SMs idle. Where the output has under half of WEIGHT_GRAD_PROGRAMS tiles (counted at

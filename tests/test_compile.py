@@ -153,6 +153,8 @@ def test_fake_shapes_match_real_ones(device):
            (torch.ops.gpunn.linear_grad_preactivation, (torch.randn(2, 3, 7), torch.randn(6, 7), "gelu", 0.01, True,
                                                         True)),
            (torch.ops.gpunn.linear_grad_preactivation, (torch.randn(6, 7), None, None, 0.01, False, True)),
+           (torch.ops.gpunn.linear_backward, (torch.randn(2, 3, 7), torch.randn(6, 7), torch.randn(2, 3, 5),
+                                              torch.randn(7, 5), None, "gelu", 0.01, True, False, True)),
            (torch.ops.gpunn.rnn_cell_grad_input, (torch.randn(3, 4), torch.randn(3, 4), None, torch.randn(4, 4),
                                                   "tanh")),
            (torch.ops.gpunn.cross_entropy, (torch.randn(4, 6), torch.tensor([0, 5, -100, 2]), None, -100, 0.0, "sum")),

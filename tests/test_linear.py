@@ -399,13 +399,6 @@ def test_output_can_be_modified_in_place(device):
     assert_close(x.grad, ref_x.grad, torch.float64, "grad input")
 
 
-def test_double_backward_is_refused(device):
-    layer = gpunn.Linear(3, 2, device=device, activation="tanh")
-    x = torch.randn(4, 3, device=device, requires_grad=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(layer(x).sum(), x, create_graph=True)
-
-
 def test_zero_out_features_with_activation(device):
     _run_case(device, torch.float64, (4,), 5, 0, "gelu")
 

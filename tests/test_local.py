@@ -37,7 +37,7 @@ def run_local2d_case(device, dtype, n, c, o, size, kernel, stride=1, padding=0, 
         x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
     out = layer(x)
     x64, w64, b64 = leaf64(x), leaf64(layer.weight), leaf64(layer.bias)
-    ref = reference_local2d(x64 if not unbatched else x64.unsqueeze(0), w64, b64, layer.stride, layer.padding,
+    ref = reference_local2d(x64 if not unbatched else x64.unsqueeze(0), w64, b64, layer.stride, layer.padding_pair,
                             layer.dilation)
     ref = ref.squeeze(0) if unbatched else ref
     assert out.dtype == dtype
@@ -316,6 +316,41 @@ def test_functional_errors(device):
         gpunn.functional.locally_connected1d(x1, w1, padding=-1)
     with pytest.raises(TypeError, match="1-tuple"):
         gpunn.functional.locally_connected1d(x1, w1, padding=(1, 1))
+
+
+@pytest.mark.parametrize("kernel,dilation", [(3, 1), ((3, 5), (2, 1)), (1, 1)], ids=str)
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_padding_strings_as_conv2d(device, padding, kernel, dilation):
+    layer = run_local2d_case(device, torch.float64, 2, 2, 3, (6, 7), kernel, 1, padding, dilation)[0]
+    conv = torch.nn.Conv2d(2, 3, kernel, padding=padding, dilation=dilation)
+    assert layer.output_size == conv(torch.zeros(1, 2, 6, 7)).shape[2:]
+    assert layer.padding == conv.padding == padding and f"padding={padding}" in repr(layer)
+    masked = gpunn.convert.masked_from_local(layer)
+    x = torch.randn(3, 2, 6, 7, device=device, dtype=torch.float64)
+    assert_close(masked(x.flatten(1)), layer(x).flatten(1), torch.float64, "masked form")
+    line = gpunn.LocallyConnected1d(2, 3, 9, 5, padding=padding, device=device, dtype=torch.float64)
+    assert line.output_length == torch.nn.Conv1d(2, 3, 5, padding=padding)(torch.zeros(1, 2, 9)).shape[-1]
+    x1 = torch.randn(2, 2, 9, device=device, dtype=torch.float64)
+    assert torch.equal(line(x1), gpunn.functional.locally_connected1d(x1, line.weight, line.bias, padding=padding))
+
+
+@pytest.mark.parametrize("kwargs,error", [(dict(kernel_size=3, padding="same", stride=2), ValueError),
+                                          (dict(kernel_size=3, padding="full"), ValueError),
+                                          (dict(kernel_size=2, padding="same"), NotImplementedError)], ids=str)
+def test_padding_string_errors(device, kwargs, error):
+    # The module's types are nn.Conv2d's (ValueError for the first two); the functional form raises
+    # RuntimeError there, as F.conv2d does. An even kernel would pad one side more: not supported.
+    args = dict(in_channels=2, out_channels=3, input_size=(5, 6))
+    if error is ValueError:
+        with pytest.raises(ValueError):
+            torch.nn.Conv2d(2, 3, **kwargs)
+    with pytest.raises(error):
+        gpunn.LocallyConnected2d(**args, **kwargs)
+    weight = torch.randn(3, 5, 6, 2, kwargs["kernel_size"], kwargs["kernel_size"], device=device)
+    with count_launches() as launches, pytest.raises(RuntimeError if error is ValueError else error):
+        gpunn.functional.locally_connected2d(torch.randn(1, 2, 5, 6, device=device), weight, None,
+                                             kwargs.get("stride", 1), kwargs["padding"])
+    assert launches == {}
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from helpers import TorchOpSpy, assert_close, count_launches, dtypes_for
 
 import gpunn
+from gpunn.kernels import losses as loss_kernels
 
 
 def _ce_case(device, dtype, shape, classes, *, weighted, smoothing, reduction, ignore=True, seed=0):
@@ -77,7 +78,11 @@ def test_cross_entropy_errors_match_torch(device):
     cases = [(x, torch.tensor([0, 1, 7], device=device), {}), (x, torch.tensor([0, 1, -5], device=device), {}),
              (x, torch.tensor([0, 1], device=device), {}), (x, good.int(), {}),
              (x, good, dict(weight=torch.ones(3, device=device))), (x, good, dict(label_smoothing=1.5)),
-             (x, good, dict(reduction="bad"))]
+             (x, good, dict(reduction="bad")),
+             (x[0], torch.tensor([0, 1], device=device), {}),  # unbatched logits: a (1,) target at most
+             (x, torch.tensor(1, device=device), {}),  # a batch of logits, a 0-dim target
+             (x[0, 0], torch.tensor(0, device=device), {}), (x[0, :1], torch.tensor([0], device=device), {}),
+             (x.double(), good, dict(weight=torch.ones(4, device=device)))]  # class indices: no promotion
     for logits, target, kwargs in cases:
         # torch's reference runs on the CPU: on CUDA its out-of-range target is a device-side assert, which raises
         # nothing here and leaves the process's CUDA context unusable. gpunn checks targets on the host and raises.
@@ -87,6 +92,19 @@ def test_cross_entropy_errors_match_torch(device):
         with count_launches() as launches, pytest.raises(expected.type):
             gpunn.losses.cross_entropy(logits, target, **kwargs)
         assert launches == {}
+
+
+def test_cross_entropy_unbatched_logits_take_a_target_of_one_element(device):
+    logits = torch.randn(7, device=device, dtype=torch.float64, requires_grad=True)
+    for target in (torch.tensor([4], device=device), torch.tensor(4, device=device)):
+        for reduction in ("none", "mean"):
+            loss = gpunn.losses.cross_entropy(logits, target, reduction=reduction)
+            assert loss.shape == F.cross_entropy(logits.detach(), target, reduction=reduction).shape == ()
+            # torch's own backward refuses the (1,) form ("size mismatch"): its 0-dim twin is the reference.
+            ref = F.cross_entropy(logits, target.reshape(()), reduction=reduction)
+            assert_close(loss, ref, torch.float64, "loss")
+            assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(ref, logits)[0], torch.float64,
+                         "grad")
 
 
 def test_cross_entropy_ignore_index_may_be_past_the_classes(device):
@@ -235,6 +253,24 @@ def test_cross_entropy_infinite_and_nan_logits_like_torch(device):
             assert_close(ours[finite], theirs[finite], torch.float64, "loss")
 
 
+def test_cross_entropy_row_opening_with_a_block_of_minus_inf(device):
+    # The online logsumexp's first blocks (BLOCK_C logits each) all -inf, as a restricted vocabulary masks
+    # them: the loss and gradient are torch's, not NaN. (Class indices: with probabilities or smoothing torch
+    # itself gives NaN or inf for any -inf logit, 0 * -inf, and gpunn matches it, as tested above.)
+    classes = 2 * loss_kernels.BLOCK_C + 5
+    x = torch.randn(3, classes, device=device, dtype=torch.float64)
+    x[:2, :classes - 7] = -float("inf")
+    target = torch.tensor([classes - 1, classes - 3, 0], device=device)
+    weight = torch.rand(classes, device=device, dtype=torch.float64)
+    ours_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = gpunn.losses.cross_entropy(ours_x, target, weight, reduction="none")
+    theirs = F.cross_entropy(ref_x, target, weight, reduction="none")
+    assert_close(ours, theirs, torch.float64, "loss")
+    grad_out = torch.rand(3, device=device, dtype=torch.float64)
+    assert_close(torch.autograd.grad(ours, ours_x, grad_out)[0], torch.autograd.grad(theirs, ref_x, grad_out)[0],
+                 torch.float64, "grad")
+
+
 @pytest.mark.parametrize("smoothing", [-0.3, float("nan")])
 def test_cross_entropy_smoothing_of_zero_or_less_is_none_as_torch(device, smoothing):
     # torch checks label_smoothing <= 1 only, and smooths only for a positive value.
@@ -309,6 +345,13 @@ def test_mse_broadcast_promotion_and_launches(device):
     assert loss.dtype == torch.float64
     assert_close(loss, ref, torch.float64, "loss")
     assert launches == {"mse_forward_kernel": 1, "reduced_loss_kernel": 1, "mse_backward_kernel": 1}
+    # torch broadcasts before it promotes: a 0-dim operand's dtype counts as any other's.
+    scalar = torch.tensor(0.5, device=device, dtype=torch.float64)
+    for pair in ((x.detach(), scalar), (scalar, x.detach())):
+        with pytest.warns(UserWarning):
+            loss, ref = gpunn.losses.mse_loss(*pair), F.mse_loss(*pair)
+        assert loss.dtype == ref.dtype == torch.float64
+        assert_close(loss, ref, torch.float64, "loss with a 0-dim operand")
 
 
 @pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])

@@ -166,3 +166,45 @@ def test_closure_and_validation_errors(device):
             torch.optim.SGD([p], **kwargs)
         with pytest.raises(ValueError):
             gpunn.optim.SGD([p], **kwargs)
+
+
+@pytest.mark.parametrize("settings", [dict(momentum=0.0), dict(momentum=0.9, weight_decay=0.05, nesterov=True)],
+                         ids=str)
+def test_complex_parameters_update_as_their_real_view(device, settings):
+    params = [torch.complex(*torch.randn(2, 7, 3, dtype=torch.float64)).to(device)]
+    grads = [[torch.complex(*torch.randn(2, 7, 3, dtype=torch.float64)).to(device)] for _ in range(3)]
+    with count_launches() as launches:
+        ours, optimizer = _run(gpunn.optim.SGD, params, grads, **settings)
+    assert launches == {"sgd_kernel": 3}
+    theirs, reference = _run(torch.optim.SGD, params, grads, **settings)
+    assert_close(torch.view_as_real(ours[0]), torch.view_as_real(theirs[0]), torch.float64, "complex param")
+    if settings["momentum"]:
+        assert optimizer.state[ours[0]]["momentum_buffer"].dtype == torch.complex128
+
+
+def test_gradient_of_another_dtype_than_its_parameter_takes_torch_sgd(device):
+    # A parameter with grad_dtype = None may hold a gradient of another dtype: the kernels read one dtype, so
+    # torch's SGD updates it (buffer in the gradient's dtype, as torch keeps it).
+    results = []
+    for optimizer_class in (gpunn.optim.SGD, torch.optim.SGD):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 9, dtype=torch.float64, device=device))
+        p.grad_dtype = None
+        optimizer = optimizer_class([p], lr=0.1, momentum=0.9)
+        for step in range(2):
+            p.grad = torch.arange(9, dtype=torch.float32, device=device) * (step + 1)
+            optimizer.step()
+        results.append((p.detach(), optimizer.state[p]["momentum_buffer"]))
+    (ours, our_buffer), (theirs, their_buffer) = results
+    assert_close(ours, theirs, torch.float64, "param")
+    assert our_buffer.dtype == their_buffer.dtype == torch.float32
+
+
+def test_foreach_fused_and_differentiable_arguments(device):
+    p = torch.nn.Parameter(torch.randn(4, device=device))
+    for kwargs in (dict(foreach=True), dict(foreach=False), dict(fused=True), dict(fused=False)):
+        ours, theirs = gpunn.optim.SGD([p], lr=0.1, **kwargs), torch.optim.SGD([p], lr=0.1, **kwargs)
+        assert ours.param_groups[0].keys() == theirs.param_groups[0].keys()
+        assert all(ours.param_groups[0][key] == theirs.param_groups[0][key] for key in kwargs)
+        assert not ours._step_supports_amp_scaling  # a GradScaler unscales before step
+    with pytest.raises(NotImplementedError, match="differentiable"):
+        gpunn.optim.SGD([p], lr=0.1, differentiable=True)

@@ -278,13 +278,22 @@ def test_errors_match_torch(device):
     x = torch.randn(5, 2, 3, device=device)
     bad_calls = [(torch.randn(5, 2, 3, 1, device=device),), (torch.randn(5, 2, 4, device=device),),
                  (x, torch.randn(2, 3, 4, device=device)), (x, torch.randn(2, 4, device=device)),
-                 (x[:, 0], torch.randn(2, 2, 4, device=device)), (x.double(),)]
+                 (x[:, 0], torch.randn(2, 2, 4, device=device)), (x.double(),),
+                 (x[:0],), (x[:0, 0],)]  # no steps: torch refuses an empty sequence
     for call in bad_calls:
         with pytest.raises(Exception) as expected:
             ref(*call)
         with count_launches() as launches, pytest.raises(expected.type):
             ours(*call)
         assert launches == {}
+
+
+def test_nonlinearity_set_after_construction_changes_nothing_as_in_torch(device):
+    # torch's RNN runs the mode its constructor fixed (self.mode), not the attribute.
+    ours, ref = _pair(device, torch.float64, 3, 4)
+    ours.nonlinearity = ref.nonlinearity = "relu"
+    x = torch.randn(5, 2, 3, device=device, dtype=torch.float64)
+    assert_close(ours(x)[0], ref(x)[0], torch.float64, "output")
 
 
 def test_bias_gradients_are_separate_tensors_and_accumulate(device):

@@ -18,7 +18,8 @@ class LocallyConnected2d(torch.nn.Module):
     Args:
         in_channels, out_channels: C and O.
         input_size: (H, W) of the inputs (the weights depend on the number of positions).
-        kernel_size, stride, padding, dilation: an int or a pair, as nn.Conv2d (zero padding only).
+        kernel_size, stride, padding, dilation: an int or a pair, as nn.Conv2d (zero padding only; padding
+            "valid", or "same" at stride 1 where it pads both sides alike).
         bias, device, dtype: as nn.Conv2d.
 
     Parameters:
@@ -39,6 +40,8 @@ class LocallyConnected2d(torch.nn.Module):
         try:
             geometry = functional.local_geometry(kernel_size, stride, padding, dilation)
             height, width = masks.as_pair(input_size, "input_size")
+        except NotImplementedError:  # a RuntimeError subclass, passed on as it is
+            raise
         except RuntimeError as error:
             raise ValueError(str(error)) from None
         if min(height, width) < 1:
@@ -50,12 +53,20 @@ class LocallyConnected2d(torch.nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.input_size, self.output_size = (height, width), (oh, ow)
         self.kernel_size, self.stride = (geometry.kh, geometry.kw), (geometry.sh, geometry.sw)
-        self.padding, self.dilation = (geometry.ph, geometry.pw), (geometry.dh, geometry.dw)
+        # A padding string is kept as given, as nn.Conv2d keeps it.
+        self.padding = padding if isinstance(padding, str) else (geometry.ph, geometry.pw)
+        self.dilation = (geometry.dh, geometry.dw)
         factory = {"device": device, "dtype": dtype}
         self.weight = torch.nn.Parameter(torch.empty((out_channels, oh, ow, in_channels, *self.kernel_size),
                                                      **factory))
         self.bias = torch.nn.Parameter(torch.empty((out_channels, oh, ow), **factory)) if bias else None
         self.reset_parameters()
+
+    @property
+    def padding_pair(self) -> tuple[int, int]:
+        """The zero padding (height, width) on each side, a padding string resolved."""
+        geometry = functional.local_geometry(self.kernel_size, self.stride, self.padding, self.dilation)
+        return geometry.ph, geometry.pw
 
     def reset_parameters(self) -> None:
         """nn.Conv2d's init: kaiming_uniform(a=sqrt(5)) and the bias alike, i.e. uniform in +-1/sqrt(fan_in)."""
@@ -88,7 +99,8 @@ class LocallyConnected1d(torch.nn.Module):
     Args:
         in_channels, out_channels: C and O.
         input_length: L.
-        kernel_size, stride, padding, dilation: ints (or 1-tuples), as nn.Conv1d (zero padding only).
+        kernel_size, stride, padding, dilation: ints (or 1-tuples), as nn.Conv1d (zero padding only; padding
+            "valid", or "same" at stride 1 where it pads both sides alike).
         bias, device, dtype: as nn.Conv1d.
 
     Parameters:
@@ -101,11 +113,13 @@ class LocallyConnected1d(torch.nn.Module):
     def __init__(self, in_channels: int, out_channels: int, input_length: int, kernel_size, stride=1, padding=0,
                  dilation=1, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        kernel_size, stride, padding, dilation = (masks.as_single(v, n) for v, n in (
-            (kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+        kernel_size, stride, dilation = (masks.as_single(v, n) for v, n in (
+            (kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation")))
+        padding = padding if isinstance(padding, str) else masks.as_single(padding, "padding")
         # The 2-D layer over a height of 1 validates and computes the geometry; its parameters are viewed.
         plane = LocallyConnected2d(in_channels, out_channels, (1, input_length), (1, kernel_size), (1, stride),
-                                   (0, padding), (1, dilation), bias, device, dtype)
+                                   padding if isinstance(padding, str) else (0, padding), (1, dilation), bias,
+                                   device, dtype)
         self.in_channels, self.out_channels, self.input_length = in_channels, out_channels, input_length
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
         self.output_length = plane.output_size[1]

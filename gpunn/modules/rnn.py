@@ -86,7 +86,9 @@ class RNN(torch.nn.RNN):
         else:
             hx = self.permute_hidden(hx, sorted_indices)
         self.check_forward_args(input, hx, batch_sizes)
-        output, hidden = functional.rnn(input, hx, self._flat_weights, self.num_layers, self.nonlinearity, self.bias,
+        # The mode, as torch's RNN reads it: fixed at construction, whatever `nonlinearity` is set to later.
+        nonlinearity = "relu" if self.mode == "RNN_RELU" else "tanh"
+        output, hidden = functional.rnn(input, hx, self._flat_weights, self.num_layers, nonlinearity, self.bias,
                                         self.dropout, self.training, self.bidirectional, self.batch_first,
                                         batch_sizes)
         if packed:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.autograd import forward_ad
 
 NAMESPACE = "gpunn"
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -44,6 +45,10 @@ class Op:
             self.function = _eager_function(name, fn, setup_context, backward)
 
     def __call__(self, *args):
+        if forward_ad._current_level >= 0 and _any_dual(args):
+            # The kernels see only the primal: a tangent would be dropped without a word.
+            raise NotImplementedError(f"gpunn::{self.name} does not support forward-mode AD (a dual tensor "
+                                      f"reached it)")
         if torch.compiler.is_compiling() or not _all_plain(args):
             return self.custom_op(*args)
         if self.function is None or not (torch.is_grad_enabled() and _any_requires_grad(args)):
@@ -63,6 +68,11 @@ def _all_plain(args) -> bool:
         elif isinstance(arg, torch.Tensor):
             return False
     return True
+
+
+def _any_dual(args) -> bool:
+    return any((isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None)
+               or (isinstance(a, list) and _any_dual(a)) for a in args)
 
 
 def _any_requires_grad(args) -> bool:
@@ -143,8 +153,8 @@ def nothing(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
-def refuse_double_backward(op: str) -> None:
-    """The kernels' gradients are not differentiable: refuse create_graph=True rather than hand back
-    gradients that would silently act as constants in a second differentiation."""
+def refuse_double_backward(op: str, order: str = "double") -> None:
+    """Where the kernels' gradients are not differentiable, refuse create_graph=True rather than hand back
+    gradients that would silently act as constants in a further differentiation."""
     if torch.is_grad_enabled():
-        raise RuntimeError(f"gpunn {op} does not support double backward (create_graph=True)")
+        raise RuntimeError(f"gpunn {op} does not support {order} backward (create_graph=True)")

@@ -9,7 +9,9 @@ the layout's block (block_n, block_k). Masked-out weights are never read and get
 
 Saved for backward, the least that gives exact gradients: the input only if weight needs a gradient, the
 weight only if input does, plus what the activation's derivative needs (nothing, the output, or act'(z),
-written by the forward kernel when save_derivative; see gpunn.kernels.activations). No double backward.
+written by the forward kernel when save_derivative; see gpunn.kernels.activations). Double backward
+(create_graph=True) for the dense layer: its first-order backward runs as gpunn::linear_backward, whose own
+gradient is gpunn.kernels.dense_double_backward's pass between GEMMs; no triple backward.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import math
 
 import torch
 
-from ..kernels import activations, dense, masked
+from ..kernels import activations, dense, dense_double_backward, masked
 from ..kernels.layout import layout_of
 from ..kernels.runtime import Rows
 from .library import Op, metadata_to_save, nothing, refuse_double_backward, saved_metadata
@@ -122,22 +124,18 @@ def _linear_fake(input, weight, bias, mask, block_n, block_k, activation, negati
 
 def _setup_context(ctx, inputs, output):
     input, weight, bias, mask, block_n, block_k, activation, negative_slope, _ = inputs
-    need_input, need_weight = ctx.needs_input_grad[:2]
     grad_from = activations.grad_source(activation, negative_slope)
     saved = {activations.GRAD_FROM_OUTPUT.value: output[0], activations.GRAD_FROM_SAVED.value: output[1]}
-    ctx.save_for_backward(input if need_weight else None, weight if need_input else None, saved.get(grad_from),
-                          metadata_to_save(ctx, "mask", mask))
+    # The input and weight are saved whether or not first-order backward needs them (references: a weight is
+    # alive anyway, and so, mostly, is an input), as double backward needs both.
+    ctx.save_for_backward(input, weight, bias, saved.get(grad_from), metadata_to_save(ctx, "mask", mask))
     ctx.options = dict(block_n=block_n, block_k=block_k, activation=activation, negative_slope=negative_slope)
     ctx.weight_shape = list(weight.shape)
 
 
-def _backward(ctx, grad_output, _):
-    refuse_double_backward("linear")
-    input, weight, saved, mask = ctx.saved_tensors
-    mask = saved_metadata(ctx, "mask", mask)
-    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-    options = ctx.options
-    activation, negative_slope = options["activation"], options["negative_slope"]
+def _first_order(grad_output, saved, input, weight, mask, weight_shape, block_n, block_k, activation, negative_slope,
+                 need_input, need_weight, need_bias):
+    """(dx, dW, db) of grad_output, each None where not needed."""
     dx = dw = db = None
     if mask is None:
         # The dense layer forms dz = dy * act'(z) and db in one pass, then runs two plain GEMMs on dz. Formed
@@ -148,15 +146,129 @@ def _backward(ctx, grad_output, _):
             dz, db = grad_preactivation(grad_output, saved, activation, negative_slope, write_dz, need_bias)
             grad_output = dz if write_dz else grad_output
         saved, activation = None, None
-    block_n, block_k = options["block_n"], options["block_k"]
     if need_input:
         dx = grad_input(grad_output, saved, weight, mask, block_n, block_k, activation, negative_slope)
     masked_bias = need_bias and mask is not None
     if need_weight or masked_bias:
-        dw, masked_db = grad_weight(grad_output, saved, input if need_weight else None, ctx.weight_shape, mask,
+        dw, masked_db = grad_weight(grad_output, saved, input if need_weight else None, weight_shape, mask,
                                     block_n, block_k, activation, negative_slope, masked_bias)
         db = masked_db if masked_bias else db
-    return (dx, dw if need_weight else None, db if need_bias else None) + (None,) * 6
+    return dx, dw if need_weight else None, db if need_bias else None
+
+
+def _backward(ctx, grad_output, _):
+    input, weight, bias, saved, mask = ctx.saved_tensors
+    mask = saved_metadata(ctx, "mask", mask)
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    options = ctx.options
+    if torch.is_grad_enabled():  # create_graph=True: the gradients as an op autograd can differentiate
+        if mask is not None:
+            refuse_double_backward("masked_linear")
+        grads = backward(grad_output, saved, input, weight, bias, options["activation"], options["negative_slope"],
+                         need_input, need_weight, need_bias)
+        grads = [grad if need else None for grad, need in zip(grads, (need_input, need_weight, need_bias))]
+    else:
+        grads = _first_order(grad_output, saved, input, weight, mask, ctx.weight_shape, **options,
+                             need_input=need_input, need_weight=need_weight, need_bias=need_bias)
+    return (*grads,) + (None,) * 6
 
 
 linear = Op("linear", _linear, _linear_fake, _setup_context, _backward)
+
+
+def _backward_op(grad_output: torch.Tensor, saved: torch.Tensor | None, input: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None, activation: str | None, negative_slope: float, need_input: bool,
+                 need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dense layer's (dx (*, K), dW (N, K), db (N,)), each nothing where not needed: its first-order
+    backward as an op of its own, which double backward differentiates (used under create_graph=True)."""
+    grads = _first_order(grad_output, saved, input, weight, None, list(weight.shape), 0, 0, activation,
+                         negative_slope, need_input, need_weight, need_bias)
+    return tuple(grad if grad is not None else nothing(grad_output) for grad in grads)
+
+
+def _backward_op_fake(grad_output, saved, input, weight, bias, activation, negative_slope, need_input, need_weight,
+                      need_bias):
+    return (input.new_empty(input.shape) if need_input else nothing(grad_output),
+            weight.new_empty(weight.shape) if need_weight else nothing(grad_output),
+            weight.new_empty(weight.shape[:1]) if need_bias else nothing(grad_output))
+
+
+def _backward_op_setup_context(ctx, inputs, output):
+    grad_output, _, input, weight, bias, activation, negative_slope, *_ = inputs
+    ctx.save_for_backward(grad_output, input, weight, bias)
+    ctx.activation, ctx.negative_slope = activation, negative_slope
+
+
+def _double_backward(ctx, grad_dx, grad_dw, grad_db):
+    """Gradients of (grad_output, input, weight, bias) given those of (dx, dW, db); see
+    gpunn.kernels.dense_double_backward for the formulas."""
+    refuse_double_backward("linear", "triple")
+    dy, input, weight, bias = ctx.saved_tensors
+    need_dy, _, need_input, need_weight, need_bias = ctx.needs_input_grad[:5]
+    activation, negative_slope = ctx.activation, ctx.negative_slope
+    n, k = weight.shape
+    # A gradient that did not reach its output arrives as None, or as zeros the size of the placeholder.
+    grad_dx, grad_dw, grad_db = (g if g is not None and g.numel() and g.shape == shape else None
+                                 for g, shape in ((grad_dx, input.shape), (grad_dw, weight.shape),
+                                                  (grad_db, weight.shape[:1])))
+    x = input.reshape(-1, k)
+    second = activations.has_second_derivative(activation) and (need_input or need_weight or need_bias)
+    dz_for_input = grad_dw is not None and need_input  # dx = dz W: dz g_dW reaches the input
+    dz_for_weight = grad_dx is not None and need_weight  # dW = dz^T x: dz^T g_dx reaches the weight
+    if not (need_dy or second or dz_for_input or dz_for_weight):
+        return (None, None, *_zero_where_connected(activation, (None,) * 3, ctx.needs_input_grad[2:5],
+                                                   (input, weight, bias))) + (None,) * 5
+    # g_dz = g_dx W^T + x g_dW^T + g_db: one forward GEMM over the operands side by side.
+    lhs = [t for t in (grad_dx.reshape(-1, k) if grad_dx is not None else None,
+                       x if grad_dw is not None else None) if t is not None]
+    rhs = [t for t in (weight if grad_dx is not None else None, grad_dw) if t is not None]
+    grad_dz = None
+    if lhs:
+        lhs, rhs = (lhs[0], rhs[0]) if len(lhs) == 1 else (torch.cat(lhs, 1), torch.cat(rhs, 1))
+        grad_dz = Rows.of(dense.forward(Rows.of(lhs), rhs, grad_db, None, 0.0, False)[0])
+    elif grad_db is not None:
+        grad_dz = Rows.of(grad_db.expand(x.shape[0], n))
+    z = dense.forward(Rows.of(x), weight, bias, None, 0.0, False)[0] if activation is not None else None
+    grad_dy, dz, grad_z, grad_b = dense_double_backward.elementwise(
+        Rows.of(dy), grad_dz, z, activation, negative_slope, need_dy, dz_for_input or dz_for_weight, second,
+        second and need_bias)
+    grad_x = grad_w = None
+    if need_input and (dz_for_input or second):
+        # dx = dz W with z = x W^T + b: g_x = dz g_dW + g_z W, one GEMM over [dz | g_z] and [g_dW; W].
+        terms = [(dz, grad_dw) if dz_for_input else None, (grad_z, weight) if second else None]
+        grad_x = dense.grad_input(*_joined(terms, 1)).view(input.shape)
+    if need_weight and (dz_for_weight or second):
+        # dW = dz^T x: g_W = dz^T g_dx + g_z^T x, one GEMM over the rows of both.
+        terms = [(dz, grad_dx.reshape(-1, k)) if dz_for_weight else None, (grad_z, x) if second else None]
+        grad_w = dense.grad_weight(*_joined(terms, 0), (n, k))
+    grads = _zero_where_connected(activation, (grad_x, grad_w, grad_b), (need_input, need_weight, need_bias),
+                                  (input, weight, bias))
+    return (grad_dy.view(dy.shape) if grad_dy is not None else None, None, *grads) + (None,) * 5
+
+
+def _zero_where_connected(activation, grads, needs, likes):
+    """With an activation, z reaches the first-order gradients through act'(z), so every input of z is in
+    their graph even where act'' is zero (relu, leaky_relu): zeros there, as torch gives, rather than None
+    (which autograd reports as an input the graph never used)."""
+    if activation is None:
+        return grads
+    return tuple(grad if grad is not None or not need else torch.zeros_like(like)
+                 for grad, need, like in zip(grads, needs, likes))
+
+
+def _joined(terms, weight_dim):
+    """A sum of products a_i @ b_i as one GEMM's (Rows, operand): the a_i side by side (input gradient,
+    weight_dim 1: b_i stacked along N) or stacked along the rows (weight gradient, weight_dim 0)."""
+    terms = [term for term in terms if term is not None]
+    if len(terms) == 1:
+        a, b = terms[0]
+        return Rows.of(a), (b if weight_dim else Rows.of(b))
+    (dz, first), (grad_z, second) = terms
+    pair = dz.as_strided((dz.shape[0], 2 * dz.shape[1]), (dz.stride(0), 1))  # [dz | g_z]: one buffer
+    if weight_dim:
+        return Rows.of(pair), torch.cat([first, second], 0)
+    rows = pair.view(-1, 2, dz.shape[1]).transpose(0, 1)  # (2, M, N): dz's rows, then g_z's
+    return Rows.of(rows), Rows.of(torch.stack([first, second]))
+
+
+backward = Op("linear_backward", _backward_op, _backward_op_fake, _backward_op_setup_context, _double_backward)

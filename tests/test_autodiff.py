@@ -1,0 +1,128 @@
+"""Autodiff past first-order reverse mode. Double backward (create_graph=True) through the dense layer,
+against torch.nn in float64: gradient penalties, Hessian-vector products, gradients of input gradients.
+Forward mode, which the kernels do not implement, is refused rather than its tangents dropped."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as forward_ad
+from helpers import ACTIVATIONS, TorchOpSpy, assert_close, count_launches, leaf64, reference_linear
+
+import gpunn
+
+SLOPES = {"leaky_relu": -0.2}  # a negative slope: leaky_relu's derivative then comes from the saved act'(z)
+
+
+def _leaves(device, lead, k, n, bias=True, frozen=(), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"x": (*lead, k), "w": (n, k), "b": (n,)}
+    leaves = {name: torch.randn(shape, generator=gen, dtype=torch.float64).to(device).requires_grad_(name not in frozen)
+              for name, shape in shapes.items() if name != "b" or bias}
+    return leaves, gen
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradgradcheck_every_activation(device, activation):
+    """Every second derivative (of the gradients' every input) by finite differences of gpunn's own backward."""
+    leaves, _ = _leaves(device, (2,), 3, 2)
+    slope = SLOPES.get(activation, 0.01)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: gpunn.functional.linear(x, w, b, activation, slope),
+                                        (leaves["x"], leaves["w"], leaves["b"]))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "tanh", "relu", None])
+@pytest.mark.parametrize("lead,k,n,bias,frozen", [((9,), 7, 5, True, ()), ((2, 5), 3, 8, False, ()),
+                                                   ((70,), 66, 3, True, ("w",)), ((6,), 4, 65, True, ("x",)),
+                                                   ((1,), 1, 1, True, ("b",))], ids=str)
+def test_gradient_penalty_matches_torch(device, activation, lead, k, n, bias, frozen):
+    """A WGAN-GP style penalty: ||d out / d x||^2 and a loss of the gradients of every parameter, then
+    backward into every leaf; against torch.nn.functional on float64 copies."""
+    leaves, gen = _leaves(device, lead, k, n, bias, frozen, seed=k * 100 + n)
+    x, w, b = leaves["x"], leaves["w"], leaves.get("b")
+    slope = SLOPES.get(activation, 0.01)
+    grad_output = torch.randn(*lead, n, generator=gen, dtype=torch.float64).to(device)
+    # The penalty weighs each gradient's elements differently, so that every element's path is checked.
+    scales = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(device) if t is not None else None
+              for t in (x, w, b)]
+
+    def second_order(linear, tensors):
+        out = linear(*tensors)
+        wanting = [(t, scale) for t, scale in zip(tensors, scales) if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(out, [t for t, _ in wanting], grad_output, create_graph=True)
+        penalty = sum((g * scale).pow(2).sum() for g, (_, scale) in zip(grads, wanting))
+        wanting = [t for t, _ in wanting]
+        # Without an activation the bias does not reach the gradients (nor, with a frozen weight, anything):
+        # unused, for torch as for gpunn.
+        if not penalty.requires_grad:
+            return out, grads, (None,) * len(wanting)
+        return out, grads, torch.autograd.grad(penalty, wanting, allow_unused=True)
+
+    ours = second_order(lambda *t: gpunn.functional.linear(*t, activation, slope), (x, w, b))
+    theirs = second_order(lambda *t: reference_linear(*t, activation, slope), tuple(leaf64(t) for t in (x, w, b)))
+    for what, mine, ref in zip(("output", "first-order", "second-order"), ours, theirs):
+        for i, (a, r) in enumerate(zip(mine if isinstance(mine, tuple) else [mine],
+                                       ref if isinstance(ref, tuple) else [ref])):
+            assert (a is None) == (r is None), f"{what} {i}: {a} where torch has {r}"
+            if r is not None:
+                assert_close(a, r, torch.float64, f"{what} {i}")
+
+
+def test_double_backward_runs_triton_kernels_only(device):
+    """A Hessian-vector product through two layers: every product is a gpunn kernel, no torch matmul."""
+    model = torch.nn.Sequential(gpunn.Linear(6, 9, activation="silu"), gpunn.Linear(9, 3, activation="tanh"))
+    model = model.to(device=device, dtype=torch.float64)
+    reference = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.SiLU(), torch.nn.Linear(9, 3), torch.nn.Tanh())
+    reference = reference.to(device=device, dtype=torch.float64)
+    reference.load_state_dict({key.replace("1.", "2."): value for key, value in model.state_dict().items()})
+    x = torch.randn(11, 6, device=device, dtype=torch.float64)
+    params = list(model.parameters())
+    vector = [torch.randn_like(p) for p in params]
+    with TorchOpSpy() as spy, count_launches() as launches:
+        grads = torch.autograd.grad(model(x).pow(2).sum(), params, create_graph=True)
+        hvp = torch.autograd.grad(grads, params, vector)
+    assert not spy.matmuls(), spy.matmuls()
+    assert launches["dense_double_backward_kernel"] == 2
+    ref_params = list(reference.parameters())
+    ref_grads = torch.autograd.grad(reference(x).pow(2).sum(), ref_params, create_graph=True)
+    for ours, theirs in zip(hvp, torch.autograd.grad(ref_grads, ref_params, vector)):
+        assert_close(ours, theirs, torch.float64, "Hessian-vector product")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_double_backward_in_low_precision(device, dtype):
+    """The pass keeps its products in fp32 and rounds once: within the dtype's tolerance of float64."""
+    leaves, gen = _leaves(device, (33,), 20, 17)
+    x, w, b = (t.detach().to(dtype).requires_grad_() for t in leaves.values())
+    out = gpunn.functional.linear(x, w, b, "gelu")
+    (grad_x,) = torch.autograd.grad(out.float().pow(2).sum(), x, create_graph=True)
+    grads = torch.autograd.grad(grad_x.float().pow(2).sum(), [x, w, b])
+    x64, w64, b64 = (leaf64(t) for t in (x, w, b))
+    (ref_grad_x,) = torch.autograd.grad(reference_linear(x64, w64, b64, "gelu").pow(2).sum(), x64, create_graph=True)
+    for ours, theirs in zip(grads, torch.autograd.grad(ref_grad_x.pow(2).sum(), [x64, w64, b64])):
+        assert ours.dtype == dtype
+        assert_close(ours, theirs, dtype, "second-order gradient")
+
+
+def test_masked_layer_and_triple_backward_are_refused(device):
+    masked = gpunn.MaskedLinear(4, 3, torch.rand(3, 4, device=device) < 0.7, device=device)
+    x = torch.randn(5, 4, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(masked(x).sum(), x, create_graph=True)
+    layer = gpunn.Linear(4, 3, device=device, activation="tanh")
+    (grad_x,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="triple backward"):
+        torch.autograd.grad(grad_x.sum(), x, create_graph=True)
+    assert torch.autograd.grad(grad_x.sum(), x)[0].shape == x.shape  # the second order itself still runs
+
+
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.enable_grad])
+def test_forward_mode_is_refused_before_any_launch(device, grad_mode):
+    layer, cell = gpunn.Linear(3, 4, device=device), gpunn.RNNCell(3, 4, device=device)
+    x = torch.randn(2, 3, device=device)
+    calls = [layer, cell, lambda t: gpunn.functional.mse_loss(t, x),
+             lambda t: gpunn.functional.cross_entropy(t, torch.tensor([0, 2], device=device))]
+    for call in calls:
+        with grad_mode(), forward_ad.dual_level(), count_launches() as launches:
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                call(forward_ad.make_dual(x, torch.ones_like(x)))
+        assert launches == {}
