@@ -298,6 +298,19 @@ def _launch_cross_entropy_probs(dtype, m, n, k, backward, weighted, smoothing, t
         losses.cross_entropy_probs_forward(x, target, weight, smoothing)
 
 
+def _launch_cross_entropy_double_backward(dtype, m, n, k, probabilities):
+    # Every output and both incoming gradients (probabilities), weights and smoothing: the most registers.
+    import torch
+
+    from gpunn.kernels import cross_entropy_double_backward, runtime
+    x, g = _meta((m, n), dtype), _meta((m, n), dtype)
+    compute = runtime.state_dtype(dtype)
+    target = _meta((m, n), dtype) if probabilities else _meta((m,), torch.int64)
+    cross_entropy_double_backward.cross_entropy_double_backward(
+        x, target, _meta((n,), dtype), -100, 0.1, _meta((2, m), compute), _meta((m,), compute) if probabilities
+        else None, _meta((m,), dtype), g, g if probabilities else None, "none", None, True, probabilities, True)
+
+
 def _launch_reduced_loss(dtype, m, n, k, divide_by, count=None):
     # The sums of m per-row (or per-block) values into a loss of dtype, divided by count (default m).
     from gpunn.kernels import losses, runtime
@@ -403,6 +416,11 @@ CASES = (
                                                             target_grad=True), matmul=False),
         Variant("plain", dict(backward=True, weighted=False, smoothing=0.0), matmul=False),
     ), tile=("BLOCK_C",)),
+    Case("gpunn.kernels.cross_entropy_double_backward", "cross_entropy_double_backward_kernel",
+         _launch_cross_entropy_double_backward, (
+             Variant("indices", dict(probabilities=False), matmul=False),
+             Variant("probabilities", dict(probabilities=True), matmul=False),
+         ), tile=("BLOCK_C",)),
     Case("gpunn.kernels.losses", "reduced_loss_kernel", _launch_reduced_loss, (
         Variant("mean over weights", dict(divide_by="sum_b"), matmul=False),
         Variant("mean over count", dict(divide_by="count"), matmul=False),

@@ -186,6 +186,22 @@ def _mse(shape, reduction):
     return build
 
 
+def _double_backward(build_first_order):
+    """A case's first-order gradients (of half its output's squared norm) as the outputs, made with
+    create_graph=True: the check's backward of them is double backward through the op."""
+    def build(dtype, device, gen):
+        problem = build_first_order(dtype, device, gen)
+
+        def gradients(fn):
+            def run(*tensors):
+                wanted = [t for t, grad in zip(tensors, problem.differentiable) if grad]
+                return torch.autograd.grad(fn(*tensors).pow(2).sum() / 2, wanted, create_graph=True)
+            return run
+        return Problem(problem.tensors, problem.differentiable, gradients(problem.gpunn), gradients(problem.torch),
+                       output="gradient")
+    return build
+
+
 def _sgd(shapes, steps, **options):
     """Parameters after `steps` SGD steps on given gradients (the optimizer's state carried between them)."""
     def run(optimizer_class, tensors):
@@ -231,6 +247,13 @@ CASES = [
                                                                                                 "none")),
     Case("mse_loss", "33x17 mean", _mse((33, 17), "mean"), quick=True),
     Case("mse_loss", "(5, 130) none", _mse((5, 130), "none")),
+    Case("double_backward", "linear 33x70x50 gelu", _double_backward(_linear(33, 70, 50, "gelu")), quick=True),
+    Case("double_backward", "linear (2, 5, 130) -> 7 tanh", _double_backward(_linear(5, 7, 130, "tanh", lead=(2,)))),
+    Case("double_backward", "cross_entropy 37x50, class weights, smoothing 0.1",
+         _double_backward(_cross_entropy((37, 50), True, 0.1)), quick=True),
+    Case("double_backward", "cross_entropy 37x50 class probabilities, class weights",
+         _double_backward(_cross_entropy_probabilities((37, 50), True, 0.0))),
+    Case("double_backward", "mse_loss 33x17 mean", _double_backward(_mse((33, 17), "mean"))),
     Case("sgd", "3 tensors, 3 steps, momentum 0.9, nesterov, weight decay",
          _sgd([(33, 7), (130,), (1,)], 3, momentum=0.9, nesterov=True, weight_decay=0.01), quick=True),
     Case("sgd", "2 tensors, 2 steps, plain", _sgd([(70, 50), (3,)], 2)),

@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from . import autocast
-from .kernels import losses as kernels
+from .kernels import cross_entropy_double_backward as second_order, losses as kernels
 from .kernels.runtime import triton_runs_on
 from .ops.library import Op, nothing, refuse_double_backward
 
@@ -82,7 +82,28 @@ def _cross_entropy_backward_fake(grad, logits, target, weight, ignore_index, smo
     return torch.empty_like(logits)
 
 
-_cross_entropy_backward = Op("cross_entropy_backward", _cross_entropy_backward_impl, _cross_entropy_backward_fake)
+def _cross_entropy_backward_setup(ctx, inputs, output):
+    grad, logits, target, weight, ignore_index, smoothing, stats, reduction, totals = inputs
+    ctx.save_for_backward(grad, logits, target, weight, stats, totals)
+    ctx.ignore_index, ctx.smoothing, ctx.reduction = ignore_index, smoothing, reduction
+
+
+def _cross_entropy_double_backward(ctx, grad_dx):
+    """The gradients of (grad, logits) given dx's (gpunn.kernels.cross_entropy_double_backward). The stats
+    and totals the backward read get none: the logits' gradient already counts every path through them."""
+    refuse_double_backward("cross_entropy", "triple")
+    grad, logits, target, weight, stats, totals = ctx.saved_tensors
+    need_grad, need_logits = ctx.needs_input_grad[:2]
+    if grad_dx is None or not (need_grad or need_logits):
+        return (None,) * 9
+    gx, _, gg = second_order.cross_entropy_double_backward(
+        logits, target, weight, ctx.ignore_index, ctx.smoothing, stats, None, grad, grad_dx.contiguous(), None,
+        ctx.reduction, totals if ctx.reduction != "none" else None, need_logits, False, need_grad)
+    return (gg, gx) + (None,) * 7
+
+
+_cross_entropy_backward = Op("cross_entropy_backward", _cross_entropy_backward_impl, _cross_entropy_backward_fake,
+                             _cross_entropy_backward_setup, _cross_entropy_double_backward)
 
 
 def _cross_entropy_setup(ctx, inputs, output):
@@ -92,7 +113,6 @@ def _cross_entropy_setup(ctx, inputs, output):
 
 
 def _cross_entropy_grad(ctx, grad, _, __):
-    refuse_double_backward("cross_entropy")
     logits, target, weight, stats, totals = ctx.saved_tensors
     dx = _cross_entropy_backward(grad, logits, target, weight, ctx.ignore_index, ctx.smoothing, stats, ctx.reduction,
                                  totals)
@@ -239,8 +259,32 @@ def _cross_entropy_probs_backward_fake(grad, logits, target, weight, smoothing, 
     return tuple(torch.empty_like(logits) if need else nothing(logits) for need in (input_grad, target_grad))
 
 
+def _cross_entropy_probs_backward_setup(ctx, inputs, output):
+    grad, logits, target, weight, smoothing, stats, row_mass, reduction, _, _ = inputs
+    ctx.save_for_backward(grad, logits, target, weight, stats, row_mass)
+    ctx.smoothing, ctx.reduction = smoothing, reduction
+
+
+def _cross_entropy_probs_double_backward(ctx, grad_dx, grad_dt):
+    """The gradients of (grad, logits, target) given dx's, as the class-index form's (the row mass and stats
+    get none: the logits' and target's gradients count every path through them)."""
+    refuse_double_backward("cross_entropy", "triple")
+    grad, logits, target, weight, stats, row_mass = ctx.saved_tensors
+    need_grad, need_logits, need_target = ctx.needs_input_grad[:3]
+    # A gradient that did not reach its output arrives as None, or as zeros the size of the placeholder.
+    grad_dx, grad_dt = (g.contiguous() if g is not None and g.shape == logits.shape else None
+                        for g in (grad_dx, grad_dt))
+    if (grad_dx is None and grad_dt is None) or not (need_grad or need_logits or need_target):
+        return (None,) * 10
+    gx, gt, gg = second_order.cross_entropy_double_backward(
+        logits, target, weight, 0, ctx.smoothing, stats, row_mass, grad, grad_dx, grad_dt, ctx.reduction, None,
+        need_logits, need_target and grad_dx is not None, need_grad)
+    return (gg, gx, gt) + (None,) * 7
+
+
 _cross_entropy_probs_backward = Op("cross_entropy_probs_backward", _cross_entropy_probs_backward_impl,
-                                   _cross_entropy_probs_backward_fake)
+                                   _cross_entropy_probs_backward_fake, _cross_entropy_probs_backward_setup,
+                                   _cross_entropy_probs_double_backward)
 
 
 def _cross_entropy_probs_setup(ctx, inputs, output):
@@ -250,7 +294,6 @@ def _cross_entropy_probs_setup(ctx, inputs, output):
 
 
 def _cross_entropy_probs_grad(ctx, grad, _, __):
-    refuse_double_backward("cross_entropy")
     logits, target, weight, stats, row_mass = ctx.saved_tensors
     need_input, need_target = ctx.needs_input_grad[:2]
     dx, dt = _cross_entropy_probs_backward(grad, logits, target, weight, ctx.smoothing, stats, row_mass, ctx.reduction,
@@ -292,7 +335,39 @@ def _mse_loss_backward_fake(grad, input, target, reduction, input_grad, target_g
     return tuple(torch.empty_like(input) if need else nothing(input) for need in (input_grad, target_grad))
 
 
-_mse_loss_backward = Op("mse_loss_backward", _mse_loss_backward_impl, _mse_loss_backward_fake)
+def _mse_loss_backward_setup(ctx, inputs, output):
+    grad, input, target, reduction, _, _ = inputs
+    ctx.save_for_backward(grad, input, target)
+    ctx.reduction = reduction
+
+
+def _mse_loss_double_backward(ctx, grad_dx, grad_dy):
+    """dx = 2 (x - y) g / n and dy = -dx are linear in x - y and in g. Given their gradients a and b, x's is
+    2 (a - b) g / n and y's its negative: mse_backward itself, with (a, b) in place of (x, y). g's is
+    2 (x - y)(a - b) / n: mse_backward's elementwise form with a - b as the output gradient, summed over
+    the elements where g is one value (mean, sum)."""
+    refuse_double_backward("mse_loss", "triple")
+    grad, input, target = ctx.saved_tensors
+    need_grad, need_input, need_target = ctx.needs_input_grad[:3]
+    # A gradient that did not reach its output arrives as None, or as zeros the size of the placeholder.
+    grad_dx, grad_dy = (g.contiguous() if g is not None and g.shape == input.shape else None
+                        for g in (grad_dx, grad_dy))
+    if grad_dx is None and grad_dy is None:
+        return (None,) * 6
+    grad_dx = grad_dx if grad_dx is not None else torch.zeros_like(grad_dy)
+    grad_dy = grad_dy if grad_dy is not None else torch.zeros_like(grad_dx)
+    gx = gy = gg = None
+    if need_input or need_target:
+        gx, gy = kernels.mse_backward(grad_dx, grad_dy, grad, ctx.reduction, need_input, need_target)
+    if need_grad:
+        gg = kernels.mse_backward(input, target, grad_dx - grad_dy, "none", True, False)[0]
+        if ctx.reduction != "none":
+            gg = gg.sum() / (input.numel() if ctx.reduction == "mean" else 1)
+    return gg, gx, gy, None, None, None
+
+
+_mse_loss_backward = Op("mse_loss_backward", _mse_loss_backward_impl, _mse_loss_backward_fake,
+                        _mse_loss_backward_setup, _mse_loss_double_backward)
 
 
 def _mse_setup(ctx, inputs, output):
@@ -302,7 +377,6 @@ def _mse_setup(ctx, inputs, output):
 
 
 def _mse_grad(ctx, grad):
-    refuse_double_backward("mse_loss")
     input, target = ctx.saved_tensors
     need_input, need_target = ctx.needs_input_grad[:2]
     dx, dy = _mse_loss_backward(grad, input, target, ctx.reduction, need_input, need_target)

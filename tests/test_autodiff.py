@@ -103,6 +103,84 @@ def test_double_backward_in_low_precision(device, dtype):
         assert_close(ours, theirs, dtype, "second-order gradient")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_mse_gradgradcheck(device, reduction):
+    x, y = (torch.randn(3, 5, device=device, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradgradcheck(lambda x, y: gpunn.functional.mse_loss(x, y, reduction), (x, y))
+
+
+def test_maml_meta_gradient_matches_torch(device):
+    """One MAML inner step (a regression net of gpunn layers, gpunn's MSE, create_graph=True), then the
+    query loss's gradient with respect to the initial weights: second order through both."""
+    gen = torch.Generator().manual_seed(3)
+    net = torch.nn.Sequential(gpunn.Linear(1, 16, activation="tanh"), gpunn.Linear(16, 16, activation="silu"),
+                              gpunn.Linear(16, 1)).to(device=device, dtype=torch.float64)
+    reference = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.SiLU(),
+                                    torch.nn.Linear(16, 1)).to(device=device, dtype=torch.float64)
+    # gpunn's layer i is the reference's module 2 i (each followed by its activation module there).
+    reference.load_state_dict({f"{2 * int(key.split('.')[0])}.{key.split('.')[1]}": value
+                               for key, value in net.state_dict().items()})
+    support, query = (torch.rand(2, 9, 1, generator=gen, dtype=torch.float64).to(device) * 6 - 3 for _ in range(2))
+
+    def meta_gradient(model, mse):
+        params = dict(model.named_parameters())
+        inner = mse(torch.func.functional_call(model, params, support[0]), torch.sin(support[0]))
+        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+        adapted = {name: p - 0.1 * g for (name, p), g in zip(params.items(), grads)}
+        outer = mse(torch.func.functional_call(model, adapted, query[0]), torch.sin(query[0]))
+        return torch.autograd.grad(outer, list(params.values()))
+
+    with count_launches() as launches:
+        ours = meta_gradient(net, gpunn.functional.mse_loss)
+    assert launches["dense_double_backward_kernel"] == 3 and launches["mse_backward_kernel"] >= 3
+    for mine, theirs in zip(ours, meta_gradient(reference, torch.nn.functional.mse_loss)):
+        assert_close(mine, theirs, torch.float64, "meta-gradient")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target_kind", ["indices", "probabilities"])
+def test_cross_entropy_gradgradcheck(device, reduction, target_kind):
+    """Class weights, label smoothing and (indices) an ignored row; with probabilities the target requires
+    grad too, so its gradient's own derivatives are checked."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    weight = torch.rand(4, generator=gen, dtype=torch.float64).to(device)
+    if target_kind == "indices":
+        target = torch.tensor([1, -100, 3], device=device)
+        inputs = (x,)
+    else:
+        target = torch.softmax(torch.randn(3, 4, generator=gen, dtype=torch.float64), 1).to(device).requires_grad_()
+        inputs = (x, target)
+    loss = lambda x, t=target: gpunn.functional.cross_entropy(x, t, weight, reduction=reduction,  # noqa: E731
+                                                              label_smoothing=0.2)
+    assert torch.autograd.gradgradcheck(loss, inputs)
+
+
+def test_classifier_hessian_vector_product_matches_torch(device):
+    """The Hessian-vector product of a classifier's training loss (influence functions, curvature
+    estimates): gpunn layers and cross-entropy, against torch's."""
+    gen = torch.Generator().manual_seed(8)
+    net = torch.nn.Sequential(gpunn.Linear(7, 12, activation="gelu"), gpunn.Linear(12, 5))
+    net = net.to(device=device, dtype=torch.float64)
+    reference = torch.nn.Sequential(torch.nn.Linear(7, 12), torch.nn.GELU(), torch.nn.Linear(12, 5))
+    reference = reference.to(device=device, dtype=torch.float64)
+    reference.load_state_dict({key.replace("1.", "2."): value for key, value in net.state_dict().items()})
+    x = torch.randn(10, 7, generator=gen, dtype=torch.float64).to(device)
+    y = torch.randint(0, 5, (10,), generator=gen).to(device)
+    vector = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device) for p in net.parameters()]
+
+    def hvp(model, cross_entropy):
+        params = list(model.parameters())
+        grads = torch.autograd.grad(cross_entropy(model(x), y, label_smoothing=0.1), params, create_graph=True)
+        return torch.autograd.grad(grads, params, vector)
+
+    with count_launches() as launches:
+        ours = hvp(net, gpunn.functional.cross_entropy)
+    assert launches["cross_entropy_double_backward_kernel"] == 1
+    for mine, theirs in zip(ours, hvp(reference, torch.nn.functional.cross_entropy)):
+        assert_close(mine, theirs, torch.float64, "Hessian-vector product")
+
+
 def test_masked_layer_and_triple_backward_are_refused(device):
     masked = gpunn.MaskedLinear(4, 3, torch.rand(3, 4, device=device) < 0.7, device=device)
     x = torch.randn(5, 4, device=device, requires_grad=True)
