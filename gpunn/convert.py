@@ -18,7 +18,7 @@ import types
 
 import torch
 
-from . import masks
+from . import functional, masks
 from .modules import RNN, Linear, LocallyConnected2d, MaskedLinear, RNNCell
 
 # Activation modules gpunn.Linear can fuse: (its activation name, negative slope) for a module.
@@ -140,7 +140,8 @@ def local_from_masked(layer: MaskedLinear, in_channels: int, input_size, kernel_
     if layer.in_features != in_channels * height * width:
         raise ValueError(f"a MaskedLinear with {layer.in_features} inputs does not read {in_channels} channels of "
                          f"{height}x{width}")
-    probe = masks.local_2d((in_channels, height, width), kernel_size, stride, padding, dilation)
+    geometry = functional.local_geometry(kernel_size, stride, padding, dilation)  # a padding string resolved
+    probe = masks.local_2d((in_channels, height, width), kernel_size, stride, (geometry.ph, geometry.pw), dilation)
     if layer.out_features % probe.shape[0]:
         raise ValueError(f"a MaskedLinear with {layer.out_features} outputs does not fit {probe.shape[0]} output "
                          f"positions per channel")

@@ -46,9 +46,6 @@ def _check_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if weight.dim() > 2:
         raise RuntimeError(f"gpunn linear expects a 2-D weight (out_features, in_features) or a 1-D one "
                            f"(in_features,), got shape {tuple(weight.shape)}")
-    if weight.dim() == 1 and bias is not None and not (input.dim() == 1 and bias.dim() == 0):
-        # torch adds a bias to a 1-D weight's product only when all three are vectors and a scalar.
-        raise RuntimeError("mat2 must be a matrix, got 1-D tensor")
     if input.shape[-1] != weight.shape[-1]:
         rows, outputs = input.shape[:-1].numel(), weight.shape[0] if weight.dim() == 2 else 1
         raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{input.shape[-1]} and "
@@ -69,17 +66,35 @@ def _check_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         if bias.device != input.device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two "
                                f"devices, {input.device} and {bias.device}!")
-        # One value per output feature, in any shape of leading 1s (torch's own rules for other shapes
-        # depend on which of its kernels runs: it adds some after the product and rejects others).
-        if bias.dim() > 0 and (bias.shape[-1] not in (1, weight.shape[0]) or any(n != 1 for n in bias.shape[:-1])):
-            product = (*input.shape[:-1], weight.shape[0])
-            try:
-                torch.broadcast_shapes(product, bias.shape)
-            except RuntimeError:
-                raise RuntimeError(f"bias of shape {tuple(bias.shape)} does not broadcast to the product's "
-                                   f"shape {tuple(product)}") from None
-            raise NotImplementedError(f"gpunn adds one bias per output feature; a bias of shape "
-                                      f"{tuple(bias.shape)} varies along the batch dims")
+        _check_linear_bias(input, weight, bias)
+
+
+def _check_linear_bias(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """gpunn adds one bias value per output feature, given in any shape of leading 1s that does not add dims
+    past the product's (or 2). torch's own rules for other shapes depend on which of its kernels runs: it
+    adds some after its product (NotImplementedError here) and rejects the rest (RuntimeError, as here)."""
+    if weight.dim() == 1:  # one output, its dim dropped: torch adds a bias there only after a matmul
+        if input.dim() == 2 or (input.dim() == 1 and bias.dim() != 0):
+            raise RuntimeError("mat2 must be a matrix, got 1-D tensor")
+        product, one_per_feature = tuple(input.shape[:-1]), bias.numel() == 1
+    else:
+        product = (*input.shape[:-1], weight.shape[0])
+        one_per_feature = bias.dim() == 0 or (bias.shape[-1] in (1, weight.shape[0])
+                                              and all(n == 1 for n in bias.shape[:-1]))
+    if bias.dim() > max(len(product), 2):
+        raise RuntimeError(f"bias of shape {tuple(bias.shape)} has more dims than the product's shape "
+                           f"{tuple(product)}")
+    if one_per_feature:
+        return
+    try:
+        broadcast = torch.broadcast_shapes(product, bias.shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != tuple(product):
+        raise RuntimeError(f"bias of shape {tuple(bias.shape)} does not broadcast to the product's shape "
+                           f"{tuple(product)}")
+    raise NotImplementedError(f"gpunn adds one bias per output feature; a bias of shape {tuple(bias.shape)} "
+                              f"varies along the batch dims")
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -90,7 +105,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         input: (*, in_features), any number of leading dims (1-D included), any strides.
         weight: (out_features, in_features), or (in_features,) for one output whose dim is dropped.
         bias: (out_features,), or one value per output feature in another shape ((), (1,), (1,
-            out_features), ...), or None.
+            out_features), ...; see _check_linear_bias), or None.
         activation: None, "relu", "leaky_relu", "gelu" (erf), "gelu_tanh", "tanh", "sigmoid" or "silu".
         negative_slope: the slope of "leaky_relu" for negative inputs.
 

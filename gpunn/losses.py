@@ -163,9 +163,12 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     if input.dim() == 0:
         raise IndexError("Dimension specified as 1 but tensor has no dimensions")
     if input.dim() == 1 and target.dim() == 1 and not probabilities:
+        _check_index_dtype(target)  # before the size, for unbatched logits
         if target.shape[0] != 1:
             raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
         target = target.reshape(())  # torch takes a (1,) target of unbatched logits as their class
+    if input.dim() > 1 and target.dim() == 0 and input.shape[0] == 0:
+        raise IndexError("Dimension specified as 0 but tensor has no dimensions")
     if input.dim() > 1 and (target.dim() == 0 or target.shape[0] != input.shape[0]):
         raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
                          f"({target.shape[0] if target.dim() else 0}).")
@@ -183,8 +186,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
                            "This input cannot have requires_grad True.")
     if probabilities:
         return _cross_entropy_probabilities(input, target, weight, ignore_index, reduction, label_smoothing)
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_scalar_type_name(target.dtype)}")
+    _check_index_dtype(target)
     expected_target = _batch_shape(input)
     if tuple(target.shape) != expected_target:
         raise RuntimeError(f"expected target of shape {list(expected_target)} for input of shape "
@@ -308,6 +310,11 @@ _cross_entropy_probs = Op("cross_entropy_probs", _cross_entropy_probs_impl, _cro
 _SCALAR_TYPE_NAMES = {torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
                       torch.uint8: "Byte", torch.bool: "Bool", torch.float64: "Double", torch.float32: "Float",
                       torch.float16: "Half", torch.bfloat16: "BFloat16"}
+
+
+def _check_index_dtype(target: torch.Tensor) -> None:
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_scalar_type_name(target.dtype)}")
 
 
 def _scalar_type_name(dtype: torch.dtype) -> str:

@@ -67,6 +67,44 @@ def test_gradient_penalty_matches_torch(device, activation, lead, k, n, bias, fr
                 assert_close(a, r, torch.float64, f"{what} {i}")
 
 
+@pytest.mark.parametrize("k,n", [(0, 3), (3, 0)], ids=["no_inputs", "no_outputs"])
+@pytest.mark.parametrize("activation", [None, "tanh"])
+def test_double_backward_of_empty_features(device, k, n, activation):
+    x, w, b = (torch.randn(shape, device=device, dtype=torch.float64, requires_grad=True)
+               for shape in ((4, k), (n, k), (n,)))
+    results = []
+    for linear in (lambda *t: gpunn.functional.linear(*t, activation),
+                   lambda *t: reference_linear(*t, activation)):
+        grads = torch.autograd.grad(linear(x, w, b).pow(2).sum(), (x, w, b), create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in grads)
+        unused = (None,) * 3  # nothing reaches the penalty (torch's graph may leave it constant)
+        results.append(torch.autograd.grad(penalty, (x, w, b), allow_unused=True) if penalty.requires_grad else unused)
+    for ours, theirs in zip(*results):
+        if theirs is None:
+            assert ours is None or not ours.any()
+        else:
+            assert torch.allclose(ours, theirs)
+
+
+def test_first_order_allows_in_place_changes_torch_allows(device):
+    """What first order does not save may change in place after the forward, as with torch.nn.Linear; double
+    backward, which recomputes z from it, refuses a changed one as torch refuses a changed saved tensor."""
+    layer = gpunn.Linear(3, 2, activation="gelu", device=device).requires_grad_(False)
+    x = torch.randn(4, 3, device=device, requires_grad=True)
+    h = x * 2
+    y = layer(h)
+    h.add_(1)  # the frozen layer's input: first order needs only the weight and act'(z)
+    y.sum().backward()
+    layer = gpunn.Linear(3, 2, activation="tanh", device=device)
+    y = layer(x)
+    with torch.no_grad():
+        layer.bias.add_(1)
+    (grad_x,) = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    assert grad_x.shape == x.shape
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
 def test_double_backward_runs_triton_kernels_only(device):
     """A Hessian-vector product through two layers: every product is a gpunn kernel, no torch matmul."""
     model = torch.nn.Sequential(gpunn.Linear(6, 9, activation="silu"), gpunn.Linear(9, 3, activation="tanh"))

@@ -302,7 +302,8 @@ def test_triton_path_runs_and_no_torch_matmul(device):
 # feature in other shapes, that torch.nn.functional.linear accepts.
 BROADCAST_CASES = [((6, 5), (5,), None), ((2, 3, 5), (5,), None), ((5,), (5,), None), ((5,), (5,), ()),
                    ((6, 5), (7, 5), ()), ((6, 5), (7, 5), (1,)), ((6, 5), (7, 5), (1, 7)),
-                   ((2, 6, 5), (7, 5), (1, 7)), ((2, 6, 5), (7, 5), (1, 1)), ((5,), (7, 5), (1, 7))]
+                   ((2, 6, 5), (7, 5), (1, 7)), ((2, 6, 5), (7, 5), (1, 1)), ((5,), (7, 5), (1, 7)),
+                   ((2, 6, 5), (5,), ()), ((2, 6, 5), (5,), (1, 1))]
 
 
 @pytest.mark.parametrize("x_shape,w_shape,b_shape", BROADCAST_CASES, ids=str)
@@ -328,9 +329,11 @@ def test_vector_weight_and_broadcast_bias_match_torch(device, x_shape, w_shape, 
 
 @pytest.mark.parametrize("x_shape,w_shape,b_shape,error", [
     ((6, 5), (5,), (1,), RuntimeError), ((5,), (5,), (1,), RuntimeError),  # torch: "mat2 must be a matrix"
-    ((6, 5), (7, 5), (2, 7), RuntimeError),  # does not broadcast
+    ((6, 5), (7, 5), (2, 7), RuntimeError), ((6, 5), (1, 5), (6,), RuntimeError),  # do not broadcast
+    ((6, 5), (7, 5), (1, 1, 7), RuntimeError), ((5,), (7, 5), (1, 1, 7), RuntimeError),  # add dims
     # A bias that varies along the batch dims (torch adds it after its product):
     ((6, 5), (7, 5), (6, 7), NotImplementedError), ((2, 6, 5), (7, 5), (2, 1, 7), NotImplementedError),
+    ((2, 6, 5), (5,), (2, 6), NotImplementedError),
 ], ids=str)
 def test_unsupported_bias_raises_before_any_launch(device, x_shape, w_shape, b_shape, error):
     args = [torch.randn(shape, device=device) for shape in (x_shape, w_shape, b_shape)]

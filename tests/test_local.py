@@ -328,6 +328,8 @@ def test_padding_strings_as_conv2d(device, padding, kernel, dilation):
     masked = gpunn.convert.masked_from_local(layer)
     x = torch.randn(3, 2, 6, 7, device=device, dtype=torch.float64)
     assert_close(masked(x.flatten(1)), layer(x).flatten(1), torch.float64, "masked form")
+    back = gpunn.convert.local_from_masked(masked, 2, (6, 7), kernel, padding=padding, dilation=dilation)
+    assert back.padding == padding and torch.equal(back(x), layer(x))
     line = gpunn.LocallyConnected1d(2, 3, 9, 5, padding=padding, device=device, dtype=torch.float64)
     assert line.output_length == torch.nn.Conv1d(2, 3, 5, padding=padding)(torch.zeros(1, 2, 9)).shape[-1]
     x1 = torch.randn(2, 2, 9, device=device, dtype=torch.float64)

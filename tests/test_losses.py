@@ -82,7 +82,9 @@ def test_cross_entropy_errors_match_torch(device):
              (x[0], torch.tensor([0, 1], device=device), {}),  # unbatched logits: a (1,) target at most
              (x, torch.tensor(1, device=device), {}),  # a batch of logits, a 0-dim target
              (x[0, 0], torch.tensor(0, device=device), {}), (x[0, :1], torch.tensor([0], device=device), {}),
-             (x.double(), good, dict(weight=torch.ones(4, device=device)))]  # class indices: no promotion
+             (x.double(), good, dict(weight=torch.ones(4, device=device))),  # class indices: no promotion
+             (x[0], torch.tensor([1, 2, 3], device=device, dtype=torch.int32), {}),  # unbatched: dtype first
+             (x[:0], torch.tensor(1, device=device), {})]
     for logits, target, kwargs in cases:
         # torch's reference runs on the CPU: on CUDA its out-of-range target is a device-side assert, which raises
         # nothing here and leaves the process's CUDA context unusable. gpunn checks targets on the host and raises.

@@ -11,7 +11,11 @@ Saved for backward, the least that gives exact gradients: the input only if weig
 weight only if input does, plus what the activation's derivative needs (nothing, the output, or act'(z),
 written by the forward kernel when save_derivative; see gpunn.kernels.activations). Double backward
 (create_graph=True) for the dense layer: its first-order backward runs as gpunn::linear_backward, whose own
-gradient is gpunn.kernels.dense_double_backward's pass between GEMMs; no triple backward.
+gradient is gpunn.kernels.dense_double_backward's pass between GEMMs; no triple backward. With an
+activation, double backward recomputes z, so the dense layer also keeps references to whichever of input,
+weight and bias first order does not save (the input, then, only where the weight is frozen), outside
+save_for_backward: first-order backward then allows an in-place change of them after the forward, as
+torch.nn.Linear does, and double backward checks their versions itself.
 """
 from __future__ import annotations
 
@@ -124,13 +128,31 @@ def _linear_fake(input, weight, bias, mask, block_n, block_k, activation, negati
 
 def _setup_context(ctx, inputs, output):
     input, weight, bias, mask, block_n, block_k, activation, negative_slope, _ = inputs
+    need_input, need_weight = ctx.needs_input_grad[:2]
     grad_from = activations.grad_source(activation, negative_slope)
     saved = {activations.GRAD_FROM_OUTPUT.value: output[0], activations.GRAD_FROM_SAVED.value: output[1]}
-    # The input and weight are saved whether or not first-order backward needs them (references: a weight is
-    # alive anyway, and so, mostly, is an input), as double backward needs both.
-    ctx.save_for_backward(input, weight, bias, saved.get(grad_from), metadata_to_save(ctx, "mask", mask))
+    ctx.save_for_backward(input if need_weight else None, weight if need_input else None, saved.get(grad_from),
+                          metadata_to_save(ctx, "mask", mask))
+    # What double backward needs beyond first order (see the module docstring): the weight and bias (free: a
+    # layer holds them anyway), and the input where z must be recomputed and first order does not save it.
+    dense = mask is None
+    kept = (input if dense and activation is not None and not need_weight else None,
+            weight if dense and not need_input else None, bias if dense else None)
+    ctx.for_second_order = [(t, None if t is None or t.is_inference() else t._version) for t in kept]
     ctx.options = dict(block_n=block_n, block_k=block_k, activation=activation, negative_slope=negative_slope)
     ctx.weight_shape = list(weight.shape)
+
+
+def _kept(saved: torch.Tensor | None, kept: tuple, name: str) -> torch.Tensor | None:
+    """A tensor first order saved, or else the reference kept for double backward, checked unchanged since."""
+    if saved is not None:
+        return saved
+    tensor, version = kept
+    if tensor is not None and version is not None and tensor._version != version:
+        raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
+                           f"operation: gpunn linear's {name} is at version {tensor._version}; expected version "
+                           f"{version} instead (double backward recomputes the pre-activation from it)")
+    return tensor
 
 
 def _first_order(grad_output, saved, input, weight, mask, weight_shape, block_n, block_k, activation, negative_slope,
@@ -157,15 +179,17 @@ def _first_order(grad_output, saved, input, weight, mask, weight_shape, block_n,
 
 
 def _backward(ctx, grad_output, _):
-    input, weight, bias, saved, mask = ctx.saved_tensors
+    input, weight, saved, mask = ctx.saved_tensors
     mask = saved_metadata(ctx, "mask", mask)
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     options = ctx.options
     if torch.is_grad_enabled():  # create_graph=True: the gradients as an op autograd can differentiate
         if mask is not None:
             refuse_double_backward("masked_linear")
-        grads = backward(grad_output, saved, input, weight, bias, options["activation"], options["negative_slope"],
-                         need_input, need_weight, need_bias)
+        kept_input, kept_weight, kept_bias = ctx.for_second_order
+        input, weight = _kept(input, kept_input, "input"), _kept(weight, kept_weight, "weight")
+        grads = backward(grad_output, saved, input, weight, _kept(None, kept_bias, "bias"), options["activation"],
+                         options["negative_slope"], need_input, need_weight, need_bias)
         grads = [grad if need else None for grad, need in zip(grads, (need_input, need_weight, need_bias))]
     else:
         grads = _first_order(grad_output, saved, input, weight, mask, ctx.weight_shape, **options,
@@ -176,11 +200,12 @@ def _backward(ctx, grad_output, _):
 linear = Op("linear", _linear, _linear_fake, _setup_context, _backward)
 
 
-def _backward_op(grad_output: torch.Tensor, saved: torch.Tensor | None, input: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor | None, activation: str | None, negative_slope: float, need_input: bool,
-                 need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_op(grad_output: torch.Tensor, saved: torch.Tensor | None, input: torch.Tensor | None,
+                 weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None, negative_slope: float,
+                 need_input: bool, need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The dense layer's (dx (*, K), dW (N, K), db (N,)), each nothing where not needed: its first-order
-    backward as an op of its own, which double backward differentiates (used under create_graph=True)."""
+    backward as an op of its own, which double backward differentiates (used under create_graph=True). The
+    input may be None where neither order needs it (no activation, a frozen weight)."""
     grads = _first_order(grad_output, saved, input, weight, None, list(weight.shape), 0, 0, activation,
                          negative_slope, need_input, need_weight, need_bias)
     return tuple(grad if grad is not None else nothing(grad_output) for grad in grads)
@@ -188,7 +213,7 @@ def _backward_op(grad_output: torch.Tensor, saved: torch.Tensor | None, input: t
 
 def _backward_op_fake(grad_output, saved, input, weight, bias, activation, negative_slope, need_input, need_weight,
                       need_bias):
-    return (input.new_empty(input.shape) if need_input else nothing(grad_output),
+    return (grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1])) if need_input else nothing(grad_output),
             weight.new_empty(weight.shape) if need_weight else nothing(grad_output),
             weight.new_empty(weight.shape[:1]) if need_bias else nothing(grad_output))
 
@@ -209,9 +234,10 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
     n, k = weight.shape
     # A gradient that did not reach its output arrives as None, or as zeros the size of the placeholder.
     grad_dx, grad_dw, grad_db = (g if g is not None and g.numel() and g.shape == shape else None
-                                 for g, shape in ((grad_dx, input.shape), (grad_dw, weight.shape),
+                                 for g, shape in ((grad_dx, (*dy.shape[:-1], k)), (grad_dw, weight.shape),
                                                   (grad_db, weight.shape[:1])))
-    x = input.reshape(-1, k)
+    rows = math.prod(dy.shape[:-1])
+    x = input.reshape(rows, k) if input is not None else None  # rows spelled out: none to infer when k is 0
     second = activations.has_second_derivative(activation) and (need_input or need_weight or need_bias)
     dz_for_input = grad_dw is not None and need_input  # dx = dz W: dz g_dW reaches the input
     dz_for_weight = grad_dx is not None and need_weight  # dW = dz^T x: dz^T g_dx reaches the weight
@@ -219,7 +245,7 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
         return (None, None, *_zero_where_connected(activation, (None,) * 3, ctx.needs_input_grad[2:5],
                                                    (input, weight, bias))) + (None,) * 5
     # g_dz = g_dx W^T + x g_dW^T + g_db: one forward GEMM over the operands side by side.
-    lhs = [t for t in (grad_dx.reshape(-1, k) if grad_dx is not None else None,
+    lhs = [t for t in (grad_dx.reshape(rows, k) if grad_dx is not None else None,
                        x if grad_dw is not None else None) if t is not None]
     rhs = [t for t in (weight if grad_dx is not None else None, grad_dw) if t is not None]
     grad_dz = None
@@ -227,7 +253,7 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
         lhs, rhs = (lhs[0], rhs[0]) if len(lhs) == 1 else (torch.cat(lhs, 1), torch.cat(rhs, 1))
         grad_dz = Rows.of(dense.forward(Rows.of(lhs), rhs, grad_db, None, 0.0, False)[0])
     elif grad_db is not None:
-        grad_dz = Rows.of(grad_db.expand(x.shape[0], n))
+        grad_dz = Rows.of(grad_db.expand(rows, n))
     z = dense.forward(Rows.of(x), weight, bias, None, 0.0, False)[0] if activation is not None else None
     grad_dy, dz, grad_z, grad_b = dense_double_backward.elementwise(
         Rows.of(dy), grad_dz, z, activation, negative_slope, need_dy, dz_for_input or dz_for_weight, second,
@@ -239,7 +265,7 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
         grad_x = dense.grad_input(*_joined(terms, 1)).view(input.shape)
     if need_weight and (dz_for_weight or second):
         # dW = dz^T x: g_W = dz^T g_dx + g_z^T x, one GEMM over the rows of both.
-        terms = [(dz, grad_dx.reshape(-1, k)) if dz_for_weight else None, (grad_z, x) if second else None]
+        terms = [(dz, grad_dx.reshape(rows, k)) if dz_for_weight else None, (grad_z, x) if second else None]
         grad_w = dense.grad_weight(*_joined(terms, 0), (n, k))
     grads = _zero_where_connected(activation, (grad_x, grad_w, grad_b), (need_input, need_weight, need_bias),
                                   (input, weight, bias))
@@ -267,7 +293,7 @@ def _joined(terms, weight_dim):
     pair = dz.as_strided((dz.shape[0], 2 * dz.shape[1]), (dz.stride(0), 1))  # [dz | g_z]: one buffer
     if weight_dim:
         return Rows.of(pair), torch.cat([first, second], 0)
-    rows = pair.view(-1, 2, dz.shape[1]).transpose(0, 1)  # (2, M, N): dz's rows, then g_z's
+    rows = pair.view(dz.shape[0], 2, dz.shape[1]).transpose(0, 1)  # (2, M, N): dz's rows, then g_z's
     return Rows.of(rows), Rows.of(torch.stack([first, second]))
 
 
