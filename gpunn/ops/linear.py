@@ -202,7 +202,8 @@ linear = Op("linear", _linear, _linear_fake, _setup_context, _backward)
 
 def _backward_op(grad_output: torch.Tensor, saved: torch.Tensor | None, input: torch.Tensor | None,
                  weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None, negative_slope: float,
-                 need_input: bool, need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 need_input: bool, need_weight: bool, need_bias: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The dense layer's (dx (*, K), dW (N, K), db (N,)), each nothing where not needed: its first-order
     backward as an op of its own, which double backward differentiates (used under create_graph=True). The
     input may be None where neither order needs it (no activation, a frozen weight)."""
