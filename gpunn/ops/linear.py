@@ -11,11 +11,11 @@ Saved for backward, the least that gives exact gradients: the input only if weig
 weight only if input does, plus what the activation's derivative needs (nothing, the output, or act'(z),
 written by the forward kernel when save_derivative; see gpunn.kernels.activations). Double backward
 (create_graph=True) for the dense layer: its first-order backward runs as gpunn::linear_backward, whose own
-gradient is gpunn.kernels.dense_double_backward's pass between GEMMs; no triple backward. With an
-activation, double backward recomputes z, so the dense layer also keeps references to whichever of input,
-weight and bias first order does not save (the input, then, only where the weight is frozen), outside
-save_for_backward: first-order backward then allows an in-place change of them after the forward, as
-torch.nn.Linear does, and double backward checks their versions itself.
+gradient is gpunn.kernels.dense_double_backward's pass between GEMMs; no triple backward. Double backward
+needs the weight and bias, and, with an activation (it recomputes z), the input: the dense layer keeps
+references to those first order does not save (the input, then, only where the weight is frozen), outside
+save_for_backward, so that first-order backward allows an in-place change of them after the forward, as
+torch.nn.Linear does; double backward checks their versions itself.
 """
 from __future__ import annotations
 
@@ -135,9 +135,9 @@ def _setup_context(ctx, inputs, output):
                           metadata_to_save(ctx, "mask", mask))
     # What double backward needs beyond first order (see the module docstring): the weight and bias (free: a
     # layer holds them anyway), and the input where z must be recomputed and first order does not save it.
-    dense = mask is None
-    kept = (input if dense and activation is not None and not need_weight else None,
-            weight if dense and not need_input else None, bias if dense else None)
+    is_dense = mask is None
+    kept = (input if is_dense and activation is not None and not need_weight else None,
+            weight if is_dense and not need_input else None, bias if is_dense else None)
     ctx.for_second_order = [(t, None if t is None or t.is_inference() else t._version) for t in kept]
     ctx.options = dict(block_n=block_n, block_k=block_k, activation=activation, negative_slope=negative_slope)
     ctx.weight_shape = list(weight.shape)
