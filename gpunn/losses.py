@@ -10,7 +10,7 @@ import torch
 from . import autocast
 from .kernels import cross_entropy_double_backward as second_order, losses as kernels
 from .kernels.runtime import triton_runs_on
-from .ops.library import Op, nothing, refuse_double_backward
+from .ops.library import Op, arrived, nothing, refuse_double_backward
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -273,9 +273,8 @@ def _cross_entropy_probs_double_backward(ctx, grad_dx, grad_dt):
     refuse_double_backward("cross_entropy", "triple")
     grad, logits, target, weight, stats, row_mass = ctx.saved_tensors
     need_grad, need_logits, need_target = ctx.needs_input_grad[:3]
-    # A gradient that did not reach its output arrives as None, or as zeros the size of the placeholder.
-    grad_dx, grad_dt = (g.contiguous() if g is not None and g.shape == logits.shape else None
-                        for g in (grad_dx, grad_dt))
+    grad_dx, grad_dt = (g.contiguous() if g is not None else None
+                        for g in (arrived(grad_dx, logits.shape), arrived(grad_dt, logits.shape)))
     if (grad_dx is None and grad_dt is None) or not (need_grad or need_logits or need_target):
         return (None,) * 10
     gx, gt, gg = second_order.cross_entropy_double_backward(
@@ -356,13 +355,11 @@ def _mse_loss_double_backward(ctx, grad_dx, grad_dy):
     refuse_double_backward("mse_loss", "triple")
     grad, input, target = ctx.saved_tensors
     need_grad, need_input, need_target = ctx.needs_input_grad[:3]
-    # A gradient that did not reach its output arrives as None, or as zeros the size of the placeholder.
-    grad_dx, grad_dy = (g.contiguous() if g is not None and g.shape == input.shape else None
-                        for g in (grad_dx, grad_dy))
+    grad_dx, grad_dy = (arrived(g, input.shape) for g in (grad_dx, grad_dy))
     if grad_dx is None and grad_dy is None:
         return (None,) * 6
-    grad_dx = grad_dx if grad_dx is not None else torch.zeros_like(grad_dy)
-    grad_dy = grad_dy if grad_dy is not None else torch.zeros_like(grad_dx)
+    grad_dx = grad_dx.contiguous() if grad_dx is not None else torch.zeros_like(grad_dy)
+    grad_dy = grad_dy.contiguous() if grad_dy is not None else torch.zeros_like(grad_dx)
     gx = gy = gg = None
     if need_input or need_target:
         gx, gy = kernels.mse_backward(grad_dx, grad_dy, grad, ctx.reduction, need_input, need_target)

@@ -113,6 +113,22 @@ def _store_row_stats(stats_ptr, rows, r_ok, N, running_max, running_sum):
 
 
 @triton.jit
+def _smoothing_weight_total(weight_ptr, C, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
+                            COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """W = sum_j w_j (C without weights), which label smoothing's gradient takes; 0 without smoothing, where
+    nothing reads it (and no program sums the weights)."""
+    total = tl.zeros((), COMPUTE)
+    if SMOOTHING != 0.0:
+        if HAS_WEIGHT:
+            cols = tl.arange(0, BLOCK_C)
+            for c0 in range(0, C, BLOCK_C):
+                total += tl.sum(tl.load(weight_ptr + c0 + cols, mask=c0 + cols < C, other=0.0).to(COMPUTE), axis=0)
+        else:
+            total += C
+    return total
+
+
+@triton.jit
 def _row_stats(stats_ptr, rows, r_ok, N):
     """(each row's max, the log of its sum of exp(x - max)), as the forward kernels stored them."""
     return (tl.load(stats_ptr + rows, mask=r_ok, other=0.0), tl.load(stats_ptr + N + rows, mask=r_ok, other=0.0))
@@ -181,11 +197,7 @@ def cross_entropy_backward_kernel(
     scale = tl.where(kept, scale, tl.where(bad, float("nan"), 0.0))
     safe = tl.where(kept, target, 0)
     w_y = tl.load(weight_ptr + safe, mask=kept, other=0.0).to(COMPUTE) if HAS_WEIGHT else kept.to(COMPUTE)
-    weight_total = tl.zeros((), COMPUTE) + C
-    if SMOOTHING != 0.0 and HAS_WEIGHT:
-        weight_total = tl.zeros((), COMPUTE)
-        for c0 in range(0, C, BLOCK_C):
-            weight_total += tl.sum(tl.load(weight_ptr + c0 + cols, mask=c0 + cols < C, other=0.0).to(COMPUTE), axis=0)
+    weight_total = _smoothing_weight_total(weight_ptr, C, HAS_WEIGHT, SMOOTHING, COMPUTE, BLOCK_C)
     row_max, log_sum = _row_stats(stats_ptr, rows, r_ok, N)
     for c0 in range(0, C, BLOCK_C):
         c_ok = c0 + cols < C

@@ -153,6 +153,12 @@ def nothing(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
+def arrived(grad: torch.Tensor | None, shape) -> torch.Tensor | None:
+    """A gradient handed to a double backward, or None where none reached its output: autograd passes None
+    there, or (the custom op's path) zeros the size of the `nothing` placeholder."""
+    return grad if grad is not None and grad.numel() and tuple(grad.shape) == tuple(shape) else None
+
+
 def refuse_double_backward(op: str, order: str = "double") -> None:
     """Where the kernels' gradients are not differentiable, refuse create_graph=True rather than hand back
     gradients that would silently act as constants in a further differentiation."""

@@ -26,7 +26,7 @@ import torch
 from ..kernels import activations, dense, dense_double_backward, masked
 from ..kernels.layout import layout_of
 from ..kernels.runtime import Rows
-from .library import Op, metadata_to_save, nothing, refuse_double_backward, saved_metadata
+from .library import Op, arrived, metadata_to_save, nothing, refuse_double_backward, saved_metadata
 
 
 def _as_rows(saved: torch.Tensor | None, dy: Rows) -> torch.Tensor | None:
@@ -233,10 +233,8 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
     need_dy, _, need_input, need_weight, need_bias = ctx.needs_input_grad[:5]
     activation, negative_slope = ctx.activation, ctx.negative_slope
     n, k = weight.shape
-    # A gradient that did not reach its output arrives as None, or as zeros the size of the placeholder.
-    grad_dx, grad_dw, grad_db = (g if g is not None and g.numel() and g.shape == shape else None
-                                 for g, shape in ((grad_dx, (*dy.shape[:-1], k)), (grad_dw, weight.shape),
-                                                  (grad_db, weight.shape[:1])))
+    grad_dx, grad_dw, grad_db = (arrived(g, shape) for g, shape in ((grad_dx, (*dy.shape[:-1], k)),
+                                                                     (grad_dw, weight.shape), (grad_db, (n,))))
     rows = math.prod(dy.shape[:-1])
     x = input.reshape(rows, k) if input is not None else None  # rows spelled out: none to infer when k is 0
     second = activations.has_second_derivative(activation) and (need_input or need_weight or need_bias)
