@@ -1,4 +1,4 @@
-"""The dense layer's double backward: the elementwise pass between its GEMMs, and its launcher.
+"""The dense and masked layers' double backward: the elementwise pass between their GEMMs, and its launcher.
 
 First-order backward maps (dy, x, W, b) to dz = dy * act'(z), dx = dz W, dW = dz^T x and db = sum dz, with
 z = x W^T + b. Given the gradients (g_dx, g_dW, g_db) of those, the chain rule through dz needs
@@ -7,7 +7,8 @@ and then, per element (this pass, one read of dy, g_dz and z):
     g_dy = g_dz * act'(z)               (dy's gradient)
     dz   = dy * act'(z)                 (for the terms dx and dW contribute directly: dz g_dW, dz^T g_dx)
     g_z  = g_dz * dy * act''(z)         (the gradient at z, which reaches x, W and b as in first order)
-and g_b, the column sums of g_z. The layer's op (gpunn.ops.linear) runs the GEMMs around it. act' and act''
+and g_b, the column sums of g_z. The layer's op (gpunn.ops.linear) runs the GEMMs around it (for the
+masked layer, with W and g_dW under the mask). act' and act''
 are evaluated from z (recomputed by a forward GEMM), so every activation takes the same path.
 """
 from __future__ import annotations

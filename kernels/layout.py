@@ -178,6 +178,24 @@ def layout_for(mask: torch.Tensor, block: tuple[int, int]) -> BlockLayout:
     return layout
 
 
+# layout -> {reps: the layout of its mask repeated}, alive as long as the layout is.
+_repeats: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def repeated(layout: BlockLayout, reps: tuple[int, int]) -> BlockLayout:
+    """The layout of layout's mask repeated reps = (along N, along K) times, as Tensor.repeat lays it out:
+    the mask of a GEMM over two weights side by side ([W | V] at (1, 2)) or stacked ([W; V] at (2, 1)), both
+    masked by the same mask, as the masked layer's double backward runs its sums of two products. Built on
+    first use (one host sync) and kept as long as `layout` lives."""
+    reps = tuple(reps)
+    if reps == (1, 1):
+        return layout
+    built = _repeats.setdefault(layout, {})
+    if reps not in built:
+        built[reps] = build(layout.mask.view(torch.bool).repeat(*reps), layout.block)
+    return built[reps]
+
+
 @torch.compiler.disable
 def layout_of(mask: torch.Tensor, block: tuple[int, int]) -> BlockLayout:
     """The layout a masked op is handed as a tensor (torch's custom ops take tensors, not layouts): a bool

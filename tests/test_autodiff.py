@@ -1,6 +1,8 @@
-"""Autodiff past first-order reverse mode. Double backward (create_graph=True) through the dense layer,
-against torch.nn in float64: gradient penalties, Hessian-vector products, gradients of input gradients.
-Forward mode, which the kernels do not implement, is refused rather than its tangents dropped."""
+"""Autodiff past first-order reverse mode. Double backward (create_graph=True) through the dense and
+masked layers and the losses, and every order through the locally connected layers, against torch.nn in
+float64: gradient penalties, Hessian-vector products, gradients of input gradients. What the kernels do not
+implement (forward mode, double backward through the recurrent layers, a third order through the dense and
+masked layers) is refused rather than its tangents or terms dropped."""
 from __future__ import annotations
 
 import pytest
@@ -9,8 +11,28 @@ import torch.autograd.forward_ad as forward_ad
 from helpers import ACTIVATIONS, TorchOpSpy, assert_close, count_launches, leaf64, reference_linear
 
 import gpunn
+from gpunn import reference as torch_reference
+from gpunn.kernels import layout as block_layout
 
 SLOPES = {"leaky_relu": -0.2}  # a negative slope: leaky_relu's derivative then comes from the saved act'(z)
+LAYERS = ["dense", "masked"]
+
+
+def _mask(n, k, seed):
+    """About half the connections, and a row and a column of none (all-empty blocks and rows)."""
+    mask = torch.rand(n, k, generator=torch.Generator().manual_seed(seed)) < 0.5
+    mask[n // 2] = False
+    mask[:, k // 2] = False
+    return mask
+
+
+def _layer(kind, activation, slope, mask=None):
+    """(gpunn's layer function of (x, w, b), torch's), the masked pair closing over the mask."""
+    if kind == "dense":
+        return (lambda *t: gpunn.functional.linear(*t, activation, slope),
+                lambda *t: reference_linear(*t, activation, slope))
+    return (lambda x, w, b: gpunn.functional.masked_linear(x, w, mask, b, activation, slope),
+            lambda x, w, b: torch_reference.masked_linear(x, w, mask.to(x.device), b, activation, slope))
 
 
 def _leaves(device, lead, k, n, bias=True, frozen=(), seed=0):
@@ -22,26 +44,33 @@ def _leaves(device, lead, k, n, bias=True, frozen=(), seed=0):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_gradgradcheck_every_activation(device, activation):
+@pytest.mark.parametrize("kind", LAYERS)
+def test_gradgradcheck_every_activation(device, kind, activation):
     """Every second derivative (of the gradients' every input) by finite differences of gpunn's own backward."""
     leaves, _ = _leaves(device, (2,), 3, 2)
-    slope = SLOPES.get(activation, 0.01)
-    assert torch.autograd.gradgradcheck(lambda x, w, b: gpunn.functional.linear(x, w, b, activation, slope),
-                                        (leaves["x"], leaves["w"], leaves["b"]))
+    layer, _ = _layer(kind, activation, SLOPES.get(activation, 0.01), _mask(2, 3, 1).to(device))
+    assert torch.autograd.gradgradcheck(layer, (leaves["x"], leaves["w"], leaves["b"]))
 
 
 @pytest.mark.parametrize("activation", ["gelu", "tanh", "relu", None])
 @pytest.mark.parametrize("lead,k,n,bias,frozen", [((9,), 7, 5, True, ()), ((2, 5), 3, 8, False, ()),
                                                    ((70,), 66, 3, True, ("w",)), ((6,), 4, 65, True, ("x",)),
                                                    ((1,), 1, 1, True, ("b",))], ids=str)
-def test_gradient_penalty_matches_torch(device, activation, lead, k, n, bias, frozen):
+@pytest.mark.parametrize("kind", LAYERS)
+def test_gradient_penalty_matches_torch(device, kind, activation, lead, k, n, bias, frozen):
     """A WGAN-GP style penalty: ||d out / d x||^2 and a loss of the gradients of every parameter, then
-    backward into every leaf; against torch.nn.functional on float64 copies."""
+    backward into every leaf; against torch.nn.functional on float64 copies. The masked layer's masked-out
+    weights hold NaN, which must reach nothing."""
     leaves, gen = _leaves(device, lead, k, n, bias, frozen, seed=k * 100 + n)
     x, w, b = leaves["x"], leaves["w"], leaves.get("b")
-    slope = SLOPES.get(activation, 0.01)
+    mask = _mask(n, k, seed=k + n).to(device)
+    if kind == "masked":
+        with torch.no_grad():
+            w.masked_fill_(~mask, float("nan"))
+    layer, torch_layer = _layer(kind, activation, SLOPES.get(activation, 0.01), mask)
     grad_output = torch.randn(*lead, n, generator=gen, dtype=torch.float64).to(device)
-    # The penalty weighs each gradient's elements differently, so that every element's path is checked.
+    # The penalty weighs each gradient's elements differently, so that every element's path is checked, and
+    # shifts them, so that its gradient is not zero where theirs is (the masked layer's dW off the mask).
     scales = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(device) if t is not None else None
               for t in (x, w, b)]
 
@@ -49,7 +78,7 @@ def test_gradient_penalty_matches_torch(device, activation, lead, k, n, bias, fr
         out = linear(*tensors)
         wanting = [(t, scale) for t, scale in zip(tensors, scales) if t is not None and t.requires_grad]
         grads = torch.autograd.grad(out, [t for t, _ in wanting], grad_output, create_graph=True)
-        penalty = sum((g * scale).pow(2).sum() for g, (_, scale) in zip(grads, wanting))
+        penalty = sum(((g + 1) * scale).pow(2).sum() for g, (_, scale) in zip(grads, wanting))
         wanting = [t for t, _ in wanting]
         # Without an activation the bias does not reach the gradients (nor, with a frozen weight, anything):
         # unused, for torch as for gpunn.
@@ -57,8 +86,8 @@ def test_gradient_penalty_matches_torch(device, activation, lead, k, n, bias, fr
             return out, grads, (None,) * len(wanting)
         return out, grads, torch.autograd.grad(penalty, wanting, allow_unused=True)
 
-    ours = second_order(lambda *t: gpunn.functional.linear(*t, activation, slope), (x, w, b))
-    theirs = second_order(lambda *t: reference_linear(*t, activation, slope), tuple(leaf64(t) for t in (x, w, b)))
+    ours = second_order(layer, (x, w, b))
+    theirs = second_order(torch_layer, tuple(leaf64(t) for t in (x, w, b)))
     for what, mine, ref in zip(("output", "first-order", "second-order"), ours, theirs):
         for i, (a, r) in enumerate(zip(mine if isinstance(mine, tuple) else [mine],
                                        ref if isinstance(ref, tuple) else [ref])):
@@ -219,16 +248,49 @@ def test_classifier_hessian_vector_product_matches_torch(device):
         assert_close(mine, theirs, torch.float64, "Hessian-vector product")
 
 
-def test_masked_layer_and_triple_backward_are_refused(device):
-    masked = gpunn.MaskedLinear(4, 3, torch.rand(3, 4, device=device) < 0.7, device=device)
+def test_masked_double_backward_runs_masked_kernels_only(device, monkeypatch):
+    """A Hessian-vector product through a masked layer: every product a masked kernel under the layer's mask
+    (no dense GEMM, no torch matmul); the layouts of the mask repeated, for operands side by side, are
+    built once per mask, not per call."""
+    mask = _mask(40, 37, seed=4).to(device)
+    layer = gpunn.MaskedLinear(37, 40, mask, activation="gelu", device=device, dtype=torch.float64)
+    x = torch.randn(9, 37, device=device, dtype=torch.float64, requires_grad=True)
+    builds = []
+    build = block_layout.build
+    monkeypatch.setattr(block_layout, "build", lambda *args: builds.append(args) or build(*args))
+    params = [x, *layer.parameters()]
+    vector = [torch.randn_like(p) for p in params]
+
+    def hvp(function):
+        grads = torch.autograd.grad(function(x, layer.weight, layer.bias).pow(2).sum(), params, create_graph=True)
+        return torch.autograd.grad(grads, params, vector)
+
+    with TorchOpSpy() as spy, count_launches() as launches:
+        ours = hvp(lambda *t: gpunn.functional.masked_linear(t[0], t[1], mask, t[2], "gelu"))
+    assert not spy.matmuls(), spy.matmuls()
+    assert not any(name.startswith("dense_") and name != "dense_double_backward_kernel" for name in launches), launches
+    assert launches["dense_double_backward_kernel"] == 1
+    built = len(builds)
+    hvp(lambda *t: gpunn.functional.masked_linear(t[0], t[1], mask, t[2], "gelu"))
+    assert len(builds) == built, "a second double backward rebuilt a layout"
+    theirs = hvp(lambda *t: torch_reference.masked_linear(t[0], t[1], mask, t[2], "gelu"))
+    for mine, ref in zip(ours, theirs):
+        assert_close(mine, ref, torch.float64, "Hessian-vector product")
+
+
+def test_recurrent_layers_and_a_third_order_are_refused(device):
     x = torch.randn(5, 4, device=device, requires_grad=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(masked(x).sum(), x, create_graph=True)
-    layer = gpunn.Linear(4, 3, device=device, activation="tanh")
-    (grad_x,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="triple backward"):
-        torch.autograd.grad(grad_x.sum(), x, create_graph=True)
-    assert torch.autograd.grad(grad_x.sum(), x)[0].shape == x.shape  # the second order itself still runs
+    cell, rnn = gpunn.RNNCell(4, 3, device=device), gpunn.RNN(4, 3, device=device)
+    for output in (cell(x), rnn(x.unsqueeze(1))[0]):
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(output.sum(), x, create_graph=True)
+    mask = torch.rand(3, 4, device=device) < 0.7
+    for layer in (gpunn.Linear(4, 3, device=device, activation="tanh"),
+                  gpunn.MaskedLinear(4, 3, mask, device=device, activation="tanh")):
+        (grad_x,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="triple backward"):
+            torch.autograd.grad(grad_x.sum(), x, create_graph=True)
+        assert torch.autograd.grad(grad_x.sum(), x)[0].shape == x.shape  # the second order itself still runs
 
 
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.enable_grad])
@@ -242,3 +304,62 @@ def test_forward_mode_is_refused_before_any_launch(device, grad_mode):
             with pytest.raises(NotImplementedError, match="forward-mode AD"):
                 call(forward_ad.make_dual(x, torch.ones_like(x)))
         assert launches == {}
+
+
+# The locally connected layers: (N, C, H, W) -> O channels, kernel, stride, padding; odd sizes.
+LOCAL_2D = {"3x3_stride2_pad1": ((2, 3, 6, 5), 4, 3, 2, 1), "2x2": ((3, 2, 4, 3), 3, 2, 1, 0)}
+
+
+def _local_leaves(device, x_shape, out_channels, kernel, stride, padding, frozen=(), seed=0):
+    """(x, weight, bias) float64 leaves for locally_connected2d (or 1d, for a 3-D x_shape)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, c, *size = x_shape
+    out = [(length + 2 * padding - kernel) // stride + 1 for length in size]
+    shapes = {"x": x_shape, "w": (out_channels, *out, c, *[kernel] * len(size)), "b": (out_channels, *out)}
+    return [torch.randn(shape, generator=gen, dtype=torch.float64).to(device).requires_grad_(name not in frozen)
+            for name, shape in shapes.items()]
+
+
+def _local_pair(dims, stride, padding):
+    """(gpunn's locally connected function of (x, w, b), torch's)."""
+    ours, theirs = ((gpunn.functional.locally_connected1d, torch_reference.locally_connected1d) if dims == 1 else
+                    (gpunn.functional.locally_connected2d, torch_reference.locally_connected2d))
+    return (lambda x, w, b: ours(x, w, b, stride, padding)), (lambda x, w, b: theirs(x, w, b, stride, padding))
+
+
+@pytest.mark.parametrize("x_shape,out_channels,kernel,stride,padding", [((2, 1, 4, 3), 2, 2, 2, 0),
+                                                                         ((2, 2, 7), 2, 3, 2, 1)], ids=["2d", "1d"])
+def test_local_gradgradcheck(device, x_shape, out_channels, kernel, stride, padding):
+    """Finite differences of gpunn's own backward (fast mode: random projections, the interpreter is slow)."""
+    leaves = _local_leaves(device, x_shape, out_channels, kernel, stride, padding)
+    layer, _ = _local_pair(len(x_shape) - 2, stride, padding)
+    assert torch.autograd.gradgradcheck(layer, leaves, fast_mode=True)
+
+
+@pytest.mark.parametrize("frozen", [(), ("w",), ("x",), ("x", "w")], ids=str)
+@pytest.mark.parametrize("case", list(LOCAL_2D))
+def test_local_third_order_matches_torch(device, case, frozen):
+    """Gradients of a penalty of gradients of a penalty of the gradients: three orders of derivatives, on
+    the layer's three kernels, against F.unfold + einsum."""
+    x_shape, out_channels, kernel, stride, padding = LOCAL_2D[case]
+    leaves = _local_leaves(device, x_shape, out_channels, kernel, stride, padding, frozen, seed=len(frozen))
+    layer, torch_layer = _local_pair(2, stride, padding)
+
+    def orders(function, tensors):
+        wanting = [t for t in tensors if t.requires_grad]
+        first = torch.autograd.grad(function(*tensors).pow(2).sum(), wanting, create_graph=True)
+        second = torch.autograd.grad(sum((g + 1).sin().sum() for g in first), wanting, create_graph=True,
+                                     allow_unused=True)
+        penalty = sum(g.pow(2).sum() for g in second if g is not None)
+        return (*first, *second, *torch.autograd.grad(penalty, wanting, allow_unused=True))
+
+    with TorchOpSpy() as spy, count_launches() as launches:
+        ours = orders(layer, leaves)
+    assert not spy.matmuls(), spy.matmuls()
+    assert set(launches) <= {"local_forward_kernel", "local_grad_input_kernel", "local_grad_weight_kernel"}, launches
+    theirs = orders(torch_layer, [leaf64(t) for t in leaves])
+    assert len(ours) == len(theirs)
+    for i, (mine, ref) in enumerate(zip(ours, theirs)):
+        assert (mine is None) == (ref is None) or (ref is None and not mine.any()), f"gradient {i}"
+        if ref is not None:
+            assert_close(mine, ref, torch.float64, f"gradient {i}")

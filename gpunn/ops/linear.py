@@ -10,12 +10,13 @@ the layout's block (block_n, block_k). Masked-out weights are never read and get
 Saved for backward, the least that gives exact gradients: the input only if weight needs a gradient, the
 weight only if input does, plus what the activation's derivative needs (nothing, the output, or act'(z),
 written by the forward kernel when save_derivative; see gpunn.kernels.activations). Double backward
-(create_graph=True) for the dense layer: its first-order backward runs as gpunn::linear_backward, whose own
-gradient is gpunn.kernels.dense_double_backward's pass between GEMMs; no triple backward. Double backward
-needs the weight and bias, and, with an activation (it recomputes z), the input: the dense layer keeps
-references to those first order does not save (the input, then, only where the weight is frozen), outside
-save_for_backward, so that first-order backward allows an in-place change of them after the forward, as
-torch.nn.Linear does; double backward checks their versions itself.
+(create_graph=True): the first-order backward runs as gpunn::linear_backward, whose own gradient is
+gpunn.kernels.dense_double_backward's pass between GEMMs (masked GEMMs under the same mask for the masked
+layer); no triple backward. Double backward needs the weight and bias, and, with an activation (it
+recomputes z), the input: the layer keeps references to those first order does not save (the input, then,
+only where the weight is frozen), outside save_for_backward, so that first-order backward allows an
+in-place change of them after the forward, as torch.nn.Linear does; double backward checks their versions
+itself.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import math
 import torch
 
 from ..kernels import activations, dense, dense_double_backward, masked
-from ..kernels.layout import layout_of
+from ..kernels.layout import layout_of, repeated
 from ..kernels.runtime import Rows
 from .library import Op, arrived, metadata_to_save, nothing, refuse_double_backward, saved_metadata
 
@@ -135,9 +136,8 @@ def _setup_context(ctx, inputs, output):
                           metadata_to_save(ctx, "mask", mask))
     # What double backward needs beyond first order (see the module docstring): the weight and bias (free: a
     # layer holds them anyway), and the input where z must be recomputed and first order does not save it.
-    is_dense = mask is None
-    kept = (input if is_dense and activation is not None and not need_weight else None,
-            weight if is_dense and not need_input else None, bias if is_dense else None)
+    kept = (input if activation is not None and not need_weight else None, weight if not need_input else None,
+            bias)
     ctx.for_second_order = [(t, None if t is None or t.is_inference() else t._version) for t in kept]
     ctx.options = dict(block_n=block_n, block_k=block_k, activation=activation, negative_slope=negative_slope)
     ctx.weight_shape = list(weight.shape)
@@ -184,12 +184,11 @@ def _backward(ctx, grad_output, _):
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     options = ctx.options
     if torch.is_grad_enabled():  # create_graph=True: the gradients as an op autograd can differentiate
-        if mask is not None:
-            refuse_double_backward("masked_linear")
         kept_input, kept_weight, kept_bias = ctx.for_second_order
         input, weight = _kept(input, kept_input, "input"), _kept(weight, kept_weight, "weight")
-        grads = backward(grad_output, saved, input, weight, _kept(None, kept_bias, "bias"), options["activation"],
-                         options["negative_slope"], need_input, need_weight, need_bias)
+        grads = backward(grad_output, saved, input, weight, _kept(None, kept_bias, "bias"), mask, options["block_n"],
+                         options["block_k"], options["activation"], options["negative_slope"], need_input,
+                         need_weight, need_bias)
         grads = [grad if need else None for grad, need in zip(grads, (need_input, need_weight, need_bias))]
     else:
         grads = _first_order(grad_output, saved, input, weight, mask, ctx.weight_shape, **options,
@@ -201,35 +200,38 @@ linear = Op("linear", _linear, _linear_fake, _setup_context, _backward)
 
 
 def _backward_op(grad_output: torch.Tensor, saved: torch.Tensor | None, input: torch.Tensor | None,
-                 weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None, negative_slope: float,
-                 need_input: bool, need_weight: bool, need_bias: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The dense layer's (dx (*, K), dW (N, K), db (N,)), each nothing where not needed: its first-order
-    backward as an op of its own, which double backward differentiates (used under create_graph=True). The
-    input may be None where neither order needs it (no activation, a frozen weight)."""
-    grads = _first_order(grad_output, saved, input, weight, None, list(weight.shape), 0, 0, activation,
+                 weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None, block_n: int,
+                 block_k: int, activation: str | None, negative_slope: float, need_input: bool, need_weight: bool,
+                 need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's (dx (*, K), dW (N, K), db (N,)), each nothing where not needed: its first-order backward
+    as an op of its own, which double backward differentiates (used under create_graph=True). The input may
+    be None where neither order needs it (no activation, a frozen weight)."""
+    grads = _first_order(grad_output, saved, input, weight, mask, list(weight.shape), block_n, block_k, activation,
                          negative_slope, need_input, need_weight, need_bias)
     return tuple(grad if grad is not None else nothing(grad_output) for grad in grads)
 
 
-def _backward_op_fake(grad_output, saved, input, weight, bias, activation, negative_slope, need_input, need_weight,
-                      need_bias):
+def _backward_op_fake(grad_output, saved, input, weight, bias, mask, block_n, block_k, activation, negative_slope,
+                      need_input, need_weight, need_bias):
     return (grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1])) if need_input else nothing(grad_output),
             weight.new_empty(weight.shape) if need_weight else nothing(grad_output),
             weight.new_empty(weight.shape[:1]) if need_bias else nothing(grad_output))
 
 
 def _backward_op_setup_context(ctx, inputs, output):
-    grad_output, _, input, weight, bias, activation, negative_slope, *_ = inputs
-    ctx.save_for_backward(grad_output, input, weight, bias)
-    ctx.activation, ctx.negative_slope = activation, negative_slope
+    grad_output, _, input, weight, bias, mask, block_n, block_k, activation, negative_slope, *_ = inputs
+    ctx.save_for_backward(grad_output, input, weight, bias, metadata_to_save(ctx, "mask", mask))
+    ctx.block, ctx.activation, ctx.negative_slope = (block_n, block_k), activation, negative_slope
 
 
 def _double_backward(ctx, grad_dx, grad_dw, grad_db):
     """Gradients of (grad_output, input, weight, bias) given those of (dx, dW, db); see
-    gpunn.kernels.dense_double_backward for the formulas."""
+    gpunn.kernels.dense_double_backward for the formulas. The masked layer's GEMMs run under its mask, so
+    masked-out weights, and the parts of g_dW there (dW is constant zero there), are never read."""
     refuse_double_backward("linear", "triple")
-    dy, input, weight, bias = ctx.saved_tensors
+    dy, input, weight, bias, mask = ctx.saved_tensors
+    mask = saved_metadata(ctx, "mask", mask)
+    layout = _layout(mask, *ctx.block) if mask is not None else None
     need_dy, _, need_input, need_weight, need_bias = ctx.needs_input_grad[:5]
     activation, negative_slope = ctx.activation, ctx.negative_slope
     n, k = weight.shape
@@ -242,7 +244,7 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
     dz_for_weight = grad_dx is not None and need_weight  # dW = dz^T x: dz^T g_dx reaches the weight
     if not (need_dy or second or dz_for_input or dz_for_weight):
         return (None, None, *_zero_where_connected(activation, (None,) * 3, ctx.needs_input_grad[2:5],
-                                                   (input, weight, bias))) + (None,) * 5
+                                                   (input, weight, bias))) + (None,) * 8
     # g_dz = g_dx W^T + x g_dW^T + g_db: one forward GEMM over the operands side by side.
     lhs = [t for t in (grad_dx.reshape(rows, k) if grad_dx is not None else None,
                        x if grad_dw is not None else None) if t is not None]
@@ -250,10 +252,10 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
     grad_dz = None
     if lhs:
         lhs, rhs = (lhs[0], rhs[0]) if len(lhs) == 1 else (torch.cat(lhs, 1), torch.cat(rhs, 1))
-        grad_dz = Rows.of(dense.forward(Rows.of(lhs), rhs, grad_db, None, 0.0, False)[0])
+        grad_dz = Rows.of(_product(Rows.of(lhs), rhs, grad_db, layout))
     elif grad_db is not None:
         grad_dz = Rows.of(grad_db.expand(rows, n))
-    z = dense.forward(Rows.of(x), weight, bias, None, 0.0, False)[0] if activation is not None else None
+    z = _product(Rows.of(x), weight, bias, layout) if activation is not None else None
     grad_dy, dz, grad_z, grad_b = dense_double_backward.elementwise(
         Rows.of(dy), grad_dz, z, activation, negative_slope, need_dy, dz_for_input or dz_for_weight, second,
         second and need_bias)
@@ -261,14 +263,14 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
     if need_input and (dz_for_input or second):
         # dx = dz W with z = x W^T + b: g_x = dz g_dW + g_z W, one GEMM over [dz | g_z] and [g_dW; W].
         terms = [(dz, grad_dw) if dz_for_input else None, (grad_z, weight) if second else None]
-        grad_x = dense.grad_input(*_joined(terms, 1)).view(input.shape)
+        grad_x = _input_product(*_joined(terms, 1), layout).view(input.shape)
     if need_weight and (dz_for_weight or second):
         # dW = dz^T x: g_W = dz^T g_dx + g_z^T x, one GEMM over the rows of both.
         terms = [(dz, grad_dx.reshape(rows, k)) if dz_for_weight else None, (grad_z, x) if second else None]
-        grad_w = dense.grad_weight(*_joined(terms, 0), (n, k))
+        grad_w = _weight_product(*_joined(terms, 0), (n, k), layout)
     grads = _zero_where_connected(activation, (grad_x, grad_w, grad_b), (need_input, need_weight, need_bias),
                                   (input, weight, bias))
-    return (grad_dy.view(dy.shape) if grad_dy is not None else None, None, *grads) + (None,) * 5
+    return (grad_dy.view(dy.shape) if grad_dy is not None else None, None, *grads) + (None,) * 8
 
 
 def _zero_where_connected(activation, grads, needs, likes):
@@ -294,6 +296,35 @@ def _joined(terms, weight_dim):
         return Rows.of(pair), torch.cat([first, second], 0)
     rows = pair.view(dz.shape[0], 2, dz.shape[1]).transpose(0, 1)  # (2, M, N): dz's rows, then g_z's
     return Rows.of(rows), Rows.of(torch.stack([first, second]))
+
+
+# Double backward's GEMMs, dense, or masked under the layer's layout (None for the dense layer). A weight
+# operand may hold copies of the layer's weight shape side by side (N, 2K) or stacked (2N, K), each under
+# the same mask: the masked kernels then take the layout of the mask repeated as the operand is.
+def _repeated_for(layout, weight: torch.Tensor):
+    n, k = layout.shape
+    return repeated(layout, (weight.shape[0] // n if n else 1, weight.shape[1] // k if k else 1))
+
+
+def _product(a: Rows, weight: torch.Tensor, bias: torch.Tensor | None, layout) -> torch.Tensor:
+    """a @ (weight * mask)^T + bias: (M, N') from a (M, K') and weight (N', K')."""
+    if layout is None:
+        return dense.forward(a, weight, bias, None, 0.0, False)[0]
+    return masked.forward(a, weight, bias, None, 0.0, False, layout=_repeated_for(layout, weight))[0]
+
+
+def _input_product(dz: Rows, weight: torch.Tensor, layout) -> torch.Tensor:
+    """dz @ (weight * mask): (M, K') from dz (M, N') and weight (N', K')."""
+    if layout is None:
+        return dense.grad_input(dz, weight)
+    return masked.grad_input(dz, None, weight, None, 0.0, layout=_repeated_for(layout, weight))
+
+
+def _weight_product(dz: Rows, x: Rows, shape: tuple[int, int], layout) -> torch.Tensor:
+    """(dz^T x) * mask, (N, K), over the rows of dz (M, N) and x (M, K)."""
+    if layout is None:
+        return dense.grad_weight(dz, x, shape)
+    return masked.grad_weight(dz, None, x, shape, None, 0.0, False, layout=layout)[0]
 
 
 backward = Op("linear_backward", _backward_op, _backward_op_fake, _backward_op_setup_context, _double_backward)
