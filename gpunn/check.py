@@ -187,7 +187,7 @@ def _mse(shape, reduction):
 
 
 def _double_backward(build_first_order):
-    """A case's first-order gradients (of half its output's squared norm) as the outputs, made with
+    """A case's first-order gradients (of half its outputs' squared norm) as the outputs, made with
     create_graph=True: the check's backward of them is double backward through the op."""
     def build(dtype, device, gen):
         problem = build_first_order(dtype, device, gen)
@@ -195,7 +195,9 @@ def _double_backward(build_first_order):
         def gradients(fn):
             def run(*tensors):
                 wanted = [t for t, grad in zip(tensors, problem.differentiable) if grad]
-                return torch.autograd.grad(fn(*tensors).pow(2).sum() / 2, wanted, create_graph=True)
+                outputs = fn(*tensors)
+                outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+                return torch.autograd.grad(sum(o.pow(2).sum() for o in outputs) / 2, wanted, create_graph=True)
             return run
         return Problem(problem.tensors, problem.differentiable, gradients(problem.gpunn), gradients(problem.torch),
                        output="gradient")
@@ -257,6 +259,9 @@ CASES = [
          _double_backward(_masked(33, 70, 50, lambda n, k: masks.local_1d(k, n, 9), "tanh")), quick=True),
     Case("double_backward", "locally_connected2d (2, 3, 9, 7) -> 5 ch, 3x3, stride 2, pad 1",
          _double_backward(_local((2, 3, 9, 7), 5, 3, 2, 1))),
+    Case("double_backward", "rnn_cell 5 x (7 -> 13) tanh", _double_backward(_rnn_cell(5, 7, 13, "tanh"))),
+    Case("double_backward", "rnn 4 steps, 3 x (5 -> 9), bidirectional, tanh",
+         _double_backward(_rnn(4, 3, 5, 9, 1, True, "tanh"))),
     Case("double_backward", "mse_loss 33x17 mean", _double_backward(_mse((33, 17), "mean"))),
     Case("sgd", "3 tensors, 3 steps, momentum 0.9, nesterov, weight decay",
          _sgd([(33, 7), (130,), (1,)], 3, momentum=0.9, nesterov=True, weight_decay=0.01), quick=True),

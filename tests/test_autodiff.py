@@ -278,19 +278,81 @@ def test_masked_double_backward_runs_masked_kernels_only(device, monkeypatch):
         assert_close(mine, ref, torch.float64, "Hessian-vector product")
 
 
-def test_recurrent_layers_and_a_third_order_are_refused(device):
+def test_a_third_order_is_refused(device):
+    """The dense-layer family (dense, masked, the recurrent layers on its backward op) takes two orders."""
     x = torch.randn(5, 4, device=device, requires_grad=True)
-    cell, rnn = gpunn.RNNCell(4, 3, device=device), gpunn.RNN(4, 3, device=device)
-    for output in (cell(x), rnn(x.unsqueeze(1))[0]):
-        with pytest.raises(RuntimeError, match="double backward"):
-            torch.autograd.grad(output.sum(), x, create_graph=True)
     mask = torch.rand(3, 4, device=device) < 0.7
-    for layer in (gpunn.Linear(4, 3, device=device, activation="tanh"),
-                  gpunn.MaskedLinear(4, 3, mask, device=device, activation="tanh")):
+    layers = [gpunn.Linear(4, 3, device=device, activation="tanh"),
+              gpunn.MaskedLinear(4, 3, mask, device=device, activation="tanh"), gpunn.RNNCell(4, 3, device=device),
+              lambda t: gpunn.RNN(4, 3, device=device)(t.unsqueeze(1))[0]]
+    for layer in layers:
         (grad_x,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
         with pytest.raises(RuntimeError, match="triple backward"):
             torch.autograd.grad(grad_x.sum(), x, create_graph=True)
         assert torch.autograd.grad(grad_x.sum(), x)[0].shape == x.shape  # the second order itself still runs
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_rnn_cell_gradgradcheck(device, nonlinearity):
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(2, 3), (2, 2), (2, 3), (2, 2), (2,), (2,)]
+    tensors = [torch.randn(shape, generator=gen, dtype=torch.float64).to(device).requires_grad_() for shape in shapes]
+    assert torch.autograd.gradgradcheck(lambda *t: gpunn.functional.rnn_cell(*t, nonlinearity), tensors)
+
+
+def test_recurrent_first_order_allows_in_place_changes_torch_allows(device):
+    """A frozen cell's input may change in place after the forward (first order needs only the weights and
+    h'), as with torch.nn.RNNCell; double backward, which recomputes z from it, refuses a changed one."""
+    cell = gpunn.RNNCell(3, 4, device=device).requires_grad_(False)
+    x = torch.randn(2, 3, device=device, requires_grad=True)
+    h = torch.randn(2, 4, device=device, requires_grad=True)
+    inputs = x * 1
+    out = cell(inputs, h)
+    inputs.add_(1)
+    torch.autograd.grad(out.sum(), (x, h), retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out.sum(), (x, h), create_graph=True)
+
+
+RNN_CASES = {"tanh": dict(nonlinearity="tanh"), "relu_two_layers": dict(nonlinearity="relu", num_layers=2),
+             "bidirectional_packed": dict(bidirectional=True, packed=True),
+             "bidirectional_two_layers_batch_first": dict(bidirectional=True, num_layers=2, batch_first=True),
+             "frozen_weights_packed": dict(frozen=True, packed=True)}
+
+
+@pytest.mark.parametrize("case", list(RNN_CASES))
+def test_rnn_double_backward_matches_torch(device, case):
+    """A penalty of every first-order gradient of an RNN (layers, directions, packed sequences of unequal
+    lengths, frozen weights), backward into the input, h0 and the weights; against torch.nn.RNN in float64,
+    with no torch matmul on gpunn's side."""
+    options = dict(RNN_CASES[case])
+    packed, frozen = options.pop("packed", False), options.pop("frozen", False)
+    gen = torch.Generator().manual_seed(len(case))
+    rnn = gpunn.RNN(3, 4, device=device, dtype=torch.float64, **options).requires_grad_(not frozen)
+    ref = torch.nn.RNN(3, 4, device=device, dtype=torch.float64, **options).requires_grad_(not frozen)
+    ref.load_state_dict(rnn.state_dict())
+    x = torch.randn(5, 3, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()  # (T, B, I)
+    if options.get("batch_first"):
+        x = x.detach().transpose(0, 1).requires_grad_()
+    h0 = torch.randn(rnn.num_layers * (1 + rnn.bidirectional), 3, 4, generator=gen, dtype=torch.float64)
+    h0 = h0.to(device).requires_grad_()
+    scales = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(device)
+              for t in (x, h0, *(p for p in rnn.parameters() if p.requires_grad))]
+
+    def second_order(module):
+        inputs = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3, 2])) if packed else x
+        out, h_n = module(inputs, h0)
+        out = out.data if packed else out
+        leaves = [x, h0, *(p for p in module.parameters() if p.requires_grad)]
+        first = torch.autograd.grad(out.sin().sum() + h_n.pow(2).sum(), leaves, create_graph=True)
+        penalty = sum(((g + 1) * scale).pow(2).sum() for g, scale in zip(first, scales, strict=True))
+        return (*first, *torch.autograd.grad(penalty, leaves))
+
+    with TorchOpSpy() as spy:
+        ours = second_order(rnn)
+    assert not spy.matmuls(), spy.matmuls()
+    for i, (mine, theirs) in enumerate(zip(ours, second_order(ref), strict=True)):
+        assert_close(mine, theirs, torch.float64, f"gradient {i}")
 
 
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.enable_grad])

@@ -164,3 +164,23 @@ def refuse_double_backward(op: str, order: str = "double") -> None:
     gradients that would silently act as constants in a further differentiation."""
     if torch.is_grad_enabled():
         raise RuntimeError(f"gpunn {op} does not support {order} backward (create_graph=True)")
+
+
+def keep_for_second_order(ctx, tensors) -> None:
+    """Keep references to what double backward needs beyond what first order saves, with their versions.
+    Outside save_for_backward, so that first-order backward allows an in-place change of them after the
+    forward, as torch's layers do; kept() checks their versions when double backward needs them."""
+    ctx.for_second_order = [(t, None if t is None or t.is_inference() else t._version) for t in tensors]
+
+
+def kept(ctx, index: int, saved: torch.Tensor | None, op: str, name: str) -> torch.Tensor | None:
+    """A tensor first order saved, or else the reference keep_for_second_order kept at `index`, checked
+    unchanged since the forward."""
+    if saved is not None:
+        return saved
+    tensor, version = ctx.for_second_order[index]
+    if tensor is not None and version is not None and tensor._version != version:
+        raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
+                           f"operation: gpunn {op}'s {name} is at version {tensor._version}; expected version "
+                           f"{version} instead (double backward needs it)")
+    return tensor

@@ -27,7 +27,8 @@ import torch
 from ..kernels import activations, dense, dense_double_backward, masked
 from ..kernels.layout import layout_of, repeated
 from ..kernels.runtime import Rows
-from .library import Op, arrived, metadata_to_save, nothing, refuse_double_backward, saved_metadata
+from .library import (Op, arrived, keep_for_second_order, kept, metadata_to_save, nothing, refuse_double_backward,
+                      saved_metadata)
 
 
 def _as_rows(saved: torch.Tensor | None, dy: Rows) -> torch.Tensor | None:
@@ -136,23 +137,10 @@ def _setup_context(ctx, inputs, output):
                           metadata_to_save(ctx, "mask", mask))
     # What double backward needs beyond first order (see the module docstring): the weight and bias (free: a
     # layer holds them anyway), and the input where z must be recomputed and first order does not save it.
-    kept = (input if activation is not None and not need_weight else None, weight if not need_input else None,
-            bias)
-    ctx.for_second_order = [(t, None if t is None or t.is_inference() else t._version) for t in kept]
+    keep_for_second_order(ctx, (input if activation is not None and not need_weight else None,
+                                weight if not need_input else None, bias))
     ctx.options = dict(block_n=block_n, block_k=block_k, activation=activation, negative_slope=negative_slope)
     ctx.weight_shape = list(weight.shape)
-
-
-def _kept(saved: torch.Tensor | None, kept: tuple, name: str) -> torch.Tensor | None:
-    """A tensor first order saved, or else the reference kept for double backward, checked unchanged since."""
-    if saved is not None:
-        return saved
-    tensor, version = kept
-    if tensor is not None and version is not None and tensor._version != version:
-        raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
-                           f"operation: gpunn linear's {name} is at version {tensor._version}; expected version "
-                           f"{version} instead (double backward recomputes the pre-activation from it)")
-    return tensor
 
 
 def _first_order(grad_output, saved, input, weight, mask, weight_shape, block_n, block_k, activation, negative_slope,
@@ -184,11 +172,10 @@ def _backward(ctx, grad_output, _):
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     options = ctx.options
     if torch.is_grad_enabled():  # create_graph=True: the gradients as an op autograd can differentiate
-        kept_input, kept_weight, kept_bias = ctx.for_second_order
-        input, weight = _kept(input, kept_input, "input"), _kept(weight, kept_weight, "weight")
-        grads = backward(grad_output, saved, input, weight, _kept(None, kept_bias, "bias"), mask, options["block_n"],
-                         options["block_k"], options["activation"], options["negative_slope"], need_input,
-                         need_weight, need_bias)
+        input, weight = kept(ctx, 0, input, "linear", "input"), kept(ctx, 1, weight, "linear", "weight")
+        grads = backward(grad_output, saved, input, weight, kept(ctx, 2, None, "linear", "bias"), mask,
+                         options["block_n"], options["block_k"], options["activation"], options["negative_slope"],
+                         need_input, need_weight, need_bias)
         grads = [grad if need else None for grad, need in zip(grads, (need_input, need_weight, need_bias))]
     else:
         grads = _first_order(grad_output, saved, input, weight, mask, ctx.weight_shape, **options,

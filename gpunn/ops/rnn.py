@@ -4,14 +4,20 @@ gpunn::rnn_cell_grad_input and gpunn::rnn_cell_grad_weight.
 h' = act(input W_ih^T + b_ih + hx W_hh^T + b_hh): input (B, I), hx (B, H), weight_ih (H, I), weight_hh
 (H, H), bias_ih and bias_hh (H,) or both None; activation "tanh" or "relu". Saved for backward: h' (its
 derivative comes from it), the input only if weight_ih needs a gradient, hx only if weight_hh does, the
-weights only if input or hx need theirs. No double backward.
+weights only if input or hx need theirs.
+
+Double backward (create_graph=True): the step is the dense layer act([x | hx] [W_ih | W_hh]^T + b_ih + b_hh),
+so its backward then runs as the dense layer's differentiable backward op (gpunn::linear_backward) over the
+operands side by side, and the gradients split back; no third order. For that the cell keeps references to
+what first order does not save (inputs, weights, biases), as the dense layer does (gpunn.ops.linear).
 """
 from __future__ import annotations
 
 import torch
 
 from ..kernels import rnn
-from .library import Op, nothing, refuse_double_backward
+from . import linear
+from .library import Op, keep_for_second_order, kept, nothing
 
 
 def _rnn_cell(input: torch.Tensor, hx: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
@@ -58,15 +64,18 @@ grad_weight = Op("rnn_cell_grad_weight", _grad_weight, _grad_weight_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    input, hx, weight_ih, weight_hh, _, _, activation = inputs
+    input, hx, weight_ih, weight_hh, bias_ih, bias_hh, activation = inputs
     need_x, need_h, need_wih, need_whh = ctx.needs_input_grad[:4]
     ctx.save_for_backward(output, input if need_wih else None, hx if need_whh else None,
                           weight_ih if need_x else None, weight_hh if need_h else None)
+    keep_for_second_order(ctx, (input if not need_wih else None, hx if not need_whh else None,
+                                weight_ih if not need_x else None, weight_hh if not need_h else None, bias_ih, bias_hh))
     ctx.activation, ctx.input_size = activation, weight_ih.shape[1]
 
 
 def _backward(ctx, grad_output):
-    refuse_double_backward("RNNCell")
+    if torch.is_grad_enabled():  # create_graph=True
+        return _differentiable_backward(ctx, grad_output)
     output, input, hx, weight_ih, weight_hh = ctx.saved_tensors
     need_x, need_h, _, _, need_bih, need_bhh = ctx.needs_input_grad[:6]
     dx = dh = dw_ih = dw_hh = db_ih = db_hh = None
@@ -77,6 +86,24 @@ def _backward(ctx, grad_output):
                                                  need_bih or need_bhh)
     return (dx if need_x else None, dh if need_h else None, dw_ih if input is not None else None,
             dw_hh if hx is not None else None, db_ih if need_bih else None, db_hh if need_bhh else None, None)
+
+
+def _differentiable_backward(ctx, grad_output):
+    """The gradients as the dense layer's backward op over [x | hx] and [W_ih | W_hh] (see the module docstring)."""
+    output, *saved = ctx.saved_tensors
+    input, hx, weight_ih, weight_hh, bias_ih, bias_hh = (
+        kept(ctx, i, tensor, "RNNCell", name) for i, (tensor, name) in enumerate(zip(
+            (*saved, None, None), ("input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh"))))
+    need_x, need_h, need_wih, need_whh, need_bih, need_bhh = ctx.needs_input_grad[:6]
+    bias = bias_ih + bias_hh if bias_ih is not None else None
+    dx_dh, dw, db = linear.backward(grad_output, output, torch.cat([input, hx], 1), torch.cat([weight_ih, weight_hh], 1),
+                                    bias, None, 0, 0, ctx.activation, 0.0, need_x or need_h, need_wih or need_whh,
+                                    need_bih or need_bhh)
+    sizes = [ctx.input_size, hx.shape[1]]
+    dx, dh = dx_dh.split(sizes, 1) if need_x or need_h else (None, None)
+    dw_ih, dw_hh = dw.split(sizes, 1) if need_wih or need_whh else (None, None)
+    return (dx if need_x else None, dh if need_h else None, dw_ih if need_wih else None, dw_hh if need_whh else None,
+            db if need_bih else None, (db.clone() if need_bih else db) if need_bhh else None, None)
 
 
 rnn_cell = Op("rnn_cell", _rnn_cell, _rnn_cell_fake, _setup_context, _backward)

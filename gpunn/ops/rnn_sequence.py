@@ -11,7 +11,12 @@ gradient is not needed), whatever the sequence length, except where the recurren
 
 Sequences are time-major and packed (see kernels/rnn_sequence.py): a PackedSequence's batch_sizes say which
 rows belong to which step (`Steps` holds them on the device). Saved for backward: the layer's output (each
-act'(z) comes from it), x only if a W_ih needs a gradient, h0 and the weights. No double backward.
+act'(z) comes from it), x only if a W_ih needs a gradient, h0 and the weights.
+
+Double backward (create_graph=True) recomputes the layer step by step with the cell op (gpunn::rnn_cell,
+whose backward is differentiable: see gpunn.ops.rnn) and differentiates that graph with create_graph, so
+its gradients are differentiable in turn: about 2T launches per direction more than first order, at T
+steps; a reference to x is kept for it where first order does not save x (checked unchanged).
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ import torch
 
 from ..kernels import dense, rnn_sequence
 from ..kernels.runtime import Rows, empty, state_dtype
-from .library import Op, metadata_to_save, nothing, refuse_double_backward, saved_metadata
+from . import rnn
+from .library import Op, keep_for_second_order, kept, metadata_to_save, nothing, saved_metadata
 
 
 @dataclass(frozen=True)
@@ -195,18 +201,65 @@ def _setup_context(ctx, inputs, output):
     need_w_ih = any(needs[2 + d * per] for d in range(directions))
     ctx.save_for_backward(output[0], x if need_w_ih else None, h0, metadata_to_save(ctx, "batch_sizes", batch_sizes),
                           *weights)
+    keep_for_second_order(ctx, (x if not need_w_ih else None,))
     ctx.activation, ctx.directions, ctx.input_shape, ctx.needs = activation, directions, list(x.shape), needs
 
 
 def _backward(ctx, grad_out, grad_hn):
-    refuse_double_backward("RNN")
     out, x, h0, batch_sizes, *weights = ctx.saved_tensors
     batch_sizes = saved_metadata(ctx, "batch_sizes", batch_sizes)
+    if torch.is_grad_enabled():  # create_graph=True
+        x = kept(ctx, 0, x, "RNN", "input")
+        return _differentiable_backward(ctx, grad_out, grad_hn, x, h0, batch_sizes, weights)
     if grad_out is None:  # only h_n was used
         grad_out = torch.zeros_like(out)
     grads = rnn_layer_backward(grad_out, grad_hn, out, x, h0, batch_sizes, ctx.activation, ctx.directions, weights,
                                ctx.input_shape, ctx.needs)
     dx, dh0, *dweights = (g if need else None for g, need in zip(grads, ctx.needs))
+    return dx, dh0, None, None, None, dweights
+
+
+def _by_steps(x: torch.Tensor, h0: torch.Tensor, sizes: list[int], activation: str, directions: int,
+              weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """_rnn_layer's (output (rows, D*H), h_n (D, B, H)) as one cell op a step and direction, from x (rows, I)
+    packed with the steps' batch sizes `sizes` (non-increasing): autograd records every step."""
+    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+    outputs, finals = [], []
+    for d, w in enumerate(_directions(weights, directions)):
+        bias = (w[2], w[3]) if len(w) == 4 else (None, None)
+        by_step = [None] * len(sizes)
+        if d == 0:  # forward in time; a row's state ends at its last step, where the batch shrinks past it
+            state = h0[d]
+            for t, size in enumerate(sizes):
+                h = rnn.rnn_cell(x[offsets[t]:offsets[t] + size], state[:size], w[0], w[1], *bias, activation)
+                state = torch.cat([h, state[size:]]) if size < len(state) else h
+                by_step[t] = h
+        else:  # backward in time; a row starts from h0 at its last step
+            state = h0[d][:0]
+            for t in reversed(range(len(sizes))):
+                size = sizes[t]
+                state = torch.cat([state, h0[d][len(state):size]]) if len(state) < size else state
+                state = by_step[t] = rnn.rnn_cell(x[offsets[t]:offsets[t] + size], state, w[0], w[1], *bias,
+                                                  activation)
+            state = torch.cat([state, h0[d][len(state):]]) if len(state) < len(h0[d]) else state
+        outputs.append(torch.cat(by_step) if by_step else x.new_empty((0, w[1].shape[0])))
+        finals.append(state)
+    return torch.cat(outputs, 1), torch.stack(finals)
+
+
+def _differentiable_backward(ctx, grad_out, grad_hn, x, h0, batch_sizes, weights):
+    """The gradients through _by_steps' graph, made with create_graph (see the module docstring)."""
+    sizes = batch_sizes.tolist() if batch_sizes is not None else [ctx.input_shape[1]] * ctx.input_shape[0]
+    out, h_n = _by_steps(x.reshape(-1, x.shape[-1]), h0, sizes, ctx.activation, ctx.directions, weights)
+    pairs = [(t, g) for t, g in ((out, grad_out), (h_n, grad_hn)) if g is not None]
+    wanted = [t for t, need in zip((x, h0, *weights), ctx.needs) if need]
+    grads = iter(torch.autograd.grad([t for t, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                     allow_unused=True))
+    results = []
+    for like, need in zip((x, h0, *weights), ctx.needs):
+        grad = next(grads) if need else None
+        results.append(torch.zeros_like(like) if need and grad is None else grad)  # needed, but not reached
+    dx, dh0, *dweights = results
     return dx, dh0, None, None, None, dweights
 
 
