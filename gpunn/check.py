@@ -195,7 +195,8 @@ def _double_backward(build_first_order):
         def gradients(fn):
             def run(*tensors):
                 wanted = [t for t, grad in zip(tensors, problem.differentiable) if grad]
-                outputs = fn(*tensors)
+                with torch.backends.cudnn.flags(enabled=False):  # cuDNN's RNN backward is not differentiable
+                    outputs = fn(*tensors)
                 outputs = outputs if isinstance(outputs, tuple) else (outputs,)
                 return torch.autograd.grad(sum(o.pow(2).sum() for o in outputs) / 2, wanted, create_graph=True)
             return run

@@ -351,8 +351,36 @@ def test_rnn_double_backward_matches_torch(device, case):
     with TorchOpSpy() as spy:
         ours = second_order(rnn)
     assert not spy.matmuls(), spy.matmuls()
-    for i, (mine, theirs) in enumerate(zip(ours, second_order(ref), strict=True)):
+    with torch.backends.cudnn.flags(enabled=False):  # on a GPU: cuDNN's RNN backward is not differentiable
+        reference_grads = second_order(ref)
+    for i, (mine, theirs) in enumerate(zip(ours, reference_grads, strict=True)):
         assert_close(mine, theirs, torch.float64, f"gradient {i}")
+
+
+def test_rnn_double_backward_with_a_tensor_in_two_places(device):
+    """One bias as both b_ih and b_hh and one weight pair for both directions: each place's gradient once,
+    under create_graph as in first order, as torch sums them."""
+    gen = torch.Generator().manual_seed(9)
+    w_ih, w_hh, b = (torch.randn(shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+                     for shape in ((4, 3), (4, 4), (4,)))
+    x = torch.randn(5, 2, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    h0 = torch.zeros(2, 2, 4, device=device, dtype=torch.float64)
+    weights = [w_ih, w_hh, b, b] * 2
+    leaves = (x, w_ih, w_hh, b)
+    plain = torch.autograd.grad(gpunn.functional.rnn(x, h0, weights, bidirectional=True)[0].sin().sum(), leaves)
+    first = torch.autograd.grad(gpunn.functional.rnn(x, h0, weights, bidirectional=True)[0].sin().sum(), leaves,
+                                create_graph=True)
+    second = torch.autograd.grad(sum(g.pow(2).sum() for g in first), leaves)
+    with torch.backends.cudnn.flags(enabled=False):
+        x64 = leaf64(x)
+        ref_leaves = (x64, *(leaf64(t) for t in (w_ih, w_hh, b)))
+        out = torch_reference.rnn(x64, h0, [*ref_leaves[1:], ref_leaves[3]] * 2, bidirectional=True)[0]
+        ref_first = torch.autograd.grad(out.sin().sum(), ref_leaves, create_graph=True)
+        ref_second = torch.autograd.grad(sum(g.pow(2).sum() for g in ref_first), ref_leaves)
+    for name, ours, theirs in (("plain", plain, ref_first), ("create_graph", first, ref_first),
+                               ("second", second, ref_second)):
+        for mine, ref in zip(ours, theirs, strict=True):
+            assert_close(mine, ref, torch.float64, name)
 
 
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.enable_grad])

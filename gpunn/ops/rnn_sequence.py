@@ -15,8 +15,10 @@ act'(z) comes from it), x only if a W_ih needs a gradient, h0 and the weights.
 
 Double backward (create_graph=True) recomputes the layer step by step with the cell op (gpunn::rnn_cell,
 whose backward is differentiable: see gpunn.ops.rnn) and differentiates that graph with create_graph, so
-its gradients are differentiable in turn: about 2T launches per direction more than first order, at T
-steps; a reference to x is kept for it where first order does not save x (checked unchanged).
+its gradients are differentiable in turn. Launches then grow with the T steps (a cell forward and three
+backward kernels a step and direction for the first order, about seven more a step for the second), and in
+fp16/bf16 the recomputed state rounds to the dtype every step where the sequence kernel carries it in fp32.
+A reference to x is kept for it where first order does not save x (checked unchanged).
 """
 from __future__ import annotations
 
@@ -250,6 +252,9 @@ def _by_steps(x: torch.Tensor, h0: torch.Tensor, sizes: list[int], activation: s
 def _differentiable_backward(ctx, grad_out, grad_hn, x, h0, batch_sizes, weights):
     """The gradients through _by_steps' graph, made with create_graph (see the module docstring)."""
     sizes = batch_sizes.tolist() if batch_sizes is not None else [ctx.input_shape[1]] * ctx.input_shape[0]
+    # One alias per argument: a tensor passed twice (one bias as both b_ih and b_hh, one weight for both
+    # directions) would otherwise get its whole gradient in each place, and autograd would add them up.
+    x, h0, *weights = (t.view_as(t) for t in (x, h0, *weights))
     out, h_n = _by_steps(x.reshape(-1, x.shape[-1]), h0, sizes, ctx.activation, ctx.directions, weights)
     pairs = [(t, g) for t, g in ((out, grad_out), (h_n, grad_hn)) if g is not None]
     wanted = [t for t, need in zip((x, h0, *weights), ctx.needs) if need]
