@@ -199,24 +199,26 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, mask_or_layout, bia
     return _linear_op(input, weight, bias, activation, negative_slope, mask, block)
 
 
-def local_geometry(kernel_size, stride, padding, dilation) -> Geometry:
+def local_geometry(kernel_size, stride, padding, dilation, dims: int = 2) -> Geometry:
     """The window of a locally connected layer from ints or pairs, and padding "valid" or "same" as F.conv2d
     takes them; RuntimeError for values F.conv2d rejects (non-positive kernel, stride or dilation, negative
     padding, another padding string, "same" with a stride), TypeError for non-ints; NotImplementedError for
-    "same" where it would pad one side more than the other (an even dilation x (kernel - 1))."""
+    "same" where it would pad one side more than the other (an even dilation x (kernel - 1)). dims=1: the 1-D
+    layer's window as a height of 1, its messages quoting the width only."""
     kernel, stride, dilation = (as_pair(value, name) for value, name in (
         (kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation")))
+    shown = lambda pair: tuple(pair[2 - dims:])  # noqa: E731
     if min(*kernel, *stride, *dilation) < 1:
-        raise RuntimeError(f"non-positive kernel_size, stride or dilation is not supported: kernel_size={kernel}, "
-                           f"stride={stride}, dilation={dilation}")
-    padding = _padding_of_string(padding, kernel, stride, dilation) if isinstance(padding, str) \
+        raise RuntimeError(f"non-positive kernel_size, stride or dilation is not supported: kernel_size="
+                           f"{shown(kernel)}, stride={shown(stride)}, dilation={shown(dilation)}")
+    padding = _padding_of_string(padding, kernel, stride, dilation, shown) if isinstance(padding, str) \
         else as_pair(padding, "padding")
     if min(padding) < 0:
-        raise RuntimeError(f"negative padding is not supported: {padding}")
+        raise RuntimeError(f"negative padding is not supported: {shown(padding)}")
     return Geometry(kernel, stride, padding, dilation)
 
 
-def _padding_of_string(padding: str, kernel, stride, dilation) -> tuple[int, int]:
+def _padding_of_string(padding: str, kernel, stride, dilation, shown) -> tuple[int, int]:
     if padding == "valid":
         return 0, 0
     if padding != "same":
@@ -226,8 +228,8 @@ def _padding_of_string(padding: str, kernel, stride, dilation) -> tuple[int, int
     totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
     if any(total % 2 for total in totals):
         # torch pads the far side one more there; gpunn's window pads both sides alike.
-        raise NotImplementedError(f"padding='same' with kernel_size={kernel} and dilation={dilation} pads one side "
-                                  f"more than the other, which gpunn's locally connected layers do not")
+        raise NotImplementedError(f"padding='same' with kernel_size={shown(kernel)} and dilation={shown(dilation)} "
+                                  f"pads one side more than the other, which gpunn's locally connected layers do not")
     return totals[0] // 2, totals[1] // 2
 
 
@@ -325,7 +327,7 @@ def locally_connected1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
         raise RuntimeError(f"locally_connected1d expects a 4-D weight (out_channels, ol, in_channels, k), got "
                            f"shape {tuple(weight.shape)}")
     o, ol, c, k = weight.shape
-    geometry = local_geometry((1, k), (1, stride), padding, (1, dilation))  # 1-D errors, before the 2-D view
+    geometry = local_geometry((1, k), (1, stride), padding, (1, dilation), dims=1)  # before the 2-D view
     if input.shape[-2] != c:
         raise RuntimeError(f"expected input with {c} channels (weight of shape {tuple(weight.shape)}), got input "
                            f"of shape {tuple(input.shape)}")

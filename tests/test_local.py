@@ -355,6 +355,16 @@ def test_padding_string_errors(device, kwargs, error):
     assert launches == {}
 
 
+def test_one_dimensional_window_errors_quote_one_dimension(device):
+    with pytest.raises(NotImplementedError, match=r"kernel_size=\(4,\) and dilation=\(1,\)"):
+        gpunn.LocallyConnected1d(2, 3, 8, 4, padding="same")
+    with pytest.raises(NotImplementedError, match=r"kernel_size=\(4,\)"):
+        x, weight = torch.randn(2, 2, 8, device=device), torch.randn(3, 8, 2, 4, device=device)
+        gpunn.functional.locally_connected1d(x, weight, None, padding="same")
+    with pytest.raises(ValueError, match=r"kernel_size=\(0,\), stride=\(1,\)"):
+        gpunn.LocallyConnected1d(2, 3, 8, 0)
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(kernel_size=7), ValueError, "does not fit"),
     (dict(kernel_size=3, stride=0), ValueError, "non-positive"),

@@ -37,13 +37,8 @@ class LocallyConnected2d(torch.nn.Module):
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        try:
-            geometry = functional.local_geometry(kernel_size, stride, padding, dilation)
-            height, width = masks.as_pair(input_size, "input_size")
-        except NotImplementedError:  # a RuntimeError subclass, passed on as it is
-            raise
-        except RuntimeError as error:
-            raise ValueError(str(error)) from None
+        geometry = _geometry(kernel_size, stride, padding, dilation)
+        height, width = masks.as_pair(input_size, "input_size")
         if min(height, width) < 1:
             raise ValueError(f"input_size must be positive, got {(height, width)}")
         oh, ow = geometry.output_size(height, width)
@@ -116,10 +111,11 @@ class LocallyConnected1d(torch.nn.Module):
         kernel_size, stride, dilation = (masks.as_single(v, n) for v, n in (
             (kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation")))
         padding = padding if isinstance(padding, str) else masks.as_single(padding, "padding")
-        # The 2-D layer over a height of 1 validates and computes the geometry; its parameters are viewed.
+        padding_2d = padding if isinstance(padding, str) else (0, padding)
+        _geometry((1, kernel_size), (1, stride), padding_2d, (1, dilation), dims=1)  # the window's errors in 1-D
+        # The 2-D layer over a height of 1 computes the geometry; its parameters are viewed.
         plane = LocallyConnected2d(in_channels, out_channels, (1, input_length), (1, kernel_size), (1, stride),
-                                   padding if isinstance(padding, str) else (0, padding), (1, dilation), bias,
-                                   device, dtype)
+                                   padding_2d, (1, dilation), bias, device, dtype)
         self.in_channels, self.out_channels, self.input_length = in_channels, out_channels, input_length
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
         self.output_length = plane.output_size[1]
@@ -149,6 +145,17 @@ class LocallyConnected1d(torch.nn.Module):
         if self.dilation != 1:
             text += f", dilation={self.dilation}"
         return text + ("" if self.bias is not None else ", bias=False")
+
+
+def _geometry(kernel_size, stride, padding, dilation, dims: int = 2):
+    """functional.local_geometry, with a constructor's ValueError for what the functional form raises as
+    RuntimeError (NotImplementedError, a RuntimeError subclass, passes as it is)."""
+    try:
+        return functional.local_geometry(kernel_size, stride, padding, dilation, dims)
+    except NotImplementedError:
+        raise
+    except RuntimeError as error:
+        raise ValueError(str(error)) from None
 
 
 __all__ = ["LocallyConnected1d", "LocallyConnected2d"]
