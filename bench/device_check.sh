@@ -46,7 +46,8 @@ xdist=$("$python" -c 'import xdist' 2>/dev/null && echo "-n 8")
 stage tests 220 env GPUNN_AUTOTUNE=0 "$python" -m pytest -v --durations=15 -p no:cacheprovider $xdist tests
 # Then speed: the RNN first (its split kernels, past the resident limit, became the default after the last
 # run), then the other ops with torch.compile, then the layers measured before (without it).
-stage bench 180 "$python" -m bench --quick --only rnn,rnn_cell,local1d,xent,mse,sgd,mlp_step --out "$out/bench"
+stage bench 180 "$python" -m bench --quick --only rnn,rnn_cell,local1d,xent,mse,sgd,mlp_step,penalty_step \
+  --out "$out/bench"
 # The dense backward's new split (an elementwise dz pass, then plain GEMMs), kernel by kernel, beside the
 # fused kernels' times in bench/results/2026-11-27-h100-run3/kernels.log; and a weight gradient whose rows
 # split (an RNN's recurrent weight at hidden 256 over 256 steps of 64), beside cuBLAS.

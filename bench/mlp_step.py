@@ -19,20 +19,20 @@ from . import dense, harness
 
 NOTES = [
     "mlp_step: 4 layers, ReLU, cross-entropy over width classes, SGD momentum 0.9; torch = eager nn.Linear + "
-    "torch.optim.SGD; gpunn = gpunn.convert of it + gpunn.CrossEntropyLoss + gpunn.optim.SGD; one step a call.",
+    "torch.optim.SGD; gpunn = gpunn.convert of it + gpunn.functional.cross_entropy + gpunn.optim.SGD; one step a call.",
 ]
 
 PRESETS = {"smoke": [(16, 32)], "quick": [(1024, 4096)], "full": [(1024, 4096), (4096, 4096)]}  # (batch, width)
 LAYERS = 4
 
 
-def _model(width: int, device, dtype, seed: int) -> torch.nn.Sequential:
+def _model(width: int, device, dtype, seed: int, activation=torch.nn.ReLU) -> torch.nn.Sequential:
     torch.manual_seed(seed)
     layers = []
     for index in range(LAYERS):
         layers.append(torch.nn.Linear(width, width, device=device, dtype=dtype))
         if index < LAYERS - 1:
-            layers.append(torch.nn.ReLU())
+            layers.append(activation())
     return torch.nn.Sequential(*layers)
 
 
@@ -45,6 +45,7 @@ class Case(harness.CaseBase):
     activation: None = None
 
     op = "mlp_step"
+    activation = torch.nn.ReLU  # between the layers; gpunn.convert fuses it into gpunn.Linear
 
     @property
     def shape(self) -> str:
@@ -75,18 +76,22 @@ class Case(harness.CaseBase):
         y = torch.randint(0, self.width, (self.batch,), device=device, generator=gen)
         return x, y, seed, None
 
+    def loss(self, provider: str, model, x, y) -> torch.Tensor:
+        """The step's loss: cross-entropy of the model's output (width classes) against y."""
+        return (gpunn.functional.cross_entropy if provider == "gpunn" else F.cross_entropy)(model(x), y)
+
     def _step_fn(self, provider: str, x, y, seed: int):
         """One training step of a fresh model (the case's dtype, seeded init) on x, in x's dtype."""
-        model = _model(self.width, x.device, harness.DTYPES[self.dtype], seed).to(x.dtype)
+        model = _model(self.width, x.device, harness.DTYPES[self.dtype], seed, self.activation).to(x.dtype)
         if provider == "gpunn":
             model = gpunn.convert(model, inplace=True)
-            optimizer, loss_fn = gpunn.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), gpunn.CrossEntropyLoss()
+            optimizer = gpunn.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         else:
-            optimizer, loss_fn = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), F.cross_entropy
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            loss = self.loss(provider, model, x, y)
             loss.backward()
             optimizer.step()
             return loss.detach(), model[0].weight.detach()

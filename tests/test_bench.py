@@ -20,12 +20,13 @@ KERNELS = ("dense_forward_kernel", "dense_grad_preactivation_kernel", "dense_gra
            "local_forward_kernel", "local_grad_input_kernel", "local_grad_weight_kernel",
            "rnn_sequence_forward_kernel", "rnn_sequence_backward_kernel", "cross_entropy_forward_kernel",
            "cross_entropy_backward_kernel", "sgd_kernel", "rnn_cell_forward_kernel", "rnn_cell_grad_input_kernel",
-           "rnn_cell_grad_weight_kernel", "mse_forward_kernel", "mse_backward_kernel")
+           "rnn_cell_grad_weight_kernel", "mse_forward_kernel", "mse_backward_kernel", "dense_double_backward_kernel")
 # The kernels an op's gpunn provider must launch in its own measurements (local1d shares local2d's kernels,
 # so the totals above cannot tell that it ran them).
 OP_KERNELS = {"local1d": ("local_forward_kernel", "local_grad_input_kernel", "local_grad_weight_kernel"),
               "rnn_cell": ("rnn_cell_forward_kernel", "rnn_cell_grad_input_kernel", "rnn_cell_grad_weight_kernel"),
-              "mse": ("mse_forward_kernel", "mse_backward_kernel")}
+              "mse": ("mse_forward_kernel", "mse_backward_kernel"),
+              "penalty_step": ("dense_forward_kernel", "dense_double_backward_kernel", "dense_grad_weight_kernel")}
 
 
 # Triton's interpreter rounds fp32 to bf16 by truncation (the GPU rounds to nearest), which leaves gpunn's bf16
@@ -153,8 +154,8 @@ def test_smoke_xent_sgd_and_training_step_rows(smoke):
     assert xent >= {(p, m) for p in ("torch", "gpunn") for m in ("fwd", "bwd", "fwd+bwd")}
     sgd = {(r["provider"], r["dtype"]) for r in rows if r["op"] == "sgd" and r["metric"] == "ms"}
     assert {"torch", "gpunn"} == {p for p, _ in sgd} and "fp32" in {d for _, d in sgd}
-    step = {r["provider"] for r in rows if r["op"] == "mlp_step" and r["metric"] == "rel_err"}
-    assert step == {"torch", "gpunn"}
+    for op in ("mlp_step", "penalty_step"):
+        assert {r["provider"] for r in rows if r["op"] == op and r["metric"] == "rel_err"} == {"torch", "gpunn"}, op
 
 
 @pytest.mark.parametrize("op", ["local1d", "rnn_cell", "mse"])
