@@ -46,8 +46,7 @@ xdist=$("$python" -c 'import xdist' 2>/dev/null && echo "-n 8")
 stage tests 220 env GPUNN_AUTOTUNE=0 "$python" -m pytest -v --durations=15 -p no:cacheprovider $xdist tests
 # Then speed: the RNN first (its split kernels, past the resident limit, became the default after the last
 # run), then the other ops with torch.compile, then the layers measured before (without it).
-stage bench 180 "$python" -m bench --quick --only rnn,rnn_cell,local1d,xent,mse,sgd,mlp_step,penalty_step \
-  --out "$out/bench"
+stage bench 180 "$python" -m bench --quick --only rnn,rnn_cell,local1d,xent,mse,sgd,mlp_step --out "$out/bench"
 # The dense backward's new split (an elementwise dz pass, then plain GEMMs), kernel by kernel, beside the
 # fused kernels' times in bench/results/2026-11-27-h100-run3/kernels.log; and a weight gradient whose rows
 # split (an RNN's recurrent weight at hidden 256 over 256 steps of 64), beside cuBLAS.
@@ -57,6 +56,9 @@ stage dense_kernels 75 "$python" -m bench.dense_kernels --shapes 4096x4096x4096,
 # kernel configs, to fit the limit: the question is host time).
 stage graph_step 45 env GPUNN_AUTOTUNE=0 "$python" -m bench.probes.graph_step
 stage check 60 env GPUNN_AUTOTUNE=0 "$python" -m gpunn check --quick --out "$out/check.md"
+# Double backward's first GPU time (a critic's step with a gradient penalty), in a stage of its own: a bench
+# run cut off at its limit writes nothing, and the stage above must not lose its results to it.
+stage penalty_step 45 "$python" -m bench --quick --only penalty_step --no-compile --out "$out/bench-penalty"
 # The split RNN's tiles at the large case, each timed.
 stage rnn_split_tiles 120 "$python" -m bench.probes.rnn_split_tiles
 stage bench_rnn_fp32 45 "$python" -m bench --quick --only rnn --dtype fp32 --out "$out/bench_rnn_fp32"
