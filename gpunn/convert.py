@@ -113,7 +113,7 @@ def masked_from_local(layer: LocallyConnected2d) -> MaskedLinear:
     """The MaskedLinear(C*H*W, O*OH*OW, local_2d mask) computing what `layer` computes, on the flattened
     input; same device, dtype and weights (those of taps in the padding dropped), no activation."""
     c, (h, w) = layer.in_channels, layer.input_size
-    mask = masks.local_2d((c, h, w), layer.kernel_size, layer.stride, layer.padding_pair, layer.dilation,
+    mask = masks.local_2d((c, h, w), layer.kernel_size, layer.stride, layer.padding, layer.dilation,
                           layer.out_channels)
     weight = layer.weight.detach()
     masked = MaskedLinear(c * h * w, mask.shape[0], mask.to(weight.device), bias=layer.bias is not None,
@@ -140,8 +140,8 @@ def local_from_masked(layer: MaskedLinear, in_channels: int, input_size, kernel_
     if layer.in_features != in_channels * height * width:
         raise ValueError(f"a MaskedLinear with {layer.in_features} inputs does not read {in_channels} channels of "
                          f"{height}x{width}")
-    geometry = functional.local_geometry(kernel_size, stride, padding, dilation)  # a padding string resolved
-    probe = masks.local_2d((in_channels, height, width), kernel_size, stride, (geometry.ph, geometry.pw), dilation)
+    functional.local_geometry(kernel_size, stride, padding, dilation)  # the functional form's checks first
+    probe = masks.local_2d((in_channels, height, width), kernel_size, stride, padding, dilation)
     if layer.out_features % probe.shape[0]:
         raise ValueError(f"a MaskedLinear with {layer.out_features} outputs does not fit {probe.shape[0]} output "
                          f"positions per channel")

@@ -201,36 +201,34 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, mask_or_layout, bia
 
 def local_geometry(kernel_size, stride, padding, dilation, dims: int = 2) -> Geometry:
     """The window of a locally connected layer from ints or pairs, and padding "valid" or "same" as F.conv2d
-    takes them; RuntimeError for values F.conv2d rejects (non-positive kernel, stride or dilation, negative
-    padding, another padding string, "same" with a stride), TypeError for non-ints; NotImplementedError for
-    "same" where it would pad one side more than the other (an even dilation x (kernel - 1)). dims=1: the 1-D
-    layer's window as a height of 1, its messages quoting the width only."""
+    takes them ("same" pads the far side one more where dilation x (kernel - 1) is odd, as torch does);
+    RuntimeError for values F.conv2d rejects (non-positive kernel, stride or dilation, negative padding,
+    another padding string, "same" with a stride), TypeError for non-ints. dims=1: the 1-D layer's window
+    as a height of 1, its messages quoting the width only."""
     kernel, stride, dilation = (as_pair(value, name) for value, name in (
         (kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation")))
     shown = lambda pair: tuple(pair[2 - dims:])  # noqa: E731
     if min(*kernel, *stride, *dilation) < 1:
         raise RuntimeError(f"non-positive kernel_size, stride or dilation is not supported: kernel_size="
                            f"{shown(kernel)}, stride={shown(stride)}, dilation={shown(dilation)}")
-    padding = _padding_of_string(padding, kernel, stride, dilation, shown) if isinstance(padding, str) \
-        else as_pair(padding, "padding")
-    if min(padding) < 0:
-        raise RuntimeError(f"negative padding is not supported: {shown(padding)}")
-    return Geometry(kernel, stride, padding, dilation)
+    if isinstance(padding, str):
+        padding, padding_end = _padding_of_string(padding, kernel, stride, dilation)
+    else:
+        padding = padding_end = as_pair(padding, "padding")
+        if min(padding) < 0:
+            raise RuntimeError(f"negative padding is not supported: {shown(padding)}")
+    return Geometry(kernel, stride, padding, dilation, padding_end)
 
 
-def _padding_of_string(padding: str, kernel, stride, dilation, shown) -> tuple[int, int]:
+def _padding_of_string(padding: str, kernel, stride, dilation) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(padding before, padding after) of a padding string."""
     if padding == "valid":
-        return 0, 0
+        return (0, 0), (0, 0)
     if padding != "same":
         raise RuntimeError(f"Invalid padding string: '{padding}'")
     if stride != (1, 1):
         raise RuntimeError("padding='same' is not supported for strided convolutions")
-    totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
-    if any(total % 2 for total in totals):
-        # torch pads the far side one more there; gpunn's window pads both sides alike.
-        raise NotImplementedError(f"padding='same' with kernel_size={shown(kernel)} and dilation={shown(dilation)} "
-                                  f"pads one side more than the other, which gpunn's locally connected layers do not")
-    return totals[0] // 2, totals[1] // 2
+    return reference.same_padding(kernel, dilation)
 
 
 def _check_local(input, weight, bias, geometry: Geometry) -> None:
@@ -283,19 +281,20 @@ def locally_connected2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
             (stride 1, as F.conv2d).
 
     Returns:
-        (N, O, OH, OW), or (O, OH, OW) for an unbatched input, with OH = (H + 2p - d(KH - 1) - 1) // s + 1.
+        (N, O, OH, OW), or (O, OH, OW) for an unbatched input, with OH = (H + 2p - d(KH - 1) - 1) // s + 1
+        (H for "same").
 
     Raises:
         RuntimeError for shapes, dtypes or devices that do not fit together (as F.conv2d does), checked
-        before any kernel runs; TypeError for a stride, padding or dilation that is not an int or a pair;
-        NotImplementedError for "same" that pads one side more than the other (see local_geometry).
+        before any kernel runs; TypeError for a stride, padding or dilation that is not an int or a pair.
     """
     geometry = local_geometry(tuple(weight.shape[-2:]) if weight.dim() == 6 else 1, stride, padding, dilation)
     input, weight, bias = autocast.cast(input.device.type, input, weight, bias)
     _check_local(input, weight, bias, geometry)
     if not triton_runs_on(input.device):
         g = geometry
-        return reference.locally_connected2d(input, weight, bias, (g.sh, g.sw), (g.ph, g.pw), (g.dh, g.dw))
+        return reference.locally_connected2d(input, weight, bias, (g.sh, g.sw),
+                                             padding if isinstance(padding, str) else (g.ph, g.pw), (g.dh, g.dw))
     batched = input.dim() == 4
     x = input if batched else input.unsqueeze(0)
     o, oh, ow = weight.shape[:3]
@@ -316,7 +315,7 @@ def locally_connected1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
         stride, dilation: an int (or a 1-tuple). padding: an int (or a 1-tuple), "valid" or "same".
 
     Returns:
-        (N, O, OL) or (O, OL), OL = (L + 2p - d(K - 1) - 1) // s + 1.
+        (N, O, OL) or (O, OL), OL = (L + 2p - d(K - 1) - 1) // s + 1 (L for "same").
     """
     stride, dilation = (as_single(v, n) for v, n in ((stride, "stride"), (dilation, "dilation")))
     padding = padding if isinstance(padding, str) else (0, as_single(padding, "padding"))

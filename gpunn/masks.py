@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from . import reference
 from .kernels.layout import DEFAULT_BLOCKS, BlockLayout, check_block, layout_for
 
 
@@ -55,7 +56,9 @@ def local_2d(in_shape, kernel_size, stride=1, padding=0, dilation=1, out_channel
     in_shape is (C, H, W), or (H, W) for one channel, flattened in torch's C-major order. Outputs are
     (out_channels, oh, ow) flattened likewise, oh = (H + 2p - d(k - 1) - 1) // s + 1 (ow alike). Output
     (o, i, j) reads every input (c, i*s - p + di*d, j*s - p + dj*d), 0 <= di, dj < k, that lies inside the
-    image; taps in the padding read nothing. kernel_size=3 is the nine-neuron neighbourhood.
+    image; taps in the padding read nothing. kernel_size=3 is the nine-neuron neighbourhood. padding may
+    also be "valid" (0) or "same" (stride 1; oh = H, p the top's padding, as nn.Conv2d pads: the bottom one
+    more where d(k - 1) is odd).
 
     Returns:
         bool (out_channels * oh * ow, C * H * W).
@@ -67,13 +70,19 @@ def local_2d(in_shape, kernel_size, stride=1, padding=0, dilation=1, out_channel
         raise ValueError(f"in_shape must be (C, H, W) or (H, W) of positive sizes, got {tuple(in_shape)}")
     channels, height, width = shape
     (kh, kw), (sh, sw) = as_pair(kernel_size, "kernel_size"), as_pair(stride, "stride")
-    (ph, pw), (dh, dw) = as_pair(padding, "padding"), as_pair(dilation, "dilation")
+    (dh, dw) = as_pair(dilation, "dilation")
+    if padding == "same" and (sh, sw) != (1, 1):
+        raise ValueError("padding='same' needs stride 1")
+    if isinstance(padding, str) and padding not in ("valid", "same"):
+        raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    (ph, pw), (ph_end, pw_end) = (reference.same_padding((kh, kw), (dh, dw)) if padding == "same" else
+                                  ((0, 0),) * 2 if padding == "valid" else (as_pair(padding, "padding"),) * 2)
     if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError("kernel_size, stride and dilation must be positive and padding non-negative")
     if out_channels < 1:
         raise ValueError(f"out_channels must be positive, got {out_channels}")
-    oh = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    oh = (height + ph + ph_end - dh * (kh - 1) - 1) // sh + 1
+    ow = (width + pw + pw_end - dw * (kw - 1) - 1) // sw + 1
     if oh < 1 or ow < 1:
         raise ValueError(f"kernel of {kh}x{kw} (dilation {dh}x{dw}) does not fit the padded "
                          f"{height}x{width} image")

@@ -35,15 +35,29 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bia
     return linear(x, weight.masked_fill(~mask, 0), bias, activation, negative_slope)
 
 
+def same_padding(kernel_size: tuple[int, int], dilation: tuple[int, int]
+                 ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """padding="same" (stride 1) as nn.Conv2d pads: ((top, left), (bottom, right)), the far side one more
+    where dilation x (kernel - 1) is odd."""
+    totals = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+    return (totals[0] // 2, totals[1] // 2), (totals[0] - totals[0] // 2, totals[1] - totals[1] // 2)
+
+
 def locally_connected2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
                         padding=0, dilation=1) -> torch.Tensor:
     """F.unfold (the patch tensor in memory), then one einsum with every position's own filter.
 
-    x (N, C, H, W) or (C, H, W); weight (O, OH, OW, C, KH, KW); bias (O, OH, OW). Returns (N, O, OH, OW)
-    or (O, OH, OW)."""
+    x (N, C, H, W) or (C, H, W); weight (O, OH, OW, C, KH, KW); bias (O, OH, OW); padding an int, a pair,
+    "valid" or "same" (F.pad first where "same" pads one side more). Returns (N, O, OH, OW) or (O, OH, OW)."""
     batched = x.dim() == 4
     x = x if batched else x.unsqueeze(0)
     o, oh, ow, c, kh, kw = weight.shape
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+        (top, left), (bottom, right) = same_padding((kh, kw), pair(dilation))
+        x, padding = F.pad(x, (left, right, top, bottom)), 0
     patches = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, C KH KW, OH OW)
     y = torch.einsum("nrl,olr->nol", patches, weight.reshape(o, oh * ow, c * kh * kw))
     if bias is not None:

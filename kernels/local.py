@@ -294,27 +294,31 @@ def local_grad_weight_kernel(
 
 
 class Geometry:
-    """The constexprs of one layer's window: kernel (KH, KW), stride, padding, dilation, each a pair."""
+    """The constexprs of one layer's window: kernel (KH, KW), stride, padding before the first row and
+    column (PH, PW), dilation, each a pair; and the padding after the last (padding_end, default the same;
+    padding="same" pads one more there where dilation x (kernel - 1) is odd). The kernels read only PH and
+    PW: the far side's padding sets the output size, and taps past the input read nothing either way."""
 
-    def __init__(self, kernel_size, stride, padding, dilation):
+    def __init__(self, kernel_size, stride, padding, dilation, padding_end=None):
         (self.kh, self.kw), (self.sh, self.sw) = kernel_size, stride
         (self.ph, self.pw), (self.dh, self.dw) = padding, dilation
+        self.ph_end, self.pw_end = padding_end if padding_end is not None else padding
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
-        return ((h + 2 * self.ph - self.dh * (self.kh - 1) - 1) // self.sh + 1,
-                (w + 2 * self.pw - self.dw * (self.kw - 1) - 1) // self.sw + 1)
+        return ((h + self.ph + self.ph_end - self.dh * (self.kh - 1) - 1) // self.sh + 1,
+                (w + self.pw + self.pw_end - self.dw * (self.kw - 1) - 1) // self.sw + 1)
 
     def constexprs(self) -> dict:
         return dict(KH=self.kh, KW=self.kw, SH=self.sh, SW=self.sw, PH=self.ph, PW=self.pw, DH=self.dh, DW=self.dw)
 
     def as_list(self) -> list[int]:
-        """[KH, KW, SH, SW, PH, PW, DH, DW]: the window as gpunn's custom ops take it (see of_list)."""
-        return [self.kh, self.kw, self.sh, self.sw, self.ph, self.pw, self.dh, self.dw]
+        """[KH, KW, SH, SW, PH, PW, DH, DW, PH_END, PW_END]: the window as gpunn's custom ops take it."""
+        return [self.kh, self.kw, self.sh, self.sw, self.ph, self.pw, self.dh, self.dw, self.ph_end, self.pw_end]
 
     @staticmethod
     def of_list(window: list[int]) -> "Geometry":
-        kh, kw, sh, sw, ph, pw, dh, dw = window
-        return Geometry((kh, kw), (sh, sw), (ph, pw), (dh, dw))
+        kh, kw, sh, sw, ph, pw, dh, dw, ph_end, pw_end = window
+        return Geometry((kh, kw), (sh, sw), (ph, pw), (dh, dw), (ph_end, pw_end))
 
 
 def _numerics(dtype: torch.dtype) -> dict:

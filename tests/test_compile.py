@@ -159,7 +159,7 @@ def test_fake_shapes_match_real_ones(device):
                                               torch.randn(7, 5), torch.randn(7), torch.rand(7, 5) < 0.5, 32, 32,
                                               "tanh", 0.01, False, True, True)),
            (torch.ops.gpunn.locally_connected_grad_input, (torch.randn(2, 3, 2, 2), torch.randn(3, 4, 8),
-                                                           [2, 2, 3, 3], [2, 2, 1, 1, 0, 0, 1, 1])),
+                                                           [2, 2, 3, 3], [2, 2, 1, 1, 0, 0, 1, 1, 0, 0])),
            (torch.ops.gpunn.rnn_cell_grad_input, (torch.randn(3, 4), torch.randn(3, 4), None, torch.randn(4, 4),
                                                   "tanh")),
            (torch.ops.gpunn.cross_entropy, (torch.randn(4, 6), torch.tensor([0, 5, -100, 2]), None, -100, 0.0, "sum")),

@@ -318,51 +318,75 @@ def test_functional_errors(device):
         gpunn.functional.locally_connected1d(x1, w1, padding=(1, 1))
 
 
-@pytest.mark.parametrize("kernel,dilation", [(3, 1), ((3, 5), (2, 1)), (1, 1)], ids=str)
+def _shared_filters(layer, conv):
+    """Give the locally connected layer conv's filter and bias at every position: then it computes conv."""
+    with torch.no_grad():
+        positions = [1] * (layer.weight.dim() - conv.weight.dim())  # (OH, OW) or (OL,) after O
+        layer.weight.copy_(conv.weight.view(conv.weight.shape[0], *positions, *conv.weight.shape[1:])
+                           .expand_as(layer.weight))
+        layer.bias.copy_(conv.bias.view(-1, *[1] * (layer.bias.dim() - 1)).expand_as(layer.bias))
+
+
+@pytest.mark.parametrize("kernel,dilation", [(3, 1), ((3, 5), (2, 1)), (1, 1), (2, 1), ((2, 4), (1, 2)),
+                                             ((3, 2), (2, 3))], ids=str)
 @pytest.mark.parametrize("padding", ["same", "valid"])
 def test_padding_strings_as_conv2d(device, padding, kernel, dilation):
-    layer = run_local2d_case(device, torch.float64, 2, 2, 3, (6, 7), kernel, 1, padding, dilation)[0]
-    conv = torch.nn.Conv2d(2, 3, kernel, padding=padding, dilation=dilation)
-    assert layer.output_size == conv(torch.zeros(1, 2, 6, 7)).shape[2:]
+    """With one filter shared by every position the layer is nn.Conv2d: forward, dx and the summed dW match
+    it, "same" included where torch pads the far side one more (an even dilation x (kernel - 1))."""
+    gen = torch.Generator().manual_seed(hash((padding, str(kernel), str(dilation))) % 2**31)
+    conv = torch.nn.Conv2d(2, 3, kernel, padding=padding, dilation=dilation, dtype=torch.float64).to(device)
+    layer = gpunn.LocallyConnected2d(2, 3, (6, 7), kernel, padding=padding, dilation=dilation, device=device,
+                                     dtype=torch.float64)
+    _shared_filters(layer, conv)
+    x = torch.randn(3, 2, 6, 7, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    expected = conv(x)
+    assert layer.output_size == expected.shape[2:]
     assert layer.padding == conv.padding == padding and f"padding={padding}" in repr(layer)
+    out = layer(x)
+    assert_close(out, expected, torch.float64, "output")
+    grad_output = torch.randn(expected.shape, generator=gen, dtype=torch.float64).to(device)
+    (dx, dw), (conv_dx, conv_dw) = (torch.autograd.grad(y, (x, w), grad_output)
+                                    for y, w in ((out, layer.weight), (expected, conv.weight)))
+    assert_close(dx, conv_dx, torch.float64, "grad input")
+    assert_close(dw.sum((1, 2)), conv_dw, torch.float64, "grad weight, summed over positions")
     masked = gpunn.convert.masked_from_local(layer)
-    x = torch.randn(3, 2, 6, 7, device=device, dtype=torch.float64)
-    assert_close(masked(x.flatten(1)), layer(x).flatten(1), torch.float64, "masked form")
+    assert_close(masked(x.flatten(1)), out.flatten(1), torch.float64, "masked form")
     back = gpunn.convert.local_from_masked(masked, 2, (6, 7), kernel, padding=padding, dilation=dilation)
-    assert back.padding == padding and torch.equal(back(x), layer(x))
-    line = gpunn.LocallyConnected1d(2, 3, 9, 5, padding=padding, device=device, dtype=torch.float64)
-    assert line.output_length == torch.nn.Conv1d(2, 3, 5, padding=padding)(torch.zeros(1, 2, 9)).shape[-1]
-    x1 = torch.randn(2, 2, 9, device=device, dtype=torch.float64)
+    assert back.padding == padding and torch.equal(back(x), out)
+    length = kernel if isinstance(kernel, int) else kernel[1]
+    conv1d = torch.nn.Conv1d(2, 3, length, padding=padding, dtype=torch.float64).to(device)
+    line = gpunn.LocallyConnected1d(2, 3, 9, length, padding=padding, device=device, dtype=torch.float64)
+    _shared_filters(line, conv1d)
+    x1 = torch.randn(2, 2, 9, generator=gen, dtype=torch.float64).to(device)
+    assert_close(line(x1), conv1d(x1), torch.float64, "1-D output")
     assert torch.equal(line(x1), gpunn.functional.locally_connected1d(x1, line.weight, line.bias, padding=padding))
 
 
-@pytest.mark.parametrize("kwargs,error", [(dict(kernel_size=3, padding="same", stride=2), ValueError),
-                                          (dict(kernel_size=3, padding="full"), ValueError),
-                                          (dict(kernel_size=2, padding="same"), NotImplementedError)], ids=str)
-def test_padding_string_errors(device, kwargs, error):
-    # The module's types are nn.Conv2d's (ValueError for the first two); the functional form raises
-    # RuntimeError there, as F.conv2d does. An even kernel would pad one side more: not supported.
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, padding="same", stride=2), dict(kernel_size=3, padding="full")],
+                         ids=str)
+def test_padding_string_errors(device, kwargs):
+    # The module's types are nn.Conv2d's (ValueError); the functional form raises RuntimeError there, as
+    # F.conv2d does.
     args = dict(in_channels=2, out_channels=3, input_size=(5, 6))
-    if error is ValueError:
-        with pytest.raises(ValueError):
-            torch.nn.Conv2d(2, 3, **kwargs)
-    with pytest.raises(error):
+    with pytest.raises(ValueError):
+        torch.nn.Conv2d(2, 3, **kwargs)
+    with pytest.raises(ValueError):
         gpunn.LocallyConnected2d(**args, **kwargs)
     weight = torch.randn(3, 5, 6, 2, kwargs["kernel_size"], kwargs["kernel_size"], device=device)
-    with count_launches() as launches, pytest.raises(RuntimeError if error is ValueError else error):
+    with count_launches() as launches, pytest.raises(RuntimeError):
         gpunn.functional.locally_connected2d(torch.randn(1, 2, 5, 6, device=device), weight, None,
                                              kwargs.get("stride", 1), kwargs["padding"])
     assert launches == {}
 
 
 def test_one_dimensional_window_errors_quote_one_dimension(device):
-    with pytest.raises(NotImplementedError, match=r"kernel_size=\(4,\) and dilation=\(1,\)"):
-        gpunn.LocallyConnected1d(2, 3, 8, 4, padding="same")
-    with pytest.raises(NotImplementedError, match=r"kernel_size=\(4,\)"):
-        x, weight = torch.randn(2, 2, 8, device=device), torch.randn(3, 8, 2, 4, device=device)
-        gpunn.functional.locally_connected1d(x, weight, None, padding="same")
-    with pytest.raises(ValueError, match=r"kernel_size=\(0,\), stride=\(1,\)"):
+    with pytest.raises(ValueError, match=r"kernel_size=\(0,\), stride=\(1,\), dilation=\(1,\)"):
         gpunn.LocallyConnected1d(2, 3, 8, 0)
+    with pytest.raises(ValueError, match=r"negative padding is not supported: \(-1,\)"):
+        gpunn.LocallyConnected1d(2, 3, 8, 3, padding=-1)
+    x, weight = torch.randn(2, 2, 8, device=device), torch.randn(3, 8, 2, 4, device=device)
+    with pytest.raises(RuntimeError, match=r"kernel_size=\(4,\), stride=\(0,\)"):
+        gpunn.functional.locally_connected1d(x, weight, None, stride=0)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

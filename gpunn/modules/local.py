@@ -19,7 +19,7 @@ class LocallyConnected2d(torch.nn.Module):
         in_channels, out_channels: C and O.
         input_size: (H, W) of the inputs (the weights depend on the number of positions).
         kernel_size, stride, padding, dilation: an int or a pair, as nn.Conv2d (zero padding only; padding
-            "valid", or "same" at stride 1 where it pads both sides alike).
+            "valid", or "same" at stride 1, padding the far side one more where nn.Conv2d does).
         bias, device, dtype: as nn.Conv2d.
 
     Parameters:
@@ -59,7 +59,8 @@ class LocallyConnected2d(torch.nn.Module):
 
     @property
     def padding_pair(self) -> tuple[int, int]:
-        """The zero padding (height, width) on each side, a padding string resolved."""
+        """The zero padding (height, width) before the first row and column, a padding string resolved
+        ("same" pads one more after the last where dilation x (kernel - 1) is odd, as nn.Conv2d does)."""
         geometry = functional.local_geometry(self.kernel_size, self.stride, self.padding, self.dilation)
         return geometry.ph, geometry.pw
 
@@ -95,7 +96,7 @@ class LocallyConnected1d(torch.nn.Module):
         in_channels, out_channels: C and O.
         input_length: L.
         kernel_size, stride, padding, dilation: ints (or 1-tuples), as nn.Conv1d (zero padding only; padding
-            "valid", or "same" at stride 1 where it pads both sides alike).
+            "valid", or "same" at stride 1, padding the far side one more where nn.Conv1d does).
         bias, device, dtype: as nn.Conv1d.
 
     Parameters:
@@ -149,11 +150,9 @@ class LocallyConnected1d(torch.nn.Module):
 
 def _geometry(kernel_size, stride, padding, dilation, dims: int = 2):
     """functional.local_geometry, with a constructor's ValueError for what the functional form raises as
-    RuntimeError (NotImplementedError, a RuntimeError subclass, passes as it is)."""
+    RuntimeError (as nn.Conv2d and F.conv2d differ)."""
     try:
         return functional.local_geometry(kernel_size, stride, padding, dilation, dims)
-    except NotImplementedError:
-        raise
     except RuntimeError as error:
         raise ValueError(str(error)) from None
 

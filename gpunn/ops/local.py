@@ -2,7 +2,7 @@
 gpunn::locally_connected_grad_input and gpunn::locally_connected_grad_weight.
 
 input (N, C, H, W), weight (O, L, R) (L = OH * OW positions, R = C * KH * KW taps), bias (O, L) or None,
-window the kernels.local.Geometry as a list ([KH, KW, SH, SW, PH, PW, DH, DW]) -> output (N, O, OH, OW).
+window the kernels.local.Geometry as a list (Geometry.as_list) -> output (N, O, OH, OW).
 Saved for backward: the input only if the weight needs a gradient, the weight only if the input does.
 
 The layer is bilinear in (input, weight), so each gradient op is a product of the same three kinds, and its
