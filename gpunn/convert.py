@@ -57,23 +57,49 @@ def _twin(module: torch.nn.Module, activation: tuple[str, float] | None = None) 
 _CONVERTIBLE = (torch.nn.Linear, torch.nn.RNNCell, torch.nn.RNN)
 
 
-def _convert_children(parent: torch.nn.Module) -> None:
-    children = list(parent.named_children())
+def _parameter_names(module: torch.nn.Module) -> set[str]:
+    """The parameters a layer of module's type and configuration registers."""
+    if type(module) is torch.nn.Linear:
+        return {"weight", "bias"} if module.bias is not None else {"weight"}
+    if type(module) is torch.nn.RNNCell:
+        return {"weight_ih", "weight_hh", "bias_ih", "bias_hh"} if module.bias else {"weight_ih", "weight_hh"}
+    return set(module._flat_weights_names)
+
+
+def _plain(module: torch.nn.Module, types) -> bool:
+    """Whether module is exactly one of types and nothing more: no hooks, no buffers, and its type's own
+    parameters. Old-style prune, weight_norm and spectral_norm (a forward pre-hook that rebuilds the weight
+    from renamed parameters and buffers) and user hooks or buffers would be lost on a twin: such a module is
+    left as it is."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    return (type(module) in types and not any(hooks) and next(module.buffers(recurse=False), None) is None
+            and (type(module) not in _CONVERTIBLE
+                 or {name for name, _ in module.named_parameters(recurse=False)} == _parameter_names(module)))
+
+
+def _convert_children(parent: torch.nn.Module, twins: dict) -> None:
+    """Replace parent's convertible children, recursively. twins: (id of the module, id of a fused
+    activation or None) -> its twin, so that a module registered in two places gets one twin."""
+    # Every registered name, a module registered twice included (named_children lists it once).
+    children = [(name, child) for name, child in parent._modules.items() if child is not None]
     skip = False
     for index, (name, child) in enumerate(children):
         if skip:
             skip = False
             continue
         following = children[index + 1][1] if index + 1 < len(children) else None
-        if (isinstance(parent, torch.nn.Sequential) and type(child) is torch.nn.Linear
-                and type(following) in _FUSABLE):
-            setattr(parent, name, _twin(child, _FUSABLE[type(following)](following)))
+        if (isinstance(parent, torch.nn.Sequential) and _plain(child, (torch.nn.Linear,))
+                and following is not None and _plain(following, _FUSABLE)):
+            key = (id(child), id(following))
+            twins.setdefault(key, (_twin(child, _FUSABLE[type(following)](following)), child, following))
+            setattr(parent, name, twins[key][0])
             setattr(parent, children[index + 1][0], torch.nn.Identity())  # keeps the Sequential's indices
             skip = True
-        elif type(child) in _CONVERTIBLE:
-            setattr(parent, name, _twin(child))
+        elif _plain(child, _CONVERTIBLE):
+            twins.setdefault((id(child), None), (_twin(child), child))
+            setattr(parent, name, twins[id(child), None][0])
         else:
-            _convert_children(child)
+            _convert_children(child, twins)
 
 
 def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
@@ -83,12 +109,14 @@ def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     nn.Identity, so indices and state_dict keys do not change). Outputs are unchanged.
 
     inplace=False (default) converts a deep copy; inplace=True converts module itself, and the converted
-    layers keep its very parameter tensors. Hooks registered on replaced modules do not carry over.
+    layers keep its very parameter tensors. A module registered in two places becomes one twin in both. A
+    layer carrying hooks or buffers, or parameters other than its own (old-style prune, weight_norm,
+    spectral_norm), stays a torch layer, and so does an activation module with hooks (it is not fused).
     """
     root = module if inplace else copy.deepcopy(module)
-    if type(root) in _CONVERTIBLE:
+    if _plain(root, _CONVERTIBLE):
         return _twin(root)
-    _convert_children(root)
+    _convert_children(root, {})
     return root
 
 

@@ -49,8 +49,17 @@ class SGD(torch.optim.SGD):
                                       "are not differentiable (use torch.optim.SGD)")
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused)
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
         self._step_supports_amp_scaling = False  # step takes no grad_scale / found_inf, fused or not
         self._tables = {}  # per (group, device, dtype, first step): the kernel's device table (gpunn.kernels.sgd)
+
+    def __setstate__(self, state: dict) -> None:
+        # Unpickling and copy.deepcopy restore only what Optimizer.__getstate__ keeps (defaults, state,
+        # param_groups): the kernel tables are rebuilt on the next step.
+        super().__setstate__(state)
+        self._init_runtime()
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -39,10 +39,15 @@ GRAD_FROM_SAVED: tl.constexpr = tl.constexpr(2)
 
 
 def grad_source(activation: str | None, negative_slope: float) -> int:
-    """Which tensor backward reads for `activation`: none, the output, or the saved derivative."""
+    """Which tensor backward reads for `activation`: none, the output, or the saved derivative.
+
+    The output only where torch's own activation saves its result too (relu, tanh, sigmoid), so that an
+    in-place op on the output after the layer is refused or allowed exactly as torch's: leaky_relu, whose
+    torch backward reads its input, takes the derivative written beside the output (one more (M, N) write
+    forward and read backward), and an in-place op on its output (a residual add, in-place dropout) works."""
     if activation is None:
         return GRAD_IS_DY.value
-    if activation in ("relu", "tanh", "sigmoid") or (activation == "leaky_relu" and negative_slope >= 0):
+    if activation in ("relu", "tanh", "sigmoid"):
         return GRAD_FROM_OUTPUT.value
     return GRAD_FROM_SAVED.value
 
@@ -196,8 +201,6 @@ def grad_preactivation(dy, g, ACT: tl.constexpr, GRAD_FROM: tl.constexpr, NEGATI
     elif GRAD_FROM == GRAD_FROM_OUTPUT:
         if ACT == RELU:
             return tl.where(g <= 0, 0.0, dy)  # torch's threshold_backward: zero where y <= 0 (NaN passes)
-        elif ACT == LEAKY_RELU:
-            return tl.where(g > 0, dy, dy * NEGATIVE_SLOPE)
         elif ACT == TANH:
             return dy * (1.0 - g * g)
         else:  # SIGMOID

@@ -66,3 +66,41 @@ def test_gpunn_layers_and_other_modules_are_left_alone(inplace):
     model = torch.nn.Sequential(gpunn.Linear(3, 3, activation="relu"), torch.nn.ReLU(), torch.nn.Conv1d(1, 1, 1))
     converted = gpunn.convert(model, inplace=inplace)
     assert isinstance(converted[1], torch.nn.ReLU) and isinstance(converted[2], torch.nn.Conv1d)
+
+
+def test_layers_it_cannot_reproduce_stay_torch_layers():
+    """A pruned Linear (a pre-hook rebuilding the weight from weight_orig and a mask buffer), one with a
+    user hook or buffer, and an activation with a hook stay torch modules; the model's output is unchanged."""
+    import torch.nn.utils.prune
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4), torch.nn.ReLU(),
+                                torch.nn.Linear(4, 3), torch.nn.Linear(3, 2), torch.nn.GELU())
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", 0.5)
+    model[3].register_forward_hook(lambda module, args, output: output * 2)
+    model[4].register_buffer("scale", torch.ones(3))
+    x = torch.randn(5, 4)
+    expected = model(x)
+    converted = gpunn.convert(model, inplace=True)
+    kinds = [type(m) for m in converted]
+    assert kinds == [torch.nn.Linear, torch.nn.Tanh, gpunn.Linear, torch.nn.ReLU, torch.nn.Linear, gpunn.Linear,
+                     torch.nn.Identity]
+    assert converted[2].activation is None and converted[5].activation == "gelu"
+    assert_close(converted(x), expected, torch.float32, "output")
+
+
+def test_a_module_registered_twice_becomes_one_twin():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = torch.nn.Linear(3, 3)
+            self.second = self.first  # the same layer applied twice
+
+        def forward(self, x):
+            return self.second(torch.tanh(self.first(x)))
+
+    model = Tied()
+    x = torch.randn(4, 3)
+    expected = model(x)
+    converted = gpunn.convert(model)
+    assert isinstance(converted.first, gpunn.Linear) and converted.first is converted.second
+    assert_close(converted(x), expected, torch.float32, "output")

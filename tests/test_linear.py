@@ -388,9 +388,11 @@ def test_autocast_matches_nn_linear_dtype(device):
                                        layer.bias.double(), None), dtype, "autocast output")
 
 
-def test_output_can_be_modified_in_place(device):
-    # As with nn.Linear: an in-place ReLU or a residual add on the output, then backward.
-    layer = gpunn.Linear(6, 6, device=device, dtype=torch.float64)
+@pytest.mark.parametrize("activation", [None, "leaky_relu", "gelu"])
+def test_output_can_be_modified_in_place(device, activation):
+    # As with nn.Linear and an activation module after it (torch's leaky_relu and gelu save their input):
+    # an in-place residual add and ReLU on the output, then backward.
+    layer = gpunn.Linear(6, 6, device=device, dtype=torch.float64, activation=activation, negative_slope=0.2)
     x = torch.randn(3, 2, 6, device=device, dtype=torch.float64, requires_grad=True)
     out = layer(x)
     out += x
@@ -398,7 +400,8 @@ def test_output_can_be_modified_in_place(device):
     out.sum().backward()
     ref_x = leaf64(x)
     ref_x.requires_grad_()
-    torch.relu(torch.nn.functional.linear(ref_x, layer.weight, layer.bias) + ref_x).sum().backward()
+    ref_out = reference_linear(ref_x, layer.weight, layer.bias, activation, 0.2)
+    torch.relu(ref_out + ref_x).sum().backward()
     assert_close(x.grad, ref_x.grad, torch.float64, "grad input")
 
 

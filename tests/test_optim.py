@@ -208,3 +208,30 @@ def test_foreach_fused_and_differentiable_arguments(device):
         assert not ours._step_supports_amp_scaling  # a GradScaler unscales before step
     with pytest.raises(NotImplementedError, match="differentiable"):
         gpunn.optim.SGD([p], lr=0.1, differentiable=True)
+
+
+@pytest.mark.parametrize("copy_kind", ["deepcopy", "torch.save"])
+def test_a_copied_or_pickled_optimizer_steps_on(device, copy_kind):
+    """copy.deepcopy and pickling keep what Optimizer.__getstate__ keeps (not the kernel tables): the copy
+    rebuilds them and goes on as torch's would."""
+    import copy
+    import io
+
+    params = _params(device, torch.float64)
+    grads = _grads(params, 4)
+    settings = dict(momentum=0.9, weight_decay=0.01)
+    half, optimizer = _run(gpunn.optim.SGD, params, grads[:2], **settings)
+    if copy_kind == "deepcopy":
+        half, optimizer = copy.deepcopy((half, optimizer))
+    else:
+        buffer = io.BytesIO()
+        torch.save((half, optimizer), buffer)
+        buffer.seek(0)
+        half, optimizer = torch.load(buffer, weights_only=False)
+    for step in grads[2:]:
+        for p, g in zip(half, step):
+            p.grad = g.clone()
+        optimizer.step()
+    straight, _ = _run(torch.optim.SGD, params, grads, **settings)
+    for p, r in zip(half, straight):
+        assert_close(p.detach(), r.detach(), torch.float64, copy_kind)

@@ -46,9 +46,10 @@ def test_counts_per_call_and_nothing_outside_the_block():
 
 
 @pytest.mark.parametrize("activation, saves_derivative", [("relu", False), ("tanh", False), ("gelu", True),
-                                                          ("silu", True), (None, False)])
+                                                          ("silu", True), ("leaky_relu", True), (None, False)])
 def test_training_forward_writes_the_derivative_only_where_backward_needs_it(activation, saves_derivative):
-    """relu and tanh take their derivative from the output; gelu and silu need act'(z) written beside it."""
+    """relu and tanh take their derivative from the output; gelu, silu and leaky_relu (whose output may be
+    changed in place, as torch allows) need act'(z) written beside it."""
     x = torch.randn(64, 64, requires_grad=True)
     w = torch.randn(64, 64, requires_grad=True)
     with count_work() as work:
