@@ -23,6 +23,7 @@ A reference to x is kept for it where first order does not save x (checked uncha
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -225,7 +226,7 @@ def _by_steps(x: torch.Tensor, h0: torch.Tensor, sizes: list[int], activation: s
               weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """_rnn_layer's (output (rows, D*H), h_n (D, B, H)) as one cell op a step and direction, from x (rows, I)
     packed with the steps' batch sizes `sizes` (non-increasing): autograd records every step."""
-    offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+    offsets = list(itertools.accumulate(sizes, initial=0))
     outputs, finals = [], []
     for d, w in enumerate(_directions(weights, directions)):
         bias = (w[2], w[3]) if len(w) == 4 else (None, None)
