@@ -9,6 +9,7 @@ same weights against the float64 torch model: the loss and the first layer's upd
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +43,10 @@ class Case(harness.CaseBase):
     width: int
     dtype: str
     grad: bool = True
-    activation: None = None
+    activation: None = None  # the harness's per-case activation: none (the model has its own, below)
 
     op = "mlp_step"
-    activation = torch.nn.ReLU  # between the layers; gpunn.convert fuses it into gpunn.Linear
+    LAYER_ACTIVATION: ClassVar[type] = torch.nn.ReLU  # between the layers; gpunn.convert fuses it into gpunn.Linear
 
     @property
     def shape(self) -> str:
@@ -82,7 +83,7 @@ class Case(harness.CaseBase):
 
     def _step_fn(self, provider: str, x, y, seed: int):
         """One training step of a fresh model (the case's dtype, seeded init) on x, in x's dtype."""
-        model = _model(self.width, x.device, harness.DTYPES[self.dtype], seed, self.activation).to(x.dtype)
+        model = _model(self.width, x.device, harness.DTYPES[self.dtype], seed, self.LAYER_ACTIVATION).to(x.dtype)
         if provider == "gpunn":
             model = gpunn.convert(model, inplace=True)
             optimizer = gpunn.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

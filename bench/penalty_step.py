@@ -8,15 +8,18 @@ backward takes its full path (z recomputed, act''(z)).
 
 Providers: torch = nn.Linear + nn.GELU and torch.optim.SGD (eager; torch.compile does not take double
 backward); gpunn = the same model through gpunn.convert (GELU fused into gpunn.Linear) and gpunn.optim.SGD.
-Mode fwd+bwd is one step. FLOPs, per layer in units of B W^2: forward 2, the input gradient 2, and the
-backward of the loss 12 (the first-order weight gradient 2 and input gradient 2; through the input
-gradient: g_dz 2, g_W 4 and g_x 2), 16 in all; gpunn also recomputes z (2 more, not counted). Accuracy:
-one step from the same weights against the float64 torch model: the loss and the first layer's updated
-weight.
+Mode fwd+bwd is one step. FLOPs, the work the step needs, per layer in units of B W^2: forward 2, the
+input gradient 2, and the backward of the loss 12 (the first-order weight gradient 2 and input gradient 2;
+through the input gradient: g_dz 2, g_W 4 and g_x 2), 16 in all. Not counted, gpunn's extra work: it
+recomputes z (2), and its create_graph pass also forms the weight gradients (2), which autograd.grad(...,
+x) then drops (a custom autograd function's needs_input_grad is fixed at forward time). Bytes: a rough
+model, mlp_step's count twice over, not a minimum. Accuracy: one step from the same weights against the
+float64 torch model: the loss and the first layer's updated weight.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -35,13 +38,14 @@ PENALTY = 10.0
 @dataclass(frozen=True)
 class Case(mlp_step.Case):
     op = "penalty_step"
-    activation = torch.nn.GELU
+    LAYER_ACTIVATION: ClassVar[type] = torch.nn.GELU
 
     def flops(self, mode: str) -> float:
         return 16 * self.batch * self.width * self.width * mlp_step.LAYERS
 
     def bytes(self, mode: str) -> float:
-        # mlp_step's traffic twice over (the penalty's pass repeats the backward's reads and writes).
+        # A rough model, not a minimum: mlp_step's count twice over (the penalty's passes repeat the backward's
+        # reads and writes; SGD's share, counted twice, is small beside them at these batch sizes).
         return 2 * super().bytes(mode)
 
     def loss(self, provider: str, model, x, y) -> torch.Tensor:

@@ -67,12 +67,15 @@ def _parameter_names(module: torch.nn.Module) -> set[str]:
 
 
 def _plain(module: torch.nn.Module, types) -> bool:
-    """Whether module is exactly one of types and nothing more: no hooks, no buffers, and its type's own
-    parameters. Old-style prune, weight_norm and spectral_norm (a forward pre-hook that rebuilds the weight
-    from renamed parameters and buffers) and user hooks or buffers would be lost on a twin: such a module is
-    left as it is."""
-    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    """Whether module is exactly one of types and nothing more: no hooks (module or state-dict), no buffers, no
+    child modules, and its type's own parameters. Old-style prune, weight_norm and spectral_norm (a forward
+    pre-hook that rebuilds the weight from renamed parameters and buffers), user hooks, buffers or children
+    would be lost on a twin: such a module is left as it is."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
+             module._state_dict_hooks, module._state_dict_pre_hooks, module._load_state_dict_pre_hooks,
+             module._load_state_dict_post_hooks)
     return (type(module) in types and not any(hooks) and next(module.buffers(recurse=False), None) is None
+            and next(module.children(), None) is None
             and (type(module) not in _CONVERTIBLE
                  or {name for name, _ in module.named_parameters(recurse=False)} == _parameter_names(module)))
 
@@ -109,9 +112,10 @@ def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     nn.Identity, so indices and state_dict keys do not change). Outputs are unchanged.
 
     inplace=False (default) converts a deep copy; inplace=True converts module itself, and the converted
-    layers keep its very parameter tensors. A module registered in two places becomes one twin in both. A
-    layer carrying hooks or buffers, or parameters other than its own (old-style prune, weight_norm,
-    spectral_norm), stays a torch layer, and so does an activation module with hooks (it is not fused).
+    layers keep its very parameter tensors. A module registered under two names becomes one twin under both
+    (fused with two different activation modules, one twin per fusion, sharing its parameters). A layer
+    carrying hooks, buffers, child modules, or parameters other than its own (old-style prune, weight_norm,
+    spectral_norm) stays a torch layer, and an activation module with hooks is not fused.
     """
     root = module if inplace else copy.deepcopy(module)
     if _plain(root, _CONVERTIBLE):

@@ -331,6 +331,9 @@ def locally_connected1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
         raise RuntimeError(f"expected input with {c} channels (weight of shape {tuple(weight.shape)}), got input "
                            f"of shape {tuple(input.shape)}")
     expected = geometry.output_size(1, input.shape[-1])[1]
+    if expected < 1:
+        raise RuntimeError(f"kernel {k} (dilation {dilation}) does not fit the padded input of length "
+                           f"{input.shape[-1]}")
     if expected != ol:
         raise RuntimeError(f"an input of length {input.shape[-1]} gives {expected} output positions, but the weight "
                            f"has {ol}")

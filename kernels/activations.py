@@ -6,11 +6,12 @@ stores. Codes are compile-time constants, so each activation compiles to its own
 
 What backward needs, per activation (the least that gives the exact derivative):
 - none:                  nothing (dz = dy).
-- relu, tanh, sigmoid:   the output y (relu: y > 0; tanh: 1 - y^2; sigmoid: y (1 - y)).
-- leaky_relu, slope>=0:  the output y (y > 0 exactly when z > 0).
-- leaky_relu, slope<0, gelu, gelu_tanh, silu: the derivative act'(z), written by the forward epilogue
-  (the same size as z, and backward then only multiplies instead of re-evaluating erf/exp wherever it
-  forms dz).
+- relu, tanh, sigmoid:   the output y (relu: y > 0; tanh: 1 - y^2; sigmoid: y (1 - y)), as torch's own
+                         activations save it.
+- leaky_relu, gelu, gelu_tanh, silu: the derivative act'(z), written by the forward epilogue (the same size
+  as z, and backward then only multiplies instead of re-evaluating erf/exp wherever it forms dz). torch's
+  save their input there, so an in-place op on their output must stay allowed: leaky_relu's output would
+  do for its derivative at a non-negative slope, but is not saved (see grad_source).
 """
 from __future__ import annotations
 

@@ -206,6 +206,14 @@ def test_smoke_cost_model(smoke):
     assert "## Cost model" in md and f"| dense[relu] | fwd | 64x64x64 | {SMOKE_DTYPE} | 1 | 1 |" in md
 
 
+def test_penalty_step_critic_has_gelu_and_mlp_step_relu():
+    """The critic's activation has a second derivative, so its double backward takes the full path."""
+    from bench import mlp_step, penalty_step
+
+    assert penalty_step.Case(4, 8, "fp32").LAYER_ACTIVATION is torch.nn.GELU
+    assert mlp_step.Case(4, 8, "fp32").LAYER_ACTIVATION is torch.nn.ReLU
+
+
 def test_activations_all():
     assert parse_args(["--activations", "all"]).activations == [None if a == "none" else a for a in ACTIVATIONS]
     assert parse_args([]).activations == ["relu", "gelu"]

@@ -86,6 +86,14 @@ def test_layers_it_cannot_reproduce_stay_torch_layers():
                      torch.nn.Identity]
     assert converted[2].activation is None and converted[5].activation == "gelu"
     assert_close(converted(x), expected, torch.float32, "output")
+    # A child module or a state-dict hook would be lost on a twin too.
+    with_child, with_hook = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    with_child.extra = torch.nn.Linear(4, 2)
+    with_hook.register_load_state_dict_post_hook(lambda module, keys: None)
+    keys = torch.nn.Sequential(with_child, with_hook).state_dict().keys()
+    converted = gpunn.convert(torch.nn.Sequential(with_child, with_hook))
+    assert [type(m) for m in converted] == [torch.nn.Linear, torch.nn.Linear]
+    assert converted.state_dict().keys() == keys
 
 
 def test_a_module_registered_twice_becomes_one_twin():

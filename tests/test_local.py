@@ -387,6 +387,12 @@ def test_one_dimensional_window_errors_quote_one_dimension(device):
     x, weight = torch.randn(2, 2, 8, device=device), torch.randn(3, 8, 2, 4, device=device)
     with pytest.raises(RuntimeError, match=r"kernel_size=\(4,\), stride=\(0,\)"):
         gpunn.functional.locally_connected1d(x, weight, None, stride=0)
+    with pytest.raises(ValueError, match="kernel 7 .dilation 1. does not fit the padded input of length 5"):
+        gpunn.LocallyConnected1d(2, 3, 5, 7)
+    with pytest.raises(RuntimeError, match="kernel 9 .dilation 1. does not fit the padded input of length 8"):
+        gpunn.functional.locally_connected1d(x, torch.randn(3, 1, 2, 9, device=device))
+    with pytest.raises(ValueError, match="input_length must be a positive int, got 0"):
+        gpunn.LocallyConnected1d(2, 3, 0, 3)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

@@ -113,7 +113,12 @@ class LocallyConnected1d(torch.nn.Module):
             (kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation")))
         padding = padding if isinstance(padding, str) else masks.as_single(padding, "padding")
         padding_2d = padding if isinstance(padding, str) else (0, padding)
-        _geometry((1, kernel_size), (1, stride), padding_2d, (1, dilation), dims=1)  # the window's errors in 1-D
+        line = _geometry((1, kernel_size), (1, stride), padding_2d, (1, dilation), dims=1)  # errors in 1-D terms
+        if not isinstance(input_length, int) or isinstance(input_length, bool) or input_length < 1:
+            raise ValueError(f"input_length must be a positive int, got {input_length!r}")
+        if line.output_size(1, input_length)[1] < 1:
+            raise ValueError(f"kernel {kernel_size} (dilation {dilation}) does not fit the padded input of length "
+                             f"{input_length}")
         # The 2-D layer over a height of 1 computes the geometry; its parameters are viewed.
         plane = LocallyConnected2d(in_channels, out_channels, (1, input_length), (1, kernel_size), (1, stride),
                                    padding_2d, (1, dilation), bias, device, dtype)
