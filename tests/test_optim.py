@@ -34,6 +34,14 @@ def _run(optimizer_class, params, grads_per_step, lrs=None, **settings):
     return params, optimizer
 
 
+def _more_steps(params, optimizer, grads_per_step):
+    """Steps of an optimizer already built over params, one per list of gradients."""
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+
+
 def _grads(params, steps, seed=1):
     gen = torch.Generator().manual_seed(seed)
     return [[torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype) for p in params]
@@ -138,10 +146,7 @@ def test_state_dict_loads_both_ways(device):
         resumed = [torch.nn.Parameter(p.detach().clone()) for p in half]
         opt2 = second(resumed, lr=0.1, **settings)
         opt2.load_state_dict(state)
-        for step in grads[2:]:
-            for p, g in zip(resumed, step):
-                p.grad = g.clone()
-            opt2.step()
+        _more_steps(resumed, opt2, grads[2:])
         straight, straight_opt = _run(torch.optim.SGD, params, grads, **settings)
         for p, r in zip(resumed, straight):
             assert_close(p.detach(), r.detach(), torch.float64, f"{first.__module__} -> {second.__module__}")
@@ -228,10 +233,7 @@ def test_a_copied_or_pickled_optimizer_steps_on(device, copy_kind):
         torch.save((half, optimizer), buffer)
         buffer.seek(0)
         half, optimizer = torch.load(buffer, weights_only=False)
-    for step in grads[2:]:
-        for p, g in zip(half, step):
-            p.grad = g.clone()
-        optimizer.step()
+    _more_steps(half, optimizer, grads[2:])
     straight, _ = _run(torch.optim.SGD, params, grads, **settings)
     for p, r in zip(half, straight):
         assert_close(p.detach(), r.detach(), torch.float64, copy_kind)
