@@ -81,8 +81,8 @@ def _plain(module: torch.nn.Module, types) -> bool:
 
 
 def _convert_children(parent: torch.nn.Module, twins: dict) -> None:
-    """Replace parent's convertible children, recursively. twins: (id of the module, id of a fused
-    activation or None) -> its twin, so that a module registered in two places gets one twin."""
+    """Replace parent's convertible children, recursively. twins: (the module, the activation module fused
+    with it or None) -> its twin, so that a module registered in two places gets one twin."""
     # Every registered name, a module registered twice included (named_children lists it once).
     children = [(name, child) for name, child in parent._modules.items() if child is not None]
     skip = False
@@ -93,14 +93,15 @@ def _convert_children(parent: torch.nn.Module, twins: dict) -> None:
         following = children[index + 1][1] if index + 1 < len(children) else None
         if (isinstance(parent, torch.nn.Sequential) and _plain(child, (torch.nn.Linear,))
                 and following is not None and _plain(following, _FUSABLE)):
-            key = (id(child), id(following))
-            twins.setdefault(key, (_twin(child, _FUSABLE[type(following)](following)), child, following))
-            setattr(parent, name, twins[key][0])
+            if (child, following) not in twins:
+                twins[child, following] = _twin(child, _FUSABLE[type(following)](following))
+            setattr(parent, name, twins[child, following])
             setattr(parent, children[index + 1][0], torch.nn.Identity())  # keeps the Sequential's indices
             skip = True
         elif _plain(child, _CONVERTIBLE):
-            twins.setdefault((id(child), None), (_twin(child), child))
-            setattr(parent, name, twins[id(child), None][0])
+            if (child, None) not in twins:
+                twins[child, None] = _twin(child)
+            setattr(parent, name, twins[child, None])
         else:
             _convert_children(child, twins)
 

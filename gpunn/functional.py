@@ -14,7 +14,7 @@ from .kernels.layout import DEFAULT_BLOCKS, BlockLayout, check_block
 from .kernels.local import Geometry
 from .kernels.runtime import triton_runs_on
 from .losses import cross_entropy, mse_loss  # noqa: F401  (public here too, as in torch.nn.functional)
-from .masks import as_pair, as_single
+from .masks import as_pair, as_single, padding_sides
 from .ops import linear as ops_linear, local as ops_local, rnn as ops_rnn, rnn_sequence as ops_rnn_sequence
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -211,24 +211,10 @@ def local_geometry(kernel_size, stride, padding, dilation, dims: int = 2) -> Geo
     if min(*kernel, *stride, *dilation) < 1:
         raise RuntimeError(f"non-positive kernel_size, stride or dilation is not supported: kernel_size="
                            f"{shown(kernel)}, stride={shown(stride)}, dilation={shown(dilation)}")
-    if isinstance(padding, str):
-        padding, padding_end = _padding_of_string(padding, kernel, stride, dilation)
-    else:
-        padding = padding_end = as_pair(padding, "padding")
-        if min(padding) < 0:
-            raise RuntimeError(f"negative padding is not supported: {shown(padding)}")
+    padding, padding_end = padding_sides(padding, kernel, stride, dilation, RuntimeError)
+    if min(padding) < 0:
+        raise RuntimeError(f"negative padding is not supported: {shown(padding)}")
     return Geometry(kernel, stride, padding, dilation, padding_end)
-
-
-def _padding_of_string(padding: str, kernel, stride, dilation) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(padding before, padding after) of a padding string."""
-    if padding == "valid":
-        return (0, 0), (0, 0)
-    if padding != "same":
-        raise RuntimeError(f"Invalid padding string: '{padding}'")
-    if stride != (1, 1):
-        raise RuntimeError("padding='same' is not supported for strided convolutions")
-    return reference.same_padding(kernel, dilation)
 
 
 def _check_local(input, weight, bias, geometry: Geometry) -> None:

@@ -20,6 +20,24 @@ def as_pair(value, name: str) -> tuple[int, int]:
     return pair
 
 
+def padding_sides(padding, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+                  error: type[Exception] = ValueError) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The zero padding (height, width) before the first row and column and after the last, of an int, a
+    pair, "valid" or "same" as F.conv2d takes them: "same" only at stride 1, the far side one more where
+    dilation x (kernel - 1) is odd (reference.same_padding). `error` for a string F.conv2d refuses: nn.Conv2d
+    raises ValueError there, F.conv2d RuntimeError. A number is not checked here (negative, say)."""
+    if not isinstance(padding, str):
+        pair = as_pair(padding, "padding")
+        return pair, pair
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if padding != "same":
+        raise error(f"Invalid padding string: '{padding}'")
+    if tuple(stride) != (1, 1):
+        raise error("padding='same' is not supported for strided convolutions")
+    return reference.same_padding(kernel_size, dilation)
+
+
 def as_single(value, name: str) -> int:
     """An int, or a 1-sequence of one int (as nn.Conv1d accepts); TypeError otherwise."""
     if isinstance(value, (tuple, list)) and len(value) == 1:
@@ -71,12 +89,7 @@ def local_2d(in_shape, kernel_size, stride=1, padding=0, dilation=1, out_channel
     channels, height, width = shape
     (kh, kw), (sh, sw) = as_pair(kernel_size, "kernel_size"), as_pair(stride, "stride")
     (dh, dw) = as_pair(dilation, "dilation")
-    if padding == "same" and (sh, sw) != (1, 1):
-        raise ValueError("padding='same' needs stride 1")
-    if isinstance(padding, str) and padding not in ("valid", "same"):
-        raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
-    (ph, pw), (ph_end, pw_end) = (reference.same_padding((kh, kw), (dh, dw)) if padding == "same" else
-                                  ((0, 0),) * 2 if padding == "valid" else (as_pair(padding, "padding"),) * 2)
+    (ph, pw), (ph_end, pw_end) = padding_sides(padding, (kh, kw), (sh, sw), (dh, dw))
     if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError("kernel_size, stride and dilation must be positive and padding non-negative")
     if out_channels < 1:
