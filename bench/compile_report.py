@@ -114,14 +114,14 @@ def _launch_dense_forward(dtype, m, n, k, activation, bias, save_derivative):
 def _saved(dtype, m, n, activation):
     """What forward saves for backward: nothing, the output or act'(z), all (M, N)."""
     from gpunn.kernels import activations
-    return None if activations.grad_source(activation, NEGATIVE_SLOPE) == 0 else _meta((m, n), dtype)
+    return None if activations.grad_source(activation) == 0 else _meta((m, n), dtype)
 
 
 def _launch_dense_grad_preactivation(dtype, m, n, k, activation, write_dz, bias_grad):
     # db over several row chunks launches the kernel a second time, on the chunks' sums.
     from gpunn.kernels import dense, runtime
     dense.grad_preactivation(runtime.Rows.of(_meta((m, n), dtype)), _saved(dtype, m, n, activation), activation,
-                             NEGATIVE_SLOPE, write_dz, bias_grad)
+                             write_dz, bias_grad)
 
 
 def _launch_dense_grad_input(dtype, m, n, k):
@@ -168,7 +168,7 @@ def _launch_masked_forward(dtype, m, n, k, activation, bias, save_derivative):
 def _launch_masked_grad_input(dtype, m, n, k, activation):
     from gpunn.kernels import masked, runtime
     dy, w = _meta((m, n), dtype), _meta((n, k), dtype)
-    masked.grad_input(runtime.Rows.of(dy), _saved(dtype, m, n, activation), w, activation, NEGATIVE_SLOPE,
+    masked.grad_input(runtime.Rows.of(dy), _saved(dtype, m, n, activation), w, activation,
                       layout=_band_layout(dtype, n, k))
 
 
@@ -176,7 +176,7 @@ def _launch_masked_grad_weight(dtype, m, n, k, activation, bias_grad):
     # One launch: dW blocks and, when bias_grad, the db programs.
     from gpunn.kernels import masked, runtime
     dy, x = runtime.Rows.of(_meta((m, n), dtype)), runtime.Rows.of(_meta((m, k), dtype))
-    masked.grad_weight(dy, _saved(dtype, m, n, activation), x, (n, k), activation, NEGATIVE_SLOPE, bias_grad,
+    masked.grad_weight(dy, _saved(dtype, m, n, activation), x, (n, k), activation, bias_grad,
                        layout=_band_layout(dtype, n, k))
 
 

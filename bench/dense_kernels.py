@@ -69,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
                dense.dense_grad_weight_kernel.autotuner)
         for name in args.activations.split(","):
             act = None if name == "none" else name
-            source = activations.grad_source(act, 0.01)
+            source = activations.grad_source(act)
             y, g = dense.forward(Rows.of(x), w, b, act, 0.01, source == activations.GRAD_FROM_SAVED.value)
             saved = {activations.GRAD_FROM_OUTPUT.value: y, activations.GRAD_FROM_SAVED.value: g}.get(source)
             write_dz = act is not None
-            t = ms(lambda: dense.grad_preactivation(Rows.of(dy), saved, act, 0.01, write_dz, True))
+            t = ms(lambda: dense.grad_preactivation(Rows.of(dy), saved, act, write_dz, True))
             moved = m * n * 2 * (1 + (saved is not None) + write_dz) + n * 2  # dy, saved; dz, db
             label = f"{name:5s} grad_preactivation " + ("(dz+db)" if write_dz else "(db)")
             print(f"{shape} {label:28s} {t * 1e3:8.1f} us {moved / t / 1e6:7.1f} GB/s", flush=True)

@@ -135,7 +135,7 @@ def _linear_op(input, weight, bias, activation, negative_slope, mask, block):
     # When autograd records the call and the activation's derivative cannot be had from the output, the
     # forward kernel also writes act'(z) for backward.
     will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
-    save_derivative = will_backward and activation_grad_source(activation, negative_slope) == GRAD_FROM_SAVED.value
+    save_derivative = will_backward and activation_grad_source(activation) == GRAD_FROM_SAVED.value
     return ops_linear.linear(input, weight, bias, mask, *block, activation, float(negative_slope), save_derivative)[0]
 
 

@@ -39,7 +39,7 @@ GRAD_FROM_OUTPUT: tl.constexpr = tl.constexpr(1)
 GRAD_FROM_SAVED: tl.constexpr = tl.constexpr(2)
 
 
-def grad_source(activation: str | None, negative_slope: float) -> int:
+def grad_source(activation: str | None) -> int:
     """Which tensor backward reads for `activation`: none, the output, or the saved derivative.
 
     The output only where torch's own activation saves its result too (relu, tanh, sigmoid), so that an
@@ -51,6 +51,20 @@ def grad_source(activation: str | None, negative_slope: float) -> int:
     if activation in ("relu", "tanh", "sigmoid"):
         return GRAD_FROM_OUTPUT.value
     return GRAD_FROM_SAVED.value
+
+
+def forward_constants(activation: str | None, negative_slope: float) -> dict:
+    """The constexprs of a kernel that evaluates act(z) or act'(z): ACT and NEGATIVE_SLOPE, the slope only for
+    leaky_relu (0 for the others, whose kernels then do not compile again for a slope they never read)."""
+    return dict(ACT=CODES[activation], NEGATIVE_SLOPE=float(negative_slope) if activation == "leaky_relu" else 0.0)
+
+
+def backward_constants(activation: str | None) -> dict[str, int]:
+    """The constexprs of a kernel that forms dz = dy * act'(z): GRAD_FROM (grad_source) and ACT. Only an
+    activation formed from its output needs its own ACT; the others pass none's code, so that one compiled
+    backward serves every activation whose act'(z) is saved (gelu, silu, leaky_relu at any slope)."""
+    grad_from = grad_source(activation)
+    return dict(ACT=CODES[activation if grad_from == GRAD_FROM_OUTPUT.value else None], GRAD_FROM=grad_from)
 
 
 def dz_tiles(args) -> int:
@@ -195,7 +209,7 @@ def has_second_derivative(activation: str | None) -> bool:
 
 
 @triton.jit
-def grad_preactivation(dy, g, ACT: tl.constexpr, GRAD_FROM: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
+def grad_preactivation(dy, g, ACT: tl.constexpr, GRAD_FROM: tl.constexpr):
     """dz = dy * act'(z), from dy and the saved tensor g (the output y, or act'(z) itself)."""
     if GRAD_FROM == GRAD_FROM_SAVED:
         return dy * g
@@ -228,21 +242,20 @@ def epilogue(acc, rm, rn, M, N, b_ptr, stride_b, y_ptr, g_ptr, ACT: tl.constexpr
 
 @triton.jit
 def load_dz(dy_ptrs, g_ptrs, mask, ACC_DTYPE: tl.constexpr, out_dtype: tl.constexpr,
-            ACT: tl.constexpr, GRAD_FROM: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
+            ACT: tl.constexpr, GRAD_FROM: tl.constexpr):
     """A tile of dz = dy * act'(z) in out_dtype, formed in registers from dy and the saved tensor g."""
     dy = tl.load(dy_ptrs, mask=mask, other=0.0)
     if GRAD_FROM == GRAD_IS_DY:
         return dy.to(out_dtype)
     else:
         g = tl.load(g_ptrs, mask=mask, other=0.0)
-        return grad_preactivation(dy.to(ACC_DTYPE), g.to(ACC_DTYPE), ACT, GRAD_FROM, NEGATIVE_SLOPE).to(out_dtype)
+        return grad_preactivation(dy.to(ACC_DTYPE), g.to(ACC_DTYPE), ACT, GRAD_FROM).to(out_dtype)
 
 
 @triton.jit
 def dz_rows(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, dz_ptr, rn, start, end, N,
             DY_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr, ACC_DTYPE: tl.constexpr,
-            ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, GRAD_FROM: tl.constexpr,
-            WRITE_DZ: tl.constexpr, BLOCK_M: tl.constexpr):
+            ACT: tl.constexpr, GRAD_FROM: tl.constexpr, WRITE_DZ: tl.constexpr, BLOCK_M: tl.constexpr):
     """dz = dy * act'(z) over rows [start, end) and columns rn, BLOCK_M rows at a time in a fixed order
     (deterministic): its column sums (ACC_DTYPE, from dz before rounding), and dz itself stored into dz_ptr
     when WRITE_DZ. dy is described as runtime.Rows; g and dz (M, N) are contiguous."""
@@ -257,7 +270,7 @@ def dz_rows(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_pt
             row_offsets(rows, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS), ROW_ALIGN)
         z_rows = tl.multiple_of(rows.to(tl.int64) * N, ROW_ALIGN)[:, None]  # [BM, 1], in g and dz
         dz = load_dz(dy_ptr + dy_rows[:, None] + rn64[None, :] * stride_dyn, g_ptr + z_rows + rn64[None, :], ok,
-                     ACC_DTYPE, ACC_DTYPE, ACT, GRAD_FROM, NEGATIVE_SLOPE)
+                     ACC_DTYPE, ACC_DTYPE, ACT, GRAD_FROM)
         if WRITE_DZ:
             tl.store(dz_ptr + z_rows + rn64[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
         sums += tl.sum(dz, axis=0)
@@ -267,8 +280,7 @@ def dz_rows(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_pt
 @triton.jit
 def bias_gradient(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, rn, M, N,
                   DY_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                  ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, GRAD_FROM: tl.constexpr,
-                  BLOCK_M: tl.constexpr):
+                  ACT: tl.constexpr, GRAD_FROM: tl.constexpr, BLOCK_M: tl.constexpr):
     """db for columns rn: the column sums of dz over all M rows (dz_rows, nothing stored)."""
     return dz_rows(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, g_ptr, rn, 0, M, N,
-                   DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE, ACT, NEGATIVE_SLOPE, GRAD_FROM, False, BLOCK_M)
+                   DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE, ACT, GRAD_FROM, False, BLOCK_M)

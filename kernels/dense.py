@@ -200,7 +200,7 @@ def dense_grad_preactivation_kernel(
     sums_ptr,  # (chunks, N): receives each chunk's column sums of dz when SUMS
     M, N, CHUNK_ROWS,
     DY_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, GRAD_FROM: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, GRAD_FROM: tl.constexpr,
     WRITE_DZ: tl.constexpr, SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program per (chunk of CHUNK_ROWS rows, BLOCK_N columns), column blocks fastest: neighbouring
@@ -212,7 +212,7 @@ def dense_grad_preactivation_kernel(
     start = chunk * CHUNK_ROWS
     sums = activations.dz_rows(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, dz_ptr, rn,
                                start, tl.minimum(start + CHUNK_ROWS, M), N, DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE,
-                               ACT, NEGATIVE_SLOPE, GRAD_FROM, WRITE_DZ, BLOCK_M)
+                               ACT, GRAD_FROM, WRITE_DZ, BLOCK_M)
     if SUMS:
         tl.store(sums_ptr + chunk.to(tl.int64) * N + rn, sums.to(sums_ptr.dtype.element_ty), mask=rn < N)
 
@@ -244,15 +244,15 @@ def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation
             x.m, n, k, size_bucket(x.m),
             X_TWO_ROW_DIMS=x.two_row_dims, ROW_ALIGN=row_alignment(*x.row_strides, weight.stride(0), n),
             DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype),
-            ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
+            **activations.forward_constants(activation, negative_slope),
             HAS_BIAS=bias is not None, SAVE_DERIVATIVE=save_derivative,
             DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_SIZE,
         )
     return y, g
 
 
-def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | None, negative_slope: float,
-                       write_dz: bool, bias_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | None, write_dz: bool,
+                       bias_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dz, db): dz = dy * act'(z) as an (M, N) contiguous tensor of dy's dtype when write_dz, and db (N,),
     the column sums of dz (of its values before they are rounded to dz's dtype), when bias_grad; each None
     where not asked for.
@@ -274,7 +274,7 @@ def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | N
     # A single chunk's sums are db; more chunks' go to fp32 (fp64) partial sums, added by a second pass.
     sums = None if db is None else db if chunks == 1 else empty((chunks, n), device=tensor.device,
                                                                  dtype=state_dtype(tensor.dtype))
-    _preactivation_pass(dy, saved, dz, sums, activation, negative_slope, chunk_rows, chunks)
+    _preactivation_pass(dy, saved, dz, sums, activation, chunk_rows, chunks)
     if sums is not None and sums is not db:
         add_partial_sums(sums, db)
     return dz, db
@@ -282,7 +282,7 @@ def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | N
 
 def grad_bias(dz: Rows) -> torch.Tensor:
     """db (N,) = the column sums of dz, Rows of (M, N) (the pass with no activation, nothing written but db)."""
-    return grad_preactivation(dz, None, None, 0.0, False, True)[1]
+    return grad_preactivation(dz, None, None, False, True)[1]
 
 
 def row_chunks(m: int, n: int, sums: bool, tile: tuple[int, int, int] = PREACTIVATION_TILE) -> tuple[int, int]:
@@ -300,7 +300,7 @@ def row_chunks(m: int, n: int, sums: bool, tile: tuple[int, int, int] = PREACTIV
 
 
 def _preactivation_pass(dy: Rows, saved: torch.Tensor | None, dz: torch.Tensor | None, sums: torch.Tensor | None,
-                        activation: str | None, negative_slope: float, chunk_rows: int, chunks: int) -> None:
+                        activation: str | None, chunk_rows: int, chunks: int) -> None:
     tensor = dy.tensor
     n = tensor.shape[-1]
     rows, cols, warps = PREACTIVATION_TILE
@@ -310,8 +310,7 @@ def _preactivation_pass(dy: Rows, saved: torch.Tensor | None, dz: torch.Tensor |
             sums if sums is not None else tensor,
             dy.m, n, chunk_rows,
             DY_TWO_ROW_DIMS=dy.two_row_dims, ROW_ALIGN=row_alignment(*dy.row_strides, n),
-            ACC_DTYPE=accumulator_dtype(tensor.dtype), ACT=activations.CODES[activation],
-            NEGATIVE_SLOPE=float(negative_slope), GRAD_FROM=activations.grad_source(activation, negative_slope),
+            ACC_DTYPE=accumulator_dtype(tensor.dtype), **activations.backward_constants(activation),
             WRITE_DZ=dz is not None, SUMS=sums is not None, BLOCK_M=rows, BLOCK_N=cols, num_warps=warps,
         )
 
@@ -319,7 +318,7 @@ def _preactivation_pass(dy: Rows, saved: torch.Tensor | None, dz: torch.Tensor |
 def add_partial_sums(partials: torch.Tensor, out: torch.Tensor) -> None:
     """out (C,) = the column sums of partials ((R, C) contiguous, fp32 or fp64), added in row order and
     rounded once to out's dtype: the pass, with no activation, over one chunk of R rows."""
-    _preactivation_pass(Rows.of(partials), None, None, out, None, 0.0, partials.shape[0], 1)
+    _preactivation_pass(Rows.of(partials), None, None, out, None, partials.shape[0], 1)
 
 
 def grad_input(dz: Rows, weight: torch.Tensor) -> torch.Tensor:

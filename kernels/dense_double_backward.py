@@ -109,8 +109,8 @@ def elementwise(dy: Rows, gdz: Rows | None, z: torch.Tensor | None, activation: 
             gdy if gdy is not None else tensor, sums if sums is not None else tensor,
             dy.m, n, chunk_rows,
             DY_TWO_ROW_DIMS=dy.two_row_dims, GDZ_TWO_ROW_DIMS=gdz is not None and gdz.two_row_dims,
-            ACC_DTYPE=accumulator_dtype(tensor.dtype), ACT=activations.CODES[activation],
-            NEGATIVE_SLOPE=float(negative_slope), HAS_GDZ=gdz is not None, WRITE_GDY=write_gdy, WRITE_DZ=write_dz,
+            ACC_DTYPE=accumulator_dtype(tensor.dtype), **activations.forward_constants(activation, negative_slope),
+            HAS_GDZ=gdz is not None, WRITE_GDY=write_gdy, WRITE_DZ=write_dz,
             WRITE_GZ=write_gz, SUMS=sums is not None, BLOCK_M=rows, BLOCK_N=cols, num_warps=warps,
         )
     if sums is not None and sums is not gb:

@@ -108,13 +108,12 @@ def masked_forward_kernel(
 @triton.jit
 def _grad_input_step(acc, dy_base, stride_dyn, g_base, m_ok, w_base, stride_wn, mask_ptr, rk64, nb, rn, N, K,
                      DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                     ACT: tl.constexpr, GRAD_FROM: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
-                     BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr):
+                     ACT: tl.constexpr, GRAD_FROM: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr):
     """acc += dz[:, block nb] @ W[block nb, block column]."""
     nn = (nb * BLOCK_N + rn).to(tl.int64)  # [BN]
     dz = activations.load_dz(dy_base + nn[None, :] * stride_dyn, g_base + nn[None, :],
                              m_ok[:, None] & (nn < N)[None, :], ACC_DTYPE, DOT_DTYPE,
-                             ACT, GRAD_FROM, NEGATIVE_SLOPE)  # [BM, BN]
+                             ACT, GRAD_FROM)  # [BM, BN]
     w = _load_weights(w_base + nn[:, None] * stride_wn, mask_ptr, nn[:, None], rk64[None, :], N, K, PARTIAL)
     return tl.dot(dz, w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
@@ -136,7 +135,7 @@ def masked_grad_input_kernel(
     M, N, K,
     M_BUCKET,  # autotuning key only
     DY_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr,
     GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -160,11 +159,11 @@ def masked_grad_input_kernel(
     for i in range(0, full):
         acc = _grad_input_step(acc, dy_base, stride_dyn, g_base, m_ok, w_base, stride_wn, mask_ptr, rk64,
                                tl.load(blocks + i), rn, N, K, DOT_DTYPE, DOT_PRECISION, ACC_DTYPE,
-                               ACT, GRAD_FROM, NEGATIVE_SLOPE, BLOCK_N, False)
+                               ACT, GRAD_FROM, BLOCK_N, False)
     for i in range(full, listed):
         acc = _grad_input_step(acc, dy_base, stride_dyn, g_base, m_ok, w_base, stride_wn, mask_ptr, rk64,
                                tl.load(blocks + i), rn, N, K, DOT_DTYPE, DOT_PRECISION, ACC_DTYPE,
-                               ACT, GRAD_FROM, NEGATIVE_SLOPE, BLOCK_N, True)
+                               ACT, GRAD_FROM, BLOCK_N, True)
     out = tl.multiple_of(rm.to(tl.int64) * K, ROW_ALIGN)[:, None] + rk[None, :]
     tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & (rk < K)[None, :])
 
@@ -190,7 +189,7 @@ def masked_grad_weight_kernel(
     BIAS_PROGRAMS,  # the first programs: db for BLOCK_N columns each (0 when db is not asked for)
     FULL_BLOCKS, VISITED_BLOCKS,
     DY_TWO_ROW_DIMS: tl.constexpr, X_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr,
     GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -200,7 +199,7 @@ def masked_grad_weight_kernel(
     if pid < BIAS_PROGRAMS:
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         db = activations.bias_gradient(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, rn,
-                                       M, N, DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE, ACT, NEGATIVE_SLOPE, GRAD_FROM,
+                                       M, N, DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE, ACT, GRAD_FROM,
                                        BLOCK_M)
         tl.store(db_ptr + rn, db.to(db_ptr.dtype.element_ty), mask=rn < N)
     else:
@@ -222,7 +221,7 @@ def masked_grad_weight_kernel(
                 g_rows = tl.multiple_of(rows.to(tl.int64) * N, ROW_ALIGN)
                 dz = activations.load_dz(dy_ptr + dy_rows[:, None] + rn64[None, :] * stride_dyn,
                                          g_ptr + g_rows[:, None] + rn64[None, :], m_ok[:, None] & n_ok[None, :],
-                                         ACC_DTYPE, DOT_DTYPE, ACT, GRAD_FROM, NEGATIVE_SLOPE)  # [BM, BN]
+                                         ACC_DTYPE, DOT_DTYPE, ACT, GRAD_FROM)  # [BM, BN]
                 x_rows = tl.multiple_of(
                     row_offsets(rows, x_inner, stride_x_outer, stride_x_inner, X_TWO_ROW_DIMS), ROW_ALIGN)
                 x = tl.load(x_ptr + x_rows[:, None] + rk64[None, :] * stride_xk,
@@ -269,15 +268,15 @@ def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation
             x.m, n, k, size_bucket(x.m),
             X_TWO_ROW_DIMS=x.two_row_dims, ROW_ALIGN=row_alignment(*x.row_strides, weight.stride(0), n),
             DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype),
-            ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
+            **activations.forward_constants(activation, negative_slope),
             HAS_BIAS=bias is not None, SAVE_DERIVATIVE=save_derivative,
             DOT_PRECISION=dot_precision(weight.dtype), BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_SIZE,
         )
     return y, g
 
 
-def grad_input(dy: Rows, saved: torch.Tensor | None, weight: torch.Tensor, activation: str | None,
-               negative_slope: float, *, layout: BlockLayout) -> torch.Tensor:
+def grad_input(dy: Rows, saved: torch.Tensor | None, weight: torch.Tensor, activation: str | None, *,
+               layout: BlockLayout) -> torch.Tensor:
     """dx = (dy * act'(z)) @ (W * mask) as an (M, K) tensor.
 
     dy: Rows of (M, N); saved: what forward saved for this activation ((M, N) contiguous, or None).
@@ -298,15 +297,14 @@ def grad_input(dy: Rows, saved: torch.Tensor | None, weight: torch.Tensor, activ
             dy.m, n, k, size_bucket(dy.m),
             DY_TWO_ROW_DIMS=dy.two_row_dims, ROW_ALIGN=row_alignment(*dy.row_strides, weight.stride(0), n, k),
             DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype),
-            ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
-            GRAD_FROM=activations.grad_source(activation, negative_slope),
+            **activations.backward_constants(activation),
             DOT_PRECISION=dot_precision(weight.dtype), BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_SIZE,
         )
     return dx
 
 
 def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_shape: tuple[int, int],
-                activation: str | None, negative_slope: float, bias_grad: bool, *, layout: BlockLayout
+                activation: str | None, bias_grad: bool, *, layout: BlockLayout
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dW, db) = ((dz^T @ x) * mask, sum of dz over rows), in one launch: dW (N, K) when x is given
     (exact zeros at masked positions), db (N,) when bias_grad; each None where not asked for.
@@ -334,8 +332,7 @@ def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_sha
             DY_TWO_ROW_DIMS=dy.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
             ROW_ALIGN=row_alignment(*dy.row_strides, *x.row_strides, n, k),
             DOT_DTYPE=dot_dtype(dy.tensor.dtype), ACC_DTYPE=accumulator_dtype(dy.tensor.dtype),
-            ACT=activations.CODES[activation], NEGATIVE_SLOPE=float(negative_slope),
-            GRAD_FROM=activations.grad_source(activation, negative_slope),
+            **activations.backward_constants(activation),
             DOT_PRECISION=dot_precision(dy.tensor.dtype), BLOCK_N=block_n, BLOCK_K=block_k,
         )
     return dw, db

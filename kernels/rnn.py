@@ -121,7 +121,7 @@ def _grad_input_tile(dy_ptr, g_ptr, rb, b_ok, H, w_ptr, stride_wn, stride_wk, rk
         nn = (n0 + rn).to(tl.int64)
         n_ok = nn < H
         dz = activations.load_dz(dy_ptr + rows + nn[None, :], g_ptr + rows + nn[None, :], b_ok[:, None] & n_ok[None, :],
-                                 ACC_DTYPE, DOT_DTYPE, ACT, activations.GRAD_FROM_OUTPUT, 0.0)  # [BB, BH]
+                                 ACC_DTYPE, DOT_DTYPE, ACT, activations.GRAD_FROM_OUTPUT)  # [BB, BH]
         w = tl.load(w_base + tl.multiple_of(nn * stride_wn, ROW_ALIGN)[:, None], mask=n_ok[:, None] & k_ok[None, :],
                     other=0.0)  # [BH, BK]
         acc = tl.dot(dz, w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -178,7 +178,7 @@ def _grad_weight_tile(dy_ptr, g_ptr, a_ptr, stride_ab, stride_ak, rn, n_ok, rk, 
         dz_rows = tl.multiple_of(rows * H, ROW_ALIGN)[:, None]
         dz = activations.load_dz(dy_ptr + dz_rows + rn64[None, :], g_ptr + dz_rows + rn64[None, :],
                                  b_ok[:, None] & n_ok[None, :], ACC_DTYPE, DOT_DTYPE, ACT,
-                                 activations.GRAD_FROM_OUTPUT, 0.0)  # [BB, BH]
+                                 activations.GRAD_FROM_OUTPUT)  # [BB, BH]
         a = tl.load(a_ptr + tl.multiple_of(rows * stride_ab, ROW_ALIGN)[:, None] + rk64[None, :] * stride_ak,
                     mask=b_ok[:, None] & k_ok[None, :], other=0.0)  # [BB, BK]
         acc = tl.dot(tl.trans(dz), a.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -222,7 +222,7 @@ def rnn_cell_grad_weight_kernel(
                           ACT, DOT_DTYPE, DOT_PRECISION, ACC_DTYPE, ROW_ALIGN, BLOCK_H, BLOCK_K, BLOCK_B)
     elif BIAS_GRAD:
         rn = (pid - ih_tiles - hh_tiles) * BLOCK_H + rn_in_tile
-        db = activations.bias_gradient(dy_ptr, B, 0, H, 1, out_ptr, rn, B, H, False, 1, ACC_DTYPE, ACT, 0.0,
+        db = activations.bias_gradient(dy_ptr, B, 0, H, 1, out_ptr, rn, B, H, False, 1, ACC_DTYPE, ACT,
                                        activations.GRAD_FROM_OUTPUT, BLOCK_B)
         tl.store(db_ih_ptr + rn, db.to(db_ih_ptr.dtype.element_ty), mask=rn < H)
         tl.store(db_hh_ptr + rn, db.to(db_hh_ptr.dtype.element_ty), mask=rn < H)

@@ -199,7 +199,7 @@ def rnn_sequence_backward_kernel(
         ok = h_ok[:, None] & active[None, :]
         g = dh + tl.load(dout_ptr + rows[None, :] * stride_dout + rh64[:, None], mask=ok, other=0.0).to(ACC_DTYPE)
         h = tl.load(out_ptr + rows[None, :] * stride_out + rh64[:, None], mask=ok, other=0.0).to(ACC_DTYPE)
-        dz = activations.grad_preactivation(g, h, ACT, activations.GRAD_FROM_OUTPUT, 0.0)
+        dz = activations.grad_preactivation(g, h, ACT, activations.GRAD_FROM_OUTPUT)
         tl.store(dz_ptr + rows[None, :] * stride_dz + rh64[:, None], dz.to(dz_ptr.dtype.element_ty), mask=ok)
         dh_new = tl.dot(w_t, dz.to(DOT_DTYPE), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         dh = tl.where(active[None, :], dh_new, dh)

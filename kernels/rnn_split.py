@@ -158,7 +158,7 @@ def rnn_split_backward_kernel(
             g = dh + tl.load(dout_ptr + (offset + rb)[:, None] * stride_dout + rn[None, :], mask=ok,
                              other=0.0).to(ACC_DTYPE)
             h = tl.load(out_ptr + (offset + rb)[:, None] * stride_out + rn[None, :], mask=ok, other=0.0).to(ACC_DTYPE)
-            dz_new = activations.grad_preactivation(g, h, ACT, activations.GRAD_FROM_OUTPUT, 0.0)
+            dz_new = activations.grad_preactivation(g, h, ACT, activations.GRAD_FROM_OUTPUT)
             tl.store(dz_ptr + (offset + rb)[:, None] * stride_dz + rn[None, :], dz_new.to(dz_ptr.dtype.element_ty),
                      mask=ok)
             tl.store(dh_tile, dh.to(dh_ptr.dtype.element_ty), mask=(done[:, None] & n_ok[None, :]))

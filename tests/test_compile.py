@@ -149,10 +149,9 @@ def test_fake_shapes_match_real_ones(device):
     returns, including odd shapes, a 3-D input and outputs that are not asked for."""
     ops = [(torch.ops.gpunn.linear, (torch.randn(2, 3, 5), torch.randn(7, 5), None, None, 0, 0, "gelu", 0.01, True)),
            (torch.ops.gpunn.linear_grad_weight, (torch.randn(6, 7), None, torch.randn(6, 5), [7, 5], None, 0, 0, None,
-                                                 0.01, True)),
-           (torch.ops.gpunn.linear_grad_preactivation, (torch.randn(2, 3, 7), torch.randn(6, 7), "gelu", 0.01, True,
-                                                        True)),
-           (torch.ops.gpunn.linear_grad_preactivation, (torch.randn(6, 7), None, None, 0.01, False, True)),
+                                                 True)),
+           (torch.ops.gpunn.linear_grad_preactivation, (torch.randn(2, 3, 7), torch.randn(6, 7), "gelu", True, True)),
+           (torch.ops.gpunn.linear_grad_preactivation, (torch.randn(6, 7), None, None, False, True)),
            (torch.ops.gpunn.linear_backward, (torch.randn(2, 3, 7), torch.randn(6, 7), torch.randn(2, 3, 5),
                                               torch.randn(7, 5), None, None, 0, 0, "gelu", 0.01, True, False, True)),
            (torch.ops.gpunn.linear_backward, (torch.randn(6, 7), torch.randn(6, 7), torch.randn(6, 5),
@@ -178,11 +177,11 @@ def test_dense_gradient_ops_refuse_an_activation(device):
     # the pass that forms dz needs the saved tensor its activation reads.
     dy, w, x = (torch.randn(*shape, device=device) for shape in ((6, 7), (7, 5), (6, 5)))
     with pytest.raises(ValueError, match="take dz"):
-        torch.ops.gpunn.linear_grad_input(dy, dy, w, None, 0, 0, "gelu", 0.01)
+        torch.ops.gpunn.linear_grad_input(dy, dy, w, None, 0, 0, "gelu")
     with pytest.raises(ValueError, match="take dz"):
-        torch.ops.gpunn.linear_grad_weight(dy, None, x, [7, 5], None, 0, 0, "relu", 0.01, True)
+        torch.ops.gpunn.linear_grad_weight(dy, None, x, [7, 5], None, 0, 0, "relu", True)
     with pytest.raises(ValueError, match="saved"):
-        torch.ops.gpunn.linear_grad_preactivation(dy, None, "gelu", 0.01, True, True)
+        torch.ops.gpunn.linear_grad_preactivation(dy, None, "gelu", True, True)
 
 
 def _replays_like_eager_steps(model, x, target):

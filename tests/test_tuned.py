@@ -105,8 +105,8 @@ def _launch_every_tuned_kernel(rnd: random.Random, dtype: torch.dtype) -> None:
     dense.grad_weight(Rows.of(dy), Rows.of(x), (n, k))
     blocks = layout.layout_for(torch.rand(n, k, generator=torch.Generator().manual_seed(m)) < 0.5, (32, 32))
     masked.forward(Rows.of(x), w, b, activation, 0.01, flag, layout=blocks)
-    masked.grad_input(Rows.of(dy), empty(m, n), w, activation, 0.01, layout=blocks)
-    masked.grad_weight(Rows.of(dy), empty(m, n), Rows.of(x), (n, k), activation, 0.01, flag, layout=blocks)
+    masked.grad_input(Rows.of(dy), empty(m, n), w, activation, layout=blocks)
+    masked.grad_weight(Rows.of(dy), empty(m, n), Rows.of(x), (n, k), activation, flag, layout=blocks)
     geometry = local.Geometry((3, 3), (1, 1) if flag else (2, 2), (1, 1), (1, 1))
     batch, channels, out_channels = m % 40 + 1, 3, n % 16 + 1
     (oh, ow), images = geometry.output_size(8, 8), empty(m % 40 + 1, 3, 8, 8)

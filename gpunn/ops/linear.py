@@ -47,43 +47,40 @@ def _check_dense_takes_dz(saved: torch.Tensor | None, activation: str | None) ->
 
 
 def _grad_preactivation(grad_output: torch.Tensor, saved: torch.Tensor | None, activation: str | None,
-                        negative_slope: float, write_dz: bool, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                        write_dz: bool, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The dense layer's (dz (*, N) when write_dz, db (N,) when bias_grad), each nothing where not asked for."""
-    if saved is None and activations.grad_source(activation, negative_slope) != activations.GRAD_IS_DY.value:
+    if saved is None and activations.grad_source(activation) != activations.GRAD_IS_DY.value:
         raise ValueError(f"gpunn linear_grad_preactivation: {activation} needs the tensor its forward saved")
     dy = Rows.of(grad_output)
-    dz, db = dense.grad_preactivation(dy, _as_rows(saved, dy), activation, negative_slope, write_dz, bias_grad)
+    dz, db = dense.grad_preactivation(dy, _as_rows(saved, dy), activation, write_dz, bias_grad)
     return (dz.view(grad_output.shape) if dz is not None else nothing(grad_output)), \
         (db if db is not None else nothing(grad_output))
 
 
-def _grad_preactivation_fake(grad_output, saved, activation, negative_slope, write_dz, bias_grad):
+def _grad_preactivation_fake(grad_output, saved, activation, write_dz, bias_grad):
     return (grad_output.new_empty(grad_output.shape) if write_dz else nothing(grad_output)), \
         (grad_output.new_empty(grad_output.shape[-1:]) if bias_grad else nothing(grad_output))
 
 
 def _grad_input(grad_output: torch.Tensor, saved: torch.Tensor | None, weight: torch.Tensor,
-                mask: torch.Tensor | None, block_n: int, block_k: int, activation: str | None,
-                negative_slope: float) -> torch.Tensor:
+                mask: torch.Tensor | None, block_n: int, block_k: int, activation: str | None) -> torch.Tensor:
     """dx (*, K) of grad_output (*, N): the dense layer's takes dz (activation None, nothing saved)."""
     dy = Rows.of(grad_output)
     if mask is None:
         _check_dense_takes_dz(saved, activation)
         dx = dense.grad_input(dy, weight)
     else:
-        dx = masked.grad_input(dy, _as_rows(saved, dy), weight, activation, negative_slope,
-                               layout=_layout(mask, block_n, block_k))
+        dx = masked.grad_input(dy, _as_rows(saved, dy), weight, activation, layout=_layout(mask, block_n, block_k))
     return dx.view(*grad_output.shape[:-1], weight.shape[1])
 
 
-def _grad_input_fake(grad_output, saved, weight, mask, block_n, block_k, activation, negative_slope):
+def _grad_input_fake(grad_output, saved, weight, mask, block_n, block_k, activation):
     return grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1]))
 
 
 def _grad_weight(grad_output: torch.Tensor, saved: torch.Tensor | None, input: torch.Tensor | None,
                  weight_shape: list[int], mask: torch.Tensor | None, block_n: int, block_k: int,
-                 activation: str | None, negative_slope: float, bias_grad: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 activation: str | None, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW (N, K) when input is given, db (N,) when bias_grad), each nothing where not asked for. The dense
     layer's takes dz (activation None, nothing saved; its backward has db from _grad_preactivation's pass)."""
     dy = Rows.of(grad_output)
@@ -93,13 +90,12 @@ def _grad_weight(grad_output: torch.Tensor, saved: torch.Tensor | None, input: t
         dw = dense.grad_weight(dy, x, tuple(weight_shape)) if x is not None else None
         db = dense.grad_bias(dy) if bias_grad else None
     else:
-        dw, db = masked.grad_weight(dy, _as_rows(saved, dy), x, tuple(weight_shape), activation, negative_slope,
-                                    bias_grad, layout=_layout(mask, block_n, block_k))
+        dw, db = masked.grad_weight(dy, _as_rows(saved, dy), x, tuple(weight_shape), activation, bias_grad,
+                                    layout=_layout(mask, block_n, block_k))
     return (dw if dw is not None else nothing(grad_output)), (db if db is not None else nothing(grad_output))
 
 
-def _grad_weight_fake(grad_output, saved, input, weight_shape, mask, block_n, block_k, activation, negative_slope,
-                      bias_grad):
+def _grad_weight_fake(grad_output, saved, input, weight_shape, mask, block_n, block_k, activation, bias_grad):
     dw = grad_output.new_empty(weight_shape) if input is not None else nothing(grad_output)
     return dw, grad_output.new_empty(weight_shape[:1]) if bias_grad else nothing(grad_output)
 
@@ -131,7 +127,7 @@ def _linear_fake(input, weight, bias, mask, block_n, block_k, activation, negati
 def _setup_context(ctx, inputs, output):
     input, weight, bias, mask, block_n, block_k, activation, negative_slope, _ = inputs
     need_input, need_weight = ctx.needs_input_grad[:2]
-    grad_from = activations.grad_source(activation, negative_slope)
+    grad_from = activations.grad_source(activation)
     saved = {activations.GRAD_FROM_OUTPUT.value: output[0], activations.GRAD_FROM_SAVED.value: output[1]}
     ctx.save_for_backward(input if need_weight else None, weight if need_input else None, saved.get(grad_from),
                           metadata_to_save(ctx, "mask", mask))
@@ -143,25 +139,25 @@ def _setup_context(ctx, inputs, output):
     ctx.weight_shape = list(weight.shape)
 
 
-def _first_order(grad_output, saved, input, weight, mask, weight_shape, block_n, block_k, activation, negative_slope,
-                 need_input, need_weight, need_bias):
+def _first_order(grad_output, saved, input, weight, mask, weight_shape, block_n, block_k, activation, need_input,
+                 need_weight, need_bias):
     """(dx, dW, db) of grad_output, each None where not needed."""
     dx = dw = db = None
     if mask is None:
         # The dense layer forms dz = dy * act'(z) and db in one pass, then runs two plain GEMMs on dz. Formed
         # inside the GEMMs' loops instead, dz left the MMA operand in registers: 1.6-2.3x slower (bench/NOTES.md).
-        shaped = activations.grad_source(activation, negative_slope) != activations.GRAD_IS_DY.value
+        shaped = activations.grad_source(activation) != activations.GRAD_IS_DY.value
         write_dz = shaped and (need_input or need_weight)
         if write_dz or need_bias:
-            dz, db = grad_preactivation(grad_output, saved, activation, negative_slope, write_dz, need_bias)
+            dz, db = grad_preactivation(grad_output, saved, activation, write_dz, need_bias)
             grad_output = dz if write_dz else grad_output
         saved, activation = None, None
     if need_input:
-        dx = grad_input(grad_output, saved, weight, mask, block_n, block_k, activation, negative_slope)
+        dx = grad_input(grad_output, saved, weight, mask, block_n, block_k, activation)
     masked_bias = need_bias and mask is not None
     if need_weight or masked_bias:
         dw, masked_db = grad_weight(grad_output, saved, input if need_weight else None, weight_shape, mask,
-                                    block_n, block_k, activation, negative_slope, masked_bias)
+                                    block_n, block_k, activation, masked_bias)
         db = masked_db if masked_bias else db
     return dx, dw if need_weight else None, db if need_bias else None
 
@@ -178,8 +174,8 @@ def _backward(ctx, grad_output, _):
                          need_input, need_weight, need_bias)
         grads = [grad if need else None for grad, need in zip(grads, (need_input, need_weight, need_bias))]
     else:
-        grads = _first_order(grad_output, saved, input, weight, mask, ctx.weight_shape, **options,
-                             need_input=need_input, need_weight=need_weight, need_bias=need_bias)
+        grads = _first_order(grad_output, saved, input, weight, mask, ctx.weight_shape, options["block_n"],
+                             options["block_k"], options["activation"], need_input, need_weight, need_bias)
     return (*grads,) + (None,) * 6
 
 
@@ -194,7 +190,7 @@ def _backward_op(grad_output: torch.Tensor, saved: torch.Tensor | None, input: t
     as an op of its own, which double backward differentiates (used under create_graph=True). The input may
     be None where neither order needs it (no activation, a frozen weight)."""
     grads = _first_order(grad_output, saved, input, weight, mask, list(weight.shape), block_n, block_k, activation,
-                         negative_slope, need_input, need_weight, need_bias)
+                         need_input, need_weight, need_bias)
     return tuple(grad if grad is not None else nothing(grad_output) for grad in grads)
 
 
@@ -304,14 +300,14 @@ def _input_product(dz: Rows, weight: torch.Tensor, layout) -> torch.Tensor:
     """dz @ (weight * mask): (M, K') from dz (M, N') and weight (N', K')."""
     if layout is None:
         return dense.grad_input(dz, weight)
-    return masked.grad_input(dz, None, weight, None, 0.0, layout=_repeated_for(layout, weight))
+    return masked.grad_input(dz, None, weight, None, layout=_repeated_for(layout, weight))
 
 
 def _weight_product(dz: Rows, x: Rows, shape: tuple[int, int], layout) -> torch.Tensor:
     """(dz^T x) * mask, (N, K), over the rows of dz (M, N) and x (M, K)."""
     if layout is None:
         return dense.grad_weight(dz, x, shape)
-    return masked.grad_weight(dz, None, x, shape, None, 0.0, False, layout=layout)[0]
+    return masked.grad_weight(dz, None, x, shape, None, False, layout=layout)[0]
 
 
 backward = Op("linear_backward", _backward_op, _backward_op_fake, _backward_op_setup_context, _double_backward)
