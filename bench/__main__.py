@@ -68,7 +68,8 @@ every shape with every --dtype.
 
 Writes to --out: bench.csv (long format: op, provider, mode, shape, dtype, metric, p50, p20, p80, gpu,
 torch, triton, git_sha, date), bench.md, bench.log (what was printed), and bench_<mode>_<dtype>.png when
-matplotlib is installed. Exit status 1 if any provider raised or failed its accuracy check.
+matplotlib is installed. The first three are rewritten as each op finishes, so a run stopped early keeps
+the ops it finished. Exit status 1 if any provider raised or failed its accuracy check.
 """
 
 
@@ -209,20 +210,20 @@ def main(argv: list[str] | None = None) -> int:
             new, new_errors = module.run(cases, providers_of_op, device, ceilings, log, progress)
             records += new
             errors += new_errors
+            # After every op, so that a run cut off (a time limit on a lent GPU) keeps the ops it finished.
+            _write(records, info, ceilings, notes, out_dir)
+            log.save(out_dir / "bench.log")
     finally:
         torch.set_float32_matmul_precision(precision)
         if any(p.startswith("torch.compile") for p in providers):
             torch._dynamo.reset()
 
-    records = ceilings.records() + harness.add_speedups(records)
+    records = _write(records, info, ceilings, notes, out_dir)
     failures = [f"{op} {mode} {dtype} {shape} {provider}: rel err {m['rel_err'].p50:.2e} > "
                 f"{harness.TOLERANCE[dtype]:g}"
                 for (op, provider, mode, shape, dtype), m in harness.index(records).items()
                 if "rel_err" in m and not harness.accuracy_ok(m, dtype)]
 
-    harness.write_csv(records, info, out_dir / "bench.csv")
-    (out_dir / "bench.md").write_text(harness.markdown(records, info, ceilings, notes) + "\n"
-                                      + cost_model.markdown(records))
     log("")
     log(harness.summary(records, every_provider))
     log(cost_model.summary(records))
@@ -235,6 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     log(f"wrote {out_dir / 'bench.csv'}, {out_dir / 'bench.md'}, {out_dir / 'bench.log'}")
     log.save(out_dir / "bench.log")
     return 1 if failures or errors else 0
+
+
+def _write(records, info, ceilings, notes, out_dir: Path) -> list:
+    """Write bench.csv and bench.md from the measurements so far; returns every row written (the ceilings,
+    the measurements and their speedups)."""
+    from . import cost_model, harness
+
+    rows = ceilings.records() + harness.add_speedups(records)
+    harness.write_csv(rows, info, out_dir / "bench.csv")
+    (out_dir / "bench.md").write_text(harness.markdown(rows, info, ceilings, notes) + "\n" + cost_model.markdown(rows))
+    return rows
 
 
 if __name__ == "__main__":

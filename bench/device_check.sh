@@ -1,70 +1,94 @@
 #!/usr/bin/env bash
 # The prepared GPU check: on a machine with an NVIDIA GPU (no network needed), install gpunn, run the whole
-# test suite compiled on the GPU, then the quick benchmarks of every op, the dense kernels one by one, a
-# CUDA-graph training-step probe, `python -m gpunn check --quick` and the split RNN's tile sweep, and keep
-# every log and CSV in OUTDIR.
-# Each stage has its own time limit, and a stage that fails or times out does not stop the next. The
-# limits add up to about 15 minutes; give the run an outer limit of about 8 (a 15-minute lease, a start of
-# about 30 s, and a rerun): the most needed stages come first, so a run cut short loses the least. The
-# last run (H200, 2026-11-27): tests 169 s, the quick benchmarks of the RNN and the newer ops with
-# torch.compile 150 s, graph_step 25 s; at those times the dense_kernels stage ends by about 7 minutes.
+# test suite compiled on the GPU, `python -m gpunn check --quick`, the quick benchmarks of every op, then
+# diagnostics (CUDA-graph training steps, torch.compile baselines, the dense kernels one by one, the split
+# RNN's tiles, the loss and SGD kernels without host time), and keep every log and CSV in OUTDIR.
 #
-#   usage: bash bench/device_check.sh OUTDIR
+#   usage: bash bench/device_check.sh OUTDIR [SECONDS]
+#
+# SECONDS (default 420) is this invocation's budget. Stages run most needed first, each under its own time
+# limit or what is left of the budget (less a margin for the summary), whichever is less; a stage with
+# under 30 s left is skipped. A stage that fails or times out does not stop the next. Run it again with
+# the same OUTDIR (on the same machine) to resume: stages that ran to their end or to their own limit are
+# not run again; those cut short by the budget, or skipped, are. The stage limits add up to about 20
+# minutes, more than a 15-minute lease holds: its last stages are the first to go.
+# The last run (H200, 2026-11-27, 465 tests on 8 workers): tests 169 s, its benchmark smoke test alone 111 s.
 set -uo pipefail
-out=${1:?usage: bash bench/device_check.sh OUTDIR}
+out=${1:?usage: bash bench/device_check.sh OUTDIR [SECONDS]}
+budget=${2:-420}
+deadline=$(( $(date +%s) + budget ))
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+touch "$out/status.txt"
 
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/NAME.log, record the status
-    local name=$1 limit=$2; shift 2
+    local name=$1 own=$2; shift 2
+    if grep -q "^$name rc=" "$out/status.txt"; then
+        echo "== $name: ran in an earlier invocation"
+        return
+    fi
+    local left=$(( deadline - $(date +%s) - 15 ))
+    if (( left < 30 )); then
+        echo "$name skipped: ${left}s of the budget left" | tee -a "$out/status.txt"
+        return
+    fi
+    local limit=$(( own < left ? own : left ))
+    [ -f "$out/$name.log" ] && mv "$out/$name.log" "$out/$name.earlier.log"
     local start=$(date +%s)
-    echo "== $name (limit ${limit}s): $*"
+    echo "== $name (limit ${limit}s of its ${own}s): $*"
     timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
-    local rc=$?
-    echo "$name rc=$rc seconds=$(( $(date +%s) - start ))" | tee -a "$out/status.txt"
+    local rc=$? seconds=$(( $(date +%s) - start ))
+    if (( (rc == 124 || rc == 137) && limit < own )); then
+        echo "$name cut by the budget: rc=$rc seconds=$seconds" | tee -a "$out/status.txt"
+    else
+        echo "$name rc=$rc seconds=$seconds" | tee -a "$out/status.txt"
+    fi
     tail -n 25 "$out/$name.log"
 }
 
-{
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
-    "$python" -c 'import sys, torch, triton; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda); print("triton", triton.__version__); print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0))'
-} >"$out/environment.txt" 2>&1
+if [ ! -f "$out/environment.txt" ]; then
+    {
+        echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+        "$python" -c 'import sys, torch, triton; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda); print("triton", triton.__version__); print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0))'
+    } >"$out/environment.txt" 2>&1
+fi
 cat "$out/environment.txt"
-: >"$out/status.txt"
+echo "invocation $(date -u +%H:%M:%SZ), budget ${budget}s, git $(git rev-parse --short HEAD 2>/dev/null)" \
+    | tee -a "$out/status.txt"
 
 stage install 30 "$python" -m pip install --no-deps --no-build-isolation --no-index -e .
 # Correctness first, with one config per kernel variant (GPUNN_AUTOTUNE=0: they check results, not speed).
-# The tests compile most kernel variants; the check, after them, finds many in Triton's cache. A pytest
-# stage spends about 15 s outside its tests (imports, workers, exit).
-xdist=$("$python" -c 'import xdist' 2>/dev/null && echo "-n 8")
-# -v: a test per line as it ends, so a run cut off at its limit still names its failures.
-stage tests 220 env GPUNN_AUTOTUNE=0 "$python" -m pytest -v --durations=15 -p no:cacheprovider $xdist tests
-# Then speed: the RNN first (its split kernels, past the resident limit, became the default after the last
-# run), then the other ops with torch.compile, then the layers measured before (without it).
-stage bench 180 "$python" -m bench --quick --only rnn,rnn_cell,local1d,xent,mse,sgd,mlp_step --out "$out/bench"
-# The dense backward's new split (an elementwise dz pass, then plain GEMMs), kernel by kernel, beside the
-# fused kernels' times in bench/results/2026-11-27-h100-run3/kernels.log; and a weight gradient whose rows
-# split (an RNN's recurrent weight at hidden 256 over 256 steps of 64), beside cuBLAS.
-stage dense_kernels 75 "$python" -m bench.dense_kernels --shapes 4096x4096x4096,16384x256x256 \
-  --activations none,relu,gelu
+# -v: a test per line as it ends, so a run cut off still names its failures. Kernel compiles dominate and
+# use the CPU: 12 workers on the 16 cores; --dist loadgroup keeps the benchmark's tests, which share one
+# smoke run, on one worker. A pytest stage spends about 15 s outside its tests (imports, workers, exit).
+xdist=$("$python" -c 'import xdist' 2>/dev/null && echo "-n 12 --dist loadgroup")
+stage tests 240 env GPUNN_AUTOTUNE=0 "$python" -m pytest -v --durations=15 -p no:cacheprovider $xdist tests
+# Every op against torch's reference in float64, through the public API (kernels mostly cached by the tests).
+stage check 60 env GPUNN_AUTOTUNE=0 "$python" -m gpunn check --quick --out "$out/check.md"
+# Speed of every op (bench.csv is rewritten as each op finishes: a stage cut short keeps the ops it ran).
+stage bench 240 "$python" -m bench --quick --no-compile --out "$out/bench"
 # How much of a host-bound training step a CUDA graph recovers (gpunn and torch, eager and replayed; untuned
 # kernel configs, to fit the limit: the question is host time).
 stage graph_step 45 env GPUNN_AUTOTUNE=0 "$python" -m bench.probes.graph_step
-stage check 60 env GPUNN_AUTOTUNE=0 "$python" -m gpunn check --quick --out "$out/check.md"
-# Double backward's first GPU time (a critic's step with a gradient penalty), in a stage of its own: a bench
-# run cut off at its limit writes nothing, and the stage above must not lose its results to it.
-stage penalty_step 45 "$python" -m bench --quick --only penalty_step --no-compile --out "$out/bench-penalty"
-# The split RNN's tiles at the large case, each timed.
+# torch.compile beside torch eager, for the ops inductor compiles (not the RNN: it does not lower RNNs).
+stage bench_compile 180 "$python" -m bench --quick --only dense,local2d,rnn_cell,xent,mse --skip-providers gpunn \
+  --out "$out/bench_compile"
+# The dense backward's split (an elementwise dz pass, then plain GEMMs), kernel by kernel, beside the fused
+# kernels' times in bench/results/2026-11-27-h100-run3/kernels.log; and a weight gradient whose rows split
+# (an RNN's recurrent weight at hidden 256 over 256 steps of 64), beside cuBLAS.
+stage dense_kernels 75 "$python" -m bench.dense_kernels --shapes 4096x4096x4096,16384x256x256 \
+  --activations none,relu,gelu
+# The split RNN's tiles at the large case, each timed; the RNN in fp32.
 stage rnn_split_tiles 120 "$python" -m bench.probes.rnn_split_tiles
 stage bench_rnn_fp32 45 "$python" -m bench --quick --only rnn --dtype fp32 --out "$out/bench_rnn_fp32"
-stage bench_layers 90 "$python" -m bench --quick --only dense,masked,local2d --no-compile --out "$out/bench_layers"
 # Whether the cross-entropy and SGD misses are the kernels or host time inside do_bench.
 stage kernel_alone 60 "$python" -m bench.probes.kernel_alone
 echo "== summary"
 cat "$out/status.txt"
 [ -f "$out/bench/bench.md" ] && cat "$out/bench/bench.md"
+exit 0

@@ -15,6 +15,10 @@ from bench import harness
 from bench.__main__ import ACTIVATIONS, main, parse_args
 from gpunn.kernels import launch_counts
 
+# Under pytest-xdist with --dist loadgroup (bench/device_check.sh), this module's tests run on one worker,
+# so the smoke run they share runs once.
+pytestmark = pytest.mark.xdist_group("bench_smoke")
+
 KERNELS = ("dense_forward_kernel", "dense_grad_preactivation_kernel", "dense_grad_input_kernel",
            "dense_grad_weight_kernel", "masked_forward_kernel", "masked_grad_input_kernel", "masked_grad_weight_kernel",
            "local_forward_kernel", "local_grad_input_kernel", "local_grad_weight_kernel",
@@ -244,3 +248,20 @@ def test_skip_providers_refuses_an_unknown_name(tmp_path, capsys):
     # A typo must not silently run what it meant to skip.
     assert main(["--smoke", "--only", "mse", "--skip-providers", "torch-sparse", "--out", str(tmp_path)]) == 2
     assert "unknown torch-sparse" in capsys.readouterr().err
+
+
+def test_a_run_stopped_early_keeps_the_ops_it_finished(tmp_path, monkeypatch):
+    # On a lent GPU a time limit can stop the run: each op's results are written as it finishes.
+    from bench import sgd
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sgd, "run", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--smoke", "--only", "mse,sgd", "--dtype", SMOKE_DTYPE, "--out", str(tmp_path)])
+    rows = _rows(tmp_path)
+    assert {row["op"] for row in rows if row["provider"] == "gpunn"} == {"mse"}
+    assert any(row["op"] == "mse" and row["metric"] == "speedup_vs_torch" for row in rows)
+    assert "| mse |" in (tmp_path / "bench.md").read_text()
+    assert "mse" in (tmp_path / "bench.log").read_text()
