@@ -9,7 +9,7 @@ import torch
 
 from . import autocast
 from .kernels import cross_entropy_double_backward as second_order, losses as kernels
-from .kernels.runtime import triton_runs_on
+from .kernels.runtime import capturing, triton_runs_on
 from .ops.library import Op, arrived, nothing, refuse_double_backward
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -33,7 +33,7 @@ def _cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weight: torc
     """(loss, each row's stats (2, N): its max and log-sum, the weighted loss and weight totals (2,) or nothing
     for "none") of logits (N, C) (unit column stride) against class indices (N,) int64; see
     gpunn.kernels.losses."""
-    if not (logits.is_cuda and torch.cuda.is_current_stream_capturing()):  # a sync cannot be captured
+    if not capturing(logits.device):  # a sync cannot be captured
         check_targets(target, logits.shape[1], ignore_index)
     row_loss, row_weight, stats = kernels.cross_entropy_forward(logits, target, weight, ignore_index, smoothing)
     if reduction == "none":

@@ -24,6 +24,14 @@ def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return torch.view_as_real(tensor) if tensor is not None and tensor.is_complex() else tensor
 
 
+def _learning_rate(group: dict, device: torch.device) -> float | torch.Tensor:
+    """The group's learning rate for the kernels on `device`: a tensor there as itself (the kernel reads it on
+    the device: no host sync, and a CUDA graph's replays follow a scheduler that fills it in place, as torch's
+    schedulers do a tensor learning rate), anything else as a number."""
+    lr = group["lr"]
+    return lr if isinstance(lr, torch.Tensor) and lr.device == device else float(lr)
+
+
 class SGD(torch.optim.SGD):
     """Stochastic gradient descent, optionally with momentum, weight decay, Nesterov momentum and
     maximize: torch.optim.SGD's algorithm, arguments, validation, param groups and state_dict (the
@@ -35,6 +43,8 @@ class SGD(torch.optim.SGD):
     parameter is updated as its real view; a sharded (FSDP2 DTensor) parameter through its local shard, with
     its buffer a DTensor as torch's. Sparse gradients, a gradient or buffer of another dtype than its
     parameter, non-contiguous tensors and devices where gpunn's kernels do not run take torch's own SGD.
+    A learning rate given as a one-element tensor on the parameters' device is read there by the kernel: no
+    host sync per step, and a captured CUDA graph's replays follow a scheduler that fills it in place.
     foreach and fused are accepted and kept in the param groups (every update is one fused launch anyway;
     fused=True does not make step unscale a GradScaler's gradients, as torch's fused SGD does, so the scaler
     unscales them first); differentiable=True raises NotImplementedError (the kernels' update is not
@@ -74,7 +84,7 @@ class SGD(torch.optim.SGD):
             momentum = group["momentum"]
             if momentum == 0:
                 buffers = [None] * len(params)
-            hyper = dict(lr=float(group["lr"]), weight_decay=float(group["weight_decay"]), momentum=float(momentum),
+            hyper = dict(weight_decay=float(group["weight_decay"]), momentum=float(momentum),
                          dampening=float(group["dampening"]), nesterov=group["nesterov"], maximize=group["maximize"])
             # Host time per tensor adds up over a model's parameters (bench/NOTES.md): each is unwrapped once,
             # and the state is written only where a buffer is new.
@@ -93,14 +103,16 @@ class SGD(torch.optim.SGD):
                 if new_buffers:
                     bs = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in ps]
                     local_bs = [_local(b) for b in bs]
-                sgd_kernels.step(local_ps, local_gs, local_bs if momentum != 0 else None, first_step=first_step,
-                                 cache=self._tables, slot=(index, device, dtype, first_step), **hyper)
+                sgd_kernels.step(local_ps, local_gs, local_bs if momentum != 0 else None,
+                                 lr=_learning_rate(group, device), first_step=first_step, cache=self._tables,
+                                 slot=(index, device, dtype, first_step), **hyper)
                 if new_buffers:
                     for p, buf in zip(ps, bs):
                         self.state[p]["momentum_buffer"] = buf
             if rest:
                 ps, gs, bs = (list(column) for column in zip(*rest))
-                torch_sgd(ps, gs, bs, has_sparse_grad=any(g.is_sparse for g in gs), foreach=False, **hyper)
+                torch_sgd(ps, gs, bs, has_sparse_grad=any(g.is_sparse for g in gs), foreach=False,
+                          lr=float(group["lr"]), **hyper)
                 if momentum != 0:
                     for p, buf in zip(ps, bs):
                         self.state[p]["momentum_buffer"] = buf

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .runtime import hold_for_graphs
+
 # Weight blocks (BLOCK_N, BLOCK_K) by operand size in bytes. Small blocks waste less work on a sparse
 # mask's partial blocks; the batch tile (BLOCK_M, tuned) gives the MMA its 64+ rows. Each block side is
 # the reduction of one kernel (BLOCK_K forward, BLOCK_N for the input gradient), and 4- and 8-byte
@@ -169,6 +171,7 @@ def layout_for(mask: torch.Tensor, block: tuple[int, int]) -> BlockLayout:
         if unchanged or torch.equal(entry.layout.mask.view(torch.bool), mask):
             entry.version, entry.data_ptr = version, mask.data_ptr()
             _cache.move_to_end(key)
+            hold_for_graphs(entry.layout, mask.device)
             return entry.layout
     layout = build(mask, block)
     _cache[key] = _Entry(weakref.ref(mask, functools.partial(_forget, key)), mask.data_ptr(), version, layout)

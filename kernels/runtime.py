@@ -51,6 +51,28 @@ def block_counts() -> dict[str, tuple[int, int]]:
     return {name: (_visited_blocks[name], _dense_blocks[name]) for name in _dense_blocks}
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether `device`'s current stream is capturing a CUDA graph (False off CUDA)."""
+    if device.type != "cuda":
+        return False
+    if device.index is None or device.index == torch.cuda.current_device():
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+# What graphs captured in this process read: a graph holds raw device addresses, not references, so a cached
+# table it reads must outlive every replay, not only its cache's LRU window.
+_held_for_graphs: dict[int, object] = {}
+
+
+def hold_for_graphs(entry, device: torch.device) -> None:
+    """Keep `entry` (a cached object holding device tensors) alive for the rest of the process when a CUDA
+    graph on `device` is being captured: that graph may read it on any later replay."""
+    if capturing(device):
+        _held_for_graphs[id(entry)] = entry
+
+
 _poison = False
 
 

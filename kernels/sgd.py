@@ -12,7 +12,8 @@ Memory traffic: reads p and grad (and buf), writes p (and buf): the floor for th
 (element offsets from one base tensor, and length) and its block within it, so a model's hundreds of
 tensors cost one launch.
 The hyper-parameters travel in the same table (float64 bits): changing the learning rate every step
-recompiles nothing.
+recompiles nothing. A learning rate given as a tensor on the parameters' device is copied into the table
+on the device at every step (no host sync): a captured CUDA graph's replays read its value at each replay.
 """
 from __future__ import annotations
 
@@ -98,8 +99,9 @@ def _table(device: torch.device, offsets: tuple, blocks: list[int], hyper: tuple
     """The step's table on the device (layout in sgd_kernel). With a cache (the optimizer's), cache[slot] keeps
     the last table of that slot: reused while the tensors stay where they are (a training loop whose
     gradients are kept, as zero_grad(set_to_none=False) and CUDA graphs keep them, copies nothing to the
-    device), its header rewritten in place when a hyper-parameter changes (so a captured graph's replays
-    see a new learning rate), rebuilt when a tensor moved."""
+    device), its header rewritten in place when a hyper-parameter changes, rebuilt when a tensor moved. (A
+    replayed CUDA graph runs none of this: it reads the header as captured, so a learning rate that changes
+    between replays is given as a tensor on the device; see step.)"""
     entry = cache.get(slot) if cache is not None else None
     if entry is not None and entry[0] == offsets:
         table = entry[2]
@@ -118,14 +120,15 @@ def _table(device: torch.device, offsets: tuple, blocks: list[int], hyper: tuple
     return table
 
 
-def step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor] | None, *, lr: float,
-         weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
-         first_step: bool, cache: dict | None = None, slot=None) -> None:
+def step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor] | None, *,
+         lr: float | torch.Tensor, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
+         maximize: bool, first_step: bool, cache: dict | None = None, slot=None) -> None:
     """One SGD update of every tensor in params, in place, in one launch.
 
     params, grads (and buffers, the momentum buffers, when momentum != 0): lists of contiguous tensors of one
-    floating dtype on one device, params[i], grads[i] and buffers[i] of one shape. first_step: the buffers
-    are new (their contents are ignored and set to the step's gradient). cache and slot: where the caller
+    floating dtype on one device, params[i], grads[i] and buffers[i] of one shape. lr: a number, or a
+    one-element tensor on the parameters' device (read on the device). first_step: the buffers are new
+    (their contents are ignored and set to the step's gradient). cache and slot: where the caller
     keeps the step's device table between steps (see _table); None builds it for this step only.
     """
     if not params:
@@ -142,7 +145,11 @@ def step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[to
     offsets = tuple(((p.data_ptr() - origin) // size, (g.data_ptr() - origin) // size,
                      (b.data_ptr() - origin) // size if buffers is not None else 0, n)
                     for p, g, b, n in zip(params, grads, buffers or params, lengths))
-    table = _table(device, offsets, blocks, (lr, weight_decay, momentum, dampening), cache, slot)
+    on_device = isinstance(lr, torch.Tensor)
+    table = _table(device, offsets, blocks, (0.0 if on_device else lr, weight_decay, momentum, dampening), cache,
+                   slot)
+    if on_device:
+        table[:1].view(torch.float64).copy_(lr.reshape(1), non_blocking=True)
     bits = 0  # every offset's low bits in one value: its alignment is theirs
     for p_offset, g_offset, b_offset, _ in offsets:
         bits |= p_offset | g_offset | b_offset

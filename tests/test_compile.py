@@ -186,14 +186,16 @@ def test_dense_gradient_ops_refuse_an_activation(device):
 
 def _replays_like_eager_steps(model, x, target):
     """After warm-up (autotuning, the mask's layout, SGD's table), one forward, loss, backward and SGD step of
-    model is captured in a CUDA graph; replaying it trains exactly as eager steps train a copy."""
+    model is captured in a CUDA graph; replaying it trains exactly as eager steps train a copy, following a
+    learning-rate schedule (a tensor on the device, halved after every replay)."""
     import copy
 
     twin = copy.deepcopy(model)
 
     def trainer(net):
         loss_fn = gpunn.CrossEntropyLoss()
-        optimizer = gpunn.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        lr = torch.tensor(0.1, device=x.device)
+        optimizer = gpunn.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
 
         def step():
             optimizer.zero_grad(set_to_none=False)  # the gradients keep their memory, as the graph needs
@@ -202,16 +204,22 @@ def _replays_like_eager_steps(model, x, target):
             optimizer.step()
             return loss.detach()
 
-        return step
+        return step, lr
 
     warmup, replays = 3, 2
-    graph, static_loss = capture_cuda_graph(trainer(model), warmup)
+    step, lr = trainer(model)
+    graph, static_loss = capture_cuda_graph(step, warmup)
     for _ in range(replays):
         graph.replay()
+        lr.mul_(0.5)
     torch.cuda.synchronize()
 
-    eager_step = trainer(twin)
-    losses = [eager_step() for _ in range(warmup + replays)]
+    eager_step, eager_lr = trainer(twin)
+    losses = []
+    for index in range(warmup + replays):
+        losses.append(eager_step())
+        if index >= warmup:
+            eager_lr.mul_(0.5)
     assert torch.equal(static_loss, losses[-1])
     for ours, theirs in zip(model.parameters(), twin.parameters()):
         assert torch.equal(ours, theirs)

@@ -86,8 +86,8 @@ def test_one_launch_per_group_and_dtype_and_lr_changes_recompile_nothing(device)
 
 def test_the_step_table_is_built_once_for_a_training_loop(device):
     """Steps over the same tensors (gradients kept in place, as zero_grad(set_to_none=False) and CUDA graphs
-    keep them) reuse the optimizer's table on the device; a new learning rate rewrites its header in place
-    (a captured graph would see it); gradients that moved get a new table; results follow torch throughout."""
+    keep them) reuse the optimizer's table on the device; a new learning rate rewrites its header in place;
+    gradients that moved get a new table; results follow torch throughout."""
     params = [torch.nn.Parameter(p) for p in _params(device, torch.float32)]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     ours, theirs = gpunn.optim.SGD(params, lr=0.1, momentum=0.9), torch.optim.SGD(twins, lr=0.1, momentum=0.9)
@@ -108,6 +108,39 @@ def test_the_step_table_is_built_once_for_a_training_loop(device):
     # Step 1 makes the buffers (a slot of its own); steps 2-5 share one table, step 6's gradients moved.
     assert tables[0] is None and tables[1] is tables[2] is tables[3] is tables[4] and tables[5] is not tables[4]
     assert len(ours._tables) == 2
+    for p, q in zip(params, twins):
+        assert_close(p.detach(), q.detach(), torch.float32, "param")
+
+
+def test_a_tensor_learning_rate_is_read_on_the_device(device, monkeypatch):
+    """A learning rate given as a tensor on the parameters' device is read by the kernel, never on the host
+    (no sync, and a CUDA graph's replays follow it): a scheduler filling it in place, as torch's schedulers
+    do, steers every step while the table is built once; results follow torch's SGD on the same schedule."""
+    params = [torch.nn.Parameter(p) for p in _params(device, torch.float32)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    lr = torch.tensor(0.1, device=device)
+    ours = gpunn.optim.SGD(params, lr=lr, momentum=0.9)
+    theirs = torch.optim.SGD(twins, lr=torch.tensor(0.1), momentum=0.9)
+    schedules = [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5) for optimizer in (ours, theirs)]
+
+    def read_on_the_host(*args):
+        raise AssertionError("the learning rate was read on the host")
+
+    tables = set()
+    for grads in _grads(params, 4):
+        for p, q, g in zip(params, twins, grads):
+            p.grad = g.clone() if p.grad is None else p.grad.copy_(g)  # kept in place, as a captured step needs
+            q.grad = g.clone()
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "__float__", read_on_the_host)
+            patch.setattr(torch.Tensor, "item", read_on_the_host)
+            ours.step()
+        theirs.step()
+        for schedule in schedules:
+            schedule.step()
+        tables.add(id(ours._tables[0, params[0].device, torch.float32, False][2]) if len(ours._tables) > 1 else None)
+    assert ours.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(0.1 * 0.5**4)
+    assert len(tables) == 2  # none before the buffers exist, then one table for every later step
     for p, q in zip(params, twins):
         assert_close(p.detach(), q.detach(), torch.float32, "param")
 

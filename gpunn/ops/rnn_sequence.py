@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import dense, rnn_sequence
-from ..kernels.runtime import Rows, empty, state_dtype
+from ..kernels.runtime import Rows, empty, hold_for_graphs, state_dtype
 from . import rnn
 from .library import Op, keep_for_second_order, kept, metadata_to_save, nothing, saved_metadata
 
@@ -66,6 +66,7 @@ class Steps:
             if len(_STEPS) > _STEPS_KEPT:
                 _STEPS.popitem(last=False)
         _STEPS.move_to_end(key)
+        hold_for_graphs(steps, device)
         return steps
 
     @property
