@@ -117,9 +117,11 @@ def _saved(dtype, m, n, activation):
     return None if activations.grad_source(activation) == 0 else _meta((m, n), dtype)
 
 
-def _launch_dense_grad_preactivation(dtype, m, n, k, activation, write_dz, bias_grad):
-    # db over several row chunks launches the kernel a second time, on the chunks' sums.
+def _launch_dense_grad_preactivation(dtype, m, n, k, activation, write_dz, bias_grad, rows=None):
+    # db over several row chunks launches the kernel a second time, on the chunks' sums. rows: the batch
+    # instead of the size's M (past 2^31, the chunks' int64 bounds).
     from gpunn.kernels import dense, runtime
+    m = rows or m
     dense.grad_preactivation(runtime.Rows.of(_meta((m, n), dtype)), _saved(dtype, m, n, activation), activation,
                              write_dz, bias_grad)
 
@@ -136,9 +138,11 @@ def _launch_dense_grad_weight(dtype, m, n, k, rows=None):
     dense.grad_weight(runtime.Rows.of(_meta((m, n), dtype)), runtime.Rows.of(_meta((m, k), dtype)), (n, k))
 
 
-def _launch_dense_double_backward(dtype, m, n, k, activation, bias_grad):
-    # Every output written: g_dy, the [dz | g_z] pair and g_b (over several chunks, a second launch).
+def _launch_dense_double_backward(dtype, m, n, k, activation, bias_grad, rows=None):
+    # Every output written: g_dy, the [dz | g_z] pair and g_b (over several chunks, a second launch). rows: as
+    # in _launch_dense_grad_preactivation.
     from gpunn.kernels import dense_double_backward, runtime
+    m = rows or m
     rows = runtime.Rows.of(_meta((m, n), dtype))
     dense_double_backward.elementwise(rows, rows, _meta((m, n), dtype), activation, NEGATIVE_SLOPE, True, True, True,
                                       bias_grad)
@@ -337,6 +341,8 @@ CASES = (
         Variant("relu dz", dict(activation="relu", write_dz=True, bias_grad=False), matmul=False),  # the output
         Variant("db", dict(activation=None, write_dz=False, bias_grad=True), matmul=False, launch=0),  # of dy
         Variant("db chunks", dict(activation=None, write_dz=False, bias_grad=True), matmul=False, launch=1),
+        Variant("gelu dz, 2^31 + 10^7 rows", dict(activation="gelu", write_dz=True, bias_grad=False,
+                                                 rows=2 ** 31 + 10 ** 7), matmul=False),
     )),
     Case("gpunn.kernels.dense", "dense_grad_input_kernel", _launch_dense_grad_input, (Variant("dz", dict()),)),
     Case("gpunn.kernels.dense", "dense_grad_weight_kernel", _launch_dense_grad_weight, (
@@ -344,6 +350,8 @@ CASES = (
     Case("gpunn.kernels.dense_double_backward", "dense_double_backward_kernel", _launch_dense_double_backward, (
         Variant("gelu", dict(activation="gelu", bias_grad=True), matmul=False, launch=0),
         Variant("gelu_tanh", dict(activation="gelu_tanh", bias_grad=False), matmul=False),
+        Variant("gelu, 2^31 + 10^7 rows", dict(activation="gelu", bias_grad=False, rows=2 ** 31 + 10 ** 7),
+                matmul=False),
     )),
     # Block-sparse: the weight block comes from the layout; only the batch tile (BLOCK_M) is tuned.
     Case("gpunn.kernels.masked", "masked_forward_kernel", _launch_masked_forward, (

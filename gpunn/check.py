@@ -181,7 +181,7 @@ def _cross_entropy_probabilities(shape, weighted, smoothing, reduction="mean"):
 def _mse(shape, reduction):
     def build(dtype, device, gen):
         tensors = [_randn(gen, device, dtype, *shape), _randn(gen, device, dtype, *shape)]
-        return Problem(tensors, [True, True], lambda x, t: functional.mse_loss(x, t, reduction),
+        return Problem(tensors, [True, True], lambda x, t: functional.mse_loss(x, t, reduction=reduction),
                        lambda x, t: F.mse_loss(x, t, reduction=reduction))
     return build
 

@@ -1,8 +1,8 @@
 """Conversions to gpunn layers.
 
 gpunn.convert(model) (this module is callable) returns the model with its torch.nn.Linear, RNNCell and RNN
-layers replaced by their gpunn twins, holding the same parameters, and each nn.Linear that an activation
-module directly follows in an nn.Sequential fused with it into one gpunn.Linear.
+layers replaced by their gpunn twins, holding the same parameters, and (unless fuse=False) each nn.Linear
+that an activation module directly follows in an nn.Sequential fused with it into one gpunn.Linear.
 
 masked_from_local / local_from_masked: a LocallyConnected2d and the MaskedLinear with a local_2d mask
 compute the same function: the masked layer reads the input flattened, x.flatten(1) of shape
@@ -68,19 +68,21 @@ def _parameter_names(module: torch.nn.Module) -> set[str]:
 
 def _plain(module: torch.nn.Module, types) -> bool:
     """Whether module is exactly one of types and nothing more: no hooks (module or state-dict), no buffers, no
-    child modules, and its type's own parameters. Old-style prune, weight_norm and spectral_norm (a forward
-    pre-hook that rebuilds the weight from renamed parameters and buffers), user hooks, buffers or children
-    would be lost on a twin: such a module is left as it is."""
+    child modules, and its type's own parameters, real floating point. Old-style prune, weight_norm and
+    spectral_norm (a forward pre-hook that rebuilds the weight from renamed parameters and buffers), user
+    hooks, buffers or children would be lost on a twin, and gpunn's layers refuse complex parameters: such a
+    module is left as it is."""
     hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
              module._state_dict_hooks, module._state_dict_pre_hooks, module._load_state_dict_pre_hooks,
              module._load_state_dict_post_hooks)
     return (type(module) in types and not any(hooks) and next(module.buffers(recurse=False), None) is None
             and next(module.children(), None) is None
             and (type(module) not in _CONVERTIBLE
-                 or {name for name, _ in module.named_parameters(recurse=False)} == _parameter_names(module)))
+                 or {name for name, _ in module.named_parameters(recurse=False)} == _parameter_names(module))
+            and all(parameter.is_floating_point() for parameter in module.parameters(recurse=False)))
 
 
-def _convert_children(parent: torch.nn.Module, twins: dict) -> None:
+def _convert_children(parent: torch.nn.Module, twins: dict, fuse: bool) -> None:
     """Replace parent's convertible children, recursively. twins: (the module, the activation module fused
     with it or None) -> its twin, so that a module registered in two places gets one twin."""
     # Every registered name, a module registered twice included (named_children lists it once).
@@ -91,26 +93,30 @@ def _convert_children(parent: torch.nn.Module, twins: dict) -> None:
             skip = False
             continue
         following = children[index + 1][1] if index + 1 < len(children) else None
-        if (isinstance(parent, torch.nn.Sequential) and _plain(child, (torch.nn.Linear,))
+        if (fuse and isinstance(parent, torch.nn.Sequential) and _plain(child, (torch.nn.Linear,))
                 and following is not None and _plain(following, _FUSABLE)):
             if (child, following) not in twins:
                 twins[child, following] = _twin(child, _FUSABLE[type(following)](following))
             setattr(parent, name, twins[child, following])
-            setattr(parent, children[index + 1][0], torch.nn.Identity())  # keeps the Sequential's indices
+            # An Identity keeps the Sequential's indices (and its training mode, as model.training reads it).
+            setattr(parent, children[index + 1][0], torch.nn.Identity().train(following.training))
             skip = True
         elif _plain(child, _CONVERTIBLE):
             if (child, None) not in twins:
                 twins[child, None] = _twin(child)
             setattr(parent, name, twins[child, None])
         else:
-            _convert_children(child, twins)
+            _convert_children(child, twins, fuse)
 
 
-def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
+def convert(module: torch.nn.Module, inplace: bool = False, fuse: bool = True) -> torch.nn.Module:
     """module with its torch.nn.Linear, RNNCell and RNN layers (exactly those types) replaced by gpunn.Linear,
     RNNCell and RNN holding the same parameters, and each nn.Linear directly followed, in an nn.Sequential,
     by an nn.ReLU, GELU, Tanh, Sigmoid, SiLU or LeakyReLU fused with it (the activation module becomes an
-    nn.Identity, so indices and state_dict keys do not change). Outputs are unchanged.
+    nn.Identity, so indices and state_dict keys do not change). The model's outputs are unchanged, but a
+    fused Linear's own output is then its activation's: the Linear alone (model[i]), a slice that drops the
+    activation and a hook on the Linear see activated values. fuse=False converts without fusing, keeping
+    every module's output as it was.
 
     inplace=False (default) converts a deep copy; inplace=True converts module itself, and the converted
     layers keep its very parameter tensors. A module registered under two names becomes one twin under both
@@ -121,7 +127,7 @@ def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     root = module if inplace else copy.deepcopy(module)
     if _plain(root, _CONVERTIBLE):
         return _twin(root)
-    _convert_children(root, {})
+    _convert_children(root, {}, fuse)
     return root
 
 
@@ -198,8 +204,7 @@ class _CallableModule(types.ModuleType):
     """Lets `gpunn.convert(model)` call convert() while gpunn.convert stays this module (its other
     functions remain gpunn.convert.masked_from_local and so on, however it was imported)."""
 
-    def __call__(self, module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
-        return convert(module, inplace)
+    __call__ = staticmethod(convert)
 
 
 sys.modules[__name__].__class__ = _CallableModule

@@ -20,6 +20,15 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"{reduction} is not a valid value for reduction")
 
 
+def _legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
+    """The reduction asked for, checked: torch's deprecated size_average / reduce, where given, as torch reads
+    them (with its warning), else reduction."""
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    _check_reduction(reduction)
+    return reduction
+
+
 def check_targets(target: torch.Tensor, classes: int, ignore_index: int) -> None:
     """IndexError, as torch's CPU loss raises, for a class index outside [0, classes) that is not ignore_index.
     One device sync; the kernels also never read through a bad index (that row's loss is NaN)."""
@@ -124,7 +133,8 @@ _cross_entropy = Op("cross_entropy", _cross_entropy_impl, _cross_entropy_fake, _
 
 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+                  size_average: bool | None = None, ignore_index: int = -100, reduce: bool | None = None,
+                  reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
     """torch.nn.functional.cross_entropy, in fused Triton kernels: one pass over the logits forward (and, for
     "mean" and "sum", one small launch that reduces the rows), one backward.
 
@@ -136,6 +146,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         weight: (C,) class weights or None. reduction: "mean" (over the weights of the rows kept; over the
             rows for class probabilities), "sum" or "none". label_smoothing: at most 1 (0 or less: none).
         ignore_index: a class index whose rows are left out (class-index targets only, as torch's).
+        size_average, reduce: torch's deprecated forms of reduction, taken as torch takes them (with its
+            warning); their place in the argument order is torch's.
 
     Returns:
         The loss: a scalar, or the shape of the batch (N, d1, ...) for "none"; in input's dtype (for class
@@ -150,7 +162,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         sync). NotImplementedError for class weights that require grad with class probabilities (torch
         differentiates them; gpunn's kernels do not).
     """
-    _check_reduction(reduction)
+    reduction = _legacy_reduction(size_average, reduce, reduction)
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     # As torch: only the upper bound is checked, and a smoothing of 0 or less (or NaN) smooths nothing.
@@ -390,14 +402,19 @@ def _mse_grad(ctx, grad):
 _mse_loss = Op("mse_loss", _mse_loss_impl, _mse_loss_fake, _mse_setup, _mse_grad)
 
 
-def mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average: bool | None = None, reduce: bool | None = None,
+             reduction: str = "mean", weight: torch.Tensor | None = None) -> torch.Tensor:
     """torch.nn.functional.mse_loss: (input - target)^2, reduced, forward and backward in Triton.
 
     input and target: any shapes that broadcast (with torch's warning when they differ) and floating dtypes
     (promoted as torch does; float32 under autocast for 16-bit inputs, as torch). Returns a scalar, or the
-    broadcast shape for "none".
+    broadcast shape for "none". size_average and reduce: torch's deprecated forms of reduction, taken as
+    torch takes them. weight (torch's elementwise weights, computed by torch with plain ops): not supported,
+    NotImplementedError.
     """
-    _check_reduction(reduction)
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    if weight is not None:
+        raise NotImplementedError("gpunn mse_loss does not support weight= (use torch.nn.functional.mse_loss)")
     if input.shape != target.shape:
         warnings.warn(f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
                       "This will likely lead to incorrect results due to broadcasting. Please ensure they have "
@@ -416,14 +433,15 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     label_smoothing=0.0), buffer and behaviour; see gpunn.losses.cross_entropy for shapes and errors."""
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing)
+        return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+                             label_smoothing=self.label_smoothing)
 
 
 class MSELoss(torch.nn.MSELoss):
     """A drop-in for torch.nn.MSELoss (it subclasses it); see gpunn.losses.mse_loss."""
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return mse_loss(input, target, self.reduction)
+        return mse_loss(input, target, reduction=self.reduction)
 
 
 __all__ = ["CrossEntropyLoss", "MSELoss", "cross_entropy", "mse_loss"]

@@ -200,7 +200,7 @@ def dense_grad_preactivation_kernel(
     sums_ptr,  # (chunks, N): receives each chunk's column sums of dz when SUMS
     M, N, CHUNK_ROWS,
     DY_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, GRAD_FROM: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, GRAD_FROM: tl.constexpr, WIDE_ROWS: tl.constexpr,
     WRITE_DZ: tl.constexpr, SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program per (chunk of CHUNK_ROWS rows, BLOCK_N columns), column blocks fastest: neighbouring
@@ -209,7 +209,10 @@ def dense_grad_preactivation_kernel(
     column_blocks = tl.cdiv(N, BLOCK_N)
     chunk = pid // column_blocks
     rn = (pid % column_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    start = chunk * CHUNK_ROWS
+    if WIDE_ROWS:  # the chunks' bounds pass 2^31 - 1: int64 (int32 otherwise, as int64 rows cost registers)
+        start = chunk.to(tl.int64) * CHUNK_ROWS
+    else:
+        start = chunk * CHUNK_ROWS
     sums = activations.dz_rows(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, dz_ptr, rn,
                                start, tl.minimum(start + CHUNK_ROWS, M), N, DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE,
                                ACT, GRAD_FROM, WRITE_DZ, BLOCK_M)
@@ -311,6 +314,7 @@ def _preactivation_pass(dy: Rows, saved: torch.Tensor | None, dz: torch.Tensor |
             dy.m, n, chunk_rows,
             DY_TWO_ROW_DIMS=dy.two_row_dims, ROW_ALIGN=row_alignment(*dy.row_strides, n),
             ACC_DTYPE=accumulator_dtype(tensor.dtype), **activations.backward_constants(activation),
+            WIDE_ROWS=dy.m + chunk_rows >= 2 ** 31,
             WRITE_DZ=dz is not None, SUMS=sums is not None, BLOCK_M=rows, BLOCK_N=cols, num_warps=warps,
         )
 

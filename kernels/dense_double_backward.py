@@ -33,7 +33,7 @@ def dense_double_backward_kernel(
     sums_ptr,  # (chunks, N): each chunk's column sums of g_z
     M, N, CHUNK_ROWS,
     DY_TWO_ROW_DIMS: tl.constexpr, GDZ_TWO_ROW_DIMS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, HAS_GDZ: tl.constexpr,
+    ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, HAS_GDZ: tl.constexpr, WIDE_ROWS: tl.constexpr,
     WRITE_GDY: tl.constexpr, WRITE_DZ: tl.constexpr, WRITE_GZ: tl.constexpr, SUMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -44,7 +44,10 @@ def dense_double_backward_kernel(
     rn = (pid % column_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     rn64 = rn.to(tl.int64)
     n_ok = rn < N
-    start = chunk * CHUNK_ROWS
+    if WIDE_ROWS:  # the chunks' bounds pass 2^31 - 1: int64 (int32 otherwise, as int64 rows cost registers)
+        start = chunk.to(tl.int64) * CHUNK_ROWS
+    else:
+        start = chunk * CHUNK_ROWS
     end = tl.minimum(start + CHUNK_ROWS, M)
     sums = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
     for m0 in range(start, end, BLOCK_M):
@@ -110,7 +113,7 @@ def elementwise(dy: Rows, gdz: Rows | None, z: torch.Tensor | None, activation: 
             dy.m, n, chunk_rows,
             DY_TWO_ROW_DIMS=dy.two_row_dims, GDZ_TWO_ROW_DIMS=gdz is not None and gdz.two_row_dims,
             ACC_DTYPE=accumulator_dtype(tensor.dtype), **activations.forward_constants(activation, negative_slope),
-            HAS_GDZ=gdz is not None, WRITE_GDY=write_gdy, WRITE_DZ=write_dz,
+            HAS_GDZ=gdz is not None, WIDE_ROWS=dy.m + chunk_rows >= 2 ** 31, WRITE_GDY=write_gdy, WRITE_DZ=write_dz,
             WRITE_GZ=write_gz, SUMS=sums is not None, BLOCK_M=rows, BLOCK_N=cols, num_warps=warps,
         )
     if sums is not None and sums is not gb:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -202,8 +203,11 @@ class Rows:
                 merged.append((size, stride))
         if len(merged) > 2:
             # Rare (three or more leading dims that cannot be merged): one copy makes it contiguous. An empty
-            # tensor counts as contiguous whatever its strides, so it gets standard ones instead.
-            return Rows.of(t.contiguous() if t.numel() else t.new_empty(t.shape))
+            # tensor has no element to read: its rows as one dim (its strides could not merge: torch gives
+            # an empty tensor, contiguous or not, the strides of its size-0 dims as if they were 1).
+            if not t.numel():
+                return Rows.of(t.reshape(math.prod(t.shape[:-1]), t.shape[-1]))
+            return Rows.of(t.contiguous())
         m = 1
         for size, _ in merged:
             m *= size

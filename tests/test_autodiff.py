@@ -173,7 +173,7 @@ def test_double_backward_in_low_precision(device, dtype):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_mse_gradgradcheck(device, reduction):
     x, y = (torch.randn(3, 5, device=device, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    assert torch.autograd.gradgradcheck(lambda x, y: gpunn.functional.mse_loss(x, y, reduction), (x, y))
+    assert torch.autograd.gradgradcheck(lambda x, y: gpunn.functional.mse_loss(x, y, reduction=reduction), (x, y))
 
 
 def test_maml_meta_gradient_matches_torch(device):

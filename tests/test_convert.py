@@ -49,8 +49,25 @@ def test_inplace_keeps_the_parameter_tensors(device):
     model.eval()
     params = list(model.parameters())
     converted = gpunn.convert(model, inplace=True)
-    assert converted is model and isinstance(model[0], gpunn.Linear) and not model[0].training
+    assert converted is model and isinstance(model[0], gpunn.Linear)
+    assert not any(module.training for module in model.modules())  # the new Identity included
     assert all(a is b for a, b in zip(params, model.parameters()))
+
+
+def test_fuse_false_keeps_every_modules_output(device):
+    # Fused, the Linear's own output is its activation's (a slice dropping the final Sigmoid gives
+    # probabilities, not logits); without fusing, every module computes what it did.
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2),
+                                torch.nn.Sigmoid()).to(device=device, dtype=torch.float64)
+    x = torch.randn(4, 6, device=device, dtype=torch.float64)
+    fused, unfused = gpunn.convert(model), gpunn.convert(model, fuse=False)
+    assert [type(m) for m in unfused] == [gpunn.Linear, torch.nn.ReLU, gpunn.Linear, torch.nn.Sigmoid]
+    assert unfused[0].activation is None and unfused[2].activation is None
+    for converted in (fused, unfused):
+        assert_close(converted(x), model(x), torch.float64, "output")
+    assert_close(unfused[:-1](x), model[:-1](x), torch.float64, "logits")
+    assert_close(fused[:-1](x), model(x), torch.float64, "the fused Linear's activated output")
 
 
 def test_a_single_layer_and_the_module_functions():
@@ -94,6 +111,12 @@ def test_layers_it_cannot_reproduce_stay_torch_layers():
     converted = gpunn.convert(torch.nn.Sequential(with_child, with_hook))
     assert [type(m) for m in converted] == [torch.nn.Linear, torch.nn.Linear]
     assert converted.state_dict().keys() == keys
+    # gpunn's layers refuse complex parameters: a complex layer stays torch's and the model still runs.
+    complex_model = torch.nn.Sequential(torch.nn.Linear(4, 3, dtype=torch.complex64), torch.nn.Tanh())
+    x = torch.randn(2, 4, dtype=torch.complex64)
+    converted = gpunn.convert(complex_model)
+    assert [type(m) for m in converted] == [torch.nn.Linear, torch.nn.Tanh]
+    assert torch.equal(converted(x), complex_model(x))
 
 
 def test_a_module_registered_twice_becomes_one_twin():

@@ -117,6 +117,20 @@ def test_empty_gradient_with_unmergeable_leading_dims(device):
     assert torch.equal(x.grad, torch.zeros_like(x)) and w.grad.shape == (0, 4)
 
 
+@pytest.mark.parametrize("shape", [(2, 0, 0, 5), (0, 0, 0, 5), (2, 3, 0, 0, 5), (2, 0, 3, 0, 5)])
+@pytest.mark.parametrize("mask", [False, True], ids=["dense", "masked"])
+def test_inputs_with_several_empty_dims(device, shape, mask):
+    # Leading dims of size 0 whose strides never merge: torch returns an empty output and gradients.
+    x = torch.randn(shape, device=device, dtype=torch.float64, requires_grad=True)
+    layer = (gpunn.MaskedLinear(5, 3, torch.rand(3, 5) < 0.5, device=device, dtype=torch.float64) if mask else
+             gpunn.Linear(5, 3, device=device, dtype=torch.float64, activation="gelu"))
+    out = layer(x)
+    assert out.shape == (*shape[:-1], 3)
+    out.sum().backward()
+    assert x.grad.shape == shape
+    assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
+
+
 def test_zero_in_features(device):
     # nn.Linear(0, n) returns act(bias): an empty reduction.
     _run_case(device, torch.float64, (4,), 0, 3, "sigmoid")

@@ -355,6 +355,33 @@ def test_mse_broadcast_promotion_and_launches(device):
         assert_close(loss, ref, torch.float64, "loss with a 0-dim operand")
 
 
+def test_functional_losses_take_torchs_arguments_in_its_order(device):
+    """torch's parameter order (so positional calls mean the same), and its deprecated size_average / reduce
+    read as torch reads them, with its warning."""
+    import inspect
+    for name in ("cross_entropy", "mse_loss"):
+        theirs = list(inspect.signature(getattr(F, name)).parameters)
+        assert list(inspect.signature(getattr(gpunn.functional, name)).parameters)[:len(theirs)] == theirs
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 5, generator=gen, dtype=torch.float64), torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 5, (6,), generator=gen)
+    x, y, target = x.to(device), y.to(device), target.to(device)
+    calls = [(lambda f: f.cross_entropy(x, target, None, None, int(target[0]))),  # ignore_index, positionally
+             (lambda f: f.cross_entropy(x, target, None, None, -100, None, "sum", 0.2)),
+             (lambda f: f.mse_loss(x, y, None, None, "sum"))]
+    for call in calls:
+        assert_close(call(gpunn.functional), call(F), torch.float64, "loss")
+    for legacy in (dict(size_average=False), dict(reduce=False), dict(size_average=True, reduce=True)):
+        for name, args in (("cross_entropy", (x, target)), ("mse_loss", (x, y))):
+            with pytest.warns(UserWarning, match="deprecated"):
+                ours = getattr(gpunn.functional, name)(*args, **legacy)
+            with pytest.warns(UserWarning, match="deprecated"):
+                theirs = getattr(F, name)(*args, **legacy)
+            assert_close(ours, theirs, torch.float64, f"{name} {legacy}")
+    with pytest.raises(NotImplementedError, match="weight"):
+        gpunn.functional.mse_loss(x, y, weight=torch.ones_like(x))
+
+
 @pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_losses_run_in_float32_under_autocast_as_torch(device, autocast_dtype):
     # torch autocasts cross_entropy and mse_loss to float32 (a float16 loss, scaled by a GradScaler, would
