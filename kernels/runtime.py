@@ -203,8 +203,8 @@ class Rows:
                 merged.append((size, stride))
         if len(merged) > 2:
             # Rare (three or more leading dims that cannot be merged): one copy makes it contiguous. An empty
-            # tensor has no element to read: its rows as one dim (its strides could not merge: torch gives
-            # an empty tensor, contiguous or not, the strides of its size-0 dims as if they were 1).
+            # tensor has no element to read: its rows as one dim (the strides of size-0 dims need not merge,
+            # contiguous or not).
             if not t.numel():
                 return Rows.of(t.reshape(math.prod(t.shape[:-1]), t.shape[-1]))
             return Rows.of(t.contiguous())

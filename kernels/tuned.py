@@ -4,9 +4,9 @@ On every launch, Triton's Autotuner and Heuristics wrappers rebuild dicts of all
 tuning key and the heuristic values, and stringify each tensor's dtype: on the development CPU, 24-35 us
 of host time a dense-forward launch with the GPU's twelve configs, where the JIT function's own entry took
 2.4-4.5 us. Small layers are bound by host time (bench/NOTES.md). `@tuned` on top of `@triton.autotune`
-sends the first launch of each signature through Triton's wrappers, which tune it (or take the one config
-the pruner keeps); later launches of that signature call the JIT function with the config and the
-heuristic values found then.
+sends the first launch of each signature through Triton's wrappers, which tune it (where the pruner keeps
+one config, it is launched straight with that one: Triton 3.6 would time it); later launches of that
+signature call the JIT function with the config and the heuristic values found then.
 
 A signature is the values of the autotuning key's positional arguments, the dtype of every pointer
 argument (those named *_ptr) and every keyword argument with its value (the launcher's constexprs).
@@ -64,15 +64,41 @@ class Tuned(KernelInterface):
         if plan is not None:
             return self.jit.run(*args, grid=grid(plan) if callable(grid) else grid, warmup=False, **constexprs,
                                 **plan)
+        return self._first_launch(signature, args, grid, constexprs)
+
+    def _first_launch(self, signature: tuple, args: tuple, grid, constexprs: dict):
+        """Launch a signature not seen before, and keep its plan: through Triton's autotuner, which times the
+        configs the pruner keeps, or straight with the config where the pruner keeps one (Triton 3.6's
+        autotuner times even a lone config, a hundred-odd milliseconds of launches and syncs a signature,
+        every signature under GPUNN_AUTOTUNE=0)."""
         self._check_signature(args, constexprs)
         # The plan is read from the autotuner's best_config, which another thread's launch could overwrite.
         with self._lock:
-            kernel = self.autotuner.run(*args, grid=grid, warmup=False, **constexprs)
-            plan = self._plan(args, constexprs)
+            lone = self._lone_config(args, constexprs)
+            if lone is None:
+                kernel = self.autotuner.run(*args, grid=grid, warmup=False, **constexprs)
+                plan = self._plan(args, constexprs)
+            else:
+                self.autotuner.best_config, self.autotuner.configs_timings = lone, {}
+                plan = self._plan(args, constexprs)
+                kernel = self.jit.run(*args, grid=grid(plan) if callable(grid) else grid, warmup=False,
+                                      **constexprs, **plan)
         # A NaN (a leaky_relu slope) never equals itself: its signature would never be found again.
         if all(value == value for value in constexprs.values()):
             self._plans[signature] = plan
         return kernel
+
+    def _lone_config(self, args: tuple, constexprs: dict):
+        """The config, where the pruner keeps exactly one of several (and it has no pre-hook); else None."""
+        tuner = self.autotuner
+        if len(tuner.configs) < 2:
+            return None  # Triton's autotuner takes it untimed
+        tuner.nargs = dict(zip(tuner.arg_names, args))
+        try:
+            kept = tuner.prune_configs(constexprs)
+        finally:
+            tuner.nargs = None
+        return kept[0] if len(kept) == 1 and kept[0].pre_hook is None else None
 
     def _check_signature(self, args: tuple, constexprs: dict) -> None:
         """Refuse a launch whose signature would miss a tensor's dtype, or hold a tensor (never equal twice)."""

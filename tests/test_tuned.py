@@ -21,17 +21,18 @@ from helpers import assert_close, leaf64, reference_linear
 
 @pytest.fixture
 def forward_tuner_calls(monkeypatch):
-    """Forgets the dense forward's tuned signatures and counts the launches that go through its autotuner."""
+    """Forgets the dense forward's tuned signatures and counts the launches that tune one (through Triton's
+    autotuner, or with the lone config the pruner keeps)."""
     kernel = dense.dense_forward_kernel
     kernel.clear()
     calls = []
-    run = kernel.autotuner.run
+    first_launch = kernel._first_launch
 
-    def counted(*args, **kwargs):
-        calls.append(args)
-        return run(*args, **kwargs)
+    def counted(signature, *args, **kwargs):
+        calls.append(signature)
+        return first_launch(signature, *args, **kwargs)
 
-    monkeypatch.setattr(kernel.autotuner, "run", counted)
+    monkeypatch.setattr(kernel, "_first_launch", counted)
     yield calls
     kernel.clear()
 
@@ -80,6 +81,30 @@ def test_a_tensor_argument_must_be_named_as_a_pointer(device):
     src, dst = torch.randn(16, device=device), torch.empty(16, device=device)
     with pytest.raises(TypeError, match=r"\[.src.\] are not named \*_ptr"):
         copy_kernel[(1,)](src, dst, 16)
+
+
+def test_a_lone_config_after_pruning_is_launched_untimed(device, monkeypatch):
+    # Triton 3.6's autotuner times a config even when the pruner keeps only it; a tuned kernel does not.
+    @tuned
+    @triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["n"],
+                     prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: [
+                         c for c in configs if c.kwargs["BLOCK"] >= nargs["n"]][:1]})
+    @triton.jit
+    def double_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        tl.store(dst_ptr + offsets, tl.load(src_ptr + offsets, mask=offsets < n) * 2, mask=offsets < n)
+
+    def untimed(*args, **kwargs):
+        raise AssertionError("a lone config was timed")
+
+    monkeypatch.setattr(double_kernel.autotuner, "_bench", untimed)
+    monkeypatch.setattr(double_kernel.autotuner, "run", untimed)  # Triton 3.9's would not time it either
+    for n in (12, 20, 20):
+        src, dst = torch.randn(n, device=device), torch.full((n,), float("nan"), device=device)
+        double_kernel[(1,)](src, dst, n)
+        assert torch.equal(dst, src * 2)
+    assert double_kernel.autotuner.best_config.kwargs == {"BLOCK": 32}
+    assert len(double_kernel._plans) == 2
 
 
 def test_a_nan_constexpr_is_never_stored(device, forward_tuner_calls):
