@@ -65,9 +65,11 @@ stage install 30 "$python" -m pip install --no-deps --no-build-isolation --no-in
 # Correctness first, with one config per kernel variant (GPUNN_AUTOTUNE=0: they check results, not speed).
 # -v: a test per line as it ends, so a run cut off still names its failures. Kernel compiles dominate and
 # use the CPU: 12 workers on the 16 cores; --dist loadgroup keeps the benchmark's tests, which share one
-# smoke run, on one worker. A pytest stage spends about 15 s outside its tests (imports, workers, exit).
+# smoke run, on one worker. A pytest stage spends about 15 s outside its tests (imports, workers, exit). A test
+# past 150 s gets its threads' tracebacks in the log (faulthandler_timeout): a hang names where it waits.
 xdist=$("$python" -c 'import xdist' 2>/dev/null && echo "-n 12 --dist loadgroup")
-stage tests 240 env GPUNN_AUTOTUNE=0 "$python" -m pytest -v --durations=15 -p no:cacheprovider $xdist tests
+stage tests 240 env GPUNN_AUTOTUNE=0 "$python" -m pytest -v --durations=15 -p no:cacheprovider \
+  -o faulthandler_timeout=150 $xdist tests
 # Every op against torch's reference in float64, through the public API (kernels mostly cached by the tests).
 stage check 60 env GPUNN_AUTOTUNE=0 "$python" -m gpunn check --quick --out "$out/check.md"
 # Speed of every op (bench.csv is rewritten as each op finishes: a stage cut short keeps the ops it ran).

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TorchOpSpy, assert_close, count_launches, dtypes_for, leaf64, rel_error
+from helpers import TorchOpSpy, assert_close, case_seed, count_launches, dtypes_for, leaf64, rel_error
 
 import gpunn
 from gpunn.kernels.work import count_work
@@ -29,7 +29,7 @@ def reference_local2d(x, weight, bias, stride, padding, dilation):
 def run_local2d_case(device, dtype, n, c, o, size, kernel, stride=1, padding=0, dilation=1, bias=True,
                      unbatched=False, x=None):
     """Module forward and backward against the float64 reference; returns (layer, output, gradients)."""
-    gen = torch.Generator().manual_seed(hash((n, c, o, size, kernel, stride, padding, dilation)) % 2**31)
+    gen = torch.Generator().manual_seed(case_seed(n, c, o, size, kernel, stride, padding, dilation))
     layer = gpunn.LocallyConnected2d(c, o, size, kernel, stride, padding, dilation, bias=bias, device=device,
                                      dtype=dtype)
     if x is None:
@@ -333,7 +333,7 @@ def _shared_filters(layer, conv):
 def test_padding_strings_as_conv2d(device, padding, kernel, dilation):
     """With one filter shared by every position the layer is nn.Conv2d: forward, dx and the summed dW match
     it, "same" included where torch pads the far side one more (an even dilation x (kernel - 1))."""
-    gen = torch.Generator().manual_seed(hash((padding, str(kernel), str(dilation))) % 2**31)
+    gen = torch.Generator().manual_seed(case_seed(padding, str(kernel), str(dilation)))
     conv = torch.nn.Conv2d(2, 3, kernel, padding=padding, dilation=dilation, dtype=torch.float64).to(device)
     layer = gpunn.LocallyConnected2d(2, 3, (6, 7), kernel, padding=padding, dilation=dilation, device=device,
                                      dtype=torch.float64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (ACTIVATIONS, TorchOpSpy, assert_close, count_launches, dtypes_for,
+from helpers import (ACTIVATIONS, TorchOpSpy, assert_close, case_seed, count_launches, dtypes_for,
                      leaf64, reference_linear)
 
 import gpunn
@@ -54,7 +54,7 @@ def run_masked_case(device, dtype, mask, activation=None, lead=(37,), slope=0.01
     Returns (output, {name: gradient}).
     """
     n, k = mask.shape
-    gen = torch.Generator().manual_seed(hash((n, k, lead, str(activation), str(dtype))) % 2**31)
+    gen = torch.Generator().manual_seed(case_seed(n, k, lead, str(activation), str(dtype)))
     mask = mask.to(device)
     if x is None:
         x = torch.randn(*lead, k, generator=gen).to(device=device, dtype=dtype).requires_grad_()
