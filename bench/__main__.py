@@ -106,6 +106,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in args.only:
         if name not in OPS:
             parser.error(f"--only: unknown op {name!r}; choose from {', '.join(OPS)}")
+    if not args.only:
+        parser.error(f"--only: give at least one op, from {', '.join(OPS)}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: a file, not a directory")
     args.skip_providers = {p.strip() for p in args.skip_providers.split(",") if p.strip()}
     args.dtypes = ["bf16", "fp16", "fp32"] if args.dtype == "all" else [args.dtype]
     args.preset = "smoke" if args.smoke else "quick" if args.quick else "full"

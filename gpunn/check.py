@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -398,11 +399,12 @@ def main(device: str | None, quick: bool, ops: list[str] | None, precisions: lis
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not triton_runs_on(device):
         print(f"error: gpunn's Triton kernels do not run on {device} in this process (a CPU needs TRITON_INTERPRET=1 "
-              f"set before triton is imported; `python -m gpunn` sets it when there is no GPU)")
+              f"set before triton is imported; `python -m gpunn` sets it when there is no GPU)", file=sys.stderr)
         return 2
     for name in precisions or []:
         if name in ("tf32", "bf16") and device.type != "cuda":
-            print(f"error: {name} is checked on CUDA only (on the CPU the interpreter computes it in fp32)")
+            print(f"error: {name} is checked on CUDA only (on the CPU the interpreter computes it in fp32)",
+                  file=sys.stderr)
             return 2
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     print(f"gpunn check on {where}; torch {torch.__version__}; {'quick' if quick else 'all'} cases")

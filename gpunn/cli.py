@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
 NETWORKS = ("mlp", "local", "rnn")
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,13 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "loss and accuracy of each, writes a loss-curve PNG, and ends with a summary line per "
                     "network with its test accuracy and the largest loss gap between gpunn and torch. Runs "
                     "compiled on a CUDA GPU, otherwise through Triton's interpreter on the CPU.")
-    train.add_argument("--epochs", type=int, default=3, help="passes over the training set (default 3)")
-    train.add_argument("--batch-size", type=int, default=128, help="examples per SGD step (default 128)")
-    train.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
-    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    train.add_argument("--epochs", type=_at_least_one, default=3, help="passes over the training set (default 3)")
+    train.add_argument("--batch-size", type=_at_least_one, default=128, help="examples per SGD step (default 128)")
+    train.add_argument("--lr", type=_non_negative, default=0.1, help="SGD learning rate (default 0.1)")
+    train.add_argument("--momentum", type=_non_negative, default=0.9, help="SGD momentum (default 0.9)")
     train.add_argument("--data", default=None, metavar="FILE.npz",
-                       help="an .npz with X (N, features) and y (N,) labels (default: scikit-learn's 8x8 "
-                            "digits, shipped inside its package; the local and rnn networks need square images)")
+                       help="an .npz with X (N, features), finite, and y (N,) or (N, 1) class labels (default: "
+                            "scikit-learn's 8x8 digits, shipped inside its package; the local and rnn networks "
+                            "need square images)")
     train.add_argument("--networks", default=",".join(NETWORKS),
                        help=f"comma-separated networks to train, from: {', '.join(NETWORKS)} (default: all)")
     train.add_argument("--plot", default="gpunn-train-loss.png", help="where to write the loss curves "
@@ -38,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", help="check gpunn's numerics on this machine against a float64 torch reference",
         description="For each op (linear with every activation, masked_linear, locally_connected1d/2d, rnn_cell, "
-                    "rnn, cross_entropy, mse_loss, sgd), dtype and a few odd-sized cases: the relative error "
+                    "rnn, cross_entropy, mse_loss, sgd, double_backward), dtype and a few odd-sized cases: the "
+                    "relative error "
                     "||gpunn - ref|| / ||ref|| of the outputs (forward) and of every input's and parameter's "
                     "gradient (backward) against torch in float64 on the same rounded inputs, beside torch's own "
                     "error at the same dtype. Prints a pass/fail table; exits 1 if any check fails. Runs compiled "
@@ -51,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     check.add_argument("--seed", type=int, default=0, help="seed for the inputs (default 0)")
     check.add_argument("--out", default=None, metavar="FILE.md", help="also write the table to this file")
+    for command in (train, check):
+        command.set_defaults(command_parser=command)  # errors in a command's options show its own usage
     return parser
 
 
@@ -65,18 +85,46 @@ def _names(parser, option: str, text: str | None, allowed) -> list[str] | None:
     return names
 
 
+def _device(parser, text: str | None):
+    """--device as a torch.device (None: the default), refused as an argparse error where torch cannot use it."""
+    import torch
+
+    if text is None:
+        return None
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as error:
+        parser.error(f"--device: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {text}: this torch has no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"--device {text}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {text}: gpunn runs on cpu or cuda")
+    return device
+
+
+def _writable(parser, option: str, path: str | None) -> None:
+    """Refuse, before any work, an output path whose directory does not exist."""
+    if path is not None and not Path(path).resolve().parent.is_dir():
+        parser.error(f"{option} {path}: no directory {Path(path).parent}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    parser = args.command_parser
+    device = _device(parser, args.device)
+    _writable(parser, "--out" if args.command == "check" else "--plot",
+              args.out if args.command == "check" else args.plot)
     if args.command == "check":
         from . import check
 
-        return check.main(args.device, args.quick, _names(parser, "--ops", args.ops, check.OPS),
+        return check.main(device, args.quick, _names(parser, "--ops", args.ops, check.OPS),
                           _names(parser, "--dtypes", args.dtypes, check.PRECISIONS), args.seed, args.out)
     if args.command == "train":
         networks = _names(parser, "--networks", args.networks, NETWORKS)
         from .train import train
 
         return train(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                     data=args.data, only=networks, plot_path=args.plot, seed=args.seed, device=args.device)
+                     data=args.data, only=networks, plot_path=args.plot, seed=args.seed, device=device)
     return 2

@@ -151,6 +151,9 @@ def _positions(layer: LocallyConnected2d) -> tuple[torch.Tensor, torch.Tensor, t
 def masked_from_local(layer: LocallyConnected2d) -> MaskedLinear:
     """The MaskedLinear(C*H*W, O*OH*OW, local_2d mask) computing what `layer` computes, on the flattened
     input; same device, dtype and weights (those of taps in the padding dropped), no activation."""
+    if not isinstance(layer, LocallyConnected2d):
+        raise TypeError(f"masked_from_local takes a gpunn.LocallyConnected2d, got {type(layer).__name__} (a "
+                        f"LocallyConnected1d is the 2-D layer over a height of 1: build that one to convert)")
     c, (h, w) = layer.in_channels, layer.input_size
     mask = masks.local_2d((c, h, w), layer.kernel_size, layer.stride, layer.padding, layer.dilation,
                           layer.out_channels)
@@ -173,7 +176,7 @@ def local_from_masked(layer: MaskedLinear, in_channels: int, input_size, kernel_
     if layer.activation is not None:
         raise ValueError(f"the MaskedLinear fuses the activation {layer.activation!r}, which a LocallyConnected2d "
                          f"does not have")
-    if not isinstance(in_channels, int) or in_channels < 1:
+    if not masks.is_int(in_channels) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     height, width = masks.as_pair(input_size, "input_size")
     if layer.in_features != in_channels * height * width:

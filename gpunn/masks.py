@@ -3,21 +3,28 @@ True where output neuron j reads input i (the layout of a torch.nn.Linear weight
 the masked kernels walk."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import reference
 from .kernels.layout import DEFAULT_BLOCKS, BlockLayout, check_block, layout_for
 
 
+def is_int(value) -> bool:
+    """Whether value is an integer as torch.nn's size arguments take them (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def as_pair(value, name: str) -> tuple[int, int]:
     """(value, value) for an int, the pair itself for a pair of ints; TypeError otherwise."""
     try:
-        pair = (value, value) if isinstance(value, int) else tuple(value)
+        pair = (value, value) if is_int(value) else tuple(value)
     except TypeError:
         pair = ()
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+    if len(pair) != 2 or not all(is_int(v) for v in pair):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair
+    return int(pair[0]), int(pair[1])
 
 
 def padding_sides(padding, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
@@ -42,9 +49,9 @@ def as_single(value, name: str) -> int:
     """An int, or a 1-sequence of one int (as nn.Conv1d accepts); TypeError otherwise."""
     if isinstance(value, (tuple, list)) and len(value) == 1:
         value = value[0]
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int or a 1-tuple of an int, got {value!r}")
-    return value
+    return int(value)
 
 
 def local_1d(in_features: int, out_features: int, window: int) -> torch.Tensor:

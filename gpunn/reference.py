@@ -71,9 +71,10 @@ def locally_connected1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """The 1-D form over a height of 1: x (N, C, L) or (C, L); weight (O, OL, C, K); bias (O, OL).
     Returns (N, O, OL) or (O, OL)."""
     single = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731
+    padding = padding if isinstance(padding, str) else (0, single(padding))  # "same" pads only along L at H = 1
     y = locally_connected2d(x.unsqueeze(-2), weight.unsqueeze(1).unsqueeze(-2),
                             bias.unsqueeze(1) if bias is not None else None, (1, single(stride)),
-                            (0, single(padding)), (1, single(dilation)))
+                            padding, (1, single(dilation)))
     return y.squeeze(-2)
 
 

@@ -28,22 +28,65 @@ from .optim import SGD
 
 def load_data(path: str | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(X (N, F) float32, each feature standardised, y (N,) int64 labels 0..C-1, a description). Default: the 8x8
-    handwritten digits scikit-learn ships inside its package (no download); path: an .npz with X and y."""
+    handwritten digits scikit-learn ships inside its package (no download); path: an .npz with X and y.
+    Data it cannot train on ends the program with an error naming the problem (SystemExit)."""
     if path is None:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         x, y, name = digits.data, digits.target, "scikit-learn's handwritten digits (8x8)"
     else:
-        with np.load(path) as data:
-            if "X" not in data or "y" not in data:
-                raise SystemExit(f"error: {path} must hold arrays X (N, features) and y (N,)")
-            x, y, name = data["X"], data["y"], path
-    x = torch.as_tensor(np.asarray(x, dtype=np.float32)).reshape(len(x), -1)
+        x, y, name = (*_read_npz(path), path)
+    x, y = _checked(path, x, y)
+    x = torch.as_tensor(x).reshape(len(x), -1)
     x = (x - x.mean(dim=0)) / x.std(dim=0).clamp_min(1e-3)  # standardised features: SGD converges in few steps
     _, y = np.unique(np.asarray(y), return_inverse=True)  # labels 0..C-1 whatever they were
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     return x[order], torch.as_tensor(y, dtype=torch.int64)[order], name
+
+
+def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """X and y of an .npz file (no pickled objects)."""
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: cannot read {path}: {error}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise SystemExit(f"error: {path} is not an .npz archive of arrays X and y (np.savez writes one)")
+    with data:
+        if "X" not in data or "y" not in data:
+            raise SystemExit(f"error: {path} must hold arrays X (N, features) and y (N,)")
+        try:
+            return data["X"], data["y"]
+        except ValueError as error:  # object arrays: numpy refuses to unpickle them
+            raise SystemExit(f"error: {path}: {error}") from None
+
+
+def _checked(path: str | None, x, y) -> tuple[np.ndarray, np.ndarray]:
+    """X as float32 and y as a flat array, refused with a clear error where training on them cannot work."""
+    where = path or "the data"
+    try:
+        x = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"error: {where}: X must be numbers: {error}") from None
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise SystemExit(f"error: {where}: y must hold one class label per example, (N,) or (N, 1); got shape "
+                         f"{y.shape} (one-hot labels: take their argmax)")
+    if x.ndim == 0 or len(x) != len(y):
+        raise SystemExit(f"error: {where}: X has {len(x) if x.ndim else 0} examples and y {len(y)} labels")
+    if len(x) < 2 or x[0].size == 0:
+        raise SystemExit(f"error: {where}: training needs at least 2 examples of at least 1 feature; X has shape "
+                         f"{x.shape}")
+    if not np.isfinite(x).all():
+        rows = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+        raise SystemExit(f"error: {where}: X holds NaN or infinite values in {len(rows)} of its examples (the "
+                         f"first: {', '.join(map(str, rows[:5]))})")
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        raise SystemExit(f"error: {where}: y holds NaN or infinite labels")
+    return x, y
 
 
 class TorchMaskedLinear(torch.nn.Module):
@@ -181,6 +224,9 @@ def train(epochs: int, batch_size: int, lr: float, momentum: float, data: str | 
     pairs = networks(features, classes, side, device)
     if only:
         pairs = {k: v for k, v in pairs.items() if k in only}
+    if not pairs:
+        raise SystemExit(f"error: --networks {','.join(only)} need square images, and X's {features} features "
+                         f"are not")
     print(f"gpunn train: {name}: {split} training and {len(x) - split} test examples, {features} features, "
           f"{classes} classes; networks {', '.join(pairs)}; {epochs} epochs, batch {batch_size}, SGD lr {lr} "
           f"momentum {momentum}; gpunn kernels run {where}")
@@ -222,18 +268,24 @@ def train(epochs: int, batch_size: int, lr: float, momentum: float, data: str | 
             for side_ in losses:
                 curves[network][side_].append(losses[side_])
             gap = abs(losses["gpunn"] - losses["torch"])
-            largest_gap[network] = max(largest_gap[network], gap)
+            if not gap <= largest_gap[network]:  # a NaN loss on either side makes the gap NaN, and keeps it so
+                largest_gap[network] = gap
             parts.append(f"{network}: loss {losses['gpunn']:.4f} / {losses['torch']:.4f} acc "
                          f"{correct[network, 'gpunn'] / split:.1%} / {correct[network, 'torch'] / split:.1%}")
         print(f"epoch {epoch}/{epochs} (gpunn / torch; accuracy over the epoch's batches)  " + "  ".join(parts),
               flush=True)
 
     elapsed = time.perf_counter() - start
-    print(f"plot: {plot(curves, Path(plot_path))}")
     for network, (ours, theirs) in pairs.items():
         print(f"summary {network:5s} gpunn test accuracy {accuracy(ours, x_test, y_test):6.1%}  torch test accuracy "
               f"{accuracy(theirs, x_test, y_test):6.1%}  largest loss gap {largest_gap[network]:.2e}")
     print(f"trained in {elapsed:.1f} s")
+    print(f"plot: {plot(curves, Path(plot_path))}")
+    failed = [network for network, gap in largest_gap.items() if math.isnan(gap)]
+    if failed:
+        print(f"error: a NaN loss in {', '.join(failed)} (gpunn's, torch's or both: see the epoch lines)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -71,7 +71,7 @@ def test_bad_arguments_are_refused(capsys):
     assert exit_.value.code == 2 and "unknown conv" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert gpunn.cli.main(["check", "--dtypes", "bf16"]) == 2
-        assert "CUDA only" in capsys.readouterr().out
+        assert "CUDA only" in capsys.readouterr().err  # errors to stderr
 
 
 def test_a_backward_that_ran_no_triton_kernel_fails(monkeypatch, device):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 from helpers import count_launches
 
 import gpunn.cli
@@ -61,3 +62,84 @@ def test_help_lists_train_and_bad_networks_are_refused(capsys):
             assert exit_.code == (0 if argv == ["--help"] else 2)
     captured = capsys.readouterr()
     assert "train" in captured.out and "unknown cnn" in captured.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["train", "--epochs", "-1"], "--epochs: must be at least 1"),
+    (["train", "--lr", "-1"], "--lr: must be a finite number >= 0"),
+    (["train", "--momentum", "nan"], "--momentum: must be a finite number >= 0"),
+    (["train", "--device", "foo"], "--device"),
+    (["train", "--device", "meta"], "gpunn runs on cpu or cuda"),
+    (["train", "--plot", "/no/such/directory/loss.png"], "no directory /no/such/directory"),
+    (["check", "--out", "/no/such/directory/check.md"], "no directory /no/such/directory"),
+], ids=lambda value: value if isinstance(value, str) else " ".join(value))
+def test_bad_options_are_refused_before_any_work(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        gpunn.cli.main(argv)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and f"gpunn {argv[0]}: error" in error  # the command's own usage
+
+
+def _arrays(samples=40, features=16, seed=2):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(samples, features)), rng.integers(0, 3, samples)
+
+
+def _with_nan(x):
+    x = x.copy()
+    x[7, 3] = np.nan
+    return x
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (lambda x, y: dict(X=x, y=y[:30]), "X has 40 examples and y 30 labels"),
+    (lambda x, y: dict(X=x, y=np.eye(3)[y]), "one-hot labels"),
+    (lambda x, y: dict(X=_with_nan(x), y=y), "NaN or infinite values in 1 of its examples (the first: 7)"),
+    (lambda x, y: dict(X=x, y=np.where(y == 1, np.nan, y)), "NaN or infinite labels"),
+    (lambda x, y: dict(X=x[:1], y=y[:1]), "at least 2 examples"),
+    (lambda x, y: dict(X=np.full((4, 2), "a"), y=y[:4]), "X must be numbers"),
+    (lambda x, y: dict(features=x, labels=y), "must hold arrays X"),
+], ids=["short y", "one-hot", "nan X", "nan y", "one example", "strings", "names"])
+def test_data_it_cannot_train_on_is_refused_with_the_reason(tmp_path, arrays, message):
+    np.savez(tmp_path / "data.npz", **arrays(*_arrays()))
+    with pytest.raises(SystemExit) as exit_:
+        gpunn.cli.main(["train", "--data", str(tmp_path / "data.npz"), "--plot", str(tmp_path / "p.png")])
+    assert message in str(exit_.value.code)
+
+
+def test_files_that_are_not_an_npz_and_networks_that_cannot_run_are_refused(tmp_path):
+    x, y = _arrays(features=15)
+    np.save(tmp_path / "plain.npy", x)
+    np.savez(tmp_path / "flat.npz", X=x, y=y)
+    for argv, message in ((["--data", str(tmp_path / "plain.npy")], "is not an .npz archive"),
+                          (["--data", str(tmp_path / "missing.npz")], "cannot read"),
+                          (["--data", str(tmp_path / "flat.npz"), "--networks", "local,rnn"], "need square images")):
+        with pytest.raises(SystemExit) as exit_:
+            gpunn.cli.main(["train", *argv, "--plot", str(tmp_path / "p.png")])
+        assert message in str(exit_.value.code)
+
+
+def test_labels_of_shape_n_by_1_train(capsys, tmp_path):
+    x, y = _arrays()
+    np.savez(tmp_path / "data.npz", X=x, y=y[:, None])
+    assert gpunn.cli.main(["train", "--epochs", "1", "--networks", "mlp", "--data", str(tmp_path / "data.npz"),
+                           "--plot", str(tmp_path / "p.png")]) == 0
+    assert "summary mlp" in capsys.readouterr().out
+
+
+def test_a_nan_loss_shows_as_a_nan_gap_and_fails_the_job(capsys, tmp_path, monkeypatch):
+    import gpunn.train
+
+    class NaNLoss(gpunn.train.CrossEntropyLoss):
+        def forward(self, input, target):
+            return super().forward(input, target) * float("nan")
+
+    monkeypatch.setattr(gpunn.train, "CrossEntropyLoss", NaNLoss)  # gpunn's side only
+    x, y = _arrays()
+    np.savez(tmp_path / "data.npz", X=x, y=y)
+    assert gpunn.cli.main(["train", "--epochs", "1", "--networks", "mlp", "--data", str(tmp_path / "data.npz"),
+                           "--plot", str(tmp_path / "p.png")]) == 1
+    captured = capsys.readouterr()
+    assert "largest loss gap nan" in captured.out and "NaN loss in mlp" in captured.err

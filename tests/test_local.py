@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -242,6 +243,13 @@ def test_module_init_state_dict_and_repr(device):
     fresh.load_state_dict(layer.state_dict(), strict=True)
     x = torch.randn(2, 16, 6, 6, device=device)
     assert torch.equal(fresh(x), layer(x))
+    # bias=False registers bias as None, as nn.Conv1d/2d do; sizes may be numpy integers, as theirs may.
+    for unbiased in (gpunn.LocallyConnected2d(2, 3, (5, 6), 3, bias=False), gpunn.LocallyConnected1d(2, 3, 9, 3,
+                                                                                                    bias=False)):
+        assert "bias" in unbiased._parameters and unbiased.bias is None
+    numpy_sized = gpunn.LocallyConnected1d(np.int64(2), np.int32(3), np.int64(9), np.int64(3), stride=(np.int64(2),))
+    assert (numpy_sized.in_channels, numpy_sized.input_length, numpy_sized.kernel_size) == (2, 9, 3)
+    assert type(numpy_sized.in_channels) is int and numpy_sized.weight.shape == (3, 4, 2, 3)
 
 
 @pytest.mark.parametrize("geometry", [dict(kernel_size=3, padding=1), dict(kernel_size=(2, 3), stride=(2, 1),
@@ -259,6 +267,11 @@ def test_conversion_to_and_from_masked_linear(device, geometry):
     inside = gpunn.convert._positions(layer)[2]
     assert torch.equal(back.weight[inside], layer.weight[inside])
     assert torch.equal(back.weight[~inside], torch.zeros_like(back.weight[~inside]))
+
+
+def test_conversion_takes_the_2d_layer_only(device):
+    with pytest.raises(TypeError, match="takes a gpunn.LocallyConnected2d"):
+        gpunn.convert.masked_from_local(gpunn.LocallyConnected1d(2, 3, 9, 3, device=device))
 
 
 def test_conversion_refuses_a_fused_activation(device):
@@ -360,6 +373,8 @@ def test_padding_strings_as_conv2d(device, padding, kernel, dilation):
     x1 = torch.randn(2, 2, 9, generator=gen, dtype=torch.float64).to(device)
     assert_close(line(x1), conv1d(x1), torch.float64, "1-D output")
     assert torch.equal(line(x1), gpunn.functional.locally_connected1d(x1, line.weight, line.bias, padding=padding))
+    assert_close(gpunn.reference.locally_connected1d(x1, line.weight, line.bias, padding=padding), conv1d(x1),
+                 torch.float64, "1-D reference")  # the reference takes the strings the functional form takes
 
 
 @pytest.mark.parametrize("kwargs", [dict(kernel_size=3, padding="same", stride=2), dict(kernel_size=3, padding="full")],

@@ -97,6 +97,8 @@ def test_repr():
                            "activation='leaky_relu', negative_slope=0.2)")
     assert repr(gpunn.MaskedLinear(4, 3, torch.ones(3, 4, dtype=torch.bool), bias=False)) == \
         "MaskedLinear(in_features=4, out_features=3, bias=False, connections=12)"
+    with torch.device("meta"):  # a meta mask has no values to count (deferred initialisation prints it)
+        assert "connections=?" in repr(gpunn.MaskedLinear(4, 3, masks.local_1d(4, 3, 2)))
 
 
 @pytest.mark.parametrize("mask,error,match", [

@@ -35,8 +35,9 @@ class LocallyConnected2d(torch.nn.Module):
                  dilation=1, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not masks.is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        in_channels, out_channels = int(in_channels), int(out_channels)
         geometry = _geometry(kernel_size, stride, padding, dilation)
         height, width = masks.as_pair(input_size, "input_size")
         if min(height, width) < 1:
@@ -54,7 +55,8 @@ class LocallyConnected2d(torch.nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = torch.nn.Parameter(torch.empty((out_channels, oh, ow, in_channels, *self.kernel_size),
                                                      **factory))
-        self.bias = torch.nn.Parameter(torch.empty((out_channels, oh, ow), **factory)) if bias else None
+        self.register_parameter("bias", torch.nn.Parameter(torch.empty((out_channels, oh, ow), **factory))
+                                if bias else None)
         self.reset_parameters()
 
     @property
@@ -114,20 +116,21 @@ class LocallyConnected1d(torch.nn.Module):
         padding = padding if isinstance(padding, str) else masks.as_single(padding, "padding")
         padding_2d = padding if isinstance(padding, str) else (0, padding)
         line = _geometry((1, kernel_size), (1, stride), padding_2d, (1, dilation), dims=1)  # errors in 1-D terms
-        if not isinstance(input_length, int) or isinstance(input_length, bool) or input_length < 1:
+        if not masks.is_int(input_length) or input_length < 1:
             raise ValueError(f"input_length must be a positive int, got {input_length!r}")
+        input_length = int(input_length)
         if line.output_size(1, input_length)[1] < 1:
             raise ValueError(f"kernel {kernel_size} (dilation {dilation}) does not fit the padded input of length "
                              f"{input_length}")
         # The 2-D layer over a height of 1 computes the geometry; its parameters are viewed.
         plane = LocallyConnected2d(in_channels, out_channels, (1, input_length), (1, kernel_size), (1, stride),
                                    padding_2d, (1, dilation), bias, device, dtype)
-        self.in_channels, self.out_channels, self.input_length = in_channels, out_channels, input_length
+        self.in_channels, self.out_channels, self.input_length = plane.in_channels, plane.out_channels, input_length
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
         self.output_length = plane.output_size[1]
         o, ol = out_channels, self.output_length
         self.weight = torch.nn.Parameter(plane.weight.detach().reshape(o, ol, in_channels, kernel_size))
-        self.bias = torch.nn.Parameter(plane.bias.detach().reshape(o, ol)) if bias else None
+        self.register_parameter("bias", torch.nn.Parameter(plane.bias.detach().reshape(o, ol)) if bias else None)
 
     def reset_parameters(self) -> None:
         """nn.Conv1d's init: uniform in +-1/sqrt(C * K)."""

@@ -68,8 +68,9 @@ class MaskedLinear(torch.nn.Module):
                                         self.negative_slope)
 
     def extra_repr(self) -> str:
+        connections = "?" if self.mask.is_meta else int(self.mask.sum())  # a meta mask has no values to count
         text = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"connections={int(self.mask.sum())}")
+                f"connections={connections}")
         return text + functional.activation_repr(self.activation, self.negative_slope)
 
 
