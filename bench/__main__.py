@@ -248,8 +248,12 @@ def _write(records, info, ceilings, notes, out_dir: Path) -> list:
     from . import cost_model, harness
 
     rows = ceilings.records() + harness.add_speedups(records)
-    harness.write_csv(rows, info, out_dir / "bench.csv")
-    (out_dir / "bench.md").write_text(harness.markdown(rows, info, ceilings, notes) + "\n" + cost_model.markdown(rows))
+    # Each file written beside, then renamed over the last: a run killed mid-write keeps the previous whole file.
+    harness.write_csv(rows, info, out_dir / "bench.csv.part")
+    (out_dir / "bench.md.part").write_text(harness.markdown(rows, info, ceilings, notes) + "\n"
+                                           + cost_model.markdown(rows))
+    for name in ("bench.csv", "bench.md"):
+        os.replace(out_dir / f"{name}.part", out_dir / name)
     return rows
 
 

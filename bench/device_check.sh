@@ -10,7 +10,8 @@
 # limit or what is left of the budget (less a margin for the summary), whichever is less; a stage with
 # under 30 s left is skipped. A stage that fails or times out does not stop the next. Run it again with
 # the same OUTDIR (on the same machine) to resume: stages that ran to their end or to their own limit are
-# not run again; those cut short by the budget, or skipped, are. The stage limits add up to about 20
+# not run again; those cut short by the budget, or skipped, are (what a cut stage wrote is kept beside, as
+# NAME.earlierN.log and, for a benchmark, the directory NAME.earlierN). The stage limits add up to about 20
 # minutes, more than a 15-minute lease holds: its last stages are the first to go.
 # The last run (H200, 2026-11-27, 465 tests on 8 workers): tests 169 s, its benchmark smoke test alone 111 s.
 set -uo pipefail
@@ -36,7 +37,12 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR
         return
     fi
     local limit=$(( own < left ? own : left ))
-    [ -f "$out/$name.log" ] && mv "$out/$name.log" "$out/$name.earlier.log"
+    # A stage run again (cut short before) keeps what the earlier try wrote: its log, and its output directory
+    # (named as the stage), as NAME.earlierN.
+    local n=1
+    while [ -e "$out/$name.earlier$n.log" ] || [ -e "$out/$name.earlier$n" ]; do n=$(( n + 1 )); done
+    [ -f "$out/$name.log" ] && mv "$out/$name.log" "$out/$name.earlier$n.log"
+    [ -d "$out/$name" ] && mv "$out/$name" "$out/$name.earlier$n"
     local start=$(date +%s)
     echo "== $name (limit ${limit}s of its ${own}s): $*"
     timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1

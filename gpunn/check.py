@@ -393,7 +393,7 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(device: str | None, quick: bool, ops: list[str] | None, precisions: list[str] | None, seed: int,
+def main(device: str | torch.device | None, quick: bool, ops: list[str] | None, precisions: list[str] | None, seed: int,
          out: str | None) -> int:
     """The `gpunn check` command: exit status 0 when every check passed, 1 otherwise."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

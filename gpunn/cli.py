@@ -10,14 +10,20 @@ NETWORKS = ("mlp", "local", "rnn")
 
 
 def _at_least_one(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got {text}")
     return value
 
 
 def _non_negative(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
@@ -45,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an .npz with X (N, features), finite, and y (N,) or (N, 1) class labels (default: "
                             "scikit-learn's 8x8 digits, shipped inside its package; the local and rnn networks "
                             "need square images)")
-    train.add_argument("--networks", default=",".join(NETWORKS),
-                       help=f"comma-separated networks to train, from: {', '.join(NETWORKS)} (default: all)")
+    train.add_argument("--networks", default=None,
+                       help=f"comma-separated networks to train, from: {', '.join(NETWORKS)} (default: all, with "
+                            f"local and rnn skipped where the features are not a square image; named here, a network "
+                            f"the data cannot run is an error)")
     train.add_argument("--plot", default="gpunn-train-loss.png", help="where to write the loss curves "
                                                                       "(default gpunn-train-loss.png)")
     train.add_argument("--seed", type=int, default=0, help="seed for the split, batches and weights (default 0)")
@@ -104,9 +112,13 @@ def _device(parser, text: str | None):
     return device
 
 
-def _writable(parser, option: str, path: str | None) -> None:
-    """Refuse, before any work, an output path whose directory does not exist."""
-    if path is not None and not Path(path).resolve().parent.is_dir():
+def _output_file(parser, option: str, path: str | None) -> None:
+    """Refuse, before any work, an output file path that is a directory or whose directory does not exist."""
+    if path is None:
+        return
+    if Path(path).is_dir():
+        parser.error(f"{option} {path}: a directory, not a file")
+    if not Path(path).resolve().parent.is_dir():
         parser.error(f"{option} {path}: no directory {Path(path).parent}")
 
 
@@ -114,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     parser = args.command_parser
     device = _device(parser, args.device)
-    _writable(parser, "--out" if args.command == "check" else "--plot",
+    _output_file(parser, "--out" if args.command == "check" else "--plot",
               args.out if args.command == "check" else args.plot)
     if args.command == "check":
         from . import check

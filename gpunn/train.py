@@ -204,13 +204,14 @@ def plot(curves: dict[str, dict[str, list[float]]], path: Path) -> str:
     axes.set_yscale("log")
     axes.legend()
     figure.tight_layout()
+    path = path if path.suffix else path.with_name(path.name + ".png")  # where matplotlib writes a bare name
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return str(path)
 
 
 def train(epochs: int, batch_size: int, lr: float, momentum: float, data: str | None, only: list[str] | None,
-          plot_path: str, seed: int, device: str | None) -> int:
+          plot_path: str, seed: int, device: str | torch.device | None) -> int:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     where = ("compiled on " + torch.cuda.get_device_name(device) if device.type == "cuda" else
              "on the CPU through Triton's interpreter" if INTERPRET else "on the CPU in plain torch (no interpreter)")
@@ -223,10 +224,11 @@ def train(epochs: int, batch_size: int, lr: float, momentum: float, data: str | 
     torch.manual_seed(seed)
     pairs = networks(features, classes, side, device)
     if only:
+        missing = [network for network in only if network not in pairs]
+        if missing:
+            raise SystemExit(f"error: --networks {','.join(missing)}: need square images, and X's {features} "
+                             f"features are not one")
         pairs = {k: v for k, v in pairs.items() if k in only}
-    if not pairs:
-        raise SystemExit(f"error: --networks {','.join(only)} need square images, and X's {features} features "
-                         f"are not")
     print(f"gpunn train: {name}: {split} training and {len(x) - split} test examples, {features} features, "
           f"{classes} classes; networks {', '.join(pairs)}; {epochs} epochs, batch {batch_size}, SGD lr {lr} "
           f"momentum {momentum}; gpunn kernels run {where}")
@@ -281,10 +283,10 @@ def train(epochs: int, batch_size: int, lr: float, momentum: float, data: str | 
               f"{accuracy(theirs, x_test, y_test):6.1%}  largest loss gap {largest_gap[network]:.2e}")
     print(f"trained in {elapsed:.1f} s")
     print(f"plot: {plot(curves, Path(plot_path))}")
-    failed = [network for network, gap in largest_gap.items() if math.isnan(gap)]
+    failed = [network for network, gap in largest_gap.items() if not math.isfinite(gap)]
     if failed:
-        print(f"error: a NaN loss in {', '.join(failed)} (gpunn's, torch's or both: see the epoch lines)",
-              file=sys.stderr)
+        print(f"error: a NaN or infinite loss in {', '.join(failed)} (gpunn's, torch's or both: see the epoch "
+              f"lines)", file=sys.stderr)
         return 1
     return 0
 

@@ -28,10 +28,10 @@ import triton.language as tl
 
 from . import activations
 from .runtime import (Rows, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, launch, row_alignment,
-                      size_bucket, state_dtype)
+                      size_bucket, state_dtype, wide_rows)
 from .tiling import (GROUP_SIZE, LARGEST_REDUCTION_BLOCK, PREACTIVATION_CHUNK_TILES, PREACTIVATION_PROGRAMS,
-                     PREACTIVATION_TILE, WEIGHT_GRAD_PROGRAMS, WEIGHT_GRAD_SPLIT_ROWS, WEIGHT_GRAD_TILE, configs,
-                     grouped_tile, pruner, row_offsets)
+                     PREACTIVATION_TILE, WEIGHT_GRAD_PROGRAMS, WEIGHT_GRAD_SPLIT_ROWS, WEIGHT_GRAD_TILE, block_start,
+                     configs, grouped_tile, pruner, row_offsets)
 from .tuned import tuned
 
 
@@ -160,10 +160,7 @@ def dense_grad_weight_kernel(
     # dW = dz^T @ x: output tiles of (N, K), reduction over the split's rows of M.
     pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_M)
     split = tl.program_id(1)
-    if WIDE_ROWS:  # the splits' bounds pass 2^31 - 1: int64 (int32 everywhere else, as int64 rows cost registers)
-        start = split.to(tl.int64) * SPLIT_ROWS
-    else:
-        start = split * SPLIT_ROWS
+    start = block_start(split, SPLIT_ROWS, WIDE_ROWS)
     end = tl.minimum(start + SPLIT_ROWS, M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
@@ -209,10 +206,7 @@ def dense_grad_preactivation_kernel(
     column_blocks = tl.cdiv(N, BLOCK_N)
     chunk = pid // column_blocks
     rn = (pid % column_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    if WIDE_ROWS:  # the chunks' bounds pass 2^31 - 1: int64 (int32 otherwise, as int64 rows cost registers)
-        start = chunk.to(tl.int64) * CHUNK_ROWS
-    else:
-        start = chunk * CHUNK_ROWS
+    start = block_start(chunk, CHUNK_ROWS, WIDE_ROWS)
     sums = activations.dz_rows(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, dz_ptr, rn,
                                start, tl.minimum(start + CHUNK_ROWS, M), N, DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE,
                                ACT, GRAD_FROM, WRITE_DZ, BLOCK_M)
@@ -314,7 +308,7 @@ def _preactivation_pass(dy: Rows, saved: torch.Tensor | None, dz: torch.Tensor |
             dy.m, n, chunk_rows,
             DY_TWO_ROW_DIMS=dy.two_row_dims, ROW_ALIGN=row_alignment(*dy.row_strides, n),
             ACC_DTYPE=accumulator_dtype(tensor.dtype), **activations.backward_constants(activation),
-            WIDE_ROWS=dy.m + chunk_rows >= 2 ** 31,
+            WIDE_ROWS=wide_rows(dy.m, chunk_rows),
             WRITE_DZ=dz is not None, SUMS=sums is not None, BLOCK_M=rows, BLOCK_N=cols, num_warps=warps,
         )
 
@@ -365,7 +359,7 @@ def grad_weight(dz: Rows, x: Rows, weight_shape: tuple[int, int]) -> torch.Tenso
             *dz.args(), *x.args(), out,
             dz.m, n, k, split_rows, size_bucket(split_rows),
             DZ_TWO_ROW_DIMS=dz.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
-            ROW_ALIGN=row_alignment(*dz.row_strides, *x.row_strides, n, k), WIDE_ROWS=dz.m + split_rows >= 2 ** 31,
+            ROW_ALIGN=row_alignment(*dz.row_strides, *x.row_strides, n, k), WIDE_ROWS=wide_rows(dz.m, split_rows),
             DOT_DTYPE=dot_dtype(tensor.dtype), ACC_DTYPE=accumulator_dtype(tensor.dtype),
             DOT_PRECISION=dot_precision(tensor.dtype), GROUP_M=GROUP_SIZE,
         )

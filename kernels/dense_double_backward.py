@@ -19,8 +19,8 @@ import triton.language as tl
 
 from . import activations
 from .dense import add_partial_sums, row_chunks
-from .runtime import Rows, accumulator_dtype, cdiv, empty, launch, state_dtype
-from .tiling import DOUBLE_BACKWARD_TILE, row_offsets
+from .runtime import Rows, accumulator_dtype, cdiv, empty, launch, state_dtype, wide_rows
+from .tiling import DOUBLE_BACKWARD_TILE, block_start, row_offsets
 
 
 @triton.jit(do_not_specialize=["M", "dy_inner", "gdz_inner", "CHUNK_ROWS"])
@@ -44,10 +44,7 @@ def dense_double_backward_kernel(
     rn = (pid % column_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     rn64 = rn.to(tl.int64)
     n_ok = rn < N
-    if WIDE_ROWS:  # the chunks' bounds pass 2^31 - 1: int64 (int32 otherwise, as int64 rows cost registers)
-        start = chunk.to(tl.int64) * CHUNK_ROWS
-    else:
-        start = chunk * CHUNK_ROWS
+    start = block_start(chunk, CHUNK_ROWS, WIDE_ROWS)
     end = tl.minimum(start + CHUNK_ROWS, M)
     sums = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
     for m0 in range(start, end, BLOCK_M):
@@ -113,7 +110,7 @@ def elementwise(dy: Rows, gdz: Rows | None, z: torch.Tensor | None, activation: 
             dy.m, n, chunk_rows,
             DY_TWO_ROW_DIMS=dy.two_row_dims, GDZ_TWO_ROW_DIMS=gdz is not None and gdz.two_row_dims,
             ACC_DTYPE=accumulator_dtype(tensor.dtype), **activations.forward_constants(activation, negative_slope),
-            HAS_GDZ=gdz is not None, WIDE_ROWS=dy.m + chunk_rows >= 2 ** 31, WRITE_GDY=write_gdy, WRITE_DZ=write_dz,
+            HAS_GDZ=gdz is not None, WIDE_ROWS=wide_rows(dy.m, chunk_rows), WRITE_GDY=write_gdy, WRITE_DZ=write_dz,
             WRITE_GZ=write_gz, SUMS=sums is not None, BLOCK_M=rows, BLOCK_N=cols, num_warps=warps,
         )
     if sums is not None and sums is not gb:

@@ -157,6 +157,15 @@ def row_alignment(*strides: int) -> int:
 
 # Host-side integer helpers. triton.cdiv and triton.next_power_of_2 serve kernels too, and a host call to
 # either costs ~5 us (it unwraps constexprs); a launcher calls several a launch.
+# Rows an int32 index reaches. A constant here so that a test can lower it and run the wide kernels' variants.
+INT32_ROWS = 2 ** 31
+
+
+def wide_rows(m: int, block_rows: int) -> bool:
+    """Whether blocks of block_rows rows over m rows have bounds past int32 (a kernel's WIDE_ROWS constexpr)."""
+    return m + block_rows >= INT32_ROWS
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

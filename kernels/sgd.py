@@ -95,19 +95,22 @@ def sgd_kernel(table_ptr, tensors, base_ptr,
 
 
 def _table(device: torch.device, offsets: tuple, blocks: list[int], hyper: tuple[float, ...], cache: dict | None,
-           slot) -> torch.Tensor:
+           slot, lr_on_device: bool = False) -> torch.Tensor:
     """The step's table on the device (layout in sgd_kernel). With a cache (the optimizer's), cache[slot] keeps
     the last table of that slot: reused while the tensors stay where they are (a training loop whose
     gradients are kept, as zero_grad(set_to_none=False) and CUDA graphs keep them, copies nothing to the
     device), its header rewritten in place when a hyper-parameter changes, rebuilt when a tensor moved. (A
     replayed CUDA graph runs none of this: it reads the header as captured, so a learning rate that changes
-    between replays is given as a tensor on the device; see step.)"""
+    between replays is given as a tensor on the device; see step.) lr_on_device: the caller writes the
+    learning rate into the table on the device (hyper holds 0 in its place): part of what the header holds, so
+    that a number after a tensor, 0.0 included, is written."""
+    header_state = (lr_on_device, hyper)
     entry = cache.get(slot) if cache is not None else None
     if entry is not None and entry[0] == offsets:
         table = entry[2]
-        if entry[1] != hyper:
+        if entry[1] != header_state:
             table[:len(hyper)].copy_(torch.tensor(hyper, dtype=torch.float64).view(torch.int64), non_blocking=True)
-            cache[slot] = (offsets, hyper, table)
+            cache[slot] = (offsets, header_state, table)
         return table
     block_counts = torch.tensor(blocks, dtype=torch.int64)
     header = torch.tensor(hyper, dtype=torch.float64).view(torch.int64)
@@ -116,7 +119,7 @@ def _table(device: torch.device, offsets: tuple, blocks: list[int], hyper: tuple
                        torch.repeat_interleave(torch.arange(len(blocks)), block_counts)])
     table = table.to(device, non_blocking=True)
     if cache is not None:
-        cache[slot] = (offsets, hyper, table)
+        cache[slot] = (offsets, header_state, table)
     return table
 
 
@@ -147,7 +150,7 @@ def step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[to
                     for p, g, b, n in zip(params, grads, buffers or params, lengths))
     on_device = isinstance(lr, torch.Tensor)
     table = _table(device, offsets, blocks, (0.0 if on_device else lr, weight_decay, momentum, dampening), cache,
-                   slot)
+                   slot, on_device)
     if on_device:
         table[:1].view(torch.float64).copy_(lr.reshape(1), non_blocking=True)
     bits = 0  # every offset's low bits in one value: its alignment is theirs

@@ -196,6 +196,16 @@ def grouped_tile(pid, num_rows, num_cols, GROUP: tl.constexpr):
 
 
 @triton.jit
+def block_start(index, rows, WIDE_ROWS: tl.constexpr):
+    """The first row of the index-th block of `rows` rows: in int64 where the blocks' bounds pass 2^31 - 1
+    (WIDE_ROWS, from runtime.wide_rows), in int32 otherwise, as int64 rows cost registers."""
+    if WIDE_ROWS:
+        return index.to(tl.int64) * rows
+    else:
+        return index * rows
+
+
+@triton.jit
 def row_offsets(rows, inner, stride_outer, stride_inner, TWO_ROW_DIMS: tl.constexpr):
     """int64 element offsets of `rows` of a Rows-described tensor (see runtime.Rows)."""
     rows = rows.to(tl.int64)

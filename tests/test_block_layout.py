@@ -154,3 +154,25 @@ def test_empty_shapes(device):
     for shape in ((0, 5), (5, 0), (0, 0)):
         layout = masks.block_layout(torch.ones(shape, dtype=torch.bool, device=device))
         assert layout.visited_blocks == 0
+
+
+def test_tables_a_graph_capture_used_outlive_their_caches(monkeypatch):
+    """A captured CUDA graph reads a mask's layout and an RNN's step table by address on every replay: used
+    during a capture, they are held after their caches evict them (a capture is faked here)."""
+    from gpunn.kernels import runtime
+    from gpunn.ops.rnn_sequence import _STEPS_KEPT, Steps
+
+    monkeypatch.setattr(runtime, "_held_for_graphs", {})
+    mask, cpu = torch.rand(40, 40) < 0.5, torch.device("cpu")
+    built, steps = block_layout.layout_for(mask, (32, 32)), Steps.of(None, [3, 2, 5], cpu)
+    monkeypatch.setattr(runtime, "capturing", lambda device: True)
+    assert block_layout.layout_for(mask, (32, 32)) is built and Steps.of(None, [3, 2, 5], cpu) is steps
+    monkeypatch.setattr(runtime, "capturing", lambda device: False)
+    others = [torch.rand(40, 40) < 0.5 for _ in range(block_layout._CACHE_SIZE + 1)]  # kept alive: their entries stay
+    for other in others:
+        block_layout.layout_for(other, (32, 32))
+    for length in range(4, 5 + _STEPS_KEPT):
+        Steps.of(None, [length, 2, 5], cpu)
+    # Both evicted from their caches, and held:
+    assert block_layout.layout_for(mask, (32, 32)) is not built and Steps.of(None, [3, 2, 5], cpu) is not steps
+    assert runtime._held_for_graphs == {id(built): built, id(steps): steps}

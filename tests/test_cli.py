@@ -65,13 +65,15 @@ def test_help_lists_train_and_bad_networks_are_refused(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--batch-size", "0"], "--batch-size: must be at least 1"),
-    (["train", "--epochs", "-1"], "--epochs: must be at least 1"),
+    (["train", "--batch-size", "0"], "--batch-size: must be an integer of at least 1, got 0"),
+    (["train", "--epochs", "1.5"], "--epochs: must be an integer of at least 1, got 1.5"),
+    (["train", "--lr", "abc"], "--lr: must be a finite number >= 0, got abc"),
     (["train", "--lr", "-1"], "--lr: must be a finite number >= 0"),
     (["train", "--momentum", "nan"], "--momentum: must be a finite number >= 0"),
     (["train", "--device", "foo"], "--device"),
     (["train", "--device", "meta"], "gpunn runs on cpu or cuda"),
     (["train", "--plot", "/no/such/directory/loss.png"], "no directory /no/such/directory"),
+    (["train", "--plot", "/"], "a directory, not a file"),
     (["check", "--out", "/no/such/directory/check.md"], "no directory /no/such/directory"),
 ], ids=lambda value: value if isinstance(value, str) else " ".join(value))
 def test_bad_options_are_refused_before_any_work(capsys, argv, message):
@@ -115,7 +117,7 @@ def test_files_that_are_not_an_npz_and_networks_that_cannot_run_are_refused(tmp_
     np.savez(tmp_path / "flat.npz", X=x, y=y)
     for argv, message in ((["--data", str(tmp_path / "plain.npy")], "is not an .npz archive"),
                           (["--data", str(tmp_path / "missing.npz")], "cannot read"),
-                          (["--data", str(tmp_path / "flat.npz"), "--networks", "local,rnn"], "need square images")):
+                          (["--data", str(tmp_path / "flat.npz"), "--networks", "mlp,rnn"], "rnn: need square")):
         with pytest.raises(SystemExit) as exit_:
             gpunn.cli.main(["train", *argv, "--plot", str(tmp_path / "p.png")])
         assert message in str(exit_.value.code)
@@ -142,4 +144,4 @@ def test_a_nan_loss_shows_as_a_nan_gap_and_fails_the_job(capsys, tmp_path, monke
     assert gpunn.cli.main(["train", "--epochs", "1", "--networks", "mlp", "--data", str(tmp_path / "data.npz"),
                            "--plot", str(tmp_path / "p.png")]) == 1
     captured = capsys.readouterr()
-    assert "largest loss gap nan" in captured.out and "NaN loss in mlp" in captured.err
+    assert "largest loss gap nan" in captured.out and "NaN or infinite loss in mlp" in captured.err

@@ -493,3 +493,36 @@ def test_tanh_keeps_relative_accuracy_near_zero(device, activation, scale):
     w = torch.eye(30, device=device)
     out = gpunn.functional.linear(x, w, None, activation)
     assert_close(out, reference_linear(x.double(), w.double(), None, activation), torch.float32, activation)
+
+
+def test_wide_row_variants_compute_what_the_int32_ones_do(device, monkeypatch):
+    """Past 2**31 rows the dz pass, the double-backward pass and the weight gradient's splits start their
+    blocks of rows in int64 (WIDE_ROWS); lowering the threshold runs those variants on a small batch, and
+    they must give the int32 variants' results bit for bit."""
+    from gpunn.kernels import dense_double_backward
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3000, 8, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    layer = gpunn.Linear(8, 5, activation="gelu", device=device, dtype=torch.float64)
+
+    def gradients():
+        y = layer(x)
+        first = torch.autograd.grad(y, [x, layer.weight, layer.bias], torch.ones_like(y), create_graph=True)
+        return first + torch.autograd.grad(first[0].square().sum(), [x, layer.weight, layer.bias])
+
+    expected = gradients()
+    monkeypatch.setattr(runtime, "INT32_ROWS", 0)
+    asked = []  # what each launcher passed as WIDE_ROWS
+
+    def wide_rows(m, rows):
+        asked.append(runtime.wide_rows(m, rows))
+        return asked[-1]
+
+    for module in (dense, dense_double_backward):
+        monkeypatch.setattr(module, "wide_rows", wide_rows)
+    with count_launches() as launches:
+        wide = gradients()
+    assert launches["dense_grad_preactivation_kernel"] and launches["dense_double_backward_kernel"]
+    assert asked and all(asked)
+    for ours, theirs in zip(wide, expected):
+        assert torch.equal(ours, theirs)

@@ -143,6 +143,11 @@ def test_a_tensor_learning_rate_is_read_on_the_device(device, monkeypatch):
     assert len(tables) == 2  # none before the buffers exist, then one table for every later step
     for p, q in zip(params, twins):
         assert_close(p.detach(), q.detach(), torch.float32, "param")
+    # Back to a number, 0 (the value the table's header held while the rate came from the device): no update.
+    before = [p.detach().clone() for p in params]
+    ours.param_groups[0]["lr"] = 0.0
+    ours.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
 
 
 def test_param_groups_missing_grads_and_non_contiguous_params(device):
