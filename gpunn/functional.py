@@ -348,8 +348,6 @@ def _check_rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> None:
         raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match hidden0 batch size {hx.shape[0]}")
     if hx.shape[1] != weight_hh.shape[1]:
         raise RuntimeError(f"hidden0 has inconsistent hidden_size: got {hx.shape[1]}, expected {weight_hh.shape[1]}")
-    if (bias_ih is None) != (bias_hh is None):
-        raise RuntimeError("rnn_cell takes both biases or neither")
     for bias in (bias_ih, bias_hh):
         if bias is not None and tuple(bias.shape) != (weight_ih.shape[0],):
             raise RuntimeError(f"rnn_cell expects biases of shape ({weight_ih.shape[0]},), got {tuple(bias.shape)}")
@@ -376,7 +374,8 @@ def rnn_cell(input: torch.Tensor, hx: torch.Tensor | None, weight_ih: torch.Tens
     Args:
         input: (B, I), any strides.
         hx: (B, H), or None for zeros.
-        weight_ih: (H, I); weight_hh: (H, H); bias_ih, bias_hh: (H,), both or neither.
+        weight_ih: (H, I); weight_hh: (H, H); bias_ih, bias_hh: (H,) or None (one alone: the other is zeros,
+            as torch's cell functions take it).
         nonlinearity: "tanh" or "relu".
 
     Returns:
@@ -395,6 +394,9 @@ def rnn_cell(input: torch.Tensor, hx: torch.Tensor | None, weight_ih: torch.Tens
     input, hx, weight_ih, weight_hh, bias_ih, bias_hh = autocast.cast(device_type, input, hx, weight_ih, weight_hh,
                                                                       bias_ih, bias_hh)
     _check_rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+    if (bias_ih is None) != (bias_hh is None):  # the kernels add both biases or neither
+        bias_ih, bias_hh = (bias if bias is not None else torch.zeros_like(bias_ih if bias_hh is None else bias_hh)
+                            for bias in (bias_ih, bias_hh))
     if not triton_runs_on(input.device):
         return reference.rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity)
     return ops_rnn.rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity)

@@ -145,6 +145,23 @@ def test_strided_biases_and_transposed_weights(device):
     assert_close(out, expected, torch.float64, "output")
 
 
+@pytest.mark.parametrize("given", ["bias_ih", "bias_hh"])
+def test_one_bias_alone_as_torchs_cell_functions_take_it(device, given):
+    f64 = dict(device=device, dtype=torch.float64)
+    x, h, w_ih, w_hh, bias = (torch.randn(*shape, **f64, requires_grad=True) for shape in ((3, 5), (3, 4), (4, 5),
+                                                                                           (4, 4), (4,)))
+    biases = (bias, None) if given == "bias_ih" else (None, bias)
+    with count_launches() as launches:
+        out = gpunn.functional.rnn_cell(x, h, w_ih, w_hh, *biases, "relu")
+    expected = torch.rnn_relu_cell(x, h, w_ih, w_hh, *biases)
+    assert launches == {"rnn_cell_forward_kernel": 1}
+    assert_close(out, expected, torch.float64, "output")
+    grad = torch.randn(3, 4, **f64)
+    for ours, theirs in zip(torch.autograd.grad(out, (x, h, w_ih, w_hh, bias), grad),
+                            torch.autograd.grad(expected, (x, h, w_ih, w_hh, bias), grad)):
+        assert_close(ours, theirs, torch.float64, "gradient")
+
+
 @pytest.mark.parametrize("wanted", ["hx", "bias_hh", "weight_hh", "input+bias_ih"])
 def test_only_the_gradients_asked_for(device, wanted):
     ours, ref = _pair(device, torch.float64, 6, 5)
