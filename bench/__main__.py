@@ -215,14 +215,14 @@ def main(argv: list[str] | None = None) -> int:
             records += new
             errors += new_errors
             # After every op, so that a run cut off (a time limit on a lent GPU) keeps the ops it finished.
-            _write(records, info, ceilings, notes, out_dir)
+            written = _write(records, info, ceilings, notes, out_dir)
             log.save(out_dir / "bench.log")
     finally:
         torch.set_float32_matmul_precision(precision)
         if any(p.startswith("torch.compile") for p in providers):
             torch._dynamo.reset()
 
-    records = _write(records, info, ceilings, notes, out_dir)
+    records = written  # every op's rows, as the last op's write left them
     failures = [f"{op} {mode} {dtype} {shape} {provider}: rel err {m['rel_err'].p50:.2e} > "
                 f"{harness.TOLERANCE[dtype]:g}"
                 for (op, provider, mode, shape, dtype), m in harness.index(records).items()

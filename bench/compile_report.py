@@ -117,11 +117,9 @@ def _saved(dtype, m, n, activation):
     return None if activations.grad_source(activation) == 0 else _meta((m, n), dtype)
 
 
-def _launch_dense_grad_preactivation(dtype, m, n, k, activation, write_dz, bias_grad, rows=None):
-    # db over several row chunks launches the kernel a second time, on the chunks' sums. rows: the batch
-    # instead of the size's M (past 2^31, the chunks' int64 bounds).
+def _launch_dense_grad_preactivation(dtype, m, n, k, activation, write_dz, bias_grad):
+    # db over several row chunks launches the kernel a second time, on the chunks' sums.
     from gpunn.kernels import dense, runtime
-    m = rows or m
     dense.grad_preactivation(runtime.Rows.of(_meta((m, n), dtype)), _saved(dtype, m, n, activation), activation,
                              write_dz, bias_grad)
 
@@ -131,20 +129,16 @@ def _launch_dense_grad_input(dtype, m, n, k):
     dense.grad_input(runtime.Rows.of(_meta((m, n), dtype)), _meta((n, k), dtype))
 
 
-def _launch_dense_grad_weight(dtype, m, n, k, rows=None):
-    # rows: the batch instead of the size's M (past 2^31, the splits' int64 bounds).
+def _launch_dense_grad_weight(dtype, m, n, k):
     from gpunn.kernels import dense, runtime
-    m = rows or m
     dense.grad_weight(runtime.Rows.of(_meta((m, n), dtype)), runtime.Rows.of(_meta((m, k), dtype)), (n, k))
 
 
-def _launch_dense_double_backward(dtype, m, n, k, activation, bias_grad, rows=None):
-    # Every output written: g_dy, the [dz | g_z] pair and g_b (over several chunks, a second launch). rows: as
-    # in _launch_dense_grad_preactivation.
+def _launch_dense_double_backward(dtype, m, n, k, activation, bias_grad):
+    # Every output written: g_dy, the [dz | g_z] pair and g_b (over several chunks, a second launch).
     from gpunn.kernels import dense_double_backward, runtime
-    m = rows or m
-    rows = runtime.Rows.of(_meta((m, n), dtype))
-    dense_double_backward.elementwise(rows, rows, _meta((m, n), dtype), activation, NEGATIVE_SLOPE, True, True, True,
+    dy = runtime.Rows.of(_meta((m, n), dtype))
+    dense_double_backward.elementwise(dy, dy, _meta((m, n), dtype), activation, NEGATIVE_SLOPE, True, True, True,
                                       bias_grad)
 
 
@@ -265,12 +259,16 @@ def _launch_rnn_sequence(dtype, m, n, k, backward, resident=False, once_a_step=F
                                  offsets, "tanh", reverse=False)
 
 
-def _launch_sgd(dtype, m, n, k, momentum, first_step):
-    # Two parameter tensors, (m, n) and (n,); a momentum buffer each when momentum.
+def _launch_sgd(dtype, m, n, k, momentum, first_step, lr_on_device=False):
+    # Two parameter tensors, (m, n) and (n,); a momentum buffer each when momentum; a learning rate as a
+    # float32 tensor on the device, or a number.
+    import torch
+
     from gpunn.kernels import sgd
     shapes = ((m, n), (n,))
     tensors = [[_meta(shape, dtype) for shape in shapes] for _ in range(3)]
-    sgd.step(tensors[0], tensors[1], tensors[2] if momentum else None, lr=0.1, weight_decay=0.01,
+    lr = _meta((), torch.float32) if lr_on_device else 0.1
+    sgd.step(tensors[0], tensors[1], tensors[2] if momentum else None, lr=lr, weight_decay=0.01,
              momentum=0.9 if momentum else 0.0, dampening=0.0, nesterov=True, maximize=False, first_step=first_step)
 
 
@@ -405,6 +403,7 @@ CASES = (
         Variant("momentum", dict(momentum=True, first_step=False), matmul=False),
         Variant("momentum first step", dict(momentum=True, first_step=True), matmul=False),
         Variant("plain", dict(momentum=False, first_step=False), matmul=False),
+        Variant("momentum, lr tensor", dict(momentum=True, first_step=False, lr_on_device=True), matmul=False),
     ), tile=("BLOCK",)),
     # The losses: a row of logits a program (cross-entropy), blocks of elements (MSE).
     Case("gpunn.kernels.losses", "cross_entropy_forward_kernel", _launch_cross_entropy, (
@@ -521,8 +520,11 @@ def _capture(case: Case, variant: Variant, mode: str, size: str):
     jit_run = JITFunction.run
     JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None
     try:
+        # A variant's `rows` replaces the size's M: a batch past 2^31, the wide-row (int64) kernels.
+        kwargs = dict(variant.kwargs)
+        m, n, k = SIZES[size]
         with _fp32_matmul(tf32):
-            case.launch(getattr(torch, dtype_name), *SIZES[size], **variant.kwargs)
+            case.launch(getattr(torch, dtype_name), kwargs.pop("rows", m), n, k, **kwargs)
     except NoSuchKernel:
         return kernel, None
     finally:

@@ -31,7 +31,7 @@ NOTES = [
     "eager (torch.compile does not take double backward); gpunn = gpunn.convert of it + gpunn.optim.SGD.",
 ]
 
-PRESETS = {"smoke": [(16, 32)], "quick": [(1024, 4096)], "full": [(1024, 4096), (4096, 4096)]}  # (batch, width)
+PRESETS = mlp_step.PRESETS  # the same (batch, width) sizes
 PENALTY = 10.0
 
 

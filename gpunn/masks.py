@@ -9,6 +9,7 @@ import torch
 
 from . import reference
 from .kernels.layout import DEFAULT_BLOCKS, BlockLayout, check_block, layout_for
+from .kernels.local import Geometry
 
 
 def is_int(value) -> bool:
@@ -101,8 +102,7 @@ def local_2d(in_shape, kernel_size, stride=1, padding=0, dilation=1, out_channel
         raise ValueError("kernel_size, stride and dilation must be positive and padding non-negative")
     if out_channels < 1:
         raise ValueError(f"out_channels must be positive, got {out_channels}")
-    oh = (height + ph + ph_end - dh * (kh - 1) - 1) // sh + 1
-    ow = (width + pw + pw_end - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = Geometry((kh, kw), (sh, sw), (ph, pw), (dh, dw), (ph_end, pw_end)).output_size(height, width)
     if oh < 1 or ow < 1:
         raise ValueError(f"kernel of {kh}x{kw} (dilation {dh}x{dw}) does not fit the padded "
                          f"{height}x{width} image")

@@ -15,6 +15,8 @@ What backward needs, per activation (the least that gives the exact derivative):
 """
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -53,12 +55,14 @@ def grad_source(activation: str | None) -> int:
     return GRAD_FROM_SAVED.value
 
 
+@functools.lru_cache(maxsize=64)  # built per launch otherwise; callers only unpack the dict
 def forward_constants(activation: str | None, negative_slope: float) -> dict:
     """The constexprs of a kernel that evaluates act(z) or act'(z): ACT and NEGATIVE_SLOPE, the slope only for
     leaky_relu (0 for the others, whose kernels then do not compile again for a slope they never read)."""
     return dict(ACT=CODES[activation], NEGATIVE_SLOPE=float(negative_slope) if activation == "leaky_relu" else 0.0)
 
 
+@functools.lru_cache(maxsize=None)
 def backward_constants(activation: str | None) -> dict[str, int]:
     """The constexprs of a kernel that forms dz = dy * act'(z): GRAD_FROM (grad_source) and ACT. Only an
     activation formed from its output needs its own ACT; the others pass none's code, so that one compiled

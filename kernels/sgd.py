@@ -12,8 +12,8 @@ Memory traffic: reads p and grad (and buf), writes p (and buf): the floor for th
 (element offsets from one base tensor, and length) and its block within it, so a model's hundreds of
 tensors cost one launch.
 The hyper-parameters travel in the same table (float64 bits): changing the learning rate every step
-recompiles nothing. A learning rate given as a tensor on the parameters' device is copied into the table
-on the device at every step (no host sync): a captured CUDA graph's replays read its value at each replay.
+recompiles nothing. A learning rate given as a tensor on the parameters' device is read by the kernel from
+that tensor (no host sync): a captured CUDA graph's replays read its value at each replay.
 """
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def _tensor(base_ptr, slot, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _update(table_ptr, p_ptr, g_ptr, b_ptr, offsets, n, COMPUTE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+def _update(table_ptr, lr_ptr, p_ptr, g_ptr, b_ptr, offsets, n, COMPUTE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
             MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-            TAIL: tl.constexpr):
+            LR_ON_DEVICE: tl.constexpr, TAIL: tl.constexpr):
     """The update of one block; TAIL: the block runs past the tensor's end (masked; full blocks are not, so
     their loads vectorise)."""
     ok = offsets < n if TAIL else None
@@ -65,18 +65,21 @@ def _update(table_ptr, p_ptr, g_ptr, b_ptr, offsets, n, COMPUTE: tl.constexpr, W
             g += momentum * buf
         else:
             g = buf
-    lr = tl.load(table_ptr).to(tl.float64, bitcast=True).to(COMPUTE)
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr).to(COMPUTE)
+    else:
+        lr = tl.load(table_ptr).to(tl.float64, bitcast=True).to(COMPUTE)
     tl.store(p_ptr + offsets, (p - lr * g).to(dtype), mask=ok)
 
 
 @triton.jit
-def sgd_kernel(table_ptr, tensors, base_ptr,
+def sgd_kernel(table_ptr, tensors, base_ptr, lr_ptr,
                COMPUTE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
-               FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGN: tl.constexpr,
-               BLOCK: tl.constexpr):
+               FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
+               ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     # table: [lr, weight_decay, momentum, dampening] as float64 bits, then 4 int64 per tensor (param, grad
     # and buffer element offsets from base_ptr, length), then per tensor its first block, then per block
-    # its tensor.
+    # its tensor. lr_ptr: the learning rate where LR_ON_DEVICE (the table's is then unused).
     pid = tl.program_id(0)
     t = tl.load(table_ptr + _HEADER + tensors * (_PER_TENSOR + 1) + pid)
     entry = table_ptr + _HEADER + t * _PER_TENSOR
@@ -87,30 +90,27 @@ def sgd_kernel(table_ptr, tensors, base_ptr,
     start = (pid - tl.load(table_ptr + _HEADER + tensors * _PER_TENSOR + t)).to(tl.int64) * BLOCK
     offsets = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
     if start + BLOCK <= n:
-        _update(table_ptr, p_ptr, g_ptr, b_ptr, offsets, n, COMPUTE, WEIGHT_DECAY, MOMENTUM, FIRST_STEP, NESTEROV,
-                MAXIMIZE, False)
+        _update(table_ptr, lr_ptr, p_ptr, g_ptr, b_ptr, offsets, n, COMPUTE, WEIGHT_DECAY, MOMENTUM, FIRST_STEP,
+                NESTEROV, MAXIMIZE, LR_ON_DEVICE, False)
     else:
-        _update(table_ptr, p_ptr, g_ptr, b_ptr, offsets, n, COMPUTE, WEIGHT_DECAY, MOMENTUM, FIRST_STEP, NESTEROV,
-                MAXIMIZE, True)
+        _update(table_ptr, lr_ptr, p_ptr, g_ptr, b_ptr, offsets, n, COMPUTE, WEIGHT_DECAY, MOMENTUM, FIRST_STEP,
+                NESTEROV, MAXIMIZE, LR_ON_DEVICE, True)
 
 
 def _table(device: torch.device, offsets: tuple, blocks: list[int], hyper: tuple[float, ...], cache: dict | None,
-           slot, lr_on_device: bool = False) -> torch.Tensor:
+           slot) -> torch.Tensor:
     """The step's table on the device (layout in sgd_kernel). With a cache (the optimizer's), cache[slot] keeps
     the last table of that slot: reused while the tensors stay where they are (a training loop whose
     gradients are kept, as zero_grad(set_to_none=False) and CUDA graphs keep them, copies nothing to the
     device), its header rewritten in place when a hyper-parameter changes, rebuilt when a tensor moved. (A
     replayed CUDA graph runs none of this: it reads the header as captured, so a learning rate that changes
-    between replays is given as a tensor on the device; see step.) lr_on_device: the caller writes the
-    learning rate into the table on the device (hyper holds 0 in its place): part of what the header holds, so
-    that a number after a tensor, 0.0 included, is written."""
-    header_state = (lr_on_device, hyper)
+    between replays is given as a tensor on the device; see step.)"""
     entry = cache.get(slot) if cache is not None else None
     if entry is not None and entry[0] == offsets:
         table = entry[2]
-        if entry[1] != header_state:
+        if entry[1] != hyper:
             table[:len(hyper)].copy_(torch.tensor(hyper, dtype=torch.float64).view(torch.int64), non_blocking=True)
-            cache[slot] = (offsets, header_state, table)
+            cache[slot] = (offsets, hyper, table)
         return table
     block_counts = torch.tensor(blocks, dtype=torch.int64)
     header = torch.tensor(hyper, dtype=torch.float64).view(torch.int64)
@@ -119,7 +119,7 @@ def _table(device: torch.device, offsets: tuple, blocks: list[int], hyper: tuple
                        torch.repeat_interleave(torch.arange(len(blocks)), block_counts)])
     table = table.to(device, non_blocking=True)
     if cache is not None:
-        cache[slot] = (offsets, header_state, table)
+        cache[slot] = (offsets, hyper, table)
     return table
 
 
@@ -148,19 +148,17 @@ def step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[to
     offsets = tuple(((p.data_ptr() - origin) // size, (g.data_ptr() - origin) // size,
                      (b.data_ptr() - origin) // size if buffers is not None else 0, n)
                     for p, g, b, n in zip(params, grads, buffers or params, lengths))
-    on_device = isinstance(lr, torch.Tensor)
+    on_device = isinstance(lr, torch.Tensor)  # the kernel reads it there; the table's header holds 0 instead
     table = _table(device, offsets, blocks, (0.0 if on_device else lr, weight_decay, momentum, dampening), cache,
-                   slot, on_device)
-    if on_device:
-        table[:1].view(torch.float64).copy_(lr.reshape(1), non_blocking=True)
+                   slot)
     bits = 0  # every offset's low bits in one value: its alignment is theirs
     for p_offset, g_offset, b_offset, _ in offsets:
         bits |= p_offset | g_offset | b_offset
     align = min(row_alignment(bits), 16 // size)  # in elements, up to 16 bytes
     with launch("sgd_kernel", device):
         sgd_kernel[(total,)](
-            table, len(params), base,
+            table, len(params), base, lr if on_device else table,
             COMPUTE=accumulator_dtype(dtype),
             WEIGHT_DECAY=weight_decay != 0, MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov,
-            MAXIMIZE=maximize, ALIGN=align, BLOCK=BLOCK, num_warps=WARPS,
+            MAXIMIZE=maximize, LR_ON_DEVICE=on_device, ALIGN=align, BLOCK=BLOCK, num_warps=WARPS,
         )
