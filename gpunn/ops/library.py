@@ -13,6 +13,13 @@ backward, measured on a CPU). Ops are therefore called through `Op`: on plain te
 it runs the implementation directly, or through an autograd.Function made of the very same setup_context
 and backward when autograd records the call; anything else (the compiler's fake and functional tensors,
 other tensor subclasses) goes through the custom op.
+
+torch.func's transforms (grad, vjp, jacrev, vmap) refuse the custom op's autograd and take only an
+autograd.Function with a separate setup_context; under them an op runs through a third form, with the same
+setup_context and backward, whose vmap rule runs the op once per sample. Each transform's rule unwraps its
+own tensors, so the kernels still see plain ones. A second order under the transforms is refused (the
+first-order backward ops are not differentiable there), as are forward mode and torch's legacy batched
+gradients (is_grads_batched).
 """
 from __future__ import annotations
 
@@ -36,25 +43,40 @@ class Op:
 
     def __init__(self, name: str, fn: Callable, fake: Callable, setup_context: Callable | None = None,
                  backward: Callable | None = None):
-        self.name, self.fn = name, fn
+        self.name, self.fn, self.fake = name, fn, fake
         self.custom_op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
         self.custom_op.register_fake(fake)
         self.function = None
         if backward is not None:
             self.custom_op.register_autograd(backward, setup_context=setup_context)
             self.function = _eager_function(name, fn, setup_context, backward)
+        self.transform_function = _transform_function(self, setup_context, backward)
 
     def __call__(self, *args):
         if forward_ad._current_level >= 0 and _any_dual(args):
             # The kernels see only the primal: a tangent would be dropped without a word.
-            raise NotImplementedError(f"gpunn::{self.name} does not support forward-mode AD (a dual tensor "
-                                      f"reached it)")
-        if torch.compiler.is_compiling() or not _all_plain(args):
+            raise forward_mode_refused(self.name)
+        transform = torch._C._functorch.peek_interpreter_stack()
+        if torch.compiler.is_compiling() or not _all_plain(args) or _functionalizing(transform):
             return self.custom_op(*args)
-        if self.function is None or not (torch.is_grad_enabled() and _any_requires_grad(args)):
+        if transform is not None:
+            function = self.transform_function
+        elif self.function is not None and torch.is_grad_enabled() and _any_requires_grad(args):
+            function = self.function
+        else:
             return self.fn(*args)
         flat, lengths = _flatten(args)
-        return self.function.apply(lengths, *flat)
+        return function.apply(lengths, *flat)
+
+
+def under_transform() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap, jvp, functionalize) is running."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _functionalizing(transform) -> bool:
+    """torch.func.functionalize has no rule for an autograd.Function (torch: NYI), only for the custom op."""
+    return transform is not None and transform.key() == torch._C._functorch.TransformType.Functionalize
 
 
 def _all_plain(args) -> bool:
@@ -114,23 +136,104 @@ def _eager_function(name: str, fn: Callable, setup_context: Callable, backward: 
     def forward(ctx, lengths, *flat):
         args = _unflatten(flat, lengths)
         output = fn(*args)
-        # An output nobody differentiates (act'(z), a logsumexp) gets None, not a tensor of zeros, in backward.
-        ctx.set_materialize_grads(False)
-        ctx.needs_input_grad = ctx.needs_input_grad[1:]  # as the custom op's: without `lengths`
-        ctx.lengths = lengths
-        setup_context(ctx, args, output)
+        _setup_flat(ctx, lengths, args, output, setup_context)
         return output
+
+    return type(f"{name}_function", (torch.autograd.Function,), dict(
+        forward=staticmethod(forward), backward=staticmethod(_flat_backward(name, backward))))
+
+
+def _transform_function(op: Op, setup_context: Callable | None, backward: Callable | None):
+    """The autograd.Function that runs op under torch.func transforms, which take only this form (a separate
+    setup_context) and the custom op's not at all (torch refuses its autograd there). Each transform takes
+    its rule from it: grad and its kin the op's own setup_context and backward (for an op without one, the
+    first-order backward ops, a backward that refuses: a further order under the transforms), vmap the op
+    once per sample. The rules unwrap each transform's tensors before the next one's, so the forward, and
+    so the kernels, see plain tensors. Forward mode is refused (jvp)."""
+
+    def forward(lengths, *flat):
+        output = op.fn(*_unflatten(flat, lengths))
+        return tuple(output) if isinstance(output, list) else output  # autograd tracks no tensor in a list
+
+    def setup(ctx, inputs, output):
+        lengths, *flat = inputs
+        _setup_flat(ctx, lengths, _unflatten(flat, lengths), output, setup_context)
+
+    def refuse(ctx, *grads):
+        raise second_order_under_transform(op.name)
+
+    def jvp(ctx, *tangents):  # reached where forward mode meets a backward (jacfwd(jacrev(f)), hessian)
+        raise forward_mode_refused(op.name)
+
+    def vmap(info, in_dims, lengths, *flat):
+        """The op once per sample, each output stacked along a new first dim; an output left empty (see
+        `nothing`) stacks to (B, 0), again empty per sample. (torch's fallback for a custom op, which does
+        the same, takes no list arguments.)"""
+        args, dims = _unflatten(flat, lengths), _unflatten(in_dims[1:], lengths)
+        if info.batch_size:
+            samples, stack = [op(*_sample(args, dims, i)) for i in range(info.batch_size)], torch.stack
+        else:  # no sample to run: the fake implementation gives the shapes
+            samples = [op.fake(*_sample(args, dims, None))]
+            stack = lambda column: column[0].new_empty((0, *column[0].shape))  # noqa: E731
+        if isinstance(samples[0], torch.Tensor):
+            return stack(samples), 0
+        return tuple(stack(column) for column in zip(*samples)), (0,) * len(samples[0])
+
+    return type(f"{op.name}_transform_function", (torch.autograd.Function,), dict(
+        forward=staticmethod(forward), setup_context=staticmethod(setup),
+        backward=staticmethod(_flat_backward(op.name, backward) if backward is not None else refuse),
+        jvp=staticmethod(jvp), vmap=staticmethod(vmap)))
+
+
+def _setup_flat(ctx, lengths: tuple, args: tuple, output, setup_context: Callable | None) -> None:
+    """The op's setup_context, for a Function whose inputs are `lengths` and the flattened args."""
+    # An output nobody differentiates (act'(z), a logsumexp) gets None, not a tensor of zeros, in backward.
+    ctx.set_materialize_grads(False)
+    ctx.needs_input_grad = ctx.needs_input_grad[1:]  # as the custom op's: without `lengths`
+    ctx.lengths = lengths
+    if setup_context is not None:
+        setup_context(ctx, args, output)
+
+
+def _flat_backward(name: str, backward: Callable) -> Callable:
+    """The op's backward, for a Function whose inputs are `lengths` and the flattened args."""
 
     def backward_flat(ctx, *grads):
         if all(grad is None for grad in grads):  # no gradient reached any output: none to pass on
             return (None,) * (1 + sum(max(length, 1) for length in ctx.lengths))
+        if any(grad is not None and torch._C._functorch.is_legacy_batchedtensor(grad) for grad in grads):
+            # torch's legacy vmap (not torch.func's) has no rules gpunn could give: the kernels would get its
+            # batched tensors
+            raise NotImplementedError(f"gpunn {name}: batched gradients (torch.autograd.grad with "
+                                      f"is_grads_batched=True, torch.autograd.functional.jacobian or hessian "
+                                      f"with vectorize=True) are not supported; torch.func.jacrev and "
+                                      f"torch.func.vmap over torch.func.vjp, or jacobian without vectorize, work")
         flat = []
         for grad, length in zip(backward(ctx, *grads), ctx.lengths):
             flat += [grad] if length < 0 else grad if grad is not None else [None] * length
         return (None, *flat)
 
-    return type(f"{name}_function", (torch.autograd.Function,), dict(
-        forward=staticmethod(forward), backward=staticmethod(backward_flat)))
+    return backward_flat
+
+
+def _sample(args, in_dims, i: int | None) -> list:
+    """args with sample i taken from each batched tensor (in_dims: its batch dim, or None), lists included;
+    i None: an empty tensor of a sample's shape in its place."""
+    def one(tensor, dim):
+        return tensor.select(dim, i) if i is not None else tensor.new_empty(tensor.shape[:dim] + tensor.shape[dim + 1:])
+
+    return [arg if dim is None else one(arg, dim) if isinstance(arg, torch.Tensor) else _sample(arg, dim, i)
+            for arg, dim in zip(args, in_dims)]
+
+
+def forward_mode_refused(op: str) -> NotImplementedError:
+    return NotImplementedError(f"gpunn::{op} does not support forward-mode AD (a dual tensor reached it)")
+
+
+def second_order_under_transform(op: str) -> NotImplementedError:
+    return NotImplementedError(f"gpunn {op}: a second order of differentiation under torch.func transforms is not "
+                               f"supported (torch.autograd.grad with create_graph=True, and "
+                               f"torch.autograd.functional.hessian, work)")
 
 
 def metadata_to_save(ctx, name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -161,7 +264,11 @@ def arrived(grad: torch.Tensor | None, shape) -> torch.Tensor | None:
 
 def refuse_double_backward(op: str, order: str = "double") -> None:
     """Where the kernels' gradients are not differentiable, refuse create_graph=True rather than hand back
-    gradients that would silently act as constants in a further differentiation."""
+    gradients that would silently act as constants in a further differentiation. Under torch.func
+    transforms, which run every backward with grad mode on, the kernels would see the transforms' wrapped
+    tensors: refused too (the double backward itself is not reached by a first order there)."""
+    if under_transform():
+        raise second_order_under_transform(op)
     if torch.is_grad_enabled():
         raise RuntimeError(f"gpunn {op} does not support {order} backward (create_graph=True)")
 

@@ -32,7 +32,7 @@ import torch
 from ..kernels import dense, rnn_sequence
 from ..kernels.runtime import Rows, empty, hold_for_graphs, state_dtype
 from . import rnn
-from .library import Op, keep_for_second_order, kept, metadata_to_save, nothing, saved_metadata
+from .library import Op, keep_for_second_order, kept, metadata_to_save, nothing, saved_metadata, under_transform
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_hn):
     out, x, h0, batch_sizes, *weights = ctx.saved_tensors
     batch_sizes = saved_metadata(ctx, "batch_sizes", batch_sizes)
-    if torch.is_grad_enabled():  # create_graph=True
+    # create_graph=True. torch.func runs every backward in grad mode: there the first-order op, which refuses
+    # being differentiated (a second order under the transforms).
+    if torch.is_grad_enabled() and not under_transform():
         x = kept(ctx, 0, x, "RNN", "input")
         return _differentiable_backward(ctx, grad_out, grad_hn, x, h0, batch_sizes, weights)
     if grad_out is None:  # only h_n was used

@@ -1,0 +1,205 @@
+"""torch.func's transforms over gpunn's layers and losses (grad, vjp, jacrev, vmap and their compositions:
+per-sample gradients, model ensembles), against torch in float64 computed without the transforms, sample by
+sample. What gpunn does not implement under them (a second order, forward mode, torch's legacy batched
+gradients) is refused with a NotImplementedError rather than run wrong."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TorchOpSpy, assert_close, case_seed, count_launches
+
+import gpunn
+from gpunn import reference as torch_reference
+
+DT = torch.float64
+
+
+def _mask(n, k):
+    mask = torch.rand(n, k, generator=torch.Generator().manual_seed(n * k)) < 0.5
+    mask[0] = False  # an output with no inputs
+    return mask
+
+
+# Each case: (gpunn's module, torch's function of (params, *inputs), one sample's inputs (the first is the
+# one the transforms batch; the others are shared)). Odd sizes throughout.
+def _cases(device):
+    mask = _mask(6, 9).to(device)
+    targets = torch.tensor([4, 0, 2], device=device)
+    cell_state = torch.randn(3, 6, dtype=DT, device=device)
+    return {
+        "linear_gelu": (gpunn.Linear(7, 5, activation="gelu"),
+                        lambda p, x: F.gelu(F.linear(x, p["weight"], p["bias"])), [(3, 7)]),
+        "masked_tanh": (gpunn.MaskedLinear(9, 6, mask, activation="tanh"),
+                        lambda p, x: torch.tanh(F.linear(x, p["weight"] * mask, p["bias"])), [(2, 9)]),
+        "local2d": (gpunn.LocallyConnected2d(2, 3, (5, 4), 3, stride=2, padding=1),
+                    lambda p, x: torch_reference.locally_connected2d(x, p["weight"], p["bias"], 2, 1), [(2, 5, 4)]),
+        "local1d": (gpunn.LocallyConnected1d(2, 3, 7, 3, padding=1),
+                    lambda p, x: torch_reference.locally_connected1d(x, p["weight"], p["bias"], 1, 1), [(2, 2, 7)]),
+        "rnn_cell_relu": (gpunn.RNNCell(4, 6, nonlinearity="relu"),
+                          lambda p, x, h: torch_reference.rnn_cell(x, h, p["weight_ih"], p["weight_hh"], p["bias_ih"],
+                                                                   p["bias_hh"], "relu"), [(3, 4), cell_state]),
+        "rnn_2layer_bidirectional": (gpunn.RNN(3, 4, num_layers=2, bidirectional=True),
+                                     torch.nn.RNN(3, 4, num_layers=2, bidirectional=True), [(5, 2, 3)]),
+        "cross_entropy": (gpunn.CrossEntropyLoss(label_smoothing=0.1),
+                          lambda p, x, t: F.cross_entropy(x, t, label_smoothing=0.1), [(3, 5), targets]),
+        "mse_sum": (gpunn.MSELoss(reduction="sum"), lambda p, x, y: F.mse_loss(x, y, reduction="sum"),
+                    [(3, 5), torch.randn(3, 5, dtype=DT, device=device)]),
+    }
+
+
+CASES = list(_cases("cpu"))
+
+
+def _case(name, device, samples=None):
+    """(ours (params, *inputs) -> output, theirs, params, inputs): float64 on device, the first input with
+    `samples` samples stacked in front when given."""
+    module, theirs, shapes = _cases(device)[name]
+    module = module.to(device=device, dtype=DT)
+    if isinstance(theirs, torch.nn.Module):  # torch's twin: the same parameters, through functional_call
+        twin = theirs.to(device=device, dtype=DT)
+        theirs = lambda p, *inputs: torch.func.functional_call(twin, p, inputs)  # noqa: E731
+    gen = torch.Generator().manual_seed(case_seed(name, samples))
+    params = {key: torch.randn(value.shape, generator=gen, dtype=DT).to(device)
+              for key, value in module.named_parameters()}
+    first = (samples,) if samples else ()
+    inputs = [torch.randn(*first, *shape, generator=gen, dtype=DT).to(device) if i == 0 else shape
+              for i, shape in enumerate(shapes)]
+    return (lambda p, *x: torch.func.functional_call(module, p, x)), theirs, params, inputs
+
+
+def _output(result):
+    return result[0] if isinstance(result, tuple) else result  # the RNN's output, not h_n
+
+
+def _objective(function, weights):
+    """A scalar of the output that weighs every element differently, so that no gradient entry hides."""
+    return lambda p, *x: (_output(function(p, *x)) * weights).sum()
+
+
+def _weights(output, seed):
+    return torch.randn(output.shape, generator=torch.Generator().manual_seed(seed), dtype=DT).to(output.device)
+
+
+def _torch_grads(theirs, weights, params, inputs):
+    """Gradients of the objective by plain autograd: (the parameters' dict, the first input's)."""
+    leaves = {key: value.clone().requires_grad_() for key, value in params.items()}
+    x = inputs[0].clone().requires_grad_()
+    grads = torch.autograd.grad(_objective(theirs, weights)(leaves, x, *inputs[1:]), [*leaves.values(), x])
+    return dict(zip(leaves, grads[:-1])), grads[-1]
+
+
+def _assert_grads_close(ours, theirs, what):
+    (our_params, our_x), (their_params, their_x) = ours, theirs
+    assert our_params.keys() == their_params.keys()
+    for key in their_params:
+        assert_close(our_params[key], their_params[key], DT, f"{what}: {key}")
+    assert_close(our_x, their_x, DT, f"{what}: input")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_grad_matches_torch(device, name):
+    ours, theirs, params, inputs = _case(name, device)
+    weights = _weights(_output(theirs(params, *inputs)), case_seed(name))
+    with TorchOpSpy() as spy, count_launches() as launches:
+        grads = torch.func.grad(_objective(ours, weights), argnums=(0, 1))(params, *inputs)
+    assert launches, "no Triton kernel ran"
+    assert not spy.matmuls(), spy.matmuls()
+    _assert_grads_close(grads, _torch_grads(theirs, weights, params, inputs), "grad")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_per_sample_gradients_match_torch(device, name):
+    """vmap(grad(f)), the samples along dim 1 of the batched input: each sample's gradients."""
+    samples = 3
+    ours, theirs, params, inputs = _case(name, device, samples)
+    weights = _weights(_output(theirs(params, inputs[0][0], *inputs[1:])), case_seed(name))
+    per_sample = torch.func.vmap(torch.func.grad(_objective(ours, weights), argnums=(0, 1)),
+                                 in_dims=(None, 1) + (None,) * (len(inputs) - 1))
+    with count_launches() as launches:
+        our_params, our_x = per_sample(params, inputs[0].movedim(0, 1), *inputs[1:])
+    assert launches, "no Triton kernel ran"
+    for i in range(samples):
+        _assert_grads_close(({key: grad[i] for key, grad in our_params.items()}, our_x[i]),
+                            _torch_grads(theirs, weights, params, [inputs[0][i], *inputs[1:]]), f"sample {i}")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_vmap_over_inputs_and_over_stacked_parameters_matches_torch(device, name):
+    """vmap of the forward over a batch of inputs, and over an ensemble of parameter sets at once."""
+    members = 2
+    ours, theirs, params, inputs = _case(name, device, members)
+    in_dims = (None, 0) + (None,) * (len(inputs) - 1)
+    batched = _output(torch.func.vmap(ours, in_dims=in_dims)(params, *inputs))
+    gen = torch.Generator().manual_seed(case_seed(name, "ensemble"))
+    ensemble = {key: torch.stack([value] + [torch.randn(value.shape, generator=gen, dtype=DT).to(device)
+                                            for _ in range(members - 1)]) for key, value in params.items()}
+    both = _output(torch.func.vmap(ours, in_dims=(0, 0) + (None,) * (len(inputs) - 1))(ensemble, *inputs))
+    for i in range(members):
+        rest = [inputs[0][i], *inputs[1:]]
+        assert_close(batched[i], _output(theirs(params, *rest)), DT, f"input {i}")
+        member = {key: value[i] for key, value in ensemble.items()}
+        assert_close(both[i], _output(theirs(member, *rest)), DT, f"member {i}")
+
+
+@pytest.mark.parametrize("name", ["linear_gelu", "rnn_2layer_bidirectional", "local2d", "cross_entropy"])
+def test_jacrev_matches_torch(device, name):
+    ours, theirs, params, inputs = _case(name, device)
+    jacobian = torch.func.jacrev(lambda x: _output(ours(params, x, *inputs[1:])))(inputs[0])
+    expected = torch.autograd.functional.jacobian(lambda x: _output(theirs(params, x, *inputs[1:])), inputs[0])
+    assert_close(jacobian, expected, DT, "Jacobian")
+
+
+def test_local_hessian_under_transforms_matches_torch(device):
+    """The locally connected layers take every order, under the transforms too: jacrev(jacrev(f))."""
+    ours, theirs, params, inputs = _case("local2d", device)
+    hessians = [torch.func.jacrev(torch.func.jacrev(lambda x: _output(function(params, x)).sin().sum()))(inputs[0])
+                for function in (ours, theirs)]
+    assert hessians[0].abs().sum() > 0
+    assert_close(*hessians, DT, "Hessian")
+
+
+@pytest.mark.parametrize("name", ["linear_gelu", "masked_tanh", "rnn_cell_relu", "rnn_2layer_bidirectional",
+                                  "cross_entropy", "mse_sum"])
+def test_a_second_order_under_transforms_is_refused(device, name):
+    """A second order under the transforms would need the first-order ops differentiable there: refused, not
+    silently wrong (without the transforms, torch.autograd.grad with create_graph=True takes it)."""
+    ours, _, params, inputs = _case(name, device)
+    first = torch.func.grad(lambda x: _output(ours(params, x, *inputs[1:])).pow(2).sum())
+    with pytest.raises(NotImplementedError, match="second order of differentiation under torch.func"):
+        torch.func.grad(lambda x: first(x).pow(2).sum())(inputs[0])
+
+
+def test_forward_mode_transforms_are_refused(device):
+    layer = gpunn.Linear(3, 4, device=device, dtype=DT, activation="tanh")
+    x = torch.randn(2, 3, dtype=DT, device=device)
+    for transform in (lambda: torch.func.jvp(layer, (x,), (torch.ones_like(x),)), lambda: torch.func.jacfwd(layer)(x)):
+        with count_launches() as launches, pytest.raises(NotImplementedError, match="forward-mode AD"):
+            transform()
+        assert launches == {}, "refused after a launch"
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):  # jacfwd over jacrev: forward mode in backward
+        torch.func.hessian(lambda t: layer(t).sum())(x)
+
+
+def test_legacy_batched_gradients_are_refused(device):
+    layer = gpunn.Linear(3, 4, device=device, dtype=DT, activation="tanh")
+    x = torch.randn(2, 3, dtype=DT, device=device, requires_grad=True)
+    basis = torch.eye(8, dtype=DT, device=device).view(8, 2, 4)
+    with pytest.raises(NotImplementedError, match="is_grads_batched"):
+        torch.autograd.grad(layer(x), x, basis, is_grads_batched=True)
+    with pytest.raises(NotImplementedError, match="vectorize=True"):
+        torch.autograd.functional.jacobian(layer, x, vectorize=True)
+
+
+def test_vmap_over_no_samples(device):
+    """A batch of none: the shapes torch's vmap gives, with no kernel to run."""
+    layer, rnn = gpunn.Linear(4, 3, device=device), gpunn.RNN(3, 5, num_layers=2, device=device)
+    params = {key: value.detach() for key, value in layer.named_parameters()}
+    objective = torch.func.grad(lambda p, x: torch.func.functional_call(layer, p, (x,)).sum())
+    with count_launches() as launches:
+        assert torch.func.vmap(layer)(torch.randn(0, 2, 4, device=device)).shape == (0, 2, 3)
+        grads = torch.func.vmap(objective, in_dims=(None, 0))(params, torch.randn(0, 2, 4, device=device))
+        out, h_n = torch.func.vmap(rnn, in_dims=1, out_dims=1)(torch.randn(6, 0, 2, 3, device=device))
+    assert launches == {}
+    assert {key: tuple(grad.shape) for key, grad in grads.items()} == {"weight": (0, 3, 4), "bias": (0, 3)}
+    assert out.shape == (6, 0, 2, 5) and h_n.shape == (2, 0, 2, 5)
