@@ -5,6 +5,9 @@ implement (forward mode, double backward through the recurrent layers, a third o
 masked layers) is refused rather than its tangents or terms dropped."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -312,6 +315,90 @@ def test_recurrent_first_order_allows_in_place_changes_torch_allows(device):
     torch.autograd.grad(out.sum(), (x, h), retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(out.sum(), (x, h), create_graph=True)
+
+
+class _OneStepRNN(torch.nn.Module):
+    """gpunn.RNN over a sequence of one step: (B, H) -> (B, H)."""
+
+    def __init__(self, **factory):
+        super().__init__()
+        self.rnn = gpunn.RNN(5, 5, **factory)
+
+    def forward(self, x):
+        return self.rnn(x.unsqueeze(0))[0].squeeze(0)
+
+
+# Layers whose input, with their weights frozen, only double backward reads (it recomputes z from it).
+FROZEN_BLOCKS = {
+    "linear_gelu": lambda **factory: gpunn.Linear(5, 5, activation="gelu", **factory),
+    "masked_tanh": lambda **factory: gpunn.MaskedLinear(5, 5, _mask(5, 5, 3).to(factory["device"]),
+                                                        activation="tanh", **factory),
+    "rnn_cell": lambda **factory: gpunn.RNNCell(5, 5, **factory),
+    "rnn": lambda **factory: _OneStepRNN(**factory),
+}
+
+
+def _frozen_chain(name, device, dtype=torch.float32, depth=3):
+    """A function running depth frozen layers of a kind, and the weak references to each layer's input,
+    appended as it runs."""
+    layers = [FROZEN_BLOCKS[name](device=device, dtype=dtype).requires_grad_(False) for _ in range(depth)]
+    inputs = []
+
+    def chain(h):
+        for layer in layers:
+            h = h * 1  # an activation of the graph's own: only what keeps it for backward keeps it alive
+            inputs.append(weakref.ref(h))
+            h = layer(h)
+        return h
+    return chain, inputs
+
+
+@pytest.mark.parametrize("name", list(FROZEN_BLOCKS))
+def test_what_double_backward_keeps_is_freed_with_the_graph(device, name):
+    """The frozen layers' inputs are kept for a double backward, not past the first-order backward that frees
+    the graph (torch frees what it saved there): the output may outlive it, as a training loop's loss does."""
+    chain, inputs = _frozen_chain(name, device)
+    x = torch.randn(4, 5, device=device, requires_grad=True)
+    out = chain(x)
+    gc.collect()
+    assert all(ref() is not None for ref in inputs)  # kept: a double backward may come
+    torch.autograd.grad(out.sum(), x, retain_graph=True)
+    gc.collect()
+    assert all(ref() is not None for ref in inputs), "dropped while the graph is retained"
+    out.sum().backward()
+    gc.collect()
+    assert all(ref() is None for ref in inputs), "kept after the graph was freed"
+
+
+@pytest.mark.parametrize("name", list(FROZEN_BLOCKS))
+def test_checkpoint_and_saved_tensor_hooks_see_what_double_backward_keeps(device, name):
+    """Under torch.utils.checkpoint the layers' inputs are freed after the forward, as torch's are; under a
+    saved-tensor hook (as save_on_cpu) they are packed. Both orders of gradients are unchanged."""
+    chain, inputs = _frozen_chain(name, device, torch.float64)
+    x = torch.randn(4, 5, device=device, dtype=torch.float64, requires_grad=True)
+
+    def orders(out):
+        (first,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+        return first, torch.autograd.grad(first.sin().sum(), x)[0]
+
+    reference = orders(chain(x))
+    checkpointed = torch.utils.checkpoint.checkpoint(chain, x, use_reentrant=False)
+    gc.collect()
+    assert all(ref() is None for ref in inputs[-3:]), "an activation outlived the checkpointed forward"
+    for mine, ref, what in zip(orders(checkpointed), reference, ("first", "second")):
+        assert_close(mine, ref, torch.float64, f"{what} order under checkpoint")
+    packed = []
+
+    def pack(tensor):
+        packed.append(tensor)
+        return tensor.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = chain(x)
+    storages = {t.untyped_storage().data_ptr() for t in packed}  # the layer may keep a view of its input
+    assert all(ref().untyped_storage().data_ptr() in storages for ref in inputs[-3:]), "kept past the hooks"
+    for mine, ref, what in zip(orders(out), reference, ("first", "second")):
+        assert_close(mine, ref, torch.float64, f"{what} order under a saved-tensor hook")
 
 
 RNN_CASES = {"tanh": dict(nonlinearity="tanh"), "relu_two_layers": dict(nonlinearity="relu", num_layers=2),

@@ -23,7 +23,7 @@ gradients (is_grads_batched).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch.autograd import forward_ad
@@ -211,6 +211,9 @@ def _flat_backward(name: str, backward: Callable) -> Callable:
         flat = []
         for grad, length in zip(backward(ctx, *grads), ctx.lengths):
             flat += [grad] if length < 0 else grad if grad is not None else [None] * length
+        ctx.unpacked_for_second_order = None
+        if getattr(ctx, "for_second_order", None) is not None and not _graph_kept():
+            ctx.for_second_order = None  # the graph is freed: what save_for_orders kept goes with it
         return (None, *flat)
 
     return backward_flat
@@ -273,21 +276,64 @@ def refuse_double_backward(op: str, order: str = "double") -> None:
         raise RuntimeError(f"gpunn {op} does not support {order} backward (create_graph=True)")
 
 
-def keep_for_second_order(ctx, tensors) -> None:
-    """Keep references to what double backward needs beyond what first order saves, with their versions.
-    Outside save_for_backward, so that first-order backward allows an in-place change of them after the
-    forward, as torch's layers do; kept() checks their versions when double backward needs them."""
-    ctx.for_second_order = [(t, None if t is None or t.is_inference() else t._version) for t in tensors]
+def save_for_orders(ctx, first: tuple, second: tuple) -> None:
+    """ctx.save_for_backward(*first), and `second`: what only double backward reads, beyond `first` (kept()
+    gives each back by its index). Kept as references outside save_for_backward, with their versions, so
+    that first-order backward allows an in-place change of them after the forward, as torch's layers do
+    (kept() checks the versions when double backward reads them), and dropped when a first-order backward
+    frees the graph (see _flat_backward), as autograd drops what it saved. Where saved-tensor hooks are
+    active (torch.utils.checkpoint, torch.autograd.graph.save_on_cpu), those of them that are activations
+    (non-leaves that require grad) go through save_for_backward instead, for the hooks to free or move like
+    every tensor saved; an in-place change of them is then refused as of any tensor saved. A leaf (a
+    parameter, an input) stays a reference: its owner holds it anyway."""
+    hooked = _saved_tensor_hooks_active()
+    through_hooks = [hooked and t is not None and t.requires_grad and not t.is_leaf for t in second]
+    hooked_tensors = [t for t, hook in zip(second, through_hooks) if hook]
+    ctx.save_for_backward(*first, *hooked_tensors)
+    positions = iter(range(len(hooked_tensors)))
+    ctx.first_order_count = len(first)
+    ctx.for_second_order = [_Kept(None, None, next(positions)) if hook else
+                            _Kept(t, None if t is None or t.is_inference() else t._version, None)
+                            for t, hook in zip(second, through_hooks)]
+
+
+def first_order_saved(ctx) -> tuple:
+    """What save_for_orders saved for first order (its `first`), unpacked. The backward's one unpacking
+    (torch.utils.checkpoint refuses a second): what it saved for second order is held for kept() until the
+    backward returns (see _flat_backward)."""
+    saved = ctx.saved_tensors
+    ctx.unpacked_for_second_order = saved[ctx.first_order_count:]
+    return saved[:ctx.first_order_count]
 
 
 def kept(ctx, index: int, saved: torch.Tensor | None, op: str, name: str) -> torch.Tensor | None:
-    """A tensor first order saved, or else the reference keep_for_second_order kept at `index`, checked
-    unchanged since the forward."""
+    """A tensor first order saved, or else save_for_orders' `second` at `index`, checked unchanged since
+    the forward."""
     if saved is not None:
         return saved
-    tensor, version = ctx.for_second_order[index]
+    entry = ctx.for_second_order[index]
+    if entry.saved_at is not None:
+        return ctx.unpacked_for_second_order[entry.saved_at]
+    tensor, version = entry.tensor, entry.version
     if tensor is not None and version is not None and tensor._version != version:
         raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
                            f"operation: gpunn {op}'s {name} is at version {tensor._version}; expected version "
                            f"{version} instead (double backward needs it)")
     return tensor
+
+
+class _Kept(NamedTuple):
+    tensor: torch.Tensor | None  # the reference, or None where saved through the hooks or not kept
+    version: int | None
+    saved_at: int | None  # its index among those saved through the hooks
+
+
+def _saved_tensor_hooks_active() -> bool:
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph, create_graph); True where torch cannot say."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is None or keep_graph()

@@ -27,8 +27,8 @@ import torch
 from ..kernels import activations, dense, dense_double_backward, masked
 from ..kernels.layout import layout_of, repeated
 from ..kernels.runtime import Rows
-from .library import (Op, arrived, keep_for_second_order, kept, metadata_to_save, nothing, refuse_double_backward,
-                      saved_metadata)
+from .library import (Op, arrived, first_order_saved, kept, metadata_to_save, nothing, refuse_double_backward,
+                      save_for_orders, saved_metadata)
 
 
 def _as_rows(saved: torch.Tensor | None, dy: Rows) -> torch.Tensor | None:
@@ -129,12 +129,12 @@ def _setup_context(ctx, inputs, output):
     need_input, need_weight = ctx.needs_input_grad[:2]
     grad_from = activations.grad_source(activation)
     saved = {activations.GRAD_FROM_OUTPUT.value: output[0], activations.GRAD_FROM_SAVED.value: output[1]}
-    ctx.save_for_backward(input if need_weight else None, weight if need_input else None, saved.get(grad_from),
-                          metadata_to_save(ctx, "mask", mask))
     # What double backward needs beyond first order (see the module docstring): the weight and bias (free: a
     # layer holds them anyway), and the input where z must be recomputed and first order does not save it.
-    keep_for_second_order(ctx, (input if activation is not None and not need_weight else None,
-                                weight if not need_input else None, bias))
+    save_for_orders(ctx, (input if need_weight else None, weight if need_input else None, saved.get(grad_from),
+                          metadata_to_save(ctx, "mask", mask)),
+                    (input if activation is not None and not need_weight else None, weight if not need_input else None,
+                     bias))
     ctx.options = dict(block_n=block_n, block_k=block_k, activation=activation, negative_slope=negative_slope)
     ctx.weight_shape = list(weight.shape)
 
@@ -163,7 +163,7 @@ def _first_order(grad_output, saved, input, weight, mask, weight_shape, block_n,
 
 
 def _backward(ctx, grad_output, _):
-    input, weight, saved, mask = ctx.saved_tensors
+    input, weight, saved, mask = first_order_saved(ctx)
     mask = saved_metadata(ctx, "mask", mask)
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     options = ctx.options

@@ -17,7 +17,7 @@ import torch
 
 from ..kernels import rnn
 from . import linear
-from .library import Op, keep_for_second_order, kept, nothing
+from .library import Op, first_order_saved, kept, nothing, save_for_orders
 
 
 def _rnn_cell(input: torch.Tensor, hx: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
@@ -66,17 +66,17 @@ grad_weight = Op("rnn_cell_grad_weight", _grad_weight, _grad_weight_fake)
 def _setup_context(ctx, inputs, output):
     input, hx, weight_ih, weight_hh, bias_ih, bias_hh, activation = inputs
     need_x, need_h, need_wih, need_whh = ctx.needs_input_grad[:4]
-    ctx.save_for_backward(output, input if need_wih else None, hx if need_whh else None,
-                          weight_ih if need_x else None, weight_hh if need_h else None)
-    keep_for_second_order(ctx, (input if not need_wih else None, hx if not need_whh else None,
-                                weight_ih if not need_x else None, weight_hh if not need_h else None, bias_ih, bias_hh))
+    save_for_orders(ctx, (output, input if need_wih else None, hx if need_whh else None,
+                          weight_ih if need_x else None, weight_hh if need_h else None),
+                    (input if not need_wih else None, hx if not need_whh else None,
+                     weight_ih if not need_x else None, weight_hh if not need_h else None, bias_ih, bias_hh))
     ctx.activation, ctx.input_size = activation, weight_ih.shape[1]
 
 
 def _backward(ctx, grad_output):
     if torch.is_grad_enabled():  # create_graph=True
         return _differentiable_backward(ctx, grad_output)
-    output, input, hx, weight_ih, weight_hh = ctx.saved_tensors
+    output, input, hx, weight_ih, weight_hh = first_order_saved(ctx)
     need_x, need_h, _, _, need_bih, need_bhh = ctx.needs_input_grad[:6]
     dx = dh = dw_ih = dw_hh = db_ih = db_hh = None
     if need_x or need_h:
@@ -90,7 +90,7 @@ def _backward(ctx, grad_output):
 
 def _differentiable_backward(ctx, grad_output):
     """The gradients as the dense layer's backward op over [x | hx] and [W_ih | W_hh] (see the module docstring)."""
-    output, *saved = ctx.saved_tensors
+    output, *saved = first_order_saved(ctx)
     input, hx, weight_ih, weight_hh, bias_ih, bias_hh = (
         kept(ctx, i, tensor, "RNNCell", name) for i, (tensor, name) in enumerate(zip(
             (*saved, None, None), ("input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh"))))

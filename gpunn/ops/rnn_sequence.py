@@ -32,7 +32,8 @@ import torch
 from ..kernels import dense, rnn_sequence
 from ..kernels.runtime import Rows, empty, hold_for_graphs, state_dtype
 from . import rnn
-from .library import Op, keep_for_second_order, kept, metadata_to_save, nothing, saved_metadata, under_transform
+from .library import (Op, first_order_saved, kept, metadata_to_save, nothing, save_for_orders, saved_metadata,
+                      under_transform)
 
 
 @dataclass(frozen=True)
@@ -203,14 +204,13 @@ def _setup_context(ctx, inputs, output):
     per = len(weights) // directions
     needs = list(ctx.needs_input_grad[:2]) + list(ctx.needs_input_grad[5:5 + len(weights)])
     need_w_ih = any(needs[2 + d * per] for d in range(directions))
-    ctx.save_for_backward(output[0], x if need_w_ih else None, h0, metadata_to_save(ctx, "batch_sizes", batch_sizes),
-                          *weights)
-    keep_for_second_order(ctx, (x if not need_w_ih else None,))
+    save_for_orders(ctx, (output[0], x if need_w_ih else None, h0, metadata_to_save(ctx, "batch_sizes", batch_sizes),
+                          *weights), (x if not need_w_ih else None,))
     ctx.activation, ctx.directions, ctx.input_shape, ctx.needs = activation, directions, list(x.shape), needs
 
 
 def _backward(ctx, grad_out, grad_hn):
-    out, x, h0, batch_sizes, *weights = ctx.saved_tensors
+    out, x, h0, batch_sizes, *weights = first_order_saved(ctx)
     batch_sizes = saved_metadata(ctx, "batch_sizes", batch_sizes)
     # create_graph=True. torch.func runs every backward in grad mode: there the first-order op, which refuses
     # being differentiated (a second order under the transforms).
