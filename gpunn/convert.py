@@ -82,6 +82,12 @@ def _plain(module: torch.nn.Module, types) -> bool:
             and all(parameter.is_floating_point() for parameter in module.parameters(recurse=False)))
 
 
+def _chains(parent: torch.nn.Module) -> bool:
+    """Whether parent feeds each child's output to the next: an nn.Sequential whose forward is nn.Sequential's
+    (a subclass with a forward of its own may use its children otherwise, as branches)."""
+    return isinstance(parent, torch.nn.Sequential) and type(parent).forward is torch.nn.Sequential.forward
+
+
 def _convert_children(parent: torch.nn.Module, twins: dict, fuse: bool) -> None:
     """Replace parent's convertible children, recursively. twins: (the module, the activation module fused
     with it or None) -> its twin, so that a module registered in two places gets one twin."""
@@ -93,7 +99,7 @@ def _convert_children(parent: torch.nn.Module, twins: dict, fuse: bool) -> None:
             skip = False
             continue
         following = children[index + 1][1] if index + 1 < len(children) else None
-        if (fuse and isinstance(parent, torch.nn.Sequential) and _plain(child, (torch.nn.Linear,))
+        if (fuse and _chains(parent) and _plain(child, (torch.nn.Linear,))
                 and following is not None and _plain(following, _FUSABLE)):
             if (child, following) not in twins:
                 twins[child, following] = _twin(child, _FUSABLE[type(following)](following))
@@ -111,8 +117,9 @@ def _convert_children(parent: torch.nn.Module, twins: dict, fuse: bool) -> None:
 
 def convert(module: torch.nn.Module, inplace: bool = False, fuse: bool = True) -> torch.nn.Module:
     """module with its torch.nn.Linear, RNNCell and RNN layers (exactly those types) replaced by gpunn.Linear,
-    RNNCell and RNN holding the same parameters, and each nn.Linear directly followed, in an nn.Sequential,
-    by an nn.ReLU, GELU, Tanh, Sigmoid, SiLU or LeakyReLU fused with it (the activation module becomes an
+    RNNCell and RNN holding the same parameters, and each nn.Linear directly followed, in an nn.Sequential
+    (one that keeps nn.Sequential's forward: a subclass with its own may not chain its children), by an
+    nn.ReLU, GELU, Tanh, Sigmoid, SiLU or LeakyReLU fused with it (the activation module becomes an
     nn.Identity, so indices and state_dict keys do not change). The model's outputs are unchanged, but a
     fused Linear's own output is then its activation's: the Linear alone (model[i]), a slice that drops the
     activation and a hook on the Linear see activated values. fuse=False converts without fusing, keeping

@@ -335,19 +335,20 @@ RNN_NONLINEARITIES = ("tanh", "relu")
 
 
 def _check_rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> None:
-    # RuntimeError with torch's messages, as its rnn_tanh_cell / rnn_relu_cell raise.
+    # torch's rnn_tanh_cell / rnn_relu_cell checks first, in its order and with its messages (size(i) raises
+    # torch's IndexError where a tensor has too few dims), then what gpunn's kernels need beyond them.
+    if input.size(1) != weight_ih.size(1):
+        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {weight_ih.size(1)}")
+    if input.size(0) != hx.size(0):
+        raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden0 batch size {hx.size(0)}")
+    if hx.size(1) != weight_hh.size(1):
+        raise RuntimeError(f"hidden0 has inconsistent hidden_size: got {hx.size(1)}, expected {weight_hh.size(1)}")
     if input.dim() != 2 or hx.dim() != 2:
         raise RuntimeError(f"rnn_cell expects a 2-D input and hidden state, got {input.dim()}-D and {hx.dim()}-D")
     if weight_ih.dim() != 2 or weight_hh.dim() != 2 or weight_hh.shape[0] != weight_hh.shape[1] \
             or weight_ih.shape[0] != weight_hh.shape[0]:
         raise RuntimeError(f"rnn_cell expects weight_ih (H, I) and weight_hh (H, H), got {tuple(weight_ih.shape)} "
                            f"and {tuple(weight_hh.shape)}")
-    if input.shape[1] != weight_ih.shape[1]:
-        raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {weight_ih.shape[1]}")
-    if input.shape[0] != hx.shape[0]:
-        raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match hidden0 batch size {hx.shape[0]}")
-    if hx.shape[1] != weight_hh.shape[1]:
-        raise RuntimeError(f"hidden0 has inconsistent hidden_size: got {hx.shape[1]}, expected {weight_hh.shape[1]}")
     for bias in (bias_ih, bias_hh):
         if bias is not None and tuple(bias.shape) != (weight_ih.shape[0],):
             raise RuntimeError(f"rnn_cell expects biases of shape ({weight_ih.shape[0]},), got {tuple(bias.shape)}")

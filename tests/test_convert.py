@@ -70,6 +70,29 @@ def test_fuse_false_keeps_every_modules_output(device):
     assert_close(fused[:-1](x), model(x), torch.float64, "the fused Linear's activated output")
 
 
+class Branches(torch.nn.Sequential):
+    """A Sequential that does not chain: every child sees the input."""
+
+    def forward(self, x):
+        return torch.cat([module(x) for module in self], -1)
+
+
+class Chain(torch.nn.Sequential):
+    """A Sequential subclass that keeps Sequential's forward."""
+
+
+def test_fuses_only_where_the_sequential_chains(device):
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(Branches(torch.nn.Linear(4, 4), torch.nn.ReLU()),
+                                Chain(torch.nn.Linear(8, 3), torch.nn.Tanh())).to(device=device, dtype=torch.float64)
+    converted = gpunn.convert(model)
+    assert [type(m) for m in converted[0]] == [gpunn.Linear, torch.nn.ReLU] and converted[0][0].activation is None
+    assert [type(m) for m in converted[1]] == [gpunn.Linear, torch.nn.Identity]
+    assert converted[1][0].activation == "tanh"
+    x = torch.randn(5, 4, device=device, dtype=torch.float64)
+    assert_close(converted(x), model(x), torch.float64, "output")
+
+
 def test_a_single_layer_and_the_module_functions():
     linear = torch.nn.Linear(3, 2)
     assert isinstance(gpunn.convert(linear), gpunn.Linear)

@@ -101,6 +101,20 @@ def test_repr():
         assert "connections=?" in repr(gpunn.MaskedLinear(4, 3, masks.local_1d(4, 3, 2)))
 
 
+def test_deferred_initialisation_keeps_the_mask_it_was_given(device):
+    """Built on the meta device from a real mask, the layer gets that mask back when to_empty makes it real:
+    through torch.nn.utils.skip_init, and through a model's to_empty."""
+    mask = masks.local_1d(6, 5, 3)
+    layer = torch.nn.utils.skip_init(gpunn.MaskedLinear, 6, 5, mask, device=device)
+    assert torch.equal(layer.mask.cpu(), mask)
+    with torch.device("meta"):
+        model = torch.nn.Sequential(gpunn.MaskedLinear(6, 5, mask), torch.nn.Linear(5, 2))
+    model.to_empty(device=device)
+    assert torch.equal(model[0].mask.cpu(), mask)
+    model[0].reset_parameters()
+    assert not model[0].weight[~model[0].mask].any()
+
+
 @pytest.mark.parametrize("mask,error,match", [
     (torch.ones(3, 4), TypeError, "bool tensor"),
     ([[True] * 4] * 3, TypeError, "bool tensor"),

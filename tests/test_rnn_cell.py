@@ -216,6 +216,11 @@ def test_bitwise_deterministic(device):
      "doesn't match hidden0 batch size"),
     (lambda d: (torch.randn(2, 10, device=d), torch.randn(2, 21, device=d)), RuntimeError,
      "hidden0 has inconsistent hidden_size"),
+    # An unbatched input with a batched hx, and the reverse: torch's size checks come before any dim check.
+    (lambda d: (torch.randn(10, device=d), torch.randn(1, 20, device=d)), RuntimeError,
+     "hidden0 has inconsistent hidden_size: got 1, expected 20"),
+    (lambda d: (torch.randn(2, 10, device=d), torch.randn(20, device=d)), RuntimeError,
+     "Input batch size 2 doesn't match hidden0 batch size 20"),
     (lambda d: (torch.randn(2, 10, device=d, dtype=torch.float64), None), RuntimeError, "dtype"),
 ])
 def test_bad_inputs_raise_like_torch_before_any_launch(device, make_args, error, match):

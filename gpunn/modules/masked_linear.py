@@ -16,7 +16,8 @@ class MaskedLinear(torch.nn.Module):
     Args:
         in_features, out_features, bias, device, dtype: as torch.nn.Linear.
         mask: bool (out_features, in_features). Copied into the buffer `mask` (in the state_dict and
-            restored by load_state_dict) on the module's device.
+            restored by load_state_dict) on the module's device. On the meta device the layer keeps a copy
+            of it until to_empty, which copies it into the real buffer (as torch.nn.utils.skip_init does).
         activation, negative_slope: as gpunn.Linear, fused into the kernels.
 
     Parameters:
@@ -50,6 +51,10 @@ class MaskedLinear(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.empty((out_features, in_features), **factory))
         self.bias = torch.nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.register_buffer("mask", mask.to(device=self.weight.device, copy=True))
+        # Built on the meta device (torch.nn.utils.skip_init, a model initialised later), the layer keeps the
+        # mask it was given until to_empty makes the buffer real: the mask is its structure, which to_empty
+        # would otherwise leave as uninitialised memory.
+        self._mask_for_to_empty = mask.detach().clone() if self.mask.is_meta and not mask.is_meta else None
         self.activation = activation
         self.negative_slope = negative_slope
         self.reset_parameters()
@@ -62,6 +67,15 @@ class MaskedLinear(torch.nn.Module):
             self.weight.uniform_(-1, 1).mul_(bound).masked_fill_(~self.mask, 0)
             if self.bias is not None:
                 self.bias.uniform_(-1, 1).mul_(bound.squeeze(1))
+
+    def _apply(self, fn, recurse=True):
+        was_meta = self.mask.is_meta
+        module = super()._apply(fn, recurse)
+        if was_meta and not self.mask.is_meta and self._mask_for_to_empty is not None:  # to_empty: the way off meta
+            with torch.no_grad():
+                self.mask.copy_(self._mask_for_to_empty)
+            self._mask_for_to_empty = None
+        return module
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return functional.masked_linear(input, self.weight, self.mask, self.bias, self.activation,
