@@ -210,7 +210,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     if not triton_runs_on(input.device) or not input.is_floating_point():
         return torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index,
                                                  reduction=reduction, label_smoothing=label_smoothing)
-    flat_target = target.reshape(-1).to(torch.int64)
+    flat_target = target.reshape(target.numel()).to(torch.int64)  # not -1: vmap over no samples cannot infer it
     logits = _class_rows(input)
     if weight is not None:
         weight = weight.to(input.dtype).contiguous()

@@ -56,10 +56,12 @@ class Op:
         if forward_ad._current_level >= 0 and _any_dual(args):
             # The kernels see only the primal: a tangent would be dropped without a word.
             raise forward_mode_refused(self.name)
-        transform = torch._C._functorch.peek_interpreter_stack()
-        if torch.compiler.is_compiling() or not _all_plain(args) or _functionalizing(transform):
+        if torch.compiler.is_compiling() or not _all_plain(args):
             return self.custom_op(*args)
+        transform = torch._C._functorch.peek_interpreter_stack()
         if transform is not None:
+            if transform.key() == torch._C._functorch.TransformType.Functionalize:
+                return self.custom_op(*args)  # functionalize has no rule for an autograd.Function (torch: NYI)
             function = self.transform_function
         elif self.function is not None and torch.is_grad_enabled() and _any_requires_grad(args):
             function = self.function
@@ -72,11 +74,6 @@ class Op:
 def under_transform() -> bool:
     """Whether a torch.func transform (grad, vjp, jacrev, vmap, jvp, functionalize) is running."""
     return torch._C._functorch.peek_interpreter_stack() is not None
-
-
-def _functionalizing(transform) -> bool:
-    """torch.func.functionalize has no rule for an autograd.Function (torch: NYI), only for the custom op."""
-    return transform is not None and transform.key() == torch._C._functorch.TransformType.Functionalize
 
 
 def _all_plain(args) -> bool:
@@ -326,6 +323,16 @@ class _Kept(NamedTuple):
     tensor: torch.Tensor | None  # the reference, or None where saved through the hooks or not kept
     version: int | None
     saved_at: int | None  # its index among those saved through the hooks
+
+
+def second_order_possible(ctx) -> bool:
+    """Whether a differentiable first-order backward can run under torch.func: none of what save_for_orders
+    kept by reference has changed in place since the forward. (torch.func runs every backward in grad mode,
+    so that a backward's own ops can be differentiated by a transform or by autograd outside one; where a
+    kept tensor changed, first order, which does not read it, still runs, through the first-order ops, which
+    refuse a further order.)"""
+    return all(entry.tensor is None or entry.version is None or entry.tensor._version == entry.version
+               for entry in ctx.for_second_order or ())
 
 
 def _saved_tensor_hooks_active() -> bool:

@@ -212,8 +212,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_hn):
     out, x, h0, batch_sizes, *weights = first_order_saved(ctx)
     batch_sizes = saved_metadata(ctx, "batch_sizes", batch_sizes)
-    # create_graph=True. torch.func runs every backward in grad mode: there the first-order op, which refuses
-    # being differentiated (a second order under the transforms).
+    # create_graph=True. Not under torch.func, whose backward runs in grad mode: the recorded steps' gradients
+    # come from torch.autograd.grad, which the transforms do not take; there the first-order op runs, and it
+    # refuses a further order.
     if torch.is_grad_enabled() and not under_transform():
         x = kept(ctx, 0, x, "RNN", "input")
         return _differentiable_backward(ctx, grad_out, grad_hn, x, h0, batch_sizes, weights)
