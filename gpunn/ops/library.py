@@ -198,9 +198,9 @@ def _flat_backward(name: str, backward: Callable) -> Callable:
     def backward_flat(ctx, *grads):
         if all(grad is None for grad in grads):  # no gradient reached any output: none to pass on
             return (None,) * (1 + sum(max(length, 1) for length in ctx.lengths))
-        if any(grad is not None and torch._C._functorch.is_legacy_batchedtensor(grad) for grad in grads):
-            # torch's legacy vmap (not torch.func's) has no rules gpunn could give: the kernels would get its
-            # batched tensors
+        if torch._C._functorch.is_legacy_batchedtensor(next(grad for grad in grads if grad is not None)):
+            # torch's legacy vmap (not torch.func's; it batches every gradient) has no rules gpunn could give:
+            # the kernels would get its batched tensors
             raise NotImplementedError(f"gpunn {name}: batched gradients (torch.autograd.grad with "
                                       f"is_grads_batched=True, torch.autograd.functional.jacobian or hessian "
                                       f"with vectorize=True) are not supported; torch.func.jacrev and "
