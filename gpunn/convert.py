@@ -85,7 +85,8 @@ def _plain(module: torch.nn.Module, types) -> bool:
 def _chains(parent: torch.nn.Module) -> bool:
     """Whether parent feeds each child's output to the next: an nn.Sequential whose forward is nn.Sequential's
     (a subclass with a forward of its own may use its children otherwise, as branches)."""
-    return isinstance(parent, torch.nn.Sequential) and type(parent).forward is torch.nn.Sequential.forward
+    return (isinstance(parent, torch.nn.Sequential) and type(parent).forward is torch.nn.Sequential.forward
+            and "forward" not in vars(parent))
 
 
 def _convert_children(parent: torch.nn.Module, twins: dict, fuse: bool) -> None:

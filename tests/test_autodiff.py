@@ -373,7 +373,8 @@ def test_what_double_backward_keeps_is_freed_with_the_graph(device, name):
 @pytest.mark.parametrize("name", list(FROZEN_BLOCKS))
 def test_checkpoint_and_saved_tensor_hooks_see_what_double_backward_keeps(device, name):
     """Under torch.utils.checkpoint the layers' inputs are freed after the forward, as torch's are; under a
-    saved-tensor hook (as save_on_cpu) they are packed. Both orders of gradients are unchanged."""
+    saved-tensor hook (as save_on_cpu) they are packed. Both orders of gradients are unchanged, and double
+    backward still refuses an input changed in place since the forward."""
     chain, inputs = _frozen_chain(name, device, torch.float64)
     x = torch.randn(4, 5, device=device, dtype=torch.float64, requires_grad=True)
 
@@ -399,6 +400,11 @@ def test_checkpoint_and_saved_tensor_hooks_see_what_double_backward_keeps(device
     assert all(ref().untyped_storage().data_ptr() in storages for ref in inputs[-3:]), "kept past the hooks"
     for mine, ref, what in zip(orders(out), reference, ("first", "second")):
         assert_close(mine, ref, torch.float64, f"{what} order under a saved-tensor hook")
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, lambda tensor: tensor):
+        changed = chain(x)
+    inputs[-1]().add_(1)  # the last layer's input, which the hook packed as itself, changed in place
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(changed.pow(2).sum(), x, create_graph=True)
 
 
 RNN_CASES = {"tanh": dict(nonlinearity="tanh"), "relu_two_layers": dict(nonlinearity="relu", num_layers=2),

@@ -17,7 +17,7 @@ class MaskedLinear(torch.nn.Module):
         in_features, out_features, bias, device, dtype: as torch.nn.Linear.
         mask: bool (out_features, in_features). Copied into the buffer `mask` (in the state_dict and
             restored by load_state_dict) on the module's device. On the meta device the layer keeps a copy
-            of it until to_empty, which copies it into the real buffer (as torch.nn.utils.skip_init does).
+            of it until to_empty (which torch.nn.utils.skip_init calls) copies it into the real buffer.
         activation, negative_slope: as gpunn.Linear, fused into the kernels.
 
     Parameters:
@@ -76,6 +76,11 @@ class MaskedLinear(torch.nn.Module):
                 self.mask.copy_(self._mask_for_to_empty)
             self._mask_for_to_empty = None
         return module
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if not self.mask.is_meta:  # loaded off the meta device (assign=True): the given mask is no longer needed
+            self._mask_for_to_empty = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return functional.masked_linear(input, self.weight, self.mask, self.bias, self.activation,

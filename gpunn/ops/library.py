@@ -23,6 +23,7 @@ gradients (is_grads_batched).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, NamedTuple
 
 import torch
@@ -48,7 +49,7 @@ class Op:
         self.custom_op.register_fake(fake)
         self.function = None
         if backward is not None:
-            self.custom_op.register_autograd(backward, setup_context=setup_context)
+            self.custom_op.register_autograd(_releasing(backward), setup_context=setup_context)
             self.function = _eager_function(name, fn, setup_context, backward)
         self.transform_function = _transform_function(self, setup_context, backward)
 
@@ -208,12 +209,21 @@ def _flat_backward(name: str, backward: Callable) -> Callable:
         flat = []
         for grad, length in zip(backward(ctx, *grads), ctx.lengths):
             flat += [grad] if length < 0 else grad if grad is not None else [None] * length
-        ctx.unpacked_for_second_order = None
-        if getattr(ctx, "for_second_order", None) is not None and not _graph_kept():
-            ctx.for_second_order = None  # the graph is freed: what save_for_orders kept goes with it
         return (None, *flat)
 
-    return backward_flat
+    return _releasing(backward_flat)
+
+
+def _releasing(backward: Callable) -> Callable:
+    """backward, then release_kept, however it ends."""
+
+    def run(ctx, *grads):
+        try:
+            return backward(ctx, *grads)
+        finally:
+            release_kept(ctx)
+
+    return run
 
 
 def _sample(args, in_dims, i: int | None) -> list:
@@ -227,13 +237,15 @@ def _sample(args, in_dims, i: int | None) -> list:
 
 
 def forward_mode_refused(op: str) -> NotImplementedError:
+    """The error for a tangent reaching an op: its kernels would drop it."""
     return NotImplementedError(f"gpunn::{op} does not support forward-mode AD (a dual tensor reached it)")
 
 
 def second_order_under_transform(op: str) -> NotImplementedError:
-    return NotImplementedError(f"gpunn {op}: a second order of differentiation under torch.func transforms is not "
-                               f"supported (torch.autograd.grad with create_graph=True, and "
-                               f"torch.autograd.functional.hessian, work)")
+    """The error for differentiating gradients an op's backward computed under torch.func transforms."""
+    return NotImplementedError(f"gpunn {op}: differentiating gradients computed under torch.func transforms (a "
+                               f"second order) is not supported here; without the transforms, torch.autograd.grad "
+                               f"with create_graph=True and torch.autograd.functional.hessian take it")
 
 
 def metadata_to_save(ctx, name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -278,28 +290,38 @@ def save_for_orders(ctx, first: tuple, second: tuple) -> None:
     gives each back by its index). Kept as references outside save_for_backward, with their versions, so
     that first-order backward allows an in-place change of them after the forward, as torch's layers do
     (kept() checks the versions when double backward reads them), and dropped when a first-order backward
-    frees the graph (see _flat_backward), as autograd drops what it saved. Where saved-tensor hooks are
-    active (torch.utils.checkpoint, torch.autograd.graph.save_on_cpu), those of them that are activations
-    (non-leaves that require grad) go through save_for_backward instead, for the hooks to free or move like
-    every tensor saved; an in-place change of them is then refused as of any tensor saved. A leaf (a
-    parameter, an input) stays a reference: its owner holds it anyway."""
-    hooked = _saved_tensor_hooks_active()
-    through_hooks = [hooked and t is not None and t.requires_grad and not t.is_leaf for t in second]
-    hooked_tensors = [t for t, hook in zip(second, through_hooks) if hook]
-    ctx.save_for_backward(*first, *hooked_tensors)
-    positions = iter(range(len(hooked_tensors)))
+    frees the graph (release_kept), as autograd drops what it saved. Where saved-tensor hooks are active
+    (torch.utils.checkpoint, torch.autograd.graph.save_on_cpu), those that are not parameters (which their
+    modules hold anyway) go through save_for_backward instead, for the hooks to free or move like every
+    tensor saved; kept() still refuses one changed in place since the forward, where it is alive to tell."""
     ctx.first_order_count = len(first)
-    ctx.for_second_order = [_Kept(None, None, next(positions)) if hook else
-                            _Kept(t, None if t is None or t.is_inference() else t._version, None)
-                            for t, hook in zip(second, through_hooks)]
+    if not _saved_tensor_hooks_active():
+        ctx.save_for_backward(*first)
+        ctx.for_second_order = [(t, _version(t)) for t in second]
+        return
+    hooked = [t is not None and not isinstance(t, torch.nn.Parameter) for t in second]
+    ctx.save_for_backward(*first, *(t for t, hook in zip(second, hooked) if hook))
+    positions = iter(range(len(first), len(first) + sum(hooked)))
+    # A hooked entry: (where the unpacked tensors hold it, a weak reference to tell an in-place change by).
+    ctx.for_second_order = [(_Hooked(next(positions), weakref.ref(t)), _version(t)) if hook else (t, _version(t))
+                            for t, hook in zip(second, hooked)]
+
+
+class _Hooked(NamedTuple):
+    position: int  # in the backward's unpacked saved tensors
+    original: weakref.ref
+
+
+def _version(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None or tensor.is_inference() else tensor._version
 
 
 def first_order_saved(ctx) -> tuple:
     """What save_for_orders saved for first order (its `first`), unpacked. The backward's one unpacking
-    (torch.utils.checkpoint refuses a second): what it saved for second order is held for kept() until the
-    backward returns (see _flat_backward)."""
+    (torch.utils.checkpoint refuses a second): what went through the hooks for second order is held for
+    kept() until the backward returns (release_kept)."""
     saved = ctx.saved_tensors
-    ctx.unpacked_for_second_order = saved[ctx.first_order_count:]
+    ctx.unpacked = saved
     return saved[:ctx.first_order_count]
 
 
@@ -308,31 +330,38 @@ def kept(ctx, index: int, saved: torch.Tensor | None, op: str, name: str) -> tor
     the forward."""
     if saved is not None:
         return saved
-    entry = ctx.for_second_order[index]
-    if entry.saved_at is not None:
-        return ctx.unpacked_for_second_order[entry.saved_at]
-    tensor, version = entry.tensor, entry.version
-    if tensor is not None and version is not None and tensor._version != version:
+    entry, version = ctx.for_second_order[index]
+    tensor = ctx.unpacked[entry.position] if isinstance(entry, _Hooked) else entry
+    original = entry.original() if isinstance(entry, _Hooked) else entry
+    if _changed(original, version):
         raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
-                           f"operation: gpunn {op}'s {name} is at version {tensor._version}; expected version "
+                           f"operation: gpunn {op}'s {name} is at version {original._version}; expected version "
                            f"{version} instead (double backward needs it)")
     return tensor
 
 
-class _Kept(NamedTuple):
-    tensor: torch.Tensor | None  # the reference, or None where saved through the hooks or not kept
-    version: int | None
-    saved_at: int | None  # its index among those saved through the hooks
+def _changed(tensor: torch.Tensor | None, version: int | None) -> bool:
+    return tensor is not None and version is not None and tensor._version != version
 
 
-def second_order_possible(ctx) -> bool:
-    """Whether a differentiable first-order backward can run under torch.func: none of what save_for_orders
-    kept by reference has changed in place since the forward. (torch.func runs every backward in grad mode,
-    so that a backward's own ops can be differentiated by a transform or by autograd outside one; where a
-    kept tensor changed, first order, which does not read it, still runs, through the first-order ops, which
-    refuse a further order.)"""
-    return all(entry.tensor is None or entry.version is None or entry.tensor._version == entry.version
-               for entry in ctx.for_second_order or ())
+def release_kept(ctx) -> None:
+    """After a first-order backward: drop its unpacked tensors, and, where it freed the graph, what
+    save_for_orders kept."""
+    ctx.unpacked = None
+    if getattr(ctx, "for_second_order", None) is not None and not _graph_kept():
+        ctx.for_second_order = None
+
+
+def differentiable_backward(ctx) -> bool:
+    """Whether a first-order backward is to run as ops autograd can differentiate: under create_graph=True,
+    and under torch.func, which runs every backward in grad mode so that a backward's ops can be
+    differentiated by a transform or by autograd outside one; there, not where a tensor kept for second order
+    changed in place since the forward: first order, which does not read it, then runs through the
+    first-order ops, which refuse a further order."""
+    if not torch.is_grad_enabled():
+        return False
+    return not under_transform() or not any(
+        _changed(entry, version) for entry, version in ctx.for_second_order or () if not isinstance(entry, _Hooked))
 
 
 def _saved_tensor_hooks_active() -> bool:

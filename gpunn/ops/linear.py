@@ -27,8 +27,8 @@ import torch
 from ..kernels import activations, dense, dense_double_backward, masked
 from ..kernels.layout import layout_of, repeated
 from ..kernels.runtime import Rows
-from .library import (Op, arrived, first_order_saved, kept, metadata_to_save, nothing, refuse_double_backward,
-                      save_for_orders, saved_metadata, second_order_possible, under_transform)
+from .library import (Op, arrived, differentiable_backward, first_order_saved, kept, metadata_to_save, nothing,
+                      refuse_double_backward, save_for_orders, saved_metadata)
 
 
 def _as_rows(saved: torch.Tensor | None, dy: Rows) -> torch.Tensor | None:
@@ -167,9 +167,7 @@ def _backward(ctx, grad_output, _):
     mask = saved_metadata(ctx, "mask", mask)
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     options = ctx.options
-    # create_graph=True (or torch.func, whose backward runs in grad mode: see second_order_possible): the
-    # gradients as an op autograd can differentiate.
-    if torch.is_grad_enabled() and (not under_transform() or second_order_possible(ctx)):
+    if differentiable_backward(ctx):  # create_graph=True: the gradients as an op autograd can differentiate
         input, weight = kept(ctx, 0, input, "linear", "input"), kept(ctx, 1, weight, "linear", "weight")
         grads = backward(grad_output, saved, input, weight, kept(ctx, 2, None, "linear", "bias"), mask,
                          options["block_n"], options["block_k"], options["activation"], options["negative_slope"],

@@ -17,7 +17,7 @@ import torch
 
 from ..kernels import rnn
 from . import linear
-from .library import Op, first_order_saved, kept, nothing, save_for_orders, second_order_possible, under_transform
+from .library import Op, differentiable_backward, first_order_saved, kept, nothing, save_for_orders
 
 
 def _rnn_cell(input: torch.Tensor, hx: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
@@ -74,8 +74,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output):
-    # create_graph=True (or torch.func, whose backward runs in grad mode: see library.second_order_possible).
-    if torch.is_grad_enabled() and (not under_transform() or second_order_possible(ctx)):
+    if differentiable_backward(ctx):  # create_graph=True
         return _differentiable_backward(ctx, grad_output)
     output, input, hx, weight_ih, weight_hh = first_order_saved(ctx)
     need_x, need_h, _, _, need_bih, need_bhh = ctx.needs_input_grad[:6]
