@@ -34,7 +34,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class Op:
-    """A gpunn op: `op(*args)` runs it. See the module docstring for the two paths.
+    """A gpunn op: `op(*args)` runs it. See the module docstring for its three paths.
 
     name: the op's name in the gpunn namespace; fn: the implementation, with type annotations (the schema
     is inferred from them); fake: the fake implementation; setup_context and backward: the gradient formula
