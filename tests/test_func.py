@@ -262,3 +262,19 @@ def test_backward_through_vmap_matches_torch(device):
         results.append(torch.autograd.grad(out.pow(2).sum(), list(leaves.values())))
     for mine, ref in zip(*results, strict=True):
         assert_close(mine, ref, DT, "parameter gradient")
+
+
+@pytest.mark.parametrize("name,kernel", [
+    ("linear_gelu", "dense_forward_kernel"), ("masked_tanh", "masked_forward_kernel"),
+    ("local2d", "local_forward_kernel"), ("local1d", "local_forward_kernel"),
+    ("rnn_cell_relu", "rnn_cell_forward_kernel")])
+def test_vmap_over_inputs_folds_the_samples_into_one_launch(device, name, kernel):
+    """A layer whose rows are independent runs once over every sample's rows (the RNN cell's shared hx
+    expanded to each sample); its results are the per-sample ones (test_vmap_over_inputs_...)."""
+    ours, theirs, params, inputs = _case(name, device, samples=4)
+    with count_launches() as launches:
+        out = torch.func.vmap(ours, in_dims=(None, 1) + (None,) * (len(inputs) - 1))(
+            params, inputs[0].movedim(0, 1), *inputs[1:])
+    assert launches == {kernel: 1}, launches
+    for i in range(4):
+        assert_close(out[i], theirs(params, inputs[0][i], *inputs[1:]), DT, f"sample {i}")

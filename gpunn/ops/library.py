@@ -39,12 +39,16 @@ class Op:
     name: the op's name in the gpunn namespace; fn: the implementation, with type annotations (the schema
     is inferred from them); fake: the fake implementation; setup_context and backward: the gradient formula
     as torch.library.register_autograd takes it (None for an op without one). A list-of-tensors argument
-    counts as its tensors, in order, in ctx.needs_input_grad, and backward returns a list for it.
+    counts as its tensors, in order, in ctx.needs_input_grad, and backward returns a list for it. rows: for
+    an op that treats the leading dims of some tensor arguments as independent rows (and computes every
+    output row from those rows alone, no sum over them), those arguments' indices, each with its number of
+    trailing (per-row) dims: torch.func.vmap over those alone then folds the samples into the rows, one
+    launch for the batch.
     """
 
     def __init__(self, name: str, fn: Callable, fake: Callable, setup_context: Callable | None = None,
-                 backward: Callable | None = None):
-        self.name, self.fn, self.fake = name, fn, fake
+                 backward: Callable | None = None, rows: dict[int, int] | None = None):
+        self.name, self.fn, self.fake, self.rows = name, fn, fake, rows
         self.custom_op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
         self.custom_op.register_fake(fake)
         self.function = None
@@ -164,10 +168,13 @@ def _transform_function(op: Op, setup_context: Callable | None, backward: Callab
         raise forward_mode_refused(op.name)
 
     def vmap(info, in_dims, lengths, *flat):
-        """The op once per sample, each output stacked along a new first dim; an output left empty (see
-        `nothing`) stacks to (B, 0), again empty per sample. (torch's fallback for a custom op, which does
-        the same, takes no list arguments.)"""
+        """The op once over the samples' rows folded together where only its row arguments are batched (see
+        Op's `rows`); else once per sample, each output stacked along a new first dim, an output left empty
+        (see `nothing`) stacking to (B, 0), again empty per sample. (torch's fallback for a custom op, which
+        does the same, takes no list arguments.)"""
         args, dims = _unflatten(flat, lengths), _unflatten(in_dims[1:], lengths)
+        if op.rows and info.batch_size and not any(_batched(dim) for i, dim in enumerate(dims) if i not in op.rows):
+            return _folded(op, info.batch_size, args, dims)
         if info.batch_size:
             samples, stack = [op(*_sample(args, dims, i)) for i in range(info.batch_size)], torch.stack
         else:  # no sample to run: the fake implementation gives the shapes
@@ -224,6 +231,30 @@ def _releasing(backward: Callable) -> Callable:
             release_kept(ctx)
 
     return run
+
+
+def _folded(op: Op, batch: int, args: list, dims: list) -> tuple:
+    """vmap's (outputs, out_dims) of op run once, its row arguments' samples folded into their rows: each
+    batched one's batch dim moved to the front and merged with its leading dims, an unbatched one expanded
+    to every sample first. Each output is the samples' rows again, shaped per sample as the fake
+    implementation says (an empty one stays unbatched)."""
+    folded = list(args)
+    for i, trailing in op.rows.items():
+        arg, dim = args[i], dims[i]
+        if arg is not None:
+            arg = arg.movedim(dim, 0) if dim is not None else arg.expand(batch, *arg.shape)
+            folded[i] = arg.reshape(-1, *arg.shape[arg.dim() - trailing:])
+    outputs, shapes = op(*folded), op.fake(*_sample(args, dims, None))
+    single = isinstance(outputs, torch.Tensor)
+    outputs, shapes = ((outputs,), (shapes,)) if single else (outputs, shapes)
+    results = tuple(out.reshape(batch, *like.shape) if like.numel() else out for out, like in zip(outputs, shapes))
+    out_dims = tuple(0 if like.numel() else None for like in shapes)
+    return (results[0], out_dims[0]) if single else (results, out_dims)
+
+
+def _batched(dim) -> bool:
+    """Whether an argument's in_dims entry batches it (a list's entry is one per element)."""
+    return any(_batched(d) for d in dim) if isinstance(dim, (list, tuple)) else dim is not None
 
 
 def _sample(args, in_dims, i: int | None) -> list:

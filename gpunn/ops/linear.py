@@ -179,7 +179,7 @@ def _backward(ctx, grad_output, _):
     return (*grads,) + (None,) * 6
 
 
-linear = Op("linear", _linear, _linear_fake, _setup_context, _backward)
+linear = Op("linear", _linear, _linear_fake, _setup_context, _backward, rows={0: 1})
 
 
 def _backward_op(grad_output: torch.Tensor, saved: torch.Tensor | None, input: torch.Tensor | None,

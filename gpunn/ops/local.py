@@ -118,4 +118,5 @@ grad_weight = Op("locally_connected_grad_weight", _grad_weight, _grad_weight_fak
                  _grad_weight_backward)
 
 
-locally_connected = Op("locally_connected", _locally_connected, _locally_connected_fake, _setup_context, _backward)
+locally_connected = Op("locally_connected", _locally_connected, _locally_connected_fake, _setup_context, _backward,
+                       rows={0: 3})

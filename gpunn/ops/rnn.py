@@ -106,4 +106,4 @@ def _differentiable_backward(ctx, grad_output):
             db if need_bih else None, (db.clone() if need_bih else db) if need_bhh else None, None)
 
 
-rnn_cell = Op("rnn_cell", _rnn_cell, _rnn_cell_fake, _setup_context, _backward)
+rnn_cell = Op("rnn_cell", _rnn_cell, _rnn_cell_fake, _setup_context, _backward, rows={0: 1, 1: 1})
