@@ -278,3 +278,15 @@ def test_vmap_over_inputs_folds_the_samples_into_one_launch(device, name, kernel
     assert launches == {kernel: 1}, launches
     for i in range(4):
         assert_close(out[i], theirs(params, inputs[0][i], *inputs[1:]), DT, f"sample {i}")
+
+
+@pytest.mark.parametrize("in_features,out_features,rows", [(0, 3, 2), (4, 0, 2), (4, 3, 0)])
+def test_vmap_over_empty_rows_or_features(device, in_features, out_features, rows):
+    """The folded forward with nothing to multiply, write or read: torch's shapes and values (zeros, bias)."""
+    ours = gpunn.Linear(in_features, out_features, device=device, dtype=DT)
+    theirs = torch.nn.Linear(in_features, out_features, device=device, dtype=DT)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, rows, in_features, device=device, dtype=DT)
+    out = torch.func.vmap(ours)(x)
+    assert out.shape == (3, rows, out_features)
+    assert_close(out, torch.func.vmap(theirs)(x), DT, "output")

@@ -23,6 +23,7 @@ gradients (is_grads_batched).
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Callable, NamedTuple
 
@@ -237,19 +238,20 @@ def _folded(op: Op, batch: int, args: list, dims: list) -> tuple:
     """vmap's (outputs, out_dims) of op run once, its row arguments' samples folded into their rows: each
     batched one's batch dim moved to the front and merged with its leading dims, an unbatched one expanded
     to every sample first. Each output is the samples' rows again, shaped per sample as the fake
-    implementation says (an empty one stays unbatched)."""
+    implementation says (the placeholder of an output not asked for, (0,), becomes (B, 0), again empty per
+    sample)."""
     folded = list(args)
     for i, trailing in op.rows.items():
         arg, dim = args[i], dims[i]
         if arg is not None:
             arg = arg.movedim(dim, 0) if dim is not None else arg.expand(batch, *arg.shape)
-            folded[i] = arg.reshape(-1, *arg.shape[arg.dim() - trailing:])
+            lead = arg.dim() - trailing
+            folded[i] = arg.reshape(math.prod(arg.shape[:lead]), *arg.shape[lead:])  # not -1: rows of nothing
     outputs, shapes = op(*folded), op.fake(*_sample(args, dims, None))
     single = isinstance(outputs, torch.Tensor)
     outputs, shapes = ((outputs,), (shapes,)) if single else (outputs, shapes)
-    results = tuple(out.reshape(batch, *like.shape) if like.numel() else out for out, like in zip(outputs, shapes))
-    out_dims = tuple(0 if like.numel() else None for like in shapes)
-    return (results[0], out_dims[0]) if single else (results, out_dims)
+    results = tuple(out.reshape(batch, *like.shape) for out, like in zip(outputs, shapes))
+    return (results[0], 0) if single else (results, (0,) * len(results))
 
 
 def _batched(dim) -> bool:
