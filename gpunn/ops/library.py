@@ -16,7 +16,8 @@ other tensor subclasses) goes through the custom op.
 
 torch.func's transforms (grad, vjp, jacrev, vmap) refuse the custom op's autograd and take only an
 autograd.Function with a separate setup_context; under them an op runs through a third form, with the same
-setup_context and backward, whose vmap rule runs the op once per sample. Each transform's rule unwraps its
+setup_context and backward, whose vmap rule folds the samples into the rows where only an op's row
+arguments are batched, and otherwise runs the op once per sample. Each transform's rule unwraps its
 own tensors, so the kernels still see plain ones. A second order under the transforms is refused (the
 first-order backward ops are not differentiable there), as are forward mode and torch's legacy batched
 gradients (is_grads_batched).
@@ -151,7 +152,7 @@ def _transform_function(op: Op, setup_context: Callable | None, backward: Callab
     setup_context) and the custom op's not at all (torch refuses its autograd there). Each transform takes
     its rule from it: grad and its kin the op's own setup_context and backward (for an op without one, the
     first-order backward ops, a backward that refuses: a further order under the transforms), vmap the op
-    once per sample. The rules unwrap each transform's tensors before the next one's, so the forward, and
+    over the samples' rows folded together, or once per sample. The rules unwrap each transform's tensors before the next one's, so the forward, and
     so the kernels, see plain tensors. Forward mode is refused (jvp)."""
 
     def forward(lengths, *flat):
