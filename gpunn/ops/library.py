@@ -152,8 +152,9 @@ def _transform_function(op: Op, setup_context: Callable | None, backward: Callab
     setup_context) and the custom op's not at all (torch refuses its autograd there). Each transform takes
     its rule from it: grad and its kin the op's own setup_context and backward (for an op without one, the
     first-order backward ops, a backward that refuses: a further order under the transforms), vmap the op
-    over the samples' rows folded together, or once per sample. The rules unwrap each transform's tensors before the next one's, so the forward, and
-    so the kernels, see plain tensors. Forward mode is refused (jvp)."""
+    over the samples' rows folded together, or once per sample. The rules unwrap each transform's tensors
+    before the next one's, so the forward, and so the kernels, see plain tensors. Forward mode is refused
+    (jvp)."""
 
     def forward(lengths, *flat):
         output = op.fn(*_unflatten(flat, lengths))
@@ -208,7 +209,8 @@ def _flat_backward(name: str, backward: Callable) -> Callable:
     def backward_flat(ctx, *grads):
         if all(grad is None for grad in grads):  # no gradient reached any output: none to pass on
             return (None,) * (1 + sum(max(length, 1) for length in ctx.lengths))
-        if torch._C._functorch.is_legacy_batchedtensor(next(grad for grad in grads if grad is not None)):
+        first = grads[0] if grads[0] is not None else next(grad for grad in grads if grad is not None)
+        if torch._C._functorch.is_legacy_batchedtensor(first):
             # torch's legacy vmap (not torch.func's; it batches every gradient) has no rules gpunn could give:
             # the kernels would get its batched tensors
             raise NotImplementedError(f"gpunn {name}: batched gradients (torch.autograd.grad with "
@@ -398,12 +400,16 @@ def differentiable_backward(ctx) -> bool:
         _changed(entry, version) for entry, version in ctx.for_second_order or () if not isinstance(entry, _Hooked))
 
 
+# Private autograd queries (present in the torch versions gpunn runs on; looked up once, and where one is
+# missing gpunn keeps what it kept before: references for the graph's life).
+_top_saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+_keeps_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
 def _saved_tensor_hooks_active() -> bool:
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is not None and top(False) is not None
+    return _top_saved_tensor_hooks is not None and _top_saved_tensor_hooks(False) is not None
 
 
 def _graph_kept() -> bool:
     """Whether the running backward keeps the graph (retain_graph, create_graph); True where torch cannot say."""
-    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return keep_graph is None or keep_graph()
+    return _keeps_graph is None or _keeps_graph()
