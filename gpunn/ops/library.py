@@ -57,7 +57,7 @@ class Op:
         if backward is not None:
             self.custom_op.register_autograd(_releasing(backward), setup_context=setup_context)
             self.function = _eager_function(name, fn, setup_context, backward)
-        self.transform_function = _transform_function(self, setup_context, backward)
+        self.transform_function = _transform_function(self, setup_context)
 
     def __call__(self, *args):
         if forward_ad._current_level >= 0 and _any_dual(args):
@@ -147,14 +147,14 @@ def _eager_function(name: str, fn: Callable, setup_context: Callable, backward: 
         forward=staticmethod(forward), backward=staticmethod(_flat_backward(name, backward))))
 
 
-def _transform_function(op: Op, setup_context: Callable | None, backward: Callable | None):
+def _transform_function(op: Op, setup_context: Callable | None):
     """The autograd.Function that runs op under torch.func transforms, which take only this form (a separate
     setup_context) and the custom op's not at all (torch refuses its autograd there). Each transform takes
-    its rule from it: grad and its kin the op's own setup_context and backward (for an op without one, the
-    first-order backward ops, a backward that refuses: a further order under the transforms), vmap the op
-    over the samples' rows folded together, or once per sample. The rules unwrap each transform's tensors
-    before the next one's, so the forward, and so the kernels, see plain tensors. Forward mode is refused
-    (jvp)."""
+    its rule from it: grad and its kin the op's own setup_context and the eager form's backward (for an op
+    without one, the first-order backward ops, a backward that refuses: a further order under the
+    transforms), vmap the op over the samples' rows folded together, or once per sample. The rules unwrap
+    each transform's tensors before the next one's, so the forward, and so the kernels, see plain tensors.
+    Forward mode is refused (jvp)."""
 
     def forward(lengths, *flat):
         output = op.fn(*_unflatten(flat, lengths))
@@ -189,7 +189,7 @@ def _transform_function(op: Op, setup_context: Callable | None, backward: Callab
 
     return type(f"{op.name}_transform_function", (torch.autograd.Function,), dict(
         forward=staticmethod(forward), setup_context=staticmethod(setup),
-        backward=staticmethod(_flat_backward(op.name, backward) if backward is not None else refuse),
+        backward=staticmethod(op.function.backward if op.function is not None else refuse),
         jvp=staticmethod(jvp), vmap=staticmethod(vmap)))
 
 
@@ -250,7 +250,7 @@ def _folded(op: Op, batch: int, args: list, dims: list) -> tuple:
             arg = arg.movedim(dim, 0) if dim is not None else arg.expand(batch, *arg.shape)
             lead = arg.dim() - trailing
             folded[i] = arg.reshape(math.prod(arg.shape[:lead]), *arg.shape[lead:])  # not -1: rows of nothing
-    outputs, shapes = op(*folded), op.fake(*_sample(args, dims, None))
+    outputs, shapes = op(*folded), op.fake(*_sample(args, dims, None, "meta"))  # shapes only: nothing allocated
     single = isinstance(outputs, torch.Tensor)
     outputs, shapes = ((outputs,), (shapes,)) if single else (outputs, shapes)
     results = tuple(out.reshape(batch, *like.shape) for out, like in zip(outputs, shapes))
@@ -262,13 +262,15 @@ def _batched(dim) -> bool:
     return any(_batched(d) for d in dim) if isinstance(dim, (list, tuple)) else dim is not None
 
 
-def _sample(args, in_dims, i: int | None) -> list:
+def _sample(args, in_dims, i: int | None, device=None) -> list:
     """args with sample i taken from each batched tensor (in_dims: its batch dim, or None), lists included;
-    i None: an empty tensor of a sample's shape in its place."""
+    i None: an empty tensor of a sample's shape in its place (on `device`, else the tensor's)."""
     def one(tensor, dim):
-        return tensor.select(dim, i) if i is not None else tensor.new_empty(tensor.shape[:dim] + tensor.shape[dim + 1:])
+        if i is not None:
+            return tensor.select(dim, i)
+        return tensor.new_empty(tensor.shape[:dim] + tensor.shape[dim + 1:], device=device)
 
-    return [arg if dim is None else one(arg, dim) if isinstance(arg, torch.Tensor) else _sample(arg, dim, i)
+    return [arg if dim is None else one(arg, dim) if isinstance(arg, torch.Tensor) else _sample(arg, dim, i, device)
             for arg, dim in zip(args, in_dims)]
 
 
@@ -367,8 +369,10 @@ def kept(ctx, index: int, saved: torch.Tensor | None, op: str, name: str) -> tor
     if saved is not None:
         return saved
     entry, version = ctx.for_second_order[index]
-    tensor = ctx.unpacked[entry.position] if isinstance(entry, _Hooked) else entry
-    original = entry.original() if isinstance(entry, _Hooked) else entry
+    if isinstance(entry, _Hooked):
+        tensor, original = ctx.unpacked[entry.position], entry.original()
+    else:
+        tensor = original = entry
     if _changed(original, version):
         raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
                            f"operation: gpunn {op}'s {name} is at version {original._version}; expected version "
