@@ -126,14 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     parser = args.command_parser
     device = _device(parser, args.device)
-    _output_file(parser, "--out" if args.command == "check" else "--plot",
-              args.out if args.command == "check" else args.plot)
     if args.command == "check":
+        _output_file(parser, "--out", args.out)
         from . import check
 
         return check.main(device, args.quick, _names(parser, "--ops", args.ops, check.OPS),
                           _names(parser, "--dtypes", args.dtypes, check.PRECISIONS), args.seed, args.out)
     if args.command == "train":
+        _output_file(parser, "--plot", args.plot)
         networks = _names(parser, "--networks", args.networks, NETWORKS)
         from .train import train
 

@@ -184,8 +184,7 @@ def local_from_masked(layer: MaskedLinear, in_channels: int, input_size, kernel_
     if layer.activation is not None:
         raise ValueError(f"the MaskedLinear fuses the activation {layer.activation!r}, which a LocallyConnected2d "
                          f"does not have")
-    if not masks.is_int(in_channels) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+    in_channels = masks.positive_int(in_channels, "in_channels")
     height, width = masks.as_pair(input_size, "input_size")
     if layer.in_features != in_channels * height * width:
         raise ValueError(f"a MaskedLinear with {layer.in_features} inputs does not read {in_channels} channels of "

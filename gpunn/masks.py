@@ -17,6 +17,13 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def positive_int(value, name: str) -> int:
+    """value as an int, where it is a positive integer (is_int); else ValueError naming the argument."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def as_pair(value, name: str) -> tuple[int, int]:
     """(value, value) for an int, the pair itself for a pair of ints; TypeError otherwise."""
     try:

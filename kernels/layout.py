@@ -171,7 +171,7 @@ def layout_for(mask: torch.Tensor, block: tuple[int, int]) -> BlockLayout:
         if unchanged or torch.equal(entry.layout.mask.view(torch.bool), mask):
             entry.version, entry.data_ptr = version, mask.data_ptr()
             _cache.move_to_end(key)
-            hold_for_graphs(entry.layout, mask.device)
+            hold_for_graphs(entry.layout, key[1])  # the mask's device
             return entry.layout
     layout = build(mask, block)
     _cache[key] = _Entry(weakref.ref(mask, functools.partial(_forget, key)), mask.data_ptr(), version, layout)

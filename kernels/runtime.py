@@ -155,8 +155,6 @@ def row_alignment(*strides: int) -> int:
     return align
 
 
-# Host-side integer helpers. triton.cdiv and triton.next_power_of_2 serve kernels too, and a host call to
-# either costs ~5 us (it unwraps constexprs); a launcher calls several a launch.
 # Rows an int32 index reaches. A constant here so that a test can lower it and run the wide kernels' variants.
 INT32_ROWS = 2 ** 31
 
@@ -166,6 +164,8 @@ def wide_rows(m: int, block_rows: int) -> bool:
     return m + block_rows >= INT32_ROWS
 
 
+# Host-side integer helpers. triton.cdiv and triton.next_power_of_2 serve kernels too, and a host call to
+# either costs ~5 us (it unwraps constexprs); a launcher calls several a launch.
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -62,9 +62,12 @@ class Tuned(KernelInterface):
                      tuple(constexprs.items()))
         plan = self._plans.get(signature)
         if plan is not None:
-            return self.jit.run(*args, grid=grid(plan) if callable(grid) else grid, warmup=False, **constexprs,
-                                **plan)
+            return self._launch(args, grid, constexprs, plan)
         return self._first_launch(signature, args, grid, constexprs)
+
+    def _launch(self, args: tuple, grid, constexprs: dict, plan: dict):
+        """The kernel itself, with a plan's config (no autotuner)."""
+        return self.jit.run(*args, grid=grid(plan) if callable(grid) else grid, warmup=False, **constexprs, **plan)
 
     def _first_launch(self, signature: tuple, args: tuple, grid, constexprs: dict):
         """Launch a signature not seen before, and keep its plan: through Triton's autotuner, which times the
@@ -81,8 +84,7 @@ class Tuned(KernelInterface):
             else:
                 self.autotuner.best_config, self.autotuner.configs_timings = lone, {}
                 plan = self._plan(args, constexprs)
-                kernel = self.jit.run(*args, grid=grid(plan) if callable(grid) else grid, warmup=False,
-                                      **constexprs, **plan)
+                kernel = self._launch(args, grid, constexprs, plan)
         # A NaN (a leaky_relu slope) never equals itself: its signature would never be found again.
         if all(value == value for value in constexprs.values()):
             self._plans[signature] = plan

@@ -34,10 +34,8 @@ class LocallyConnected2d(torch.nn.Module):
     def __init__(self, in_channels: int, out_channels: int, input_size, kernel_size, stride=1, padding=0,
                  dilation=1, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not masks.is_int(value) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        in_channels, out_channels = int(in_channels), int(out_channels)
+        in_channels = masks.positive_int(in_channels, "in_channels")
+        out_channels = masks.positive_int(out_channels, "out_channels")
         geometry = _geometry(kernel_size, stride, padding, dilation)
         height, width = masks.as_pair(input_size, "input_size")
         if min(height, width) < 1:
@@ -116,9 +114,7 @@ class LocallyConnected1d(torch.nn.Module):
         padding = padding if isinstance(padding, str) else masks.as_single(padding, "padding")
         padding_2d = padding if isinstance(padding, str) else (0, padding)
         line = _geometry((1, kernel_size), (1, stride), padding_2d, (1, dilation), dims=1)  # errors in 1-D terms
-        if not masks.is_int(input_length) or input_length < 1:
-            raise ValueError(f"input_length must be a positive int, got {input_length!r}")
-        input_length = int(input_length)
+        input_length = masks.positive_int(input_length, "input_length")
         if line.output_size(1, input_length)[1] < 1:
             raise ValueError(f"kernel {kernel_size} (dilation {dilation}) does not fit the padded input of length "
                              f"{input_length}")
