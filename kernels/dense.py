@@ -249,23 +249,27 @@ def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation
 
 
 def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | None, write_dz: bool,
-                       bias_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                       bias_grad: bool, groups: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dz, db): dz = dy * act'(z) as an (M, N) contiguous tensor of dy's dtype when write_dz, and db (N,),
     the column sums of dz (of its values before they are rounded to dz's dtype), when bias_grad; each None
-    where not asked for.
+    where not asked for. groups > 0: db (groups, N), each of `groups` equal groups of consecutive rows
+    summed apart (per-sample gradients).
 
     dy: Rows of (M, N); saved: what forward saved for this activation ((M, N) contiguous, or None).
     One pass reads dy and the saved tensor and writes dz; the gradient GEMMs then take dz as a plain
-    operand. Rows are cut into chunks (row_chunks, a function of the shape); db: each chunk's column sums
-    are added in row order, then, over several chunks, a second launch adds the chunks' sums in order:
-    deterministic.
+    operand. Rows are cut into chunks (row_chunks, a function of the shape; with groups, one chunk a group);
+    db: each chunk's column sums are added in row order, then, over several chunks, a second launch adds the
+    chunks' sums in order: deterministic.
     """
     tensor = dy.tensor
     n = tensor.shape[-1]
     like = dict(device=tensor.device, dtype=tensor.dtype)
     dz = empty((dy.m, n), **like) if write_dz else None
-    db = empty((n,), **like) if bias_grad else None
+    db = empty((groups, n) if groups else (n,), **like) if bias_grad else None
     if (dz is None and db is None) or n == 0:
+        return dz, db
+    if groups:  # each group's sums are its db row
+        _preactivation_pass(dy, saved, dz, db, activation, dy.m // groups, groups)
         return dz, db
     chunk_rows, chunks = row_chunks(dy.m, n, db is not None)
     # A single chunk's sums are db; more chunks' go to fp32 (fp64) partial sums, added by a second pass.
@@ -277,9 +281,10 @@ def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | N
     return dz, db
 
 
-def grad_bias(dz: Rows) -> torch.Tensor:
-    """db (N,) = the column sums of dz, Rows of (M, N) (the pass with no activation, nothing written but db)."""
-    return grad_preactivation(dz, None, None, False, True)[1]
+def grad_bias(dz: Rows, groups: int = 0) -> torch.Tensor:
+    """db (N,) = the column sums of dz, Rows of (M, N) (the pass with no activation, nothing written but db);
+    (groups, N) for groups > 0, as grad_preactivation's."""
+    return grad_preactivation(dz, None, None, False, True, groups)[1]
 
 
 def row_chunks(m: int, n: int, sums: bool, tile: tuple[int, int, int] = PREACTIVATION_TILE) -> tuple[int, int]:
@@ -339,8 +344,10 @@ def grad_input(dz: Rows, weight: torch.Tensor) -> torch.Tensor:
     return dx
 
 
-def grad_weight(dz: Rows, x: Rows, weight_shape: tuple[int, int]) -> torch.Tensor:
+def grad_weight(dz: Rows, x: Rows, weight_shape: tuple[int, int], groups: int = 0) -> torch.Tensor:
     """dW = dz^T @ x as an (N, K) tensor. dz: Rows of (M, N) as in grad_input; x: Rows of (M, K).
+    groups > 0: dW (groups, N, K), one product for each of `groups` equal groups of consecutive rows
+    (per-sample gradients), in one launch: the groups are the kernel's splits, each written as it is.
 
     Where (N, K) makes few output tiles and M is long (a narrow layer on a large batch, an RNN's weights
     over every step), the M rows split (weight_grad_splits, a function of the shape): each split's
@@ -349,11 +356,12 @@ def grad_weight(dz: Rows, x: Rows, weight_shape: tuple[int, int]) -> torch.Tenso
     """
     n, k = weight_shape
     tensor = dz.tensor
-    dw = empty((n, k), device=tensor.device, dtype=tensor.dtype)
+    dw = empty((groups, n, k) if groups else (n, k), device=tensor.device, dtype=tensor.dtype)
     if n == 0 or k == 0:
         return dw
-    split_rows, splits = weight_grad_splits(dz.m, n, k)
-    out = dw if splits == 1 else empty((splits, n, k), device=tensor.device, dtype=state_dtype(tensor.dtype))
+    split_rows, splits = (dz.m // groups, groups) if groups else weight_grad_splits(dz.m, n, k)
+    out = dw if groups or splits == 1 else empty((splits, n, k), device=tensor.device,
+                                                 dtype=state_dtype(tensor.dtype))
     with launch("dense_grad_weight_kernel", tensor.device):
         dense_grad_weight_kernel[_grid(n, k, "BLOCK_N", "BLOCK_K", splits)](
             *dz.args(), *x.args(), out,
@@ -363,7 +371,7 @@ def grad_weight(dz: Rows, x: Rows, weight_shape: tuple[int, int]) -> torch.Tenso
             DOT_DTYPE=dot_dtype(tensor.dtype), ACC_DTYPE=accumulator_dtype(tensor.dtype),
             DOT_PRECISION=dot_precision(tensor.dtype), GROUP_M=GROUP_SIZE,
         )
-    if splits > 1:
+    if out is not dw:
         add_partial_sums(out.view(splits, n * k), dw.view(n * k))
     return dw
 

@@ -27,8 +27,9 @@ import triton.language as tl
 
 from . import activations
 from .layout import BlockLayout
-from .runtime import Rows, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, launch, row_alignment, size_bucket
-from .tiling import GROUP_SIZE, batch_configs, grouped_tile, pruner, row_offsets
+from .runtime import (Rows, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, launch, row_alignment,
+                      size_bucket, wide_rows)
+from .tiling import GROUP_SIZE, batch_configs, block_start, grouped_tile, pruner, row_offsets
 from .tuned import tuned
 
 
@@ -175,20 +176,21 @@ def masked_grad_input_kernel(
     prune_configs_by={"early_config_prune": pruner("BLOCK_N", "BLOCK_K", "BLOCK_M", "N", "dy_ptr",
                                                    activations.dz_tiles)},
 )
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "dy_inner", "x_inner", "BIAS_PROGRAMS", "FULL_BLOCKS",
-                               "VISITED_BLOCKS"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "dy_inner", "x_inner", "GROUP_ROWS", "BIAS_PROGRAMS",
+                               "FULL_BLOCKS", "VISITED_BLOCKS"])
 def masked_grad_weight_kernel(
     dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn,
     g_ptr,  # (M, N) contiguous: the output y or act'(z), per GRAD_FROM
     x_ptr, x_inner, stride_x_outer, stride_x_inner, stride_xk,
-    dw_ptr,  # (N, K) contiguous
-    db_ptr,  # (N,)
+    dw_ptr,  # (groups, N, K) contiguous
+    db_ptr,  # (groups, N)
     mask_ptr, block_order_ptr,  # the layout's blocks: full, partial, then empty
     M, N, K,
+    GROUP_ROWS,  # rows each group (grid axis 1) sums: M, or a sample's for per-sample gradients
     M_BUCKET,  # autotuning key only
     BIAS_PROGRAMS,  # the first programs: db for BLOCK_N columns each (0 when db is not asked for)
     FULL_BLOCKS, VISITED_BLOCKS,
-    DY_TWO_ROW_DIMS: tl.constexpr, X_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    DY_TWO_ROW_DIMS: tl.constexpr, X_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr, WIDE_ROWS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr,
     GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -196,12 +198,14 @@ def masked_grad_weight_kernel(
     # dW = (dz^T @ x) * mask, one program per weight block; db = column sums of dz in programs of their own
     # at the front of the grid (a sum inside the dW loop keeps the dz tile in registers: bench/NOTES.md).
     pid = tl.program_id(0)
+    group = tl.program_id(1)
+    start = block_start(group, GROUP_ROWS, WIDE_ROWS)
+    end = tl.minimum(start + GROUP_ROWS, M)
     if pid < BIAS_PROGRAMS:
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        db = activations.bias_gradient(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, rn,
-                                       M, N, DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE, ACT, GRAD_FROM,
-                                       BLOCK_M)
-        tl.store(db_ptr + rn, db.to(db_ptr.dtype.element_ty), mask=rn < N)
+        db = activations.dz_rows(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, g_ptr, rn,
+                                 start, end, N, DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE, ACT, GRAD_FROM, False, BLOCK_M)
+        tl.store(db_ptr + group.to(tl.int64) * N + rn, db.to(db_ptr.dtype.element_ty), mask=rn < N)
     else:
         item = pid - BIAS_PROGRAMS
         block = tl.load(block_order_ptr + item)
@@ -213,9 +217,9 @@ def masked_grad_weight_kernel(
         k_ok = rk64 < K
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
         if item < VISITED_BLOCKS:
-            for m0 in range(0, M, BLOCK_M):
+            for m0 in range(start, end, BLOCK_M):
                 rows = m0 + rm
-                m_ok = rows < M
+                m_ok = rows < end
                 dy_rows = tl.multiple_of(
                     row_offsets(rows, dy_inner, stride_dy_outer, stride_dy_inner, DY_TWO_ROW_DIMS), ROW_ALIGN)
                 g_rows = tl.multiple_of(rows.to(tl.int64) * N, ROW_ALIGN)
@@ -233,7 +237,7 @@ def masked_grad_weight_kernel(
                 ok = n_ok[:, None] & k_ok[None, :]
                 connected = tl.load(mask_ptr + rn64[:, None] * K + rk64[None, :], mask=ok, other=0) != 0
                 acc = tl.where(connected, acc, 0.0)
-        out = tl.multiple_of(rn64 * K, ROW_ALIGN)[:, None] + rk64[None, :]
+        out = tl.multiple_of(group.to(tl.int64) * N * K + rn64 * K, ROW_ALIGN)[:, None] + rk64[None, :]
         tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
 
@@ -304,18 +308,21 @@ def grad_input(dy: Rows, saved: torch.Tensor | None, weight: torch.Tensor, activ
 
 
 def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_shape: tuple[int, int],
-                activation: str | None, bias_grad: bool, *, layout: BlockLayout
+                activation: str | None, bias_grad: bool, groups: int = 0, *, layout: BlockLayout
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dW, db) = ((dz^T @ x) * mask, sum of dz over rows), in one launch: dW (N, K) when x is given
-    (exact zeros at masked positions), db (N,) when bias_grad; each None where not asked for.
+    (exact zeros at masked positions), db (N,) when bias_grad; each None where not asked for. groups > 0:
+    dW (groups, N, K) and db (groups, N), each of `groups` equal groups of consecutive rows summed apart
+    (per-sample gradients), on a second grid axis.
 
     dy: Rows of (M, N); x: Rows of (M, K) or None; saved as in grad_input.
     """
     _check(layout, weight_shape, dy.tensor.device)
     n, k = weight_shape
     like = dict(device=dy.tensor.device, dtype=dy.tensor.dtype)
-    dw = empty((n, k), **like) if x is not None else None
-    db = empty((n,), **like) if bias_grad else None
+    lead = (groups,) if groups else ()
+    dw = empty((*lead, n, k), **like) if x is not None else None
+    db = empty((*lead, n), **like) if bias_grad else None
     bias_programs = layout.grid[0] if db is not None else 0
     block_programs = layout.dense_blocks if dw is not None else 0
     if bias_programs + block_programs == 0:
@@ -323,14 +330,16 @@ def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_sha
     block_n, block_k = layout.block
     x = x or dy  # without dW no block program runs; the x arguments are then never read
     visited = layout.visited_blocks if dw is not None else 0
-    with launch("masked_grad_weight_kernel", dy.tensor.device, (visited, block_programs)):
-        masked_grad_weight_kernel[(bias_programs + block_programs,)](
+    copies, group_rows = max(groups, 1), dy.m // groups if groups else dy.m
+    with launch("masked_grad_weight_kernel", dy.tensor.device, (visited * copies, block_programs * copies)):
+        masked_grad_weight_kernel[(bias_programs + block_programs, copies)](
             *dy.args(), saved if saved is not None else dy.tensor, *x.args(),
             dw if dw is not None else dy.tensor, db if db is not None else dy.tensor,
             layout.mask, layout.block_order,
-            dy.m, n, k, size_bucket(dy.m), bias_programs, layout.full_blocks, layout.visited_blocks,
+            dy.m, n, k, group_rows, size_bucket(group_rows), bias_programs, layout.full_blocks,
+            layout.visited_blocks,
             DY_TWO_ROW_DIMS=dy.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
-            ROW_ALIGN=row_alignment(*dy.row_strides, *x.row_strides, n, k),
+            ROW_ALIGN=row_alignment(*dy.row_strides, *x.row_strides, n, k), WIDE_ROWS=wide_rows(dy.m, group_rows),
             DOT_DTYPE=dot_dtype(dy.tensor.dtype), ACC_DTYPE=accumulator_dtype(dy.tensor.dtype),
             **activations.backward_constants(activation),
             DOT_PRECISION=dot_precision(dy.tensor.dtype), BLOCK_N=block_n, BLOCK_K=block_k,

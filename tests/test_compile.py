@@ -152,14 +152,17 @@ def test_fake_shapes_match_real_ones(device):
     returns, including odd shapes, a 3-D input and outputs that are not asked for."""
     ops = [(torch.ops.gpunn.linear, (torch.randn(2, 3, 5), torch.randn(7, 5), None, None, 0, 0, "gelu", 0.01, True)),
            (torch.ops.gpunn.linear_grad_weight, (torch.randn(6, 7), None, torch.randn(6, 5), [7, 5], None, 0, 0, None,
-                                                 True)),
-           (torch.ops.gpunn.linear_grad_preactivation, (torch.randn(2, 3, 7), torch.randn(6, 7), "gelu", True, True)),
-           (torch.ops.gpunn.linear_grad_preactivation, (torch.randn(6, 7), None, None, False, True)),
+                                                 True, 0)),
+           (torch.ops.gpunn.linear_grad_weight, (torch.randn(6, 7), None, torch.randn(6, 5), [7, 5], None, 0, 0, None,
+                                                 True, 3)),
+           (torch.ops.gpunn.linear_grad_preactivation, (torch.randn(2, 3, 7), torch.randn(6, 7), "gelu", True, True,
+                                                        0)),
+           (torch.ops.gpunn.linear_grad_preactivation, (torch.randn(6, 7), None, None, False, True, 2)),
            (torch.ops.gpunn.linear_backward, (torch.randn(2, 3, 7), torch.randn(6, 7), torch.randn(2, 3, 5),
-                                              torch.randn(7, 5), None, None, 0, 0, "gelu", 0.01, True, False, True)),
+                                              torch.randn(7, 5), None, None, 0, 0, "gelu", 0.01, True, False, True, 0)),
            (torch.ops.gpunn.linear_backward, (torch.randn(6, 7), torch.randn(6, 7), torch.randn(6, 5),
                                               torch.randn(7, 5), torch.randn(7), torch.rand(7, 5) < 0.5, 32, 32,
-                                              "tanh", 0.01, False, True, True)),
+                                              "tanh", 0.01, False, True, True, 3)),
            (torch.ops.gpunn.locally_connected_grad_input, (torch.randn(2, 3, 2, 2), torch.randn(3, 4, 8),
                                                            [2, 2, 3, 3], [2, 2, 1, 1, 0, 0, 1, 1, 0, 0])),
            (torch.ops.gpunn.rnn_cell_grad_input, (torch.randn(3, 4), torch.randn(3, 4), None, torch.randn(4, 4),
@@ -182,9 +185,9 @@ def test_dense_gradient_ops_refuse_an_activation(device):
     with pytest.raises(ValueError, match="take dz"):
         torch.ops.gpunn.linear_grad_input(dy, dy, w, None, 0, 0, "gelu")
     with pytest.raises(ValueError, match="take dz"):
-        torch.ops.gpunn.linear_grad_weight(dy, None, x, [7, 5], None, 0, 0, "relu", True)
+        torch.ops.gpunn.linear_grad_weight(dy, None, x, [7, 5], None, 0, 0, "relu", True, 0)
     with pytest.raises(ValueError, match="saved"):
-        torch.ops.gpunn.linear_grad_preactivation(dy, None, "gelu", True, True)
+        torch.ops.gpunn.linear_grad_preactivation(dy, None, "gelu", True, True, 0)
 
 
 def _replays_like_eager_steps(model, x, target):

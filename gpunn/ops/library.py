@@ -42,15 +42,17 @@ class Op:
     is inferred from them); fake: the fake implementation; setup_context and backward: the gradient formula
     as torch.library.register_autograd takes it (None for an op without one). A list-of-tensors argument
     counts as its tensors, in order, in ctx.needs_input_grad, and backward returns a list for it. rows: for
-    an op that treats the leading dims of some tensor arguments as independent rows (and computes every
-    output row from those rows alone, no sum over them), those arguments' indices, each with its number of
-    trailing (per-row) dims: torch.func.vmap over those alone then folds the samples into the rows, one
-    launch for the batch.
+    an op that treats the leading dims of some tensor arguments as rows (every one of them with the same
+    rows), those arguments' indices, each with its number of trailing (per-row) dims: torch.func.vmap over
+    those alone then folds the samples into the rows, one launch for the batch. Either every output row is
+    computed from those rows alone, or the op sums over rows and takes an int argument at index `groups`:
+    0 sums over all rows, g > 0 sums each of g equal groups of consecutive rows apart, into outputs with a
+    leading dim g (a per-sample weight gradient: the fold makes each sample a group).
     """
 
     def __init__(self, name: str, fn: Callable, fake: Callable, setup_context: Callable | None = None,
-                 backward: Callable | None = None, rows: dict[int, int] | None = None):
-        self.name, self.fn, self.fake, self.rows = name, fn, fake, rows
+                 backward: Callable | None = None, rows: dict[int, int] | None = None, groups: int | None = None):
+        self.name, self.fn, self.fake, self.rows, self.groups = name, fn, fake, rows, groups
         self.custom_op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
         self.custom_op.register_fake(fake)
         self.function = None
@@ -240,10 +242,13 @@ def _releasing(backward: Callable) -> Callable:
 def _folded(op: Op, batch: int, args: list, dims: list) -> tuple:
     """vmap's (outputs, out_dims) of op run once, its row arguments' samples folded into their rows: each
     batched one's batch dim moved to the front and merged with its leading dims, an unbatched one expanded
-    to every sample first. Each output is the samples' rows again, shaped per sample as the fake
-    implementation says (the placeholder of an output not asked for, (0,), becomes (B, 0), again empty per
-    sample)."""
+    to every sample first; an op that sums over rows sums each sample's apart (its groups, each of a sample's
+    groups, or the sample's rows). Each output is the samples' rows, or sums, again, shaped per sample as the
+    fake implementation says (the placeholder of an output not asked for, (0,), becomes (B, 0), again empty
+    per sample)."""
     folded = list(args)
+    if op.groups is not None:
+        folded[op.groups] = batch * max(args[op.groups], 1)
     for i, trailing in op.rows.items():
         arg, dim = args[i], dims[i]
         if arg is not None:

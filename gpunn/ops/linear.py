@@ -47,19 +47,26 @@ def _check_dense_takes_dz(saved: torch.Tensor | None, activation: str | None) ->
 
 
 def _grad_preactivation(grad_output: torch.Tensor, saved: torch.Tensor | None, activation: str | None,
-                        write_dz: bool, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dense layer's (dz (*, N) when write_dz, db (N,) when bias_grad), each nothing where not asked for."""
+                        write_dz: bool, bias_grad: bool, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense layer's (dz (*, N) when write_dz, db (N,), or (groups, N) (see _grouped), when bias_grad),
+    each nothing where not asked for."""
     if saved is None and activations.grad_source(activation) != activations.GRAD_IS_DY.value:
         raise ValueError(f"gpunn linear_grad_preactivation: {activation} needs the tensor its forward saved")
     dy = Rows.of(grad_output)
-    dz, db = dense.grad_preactivation(dy, _as_rows(saved, dy), activation, write_dz, bias_grad)
+    dz, db = dense.grad_preactivation(dy, _as_rows(saved, dy), activation, write_dz, bias_grad, groups)
     return (dz.view(grad_output.shape) if dz is not None else nothing(grad_output)), \
         (db if db is not None else nothing(grad_output))
 
 
-def _grad_preactivation_fake(grad_output, saved, activation, write_dz, bias_grad):
+def _grad_preactivation_fake(grad_output, saved, activation, write_dz, bias_grad, groups):
     return (grad_output.new_empty(grad_output.shape) if write_dz else nothing(grad_output)), \
-        (grad_output.new_empty(grad_output.shape[-1:]) if bias_grad else nothing(grad_output))
+        (grad_output.new_empty(_grouped(groups, grad_output.shape[-1:])) if bias_grad else nothing(grad_output))
+
+
+def _grouped(groups: int, shape) -> tuple[int, ...]:
+    """The shape of a sum over rows: `shape`, or (groups, *shape) where groups > 0 equal groups of consecutive
+    rows are summed apart (Op's `groups`: torch.func.vmap's per-sample weight and bias gradients)."""
+    return (groups, *shape) if groups else tuple(shape)
 
 
 def _grad_input(grad_output: torch.Tensor, saved: torch.Tensor | None, weight: torch.Tensor,
@@ -80,29 +87,33 @@ def _grad_input_fake(grad_output, saved, weight, mask, block_n, block_k, activat
 
 def _grad_weight(grad_output: torch.Tensor, saved: torch.Tensor | None, input: torch.Tensor | None,
                  weight_shape: list[int], mask: torch.Tensor | None, block_n: int, block_k: int,
-                 activation: str | None, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dW (N, K) when input is given, db (N,) when bias_grad), each nothing where not asked for. The dense
-    layer's takes dz (activation None, nothing saved; its backward has db from _grad_preactivation's pass)."""
+                 activation: str | None, bias_grad: bool, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dW (N, K) when input is given, db (N,) when bias_grad; each with a leading groups dim where groups > 0,
+    see _grouped), each nothing where not asked for. The dense layer's takes dz (activation None, nothing
+    saved; its backward has db from _grad_preactivation's pass)."""
     dy = Rows.of(grad_output)
     x = Rows.of(input) if input is not None else None
     if mask is None:
         _check_dense_takes_dz(saved, activation)
-        dw = dense.grad_weight(dy, x, tuple(weight_shape)) if x is not None else None
-        db = dense.grad_bias(dy) if bias_grad else None
+        dw = dense.grad_weight(dy, x, tuple(weight_shape), groups) if x is not None else None
+        db = dense.grad_bias(dy, groups) if bias_grad else None
     else:
-        dw, db = masked.grad_weight(dy, _as_rows(saved, dy), x, tuple(weight_shape), activation, bias_grad,
+        dw, db = masked.grad_weight(dy, _as_rows(saved, dy), x, tuple(weight_shape), activation, bias_grad, groups,
                                     layout=_layout(mask, block_n, block_k))
     return (dw if dw is not None else nothing(grad_output)), (db if db is not None else nothing(grad_output))
 
 
-def _grad_weight_fake(grad_output, saved, input, weight_shape, mask, block_n, block_k, activation, bias_grad):
-    dw = grad_output.new_empty(weight_shape) if input is not None else nothing(grad_output)
-    return dw, grad_output.new_empty(weight_shape[:1]) if bias_grad else nothing(grad_output)
+def _grad_weight_fake(grad_output, saved, input, weight_shape, mask, block_n, block_k, activation, bias_grad, groups):
+    dw = grad_output.new_empty(_grouped(groups, weight_shape)) if input is not None else nothing(grad_output)
+    return dw, grad_output.new_empty(_grouped(groups, weight_shape[:1])) if bias_grad else nothing(grad_output)
 
 
-grad_preactivation = Op("linear_grad_preactivation", _grad_preactivation, _grad_preactivation_fake)
-grad_input = Op("linear_grad_input", _grad_input, _grad_input_fake)
-grad_weight = Op("linear_grad_weight", _grad_weight, _grad_weight_fake)
+# Under torch.func.vmap over their row arguments (dy, what forward saved, the input) alone, these fold the
+# samples into their rows, and the weight and bias gradients come out per sample (Op's rows and groups).
+grad_preactivation = Op("linear_grad_preactivation", _grad_preactivation, _grad_preactivation_fake,
+                        rows={0: 1, 1: 1}, groups=5)
+grad_input = Op("linear_grad_input", _grad_input, _grad_input_fake, rows={0: 1, 1: 1})
+grad_weight = Op("linear_grad_weight", _grad_weight, _grad_weight_fake, rows={0: 1, 1: 1, 2: 1}, groups=9)
 
 
 def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None,
@@ -140,8 +151,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _first_order(grad_output, saved, input, weight, mask, weight_shape, block_n, block_k, activation, need_input,
-                 need_weight, need_bias):
-    """(dx, dW, db) of grad_output, each None where not needed."""
+                 need_weight, need_bias, groups=0):
+    """(dx, dW, db) of grad_output, each None where not needed; dW and db per group where groups > 0."""
     dx = dw = db = None
     if mask is None:
         # The dense layer forms dz = dy * act'(z) and db in one pass, then runs two plain GEMMs on dz. Formed
@@ -149,7 +160,7 @@ def _first_order(grad_output, saved, input, weight, mask, weight_shape, block_n,
         shaped = activations.grad_source(activation) != activations.GRAD_IS_DY.value
         write_dz = shaped and (need_input or need_weight)
         if write_dz or need_bias:
-            dz, db = grad_preactivation(grad_output, saved, activation, write_dz, need_bias)
+            dz, db = grad_preactivation(grad_output, saved, activation, write_dz, need_bias, groups)
             grad_output = dz if write_dz else grad_output
         saved, activation = None, None
     if need_input:
@@ -157,7 +168,7 @@ def _first_order(grad_output, saved, input, weight, mask, weight_shape, block_n,
     masked_bias = need_bias and mask is not None
     if need_weight or masked_bias:
         dw, masked_db = grad_weight(grad_output, saved, input if need_weight else None, weight_shape, mask,
-                                    block_n, block_k, activation, masked_bias)
+                                    block_n, block_k, activation, masked_bias, groups)
         db = masked_db if masked_bias else db
     return dx, dw if need_weight else None, db if need_bias else None
 
@@ -171,7 +182,7 @@ def _backward(ctx, grad_output, _):
         input, weight = kept(ctx, 0, input, "linear", "input"), kept(ctx, 1, weight, "linear", "weight")
         grads = backward(grad_output, saved, input, weight, kept(ctx, 2, None, "linear", "bias"), mask,
                          options["block_n"], options["block_k"], options["activation"], options["negative_slope"],
-                         need_input, need_weight, need_bias)
+                         need_input, need_weight, need_bias, 0)
         grads = [grad if need else None for grad, need in zip(grads, (need_input, need_weight, need_bias))]
     else:
         grads = _first_order(grad_output, saved, input, weight, mask, ctx.weight_shape, options["block_n"],
@@ -185,20 +196,22 @@ linear = Op("linear", _linear, _linear_fake, _setup_context, _backward, rows={0:
 def _backward_op(grad_output: torch.Tensor, saved: torch.Tensor | None, input: torch.Tensor | None,
                  weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None, block_n: int,
                  block_k: int, activation: str | None, negative_slope: float, need_input: bool, need_weight: bool,
-                 need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The layer's (dx (*, K), dW (N, K), db (N,)), each nothing where not needed: its first-order backward
-    as an op of its own, which double backward differentiates (used under create_graph=True). The input may
-    be None where neither order needs it (no activation, a frozen weight)."""
+                 need_bias: bool, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's (dx (*, K), dW (N, K), db (N,); dW and db per group where groups > 0, see _grouped), each
+    nothing where not needed: its first-order backward as an op of its own, which double backward
+    differentiates (used under create_graph=True, and under torch.func, whose vmap folds it as
+    linear_grad_weight). The input may be None where neither order needs it (no activation, a frozen
+    weight)."""
     grads = _first_order(grad_output, saved, input, weight, mask, list(weight.shape), block_n, block_k, activation,
-                         need_input, need_weight, need_bias)
+                         need_input, need_weight, need_bias, groups)
     return tuple(grad if grad is not None else nothing(grad_output) for grad in grads)
 
 
 def _backward_op_fake(grad_output, saved, input, weight, bias, mask, block_n, block_k, activation, negative_slope,
-                      need_input, need_weight, need_bias):
+                      need_input, need_weight, need_bias, groups):
     return (grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1])) if need_input else nothing(grad_output),
-            weight.new_empty(weight.shape) if need_weight else nothing(grad_output),
-            weight.new_empty(weight.shape[:1]) if need_bias else nothing(grad_output))
+            weight.new_empty(_grouped(groups, weight.shape)) if need_weight else nothing(grad_output),
+            weight.new_empty(_grouped(groups, weight.shape[:1])) if need_bias else nothing(grad_output))
 
 
 def _backward_op_setup_context(ctx, inputs, output):
@@ -211,7 +224,7 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
     """Gradients of (grad_output, input, weight, bias) given those of (dx, dW, db); see
     gpunn.kernels.dense_double_backward for the formulas. The masked layer's GEMMs run under its mask, so
     masked-out weights, and the parts of g_dW there (dW is constant zero there), are never read."""
-    refuse_double_backward("linear", "triple")
+    refuse_double_backward("linear", "triple")  # and, so, the per-group gradients only torch.func's vmap asks for
     dy, input, weight, bias, mask = ctx.saved_tensors
     mask = saved_metadata(ctx, "mask", mask)
     layout = _layout(mask, *ctx.block) if mask is not None else None
@@ -227,7 +240,7 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
     dz_for_weight = grad_dx is not None and need_weight  # dW = dz^T x: dz^T g_dx reaches the weight
     if not (need_dy or second or dz_for_input or dz_for_weight):
         return (None, None, *_zero_where_connected(activation, (None,) * 3, ctx.needs_input_grad[2:5],
-                                                   (input, weight, bias))) + (None,) * 8
+                                                   (input, weight, bias))) + (None,) * 9
     # g_dz = g_dx W^T + x g_dW^T + g_db: one forward GEMM over the operands side by side.
     lhs = [t for t in (grad_dx.reshape(rows, k) if grad_dx is not None else None,
                        x if grad_dw is not None else None) if t is not None]
@@ -253,7 +266,7 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
         grad_w = _weight_product(*_joined(terms, 0), (n, k), layout)
     grads = _zero_where_connected(activation, (grad_x, grad_w, grad_b), (need_input, need_weight, need_bias),
                                   (input, weight, bias))
-    return (grad_dy.view(dy.shape) if grad_dy is not None else None, None, *grads) + (None,) * 8
+    return (grad_dy.view(dy.shape) if grad_dy is not None else None, None, *grads) + (None,) * 9
 
 
 def _zero_where_connected(activation, grads, needs, likes):
@@ -310,4 +323,5 @@ def _weight_product(dz: Rows, x: Rows, shape: tuple[int, int], layout) -> torch.
     return masked.grad_weight(dz, None, x, shape, None, False, layout=layout)[0]
 
 
-backward = Op("linear_backward", _backward_op, _backward_op_fake, _backward_op_setup_context, _double_backward)
+backward = Op("linear_backward", _backward_op, _backward_op_fake, _backward_op_setup_context, _double_backward,
+              rows={0: 1, 1: 1, 2: 1}, groups=13)
