@@ -281,7 +281,7 @@ def _launch_cross_entropy(dtype, m, n, k, backward, weighted, smoothing):
     weight = _meta((n,), dtype) if weighted else None
     compute = runtime.state_dtype(dtype)
     if backward:
-        losses.cross_entropy_backward(x, target, weight, -100, smoothing, _meta((2, m), compute), _meta((), dtype),
+        losses.cross_entropy_backward(x, target, weight, -100, smoothing, _meta((m, 2), compute), _meta((), dtype),
                                       "mean", _meta((2,), compute))
     else:
         losses.cross_entropy_forward(x, target, weight, -100, smoothing)
@@ -294,7 +294,7 @@ def _launch_cross_entropy_probs(dtype, m, n, k, backward, weighted, smoothing, t
     weight = _meta((n,), dtype) if weighted else None
     compute = runtime.state_dtype(dtype)
     if backward:
-        losses.cross_entropy_probs_backward(x, target, weight, smoothing, _meta((2, m), compute), _meta((m,), compute),
+        losses.cross_entropy_probs_backward(x, target, weight, smoothing, _meta((m, 2), compute), _meta((m,), compute),
                                             _meta((), dtype), "mean", True, target_grad)
     else:
         losses.cross_entropy_probs_forward(x, target, weight, smoothing)
@@ -309,7 +309,7 @@ def _launch_cross_entropy_double_backward(dtype, m, n, k, probabilities):
     compute = runtime.state_dtype(dtype)
     target = _meta((m, n), dtype) if probabilities else _meta((m,), torch.int64)
     cross_entropy_double_backward.cross_entropy_double_backward(
-        x, target, _meta((n,), dtype), -100, 0.1, _meta((2, m), compute), _meta((m,), compute) if probabilities
+        x, target, _meta((n,), dtype), -100, 0.1, _meta((m, 2), compute), _meta((m,), compute) if probabilities
         else None, _meta((m,), dtype), g, g if probabilities else None, "none", None, True, probabilities, True)
 
 

@@ -38,16 +38,18 @@ def check_targets(target: torch.Tensor, classes: int, ignore_index: int) -> None
 
 
 def _cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
-                   smoothing: float, reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, each row's stats (2, N): its max and log-sum, the weighted loss and weight totals (2,) or nothing
+                   smoothing: float, reduction: str, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, each row's stats (N, 2): its max and log-sum, the weighted loss and weight totals (2,) or nothing
     for "none") of logits (N, C) (unit column stride) against class indices (N,) int64; see
-    gpunn.kernels.losses."""
+    gpunn.kernels.losses. groups > 0: the mean or sum of each of `groups` equal groups of rows, (groups,),
+    totals (groups, 2) (torch.func.vmap's per-sample losses, Op's groups)."""
     if not capturing(logits.device):  # a sync cannot be captured
         check_targets(target, logits.shape[1], ignore_index)
     row_loss, row_weight, stats = kernels.cross_entropy_forward(logits, target, weight, ignore_index, smoothing)
     if reduction == "none":
         return row_loss.to(logits.dtype), stats, nothing(stats)
-    totals, loss = kernels.reduced_loss(row_loss, row_weight, logits.dtype, "sum_b" if reduction == "mean" else "none")
+    totals, loss = kernels.reduced_loss(row_loss, row_weight, logits.dtype, "sum_b" if reduction == "mean" else "none",
+                                        groups=groups)
     return loss, stats, totals
 
 
@@ -67,32 +69,38 @@ def _class_rows(input: torch.Tensor) -> torch.Tensor:
 
 
 def _stats_fake(logits: torch.Tensor) -> torch.Tensor:
-    """The (2, N) per-row stats (max, log-sum) a cross-entropy forward keeps, in fp32 (fp64 for fp64)."""
-    return logits.new_empty((2, logits.shape[0]), dtype=torch.float64 if logits.dtype == torch.float64 else
+    """The (N, 2) per-row stats (max, log-sum) a cross-entropy forward keeps, in fp32 (fp64 for fp64)."""
+    return logits.new_empty((logits.shape[0], 2), dtype=torch.float64 if logits.dtype == torch.float64 else
                             torch.float32)
 
 
-def _cross_entropy_fake(logits, target, weight, ignore_index, smoothing, reduction):
+def _per_group(groups: int, shape=()) -> tuple[int, ...]:
+    """The shape of a loss reduced over rows: `shape`, or (groups, *shape) for groups > 0 (see Op's groups)."""
+    return (groups, *shape) if groups else tuple(shape)
+
+
+def _cross_entropy_fake(logits, target, weight, ignore_index, smoothing, reduction, groups):
     rows = logits.shape[0]
     stats = _stats_fake(logits)
     if reduction == "none":
         return logits.new_empty((rows,)), stats, nothing(stats)
-    return logits.new_empty(()), stats, stats.new_empty((2,))
+    return logits.new_empty(_per_group(groups)), stats, stats.new_empty(_per_group(groups, (2,)))
 
 
 def _cross_entropy_backward_impl(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
                             weight: torch.Tensor | None, ignore_index: int, smoothing: float, stats: torch.Tensor,
-                            reduction: str, totals: torch.Tensor) -> torch.Tensor:
+                            reduction: str, totals: torch.Tensor, groups: int) -> torch.Tensor:
     return kernels.cross_entropy_backward(logits, target, weight, ignore_index, smoothing, stats, grad.contiguous(),
-                                          reduction, totals if reduction != "none" else None)
+                                          reduction, totals if reduction != "none" else None, groups)
 
 
-def _cross_entropy_backward_fake(grad, logits, target, weight, ignore_index, smoothing, stats, reduction, totals):
+def _cross_entropy_backward_fake(grad, logits, target, weight, ignore_index, smoothing, stats, reduction, totals,
+                                 groups):
     return torch.empty_like(logits)
 
 
 def _cross_entropy_backward_setup(ctx, inputs, output):
-    grad, logits, target, weight, ignore_index, smoothing, stats, reduction, totals = inputs
+    grad, logits, target, weight, ignore_index, smoothing, stats, reduction, totals, _ = inputs
     ctx.save_for_backward(grad, logits, target, weight, stats, totals)
     ctx.ignore_index, ctx.smoothing, ctx.reduction = ignore_index, smoothing, reduction
 
@@ -100,23 +108,26 @@ def _cross_entropy_backward_setup(ctx, inputs, output):
 def _cross_entropy_double_backward(ctx, grad_dx):
     """The gradients of (grad, logits) given dx's (gpunn.kernels.cross_entropy_double_backward). The stats
     and totals the backward read get none: the logits' gradient already counts every path through them."""
-    refuse_double_backward("cross_entropy", "triple")
+    refuse_double_backward("cross_entropy", "triple")  # and, so, the per-group losses only vmap asks for
     grad, logits, target, weight, stats, totals = ctx.saved_tensors
     need_grad, need_logits = ctx.needs_input_grad[:2]
     if grad_dx is None or not (need_grad or need_logits):
-        return (None,) * 9
+        return (None,) * 10
     gx, _, gg = second_order.cross_entropy_double_backward(
         logits, target, weight, ctx.ignore_index, ctx.smoothing, stats, None, grad, grad_dx.contiguous(), None,
         ctx.reduction, totals if ctx.reduction != "none" else None, need_logits, False, need_grad)
-    return (gg, gx) + (None,) * 7
+    return (gg, gx) + (None,) * 8
 
 
+# Under torch.func.vmap over the rows alone (logits, targets, what forward kept, the output gradient), each loss
+# op folds the samples into its rows and reduces each sample's apart (Op's rows and groups): one launch each.
 _cross_entropy_backward = Op("cross_entropy_backward", _cross_entropy_backward_impl, _cross_entropy_backward_fake,
-                             _cross_entropy_backward_setup, _cross_entropy_double_backward)
+                             _cross_entropy_backward_setup, _cross_entropy_double_backward,
+                             rows={0: 0, 1: 1, 2: 0, 6: 1, 8: 1}, groups=9)
 
 
 def _cross_entropy_setup(ctx, inputs, output):
-    logits, target, weight, ignore_index, smoothing, reduction = inputs
+    logits, target, weight, ignore_index, smoothing, reduction, _ = inputs
     ctx.save_for_backward(logits, target, weight, output[1], output[2])
     ctx.ignore_index, ctx.smoothing, ctx.reduction = ignore_index, smoothing, reduction
 
@@ -124,12 +135,12 @@ def _cross_entropy_setup(ctx, inputs, output):
 def _cross_entropy_grad(ctx, grad, _, __):
     logits, target, weight, stats, totals = ctx.saved_tensors
     dx = _cross_entropy_backward(grad, logits, target, weight, ctx.ignore_index, ctx.smoothing, stats, ctx.reduction,
-                                 totals)
-    return dx, None, None, None, None, None
+                                 totals, 0)
+    return dx, None, None, None, None, None, None
 
 
 _cross_entropy = Op("cross_entropy", _cross_entropy_impl, _cross_entropy_fake, _cross_entropy_setup,
-                    _cross_entropy_grad)
+                    _cross_entropy_grad, rows={0: 1, 1: 0}, groups=6)
 
 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
@@ -215,7 +226,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     if weight is not None:
         weight = weight.to(input.dtype).contiguous()
     loss, _, _ = _cross_entropy(logits, flat_target.contiguous(), weight, int(ignore_index), label_smoothing,
-                                reduction)
+                                reduction, 0)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
@@ -234,47 +245,48 @@ def _cross_entropy_probabilities(input: torch.Tensor, target: torch.Tensor, weig
     logits, probabilities = _class_rows(input.to(dtype)), _class_rows(target.to(dtype))
     if weight is not None:
         weight = weight.to(dtype).contiguous()
-    loss = _cross_entropy_probs(logits, probabilities, weight, label_smoothing, reduction, input.numel() == 0)[0]
+    loss = _cross_entropy_probs(logits, probabilities, weight, label_smoothing, reduction, input.numel() == 0, 0)[0]
     return loss.reshape(_batch_shape(input)) if reduction == "none" else loss
 
 
 def _cross_entropy_probs_impl(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-                              smoothing: float, reduction: str, empty: bool
+                              smoothing: float, reduction: str, empty: bool, groups: int
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, each row's stats (2, N): its max and log-sum, each row's mass sum_j w_j q_j (N,)) of logits and class
+    """(loss, each row's stats (N, 2): its max and log-sum, each row's mass sum_j w_j q_j (N,)) of logits and class
     probabilities (N, C), unit column stride; see gpunn.kernels.losses. empty: the input had no elements,
-    whose mean torch makes NaN."""
+    whose mean torch makes NaN. groups > 0: each of `groups` equal groups of rows reduced apart, (groups,)."""
     row_loss, row_mass, stats = kernels.cross_entropy_probs_forward(logits, target, weight, smoothing)
     if reduction == "none":
         return row_loss.to(logits.dtype), stats, row_mass
-    count = 0 if empty else logits.shape[0]
+    count = 0 if empty else logits.shape[0] // max(groups, 1)
     _, loss = kernels.reduced_loss(row_loss, row_loss, logits.dtype, "count" if reduction == "mean" else "none",
-                                   count=count)
+                                   count=count, groups=groups)
     return loss, stats, row_mass
 
 
-def _cross_entropy_probs_fake(logits, target, weight, smoothing, reduction, empty):
+def _cross_entropy_probs_fake(logits, target, weight, smoothing, reduction, empty, groups):
     stats = _stats_fake(logits)
-    return logits.new_empty((logits.shape[0],) if reduction == "none" else ()), stats, stats.new_empty(stats.shape[1:])
+    loss = logits.new_empty((logits.shape[0],) if reduction == "none" else _per_group(groups))
+    return loss, stats, stats.new_empty(stats.shape[:1])
 
 
 def _cross_entropy_probs_backward_impl(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
                                        weight: torch.Tensor | None, smoothing: float, stats: torch.Tensor,
-                                       row_mass: torch.Tensor, reduction: str, input_grad: bool, target_grad: bool
-                                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                                       row_mass: torch.Tensor, reduction: str, input_grad: bool, target_grad: bool,
+                                       groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(d logits, d target), each nothing where not asked for."""
     dx, dt = kernels.cross_entropy_probs_backward(logits, target, weight, smoothing, stats, row_mass, grad.contiguous(),
-                                                  reduction, input_grad, target_grad)
+                                                  reduction, input_grad, target_grad, groups)
     return (dx if dx is not None else nothing(logits)), (dt if dt is not None else nothing(logits))
 
 
 def _cross_entropy_probs_backward_fake(grad, logits, target, weight, smoothing, stats, row_mass, reduction, input_grad,
-                                       target_grad):
+                                       target_grad, groups):
     return tuple(torch.empty_like(logits) if need else nothing(logits) for need in (input_grad, target_grad))
 
 
 def _cross_entropy_probs_backward_setup(ctx, inputs, output):
-    grad, logits, target, weight, smoothing, stats, row_mass, reduction, _, _ = inputs
+    grad, logits, target, weight, smoothing, stats, row_mass, reduction, *_ = inputs
     ctx.save_for_backward(grad, logits, target, weight, stats, row_mass)
     ctx.smoothing, ctx.reduction = smoothing, reduction
 
@@ -288,20 +300,21 @@ def _cross_entropy_probs_double_backward(ctx, grad_dx, grad_dt):
     grad_dx, grad_dt = (g.contiguous() if g is not None else None
                         for g in (arrived(grad_dx, logits.shape), arrived(grad_dt, logits.shape)))
     if (grad_dx is None and grad_dt is None) or not (need_grad or need_logits or need_target):
-        return (None,) * 10
+        return (None,) * 11
     gx, gt, gg = second_order.cross_entropy_double_backward(
         logits, target, weight, 0, ctx.smoothing, stats, row_mass, grad, grad_dx, grad_dt, ctx.reduction, None,
         need_logits, need_target and grad_dx is not None, need_grad)
-    return (gg, gx, gt) + (None,) * 7
+    return (gg, gx, gt) + (None,) * 8
 
 
 _cross_entropy_probs_backward = Op("cross_entropy_probs_backward", _cross_entropy_probs_backward_impl,
                                    _cross_entropy_probs_backward_fake, _cross_entropy_probs_backward_setup,
-                                   _cross_entropy_probs_double_backward)
+                                   _cross_entropy_probs_double_backward, rows={0: 0, 1: 1, 2: 1, 5: 1, 6: 0},
+                                   groups=10)
 
 
 def _cross_entropy_probs_setup(ctx, inputs, output):
-    logits, target, weight, smoothing, reduction, _ = inputs
+    logits, target, weight, smoothing, reduction, *_ = inputs
     ctx.save_for_backward(logits, target, weight, output[1], output[2])
     ctx.smoothing, ctx.reduction = smoothing, reduction
 
@@ -310,12 +323,12 @@ def _cross_entropy_probs_grad(ctx, grad, _, __):
     logits, target, weight, stats, row_mass = ctx.saved_tensors
     need_input, need_target = ctx.needs_input_grad[:2]
     dx, dt = _cross_entropy_probs_backward(grad, logits, target, weight, ctx.smoothing, stats, row_mass, ctx.reduction,
-                                           need_input, need_target)
-    return dx if need_input else None, dt if need_target else None, None, None, None, None
+                                           need_input, need_target, 0)
+    return dx if need_input else None, dt if need_target else None, None, None, None, None, None
 
 
 _cross_entropy_probs = Op("cross_entropy_probs", _cross_entropy_probs_impl, _cross_entropy_probs_fake,
-                          _cross_entropy_probs_setup, _cross_entropy_probs_grad)
+                          _cross_entropy_probs_setup, _cross_entropy_probs_grad, rows={0: 1, 1: 1}, groups=6)
 
 
 _SCALAR_TYPE_NAMES = {torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
@@ -333,28 +346,29 @@ def _scalar_type_name(dtype: torch.dtype) -> str:
     return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
-def _mse_loss_impl(input: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The mean squared error of two contiguous tensors of one shape and dtype."""
-    return kernels.mse_forward(input, target, reduction)
+def _mse_loss_impl(input: torch.Tensor, target: torch.Tensor, reduction: str, groups: int) -> torch.Tensor:
+    """The mean squared error of two contiguous (N,) tensors of one dtype (each element a row of Op's rows:
+    groups > 0 reduces each of `groups` equal groups of elements apart, (groups,))."""
+    return kernels.mse_forward(input, target, reduction, groups)
 
 
-def _mse_loss_fake(input, target, reduction):
-    return input.new_empty(input.shape if reduction == "none" else ())
+def _mse_loss_fake(input, target, reduction, groups):
+    return input.new_empty(input.shape if reduction == "none" else _per_group(groups))
 
 
 def _mse_loss_backward_impl(grad: torch.Tensor, input: torch.Tensor, target: torch.Tensor, reduction: str,
-                       input_grad: bool, target_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       input_grad: bool, target_grad: bool, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(d input, d target), each nothing where not asked for."""
-    dx, dy = kernels.mse_backward(input, target, grad, reduction, input_grad, target_grad)
+    dx, dy = kernels.mse_backward(input, target, grad, reduction, input_grad, target_grad, groups)
     return (dx if dx is not None else nothing(input)), (dy if dy is not None else nothing(input))
 
 
-def _mse_loss_backward_fake(grad, input, target, reduction, input_grad, target_grad):
+def _mse_loss_backward_fake(grad, input, target, reduction, input_grad, target_grad, groups):
     return tuple(torch.empty_like(input) if need else nothing(input) for need in (input_grad, target_grad))
 
 
 def _mse_loss_backward_setup(ctx, inputs, output):
-    grad, input, target, reduction, _, _ = inputs
+    grad, input, target, reduction, *_ = inputs
     ctx.save_for_backward(grad, input, target)
     ctx.reduction = reduction
 
@@ -369,7 +383,7 @@ def _mse_loss_double_backward(ctx, grad_dx, grad_dy):
     need_grad, need_input, need_target = ctx.needs_input_grad[:3]
     grad_dx, grad_dy = (arrived(g, input.shape) for g in (grad_dx, grad_dy))
     if grad_dx is None and grad_dy is None:
-        return (None,) * 6
+        return (None,) * 7
     grad_dx = grad_dx.contiguous() if grad_dx is not None else torch.zeros_like(grad_dy)
     grad_dy = grad_dy.contiguous() if grad_dy is not None else torch.zeros_like(grad_dx)
     gx = gy = gg = None
@@ -379,15 +393,15 @@ def _mse_loss_double_backward(ctx, grad_dx, grad_dy):
         gg = kernels.mse_backward(input, target, grad_dx - grad_dy, "none", True, False)[0]
         if ctx.reduction != "none":
             gg = gg.sum() / (input.numel() if ctx.reduction == "mean" else 1)
-    return gg, gx, gy, None, None, None
+    return gg, gx, gy, None, None, None, None
 
 
 _mse_loss_backward = Op("mse_loss_backward", _mse_loss_backward_impl, _mse_loss_backward_fake,
-                        _mse_loss_backward_setup, _mse_loss_double_backward)
+                        _mse_loss_backward_setup, _mse_loss_double_backward, rows={0: 0, 1: 0, 2: 0}, groups=6)
 
 
 def _mse_setup(ctx, inputs, output):
-    input, target, reduction = inputs
+    input, target, reduction, _ = inputs
     ctx.save_for_backward(input, target)
     ctx.reduction = reduction
 
@@ -395,11 +409,11 @@ def _mse_setup(ctx, inputs, output):
 def _mse_grad(ctx, grad):
     input, target = ctx.saved_tensors
     need_input, need_target = ctx.needs_input_grad[:2]
-    dx, dy = _mse_loss_backward(grad, input, target, ctx.reduction, need_input, need_target)
-    return dx if need_input else None, dy if need_target else None, None
+    dx, dy = _mse_loss_backward(grad, input, target, ctx.reduction, need_input, need_target, 0)
+    return dx if need_input else None, dy if need_target else None, None, None
 
 
-_mse_loss = Op("mse_loss", _mse_loss_impl, _mse_loss_fake, _mse_setup, _mse_grad)
+_mse_loss = Op("mse_loss", _mse_loss_impl, _mse_loss_fake, _mse_setup, _mse_grad, rows={0: 0, 1: 0}, groups=3)
 
 
 def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average: bool | None = None, reduce: bool | None = None,
@@ -424,7 +438,9 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average: bool | Non
         return torch.nn.functional.mse_loss(input, target, reduction=reduction)
     dtype = torch.promote_types(input.dtype, target.dtype)  # torch broadcasts first: a 0-dim operand counts too
     input, target = torch.broadcast_tensors(input.to(dtype), target.to(dtype))
-    return _mse_loss(input.contiguous(), target.contiguous(), reduction)
+    # As (N,) vectors, each element a row for the ops' vmap fold (a view of the contiguous tensors).
+    loss = _mse_loss(input.contiguous().view(-1), target.contiguous().view(-1), reduction, 0)
+    return loss.view(input.shape) if reduction == "none" else loss
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):

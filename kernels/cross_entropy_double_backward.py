@@ -64,7 +64,7 @@ def cross_entropy_double_backward_kernel(
         weight_total = _smoothing_weight_total(weight_ptr, C, HAS_WEIGHT, SMOOTHING, COMPUTE, BLOCK_C)
         coef = w_y * (1.0 - SMOOTHING) + weight_total * e_over_c
     scale = tl.load(grad_ptr + rows * stride_grad, mask=r_ok, other=0.0).to(COMPUTE) * norm
-    row_max, log_sum = _row_stats(stats_ptr, rows, r_ok, N)
+    row_max, log_sum = _row_stats(stats_ptr, rows, r_ok)
     dot = tl.zeros((BLOCK_R,), COMPUTE)
     constant = tl.zeros((BLOCK_R,), COMPUTE)  # sum_j r_j G_j, less (1 - e) sum_j w_j (lse - x_j) H_j
     weighted_h = tl.zeros((BLOCK_R,), COMPUTE)  # sum_j w_j H_j

@@ -41,7 +41,7 @@ WARPS = 8
 def cross_entropy_forward_kernel(
     x_ptr, stride_x, target_ptr, weight_ptr,
     row_loss_ptr, row_weight_ptr,  # (N,) each, in the compute dtype
-    stats_ptr,  # (2, N): each row's max, then the log of its sum of exp(x - max)
+    stats_ptr,  # (N, 2): each row's max and the log of its sum of exp(x - max)
     N, C, ignore_index,
     HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -76,7 +76,7 @@ def cross_entropy_forward_kernel(
     x_y = tl.load(x_ptr + rows * stride_x + safe, mask=kept, other=0.0).to(COMPUTE)
     # lse - x_y as (max - x_y) + log_sum: lse itself, rounded at the logits' scale, would carry an error of
     # that scale into the difference (torch's x - max - log_sum does not).
-    log_sum = _store_row_stats(stats_ptr, rows, r_ok, N, running_max, running_sum)
+    log_sum = _store_row_stats(stats_ptr, rows, r_ok, running_max, running_sum)
     loss = w_y * ((running_max - x_y) + log_sum)
     if SMOOTHING != 0.0:
         smooth = weight_total * ((running_max - ref) + log_sum) - weighted_x
@@ -102,13 +102,14 @@ def _logsumexp_step(x_ptrs, ok, r_ok, running_max, running_sum, COMPUTE: tl.cons
 
 
 @triton.jit
-def _store_row_stats(stats_ptr, rows, r_ok, N, running_max, running_sum):
-    """Stores each row's max and log-sum for backward, and returns the log-sum, where the loss is formed:
-    stored at the kernel's end instead, after the loss's stores, one value spilled 8 B in the class-index
-    forward's sm_90 compile (fp32, 64 classes)."""
+def _store_row_stats(stats_ptr, rows, r_ok, running_max, running_sum):
+    """Stores each row's max and log-sum for backward (a row's pair side by side: the stats are rows, as
+    torch.func.vmap folds them), and returns the log-sum, where the loss is formed: stored at the kernel's end
+    instead, after the loss's stores, one value spilled 8 B in the class-index forward's sm_90 compile (fp32,
+    64 classes)."""
     log_sum = tl.log(running_sum)
-    tl.store(stats_ptr + rows, running_max, mask=r_ok)
-    tl.store(stats_ptr + N + rows, log_sum, mask=r_ok)
+    tl.store(stats_ptr + 2 * rows, running_max, mask=r_ok)
+    tl.store(stats_ptr + 2 * rows + 1, log_sum, mask=r_ok)
     return log_sum
 
 
@@ -129,9 +130,21 @@ def _smoothing_weight_total(weight_ptr, C, HAS_WEIGHT: tl.constexpr, SMOOTHING: 
 
 
 @triton.jit
-def _row_stats(stats_ptr, rows, r_ok, N):
+def _row_stats(stats_ptr, rows, r_ok):
     """(each row's max, the log of its sum of exp(x - max)), as the forward kernels stored them."""
-    return (tl.load(stats_ptr + rows, mask=r_ok, other=0.0), tl.load(stats_ptr + N + rows, mask=r_ok, other=0.0))
+    return (tl.load(stats_ptr + 2 * rows, mask=r_ok, other=0.0),
+            tl.load(stats_ptr + 2 * rows + 1, mask=r_ok, other=0.0))
+
+
+@triton.jit
+def _output_gradient_of(rows, GROUP_ROWS, GROUPED: tl.constexpr):
+    """Which output gradient (and, for the class-index mean, which totals) a row's loss takes: the row's own
+    or the one value (by the gradient's stride, 1 or 0), or, GROUPED (per-sample losses under
+    torch.func.vmap), its group's of GROUP_ROWS rows."""
+    if GROUPED:
+        return rows // GROUP_ROWS
+    else:
+        return rows
 
 
 @triton.jit
@@ -154,9 +167,13 @@ def _divide(a, b):
 
 @triton.jit(do_not_specialize=["count"])  # a count of 1 would be a constant, which has no .to()
 def reduced_loss_kernel(a_ptr, b_ptr, totals_ptr, loss_ptr, N, count, DIVIDE_BY: tl.constexpr, BLOCK: tl.constexpr):
-    """totals = [sum(a), sum(b)] over N values, in one program (a fixed order), and the reduced loss in
-    loss's dtype: sum(a), divided by sum(b) (DIVIDE_BY "sum_b") or by count ("count"), or not ("none")."""
+    """Program g: totals[g] = [sum(a), sum(b)] over its group's N values (the g-th N of a and b), in a fixed
+    order, and its reduced loss loss[g] in loss's dtype: sum(a), divided by sum(b) (DIVIDE_BY "sum_b") or
+    by count ("count"), or not ("none")."""
+    group = tl.program_id(0).to(tl.int64)
     offsets = tl.arange(0, BLOCK)
+    a_ptr += group * N
+    b_ptr += group * N
     total_a = tl.zeros((BLOCK,), totals_ptr.dtype.element_ty)
     total_b = tl.zeros((BLOCK,), totals_ptr.dtype.element_ty)
     for n0 in range(0, N, BLOCK):
@@ -165,25 +182,26 @@ def reduced_loss_kernel(a_ptr, b_ptr, totals_ptr, loss_ptr, N, count, DIVIDE_BY:
         total_b += tl.load(b_ptr + n0 + offsets, mask=ok, other=0.0)
     sum_a = tl.sum(total_a, axis=0)
     sum_b = tl.sum(total_b, axis=0)
-    tl.store(totals_ptr, sum_a)
-    tl.store(totals_ptr + 1, sum_b)
+    tl.store(totals_ptr + 2 * group, sum_a)
+    tl.store(totals_ptr + 2 * group + 1, sum_b)
     loss = sum_a
     if DIVIDE_BY == "sum_b":
         loss = _divide(sum_a, sum_b)
     if DIVIDE_BY == "count":
         loss = _divide(sum_a, count.to(sum_a.dtype))
-    tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
+    tl.store(loss_ptr + group, loss.to(loss_ptr.dtype.element_ty))
 
 
 @triton.jit
 def cross_entropy_backward_kernel(
     x_ptr, stride_x, target_ptr, weight_ptr, stats_ptr, grad_ptr, stride_grad, sums_ptr,
     dx_ptr,  # (N, C) contiguous
-    N, C, ignore_index,
-    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    N, C, ignore_index, GROUP_ROWS,
+    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr, GROUPED: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # REDUCTION: 0 none (grad per row), 1 sum, 2 mean (grad over sums[1], the weight of the rows kept).
+    # REDUCTION: 0 none (grad per row), 1 sum, 2 mean (grad over the second of sums, the weight of the rows
+    # kept); GROUPED: per group of rows (sums then (groups, 2)).
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rows < N
     cols = tl.arange(0, BLOCK_C)
@@ -191,14 +209,19 @@ def cross_entropy_backward_kernel(
     kept = r_ok & (target != ignore_index)
     bad = kept & ((target < 0) | (target >= C))  # as in the forward: never an address; the gradient is NaN
     kept = kept & ~bad
-    scale = tl.load(grad_ptr + rows * stride_grad, mask=r_ok, other=0.0).to(COMPUTE)
+    which = _output_gradient_of(rows, GROUP_ROWS, GROUPED)
+    scale = tl.load(grad_ptr + which * stride_grad, mask=r_ok, other=0.0).to(COMPUTE)
     if REDUCTION == 2:
-        scale = scale / tl.load(sums_ptr + 1).to(COMPUTE)
+        if GROUPED:
+            total = tl.load(sums_ptr + 2 * which + 1, mask=r_ok, other=1.0)
+        else:
+            total = tl.load(sums_ptr + 1)
+        scale = scale / total.to(COMPUTE)
     scale = tl.where(kept, scale, tl.where(bad, float("nan"), 0.0))
     safe = tl.where(kept, target, 0)
     w_y = tl.load(weight_ptr + safe, mask=kept, other=0.0).to(COMPUTE) if HAS_WEIGHT else kept.to(COMPUTE)
     weight_total = _smoothing_weight_total(weight_ptr, C, HAS_WEIGHT, SMOOTHING, COMPUTE, BLOCK_C)
-    row_max, log_sum = _row_stats(stats_ptr, rows, r_ok, N)
+    row_max, log_sum = _row_stats(stats_ptr, rows, r_ok)
     for c0 in range(0, C, BLOCK_C):
         c_ok = c0 + cols < C
         ok = r_ok[:, None] & c_ok[None, :]
@@ -226,7 +249,7 @@ def _tiles(rows: int, classes: int, dtype: torch.dtype, elements: int = TILE) ->
 
 def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
                           smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-row loss, per-row weight w_y (0 when ignored)), each (N,), and per-row stats (2, N): the row's
+    """(per-row loss, per-row weight w_y (0 when ignored)), each (N,), and per-row stats (N, 2): the row's
     max and the log of its sum of exp(x - max); all in fp32 (fp64 for fp64).
 
     x (N, C) with unit column stride; target (N,) int64 in [0, C) or ignore_index; weight (C,) or None.
@@ -250,31 +273,34 @@ def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.T
 
 
 def _stats(rows: int, x: torch.Tensor, dtype: torch.dtype, zeros: bool = False) -> torch.Tensor:
-    """The (2, rows) per-row stats the forward kernels write (zeros where no kernel runs: no classes)."""
-    return (torch.zeros if zeros else torch.empty)((2, rows), device=x.device, dtype=dtype)
+    """The (rows, 2) per-row stats the forward kernels write (zeros where no kernel runs: no classes)."""
+    return (torch.zeros if zeros else torch.empty)((rows, 2), device=x.device, dtype=dtype)
 
 
-def reduced_loss(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, divide_by: str = "none", count: int = 1
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def reduced_loss(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, divide_by: str = "none", count: int = 1,
+                 groups: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(totals, loss) of two (N,) tensors of one dtype, in one launch: totals = [sum(a), sum(b)], a (2,)
     tensor of their dtype; loss a scalar of `dtype`: sum(a), divided by sum(b) for divide_by "sum_b" or by
     count for "count". One kernel where torch ops would make three more launches (host time a call).
+    groups > 0: totals (groups, 2) and loss (groups,), one for each of `groups` equal groups of consecutive
+    values (count is then a group's), one program each.
 
     The division is correctly rounded: as torch divides a cross-entropy's sums; its MSE mean multiplies by
     1 / count, which can differ in the last bit of fp32."""
-    totals = torch.empty(2, device=a.device, dtype=a.dtype)
-    loss = torch.empty((), device=a.device, dtype=dtype)
+    totals = torch.empty((groups, 2) if groups else (2,), device=a.device, dtype=a.dtype)
+    loss = torch.empty((groups,) if groups else (), device=a.device, dtype=dtype)
     with launch("reduced_loss_kernel", a.device):
-        reduced_loss_kernel[(1,)](a, b, totals, loss, a.shape[0], count, DIVIDE_BY=divide_by, BLOCK=REDUCE_BLOCK,
-                                  num_warps=4)
+        reduced_loss_kernel[(max(groups, 1),)](a, b, totals, loss, a.shape[0] // max(groups, 1), count,
+                                                DIVIDE_BY=divide_by, BLOCK=REDUCE_BLOCK, num_warps=4)
     return totals, loss
 
 
 def cross_entropy_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
                            smoothing: float, stats: torch.Tensor, grad: torch.Tensor, reduction: str,
-                           totals: torch.Tensor | None) -> torch.Tensor:
+                           totals: torch.Tensor | None, groups: int = 0) -> torch.Tensor:
     """dx (N, C) contiguous in x's dtype. grad: the output gradient, (N,) for reduction "none", else a
-    scalar; totals: the forward's [sum of row losses, sum of w_y] (read for "mean")."""
+    scalar, or (groups,) for a loss over each of `groups` equal groups of rows (groups > 0); totals: the
+    forward's [sum of row losses, sum of w_y] ((groups, 2) for groups; read for "mean")."""
     rows, classes = x.shape
     dx = torch.empty((rows, classes), device=x.device, dtype=x.dtype)
     if rows == 0 or classes == 0:
@@ -284,10 +310,10 @@ def cross_entropy_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.
         cross_entropy_backward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
             x, x.stride(0), target, weight if weight is not None else x, stats, grad,
             grad.stride(0) if grad.dim() else 0, totals if totals is not None else stats, dx,
-            rows, classes, ignore_index,
+            rows, classes, ignore_index, rows // groups if groups else rows,
             HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing),
-            REDUCTION={"none": 0, "sum": 1, "mean": 2}[reduction], COMPUTE=accumulator_dtype(x.dtype), **tiles,
-            num_warps=WARPS,
+            REDUCTION={"none": 0, "sum": 1, "mean": 2}[reduction], GROUPED=_grouped(groups, reduction),
+            COMPUTE=accumulator_dtype(x.dtype), **tiles, num_warps=WARPS,
         )
     return dx
 
@@ -296,7 +322,7 @@ def cross_entropy_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.
 def cross_entropy_probs_forward_kernel(
     x_ptr, stride_x, t_ptr, stride_t, weight_ptr,
     row_loss_ptr, row_mass_ptr,  # (N,) each, in the compute dtype
-    stats_ptr,  # (2, N): each row's max, then the log of its sum of exp(x - max)
+    stats_ptr,  # (N, 2): each row's max and the log of its sum of exp(x - max)
     N, C,
     HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -325,7 +351,7 @@ def cross_entropy_probs_forward_kernel(
             q = q * tl.load(weight_ptr + c0 + cols, mask=c_ok, other=0.0).to(COMPUTE)[None, :]
         mass_lanes += q
         weighted_x += tl.sum(q * tl.where(ok, x - ref[:, None], 0.0), axis=1)  # masked lanes hold -inf
-    log_sum = _store_row_stats(stats_ptr, rows, r_ok, N, running_max, running_sum)
+    log_sum = _store_row_stats(stats_ptr, rows, r_ok, running_max, running_sum)
     mass = tl.sum(mass_lanes, axis=1)
     tl.store(row_loss_ptr + rows, mass * ((running_max - ref) + log_sum) - weighted_x, mask=r_ok)
     tl.store(row_mass_ptr + rows, mass, mask=r_ok)
@@ -345,19 +371,22 @@ def _smoothed(t_ptrs, ok, C, SMOOTHING: tl.constexpr, COMPUTE: tl.constexpr):
 def cross_entropy_probs_backward_kernel(
     x_ptr, stride_x, t_ptr, stride_t, weight_ptr, stats_ptr, row_mass_ptr, grad_ptr, stride_grad,
     dx_ptr, dt_ptr,  # (N, C) contiguous each
-    N, C,
-    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, MEAN: tl.constexpr, COMPUTE: tl.constexpr,
-    INPUT_GRAD: tl.constexpr, TARGET_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    N, C, GROUP_ROWS,
+    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, MEAN: tl.constexpr, GROUPED: tl.constexpr,
+    COMPUTE: tl.constexpr, INPUT_GRAD: tl.constexpr, TARGET_GRAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # dx_j = s (A p_j - w_j q_j) and dt_j = s (1 - e) w_j (lse - x_j), with s the row's output gradient
-    # (over N for the mean, which divides by the rows whatever the weights, as torch's does).
+    # (over the rows for the mean, which divides by them whatever the weights, as torch's does; GROUPED: by
+    # the GROUP_ROWS rows of the row's group, else GROUP_ROWS is N).
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rows < N
     cols = tl.arange(0, BLOCK_C)
-    scale = tl.load(grad_ptr + rows * stride_grad, mask=r_ok, other=0.0).to(COMPUTE)
+    scale = tl.load(grad_ptr + _output_gradient_of(rows, GROUP_ROWS, GROUPED) * stride_grad, mask=r_ok,
+                    other=0.0).to(COMPUTE)
     if MEAN:
-        scale = scale / N
-    row_max, log_sum = _row_stats(stats_ptr, rows, r_ok, N)
+        scale = scale / GROUP_ROWS
+    row_max, log_sum = _row_stats(stats_ptr, rows, r_ok)
     mass = tl.load(row_mass_ptr + rows, mask=r_ok, other=0.0)
     for c0 in range(0, C, BLOCK_C):
         c_ok = c0 + cols < C
@@ -376,7 +405,7 @@ def cross_entropy_probs_backward_kernel(
 
 def cross_entropy_probs_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
                                 smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-row loss, per-row mass A = sum_j w_j q_j), each (N,), and per-row stats (2, N) as
+    """(per-row loss, per-row mass A = sum_j w_j q_j), each (N,), and per-row stats (N, 2) as
     cross_entropy_forward's, in fp32 (fp64 for fp64), for class-probability targets. x and target (N, C) of
     one dtype, unit column stride; weight (C,) or None."""
     rows, classes = x.shape
@@ -399,10 +428,11 @@ def cross_entropy_probs_forward(x: torch.Tensor, target: torch.Tensor, weight: t
 
 def cross_entropy_probs_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
                                  smoothing: float, stats: torch.Tensor, row_mass: torch.Tensor, grad: torch.Tensor,
-                                 reduction: str, input_grad: bool, target_grad: bool
+                                 reduction: str, input_grad: bool, target_grad: bool, groups: int = 0
                                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dx, dtarget), (N, C) contiguous in x's dtype, each None where not asked for, in one pass over the
-    rows. grad: the output gradient, (N,) for reduction "none", else a scalar."""
+    rows. grad: the output gradient, (N,) for reduction "none", else a scalar, or (groups,) for a loss over
+    each of `groups` equal groups of rows (groups > 0)."""
     rows, classes = x.shape
     dx = torch.empty((rows, classes), device=x.device, dtype=x.dtype) if input_grad else None
     dt = torch.empty((rows, classes), device=x.device, dtype=x.dtype) if target_grad else None
@@ -413,9 +443,10 @@ def cross_entropy_probs_backward(x: torch.Tensor, target: torch.Tensor, weight: 
         cross_entropy_probs_backward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
             x, x.stride(0), target, target.stride(0), weight if weight is not None else x, stats, row_mass, grad,
             grad.stride(0) if grad.dim() else 0, dx if dx is not None else x, dt if dt is not None else x,
-            rows, classes,
+            rows, classes, rows // groups if groups else rows,
             HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing), MEAN=reduction == "mean",
-            COMPUTE=accumulator_dtype(x.dtype), INPUT_GRAD=input_grad, TARGET_GRAD=target_grad, **tiles,
+            GROUPED=_grouped(groups, reduction), COMPUTE=accumulator_dtype(x.dtype), INPUT_GRAD=input_grad,
+            TARGET_GRAD=target_grad, **tiles,
             num_warps=WARPS,
         )
     return dx, dt
@@ -430,28 +461,32 @@ def _difference(x_ptr, y_ptr, offsets, ok, COMPUTE: tl.constexpr):
 @triton.jit
 def mse_forward_kernel(x_ptr, y_ptr, out_ptr, N, COMPUTE: tl.constexpr, ELEMENTWISE: tl.constexpr,
                        BLOCK: tl.constexpr):
-    """ELEMENTWISE: out[i] = (x - y)^2 (reduction "none"); else out[program] = the block's sum of it."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offsets < N
-    d = _difference(x_ptr, y_ptr, offsets, ok, COMPUTE)
+    """Over group g (grid axis 1) of N elements: ELEMENTWISE: out[i] = (x - y)^2 (reduction "none"); else
+    out[g, block] = the block's sum of it (blocks: grid axis 0)."""
+    block = tl.program_id(0)
+    start = tl.program_id(1).to(tl.int64) * N
+    within = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = within < N
+    d = _difference(x_ptr, y_ptr, start + within, ok, COMPUTE)
     if ELEMENTWISE:
-        tl.store(out_ptr + offsets, (d * d).to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + start + within, (d * d).to(out_ptr.dtype.element_ty), mask=ok)
     else:
-        tl.store(out_ptr + tl.program_id(0), tl.sum(d * d, axis=0))
+        tl.store(out_ptr + tl.program_id(1).to(tl.int64) * tl.num_programs(0) + block, tl.sum(d * d, axis=0))
 
 
 @triton.jit
-def mse_backward_kernel(x_ptr, y_ptr, grad_ptr, stride_grad, dx_ptr, dy_ptr, N,
-                        COMPUTE: tl.constexpr, MEAN: tl.constexpr, INPUT_GRAD: tl.constexpr, TARGET_GRAD: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    """dx = 2 (x - y) grad (/ N for the mean), dy = -dx; grad per element (stride 1) or one value (stride 0)."""
+def mse_backward_kernel(x_ptr, y_ptr, grad_ptr, stride_grad, dx_ptr, dy_ptr, N, GROUP_N,
+                        COMPUTE: tl.constexpr, MEAN: tl.constexpr, GROUPED: tl.constexpr, INPUT_GRAD: tl.constexpr,
+                        TARGET_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """dx = 2 (x - y) grad (/ GROUP_N for the mean), dy = -dx; grad per element (stride 1) or one value
+    (stride 0), or GROUPED one for each group of GROUP_N elements (GROUP_N is N where not GROUPED)."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < N
     d = _difference(x_ptr, y_ptr, offsets, ok, COMPUTE)
-    g = tl.load(grad_ptr + offsets * stride_grad, mask=ok, other=0.0).to(COMPUTE)
-    dx = 2.0 * d * g
+    g = tl.load(grad_ptr + _output_gradient_of(offsets, GROUP_N, GROUPED) * stride_grad, mask=ok, other=0.0)
+    dx = 2.0 * d * g.to(COMPUTE)
     if MEAN:
-        dx = dx / N
+        dx = dx / GROUP_N
     if INPUT_GRAD:
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
     if TARGET_GRAD:
@@ -461,25 +496,29 @@ def mse_backward_kernel(x_ptr, y_ptr, grad_ptr, stride_grad, dx_ptr, dy_ptr, N,
 MSE_BLOCK = 1024 if INTERPRET else 2048
 
 
-def mse_forward(x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
-    """(x - y)^2 per element for "none" (x's shape and dtype), else its sum or mean (a scalar in x's dtype).
-    x and y contiguous, of one shape."""
-    n = x.numel()
-    elementwise, blocks = reduction == "none", cdiv(n, MSE_BLOCK)
+def mse_forward(x: torch.Tensor, y: torch.Tensor, reduction: str, groups: int = 0) -> torch.Tensor:
+    """(x - y)^2 per element for "none" (x's shape and dtype), else its sum or mean (a scalar in x's dtype),
+    or, for groups > 0, each of `groups` equal groups of consecutive elements' ((groups,)). x and y
+    contiguous, of one shape."""
+    n, copies = x.numel(), max(groups, 1)
+    group_n = n // copies
+    elementwise, blocks = reduction == "none", cdiv(group_n, MSE_BLOCK)
     out = torch.empty_like(x) if elementwise else \
-        torch.zeros(max(blocks, 1), device=x.device, dtype=state_dtype(x.dtype))  # per-block sums
+        torch.zeros((copies, max(blocks, 1)), device=x.device, dtype=state_dtype(x.dtype))  # per-block sums
     if n:
         with launch("mse_forward_kernel", x.device):
-            mse_forward_kernel[(blocks,)](x, y, out, n, COMPUTE=accumulator_dtype(x.dtype), ELEMENTWISE=elementwise,
-                                          BLOCK=MSE_BLOCK, num_warps=WARPS)
+            mse_forward_kernel[(blocks, copies)](x, y, out, group_n, COMPUTE=accumulator_dtype(x.dtype),
+                                                 ELEMENTWISE=elementwise, BLOCK=MSE_BLOCK, num_warps=WARPS)
     if elementwise:
         return out
-    return reduced_loss(out, out, x.dtype, "count" if reduction == "mean" else "none", count=n)[1]
+    return reduced_loss(out.view(-1), out.view(-1), x.dtype, "count" if reduction == "mean" else "none",
+                        count=group_n, groups=groups)[1]
 
 
 def mse_backward(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, reduction: str, input_grad: bool,
-                 target_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(dx, dy) of the MSE loss for the output gradient grad (x's shape for "none", else a scalar)."""
+                 target_grad: bool, groups: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dy) of the MSE loss for the output gradient grad (x's shape for "none", else a scalar, or
+    (groups,) for the loss over each of `groups` equal groups of elements)."""
     n = x.numel()
     dx = torch.empty_like(x) if input_grad else None
     dy = torch.empty_like(y) if target_grad else None
@@ -488,6 +527,13 @@ def mse_backward(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, reduction
         with launch("mse_backward_kernel", x.device):
             mse_backward_kernel[(cdiv(n, MSE_BLOCK),)](
                 x, y, grad, 1 if grad.dim() else 0, dx if input_grad else x, dy if target_grad else x, n,
-                COMPUTE=accumulator_dtype(x.dtype), MEAN=reduction == "mean", INPUT_GRAD=input_grad,
-                TARGET_GRAD=target_grad, BLOCK=MSE_BLOCK, num_warps=WARPS)
+                n // groups if groups else n, COMPUTE=accumulator_dtype(x.dtype), MEAN=reduction == "mean",
+                GROUPED=_grouped(groups, reduction), INPUT_GRAD=input_grad, TARGET_GRAD=target_grad,
+                BLOCK=MSE_BLOCK, num_warps=WARPS)
     return dx, dy
+
+
+def _grouped(groups: int, reduction: str) -> bool:
+    """Whether a backward kernel takes one output gradient a group of rows (elements): a reduced loss per
+    group; "none" has one a row anyway."""
+    return bool(groups) and reduction != "none"

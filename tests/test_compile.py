@@ -167,12 +167,18 @@ def test_fake_shapes_match_real_ones(device):
                                                            [2, 2, 3, 3], [2, 2, 1, 1, 0, 0, 1, 1, 0, 0])),
            (torch.ops.gpunn.rnn_cell_grad_input, (torch.randn(3, 4), torch.randn(3, 4), None, torch.randn(4, 4),
                                                   "tanh")),
-           (torch.ops.gpunn.cross_entropy, (torch.randn(4, 6), torch.tensor([0, 5, -100, 2]), None, -100, 0.0, "sum")),
+           (torch.ops.gpunn.cross_entropy, (torch.randn(4, 6), torch.tensor([0, 5, -100, 2]), None, -100, 0.0, "sum", 0)),
+           (torch.ops.gpunn.cross_entropy, (torch.randn(4, 6), torch.tensor([0, 5, -100, 2]), None, -100, 0.0, "mean",
+                                            2)),
            (torch.ops.gpunn.cross_entropy_probs, (torch.randn(4, 6), torch.rand(4, 6), torch.rand(6), 0.1, "none",
-                                                  False)),
+                                                  False, 0)),
+           (torch.ops.gpunn.cross_entropy_probs, (torch.randn(4, 6), torch.rand(4, 6), torch.rand(6), 0.1, "sum",
+                                                  False, 4)),
            (torch.ops.gpunn.cross_entropy_probs_backward, (torch.tensor(1.0), torch.randn(4, 6), torch.rand(4, 6), None,
-                                                           0.0, torch.randn(2, 4), torch.rand(4), "mean", True, False)),
-           (torch.ops.gpunn.mse_loss, (torch.randn(3, 2), torch.randn(3, 2), "none"))]
+                                                           0.0, torch.randn(4, 2), torch.rand(4), "mean", True, False,
+                                                           0)),
+           (torch.ops.gpunn.mse_loss, (torch.randn(6), torch.randn(6), "none", 0)),
+           (torch.ops.gpunn.mse_loss, (torch.randn(6), torch.randn(6), "mean", 3))]
     for op, args in ops:
         args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

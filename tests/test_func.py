@@ -290,3 +290,105 @@ def test_vmap_over_empty_rows_or_features(device, in_features, out_features, row
     out = torch.func.vmap(ours)(x)
     assert out.shape == (3, rows, out_features)
     assert_close(out, torch.func.vmap(theirs)(x), DT, "output")
+
+
+FOLDED_PER_SAMPLE = ["linear_gelu", "masked_tanh", "rnn_cell_relu", "cross_entropy", "cross_entropy_weighted_ignore",
+                     "cross_entropy_probabilities", "mse_sum", "mse_mean"]
+
+
+@pytest.mark.parametrize("name", FOLDED_PER_SAMPLE)
+def test_per_sample_gradients_take_one_launch_per_kernel_whatever_the_samples(device, name):
+    """vmap(grad(f)) over the inputs of a dense, masked or cell layer, or of a loss: every kernel, the
+    backward's per-sample weight and bias gradients and the per-sample losses included, runs once over all
+    samples (test_per_sample_gradients_match_torch checks the values)."""
+    kernels = []
+    for samples in (2, 5):
+        ours, theirs, params, inputs = _case(name, device, samples)
+        weights = _weights(_output(theirs(params, inputs[0][0], *inputs[1:])), case_seed(name))
+        per_sample = torch.func.vmap(torch.func.grad(_objective(ours, weights), argnums=(0, 1)),
+                                     in_dims=(None, 0) + (None,) * (len(inputs) - 1))
+        with count_launches() as launches:
+            per_sample(params, *inputs)
+        assert set(launches.values()) == {1}, launches
+        kernels.append(set(launches))
+    assert kernels[0] == kernels[1]
+
+
+def _per_sample_model(device):
+    """A dense GELU layer, a masked layer and a cross-entropy with class weights, ignore_index and label
+    smoothing, as gpunn's and torch's functions of (params, x, target); odd sizes."""
+    mask = _mask(5, 7).to(device)
+    model = torch.nn.Sequential(gpunn.Linear(9, 7, activation="gelu"), gpunn.MaskedLinear(7, 5, mask)).to(device, DT)
+    class_weights = torch.rand(5, dtype=DT, device=device) + 0.5
+    options = dict(weight=class_weights, ignore_index=3, label_smoothing=0.2)
+
+    def ours(p, x, t):
+        return gpunn.losses.cross_entropy(torch.func.functional_call(model, p, (x,)), t, **options)
+
+    def theirs(p, x, t):
+        hidden = F.gelu(F.linear(x, p["0.weight"], p["0.bias"]))
+        return F.cross_entropy(F.linear(hidden, p["1.weight"] * mask, p["1.bias"]), t, **options)
+
+    gen = torch.Generator().manual_seed(case_seed("per_sample_model"))
+    params = {key: torch.randn(value.shape, generator=gen, dtype=DT).to(device)
+              for key, value in model.named_parameters()}
+    return ours, theirs, params
+
+
+@pytest.mark.parametrize("samples,rows", [(7, 37), (3, 1)])
+def test_per_sample_gradients_of_a_model_and_its_loss_match_torch(device, samples, rows):
+    """Per-sample gradients (DP-SGD's kind) of a small model and its loss, each sample several rows (more than
+    a block of the kernels' row loops) or one: each sample's gradients as torch's autograd gives them."""
+    ours, theirs, params = _per_sample_model(device)
+    gen = torch.Generator().manual_seed(case_seed("per_sample_model", samples, rows))
+    x = torch.randn(samples, rows, 9, generator=gen, dtype=DT).to(device)
+    target = torch.randint(0, 5, (samples, rows), generator=gen).to(device)
+    grads = torch.func.vmap(torch.func.grad(ours), in_dims=(None, 0, 0))(params, x, target)
+    for i in range(samples):
+        leaves = {key: value.clone().requires_grad_() for key, value in params.items()}
+        expected = torch.autograd.grad(theirs(leaves, x[i], target[i]), list(leaves.values()))
+        for key, value in zip(leaves, expected):
+            assert_close(grads[key][i], value, DT, f"sample {i}: {key}")
+
+
+def test_per_sample_gradients_fold_at_most_the_grid_limit_of_samples_at_once(device, monkeypatch):
+    """The samples' groups sit on a grid axis CUDA limits (65535): a larger batch folds in chunks of samples
+    (here a limit of 4 groups, over 11 samples in 3 chunks, and over 3 x 3 samples nested, one sample a chunk)."""
+    from gpunn.ops import library
+    monkeypatch.setattr(library, "MOST_GROUPS", 4)
+    ours, theirs, params = _per_sample_model(device)
+    gen = torch.Generator().manual_seed(case_seed("chunked"))
+    x = torch.randn(11, 2, 9, generator=gen, dtype=DT).to(device)
+    target = torch.randint(0, 5, (11, 2), generator=gen).to(device)
+    per_sample = torch.func.vmap(torch.func.grad(ours), in_dims=(None, 0, 0))
+    with count_launches() as launches:
+        grads = per_sample(params, x, target)
+    assert launches["dense_grad_weight_kernel"] == 3 and launches["cross_entropy_backward_kernel"] == 3, launches
+    nested = torch.func.vmap(per_sample, in_dims=(None, 0, 0))(params, x[:9].view(3, 3, 2, 9), target[:9].view(3, 3, 2))
+    for i in range(11):
+        leaves = {key: value.clone().requires_grad_() for key, value in params.items()}
+        expected = torch.autograd.grad(theirs(leaves, x[i], target[i]), list(leaves.values()))
+        for key, value in zip(leaves, expected):
+            assert_close(grads[key][i], value, DT, f"sample {i}: {key}")
+            if i < 9:
+                assert_close(nested[key][i // 3, i % 3], value, DT, f"nested sample {i}: {key}")
+
+
+@pytest.mark.parametrize("loss", ["mse_mean", "cross_entropy_mean"])
+def test_per_sample_losses_over_more_than_a_block_of_rows_match_torch(device, loss):
+    """Per-sample losses whose samples span several of the reducing kernels' blocks (MSE's elements, the
+    reduction's 1024 rows): each sample's loss and input gradient as torch's."""
+    gen = torch.Generator().manual_seed(case_seed(loss, "long samples"))
+    x = torch.randn(3, 1100, 3, generator=gen, dtype=DT).to(device)
+    if loss == "mse_mean":
+        target = torch.randn(3, 1100, 3, generator=gen, dtype=DT).to(device)
+        ours, theirs = gpunn.losses.mse_loss, F.mse_loss
+    else:
+        target = torch.randint(0, 3, (3, 1100), generator=gen).to(device)
+        ours, theirs = gpunn.losses.cross_entropy, F.cross_entropy
+    grads, values = torch.func.vmap(torch.func.grad_and_value(ours))(x, target)
+    for i in range(3):
+        leaf = x[i].clone().requires_grad_()
+        value = theirs(leaf, target[i])
+        assert_close(values[i], value.detach(), DT, f"sample {i}: loss")
+        assert_close(grads[i], torch.autograd.grad(value, leaf)[0], DT, f"sample {i}: input gradient")

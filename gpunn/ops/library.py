@@ -179,7 +179,7 @@ def _transform_function(op: Op, setup_context: Callable | None):
         does the same, takes no list arguments.)"""
         args, dims = _unflatten(flat, lengths), _unflatten(in_dims[1:], lengths)
         if op.rows and info.batch_size and not any(_batched(dim) for i, dim in enumerate(dims) if i not in op.rows):
-            return _folded(op, info.batch_size, args, dims)
+            return _folded_in_chunks(op, info.batch_size, args, dims)
         if info.batch_size:
             samples, stack = [op(*_sample(args, dims, i)) for i in range(info.batch_size)], torch.stack
         else:  # no sample to run: the fake implementation gives the shapes
@@ -260,6 +260,28 @@ def _folded(op: Op, batch: int, args: list, dims: list) -> tuple:
     outputs, shapes = ((outputs,), (shapes,)) if single else (outputs, shapes)
     results = tuple(out.reshape(batch, *like.shape) for out, like in zip(outputs, shapes))
     return (results[0], 0) if single else (results, (0,) * len(results))
+
+
+# The most groups one fold makes: kernels put groups on a grid axis CUDA limits to 65535 blocks.
+MOST_GROUPS = 65535
+
+
+def _folded_in_chunks(op: Op, batch: int, args: list, dims: list) -> tuple:
+    """_folded, over as many samples at a time as make at most MOST_GROUPS groups, the outputs joined."""
+    per = MOST_GROUPS // max(args[op.groups], 1) if op.groups is not None else batch
+    if batch <= per:
+        return _folded(op, batch, args, dims)
+    parts = [_folded(op, min(per, batch - start), _narrowed(args, dims, start, per), dims)[0]
+             for start in range(0, batch, per)]
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts), 0
+    return tuple(torch.cat(column) for column in zip(*parts)), (0,) * len(parts[0])
+
+
+def _narrowed(args, in_dims, start: int, length: int) -> list:
+    """args with samples [start, start + length) of each batched tensor (fewer at the end), lists included."""
+    return [arg if dim is None else arg.narrow(dim, start, min(length, arg.shape[dim] - start))
+            if isinstance(arg, torch.Tensor) else _narrowed(arg, dim, start, length) for arg, dim in zip(args, in_dims)]
 
 
 def _batched(dim) -> bool:
