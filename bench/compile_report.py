@@ -170,11 +170,12 @@ def _launch_masked_grad_input(dtype, m, n, k, activation):
                       layout=_band_layout(dtype, n, k))
 
 
-def _launch_masked_grad_weight(dtype, m, n, k, activation, bias_grad):
-    # One launch: dW blocks and, when bias_grad, the db programs.
+def _launch_masked_grad_weight(dtype, m, n, k, activation, bias_grad, groups=0):
+    # One launch: dW blocks and, when bias_grad, the db programs (per group of rows: torch.func's per-sample
+    # gradients).
     from gpunn.kernels import masked, runtime
     dy, x = runtime.Rows.of(_meta((m, n), dtype)), runtime.Rows.of(_meta((m, k), dtype))
-    masked.grad_weight(dy, _saved(dtype, m, n, activation), x, (n, k), activation, bias_grad,
+    masked.grad_weight(dy, _saved(dtype, m, n, activation), x, (n, k), activation, bias_grad, groups,
                        layout=_band_layout(dtype, n, k))
 
 
@@ -272,8 +273,8 @@ def _launch_sgd(dtype, m, n, k, momentum, first_step, lr_on_device=False):
              momentum=0.9 if momentum else 0.0, dampening=0.0, nesterov=True, maximize=False, first_step=first_step)
 
 
-def _launch_cross_entropy(dtype, m, n, k, backward, weighted, smoothing):
-    # m rows of n classes (the logits (m, n)).
+def _launch_cross_entropy(dtype, m, n, k, backward, weighted, smoothing, groups=0):
+    # m rows of n classes (the logits (m, n)); groups: a mean over each of that many groups of rows.
     import torch
 
     from gpunn.kernels import losses, runtime
@@ -281,21 +282,23 @@ def _launch_cross_entropy(dtype, m, n, k, backward, weighted, smoothing):
     weight = _meta((n,), dtype) if weighted else None
     compute = runtime.state_dtype(dtype)
     if backward:
-        losses.cross_entropy_backward(x, target, weight, -100, smoothing, _meta((m, 2), compute), _meta((), dtype),
-                                      "mean", _meta((2,), compute))
+        lead = (groups,) if groups else ()
+        losses.cross_entropy_backward(x, target, weight, -100, smoothing, _meta((m, 2), compute), _meta(lead, dtype),
+                                      "mean", _meta((*lead, 2), compute), groups)
     else:
         losses.cross_entropy_forward(x, target, weight, -100, smoothing)
 
 
-def _launch_cross_entropy_probs(dtype, m, n, k, backward, weighted, smoothing, target_grad=False):
-    # m rows of n classes, class-probability targets (m, n).
+def _launch_cross_entropy_probs(dtype, m, n, k, backward, weighted, smoothing, target_grad=False, groups=0):
+    # m rows of n classes, class-probability targets (m, n); groups as in _launch_cross_entropy.
     from gpunn.kernels import losses, runtime
     x, target = _meta((m, n), dtype), _meta((m, n), dtype)
     weight = _meta((n,), dtype) if weighted else None
     compute = runtime.state_dtype(dtype)
     if backward:
         losses.cross_entropy_probs_backward(x, target, weight, smoothing, _meta((m, 2), compute), _meta((m,), compute),
-                                            _meta((), dtype), "mean", True, target_grad)
+                                            _meta((groups,) if groups else (), dtype), "mean", True, target_grad,
+                                            groups)
     else:
         losses.cross_entropy_probs_forward(x, target, weight, smoothing)
 
@@ -320,11 +323,11 @@ def _launch_reduced_loss(dtype, m, n, k, divide_by, count=None):
     losses.reduced_loss(_meta((m,), compute), _meta((m,), compute), dtype, divide_by, count=count or m)
 
 
-def _launch_mse(dtype, m, n, k, backward):
+def _launch_mse(dtype, m, n, k, backward, groups=0):
     from gpunn.kernels import losses
     x, y = _meta((m, n), dtype), _meta((m, n), dtype)
     if backward:
-        losses.mse_backward(x, y, _meta((), dtype), "mean", True, True)
+        losses.mse_backward(x, y, _meta((groups,) if groups else (), dtype), "mean", True, True, groups)
     else:
         losses.mse_forward(x, y, "none")
 
@@ -363,6 +366,7 @@ CASES = (
     Case("gpunn.kernels.masked", "masked_grad_weight_kernel", _launch_masked_grad_weight, (
         Variant("relu+db", dict(activation="relu", bias_grad=True)),
         Variant("none", dict(activation=None, bias_grad=False)),
+        Variant("relu+db per sample", dict(activation="relu", bias_grad=True, groups=4)),
     ), tile=("BLOCK_N", "BLOCK_K", "BLOCK_M")),
     # Locally connected: one small GEMM per output position, patches gathered in the kernel.
     Case("gpunn.kernels.local", "local_forward_kernel", _launch_local_forward, (
@@ -413,6 +417,8 @@ CASES = (
     Case("gpunn.kernels.losses", "cross_entropy_backward_kernel", _launch_cross_entropy, (
         Variant("weighted+smoothing", dict(backward=True, weighted=True, smoothing=0.1), matmul=False),
         Variant("plain", dict(backward=True, weighted=False, smoothing=0.0), matmul=False),
+        Variant("weighted+smoothing per sample", dict(backward=True, weighted=True, smoothing=0.1, groups=4),
+                matmul=False),
     ), tile=("BLOCK_C",)),
     Case("gpunn.kernels.losses", "cross_entropy_probs_forward_kernel", _launch_cross_entropy_probs, (
         Variant("weighted+smoothing", dict(backward=False, weighted=True, smoothing=0.1), matmul=False),
@@ -422,6 +428,7 @@ CASES = (
         Variant("weighted+smoothing, both gradients", dict(backward=True, weighted=True, smoothing=0.1,
                                                             target_grad=True), matmul=False),
         Variant("plain", dict(backward=True, weighted=False, smoothing=0.0), matmul=False),
+        Variant("plain per sample", dict(backward=True, weighted=False, smoothing=0.0, groups=4), matmul=False),
     ), tile=("BLOCK_C",)),
     Case("gpunn.kernels.cross_entropy_double_backward", "cross_entropy_double_backward_kernel",
          _launch_cross_entropy_double_backward, (
@@ -439,6 +446,7 @@ CASES = (
     ), tile=("BLOCK",)),
     Case("gpunn.kernels.losses", "mse_backward_kernel", _launch_mse, (
         Variant("mean", dict(backward=True), matmul=False),
+        Variant("mean per sample", dict(backward=True, groups=4), matmul=False),
     ), tile=("BLOCK",)),
     Case("gpunn.kernels.rnn", "rnn_cell_grad_input_kernel", _launch_rnn_cell_grad_input, (
         Variant("tanh", dict(activation="tanh")),

@@ -190,22 +190,31 @@ def masked_grad_weight_kernel(
     M_BUCKET,  # autotuning key only
     BIAS_PROGRAMS,  # the first programs: db for BLOCK_N columns each (0 when db is not asked for)
     FULL_BLOCKS, VISITED_BLOCKS,
-    DY_TWO_ROW_DIMS: tl.constexpr, X_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr, WIDE_ROWS: tl.constexpr,
+    DY_TWO_ROW_DIMS: tl.constexpr, X_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    GROUPED: tl.constexpr, WIDE_ROWS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr,
     GRAD_FROM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # dW = (dz^T @ x) * mask, one program per weight block; db = column sums of dz in programs of their own
     # at the front of the grid (a sum inside the dW loop keeps the dz tile in registers: bench/NOTES.md).
+    # GROUPED (per-sample gradients): grid axis 1 picks a group of GROUP_ROWS rows and its dW and db. A
+    # constexpr: the group's bounds and offsets at run time cost the plain layer up to 90 registers (352 B
+    # spilled at a 64x64x256 tile in the sm_90 compile report).
     pid = tl.program_id(0)
-    group = tl.program_id(1)
-    start = block_start(group, GROUP_ROWS, WIDE_ROWS)
-    end = tl.minimum(start + GROUP_ROWS, M)
+    if GROUPED:
+        group = tl.program_id(1).to(tl.int64)
+        start = block_start(tl.program_id(1), GROUP_ROWS, WIDE_ROWS)
+        end = tl.minimum(start + GROUP_ROWS, M)
+    else:
+        group = 0
+        start = 0
+        end = M
     if pid < BIAS_PROGRAMS:
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         db = activations.dz_rows(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, g_ptr, rn,
                                  start, end, N, DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE, ACT, GRAD_FROM, False, BLOCK_M)
-        tl.store(db_ptr + group.to(tl.int64) * N + rn, db.to(db_ptr.dtype.element_ty), mask=rn < N)
+        tl.store(db_ptr + group * N + rn, db.to(db_ptr.dtype.element_ty), mask=rn < N)
     else:
         item = pid - BIAS_PROGRAMS
         block = tl.load(block_order_ptr + item)
@@ -237,7 +246,7 @@ def masked_grad_weight_kernel(
                 ok = n_ok[:, None] & k_ok[None, :]
                 connected = tl.load(mask_ptr + rn64[:, None] * K + rk64[None, :], mask=ok, other=0) != 0
                 acc = tl.where(connected, acc, 0.0)
-        out = tl.multiple_of(group.to(tl.int64) * N * K + rn64 * K, ROW_ALIGN)[:, None] + rk64[None, :]
+        out = tl.multiple_of(group * N * K + rn64 * K, ROW_ALIGN)[:, None] + rk64[None, :]
         tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
 
@@ -339,7 +348,8 @@ def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_sha
             dy.m, n, k, group_rows, size_bucket(group_rows), bias_programs, layout.full_blocks,
             layout.visited_blocks,
             DY_TWO_ROW_DIMS=dy.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
-            ROW_ALIGN=row_alignment(*dy.row_strides, *x.row_strides, n, k), WIDE_ROWS=wide_rows(dy.m, group_rows),
+            ROW_ALIGN=row_alignment(*dy.row_strides, *x.row_strides, n, k), GROUPED=groups > 0,
+            WIDE_ROWS=groups > 0 and wide_rows(dy.m, group_rows),
             DOT_DTYPE=dot_dtype(dy.tensor.dtype), ACC_DTYPE=accumulator_dtype(dy.tensor.dtype),
             **activations.backward_constants(activation),
             DOT_PRECISION=dot_precision(dy.tensor.dtype), BLOCK_N=block_n, BLOCK_K=block_k,
