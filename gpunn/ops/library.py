@@ -17,8 +17,9 @@ other tensor subclasses) goes through the custom op.
 torch.func's transforms (grad, vjp, jacrev, vmap) refuse the custom op's autograd and take only an
 autograd.Function with a separate setup_context; under them an op runs through a third form, with the same
 setup_context and backward, whose vmap rule folds the samples into the rows where only an op's row
-arguments are batched, and otherwise runs the op once per sample. Each transform's rule unwraps its
-own tensors, so the kernels still see plain ones. A second order under the transforms is refused (the
+arguments are batched (what an op sums over rows, such as a weight's gradient or a loss, it then sums for
+each sample apart: Op's `groups`), and otherwise runs the op once per sample. Each transform's rule unwraps
+its own tensors, so the kernels still see plain ones. A second order under the transforms is refused (the
 first-order backward ops are not differentiable there), as are forward mode and torch's legacy batched
 gradients (is_grads_batched).
 """
