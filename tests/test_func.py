@@ -392,3 +392,44 @@ def test_per_sample_losses_over_more_than_a_block_of_rows_match_torch(device, lo
         value = theirs(leaf, target[i])
         assert_close(values[i], value.detach(), DT, f"sample {i}: loss")
         assert_close(grads[i], torch.autograd.grad(value, leaf)[0], DT, f"sample {i}: input gradient")
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "cross_entropy_weighted_ignore", "cross_entropy_probabilities",
+                                  "mse_sum", "mse_mean"])
+@pytest.mark.parametrize("outer", ["autograd", "torch.func.grad"])
+def test_gradients_through_vmap_of_a_loss_match_torch(device, name, outer):
+    """Autograd, or torch.func.grad, over per-sample losses from vmap: the losses' backward takes one loss over
+    all rows, so a recorded call runs once per sample rather than folded (a fold's per-sample sums would be
+    misread: wrong gradients, no error)."""
+    ours, theirs, params, inputs = _case(name, device, samples=3)
+    weights = torch.randn(3, generator=torch.Generator().manual_seed(case_seed(name, outer)), dtype=DT).to(device)
+    results = []
+    for function in (ours, theirs):
+        def objective(x, function=function):
+            return (torch.func.vmap(function, in_dims=(None, 0) + (None,) * (len(inputs) - 1))(
+                params, x, *inputs[1:]) * weights).sum()
+        if outer == "autograd" or function is theirs:
+            x = inputs[0].clone().requires_grad_()
+            results.append(torch.autograd.grad(objective(x), x)[0])
+        else:
+            results.append(torch.func.grad(objective)(inputs[0]))
+    assert_close(*results, DT, "input gradient")
+
+
+@pytest.mark.parametrize("name", ["linear_gelu", "masked_tanh"])
+def test_autograd_over_per_sample_gradients_matches_torch(device, name):
+    """A penalty on per-sample gradients (vmap(grad(f)), differentiated by plain autograd): the layer's
+    backward op (the RNN cell's too), recorded, runs once per sample, and its double backward sees each
+    sample's gradients. (The relu cell's penalty has zero gradient: relu'' is 0.)"""
+    ours, theirs, params, inputs = _case(name, device, samples=3)
+    weights = _weights(_output(theirs(params, inputs[0][0], *inputs[1:])), case_seed(name))
+    results = []
+    for function in (ours, theirs):
+        leaves = {key: value.clone().requires_grad_() for key, value in params.items()}
+        per_sample = torch.func.vmap(torch.func.grad(_objective(function, weights)),
+                                     in_dims=(None, 0) + (None,) * (len(inputs) - 1))(leaves, *inputs)
+        penalty = sum(grad.pow(2).sum() for grad in per_sample.values())
+        results.append(torch.autograd.grad(penalty, list(leaves.values())))
+    assert sum(ref.abs().sum() for ref in results[1]) > 0
+    for mine, ref in zip(*results, strict=True):
+        assert_close(mine, ref, DT, "penalty gradient")

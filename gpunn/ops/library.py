@@ -179,7 +179,7 @@ def _transform_function(op: Op, setup_context: Callable | None):
         (see `nothing`) stacking to (B, 0), again empty per sample. (torch's fallback for a custom op, which
         does the same, takes no list arguments.)"""
         args, dims = _unflatten(flat, lengths), _unflatten(in_dims[1:], lengths)
-        if op.rows and info.batch_size and not any(_batched(dim) for i, dim in enumerate(dims) if i not in op.rows):
+        if info.batch_size and _foldable(op, args, dims):
             return _folded_in_chunks(op, info.batch_size, args, dims)
         if info.batch_size:
             samples, stack = [op(*_sample(args, dims, i)) for i in range(info.batch_size)], torch.stack
@@ -238,6 +238,16 @@ def _releasing(backward: Callable) -> Callable:
             release_kept(ctx)
 
     return run
+
+
+def _foldable(op: Op, args: list, dims: list) -> bool:
+    """Whether vmap may fold op's samples into its rows: only its row arguments are batched, and, for an op
+    that sums over rows, no autograd records the call (eager autograd, or a torch.func grad beneath this
+    vmap: either makes the arguments require grad). Its backward takes the sums over all rows (groups 0), so
+    it would misread per-sample sums; recorded, the op runs once per sample."""
+    if not op.rows or any(_batched(dim) for i, dim in enumerate(dims) if i not in op.rows):
+        return False
+    return op.groups is None or op.function is None or not (torch.is_grad_enabled() and _any_requires_grad(args))
 
 
 def _folded(op: Op, batch: int, args: list, dims: list) -> tuple:

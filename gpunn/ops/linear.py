@@ -224,7 +224,7 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
     """Gradients of (grad_output, input, weight, bias) given those of (dx, dW, db); see
     gpunn.kernels.dense_double_backward for the formulas. The masked layer's GEMMs run under its mask, so
     masked-out weights, and the parts of g_dW there (dW is constant zero there), are never read."""
-    refuse_double_backward("linear", "triple")  # and, so, the per-group gradients only torch.func's vmap asks for
+    refuse_double_backward("linear", "triple")  # groups is 0 here: library._foldable folds no recorded call
     dy, input, weight, bias, mask = ctx.saved_tensors
     mask = saved_metadata(ctx, "mask", mask)
     layout = _layout(mask, *ctx.block) if mask is not None else None
