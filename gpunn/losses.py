@@ -9,7 +9,7 @@ import torch
 
 from . import autocast
 from .kernels import cross_entropy_double_backward as second_order, losses as kernels
-from .kernels.runtime import capturing, triton_runs_on
+from .kernels.runtime import capturing, group_rows, grouped, triton_runs_on
 from .ops.library import Op, arrived, nothing, refuse_double_backward
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -74,17 +74,12 @@ def _stats_fake(logits: torch.Tensor) -> torch.Tensor:
                             torch.float32)
 
 
-def _per_group(groups: int, shape=()) -> tuple[int, ...]:
-    """The shape of a loss reduced over rows: `shape`, or (groups, *shape) for groups > 0 (see Op's groups)."""
-    return (groups, *shape) if groups else tuple(shape)
-
-
 def _cross_entropy_fake(logits, target, weight, ignore_index, smoothing, reduction, groups):
     rows = logits.shape[0]
     stats = _stats_fake(logits)
     if reduction == "none":
         return logits.new_empty((rows,)), stats, nothing(stats)
-    return logits.new_empty(_per_group(groups)), stats, stats.new_empty(_per_group(groups, (2,)))
+    return logits.new_empty(grouped(groups)), stats, stats.new_empty(grouped(groups, (2,)))
 
 
 def _cross_entropy_backward_impl(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
@@ -258,7 +253,7 @@ def _cross_entropy_probs_impl(logits: torch.Tensor, target: torch.Tensor, weight
     row_loss, row_mass, stats = kernels.cross_entropy_probs_forward(logits, target, weight, smoothing)
     if reduction == "none":
         return row_loss.to(logits.dtype), stats, row_mass
-    count = 0 if empty else logits.shape[0] // max(groups, 1)
+    count = 0 if empty else group_rows(logits.shape[0], groups)
     _, loss = kernels.reduced_loss(row_loss, row_loss, logits.dtype, "count" if reduction == "mean" else "none",
                                    count=count, groups=groups)
     return loss, stats, row_mass
@@ -266,7 +261,7 @@ def _cross_entropy_probs_impl(logits: torch.Tensor, target: torch.Tensor, weight
 
 def _cross_entropy_probs_fake(logits, target, weight, smoothing, reduction, empty, groups):
     stats = _stats_fake(logits)
-    loss = logits.new_empty((logits.shape[0],) if reduction == "none" else _per_group(groups))
+    loss = logits.new_empty((logits.shape[0],) if reduction == "none" else grouped(groups))
     return loss, stats, stats.new_empty(stats.shape[:1])
 
 
@@ -353,7 +348,7 @@ def _mse_loss_impl(input: torch.Tensor, target: torch.Tensor, reduction: str, gr
 
 
 def _mse_loss_fake(input, target, reduction, groups):
-    return input.new_empty(input.shape if reduction == "none" else _per_group(groups))
+    return input.new_empty(input.shape if reduction == "none" else grouped(groups))
 
 
 def _mse_loss_backward_impl(grad: torch.Tensor, input: torch.Tensor, target: torch.Tensor, reduction: str,

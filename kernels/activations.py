@@ -282,9 +282,9 @@ def dz_rows(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_pt
 
 
 @triton.jit
-def bias_gradient(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, rn, M, N,
+def bias_gradient(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, rn, start, end, N,
                   DY_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr, ACC_DTYPE: tl.constexpr,
                   ACT: tl.constexpr, GRAD_FROM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """db for columns rn: the column sums of dz over all M rows (dz_rows, nothing stored)."""
-    return dz_rows(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, g_ptr, rn, 0, M, N,
+    """db for columns rn: the column sums of dz over rows [start, end) (dz_rows, nothing stored)."""
+    return dz_rows(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, g_ptr, rn, start, end, N,
                    DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE, ACT, GRAD_FROM, False, BLOCK_M)

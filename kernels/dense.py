@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .runtime import (Rows, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, launch, row_alignment,
-                      size_bucket, state_dtype, wide_rows)
+from .runtime import (Rows, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, group_rows, grouped, launch,
+                      row_alignment, size_bucket, state_dtype, wide_rows)
 from .tiling import (GROUP_SIZE, LARGEST_REDUCTION_BLOCK, PREACTIVATION_CHUNK_TILES, PREACTIVATION_PROGRAMS,
                      PREACTIVATION_TILE, WEIGHT_GRAD_PROGRAMS, WEIGHT_GRAD_SPLIT_ROWS, WEIGHT_GRAD_TILE, block_start,
                      configs, grouped_tile, pruner, row_offsets)
@@ -265,11 +265,11 @@ def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | N
     n = tensor.shape[-1]
     like = dict(device=tensor.device, dtype=tensor.dtype)
     dz = empty((dy.m, n), **like) if write_dz else None
-    db = empty((groups, n) if groups else (n,), **like) if bias_grad else None
+    db = empty(grouped(groups, (n,)), **like) if bias_grad else None
     if (dz is None and db is None) or n == 0:
         return dz, db
     if groups:  # each group's sums are its db row
-        _preactivation_pass(dy, saved, dz, db, activation, dy.m // groups, groups)
+        _preactivation_pass(dy, saved, dz, db, activation, group_rows(dy.m, groups), groups)
         return dz, db
     chunk_rows, chunks = row_chunks(dy.m, n, db is not None)
     # A single chunk's sums are db; more chunks' go to fp32 (fp64) partial sums, added by a second pass.
@@ -356,10 +356,10 @@ def grad_weight(dz: Rows, x: Rows, weight_shape: tuple[int, int], groups: int = 
     """
     n, k = weight_shape
     tensor = dz.tensor
-    dw = empty((groups, n, k) if groups else (n, k), device=tensor.device, dtype=tensor.dtype)
+    dw = empty(grouped(groups, (n, k)), device=tensor.device, dtype=tensor.dtype)
     if n == 0 or k == 0:
         return dw
-    split_rows, splits = (dz.m // groups, groups) if groups else weight_grad_splits(dz.m, n, k)
+    split_rows, splits = (group_rows(dz.m, groups), groups) if groups else weight_grad_splits(dz.m, n, k)
     out = dw if groups or splits == 1 else empty((splits, n, k), device=tensor.device,
                                                  dtype=state_dtype(tensor.dtype))
     with launch("dense_grad_weight_kernel", tensor.device):

@@ -17,7 +17,8 @@ with s_row the output gradient (over the denominator for mean). All arithmetic i
 Class probabilities t (smoothed to q = (1 - e) t + e / C): loss_row = sum_j w_j q_j (lse - x_j), in one
 pass as the index form's; dx_j = s_row (A p_j - w_j q_j) with A = sum_j w_j q_j, and dt_j =
 s_row (1 - e) w_j (lse - x_j); the mean divides by the rows, whatever the weights (torch's definition).
-Reductions over rows run in one program, in a fixed order: results are deterministic.
+Reductions over rows run in one program (one a group of rows, for torch.func's per-sample losses), in a fixed
+order: results are deterministic.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import INTERPRET, accumulator_dtype, cdiv, launch, next_power_of_2, state_dtype
+from .runtime import INTERPRET, accumulator_dtype, cdiv, group_rows, grouped, launch, next_power_of_2, state_dtype
 
 BLOCK_C = 256 if INTERPRET else 2048  # logits a program handles at a time along a row
 TILE = 4096 if INTERPRET else 8192  # elements a program handles at a time (BLOCK_R x BLOCK_C)
@@ -279,18 +280,18 @@ def _stats(rows: int, x: torch.Tensor, dtype: torch.dtype, zeros: bool = False) 
 
 def reduced_loss(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, divide_by: str = "none", count: int = 1,
                  groups: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(totals, loss) of two (N,) tensors of one dtype, in one launch: totals = [sum(a), sum(b)], a (2,)
-    tensor of their dtype; loss a scalar of `dtype`: sum(a), divided by sum(b) for divide_by "sum_b" or by
-    count for "count". One kernel where torch ops would make three more launches (host time a call).
-    groups > 0: totals (groups, 2) and loss (groups,), one for each of `groups` equal groups of consecutive
-    values (count is then a group's), one program each.
+    """(totals, loss) of two (N,) tensors of one dtype, in one launch: totals = [sum(a), sum(b)] in their
+    dtype, and loss in `dtype`: sum(a), divided by sum(b) for divide_by "sum_b" or by count for "count".
+    Shapes (2,) and (); for groups > 0, (groups, 2) and (groups,), one for each of `groups` equal groups of
+    consecutive values (count is then a group's), one program each. One kernel where torch ops would make
+    three more launches (host time a call).
 
     The division is correctly rounded: as torch divides a cross-entropy's sums; its MSE mean multiplies by
     1 / count, which can differ in the last bit of fp32."""
-    totals = torch.empty((groups, 2) if groups else (2,), device=a.device, dtype=a.dtype)
-    loss = torch.empty((groups,) if groups else (), device=a.device, dtype=dtype)
+    totals = torch.empty(grouped(groups, (2,)), device=a.device, dtype=a.dtype)
+    loss = torch.empty(grouped(groups), device=a.device, dtype=dtype)
     with launch("reduced_loss_kernel", a.device):
-        reduced_loss_kernel[(max(groups, 1),)](a, b, totals, loss, a.shape[0] // max(groups, 1), count,
+        reduced_loss_kernel[(max(groups, 1),)](a, b, totals, loss, group_rows(a.shape[0], groups), count,
                                                 DIVIDE_BY=divide_by, BLOCK=REDUCE_BLOCK, num_warps=4)
     return totals, loss
 
@@ -310,9 +311,9 @@ def cross_entropy_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.
         cross_entropy_backward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
             x, x.stride(0), target, weight if weight is not None else x, stats, grad,
             grad.stride(0) if grad.dim() else 0, totals if totals is not None else stats, dx,
-            rows, classes, ignore_index, rows // groups if groups else rows,
+            rows, classes, ignore_index, group_rows(rows, groups),
             HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing),
-            REDUCTION={"none": 0, "sum": 1, "mean": 2}[reduction], GROUPED=_grouped(groups, reduction),
+            REDUCTION={"none": 0, "sum": 1, "mean": 2}[reduction], GROUPED=_grad_per_group(groups, reduction),
             COMPUTE=accumulator_dtype(x.dtype), **tiles, num_warps=WARPS,
         )
     return dx
@@ -443,9 +444,9 @@ def cross_entropy_probs_backward(x: torch.Tensor, target: torch.Tensor, weight: 
         cross_entropy_probs_backward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
             x, x.stride(0), target, target.stride(0), weight if weight is not None else x, stats, row_mass, grad,
             grad.stride(0) if grad.dim() else 0, dx if dx is not None else x, dt if dt is not None else x,
-            rows, classes, rows // groups if groups else rows,
+            rows, classes, group_rows(rows, groups),
             HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing), MEAN=reduction == "mean",
-            GROUPED=_grouped(groups, reduction), COMPUTE=accumulator_dtype(x.dtype), INPUT_GRAD=input_grad,
+            GROUPED=_grad_per_group(groups, reduction), COMPUTE=accumulator_dtype(x.dtype), INPUT_GRAD=input_grad,
             TARGET_GRAD=target_grad, **tiles,
             num_warps=WARPS,
         )
@@ -501,7 +502,7 @@ def mse_forward(x: torch.Tensor, y: torch.Tensor, reduction: str, groups: int = 
     or, for groups > 0, each of `groups` equal groups of consecutive elements' ((groups,)). x and y
     contiguous, of one shape."""
     n, copies = x.numel(), max(groups, 1)
-    group_n = n // copies
+    group_n = group_rows(n, groups)
     elementwise, blocks = reduction == "none", cdiv(group_n, MSE_BLOCK)
     out = torch.empty_like(x) if elementwise else \
         torch.zeros((copies, max(blocks, 1)), device=x.device, dtype=state_dtype(x.dtype))  # per-block sums
@@ -527,13 +528,13 @@ def mse_backward(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, reduction
         with launch("mse_backward_kernel", x.device):
             mse_backward_kernel[(cdiv(n, MSE_BLOCK),)](
                 x, y, grad, 1 if grad.dim() else 0, dx if input_grad else x, dy if target_grad else x, n,
-                n // groups if groups else n, COMPUTE=accumulator_dtype(x.dtype), MEAN=reduction == "mean",
-                GROUPED=_grouped(groups, reduction), INPUT_GRAD=input_grad, TARGET_GRAD=target_grad,
+                group_rows(n, groups), COMPUTE=accumulator_dtype(x.dtype), MEAN=reduction == "mean",
+                GROUPED=_grad_per_group(groups, reduction), INPUT_GRAD=input_grad, TARGET_GRAD=target_grad,
                 BLOCK=MSE_BLOCK, num_warps=WARPS)
     return dx, dy
 
 
-def _grouped(groups: int, reduction: str) -> bool:
+def _grad_per_group(groups: int, reduction: str) -> bool:
     """Whether a backward kernel takes one output gradient a group of rows (elements): a reduced loss per
     group; "none" has one a row anyway."""
     return bool(groups) and reduction != "none"

@@ -27,8 +27,8 @@ import triton.language as tl
 
 from . import activations
 from .layout import BlockLayout
-from .runtime import (Rows, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, launch, row_alignment,
-                      size_bucket, wide_rows)
+from .runtime import (Rows, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, group_rows, grouped, launch,
+                      row_alignment, size_bucket, wide_rows)
 from .tiling import GROUP_SIZE, batch_configs, block_start, grouped_tile, pruner, row_offsets
 from .tuned import tuned
 
@@ -212,8 +212,8 @@ def masked_grad_weight_kernel(
         end = M
     if pid < BIAS_PROGRAMS:
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        db = activations.dz_rows(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, g_ptr, rn,
-                                 start, end, N, DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE, ACT, GRAD_FROM, False, BLOCK_M)
+        db = activations.bias_gradient(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, rn,
+                                       start, end, N, DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE, ACT, GRAD_FROM, BLOCK_M)
         tl.store(db_ptr + group * N + rn, db.to(db_ptr.dtype.element_ty), mask=rn < N)
     else:
         item = pid - BIAS_PROGRAMS
@@ -329,9 +329,8 @@ def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_sha
     _check(layout, weight_shape, dy.tensor.device)
     n, k = weight_shape
     like = dict(device=dy.tensor.device, dtype=dy.tensor.dtype)
-    lead = (groups,) if groups else ()
-    dw = empty((*lead, n, k), **like) if x is not None else None
-    db = empty((*lead, n), **like) if bias_grad else None
+    dw = empty(grouped(groups, (n, k)), **like) if x is not None else None
+    db = empty(grouped(groups, (n,)), **like) if bias_grad else None
     bias_programs = layout.grid[0] if db is not None else 0
     block_programs = layout.dense_blocks if dw is not None else 0
     if bias_programs + block_programs == 0:
@@ -339,17 +338,17 @@ def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_sha
     block_n, block_k = layout.block
     x = x or dy  # without dW no block program runs; the x arguments are then never read
     visited = layout.visited_blocks if dw is not None else 0
-    copies, group_rows = max(groups, 1), dy.m // groups if groups else dy.m
+    copies, rows = max(groups, 1), group_rows(dy.m, groups)
     with launch("masked_grad_weight_kernel", dy.tensor.device, (visited * copies, block_programs * copies)):
         masked_grad_weight_kernel[(bias_programs + block_programs, copies)](
             *dy.args(), saved if saved is not None else dy.tensor, *x.args(),
             dw if dw is not None else dy.tensor, db if db is not None else dy.tensor,
             layout.mask, layout.block_order,
-            dy.m, n, k, group_rows, size_bucket(group_rows), bias_programs, layout.full_blocks,
+            dy.m, n, k, rows, size_bucket(rows), bias_programs, layout.full_blocks,
             layout.visited_blocks,
             DY_TWO_ROW_DIMS=dy.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
             ROW_ALIGN=row_alignment(*dy.row_strides, *x.row_strides, n, k), GROUPED=groups > 0,
-            WIDE_ROWS=groups > 0 and wide_rows(dy.m, group_rows),
+            WIDE_ROWS=groups > 0 and wide_rows(dy.m, rows),
             DOT_DTYPE=dot_dtype(dy.tensor.dtype), ACC_DTYPE=accumulator_dtype(dy.tensor.dtype),
             **activations.backward_constants(activation),
             DOT_PRECISION=dot_precision(dy.tensor.dtype), BLOCK_N=block_n, BLOCK_K=block_k,

@@ -222,7 +222,7 @@ def rnn_cell_grad_weight_kernel(
                           ACT, DOT_DTYPE, DOT_PRECISION, ACC_DTYPE, ROW_ALIGN, BLOCK_H, BLOCK_K, BLOCK_B)
     elif BIAS_GRAD:
         rn = (pid - ih_tiles - hh_tiles) * BLOCK_H + rn_in_tile
-        db = activations.bias_gradient(dy_ptr, B, 0, H, 1, out_ptr, rn, B, H, False, 1, ACC_DTYPE, ACT,
+        db = activations.bias_gradient(dy_ptr, B, 0, H, 1, out_ptr, rn, 0, B, H, False, 1, ACC_DTYPE, ACT,
                                        activations.GRAD_FROM_OUTPUT, BLOCK_B)
         tl.store(db_ih_ptr + rn, db.to(db_ih_ptr.dtype.element_ty), mask=rn < H)
         tl.store(db_hh_ptr + rn, db.to(db_hh_ptr.dtype.element_ty), mask=rn < H)

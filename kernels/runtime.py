@@ -159,6 +159,17 @@ def row_alignment(*strides: int) -> int:
 INT32_ROWS = 2 ** 31
 
 
+def grouped(groups: int, shape=()) -> tuple[int, ...]:
+    """The shape of a sum over rows: `shape`, or (groups, *shape) where groups > 0 equal groups of consecutive
+    rows are summed apart (gpunn.ops.library.Op's groups: torch.func.vmap's per-sample sums)."""
+    return (groups, *shape) if groups else tuple(shape)
+
+
+def group_rows(m: int, groups: int) -> int:
+    """The rows in each of `groups` equal groups of m rows; all m for groups 0 (one sum over all rows)."""
+    return m // groups if groups else m
+
+
 def wide_rows(m: int, block_rows: int) -> bool:
     """Whether blocks of block_rows rows over m rows have bounds past int32 (a kernel's WIDE_ROWS constexpr)."""
     return m + block_rows >= INT32_ROWS

@@ -186,9 +186,7 @@ def _transform_function(op: Op, setup_context: Callable | None):
         else:  # no sample to run: the fake implementation gives the shapes
             samples = [op.fake(*_sample(args, dims, None))]
             stack = lambda column: column[0].new_empty((0, *column[0].shape))  # noqa: E731
-        if isinstance(samples[0], torch.Tensor):
-            return stack(samples), 0
-        return tuple(stack(column) for column in zip(*samples)), (0,) * len(samples[0])
+        return _joined(samples, stack)
 
     return type(f"{op.name}_transform_function", (torch.autograd.Function,), dict(
         forward=staticmethod(forward), setup_context=staticmethod(setup),
@@ -282,17 +280,23 @@ def _folded_in_chunks(op: Op, batch: int, args: list, dims: list) -> tuple:
     per = MOST_GROUPS // max(args[op.groups], 1) if op.groups is not None else batch
     if batch <= per:
         return _folded(op, batch, args, dims)
-    parts = [_folded(op, min(per, batch - start), _narrowed(args, dims, start, per), dims)[0]
-             for start in range(0, batch, per)]
-    if isinstance(parts[0], torch.Tensor):
-        return torch.cat(parts), 0
-    return tuple(torch.cat(column) for column in zip(*parts)), (0,) * len(parts[0])
+    chunks = [(start, min(per, batch - start)) for start in range(0, batch, per)]
+    return _joined([_folded(op, length, _narrowed(args, dims, start, length), dims)[0] for start, length in chunks],
+                   torch.cat)
 
 
 def _narrowed(args, in_dims, start: int, length: int) -> list:
-    """args with samples [start, start + length) of each batched tensor (fewer at the end), lists included."""
-    return [arg if dim is None else arg.narrow(dim, start, min(length, arg.shape[dim] - start))
-            if isinstance(arg, torch.Tensor) else _narrowed(arg, dim, start, length) for arg, dim in zip(args, in_dims)]
+    """args with samples [start, start + length) of each batched tensor, lists included."""
+    return [arg if dim is None else arg.narrow(dim, start, length) if isinstance(arg, torch.Tensor)
+            else _narrowed(arg, dim, start, length) for arg, dim in zip(args, in_dims)]
+
+
+def _joined(parts: list, join: Callable) -> tuple:
+    """vmap's (outputs, out_dims) from per-part results (a tensor each, or a tuple of them), each output the
+    join (stack, cat) of its parts along a first, batch dim."""
+    if isinstance(parts[0], torch.Tensor):
+        return join(parts), 0
+    return tuple(join(column) for column in zip(*parts)), (0,) * len(parts[0])
 
 
 def _batched(dim) -> bool:

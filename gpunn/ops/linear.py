@@ -26,7 +26,7 @@ import torch
 
 from ..kernels import activations, dense, dense_double_backward, masked
 from ..kernels.layout import layout_of, repeated
-from ..kernels.runtime import Rows
+from ..kernels.runtime import Rows, grouped
 from .library import (Op, arrived, differentiable_backward, first_order_saved, kept, metadata_to_save, nothing,
                       refuse_double_backward, save_for_orders, saved_metadata)
 
@@ -48,8 +48,8 @@ def _check_dense_takes_dz(saved: torch.Tensor | None, activation: str | None) ->
 
 def _grad_preactivation(grad_output: torch.Tensor, saved: torch.Tensor | None, activation: str | None,
                         write_dz: bool, bias_grad: bool, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dense layer's (dz (*, N) when write_dz, db (N,), or (groups, N) (see _grouped), when bias_grad),
-    each nothing where not asked for."""
+    """The dense layer's (dz (*, N) when write_dz, db (N,), or (groups, N) (see kernels.runtime.grouped), when
+    bias_grad), each nothing where not asked for."""
     if saved is None and activations.grad_source(activation) != activations.GRAD_IS_DY.value:
         raise ValueError(f"gpunn linear_grad_preactivation: {activation} needs the tensor its forward saved")
     dy = Rows.of(grad_output)
@@ -60,13 +60,7 @@ def _grad_preactivation(grad_output: torch.Tensor, saved: torch.Tensor | None, a
 
 def _grad_preactivation_fake(grad_output, saved, activation, write_dz, bias_grad, groups):
     return (grad_output.new_empty(grad_output.shape) if write_dz else nothing(grad_output)), \
-        (grad_output.new_empty(_grouped(groups, grad_output.shape[-1:])) if bias_grad else nothing(grad_output))
-
-
-def _grouped(groups: int, shape) -> tuple[int, ...]:
-    """The shape of a sum over rows: `shape`, or (groups, *shape) where groups > 0 equal groups of consecutive
-    rows are summed apart (Op's `groups`: torch.func.vmap's per-sample weight and bias gradients)."""
-    return (groups, *shape) if groups else tuple(shape)
+        (grad_output.new_empty(grouped(groups, grad_output.shape[-1:])) if bias_grad else nothing(grad_output))
 
 
 def _grad_input(grad_output: torch.Tensor, saved: torch.Tensor | None, weight: torch.Tensor,
@@ -89,7 +83,7 @@ def _grad_weight(grad_output: torch.Tensor, saved: torch.Tensor | None, input: t
                  weight_shape: list[int], mask: torch.Tensor | None, block_n: int, block_k: int,
                  activation: str | None, bias_grad: bool, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW (N, K) when input is given, db (N,) when bias_grad; each with a leading groups dim where groups > 0,
-    see _grouped), each nothing where not asked for. The dense layer's takes dz (activation None, nothing
+    see kernels.runtime.grouped), each nothing where not asked for. The dense layer's takes dz (activation None, nothing
     saved; its backward has db from _grad_preactivation's pass)."""
     dy = Rows.of(grad_output)
     x = Rows.of(input) if input is not None else None
@@ -104,8 +98,8 @@ def _grad_weight(grad_output: torch.Tensor, saved: torch.Tensor | None, input: t
 
 
 def _grad_weight_fake(grad_output, saved, input, weight_shape, mask, block_n, block_k, activation, bias_grad, groups):
-    dw = grad_output.new_empty(_grouped(groups, weight_shape)) if input is not None else nothing(grad_output)
-    return dw, grad_output.new_empty(_grouped(groups, weight_shape[:1])) if bias_grad else nothing(grad_output)
+    dw = grad_output.new_empty(grouped(groups, weight_shape)) if input is not None else nothing(grad_output)
+    return dw, grad_output.new_empty(grouped(groups, weight_shape[:1])) if bias_grad else nothing(grad_output)
 
 
 # Under torch.func.vmap over their row arguments (dy, what forward saved, the input) alone, these fold the
@@ -197,11 +191,10 @@ def _backward_op(grad_output: torch.Tensor, saved: torch.Tensor | None, input: t
                  weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None, block_n: int,
                  block_k: int, activation: str | None, negative_slope: float, need_input: bool, need_weight: bool,
                  need_bias: bool, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The layer's (dx (*, K), dW (N, K), db (N,); dW and db per group where groups > 0, see _grouped), each
-    nothing where not needed: its first-order backward as an op of its own, which double backward
-    differentiates (used under create_graph=True, and under torch.func, whose vmap folds it as
-    linear_grad_weight). The input may be None where neither order needs it (no activation, a frozen
-    weight)."""
+    """The layer's (dx (*, K), dW (N, K), db (N,); dW and db per group where groups > 0, see
+    kernels.runtime.grouped), each nothing where not needed: its first-order backward as an op of its own, which
+    double backward differentiates (used under create_graph=True, and under torch.func, whose vmap folds it as
+    linear_grad_weight). The input may be None where neither order needs it (no activation, a frozen weight)."""
     grads = _first_order(grad_output, saved, input, weight, mask, list(weight.shape), block_n, block_k, activation,
                          need_input, need_weight, need_bias, groups)
     return tuple(grad if grad is not None else nothing(grad_output) for grad in grads)
@@ -210,8 +203,8 @@ def _backward_op(grad_output: torch.Tensor, saved: torch.Tensor | None, input: t
 def _backward_op_fake(grad_output, saved, input, weight, bias, mask, block_n, block_k, activation, negative_slope,
                       need_input, need_weight, need_bias, groups):
     return (grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1])) if need_input else nothing(grad_output),
-            weight.new_empty(_grouped(groups, weight.shape)) if need_weight else nothing(grad_output),
-            weight.new_empty(_grouped(groups, weight.shape[:1])) if need_bias else nothing(grad_output))
+            weight.new_empty(grouped(groups, weight.shape)) if need_weight else nothing(grad_output),
+            weight.new_empty(grouped(groups, weight.shape[:1])) if need_bias else nothing(grad_output))
 
 
 def _backward_op_setup_context(ctx, inputs, output):
