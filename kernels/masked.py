@@ -199,22 +199,25 @@ def masked_grad_weight_kernel(
     # dW = (dz^T @ x) * mask, one program per weight block; db = column sums of dz in programs of their own
     # at the front of the grid (a sum inside the dW loop keeps the dz tile in registers: bench/NOTES.md).
     # GROUPED (per-sample gradients): grid axis 1 picks a group of GROUP_ROWS rows and its dW and db. A
-    # constexpr: the group's bounds and offsets at run time cost the plain layer up to 90 registers (352 B
-    # spilled at a 64x64x256 tile in the sm_90 compile report).
+    # constexpr, and the group's outputs reached by moving the pointers, so that the plain layer's code is
+    # untouched: the group's bounds and offsets at run time cost it up to 90 registers (352 B spilled at a
+    # 64x64x256 tile in the sm_90 compile report), and under Triton 3.6 a zero group offset inside the dW
+    # store's tl.multiple_of dropped the hint with the folded add (unvectorized stores, 62 -> 95 registers).
     pid = tl.program_id(0)
     if GROUPED:
         group = tl.program_id(1).to(tl.int64)
         start = block_start(tl.program_id(1), GROUP_ROWS, WIDE_ROWS)
         end = tl.minimum(start + GROUP_ROWS, M)
+        dw_ptr += group * N * K
+        db_ptr += group * N
     else:
-        group = 0
         start = 0
         end = M
     if pid < BIAS_PROGRAMS:
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         db = activations.bias_gradient(dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn, g_ptr, rn,
                                        start, end, N, DY_TWO_ROW_DIMS, ROW_ALIGN, ACC_DTYPE, ACT, GRAD_FROM, BLOCK_M)
-        tl.store(db_ptr + group * N + rn, db.to(db_ptr.dtype.element_ty), mask=rn < N)
+        tl.store(db_ptr + rn, db.to(db_ptr.dtype.element_ty), mask=rn < N)
     else:
         item = pid - BIAS_PROGRAMS
         block = tl.load(block_order_ptr + item)
@@ -246,7 +249,7 @@ def masked_grad_weight_kernel(
                 ok = n_ok[:, None] & k_ok[None, :]
                 connected = tl.load(mask_ptr + rn64[:, None] * K + rk64[None, :], mask=ok, other=0) != 0
                 acc = tl.where(connected, acc, 0.0)
-        out = tl.multiple_of(group * N * K + rn64 * K, ROW_ALIGN)[:, None] + rk64[None, :]
+        out = tl.multiple_of(rn64 * K, ROW_ALIGN)[:, None] + rk64[None, :]
         tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
 
