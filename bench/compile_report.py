@@ -204,9 +204,11 @@ def _launch_local_grad_input(dtype, m, n, k, one_d=False):
     local.grad_input(dy, weight, tuple(x.shape), geometry)
 
 
-def _launch_local_grad_weight(dtype, m, n, k, weight_grad, bias_grad, one_d=False):
+def _launch_local_grad_weight(dtype, m, n, k, weight_grad, bias_grad, one_d=False, groups=0):
+    # groups: per group of images (torch.func's per-sample gradients).
     local, geometry, x, weight, dy = _local_problem(dtype, m, n, one_d)
-    local.grad_weight(x if weight_grad else None, dy, tuple(x.shape), tuple(weight.shape), geometry, bias_grad)
+    local.grad_weight(x if weight_grad else None, dy, tuple(x.shape), tuple(weight.shape), geometry, bias_grad,
+                      groups)
 
 
 def _launch_rnn_cell_forward(dtype, m, n, k, activation):
@@ -381,6 +383,7 @@ CASES = (
         Variant("weight+bias", dict(weight_grad=True, bias_grad=True)),
         Variant("1d", dict(weight_grad=True, bias_grad=True, one_d=True)),
         Variant("bias only", dict(weight_grad=False, bias_grad=True), matmul=False),
+        Variant("weight+bias per sample", dict(weight_grad=True, bias_grad=True, groups=4)),
     )),
     # The Elman RNN step: both products in one accumulator; backward dx+dh and dW_ih+dW_hh+db launches.
     Case("gpunn.kernels.rnn", "rnn_cell_forward_kernel", _launch_rnn_cell_forward, (

@@ -16,7 +16,8 @@ are gathered inside the kernels (no unfold / im2col tensor in memory):
 - grad_input:   program (batch tile, input-channel tile, input pixel): sums dy @ W over the positions whose
                 window covers the pixel (the inverse neighbourhood, at most KH x KW of them); no atomics.
 - grad_weight:  program (tap tile, output-channel tile, position): dy^T @ patches over the batch; the
-                programs of tap tile 0 also sum dy over the batch for the bias gradient.
+                programs of tap tile 0 also sum dy over the batch for the bias gradient. Per-sample
+                gradients (torch.func): grid axis 1 picks a group of rows, each summed into its own dW, db.
 Accumulation is fp32 (fp64 for fp64) and every output is rounded once; reductions run in one program in a
 fixed order (bitwise reproducible for a given config).
 """
@@ -26,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import (AUTOTUNE, TRITON_VERSION, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, launch,
-                      size_bucket)
+from .runtime import (AUTOTUNE, TRITON_VERSION, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty,
+                      group_rows, grouped, launch, size_bucket)
 from .tiling import SHARED_MEMORY_BUDGET, configs
 from .tuned import tuned
 
@@ -248,24 +249,30 @@ def _grad_weight_tile(x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, dy_ptr,
 @tuned
 @triton.autotune(configs=_configs("BLOCK_O", "BLOCK_R", "BLOCK_N"),
                  key=["N_BUCKET", "C", "H", "W", "O", "OW", "L", "R", "SH", "SW", "DOT_PRECISION", "WEIGHT_GRAD",
-                      "BIAS_GRAD"],
+                      "BIAS_GRAD", "GROUPED"],
                  prune_configs_by={"early_config_prune": _pruner("BLOCK_O", "BLOCK_R", "BLOCK_N")})
 @triton.jit(do_not_specialize=["N", "N_BUCKET"])
 def local_grad_weight_kernel(
     x_ptr, stride_xn, stride_xc, stride_xh, stride_xw,
     dy_ptr, stride_dyn, stride_dyo, stride_dyh, stride_dyw,  # (N, O, OH, OW)
-    dw_ptr,  # (O, L, R) contiguous
-    db_ptr,  # (O, L) contiguous
-    N, C, H, W, O, OW, L, R,
+    dw_ptr,  # (O, L, R) contiguous; (groups, O, L, R) when GROUPED
+    db_ptr,  # (O, L) contiguous; (groups, O, L) when GROUPED
+    N, C, H, W, O, OW, L, R,  # N: the rows summed, a group's when GROUPED
     N_BUCKET,  # autotuning key only
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, GROUPED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # Program order: tap tiles fastest, then output-channel tiles, then positions (one position's
     # programs read the same dy columns and patches, from L2). Tap tile 0 also writes db.
+    if GROUPED:  # per-sample gradients: grid axis 1 picks a group of N rows, and its own dW and db
+        group = tl.program_id(1).to(tl.int64)
+        x_ptr += group * N * stride_xn
+        dy_ptr += group * N * stride_dyn
+        dw_ptr += group * O * L * R
+        db_ptr += group * O * L
     pid = tl.program_id(0)
     tap_tiles = tl.cdiv(R, BLOCK_R) if WEIGHT_GRAD else 1
     channel_tiles = tl.cdiv(O, BLOCK_O)
@@ -364,16 +371,19 @@ def grad_input(dy: torch.Tensor, weight: torch.Tensor, input_shape: tuple[int, .
 
 
 def grad_weight(x: torch.Tensor | None, dy: torch.Tensor, input_shape: tuple[int, ...],
-                weight_shape: tuple[int, int, int], geometry: Geometry, bias_grad: bool
+                weight_shape: tuple[int, int, int], geometry: Geometry, bias_grad: bool, groups: int = 0
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dW (O, L, R) when x is given, db (O, L) when bias_grad; each None where not asked for) from
-    x (N, C, H, W) (any strides) and dy (N, O, OH, OW) (any strides)."""
+    x (N, C, H, W) (any strides) and dy (N, O, OH, OW) (any strides). groups > 0: dW (groups, O, L, R) and
+    db (groups, O, L), each of `groups` equal groups of consecutive rows summed apart (per-sample
+    gradients), in one launch."""
     n, c, h, w = input_shape
     o, positions, taps = weight_shape
     ow = dy.shape[3]
-    dw = empty((o, positions, taps), device=dy.device, dtype=dy.dtype) if x is not None else None
-    db = empty((o, positions), device=dy.device, dtype=dy.dtype) if bias_grad else None
+    dw = empty(grouped(groups, (o, positions, taps)), device=dy.device, dtype=dy.dtype) if x is not None else None
+    db = empty(grouped(groups, (o, positions)), device=dy.device, dtype=dy.dtype) if bias_grad else None
     weight_grad = x is not None and taps > 0  # an (O, L, 0) gradient is empty: nothing to write
+    rows = group_rows(n, groups)
     if o * positions == 0 or not (weight_grad or bias_grad):
         return dw, db
     # Without dW the kernel neither gathers nor multiplies: any tensor serves as x.
@@ -381,11 +391,11 @@ def grad_weight(x: torch.Tensor | None, dy: torch.Tensor, input_shape: tuple[int
     with launch("local_grad_weight_kernel", dy.device):
         local_grad_weight_kernel[lambda meta: (
             (cdiv(taps, meta["BLOCK_R"]) if weight_grad else 1) * cdiv(o, meta["BLOCK_O"])
-            * positions,)](
+            * positions, max(groups, 1))](
             *x_args, dy, *dy.stride(),
             dw if dw is not None else dy, db if db is not None else dy,
-            n, c, h, w, o, ow, positions, taps, size_bucket(n),
+            rows, c, h, w, o, ow, positions, taps, size_bucket(rows),
             **geometry.constexprs(), **_numerics(dy.dtype),
-            WEIGHT_GRAD=weight_grad, BIAS_GRAD=bias_grad,
+            WEIGHT_GRAD=weight_grad, BIAS_GRAD=bias_grad, GROUPED=groups > 0,
         )
     return dw, db

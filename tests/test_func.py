@@ -292,8 +292,8 @@ def test_vmap_over_empty_rows_or_features(device, in_features, out_features, row
     assert_close(out, torch.func.vmap(theirs)(x), DT, "output")
 
 
-FOLDED_PER_SAMPLE = ["linear_gelu", "masked_tanh", "rnn_cell_relu", "cross_entropy", "cross_entropy_weighted_ignore",
-                     "cross_entropy_probabilities", "mse_sum", "mse_mean"]
+FOLDED_PER_SAMPLE = ["linear_gelu", "masked_tanh", "local2d", "local1d", "rnn_cell_relu", "cross_entropy",
+                     "cross_entropy_weighted_ignore", "cross_entropy_probabilities", "mse_sum", "mse_mean"]
 
 
 @pytest.mark.parametrize("name", FOLDED_PER_SAMPLE)
@@ -349,6 +349,33 @@ def test_per_sample_gradients_of_a_model_and_its_loss_match_torch(device, sample
         expected = torch.autograd.grad(theirs(leaves, x[i], target[i]), list(leaves.values()))
         for key, value in zip(leaves, expected):
             assert_close(grads[key][i], value, DT, f"sample {i}: {key}")
+
+
+@pytest.mark.parametrize("one_d", [False, True])
+def test_per_sample_gradients_of_local_layers_over_batches_of_images_match_torch(device, one_d):
+    """Per-sample gradients where each sample is a batch of images (more than a block of the weight gradient's
+    batch loop), batched along dim 1 (strided): each sample's weight, bias and input gradients as torch's."""
+    if one_d:
+        module = gpunn.LocallyConnected1d(3, 2, 9, 4, stride=2, padding=1, dilation=2)
+        theirs = lambda p, x: torch_reference.locally_connected1d(x, p["weight"], p["bias"], 2, 1, 2)  # noqa: E731
+        image = (3, 9)
+    else:
+        module = gpunn.LocallyConnected2d(3, 2, (6, 5), (3, 2), stride=(2, 1), padding=(1, 0))
+        theirs = lambda p, x: torch_reference.locally_connected2d(x, p["weight"], p["bias"], (2, 1), (1, 0))  # noqa: E731
+        image = (3, 6, 5)
+    module = module.to(device, DT)
+    gen = torch.Generator().manual_seed(case_seed("local per sample", one_d))
+    params = {key: torch.randn(value.shape, generator=gen, dtype=DT).to(device)
+              for key, value in module.named_parameters()}
+    x = torch.randn(67, 3, *image, generator=gen, dtype=DT).to(device)  # (rows, samples, *image)
+    weights = _weights(theirs(params, x[:, 0]), case_seed("local per sample weights", one_d))
+    objective = _objective(lambda p, x: torch.func.functional_call(module, p, (x,)), weights)
+    with count_launches() as launches:
+        grads, grad_x = torch.func.vmap(torch.func.grad(objective, argnums=(0, 1)), in_dims=(None, 1))(params, x)
+    assert launches["local_grad_weight_kernel"] == 1, launches
+    for i in range(3):
+        _assert_grads_close(({key: grad[i] for key, grad in grads.items()}, grad_x[i]),
+                            _torch_grads(theirs, weights, params, [x[:, i]]), f"sample {i}")
 
 
 def test_per_sample_gradients_fold_at_most_the_grid_limit_of_samples_at_once(device, monkeypatch):
