@@ -484,6 +484,14 @@ def _worker_init() -> None:
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
 
 
+def _kernel_source() -> tuple[str, Path]:
+    """(Triton's version, the directory gpunn.kernels is imported from) in a worker."""
+    import triton
+
+    import gpunn.kernels
+    return triton.__version__, Path(gpunn.kernels.__file__).resolve().parent
+
+
 def _unwrap(kernel):
     """(autotuner or None, heuristics wrappers outermost first, the JITFunction) of a kernel object."""
     from triton.runtime.autotuner import Autotuner, Heuristics
@@ -771,7 +779,13 @@ def run(out: str | os.PathLike, arch: int = 90, subset: bool = False, workers: i
     with concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=context,
                                                 initializer=_worker_init) as pool:
         jobs = pool.submit(plan, subset, kernels).result()
-        log(f"compiling {len(jobs)} kernel configs for sm_{arch} with {workers} worker(s)")
+        triton_version, source = pool.submit(_kernel_source).result()
+        log(f"compiling {len(jobs)} kernel configs for sm_{arch} with {workers} worker(s): Triton {triton_version}, "
+            f"kernels from {source}")
+        if Path.cwd().resolve() not in source.parents:
+            # An editable install maps gpunn.kernels to its own checkout: a run from another one (an older
+            # commit's worktree, to compare against) would compile that install's kernels, not its own.
+            log(f"note: the kernels compiled are not this directory's ({Path.cwd()})")
         futures = {pool.submit(compile_job, job, arch): i for i, job in enumerate(jobs)}
         rows: list[dict] = [{}] * len(jobs)
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
