@@ -542,8 +542,11 @@ def _capture(case: Case, variant: Variant, mode: str, size: str):
         # A variant's `rows` replaces the size's M: a batch past 2^31, the wide-row (int64) kernels.
         kwargs = dict(variant.kwargs)
         m, n, k = SIZES[size]
+        m = kwargs.pop("rows", m)
+        if kwargs.get("groups"):  # equal groups of rows (a sample's each): the size's rows, less a remainder
+            m -= m % kwargs["groups"]
         with _fp32_matmul(tf32):
-            case.launch(getattr(torch, dtype_name), kwargs.pop("rows", m), n, k, **kwargs)
+            case.launch(getattr(torch, dtype_name), m, n, k, **kwargs)
     except NoSuchKernel:
         return kernel, None
     finally:
@@ -782,10 +785,11 @@ def run(out: str | os.PathLike, arch: int = 90, subset: bool = False, workers: i
         triton_version, source = pool.submit(_kernel_source).result()
         log(f"compiling {len(jobs)} kernel configs for sm_{arch} with {workers} worker(s): Triton {triton_version}, "
             f"kernels from {source}")
-        if Path.cwd().resolve() not in source.parents:
+        checkout = Path(__file__).resolve().parents[1]
+        if source != checkout / "kernels":
             # An editable install maps gpunn.kernels to its own checkout: a run from another one (an older
             # commit's worktree, to compare against) would compile that install's kernels, not its own.
-            log(f"note: the kernels compiled are not this directory's ({Path.cwd()})")
+            log(f"note: the kernels compiled are not those of this report's checkout ({checkout})")
         futures = {pool.submit(compile_job, job, arch): i for i, job in enumerate(jobs)}
         rows: list[dict] = [{}] * len(jobs)
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
@@ -847,6 +851,43 @@ def summary_line(summary: dict, arch: int, workers: int) -> str:
             f"{'HGMMA' if arch == 90 else 'tensor-core MMA'} ({summary['seconds']} s, {workers} workers)")
 
 
+# A row's identity across two reports: the compile it describes.
+MATCH = ("kernel", "variant", "dtype", "precision", "sizes", "tile", "stages", "warps")
+
+
+def compare(base: list[dict], rows: list[dict]) -> str:
+    """How rows differ from an earlier report's (base): per kernel, the rows both have, how many of those have
+    other registers or spills, and the rows only one has; then each row whose spills changed. Rows are the
+    same compile where MATCH agrees (values compared as text, as the CSV holds them)."""
+    def key(row):
+        return tuple(str(row.get(name, "")) for name in MATCH)
+
+    earlier = {key(row): row for row in base}
+    kernels: dict[str, list[int]] = {}
+    spills = []
+    for row in rows:
+        counts = kernels.setdefault(row["kernel"], [0, 0, 0, 0])
+        before = earlier.pop(key(row), None)
+        if before is None:
+            counts[3] += 1
+            continue
+        counts[0] += 1
+        counts[1] += str(before.get("registers")) != str(row.get("registers"))
+        if str(before.get("spill_bytes")) != str(row.get("spill_bytes")):
+            counts[2] += 1
+            what = " ".join(value for value in key(row) if value)
+            spills.append(f"  {what}: {before.get('registers')} registers, {before.get('spill_bytes')} B spilled -> "
+                          f"{row.get('registers')}, {row.get('spill_bytes')} B")
+    only_base = {}
+    for row in earlier.values():
+        only_base[row["kernel"]] = only_base.get(row["kernel"], 0) + 1
+    lines = [f"{'kernel':<40}  both  other-registers  other-spills  new  gone"]
+    for kernel, (both, registers, spilled, new) in kernels.items():
+        lines.append(f"{kernel:<40}  {both:<4}  {registers:<15}  {spilled:<12}  {new:<3}  {only_base.pop(kernel, 0)}")
+    lines += [f"{kernel:<40}  0     0                0             0    {gone}" for kernel, gone in only_base.items()]
+    return "\n".join(lines + (["spills changed:"] + spills if spills else []))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.compile_report",
@@ -858,7 +899,8 @@ def main(argv: list[str] | None = None) -> int:
                     "elsewhere).",
         epilog="Configs are those the kernels' pruners keep at the problem sizes (M, N, K) "
                + ", ".join(f"{name} {m}x{n}x{k}" for name, (m, n, k) in SIZES.items())
-               + ". A full run compiles about 600 configs (15 minutes on 2 cores); --subset compiles 21.")
+               + ". A full run compiles about 1850 configs (16 minutes on one worker on a 2-core machine); "
+                 "--subset compiles about 80.")
     parser.add_argument("--arch", type=int, default=90,
                         help="CUDA compute capability to compile for, e.g. 90 for H100 (default: 90)")
     parser.add_argument("--out", required=True, help="directory for compile_report.csv (created if missing)")
@@ -866,6 +908,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a quick subset: per kernel, one variant and one config in bf16 and in fp32-ieee")
     parser.add_argument("--workers", type=int, default=2, help="compiler processes (default: 2)")
     parser.add_argument("--no-fail", action="store_true", help="exit 0 even when problems are found")
+    parser.add_argument("--against", metavar="CSV",
+                        help="an earlier compile_report.csv: print how this run's rows differ from its (registers, "
+                             "spills, rows added or gone), e.g. an older commit's, compiled from its own worktree")
     parser.add_argument("--only", default="", metavar="KERNELS",
                         help=f"comma-separated kernels to compile, from: {', '.join(c.kernel for c in CASES)} "
                              "(default: all)")
@@ -876,8 +921,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only: unknown kernel(s) {', '.join(sorted(unknown))}")
     if cuobjdump_path() is None:
         parser.error("cuobjdump not found: it ships in Triton's wheel (triton/backends/nvidia/bin)")
+    base = None
+    if args.against:
+        try:
+            with open(args.against, newline="") as f:
+                base = list(csv.DictReader(f))
+        except OSError as error:
+            parser.error(f"--against: {error}")
     rows, summary = run(args.out, arch=args.arch, subset=args.subset, workers=args.workers, kernels=kernels)
     print(format_table(rows))
+    if base is not None:
+        print(f"against {args.against}:")
+        print(compare(base, rows))
     print(f"wrote {Path(args.out) / 'compile_report.csv'}")
     print(summary_line(summary, args.arch, args.workers))
     problems = summary["failures"] + summary["spills"] + summary["missing_tensor_cores"]

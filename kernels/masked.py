@@ -208,7 +208,7 @@ def masked_grad_weight_kernel(
         group = tl.program_id(1).to(tl.int64)
         start = block_start(tl.program_id(1), GROUP_ROWS, WIDE_ROWS)
         end = tl.minimum(start + GROUP_ROWS, M)
-        dw_ptr += group * N * K
+        dw_ptr += tl.multiple_of(group * N * K, ROW_ALIGN)  # keeps the dW store's alignment hint (K's)
         db_ptr += group * N
     else:
         start = 0

@@ -167,6 +167,8 @@ def grouped(groups: int, shape=()) -> tuple[int, ...]:
 
 def group_rows(m: int, groups: int) -> int:
     """The rows in each of `groups` equal groups of m rows; all m for groups 0 (one sum over all rows)."""
+    if groups and m % groups:  # the launchers' contract: a remainder's rows would be summed nowhere
+        raise ValueError(f"{m} rows do not make {groups} equal groups")
     return m // groups if groups else m
 
 

@@ -169,7 +169,7 @@ def test_fake_shapes_match_real_ones(device):
                                                             [2, 2, 1, 1, 0, 0, 1, 1, 0, 0], True, 0)),
            (torch.ops.gpunn.locally_connected_grad_weight, (torch.randn(4, 2, 3, 3), torch.randn(4, 3, 2, 2),
                                                             [2, 3, 3], [3, 4, 8], [2, 2, 1, 1, 0, 0, 1, 1, 0, 0],
-                                                            False, 2)),
+                                                            True, 2)),
            (torch.ops.gpunn.rnn_cell_grad_input, (torch.randn(3, 4), torch.randn(3, 4), None, torch.randn(4, 4),
                                                   "tanh")),
            (torch.ops.gpunn.cross_entropy, (torch.randn(4, 6), torch.tensor([0, 5, -100, 2]), None, -100, 0.0, "sum",

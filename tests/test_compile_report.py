@@ -47,3 +47,23 @@ def test_help_exits_cleanly(capsys):
         compile_report.main(["--help"])
     assert exit_info.value.code == 0
     assert "--subset" in capsys.readouterr().out
+
+
+def test_compare_matches_rows_by_compile_and_reports_what_changed():
+    """compare() pairs the rows of two reports that describe one compile (the CSV's text against a run's
+    values), and counts per kernel those with other registers or spills and those only one report has."""
+    def row(kernel, tile, registers, spill, **extra):
+        return dict(kernel=kernel, variant="v", dtype="bfloat16", precision="", sizes="odd", tile=tile, stages=3,
+                    warps=4, registers=registers, spill_bytes=spill, **extra)
+
+    base = [{k: str(v) for k, v in r.items()} for r in (
+        row("a_kernel", "64x64x16", 62, 0), row("a_kernel", "64x64x32", 80, 0), row("a_kernel", "32x32x32", 40, 8),
+        row("gone_kernel", "16x16x16", 30, 0))]
+    rows = [row("a_kernel", "64x64x16", 62, 0), row("a_kernel", "64x64x32", 95, 0), row("a_kernel", "32x32x32", 40, 0),
+            row("a_kernel", "128x64x64", 120, 0)]
+    table = compile_report.compare(base, rows).splitlines()
+    assert table[1].split() == ["a_kernel", "3", "1", "1", "1", "0"]
+    assert table[2].split() == ["gone_kernel", "0", "0", "0", "0", "1"]
+    assert table[3] == "spills changed:"
+    assert table[4].strip() == "a_kernel v bfloat16 odd 32x32x32 3 4: 40 registers, 8 B spilled -> 40, 0 B"
+    assert len(table) == 5

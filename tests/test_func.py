@@ -460,3 +460,68 @@ def test_autograd_over_per_sample_gradients_matches_torch(device, name):
     assert sum(ref.abs().sum() for ref in results[1]) > 0
     for mine, ref in zip(*results, strict=True):
         assert_close(mine, ref, DT, "penalty gradient")
+
+
+
+@pytest.mark.parametrize("layer", ["dense", "masked", "local2d", "local1d"])
+def test_per_group_weight_gradients_equal_a_launch_per_group_whatever_the_strides(device, layer):
+    """A weight-gradient op with groups (the per-sample fold's) over operands read in place at unusual strides
+    (a column-major input, an output gradient sliced from wider rows; the local layer's batch at stride 1,
+    every other channel): each group's dW and db are those of a launch over that group's rows alone."""
+    from gpunn.kernels.layout import DEFAULT_BLOCKS
+    from gpunn.ops import linear as ops_linear, local as ops_local
+    gen = torch.Generator().manual_seed(case_seed("grouped", layer))
+    rows, groups = 67, 3  # more rows a group than a block of the kernels' row loops
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=DT).to(device)
+
+    if layer.startswith("local"):
+        one_d = layer == "local1d"
+        geometry = gpunn.functional.local_geometry(3, 2, 1, 1, dims=1 if one_d else 2)
+        c, h, w, o = 2, 1 if one_d else 5, 7, 3
+        oh, ow = geometry.output_size(h, w)
+        x = randn(c, h, w, groups * rows).permute(3, 0, 1, 2)
+        dy = randn(groups * rows, 2 * o, oh, ow)[:, ::2]
+        weight_shape = [o, oh * ow, c * geometry.kh * geometry.kw]
+
+        def launch(part, g):
+            return ops_local.grad_weight(x[part], dy[part], [c, h, w], weight_shape, geometry.as_list(), True, g)
+    else:
+        n, k = 6, 9
+        mask = _mask(n, k).to(device) if layer == "masked" else None
+        block, activation = (DEFAULT_BLOCKS[8], "relu") if mask is not None else ((0, 0), None)
+        x = randn(k, groups * rows).t()
+        dy = randn(groups * rows, 2 * n)[:, n:]
+        saved = randn(groups * rows, n).relu() if mask is not None else None  # relu's output
+
+        def launch(part, g):
+            return ops_linear.grad_weight(dy[part], saved[part] if saved is not None else None, x[part], [n, k], mask,
+                                          *block, activation, True, g)
+
+    with count_launches() as launches:
+        grouped = launch(slice(None), groups)
+    assert sum(launches.values()) == 1 + (layer == "dense"), launches  # the dense layer's db: a pass of its own
+    for i in range(groups):
+        for mine, theirs, what in zip(grouped, launch(slice(i * rows, (i + 1) * rows), 0), ("dW", "db")):
+            assert_close(mine[i], theirs, DT, f"group {i}: {what}")
+
+
+def test_per_group_sums_are_not_differentiable(device):
+    """An op's per-group sums (groups > 0) recorded by autograd are refused rather than differentiated wrong
+    (their backward takes one sum over all rows; torch.func's fold makes no such call), and rows that do not
+    make equal groups are refused."""
+    from gpunn.kernels.runtime import group_rows
+    from gpunn.ops import local as ops_local
+    geometry = gpunn.functional.local_geometry(3, 1, 1, 1)
+    x = torch.randn(4, 2, 5, 5, dtype=DT, device=device, requires_grad=True)
+    dy = torch.randn(4, 3, 5, 5, dtype=DT, device=device)
+    args = (x, dy, [2, 5, 5], [3, 25, 18], geometry.as_list(), True, 2)
+    for op in (ops_local.grad_weight, torch.ops.gpunn.locally_connected_grad_weight):
+        with pytest.raises(NotImplementedError, match="groups > 0"):
+            op(*args)
+    logits = torch.randn(4, 5, dtype=DT, device=device, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="groups > 0"):
+        gpunn.losses._cross_entropy(logits, torch.tensor([0, 1, 2, 3], device=device), None, -100, 0.0, "mean", 2)
+    with pytest.raises(ValueError, match="equal groups"):
+        group_rows(7, 2)

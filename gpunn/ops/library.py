@@ -57,6 +57,8 @@ class Op:
         self.custom_op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
         self.custom_op.register_fake(fake)
         self.function = None
+        if setup_context is not None and groups is not None:
+            setup_context = _summing_all_rows(name, groups, setup_context)
         if backward is not None:
             self.custom_op.register_autograd(_releasing(backward), setup_context=setup_context)
             self.function = _eager_function(name, fn, setup_context, backward)
@@ -236,6 +238,19 @@ def _releasing(backward: Callable) -> Callable:
             release_kept(ctx)
 
     return run
+
+
+def _summing_all_rows(name: str, groups: int, setup_context: Callable) -> Callable:
+    """setup_context, refusing a call autograd records with per-group sums (its groups argument > 0): the op's
+    backward takes one sum over all rows, and would misread them (torch.func's fold makes no such call; see
+    _foldable)."""
+
+    def setup(ctx, inputs, output):
+        if inputs[groups]:
+            raise NotImplementedError(f"gpunn {name}: sums over groups of rows (groups > 0) are not differentiable")
+        setup_context(ctx, inputs, output)
+
+    return setup
 
 
 def _foldable(op: Op, args: list, dims: list) -> bool:

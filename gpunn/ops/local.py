@@ -5,8 +5,9 @@ input (N, C, H, W), weight (O, L, R) (L = OH * OW positions, R = C * KH * KW tap
 window the kernels.local.Geometry as a list (Geometry.as_list) -> output (N, O, OH, OW).
 Saved for backward: the input only if the weight needs a gradient, the weight only if the input does.
 The gradient ops take the input's size without its batch, (C, H, W), and grad_weight a `groups` (see
-library.Op): under torch.func.vmap every op folds the samples into the batch, and the weight gradient sums
-each sample's images apart (per-sample gradients in one launch a kernel).
+library.Op): under torch.func.vmap over their batch arguments alone (the weight unbatched) each op folds the
+samples into the batch, and the weight gradient sums each sample's images apart (per-sample gradients in one
+launch a kernel; a call autograd records runs once per sample instead, see library._foldable).
 
 The layer is bilinear in (input, weight), so each gradient op is a product of the same three kinds, and its
 gradient is one of them again: derivatives of every order (create_graph=True) run on the three kernels.
