@@ -104,11 +104,13 @@ def _meta(shape, dtype):
     return torch.empty(shape, device="meta", dtype=dtype)
 
 
-def _launch_dense_forward(dtype, m, n, k, activation, bias, save_derivative):
+def _launch_dense_forward(dtype, m, n, k, activation, bias, save_derivative, members=0):
+    # members: an ensemble's (torch.func.vmap over stacked weights), each member m / members rows.
     from gpunn.kernels import dense, runtime
-    x, w = _meta((m, k), dtype), _meta((n, k), dtype)
-    b = _meta((n,), dtype) if bias else None
-    dense.forward(runtime.Rows.of(x), w, b, activation, NEGATIVE_SLOPE, save_derivative)
+    lead = (members,) if members else ()
+    x, w = _meta((m, k), dtype), _meta((*lead, n, k), dtype)
+    b = _meta((*lead, n), dtype) if bias else None
+    dense.forward(runtime.Rows.of(x), w, b, activation, NEGATIVE_SLOPE, save_derivative, members=members)
 
 
 def _saved(dtype, m, n, activation):
@@ -124,9 +126,10 @@ def _launch_dense_grad_preactivation(dtype, m, n, k, activation, write_dz, bias_
                              write_dz, bias_grad)
 
 
-def _launch_dense_grad_input(dtype, m, n, k):
+def _launch_dense_grad_input(dtype, m, n, k, members=0):
     from gpunn.kernels import dense, runtime
-    dense.grad_input(runtime.Rows.of(_meta((m, n), dtype)), _meta((n, k), dtype))
+    dense.grad_input(runtime.Rows.of(_meta((m, n), dtype)), _meta((members, n, k) if members else (n, k), dtype),
+                     members)
 
 
 def _launch_dense_grad_weight(dtype, m, n, k):
@@ -338,6 +341,7 @@ CASES = (
     Case("gpunn.kernels.dense", "dense_forward_kernel", _launch_dense_forward, (
         Variant("relu+bias", dict(activation="relu", bias=True, save_derivative=False)),
         Variant("gelu+bias+save", dict(activation="gelu", bias=True, save_derivative=True)),
+        Variant("gelu+bias+save members", dict(activation="gelu", bias=True, save_derivative=True, members=4)),
     )),
     Case("gpunn.kernels.dense", "dense_grad_preactivation_kernel", _launch_dense_grad_preactivation, (
         Variant("gelu dz+db", dict(activation="gelu", write_dz=True, bias_grad=True), matmul=False, launch=0),
@@ -347,7 +351,8 @@ CASES = (
         Variant("gelu dz, 2^31 + 10^7 rows", dict(activation="gelu", write_dz=True, bias_grad=False,
                                                  rows=2 ** 31 + 10 ** 7), matmul=False),
     )),
-    Case("gpunn.kernels.dense", "dense_grad_input_kernel", _launch_dense_grad_input, (Variant("dz", dict()),)),
+    Case("gpunn.kernels.dense", "dense_grad_input_kernel", _launch_dense_grad_input, (
+        Variant("dz", dict()), Variant("dz members", dict(members=4)))),
     Case("gpunn.kernels.dense", "dense_grad_weight_kernel", _launch_dense_grad_weight, (
         Variant("dz", dict()), Variant("dz, 2^31 + 10^7 rows", dict(rows=2 ** 31 + 10 ** 7)))),
     Case("gpunn.kernels.dense_double_backward", "dense_double_backward_kernel", _launch_dense_double_backward, (
@@ -543,8 +548,9 @@ def _capture(case: Case, variant: Variant, mode: str, size: str):
         kwargs = dict(variant.kwargs)
         m, n, k = SIZES[size]
         m = kwargs.pop("rows", m)
-        if kwargs.get("groups"):  # equal groups of rows (a sample's each): the size's rows, less a remainder
-            m -= m % kwargs["groups"]
+        equal = kwargs.get("groups") or kwargs.get("members")
+        if equal:  # equal groups of rows (a sample's or member's each): the size's rows, less a remainder
+            m -= m % equal
         with _fp32_matmul(tf32):
             case.launch(getattr(torch, dtype_name), m, n, k, **kwargs)
     except NoSuchKernel:

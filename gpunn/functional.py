@@ -136,7 +136,8 @@ def _linear_op(input, weight, bias, activation, negative_slope, mask, block):
     # forward kernel also writes act'(z) for backward.
     will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
     save_derivative = will_backward and activation_grad_source(activation) == GRAD_FROM_SAVED.value
-    return ops_linear.linear(input, weight, bias, mask, *block, activation, float(negative_slope), save_derivative)[0]
+    return ops_linear.linear(input, weight, bias, mask, *block, activation, float(negative_slope), save_derivative,
+                             0)[0]
 
 
 def _check_mask(mask_or_layout, weight: torch.Tensor) -> None:

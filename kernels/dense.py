@@ -19,6 +19,12 @@ Operands enter tl.dot in their own dtype (runtime.dot_dtype: bf16 is widened onl
 interpreter, which cannot multiply bf16); dz is stored in dy's dtype, which it enters the MMA in anyway;
 accumulation is fp32 (fp64 for fp64 inputs); every output is rounded once, at its store. Reductions run
 in a fixed order: results are bitwise reproducible for a given config (no atomics).
+
+Ensembles (torch.func.vmap over stacked weights): forward and grad_input take `members` E > 0, a weight
+(E, N, K) and bias (E, N), one member's after another, and rows that are E members' M rows one after
+another (x at one row stride). A MEMBERS constexpr puts the members on grid axis 1, each program's pointers
+moved to its member's rows and weight, so the plain kernels compile as they did. The weight gradient and db
+of each member are grad_weight's and grad_preactivation's groups.
 """
 from __future__ import annotations
 
@@ -53,10 +59,19 @@ def dense_forward_kernel(
     M_BUCKET,  # autotuning key only
     X_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SAVE_DERIVATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SAVE_DERIVATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr, MEMBERS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
+    # MEMBERS (an ensemble under torch.func.vmap, see the module docstring): grid axis 1 picks a member's M rows
+    # of x and of the outputs, its (N, K) weight and (N,) bias.
+    if MEMBERS:
+        member = tl.program_id(1).to(tl.int64)
+        x_ptr += tl.multiple_of(member * M * stride_x_inner, ROW_ALIGN)
+        w_ptr += tl.multiple_of(member * N * stride_wn, ROW_ALIGN)
+        b_ptr += tl.multiple_of(member * N, ROW_ALIGN)
+        y_ptr += tl.multiple_of(member * M * N, ROW_ALIGN)
+        g_ptr += tl.multiple_of(member * M * N, ROW_ALIGN)
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
@@ -103,11 +118,17 @@ def dense_grad_input_kernel(
     M, N, K,
     M_BUCKET,  # autotuning key only
     DZ_TWO_ROW_DIMS: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, MEMBERS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    # dx = dz @ W: output tiles of (M, K), reduction over N.
+    # dx = dz @ W: output tiles of (M, K), reduction over N. MEMBERS: grid axis 1 picks a member's M rows and
+    # its weight, as in the forward.
+    if MEMBERS:
+        member = tl.program_id(1).to(tl.int64)
+        dz_ptr += tl.multiple_of(member * M * stride_dz_inner, ROW_ALIGN)
+        w_ptr += tl.multiple_of(member * N * stride_wn, ROW_ALIGN)
+        dx_ptr += tl.multiple_of(member * M * K, ROW_ALIGN)
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
@@ -220,32 +241,46 @@ def _grid(rows: int, cols: int, rows_block: str, cols_block: str, splits: int = 
 
 
 def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
-            negative_slope: float, save_derivative: bool, out_shape: tuple[int, ...] | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            negative_slope: float, save_derivative: bool, out_shape: tuple[int, ...] | None = None,
+            members: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y = act(x W^T + b), and act'(z) as an (M, N) tensor when save_derivative, else None.
 
     x: Rows of (M, K); weight (N, K); bias (N,) or None. y is contiguous, of shape out_shape (any shape
-    of M * N elements whose last dim is N; default (M, N)).
+    of M * N elements whose last dim is N; default (M, N)). members E > 0 (see the module docstring):
+    weight (E, N, K), bias (E, N), x E members' rows, at one row stride.
     """
-    n, k = weight.shape
+    n, k = weight.shape[-2:]
     y = empty(out_shape or (x.m, n), device=weight.device, dtype=weight.dtype)
     g = empty((x.m, n), device=weight.device, dtype=weight.dtype) if save_derivative else None
     if x.m == 0 or n == 0:
         return y, g
+    weight, bias, rows = _members_operands(x, weight, bias, members)
     with launch("dense_forward_kernel", weight.device):
-        dense_forward_kernel[_grid(x.m, n, "BLOCK_M", "BLOCK_N")](
+        dense_forward_kernel[_grid(rows, n, "BLOCK_M", "BLOCK_N", max(members, 1))](
             *x.args(),
-            weight, weight.stride(0), weight.stride(1),
-            bias if bias is not None else weight, bias.stride(0) if bias is not None else 0,
+            weight, weight.stride(-2), weight.stride(-1),
+            bias if bias is not None else weight, bias.stride(-1) if bias is not None else 0,
             y, g if g is not None else y,
-            x.m, n, k, size_bucket(x.m),
-            X_TWO_ROW_DIMS=x.two_row_dims, ROW_ALIGN=row_alignment(*x.row_strides, weight.stride(0), n),
+            rows, n, k, size_bucket(rows),
+            X_TWO_ROW_DIMS=x.two_row_dims, ROW_ALIGN=row_alignment(*x.row_strides, weight.stride(-2), n),
             DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype),
             **activations.forward_constants(activation, negative_slope),
             HAS_BIAS=bias is not None, SAVE_DERIVATIVE=save_derivative,
-            DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_SIZE,
+            DOT_PRECISION=dot_precision(weight.dtype), MEMBERS=members > 0, GROUP_M=GROUP_SIZE,
         )
     return y, g
+
+
+def _members_operands(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, members: int
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(weight, bias, rows a launch's program covers): as given without members; with them, each member's
+    weight and bias packed one after another, and a member's rows."""
+    if not members:
+        return weight, bias, x.m
+    if x.two_row_dims or weight.shape[0] != members or x.m % members:
+        raise ValueError(f"gpunn dense: {members} members take an (E, N, K) weight and E members' rows at one "
+                         f"row stride")
+    return weight.contiguous(), bias.contiguous() if bias is not None else None, x.m // members
 
 
 def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | None, write_dz: bool,
@@ -324,22 +359,23 @@ def add_partial_sums(partials: torch.Tensor, out: torch.Tensor) -> None:
     _preactivation_pass(Rows.of(partials), None, None, out, None, partials.shape[0], 1)
 
 
-def grad_input(dz: Rows, weight: torch.Tensor) -> torch.Tensor:
+def grad_input(dz: Rows, weight: torch.Tensor, members: int = 0) -> torch.Tensor:
     """dx = dz @ W as an (M, K) tensor. dz: Rows of (M, N), the gradient at the pre-activation
-    (grad_preactivation's dz, or dy itself without an activation)."""
-    n, k = weight.shape
+    (grad_preactivation's dz, or dy itself without an activation). members as in forward."""
+    n, k = weight.shape[-2:]
     dx = empty((dz.m, k), device=weight.device, dtype=weight.dtype)
     if dz.m == 0 or k == 0:
         return dx
+    weight, _, rows = _members_operands(dz, weight, None, members)
     with launch("dense_grad_input_kernel", weight.device):
-        dense_grad_input_kernel[_grid(dz.m, k, "BLOCK_M", "BLOCK_K")](
+        dense_grad_input_kernel[_grid(rows, k, "BLOCK_M", "BLOCK_K", max(members, 1))](
             *dz.args(),
-            weight, weight.stride(0), weight.stride(1),
+            weight, weight.stride(-2), weight.stride(-1),
             dx,
-            dz.m, n, k, size_bucket(dz.m),
-            DZ_TWO_ROW_DIMS=dz.two_row_dims, ROW_ALIGN=row_alignment(*dz.row_strides, weight.stride(0), n, k),
+            rows, n, k, size_bucket(rows),
+            DZ_TWO_ROW_DIMS=dz.two_row_dims, ROW_ALIGN=row_alignment(*dz.row_strides, weight.stride(-2), n, k),
             DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype),
-            DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_SIZE,
+            DOT_PRECISION=dot_precision(weight.dtype), MEMBERS=members > 0, GROUP_M=GROUP_SIZE,
         )
     return dx
 

@@ -150,7 +150,13 @@ def test_the_losses_compile_without_graph_breaks(device):
 def test_fake_shapes_match_real_ones(device):
     """Each op's fake implementation (what the compiler plans with) gives the shapes and dtypes its real one
     returns, including odd shapes, a 3-D input and outputs that are not asked for."""
-    ops = [(torch.ops.gpunn.linear, (torch.randn(2, 3, 5), torch.randn(7, 5), None, None, 0, 0, "gelu", 0.01, True)),
+    ops = [(torch.ops.gpunn.linear, (torch.randn(2, 3, 5), torch.randn(7, 5), None, None, 0, 0, "gelu", 0.01, True,
+                                     0)),
+           (torch.ops.gpunn.linear, (torch.randn(6, 5), torch.randn(3, 7, 5), torch.randn(3, 7), None, 0, 0, "gelu",
+                                     0.01, True, 3)),
+           (torch.ops.gpunn.linear, (torch.randn(6, 5), torch.randn(2, 7, 5), torch.randn(2, 7),
+                                     torch.rand(7, 5) < 0.5, 32, 32, "relu", 0.01, False, 2)),
+           (torch.ops.gpunn.linear_grad_input, (torch.randn(6, 7), None, torch.randn(3, 7, 5), None, 0, 0, None, 3)),
            (torch.ops.gpunn.linear_grad_weight, (torch.randn(6, 7), None, torch.randn(6, 5), [7, 5], None, 0, 0, None,
                                                  True, 0)),
            (torch.ops.gpunn.linear_grad_weight, (torch.randn(6, 7), None, torch.randn(6, 5), [7, 5], None, 0, 0, None,
@@ -159,10 +165,14 @@ def test_fake_shapes_match_real_ones(device):
                                                         0)),
            (torch.ops.gpunn.linear_grad_preactivation, (torch.randn(6, 7), None, None, False, True, 2)),
            (torch.ops.gpunn.linear_backward, (torch.randn(2, 3, 7), torch.randn(6, 7), torch.randn(2, 3, 5),
-                                              torch.randn(7, 5), None, None, 0, 0, "gelu", 0.01, True, False, True, 0)),
+                                              torch.randn(7, 5), None, None, 0, 0, "gelu", 0.01, True, False, True, 0,
+                                              0)),
            (torch.ops.gpunn.linear_backward, (torch.randn(6, 7), torch.randn(6, 7), torch.randn(6, 5),
                                               torch.randn(7, 5), torch.randn(7), torch.rand(7, 5) < 0.5, 32, 32,
-                                              "tanh", 0.01, False, True, True, 3)),
+                                              "tanh", 0.01, False, True, True, 3, 0)),
+           (torch.ops.gpunn.linear_backward, (torch.randn(6, 7), torch.randn(6, 7), torch.randn(6, 5),
+                                              torch.randn(3, 7, 5), torch.randn(3, 7), None, 0, 0, "tanh", 0.01, True,
+                                              True, True, 3, 3)),
            (torch.ops.gpunn.locally_connected_grad_input, (torch.randn(2, 3, 2, 2), torch.randn(3, 4, 8),
                                                            [2, 3, 3], [2, 2, 1, 1, 0, 0, 1, 1, 0, 0])),
            (torch.ops.gpunn.locally_connected_grad_weight, (None, torch.randn(4, 3, 2, 2), [2, 3, 3], [3, 4, 8],
@@ -195,7 +205,7 @@ def test_dense_gradient_ops_refuse_an_activation(device):
     # the pass that forms dz needs the saved tensor its activation reads.
     dy, w, x = (torch.randn(*shape, device=device) for shape in ((6, 7), (7, 5), (6, 5)))
     with pytest.raises(ValueError, match="take dz"):
-        torch.ops.gpunn.linear_grad_input(dy, dy, w, None, 0, 0, "gelu")
+        torch.ops.gpunn.linear_grad_input(dy, dy, w, None, 0, 0, "gelu", 0)
     with pytest.raises(ValueError, match="take dz"):
         torch.ops.gpunn.linear_grad_weight(dy, None, x, [7, 5], None, 0, 0, "relu", True, 0)
     with pytest.raises(ValueError, match="saved"):

@@ -525,3 +525,86 @@ def test_per_group_sums_are_not_differentiable(device):
         gpunn.losses._cross_entropy(logits, torch.tensor([0, 1, 2, 3], device=device), None, -100, 0.0, "mean", 2)
     with pytest.raises(ValueError, match="equal groups"):
         group_rows(7, 2)
+
+
+def _ensemble(name, device, members):
+    """(ours, theirs, one sample's params, the members' params stacked, inputs: the first with a dim of members)."""
+    ours, theirs, params, inputs = _case(name, device, members)
+    gen = torch.Generator().manual_seed(case_seed(name, "ensemble", members))
+    stacked = {key: torch.randn((members, *value.shape), generator=gen, dtype=DT).to(device)
+               for key, value in params.items()}
+    return ours, theirs, params, stacked, inputs
+
+
+@pytest.mark.parametrize("name", ["linear_gelu", "masked_tanh", "rnn_cell_relu"])
+@pytest.mark.parametrize("shared_input", [False, True])
+def test_ensemble_gradients_match_torch(device, name, shared_input):
+    """vmap(grad(f)) over an ensemble's stacked parameters (torch.func.stack_module_state's form), each member
+    with its own input or all with one: each member's gradients as torch's autograd gives them."""
+    members = 3
+    ours, theirs, params, stacked, inputs = _ensemble(name, device, members)
+    weights = _weights(_output(theirs(params, inputs[0][0], *inputs[1:])), case_seed(name))
+    x = inputs[0][0] if shared_input else inputs[0]
+    in_dims = (0, None if shared_input else 0) + (None,) * (len(inputs) - 1)
+    grads, grad_x = torch.func.vmap(torch.func.grad(_objective(ours, weights), argnums=(0, 1)), in_dims=in_dims)(
+        stacked, x, *inputs[1:])
+    for i in range(members):
+        member = {key: value[i] for key, value in stacked.items()}
+        _assert_grads_close(({key: grad[i] for key, grad in grads.items()}, grad_x[i]),
+                            _torch_grads(theirs, weights, member, [x if shared_input else x[i], *inputs[1:]]),
+                            f"member {i}")
+
+
+def test_ensembles_of_dense_layers_take_one_launch_per_kernel_whatever_the_members(device):
+    """Forward and vmap(grad(f)) over an ensemble of dense layers: every kernel runs once for all members
+    (each member's weight on a grid axis of the forward and input-gradient GEMMs, its rows a group of the
+    weight and bias gradients), at most 65535 members a launch."""
+    kernels = []
+    for members in (2, 5):
+        ours, theirs, params, stacked, inputs = _ensemble("linear_gelu", device, members)
+        weights = _weights(_output(theirs(params, inputs[0][0])), case_seed("linear_gelu"))
+        with count_launches() as forward:
+            torch.func.vmap(ours)(stacked, inputs[0])
+        with count_launches() as backward:
+            torch.func.vmap(torch.func.grad(_objective(ours, weights), argnums=(0, 1)))(stacked, inputs[0])
+        assert set(forward.values()) == set(backward.values()) == {1}, (forward, backward)
+        kernels.append(set(backward))
+    assert kernels[0] == kernels[1] and "dense_grad_input_kernel" in kernels[0]
+
+
+def test_ensembles_fold_at_most_the_grid_limit_of_members_at_once(device, monkeypatch):
+    from gpunn.ops import library
+    monkeypatch.setattr(library, "MOST_GROUPS", 2)
+    ours, theirs, params, stacked, inputs = _ensemble("linear_gelu", device, 5)
+    with count_launches() as launches:
+        out = torch.func.vmap(ours)(stacked, inputs[0])
+    assert launches["dense_forward_kernel"] == 3, launches
+    for i in range(5):
+        assert_close(out[i], theirs({key: value[i] for key, value in stacked.items()}, inputs[0][i]), DT, f"member {i}")
+
+
+@pytest.mark.parametrize("name", ["linear_gelu", "masked_tanh"])
+@pytest.mark.parametrize("batched", ["members of samples", "samples of members", "members of members"])
+def test_nested_vmaps_over_members_and_samples_match_torch(device, name, batched):
+    """vmap(vmap(grad(f))) where the parameters are stacked at the outer level, the inner or both, and the
+    inputs at both: the inner fold's members (or groups) stay together when the outer one folds again."""
+    outer, inner = 3, 2
+    ours, theirs, params, _, inputs = _ensemble(name, device, outer * inner)
+    weights = _weights(_output(theirs(params, inputs[0][0])), case_seed(name))
+    x = inputs[0].view(outer, inner, *inputs[0].shape[1:])
+    lead = {"members of samples": (outer,), "samples of members": (inner,), "members of members": (outer, inner)}
+    gen = torch.Generator().manual_seed(case_seed(name, batched))
+    stacked = {key: torch.randn((*lead[batched], *value.shape), generator=gen, dtype=DT).to(device)
+               for key, value in params.items()}
+    dims = {"members of samples": (0, None), "samples of members": (None, 0), "members of members": (0, 0)}[batched]
+    per_sample = torch.func.vmap(torch.func.vmap(torch.func.grad(_objective(ours, weights)), in_dims=(dims[1], 0)),
+                                 in_dims=(dims[0], 0))
+    grads = per_sample(stacked, x)
+    for i in range(outer):
+        for j in range(inner):
+            index = {"members of samples": (i,), "samples of members": (j,), "members of members": (i, j)}[batched]
+            member = {key: value[index] for key, value in stacked.items()}
+            leaves = {key: value.clone().requires_grad_() for key, value in member.items()}
+            expected = torch.autograd.grad(_objective(theirs, weights)(leaves, x[i, j]), list(leaves.values()))
+            for key, value in zip(leaves, expected):
+                assert_close(grads[key][i, j], value, DT, f"{batched} ({i}, {j}): {key}")

@@ -48,17 +48,24 @@ class Op:
     those alone then folds the samples into the rows, one launch for the batch. Either every output row is
     computed from those rows alone, or the op sums over rows and takes an int argument at index `groups`:
     0 sums over all rows, g > 0 sums each of g equal groups of consecutive rows apart, into outputs with a
-    leading dim g (a per-sample weight gradient: the fold makes each sample a group).
+    leading dim g (a per-sample weight gradient: the fold makes each sample a group). weights and members: for
+    an op whose kernels also take a weight per group of rows (an ensemble's members), the weight arguments'
+    indices, each with its number of per-member dims, and the index of its int argument `members` (0: one
+    weight; E > 0: E members' weights stacked, each member's rows one after another): vmap over the weights
+    too then folds each sample into a member.
     """
 
     def __init__(self, name: str, fn: Callable, fake: Callable, setup_context: Callable | None = None,
-                 backward: Callable | None = None, rows: dict[int, int] | None = None, groups: int | None = None):
+                 backward: Callable | None = None, rows: dict[int, int] | None = None, groups: int | None = None,
+                 weights: dict[int, int] | None = None, members: int | None = None):
         self.name, self.fn, self.fake, self.rows, self.groups = name, fn, fake, rows, groups
+        self.weights, self.members = weights or {}, members
         self.custom_op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
         self.custom_op.register_fake(fake)
         self.function = None
-        if setup_context is not None and groups is not None:
-            setup_context = _summing_all_rows(name, groups, setup_context)
+        counts = tuple(index for index in (groups, members) if index is not None)
+        if setup_context is not None and counts:
+            setup_context = _ungrouped(name, counts, setup_context)
         if backward is not None:
             self.custom_op.register_autograd(_releasing(backward), setup_context=setup_context)
             self.function = _eager_function(name, fn, setup_context, backward)
@@ -240,40 +247,55 @@ def _releasing(backward: Callable) -> Callable:
     return run
 
 
-def _summing_all_rows(name: str, groups: int, setup_context: Callable) -> Callable:
-    """setup_context, refusing a call autograd records with per-group sums (its groups argument > 0): the op's
-    backward takes one sum over all rows, and would misread them (torch.func's fold makes no such call; see
-    _foldable)."""
+def _ungrouped(name: str, counts: tuple[int, ...], setup_context: Callable) -> Callable:
+    """setup_context, refusing a call autograd records with per-group sums or members (its groups or members
+    argument > 0): the op's backward takes one sum over all rows and one weight, and would misread them
+    (torch.func's fold makes no such call; see _foldable)."""
 
     def setup(ctx, inputs, output):
-        if inputs[groups]:
-            raise NotImplementedError(f"gpunn {name}: sums over groups of rows (groups > 0) are not differentiable")
+        if any(inputs[index] for index in counts):
+            raise NotImplementedError(f"gpunn {name}: sums over groups of rows or members (groups > 0, members > 0) "
+                                      f"are not differentiable")
         setup_context(ctx, inputs, output)
 
     return setup
 
 
 def _foldable(op: Op, args: list, dims: list) -> bool:
-    """Whether vmap may fold op's samples into its rows: only its row arguments are batched, and, for an op
-    that sums over rows, no autograd records the call (eager autograd, or a torch.func grad beneath this
-    vmap: either makes the arguments require grad). Its backward takes the sums over all rows (groups 0), so
-    it would misread per-sample sums; recorded, the op runs once per sample."""
-    if not op.rows or any(_batched(dim) for i, dim in enumerate(dims) if i not in op.rows):
+    """Whether vmap may fold op's samples into its rows: only its row arguments are batched (or its weights
+    too: each sample a member), and, for an op that sums over rows or takes members, no autograd records the
+    call (eager autograd, or a torch.func grad beneath this vmap: either makes the arguments require grad).
+    Its backward takes the sums over all rows (groups 0) and one weight, so it would misread per-sample sums
+    or members; recorded, the op runs once per sample."""
+    if not op.rows or any(_batched(dim) for i, dim in enumerate(dims) if i not in op.rows and i not in op.weights):
         return False
-    return op.groups is None or op.function is None or not (torch.is_grad_enabled() and _any_requires_grad(args))
+    if op.groups is None and not _member_fold(op, args, dims):
+        return True
+    return op.function is None or not (torch.is_grad_enabled() and _any_requires_grad(args))
+
+
+def _member_fold(op: Op, args: list, dims: list) -> bool:
+    """Whether a fold makes each sample a member (of each sample's members): some weight argument is batched,
+    or the op already takes members (an inner vmap's), whose rows must stay together."""
+    return op.members is not None and (args[op.members] > 0 or any(_batched(dims[i]) for i in op.weights))
 
 
 def _folded(op: Op, batch: int, args: list, dims: list) -> tuple:
     """vmap's (outputs, out_dims) of op run once, its row arguments' samples folded into their rows: each
     batched one's batch dim moved to the front and merged with its leading dims, an unbatched one expanded
     to every sample first; an op that sums over rows sums each sample's apart (its groups, each of a sample's
-    groups, or the sample's rows). Each output is the samples' rows, or sums, again, shaped per sample as the
-    fake implementation says (the placeholder of an output not asked for, (0,), becomes (B, 0), again empty
-    per sample)."""
+    groups, or the sample's rows); where a weight is batched (or the op already takes members), each sample
+    is a member (its weights folded as the rows are, its members each of a sample's members, or the sample).
+    Each output is the samples' rows, or sums, again, shaped per sample as the fake implementation says (the
+    placeholder of an output not asked for, (0,), becomes (B, 0), again empty per sample)."""
     folded = list(args)
+    merged = dict(op.rows)
     if op.groups is not None:
         folded[op.groups] = batch * max(args[op.groups], 1)
-    for i, trailing in op.rows.items():
+    if _member_fold(op, args, dims):
+        folded[op.members] = batch * max(args[op.members], 1)
+        merged.update(op.weights)
+    for i, trailing in merged.items():
         arg, dim = args[i], dims[i]
         if arg is not None:
             arg = arg.movedim(dim, 0) if dim is not None else arg.expand(batch, *arg.shape)
@@ -286,13 +308,16 @@ def _folded(op: Op, batch: int, args: list, dims: list) -> tuple:
     return (results[0], 0) if single else (results, (0,) * len(results))
 
 
-# The most groups one fold makes: kernels put groups on a grid axis CUDA limits to 65535 blocks.
+# The most groups (or members) one fold makes: kernels put them on a grid axis CUDA limits to 65535 blocks.
 MOST_GROUPS = 65535
 
 
 def _folded_in_chunks(op: Op, batch: int, args: list, dims: list) -> tuple:
-    """_folded, over as many samples at a time as make at most MOST_GROUPS groups, the outputs joined."""
-    per = MOST_GROUPS // max(args[op.groups], 1) if op.groups is not None else batch
+    """_folded, over as many samples at a time as make at most MOST_GROUPS groups or members, the outputs
+    joined."""
+    counts = [args[op.groups]] if op.groups is not None else []
+    counts += [args[op.members]] if _member_fold(op, args, dims) else []
+    per = MOST_GROUPS // max(1, *counts) if counts else batch
     if batch <= per:
         return _folded(op, batch, args, dims)
     chunks = [(start, min(per, batch - start)) for start in range(0, batch, per)]

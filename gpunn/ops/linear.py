@@ -6,6 +6,8 @@ y = act(input @ (weight * mask)^T + bias): input (*, K), weight (N, K), bias (N,
 floating dtype -> output (*, N); mask None for the dense layer, or the mask as the kernels' layout is
 found from it (a bool (N, K) mask, or a BlockLayout's own uint8 copy; see kernels.layout.layout_of) with
 the layout's block (block_n, block_k). Masked-out weights are never read and get exactly zero gradient.
+`members` (0, or E > 0 for an ensemble that torch.func.vmap folds: weight (E, N, K), bias (E, N), and the
+rows E members' rows one after another) is set by the vmap fold only (library.Op's weights and members).
 
 Saved for backward, the least that gives exact gradients: the input only if weight needs a gradient, the
 weight only if input does, plus what the activation's derivative needs (nothing, the output, or act'(z),
@@ -64,19 +66,32 @@ def _grad_preactivation_fake(grad_output, saved, activation, write_dz, bias_grad
 
 
 def _grad_input(grad_output: torch.Tensor, saved: torch.Tensor | None, weight: torch.Tensor,
-                mask: torch.Tensor | None, block_n: int, block_k: int, activation: str | None) -> torch.Tensor:
-    """dx (*, K) of grad_output (*, N): the dense layer's takes dz (activation None, nothing saved)."""
+                mask: torch.Tensor | None, block_n: int, block_k: int, activation: str | None, members: int
+                ) -> torch.Tensor:
+    """dx (*, K) of grad_output (*, N): the dense layer's takes dz (activation None, nothing saved). members
+    E > 0: weight (E, N, K), grad_output E members' rows one after another (an ensemble under vmap)."""
     dy = Rows.of(grad_output)
     if mask is None:
         _check_dense_takes_dz(saved, activation)
-        dx = dense.grad_input(dy, weight)
+        dx = dense.grad_input(dy, weight, members)
     else:
-        dx = masked.grad_input(dy, _as_rows(saved, dy), weight, activation, layout=_layout(mask, block_n, block_k))
-    return dx.view(*grad_output.shape[:-1], weight.shape[1])
+        layout = _layout(mask, block_n, block_k)
+        if not members:
+            dx = masked.grad_input(dy, _as_rows(saved, dy), weight, activation, layout=layout)
+        else:  # the masked kernels take one weight: members one after another
+            dx = torch.cat([masked.grad_input(Rows.of(part), saved_part, weight[member], activation, layout=layout)
+                            for member, (part, saved_part) in enumerate(zip(
+                                _member_parts(grad_output, dy.m, members), _member_parts(saved, dy.m, members)))])
+    return dx.view(*grad_output.shape[:-1], weight.shape[-1])
 
 
-def _grad_input_fake(grad_output, saved, weight, mask, block_n, block_k, activation):
-    return grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1]))
+def _grad_input_fake(grad_output, saved, weight, mask, block_n, block_k, activation, members):
+    return grad_output.new_empty((*grad_output.shape[:-1], weight.shape[-1]))
+
+
+def _member_parts(tensor: torch.Tensor | None, rows: int, members: int) -> tuple:
+    """Each member's rows of an (M, ...) tensor of E members' rows one after another (Nones for None)."""
+    return tensor.reshape(rows, tensor.shape[-1]).chunk(members) if tensor is not None else (None,) * members
 
 
 def _grad_weight(grad_output: torch.Tensor, saved: torch.Tensor | None, input: torch.Tensor | None,
@@ -103,34 +118,44 @@ def _grad_weight_fake(grad_output, saved, input, weight_shape, mask, block_n, bl
 
 
 # Under torch.func.vmap over their row arguments (dy, what forward saved, the input) alone, these fold the
-# samples into their rows, and the weight and bias gradients come out per sample (Op's rows and groups).
+# samples into their rows, and the weight and bias gradients come out per sample (Op's rows and groups); over
+# the weight too (an ensemble), each sample is a member (Op's weights and members).
 grad_preactivation = Op("linear_grad_preactivation", _grad_preactivation, _grad_preactivation_fake,
                         rows={0: 1, 1: 1}, groups=5)
-grad_input = Op("linear_grad_input", _grad_input, _grad_input_fake, rows={0: 1, 1: 1})
+grad_input = Op("linear_grad_input", _grad_input, _grad_input_fake, rows={0: 1, 1: 1}, weights={2: 2}, members=7)
 grad_weight = Op("linear_grad_weight", _grad_weight, _grad_weight_fake, rows={0: 1, 1: 1, 2: 1}, groups=9)
 
 
 def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None,
-            block_n: int, block_k: int, activation: str | None, negative_slope: float, save_derivative: bool
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output (*, N), act'(z) (M, N) when save_derivative, else nothing)."""
-    x, out_shape = Rows.of(input), (*input.shape[:-1], weight.shape[0])
+            block_n: int, block_k: int, activation: str | None, negative_slope: float, save_derivative: bool,
+            members: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output (*, N), act'(z) (M, N) when save_derivative, else nothing). members E > 0: weight (E, N, K),
+    bias (E, N), input E members' rows one after another (an ensemble under vmap)."""
+    x, out_shape = Rows.of(input), (*input.shape[:-1], weight.shape[-2])
     if mask is None:
-        output, derivative = dense.forward(x, weight, bias, activation, negative_slope, save_derivative, out_shape)
-    else:
+        output, derivative = dense.forward(x, weight, bias, activation, negative_slope, save_derivative, out_shape,
+                                           members)
+    elif not members:
         output, derivative = masked.forward(x, weight, bias, activation, negative_slope, save_derivative, out_shape,
                                             layout=_layout(mask, block_n, block_k))
+    else:  # the masked kernels take one weight: members one after another
+        layout = _layout(mask, block_n, block_k)
+        parts = [masked.forward(Rows.of(part), weight[member], bias[member] if bias is not None else None,
+                                activation, negative_slope, save_derivative, layout=layout)
+                 for member, part in enumerate(_member_parts(input, x.m, members))]
+        output = torch.cat([y for y, _ in parts]).view(out_shape)
+        derivative = torch.cat([g for _, g in parts]) if save_derivative else None
     return output, derivative if derivative is not None else nothing(output)
 
 
-def _linear_fake(input, weight, bias, mask, block_n, block_k, activation, negative_slope, save_derivative):
-    output = input.new_empty((*input.shape[:-1], weight.shape[0]))
+def _linear_fake(input, weight, bias, mask, block_n, block_k, activation, negative_slope, save_derivative, members):
+    output = input.new_empty((*input.shape[:-1], weight.shape[-2]))
     rows = math.prod(input.shape[:-1])
-    return output, input.new_empty((rows, weight.shape[0])) if save_derivative else nothing(output)
+    return output, input.new_empty((rows, weight.shape[-2])) if save_derivative else nothing(output)
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, mask, block_n, block_k, activation, negative_slope, _ = inputs
+    input, weight, bias, mask, block_n, block_k, activation, negative_slope, *_ = inputs
     need_input, need_weight = ctx.needs_input_grad[:2]
     grad_from = activations.grad_source(activation)
     saved = {activations.GRAD_FROM_OUTPUT.value: output[0], activations.GRAD_FROM_SAVED.value: output[1]}
@@ -145,8 +170,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _first_order(grad_output, saved, input, weight, mask, weight_shape, block_n, block_k, activation, need_input,
-                 need_weight, need_bias, groups=0):
-    """(dx, dW, db) of grad_output, each None where not needed; dW and db per group where groups > 0."""
+                 need_weight, need_bias, groups=0, members=0):
+    """(dx, dW, db) of grad_output, each None where not needed; dW and db per group where groups > 0 (each
+    member's, for members > 0: the fold makes each member's rows a group)."""
     dx = dw = db = None
     if mask is None:
         # The dense layer forms dz = dy * act'(z) and db in one pass, then runs two plain GEMMs on dz. Formed
@@ -158,7 +184,7 @@ def _first_order(grad_output, saved, input, weight, mask, weight_shape, block_n,
             grad_output = dz if write_dz else grad_output
         saved, activation = None, None
     if need_input:
-        dx = grad_input(grad_output, saved, weight, mask, block_n, block_k, activation)
+        dx = grad_input(grad_output, saved, weight, mask, block_n, block_k, activation, members)
     masked_bias = need_bias and mask is not None
     if need_weight or masked_bias:
         dw, masked_db = grad_weight(grad_output, saved, input if need_weight else None, weight_shape, mask,
@@ -176,35 +202,38 @@ def _backward(ctx, grad_output, _):
         input, weight = kept(ctx, 0, input, "linear", "input"), kept(ctx, 1, weight, "linear", "weight")
         grads = backward(grad_output, saved, input, weight, kept(ctx, 2, None, "linear", "bias"), mask,
                          options["block_n"], options["block_k"], options["activation"], options["negative_slope"],
-                         need_input, need_weight, need_bias, 0)
+                         need_input, need_weight, need_bias, 0, 0)
         grads = [grad if need else None for grad, need in zip(grads, (need_input, need_weight, need_bias))]
     else:
         grads = _first_order(grad_output, saved, input, weight, mask, ctx.weight_shape, options["block_n"],
                              options["block_k"], options["activation"], need_input, need_weight, need_bias)
-    return (*grads,) + (None,) * 6
+    return (*grads,) + (None,) * 7
 
 
-linear = Op("linear", _linear, _linear_fake, _setup_context, _backward, rows={0: 1})
+linear = Op("linear", _linear, _linear_fake, _setup_context, _backward, rows={0: 1}, weights={1: 2, 2: 1}, members=9)
 
 
 def _backward_op(grad_output: torch.Tensor, saved: torch.Tensor | None, input: torch.Tensor | None,
                  weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None, block_n: int,
                  block_k: int, activation: str | None, negative_slope: float, need_input: bool, need_weight: bool,
-                 need_bias: bool, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 need_bias: bool, groups: int, members: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layer's (dx (*, K), dW (N, K), db (N,); dW and db per group where groups > 0, see
     kernels.runtime.grouped), each nothing where not needed: its first-order backward as an op of its own, which
     double backward differentiates (used under create_graph=True, and under torch.func, whose vmap folds it as
-    linear_grad_weight). The input may be None where neither order needs it (no activation, a frozen weight)."""
-    grads = _first_order(grad_output, saved, input, weight, mask, list(weight.shape), block_n, block_k, activation,
-                         need_input, need_weight, need_bias, groups)
+    linear_grad_weight). The input may be None where neither order needs it (no activation, a frozen weight).
+    members > 0: an ensemble's weight (E, N, K) and bias (E, N), its members' rows one after another, each
+    member's rows a group."""
+    grads = _first_order(grad_output, saved, input, weight, mask, list(weight.shape[-2:]), block_n, block_k,
+                         activation, need_input, need_weight, need_bias, groups, members)
     return tuple(grad if grad is not None else nothing(grad_output) for grad in grads)
 
 
 def _backward_op_fake(grad_output, saved, input, weight, bias, mask, block_n, block_k, activation, negative_slope,
-                      need_input, need_weight, need_bias, groups):
-    return (grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1])) if need_input else nothing(grad_output),
-            weight.new_empty(grouped(groups, weight.shape)) if need_weight else nothing(grad_output),
-            weight.new_empty(grouped(groups, weight.shape[:1])) if need_bias else nothing(grad_output))
+                      need_input, need_weight, need_bias, groups, members):
+    dx_shape = (*grad_output.shape[:-1], weight.shape[-1])
+    return (grad_output.new_empty(dx_shape) if need_input else nothing(grad_output),
+            weight.new_empty(grouped(groups, weight.shape[-2:])) if need_weight else nothing(grad_output),
+            weight.new_empty(grouped(groups, weight.shape[-2:-1])) if need_bias else nothing(grad_output))
 
 
 def _backward_op_setup_context(ctx, inputs, output):
@@ -217,7 +246,7 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
     """Gradients of (grad_output, input, weight, bias) given those of (dx, dW, db); see
     gpunn.kernels.dense_double_backward for the formulas. The masked layer's GEMMs run under its mask, so
     masked-out weights, and the parts of g_dW there (dW is constant zero there), are never read."""
-    refuse_double_backward("linear", "triple")  # groups is 0 here: library._foldable folds no recorded call
+    refuse_double_backward("linear", "triple")  # groups and members are 0 here: library._ungrouped
     dy, input, weight, bias, mask = ctx.saved_tensors
     mask = saved_metadata(ctx, "mask", mask)
     layout = _layout(mask, *ctx.block) if mask is not None else None
@@ -233,7 +262,7 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
     dz_for_weight = grad_dx is not None and need_weight  # dW = dz^T x: dz^T g_dx reaches the weight
     if not (need_dy or second or dz_for_input or dz_for_weight):
         return (None, None, *_zero_where_connected(activation, (None,) * 3, ctx.needs_input_grad[2:5],
-                                                   (input, weight, bias))) + (None,) * 9
+                                                   (input, weight, bias))) + (None,) * 10
     # g_dz = g_dx W^T + x g_dW^T + g_db: one forward GEMM over the operands side by side.
     lhs = [t for t in (grad_dx.reshape(rows, k) if grad_dx is not None else None,
                        x if grad_dw is not None else None) if t is not None]
@@ -259,7 +288,7 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
         grad_w = _weight_product(*_joined(terms, 0), (n, k), layout)
     grads = _zero_where_connected(activation, (grad_x, grad_w, grad_b), (need_input, need_weight, need_bias),
                                   (input, weight, bias))
-    return (grad_dy.view(dy.shape) if grad_dy is not None else None, None, *grads) + (None,) * 9
+    return (grad_dy.view(dy.shape) if grad_dy is not None else None, None, *grads) + (None,) * 10
 
 
 def _zero_where_connected(activation, grads, needs, likes):
@@ -317,4 +346,4 @@ def _weight_product(dz: Rows, x: Rows, shape: tuple[int, int], layout) -> torch.
 
 
 backward = Op("linear_backward", _backward_op, _backward_op_fake, _backward_op_setup_context, _double_backward,
-              rows={0: 1, 1: 1, 2: 1}, groups=13)
+              rows={0: 1, 1: 1, 2: 1}, groups=13, weights={3: 2, 4: 1}, members=14)

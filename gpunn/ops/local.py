@@ -114,7 +114,7 @@ def _grad_weight_setup_context(ctx, inputs, output):
 
 
 def _grad_weight_backward(ctx, grad_dw, grad_db):
-    # groups is 0 here: library._foldable folds no call autograd records
+    # groups is 0 here (library._ungrouped)
     input, grad_output = ctx.saved_tensors
     need_input, need_grad_output = ctx.needs_input_grad[:2]
     grad_dw, grad_db = arrived(grad_dw, ctx.weight_shape), arrived(grad_db, ctx.weight_shape[:2])

@@ -98,7 +98,7 @@ def _differentiable_backward(ctx, grad_output):
     bias = bias_ih + bias_hh if bias_ih is not None else None
     joined_input, joined_weight = torch.cat([input, hx], 1), torch.cat([weight_ih, weight_hh], 1)
     dx_dh, dw, db = linear.backward(grad_output, output, joined_input, joined_weight, bias, None, 0, 0, ctx.activation,
-                                    0.0, need_x or need_h, need_wih or need_whh, need_bih or need_bhh, 0)
+                                    0.0, need_x or need_h, need_wih or need_whh, need_bih or need_bhh, 0, 0)
     sizes = [ctx.input_size, hx.shape[1]]
     dx, dh = dx_dh.split(sizes, 1) if need_x or need_h else (None, None)
     dw_ih, dw_hh = dw.split(sizes, 1) if need_wih or need_whh else (None, None)
