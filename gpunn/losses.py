@@ -48,7 +48,10 @@ def _cross_entropy_impl(logits: torch.Tensor, target: torch.Tensor, weight: torc
     row_loss, row_weight, stats = kernels.cross_entropy_forward(logits, target, weight, ignore_index, smoothing)
     if reduction == "none":
         return row_loss.to(logits.dtype), stats, nothing(stats)
-    totals, loss = kernels.reduced_loss(row_loss, row_weight, logits.dtype, "sum_b" if reduction == "mean" else "none",
+    # torch's smoothed mean adds the class-index mean, 0 / 0 where no kept row has weight, to the smoothing's:
+    # NaN there, where the one sum gpunn divides would give +-inf.
+    mean = "sum_b_or_nan" if smoothing != 0.0 else "sum_b"
+    totals, loss = kernels.reduced_loss(row_loss, row_weight, logits.dtype, mean if reduction == "mean" else "none",
                                         groups=groups)
     return loss, stats, totals
 
@@ -424,13 +427,13 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average: bool | Non
     reduction = _legacy_reduction(size_average, reduce, reduction)
     if weight is not None:
         raise NotImplementedError("gpunn mse_loss does not support weight= (use torch.nn.functional.mse_loss)")
+    input, target = autocast.cast(input.device.type, input, target, to_float32=True)
+    if not triton_runs_on(input.device) or not (input.is_floating_point() and target.is_floating_point()):
+        return torch.nn.functional.mse_loss(input, target, reduction=reduction)  # which warns as below
     if input.shape != target.shape:
         warnings.warn(f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
                       "This will likely lead to incorrect results due to broadcasting. Please ensure they have "
                       "the same size.", stacklevel=2)
-    input, target = autocast.cast(input.device.type, input, target, to_float32=True)
-    if not triton_runs_on(input.device) or not (input.is_floating_point() and target.is_floating_point()):
-        return torch.nn.functional.mse_loss(input, target, reduction=reduction)
     dtype = torch.promote_types(input.dtype, target.dtype)  # torch broadcasts first: a 0-dim operand counts too
     input, target = torch.broadcast_tensors(input.to(dtype), target.to(dtype))
     # As (N,) vectors, each element a row for the ops' vmap fold (a view of the contiguous tensors).

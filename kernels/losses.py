@@ -169,8 +169,8 @@ def _divide(a, b):
 @triton.jit(do_not_specialize=["count"])  # a count of 1 would be a constant, which has no .to()
 def reduced_loss_kernel(a_ptr, b_ptr, totals_ptr, loss_ptr, N, count, DIVIDE_BY: tl.constexpr, BLOCK: tl.constexpr):
     """Program g: totals[g] = [sum(a), sum(b)] over its group's N values (the g-th N of a and b), in a fixed
-    order, and its reduced loss loss[g] in loss's dtype: sum(a), divided by sum(b) (DIVIDE_BY "sum_b") or
-    by count ("count"), or not ("none")."""
+    order, and its reduced loss loss[g] in loss's dtype: sum(a), divided by sum(b) (DIVIDE_BY "sum_b"; NaN
+    where sum(b) is 0 for "sum_b_or_nan") or by count ("count"), or not ("none")."""
     group = tl.program_id(0).to(tl.int64)
     offsets = tl.arange(0, BLOCK)
     a_ptr += group * N
@@ -188,6 +188,8 @@ def reduced_loss_kernel(a_ptr, b_ptr, totals_ptr, loss_ptr, N, count, DIVIDE_BY:
     loss = sum_a
     if DIVIDE_BY == "sum_b":
         loss = _divide(sum_a, sum_b)
+    if DIVIDE_BY == "sum_b_or_nan":
+        loss = tl.where(sum_b == 0, float("nan"), _divide(sum_a, sum_b))
     if DIVIDE_BY == "count":
         loss = _divide(sum_a, count.to(sum_a.dtype))
     tl.store(loss_ptr + group, loss.to(loss_ptr.dtype.element_ty))
@@ -214,10 +216,13 @@ def cross_entropy_backward_kernel(
     scale = tl.load(grad_ptr + which * stride_grad, mask=r_ok, other=0.0).to(COMPUTE)
     if REDUCTION == 2:
         if GROUPED:
-            total = tl.load(sums_ptr + 2 * which + 1, mask=r_ok, other=1.0)
+            total = tl.load(sums_ptr + 2 * which + 1, mask=r_ok, other=1.0).to(COMPUTE)
         else:
-            total = tl.load(sums_ptr + 1)
-        scale = scale / total.to(COMPUTE)
+            total = tl.load(sums_ptr + 1).to(COMPUTE)
+        if SMOOTHING != 0.0:  # no weight on the kept rows: NaN, as the forward's mean (see _cross_entropy_impl)
+            scale = tl.where(total == 0, float("nan"), scale / total)
+        else:
+            scale = scale / total
     scale = tl.where(kept, scale, tl.where(bad, float("nan"), 0.0))
     safe = tl.where(kept, target, 0)
     w_y = tl.load(weight_ptr + safe, mask=kept, other=0.0).to(COMPUTE) if HAS_WEIGHT else kept.to(COMPUTE)
@@ -281,7 +286,8 @@ def _stats(rows: int, x: torch.Tensor, dtype: torch.dtype, zeros: bool = False) 
 def reduced_loss(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, divide_by: str = "none", count: int = 1,
                  groups: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(totals, loss) of two (N,) tensors of one dtype, in one launch: totals = [sum(a), sum(b)] in their
-    dtype, and loss in `dtype`: sum(a), divided by sum(b) for divide_by "sum_b" or by count for "count".
+    dtype, and loss in `dtype`: sum(a), divided by sum(b) for divide_by "sum_b" (NaN where sum(b) is 0 for
+    "sum_b_or_nan") or by count for "count".
     Shapes (2,) and (); for groups > 0, (groups, 2) and (groups,), one for each of `groups` equal groups of
     consecutive values (count is then a group's), one program each. One kernel where torch ops would make
     three more launches (host time a call).

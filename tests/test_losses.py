@@ -50,6 +50,25 @@ def test_cross_entropy_all_ignored_is_nan_like_torch(device):
     assert torch.isnan(gpunn.losses.cross_entropy(x, target)) and torch.isnan(F.cross_entropy(x, target))
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_mean_over_rows_of_no_weight_is_nan_like_torch(device, smoothing):
+    """Every kept target's class weight 0 (a batch of only the classes the weights drop): torch's mean is 0 / 0,
+    NaN, smoothed or not, and so is the kept rows' gradient (an ignored row's is 0), where the one sum gpunn
+    divides would give +-inf."""
+    x = torch.randn(3, 4, device=device, dtype=torch.float64)
+    target = torch.tensor([0, -100, 0], device=device)
+    weight = torch.tensor([0.0, 1.0, 2.0, 1.0], device=device, dtype=torch.float64)
+    results = []
+    for loss in (gpunn.losses.cross_entropy, F.cross_entropy):
+        leaf = x.clone().requires_grad_()
+        value = loss(leaf, target, weight, label_smoothing=smoothing)
+        results.append((value.detach(), torch.autograd.grad(value, leaf)[0]))
+    (ours, our_grad), (theirs, their_grad) = results
+    assert torch.isnan(ours) and torch.isnan(theirs)
+    assert torch.equal(torch.isnan(our_grad), torch.isnan(their_grad)) and torch.isnan(their_grad[0]).all()
+    assert torch.equal(our_grad[1], their_grad[1])
+
+
 def test_cross_entropy_fused_launches_and_no_torch_softmax(device):
     x = torch.randn(8, 10, device=device, requires_grad=True)
     target = torch.randint(0, 10, (8,), device=device)
@@ -353,6 +372,20 @@ def test_mse_broadcast_promotion_and_launches(device):
             loss, ref = gpunn.losses.mse_loss(*pair), F.mse_loss(*pair)
         assert loss.dtype == ref.dtype == torch.float64
         assert_close(loss, ref, torch.float64, "loss with a 0-dim operand")
+
+
+@pytest.mark.parametrize("target_dtype", [torch.float64, torch.int64])
+def test_mse_warns_of_a_broadcast_once_as_torch(device, target_dtype):
+    """Shapes that differ warn once, as torch's, on the kernels' path and on torch's (an integer target)."""
+    import warnings
+    x, y = torch.randn(3, device=device), torch.tensor([[1], [0], [1]], device=device, dtype=target_dtype)
+    counts = []
+    for loss in (gpunn.losses.mse_loss, F.mse_loss):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss(x, y)
+        counts.append(sum("different to the input size" in str(w.message) for w in caught))
+    assert counts == [1, 1]
 
 
 def test_functional_losses_take_torchs_arguments_in_its_order(device):
