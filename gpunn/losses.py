@@ -10,7 +10,7 @@ import torch
 from . import autocast
 from .kernels import cross_entropy_double_backward as second_order, losses as kernels
 from .kernels.runtime import capturing, group_rows, grouped, triton_runs_on
-from .ops.library import Op, arrived, nothing, refuse_double_backward
+from .ops.library import Op, arrived, nothing, refuse_double_backward, requires_grad_within
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -197,7 +197,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     if weight is not None and tuple(weight.shape) != (classes,):
         raise RuntimeError(f"weight tensor should be defined either for all {classes} classes or no classes but "
                            f"got weight tensor of shape: {list(weight.shape)}")
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+    if weight is not None and requires_grad_within(weight) and torch.is_grad_enabled():
         # torch refuses this for class indices; for class probabilities it differentiates the weights, which
         # gpunn's kernels do not: refused, rather than a gradient silently missing.
         if probabilities:

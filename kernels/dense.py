@@ -277,10 +277,23 @@ def _members_operands(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, 
     weight and bias packed one after another, and a member's rows."""
     if not members:
         return weight, bias, x.m
-    if x.two_row_dims or weight.shape[0] != members or x.m % members:
-        raise ValueError(f"gpunn dense: {members} members take an (E, N, K) weight and E members' rows at one "
-                         f"row stride")
-    return weight.contiguous(), bias.contiguous() if bias is not None else None, x.m // members
+    if (x.two_row_dims or weight.shape[0] != members or x.m % members
+            or (bias is not None and tuple(bias.shape) != tuple(weight.shape[:2]))):
+        raise ValueError(f"gpunn dense: {members} members take an (E, N, K) weight, an (E, N) bias and E members' "
+                         f"rows at one row stride")
+    return _packed(weight), _packed(bias) if bias is not None else None, x.m // members
+
+
+def _packed(tensor: torch.Tensor) -> torch.Tensor:
+    """tensor with a contiguous tensor's strides, its size-1 dims' included (the kernels step from member to
+    member by them; is_contiguous() ignores those), copied only where they differ."""
+    strides, step = [], 1
+    for size in reversed(tensor.shape):
+        strides.append(step)
+        step *= size
+    if tensor.stride() == tuple(reversed(strides)):
+        return tensor
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device).copy_(tensor)
 
 
 def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | None, write_dz: bool,

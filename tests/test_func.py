@@ -608,3 +608,90 @@ def test_nested_vmaps_over_members_and_samples_match_torch(device, name, batched
             expected = torch.autograd.grad(_objective(theirs, weights)(leaves, x[i, j]), list(leaves.values()))
             for key, value in zip(leaves, expected):
                 assert_close(grads[key][i, j], value, DT, f"{batched} ({i}, {j}): {key}")
+
+
+def test_autograd_and_grad_through_nested_vmaps_of_members_and_samples_match_torch(device):
+    """Eager autograd, and torch.func.grad further out, over vmap(vmap(...)) of an ensemble and a batch of
+    inputs: an inner vmap sees the outer one's wrappers, which do not say that autograd records the tensors
+    inside them, so the fold looks through them (folded there, a member's call would be recorded and refused)."""
+    gen = torch.Generator().manual_seed(case_seed("nested autograd"))
+    w = torch.randn(3, 6, 5, generator=gen, dtype=DT).to(device)
+    x = torch.randn(2, 4, 5, generator=gen, dtype=DT).to(device)
+
+    def run(linear, w, x):
+        return torch.func.vmap(torch.func.vmap(lambda w, x: linear(x, w).tanh(), in_dims=(0, None)),
+                               in_dims=(None, 0))(w, x)
+
+    grads = []
+    for linear in (gpunn.functional.linear, F.linear):
+        leaf_w, leaf_x = w.clone().requires_grad_(), x.clone().requires_grad_()
+        run(linear, leaf_w, leaf_x).pow(2).sum().backward()
+        outer = torch.func.grad(lambda w: run(linear, w, x).pow(2).sum())(w)
+        grads.append((leaf_w.grad, leaf_x.grad, outer))
+    for mine, theirs, what in zip(*grads, ("weight", "input", "grad over the weight")):
+        assert_close(mine, theirs, DT, what)
+    logits = torch.randn(2, 3, 4, 5, generator=gen, dtype=DT).to(device)
+    target = torch.randint(0, 5, (2, 3, 4), generator=gen).to(device)
+    losses = []
+    for loss in (gpunn.losses.cross_entropy, F.cross_entropy):
+        leaf = logits.clone().requires_grad_()
+        torch.func.vmap(torch.func.vmap(loss))(leaf, target).sum().backward()
+        losses.append(leaf.grad)
+    assert_close(*losses, DT, "vmapped losses' gradient")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_backward_of_an_ensemble_forward_under_vmap_matches_torch(device, masked):
+    """An ensemble's forward under vmap (stack_module_state's parameters, which require grad), then plain
+    .backward(): the forward sees through vmap's wrappers that autograd records it, and saves GELU's act'(z)."""
+    gen = torch.Generator().manual_seed(case_seed("ensemble backward", masked))
+    mask = _mask(6, 5).to(device)
+    models = [(gpunn.MaskedLinear(5, 6, mask, activation="gelu") if masked else
+               gpunn.Linear(5, 6, activation="gelu")).to(device, DT) for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    x = torch.randn(3, 4, 5, generator=gen, dtype=DT).to(device)
+    out = torch.func.vmap(lambda p, b, x: torch.func.functional_call(models[0], (p, b), (x,)))(params, buffers, x)
+    out.pow(2).sum().backward()
+    for i, model in enumerate(models):
+        leaves = {key: value.detach().clone().requires_grad_() for key, value in model.named_parameters()}
+        z = F.linear(x[i], leaves["weight"] * mask if masked else leaves["weight"], leaves["bias"])
+        expected = torch.autograd.grad(F.gelu(z).pow(2).sum(), list(leaves.values()))
+        for key, value in zip(leaves, expected):
+            assert_close(params[key].grad[i], value, DT, f"member {i}: {key}")
+
+
+def test_an_ensemble_of_samples_runs_once_a_sample_without_copying_weights(device):
+    """vmap over samples of vmap over an ensemble: the inner fold's members are runs of rows, which folding
+    the samples would interleave, and making each sample a member would copy the weights once a sample: the
+    outer level runs the members' launch once a sample."""
+    gen = torch.Generator().manual_seed(case_seed("samples of members"))
+    w = torch.randn(3, 6, 5, generator=gen, dtype=DT).to(device)
+    x = torch.randn(4, 2, 5, generator=gen, dtype=DT).to(device)
+    with count_launches() as launches:
+        out = torch.func.vmap(lambda x: torch.func.vmap(lambda w: gpunn.functional.linear(x, w))(w))(x)
+    assert launches == {"dense_forward_kernel": 4}, launches
+    assert_close(out, torch.einsum("snk,mok->smno", x, w), DT, "output")
+
+
+def test_members_take_any_weight_and_bias_strides(device):
+    """The members' launch steps from one member's weight and bias to the next by their strides: weights of one
+    output (size-1 dims, which is_contiguous() ignores) and expanded biases are packed first."""
+    from gpunn.ops import linear as ops_linear
+    gen = torch.Generator().manual_seed(case_seed("member strides"))
+    weight = torch.randn(3, 5, 1, generator=gen, dtype=DT).to(device).transpose(1, 2)  # (3, 1, 5), strides (5, 1, 1)
+    bias = torch.randn(1, 1, generator=gen, dtype=DT).to(device).expand(3, 1)
+    x = torch.randn(6, 5, generator=gen, dtype=DT).to(device)
+    out = ops_linear.linear(x, weight, bias, None, 0, 0, None, 0.0, False, 3)[0]
+    expected = torch.cat([F.linear(part, weight[i], bias[i]) for i, part in enumerate(x.chunk(3))])
+    assert_close(out, expected, DT, "output")
+
+
+def test_a_backward_without_what_its_forward_saved_is_refused(device):
+    """The op's forward saves GELU's act'(z) only when asked: a backward without it raises rather than read
+    the empty placeholder."""
+    from gpunn.ops import linear as ops_linear
+    x = torch.randn(4, 5, dtype=DT, device=device)
+    weight = torch.randn(3, 5, dtype=DT, device=device, requires_grad=True)
+    out = ops_linear.linear(x, weight, None, None, 0, 0, "gelu", 0.01, False, 0)[0]
+    with pytest.raises(RuntimeError, match="needs what its forward saved"):
+        out.sum().backward()

@@ -113,9 +113,27 @@ def _any_dual(args) -> bool:
                or (isinstance(a, list) and _any_dual(a)) for a in args)
 
 
-def _any_requires_grad(args) -> bool:
-    return any((isinstance(a, torch.Tensor) and a.requires_grad)
-               or (isinstance(a, list) and _any_requires_grad(a)) for a in args)
+def _any_requires_grad(args, within=False) -> bool:
+    """Whether a tensor of args (lists included) requires grad; within: or a tensor a torch.func transform
+    wraps in it (see requires_grad_within)."""
+    test = requires_grad_within if within else (lambda tensor: tensor.requires_grad)
+    return any((isinstance(a, torch.Tensor) and test(a)) or (isinstance(a, list) and _any_requires_grad(a, within))
+               for a in args)
+
+
+def requires_grad_within(tensor: torch.Tensor | None) -> bool:
+    """Whether tensor, or a tensor a torch.func transform wraps in it, requires grad: under nested transforms a
+    tensor is the next level's wrapper (a vmap's batched tensor), which reports False even where autograd, or
+    a torch.func grad further out, records the tensor inside it."""
+    if tensor is None or tensor.requires_grad or torch.compiler.is_compiling():  # compiled: no transform's wrappers
+        return tensor is not None and tensor.requires_grad
+    functorch = torch._C._functorch
+    while tensor is not None:
+        if tensor.requires_grad:
+            return True
+        wrapper = functorch.is_batchedtensor(tensor) or functorch.is_gradtrackingtensor(tensor)
+        tensor = functorch.get_unwrapped(tensor) if wrapper else None
+    return False
 
 
 def _flatten(args) -> tuple[list, tuple]:
@@ -269,30 +287,34 @@ def _foldable(op: Op, args: list, dims: list) -> bool:
     or members; recorded, the op runs once per sample."""
     if not op.rows or any(_batched(dim) for i, dim in enumerate(dims) if i not in op.rows and i not in op.weights):
         return False
-    if op.groups is None and not _member_fold(op, args, dims):
+    member_fold = _member_fold(op, dims)
+    if op.members is not None and args[op.members] and not member_fold:
+        # An inner vmap's members, each a run of rows: folding these samples into the rows would interleave
+        # the members' rows, and making each sample a member would copy every weight once a sample.
+        return False
+    if op.groups is None and not member_fold:
         return True
-    return op.function is None or not (torch.is_grad_enabled() and _any_requires_grad(args))
+    return op.function is None or not (torch.is_grad_enabled() and _any_requires_grad(args, within=True))
 
 
-def _member_fold(op: Op, args: list, dims: list) -> bool:
-    """Whether a fold makes each sample a member (of each sample's members): some weight argument is batched,
-    or the op already takes members (an inner vmap's), whose rows must stay together."""
-    return op.members is not None and (args[op.members] > 0 or any(_batched(dims[i]) for i in op.weights))
+def _member_fold(op: Op, dims: list) -> bool:
+    """Whether a fold makes each sample a member (of each sample's members): some weight argument is batched."""
+    return any(_batched(dims[i]) for i in op.weights)
 
 
 def _folded(op: Op, batch: int, args: list, dims: list) -> tuple:
     """vmap's (outputs, out_dims) of op run once, its row arguments' samples folded into their rows: each
     batched one's batch dim moved to the front and merged with its leading dims, an unbatched one expanded
     to every sample first; an op that sums over rows sums each sample's apart (its groups, each of a sample's
-    groups, or the sample's rows); where a weight is batched (or the op already takes members), each sample
-    is a member (its weights folded as the rows are, its members each of a sample's members, or the sample).
-    Each output is the samples' rows, or sums, again, shaped per sample as the fake implementation says (the
-    placeholder of an output not asked for, (0,), becomes (B, 0), again empty per sample)."""
+    groups, or the sample's rows); where a weight is batched, each sample is a member (its weights folded as
+    the rows are, its members each of a sample's members, or the sample). Each output is the samples' rows,
+    or sums, again, shaped per sample as the fake implementation says (the placeholder of an output not
+    asked for, (0,), becomes (B, 0), again empty per sample)."""
     folded = list(args)
     merged = dict(op.rows)
     if op.groups is not None:
         folded[op.groups] = batch * max(args[op.groups], 1)
-    if _member_fold(op, args, dims):
+    if _member_fold(op, dims):
         folded[op.members] = batch * max(args[op.members], 1)
         merged.update(op.weights)
     for i, trailing in merged.items():
@@ -316,7 +338,7 @@ def _folded_in_chunks(op: Op, batch: int, args: list, dims: list) -> tuple:
     """_folded, over as many samples at a time as make at most MOST_GROUPS groups or members, the outputs
     joined."""
     counts = [args[op.groups]] if op.groups is not None else []
-    counts += [args[op.members]] if _member_fold(op, args, dims) else []
+    counts += [args[op.members]] if _member_fold(op, dims) else []
     per = MOST_GROUPS // max(1, *counts) if counts else batch
     if batch <= per:
         return _folded(op, batch, args, dims)

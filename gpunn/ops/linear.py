@@ -173,6 +173,12 @@ def _first_order(grad_output, saved, input, weight, mask, weight_shape, block_n,
                  need_weight, need_bias, groups=0, members=0):
     """(dx, dW, db) of grad_output, each None where not needed; dW and db per group where groups > 0 (each
     member's, for members > 0: the fold makes each member's rows a group)."""
+    if activations.grad_source(activation) != activations.GRAD_IS_DY.value and (
+            saved is None or saved.numel() != grad_output.numel()):
+        # The forward saves act'(z) only where it sees autograd record the call: a kernel reading the
+        # placeholder instead would read past it.
+        raise RuntimeError(f"gpunn linear: backward of {activation} needs what its forward saved, which it did not "
+                           f"save (the forward did not see a tensor that requires grad)")
     dx = dw = db = None
     if mask is None:
         # The dense layer forms dz = dy * act'(z) and db in one pass, then runs two plain GEMMs on dz. Formed
