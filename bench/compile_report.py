@@ -445,6 +445,7 @@ CASES = (
          ), tile=("BLOCK_C",)),
     Case("gpunn.kernels.losses", "reduced_loss_kernel", _launch_reduced_loss, (
         Variant("mean over weights", dict(divide_by="sum_b"), matmul=False),
+        Variant("smoothed mean over weights", dict(divide_by="sum_b_or_nan"), matmul=False),
         Variant("mean over count", dict(divide_by="count"), matmul=False),
         Variant("mean of one value", dict(divide_by="count", count=1), matmul=False),  # the MSE of one element
         Variant("sum", dict(divide_by="none"), matmul=False),
