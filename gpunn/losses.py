@@ -106,7 +106,7 @@ def _cross_entropy_backward_setup(ctx, inputs, output):
 def _cross_entropy_double_backward(ctx, grad_dx):
     """The gradients of (grad, logits) given dx's (gpunn.kernels.cross_entropy_double_backward). The stats
     and totals the backward read get none: the logits' gradient already counts every path through them."""
-    refuse_double_backward("cross_entropy", "triple")  # groups is 0: library._foldable folds no recorded call
+    refuse_double_backward("cross_entropy", "triple")  # groups is 0 here (library._ungrouped)
     grad, logits, target, weight, stats, totals = ctx.saved_tensors
     need_grad, need_logits = ctx.needs_input_grad[:2]
     if grad_dx is None or not (need_grad or need_logits):

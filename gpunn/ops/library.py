@@ -125,8 +125,10 @@ def requires_grad_within(tensor: torch.Tensor | None) -> bool:
     """Whether tensor, or a tensor a torch.func transform wraps in it, requires grad: under nested transforms a
     tensor is the next level's wrapper (a vmap's batched tensor), which reports False even where autograd, or
     a torch.func grad further out, records the tensor inside it."""
-    if tensor is None or tensor.requires_grad or torch.compiler.is_compiling():  # compiled: no transform's wrappers
-        return tensor is not None and tensor.requires_grad
+    if tensor is None:
+        return False
+    if tensor.requires_grad or torch.compiler.is_compiling() or not under_transform():
+        return tensor.requires_grad  # wrappers exist only while a transform runs (compiled code takes none)
     functorch = torch._C._functorch
     while tensor is not None:
         if tensor.requires_grad:
@@ -282,7 +284,8 @@ def _ungrouped(name: str, counts: tuple[int, ...], setup_context: Callable) -> C
 def _foldable(op: Op, args: list, dims: list) -> bool:
     """Whether vmap may fold op's samples into its rows: only its row arguments are batched (or its weights
     too: each sample a member), and, for an op that sums over rows or takes members, no autograd records the
-    call (eager autograd, or a torch.func grad beneath this vmap: either makes the arguments require grad).
+    call (eager autograd, or a torch.func grad beneath this vmap: either makes the arguments, or the tensors
+    their outer transforms' wrappers hold, require grad).
     Its backward takes the sums over all rows (groups 0) and one weight, so it would misread per-sample sums
     or members; recorded, the op runs once per sample."""
     if not op.rows or any(_batched(dim) for i, dim in enumerate(dims) if i not in op.rows and i not in op.weights):
