@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU check: on a machine with an NVIDIA GPU (no network needed), install gpunn, run the whole
-# test suite compiled on the GPU, `python -m gpunn check --quick`, the quick benchmarks of every op, then
+# test suite compiled on the GPU, the quick benchmarks of every op, `python -m gpunn check --quick`, then
 # diagnostics (CUDA-graph training steps, torch.compile baselines, the dense kernels one by one, the split
 # RNN's tiles, the loss and SGD kernels without host time), and keep every log and CSV in OUTDIR.
 #
@@ -73,13 +73,29 @@ stage install 30 "$python" -m pip install --no-deps --no-build-isolation --no-in
 # use the CPU: 12 workers on the 16 cores; --dist loadgroup keeps the benchmark's tests, which share one
 # smoke run, on one worker. A pytest stage spends about 15 s outside its tests (imports, workers, exit). A test
 # past 150 s gets its threads' tracebacks in the log (faulthandler_timeout): a hang names where it waits.
+# Two stages, so that a run cut short resumes with the half it did not finish: the layers' own tests, then
+# those of transforms and tools over them (torch.func, double backward, torch.compile, conversion, the CLI,
+# the check, the benchmark's smoke run, compile reports, distributed); a test file not listed in the second
+# is in the first.
 xdist=$("$python" -c 'import xdist' 2>/dev/null && echo "-n 12 --dist loadgroup")
-stage tests 240 env GPUNN_AUTOTUNE=0 "$python" -m pytest -v --durations=15 -p no:cacheprovider \
-  -o faulthandler_timeout=150 $xdist tests
+pytest_gpu=(env GPUNN_AUTOTUNE=0 "$python" -m pytest -v --durations=15 -p no:cacheprovider -o faulthandler_timeout=150
+            $xdist)
+transform_tests=(tests/test_func.py tests/test_autodiff.py tests/test_compile.py tests/test_convert.py tests/test_cli.py
+                 tests/test_check.py tests/test_bench.py tests/test_compile_report.py tests/test_distributed.py)
+layer_tests=()
+for file in tests/test_*.py; do
+    [[ " ${transform_tests[*]} " == *" $file "* ]] || layer_tests+=("$file")
+done
+stage tests_layers 200 "${pytest_gpu[@]}" "${layer_tests[@]}"
+# Speed of the layers (bench.csv is rewritten as each op finishes: a stage cut short keeps the ops it ran).
+stage bench 200 "$python" -m bench --quick --no-compile --only dense,masked,local2d,local1d,rnn,rnn_cell \
+  --out "$out/bench"
+stage tests_transforms 200 "${pytest_gpu[@]}" "${transform_tests[@]}"
+# Speed of the losses, SGD, training steps and torch.func (per-sample gradients, ensembles).
+stage bench_training 150 "$python" -m bench --quick --no-compile \
+  --only xent,mse,sgd,mlp_step,penalty_step,per_sample,ensemble --out "$out/bench_training"
 # Every op against torch's reference in float64, through the public API (kernels mostly cached by the tests).
 stage check 60 env GPUNN_AUTOTUNE=0 "$python" -m gpunn check --quick --out "$out/check.md"
-# Speed of every op (bench.csv is rewritten as each op finishes: a stage cut short keeps the ops it ran).
-stage bench 240 "$python" -m bench --quick --no-compile --out "$out/bench"
 # How much of a host-bound training step a CUDA graph recovers (gpunn and torch, eager and replayed; untuned
 # kernel configs, to fit the limit: the question is host time).
 stage graph_step 45 env GPUNN_AUTOTUNE=0 "$python" -m bench.probes.graph_step
@@ -98,5 +114,7 @@ stage bench_rnn_fp32 45 "$python" -m bench --quick --only rnn --dtype fp32 --out
 stage kernel_alone 60 "$python" -m bench.probes.kernel_alone
 echo "== summary"
 cat "$out/status.txt"
-[ -f "$out/bench/bench.md" ] && cat "$out/bench/bench.md"
+for bench in bench bench_training; do
+    [ -f "$out/$bench/bench.md" ] && cat "$out/$bench/bench.md"
+done
 exit 0

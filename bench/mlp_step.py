@@ -37,6 +37,19 @@ def _model(width: int, device, dtype, seed: int, activation=torch.nn.ReLU) -> to
     return torch.nn.Sequential(*layers)
 
 
+def model_of(provider: str, case, dtype: torch.dtype, device, seed: int) -> torch.nn.Sequential:
+    """A fresh model of the case (its width and activation, seeded init made in its dtype, then cast to dtype,
+    so that a float64 reference holds the same rounded weights): torch's layers, or for gpunn the same model
+    through gpunn.convert (the activation fused into gpunn.Linear)."""
+    model = _model(case.width, device, harness.DTYPES[case.dtype], seed, case.LAYER_ACTIVATION).to(dtype)
+    return gpunn.convert(model, inplace=True) if provider == "gpunn" else model
+
+
+def criterion(provider: str):
+    """The provider's cross-entropy function."""
+    return gpunn.functional.cross_entropy if provider == "gpunn" else F.cross_entropy
+
+
 @dataclass(frozen=True)
 class Case(harness.CaseBase):
     batch: int
@@ -79,16 +92,13 @@ class Case(harness.CaseBase):
 
     def loss(self, provider: str, model, x, y) -> torch.Tensor:
         """The step's loss: cross-entropy of the model's output (width classes) against y."""
-        return (gpunn.functional.cross_entropy if provider == "gpunn" else F.cross_entropy)(model(x), y)
+        return criterion(provider)(model(x), y)
 
     def _step_fn(self, provider: str, x, y, seed: int):
         """One training step of a fresh model (the case's dtype, seeded init) on x, in x's dtype."""
-        model = _model(self.width, x.device, harness.DTYPES[self.dtype], seed, self.LAYER_ACTIVATION).to(x.dtype)
-        if provider == "gpunn":
-            model = gpunn.convert(model, inplace=True)
-            optimizer = gpunn.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        else:
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        model = model_of(provider, self, x.dtype, x.device, seed)
+        optimizer = (gpunn.optim.SGD if provider == "gpunn" else torch.optim.SGD)(model.parameters(), lr=0.01,
+                                                                                   momentum=0.9)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
