@@ -54,11 +54,12 @@ class SGD(torch.optim.SGD):
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None):
+        # torch's checks first (a bad lr, fused with foreach or differentiable: its errors), then gpunn's own.
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
+                         foreach=foreach, differentiable=differentiable, fused=fused)
         if differentiable:
             raise NotImplementedError("gpunn.optim.SGD does not support differentiable=True: its update kernels "
                                       "are not differentiable (use torch.optim.SGD)")
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
-                         foreach=foreach, differentiable=differentiable, fused=fused)
         self._init_runtime()
 
     def _init_runtime(self) -> None:

@@ -3,6 +3,7 @@ lower precisions), param groups, state_dict both ways, one launch per group and 
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -251,6 +252,14 @@ def test_foreach_fused_and_differentiable_arguments(device):
         assert not ours._step_supports_amp_scaling  # a GradScaler unscales before step
     with pytest.raises(NotImplementedError, match="differentiable"):
         gpunn.optim.SGD([p], lr=0.1, differentiable=True)
+    # What torch refuses first, it refuses for gpunn too, with its own error.
+    for kwargs in (dict(fused=True, differentiable=True), dict(fused=True, foreach=True),
+                   dict(lr=-1.0, differentiable=True)):
+        kwargs = dict(lr=0.1) | kwargs
+        with pytest.raises(Exception) as theirs:
+            torch.optim.SGD([p], **kwargs)
+        with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value))):
+            gpunn.optim.SGD([p], **kwargs)
 
 
 @pytest.mark.parametrize("copy_kind", ["deepcopy", "torch.save"])
