@@ -13,6 +13,7 @@ drops them, and converting back gives them zero.
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import types
 
@@ -32,11 +33,41 @@ _FUSABLE = {
 }
 
 
+@functools.cache
+def _constructed(kind: type) -> frozenset:
+    """The instance attributes a module of this torch type (or gpunn twin type) has once constructed."""
+    args = () if kind in _FUSABLE else (1, 1)
+    return frozenset(vars(kind(*args, device="meta") if args else kind()))
+
+
+def _twin_type(module: torch.nn.Module) -> type:
+    return {torch.nn.Linear: Linear, torch.nn.RNNCell: RNNCell, torch.nn.RNN: RNN}[type(module)]
+
+
+def _set_on_instance(module: torch.nn.Module) -> dict:
+    """What was set on module beyond what its type's constructor sets: a user's tag, say."""
+    return {name: value for name, value in vars(module).items() if name not in _constructed(type(module))}
+
+
+def _attributes_carry(module: torch.nn.Module) -> bool:
+    """Whether module's own attributes can go to its twin: none for an activation module (fused away, it
+    becomes an nn.Identity); none of a layer's names a twin has (gpunn.Linear's activation) or its class
+    defines (a forward set on the instance would run in place of the twin's), and no private name (torch's
+    state for the module itself, as module.compile() leaves a compiled forward of the torch layer)."""
+    extra = _set_on_instance(module)
+    if type(module) in _FUSABLE:
+        return not extra
+    twin = _twin_type(module)
+    return not any(name.startswith("_") or name in _constructed(twin) or hasattr(twin, name) for name in extra)
+
+
 def _adopt(twin: torch.nn.Module, module: torch.nn.Module) -> torch.nn.Module:
-    """twin (built on the meta device) takes module's own parameters and training mode: the same tensors,
-    so optimizers and hooks on them still apply."""
+    """twin (built on the meta device) takes module's own parameters and training mode (the same tensors,
+    so optimizers and hooks on them still apply) and the attributes set on it beyond its constructor's."""
     for name, parameter in module.named_parameters(recurse=False):
         setattr(twin, name, parameter)
+    for name, value in _set_on_instance(module).items():
+        setattr(twin, name, value)
     return twin.train(module.training)
 
 
@@ -68,10 +99,10 @@ def _parameter_names(module: torch.nn.Module) -> set[str]:
 
 def _plain(module: torch.nn.Module, types) -> bool:
     """Whether module is exactly one of types and nothing more: no hooks (module or state-dict), no buffers, no
-    child modules, and its type's own parameters, real floating point. Old-style prune, weight_norm and
-    spectral_norm (a forward pre-hook that rebuilds the weight from renamed parameters and buffers), user
-    hooks, buffers or children would be lost on a twin, and gpunn's layers refuse complex parameters: such a
-    module is left as it is."""
+    child modules, its type's own parameters, real floating point, and attributes of its own that its twin
+    can carry (_attributes_carry). Old-style prune, weight_norm and spectral_norm (a forward pre-hook that
+    rebuilds the weight from renamed parameters and buffers), user hooks, buffers or children would be lost
+    on a twin, and gpunn's layers refuse complex parameters: such a module is left as it is."""
     hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
              module._state_dict_hooks, module._state_dict_pre_hooks, module._load_state_dict_pre_hooks,
              module._load_state_dict_post_hooks)
@@ -79,7 +110,8 @@ def _plain(module: torch.nn.Module, types) -> bool:
             and next(module.children(), None) is None
             and (type(module) not in _CONVERTIBLE
                  or {name for name, _ in module.named_parameters(recurse=False)} == _parameter_names(module))
-            and all(parameter.is_floating_point() for parameter in module.parameters(recurse=False)))
+            and all(parameter.is_floating_point() for parameter in module.parameters(recurse=False))
+            and _attributes_carry(module))
 
 
 def _chains(parent: torch.nn.Module) -> bool:
@@ -130,7 +162,10 @@ def convert(module: torch.nn.Module, inplace: bool = False, fuse: bool = True) -
     layers keep its very parameter tensors. A module registered under two names becomes one twin under both
     (fused with two different activation modules, one twin per fusion, sharing its parameters). A layer
     carrying hooks, buffers, child modules, or parameters other than its own (old-style prune, weight_norm,
-    spectral_norm) stays a torch layer, and an activation module with hooks is not fused.
+    spectral_norm) stays a torch layer, and an activation module with hooks is not fused. Attributes set on
+    a layer (layer.tag = ...) go to its twin, unless the twin uses the name (gpunn.Linear's activation), its
+    class defines it (a forward set on the instance) or it is private (module.compile()'s compiled forward):
+    such a layer stays a torch layer, as an activation module with attributes of its own stays unfused.
     """
     root = module if inplace else copy.deepcopy(module)
     if _plain(root, _CONVERTIBLE):

@@ -142,6 +142,32 @@ def test_layers_it_cannot_reproduce_stay_torch_layers():
     assert torch.equal(converted(x), complex_model(x))
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_attributes_set_on_a_layer_go_to_its_twin(inplace):
+    """A tag set on a layer is on its twin; a layer whose attribute the twin would shadow, that shadows its
+    class (a forward set on the instance) or has a private one (module.compile()), and an activation module
+    with a tag, stay as they were."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.GELU(), torch.nn.RNNCell(4, 3))
+    model[0].tag, model[0].scale = "first", torch.ones(2)
+    model[2].activation = "mine"  # gpunn.Linear's own attribute
+    model[3].tag = "tanh"  # fusing would drop the activation module
+    model[4].forward = lambda x: x  # shadows the class's forward
+    model[7].tag = "cell"
+    model[5].compile(backend="eager")  # a compiled forward of the torch layer (a deep copy drops it, as torch's copies do)
+    x = torch.randn(3, 4)
+    expected = model(x)
+    converted = gpunn.convert(model, inplace=inplace)
+    kinds = [type(m) for m in converted]
+    compiled = [torch.nn.Linear, torch.nn.GELU] if inplace else [gpunn.Linear, torch.nn.Identity]
+    assert kinds == [gpunn.Linear, torch.nn.Identity, torch.nn.Linear, torch.nn.Tanh, torch.nn.Linear, *compiled,
+                     gpunn.RNNCell]
+    assert converted[0].tag == "first" and torch.equal(converted[0].scale, torch.ones(2))
+    assert converted[0].activation == "relu" and converted[2].activation == "mine" and converted[3].tag == "tanh"
+    assert converted[7].tag == "cell"
+    assert_close(converted(x), expected, torch.float32, "output")
+
+
 def test_a_module_registered_twice_becomes_one_twin():
     class Tied(torch.nn.Module):
         def __init__(self):
