@@ -4,6 +4,8 @@ sample. What gpunn does not implement under them (a second order, forward mode, 
 gradients) is refused with a NotImplementedError rather than run wrong."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -293,15 +295,17 @@ def test_vmap_over_empty_rows_or_features(device, in_features, out_features, row
 
 
 FOLDED_PER_SAMPLE = ["linear_gelu", "masked_tanh", "local2d", "local1d", "rnn_cell_relu", "cross_entropy",
-                     "cross_entropy_weighted_ignore", "cross_entropy_probabilities", "mse_sum", "mse_mean"]
+                     "cross_entropy_weighted_ignore", "cross_entropy_probabilities", "mse_sum", "mse_mean",
+                     "rnn_2layer_bidirectional", "rnn_batch_first_hx"]
 
 
 @pytest.mark.parametrize("name", FOLDED_PER_SAMPLE)
 def test_per_sample_gradients_take_one_launch_per_kernel_whatever_the_samples(device, name):
-    """vmap(grad(f)) over the inputs of a dense, masked or cell layer, or of a loss: every kernel, the
-    backward's per-sample weight and bias gradients and the per-sample losses included, runs once over all
-    samples (test_per_sample_gradients_match_torch checks the values)."""
-    kernels = []
+    """vmap(grad(f)) over the inputs of a dense, masked or cell layer, of a loss, or of an RNN over padded
+    sequences: every kernel, the backward's per-sample weight and bias gradients and the per-sample losses
+    included, runs once over all samples (the RNN's as often as for one call: per layer and direction);
+    test_per_sample_gradients_match_torch checks the values."""
+    counts = []
     for samples in (2, 5):
         ours, theirs, params, inputs = _case(name, device, samples)
         weights = _weights(_output(theirs(params, inputs[0][0], *inputs[1:])), case_seed(name))
@@ -309,9 +313,66 @@ def test_per_sample_gradients_take_one_launch_per_kernel_whatever_the_samples(de
                                      in_dims=(None, 0) + (None,) * (len(inputs) - 1))
         with count_launches() as launches:
             per_sample(params, *inputs)
-        assert set(launches.values()) == {1}, launches
-        kernels.append(set(launches))
-    assert kernels[0] == kernels[1]
+        if name not in ("rnn_2layer_bidirectional", "rnn_batch_first_hx"):
+            assert set(launches.values()) == {1}, launches
+        counts.append(launches)
+    assert counts[0] == counts[1]
+
+
+def _rnn_pair(device, **options):
+    ours = gpunn.RNN(3, 5, device=device, dtype=DT, **options)
+    theirs = torch.nn.RNN(3, 5, device=device, dtype=DT, **options)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs, {key: value.detach() for key, value in ours.named_parameters()}
+
+
+@pytest.mark.parametrize("hx", [False, True])
+def test_per_sample_gradients_of_an_rnn_over_single_sequences_match_torch(device, hx):
+    """DP-SGD's case: each sample one unbatched sequence (T, I), with or without its own initial state, and
+    vmap(grad) over them; and a vmap over such batches of samples (each sample's gradients apart within an
+    already folded call): every sample's weight, input and state gradients as torch's autograd gives them."""
+    ours, theirs, params = _rnn_pair(device, num_layers=2, bidirectional=True, nonlinearity="relu")
+    gen = torch.Generator().manual_seed(case_seed("rnn_single_sequences", hx))
+    x = torch.randn(2, 3, 7, 3, generator=gen, dtype=DT).to(device)  # (outer samples, samples, T, I)
+    h0 = torch.randn(2, 3, 4, 5, generator=gen, dtype=DT).to(device)  # (outer, samples, layers * 2, H)
+    weights = torch.randn(7, 10, generator=gen, dtype=DT).to(device)
+
+    def objective(model):
+        def run(p, x, h0):
+            out, h_n = torch.func.functional_call(model, p, (x, h0) if hx else (x,))
+            return (out * weights).sum() + h_n.pow(2).sum()
+        return run
+
+    per_sample = torch.func.vmap(torch.func.grad(objective(ours), argnums=(0, 1, 2)), in_dims=(None, 0, 0))
+    with count_launches() as launches:
+        grads = torch.func.vmap(per_sample, in_dims=(None, 0, 0))(params, x, h0)
+    assert launches["rnn_sequence_forward_kernel"] == 4  # 2 layers x 2 directions, for all 6 samples
+    for i, j in itertools.product(range(2), range(3)):
+        leaves = {key: value.clone().requires_grad_() for key, value in params.items()}
+        xs, hs = x[i, j].clone().requires_grad_(), h0[i, j].clone().requires_grad_()
+        expected = torch.autograd.grad(objective(theirs)(leaves, xs, hs), [*leaves.values(), xs, hs],
+                                       allow_unused=True)
+        for key, value in zip(leaves, expected):
+            assert_close(grads[0][key][i, j], value, DT, f"sample {i}, {j}: {key}")
+        assert_close(grads[1][i, j], expected[-2], DT, f"sample {i}, {j}: input")
+        if hx:
+            assert_close(grads[2][i, j], expected[-1], DT, f"sample {i}, {j}: initial state")
+
+
+def test_rnn_fold_chunks_past_the_grid_limit(device, monkeypatch):
+    """More samples than a launch's groups take (MOST_GROUPS, made 2 here) go in chunks, the same gradients."""
+    from gpunn.ops import library
+    ours, _, params = _rnn_pair(device)
+    x = torch.randn(5, 4, 2, 3, dtype=DT, device=device)
+    per_sample = torch.func.vmap(torch.func.grad(lambda p, x: torch.func.functional_call(ours, p, (x,))[0].sin().sum()),
+                                 in_dims=(None, 0))
+    expected = per_sample(params, x)
+    monkeypatch.setattr(library, "MOST_GROUPS", 2)
+    with count_launches() as launches:
+        chunked = per_sample(params, x)
+    assert launches["rnn_sequence_backward_kernel"] == 3
+    for key in params:
+        assert_close(chunked[key], expected[key], DT, key)
 
 
 def _per_sample_model(device):

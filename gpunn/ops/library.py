@@ -52,14 +52,16 @@ class Op:
     an op whose kernels also take a weight per group of rows (an ensemble's members), the weight arguments'
     indices, each with its number of per-member dims, and the index of its int argument `members` (0: one
     weight; E > 0: E members' weights stacked, each member's rows one after another): vmap over the weights
-    too then folds each sample into a member.
+    too then folds each sample into a member. fold: for an op whose samples fold otherwise than into leading
+    rows (an RNN's, into its batch, the second dim), its own Fold; `groups` then gives the index of its int
+    argument counting the groups of its sums, as for `rows` (MOST_GROUPS bounds a fold's groups).
     """
 
     def __init__(self, name: str, fn: Callable, fake: Callable, setup_context: Callable | None = None,
                  backward: Callable | None = None, rows: dict[int, int] | None = None, groups: int | None = None,
-                 weights: dict[int, int] | None = None, members: int | None = None):
+                 weights: dict[int, int] | None = None, members: int | None = None, fold: "Fold | None" = None):
         self.name, self.fn, self.fake, self.rows, self.groups = name, fn, fake, rows, groups
-        self.weights, self.members = weights or {}, members
+        self.weights, self.members, self.fold = weights or {}, members, fold
         self.custom_op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
         self.custom_op.register_fake(fake)
         self.function = None
@@ -208,7 +210,7 @@ def _transform_function(op: Op, setup_context: Callable | None):
         (see `nothing`) stacking to (B, 0), again empty per sample. (torch's fallback for a custom op, which
         does the same, takes no list arguments.)"""
         args, dims = _unflatten(flat, lengths), _unflatten(in_dims[1:], lengths)
-        if info.batch_size and _foldable(op, args, dims):
+        if info.batch_size and (op.fold.applies(args, dims) if op.fold else _foldable(op, args, dims)):
             return _folded_in_chunks(op, info.batch_size, args, dims)
         if info.batch_size:
             samples, stack = [op(*_sample(args, dims, i)) for i in range(info.batch_size)], torch.stack
@@ -288,7 +290,7 @@ def _foldable(op: Op, args: list, dims: list) -> bool:
     their outer transforms' wrappers hold, require grad).
     Its backward takes the sums over all rows (groups 0) and one weight, so it would misread per-sample sums
     or members; recorded, the op runs once per sample."""
-    if not op.rows or any(_batched(dim) for i, dim in enumerate(dims) if i not in op.rows and i not in op.weights):
+    if not op.rows or any(batched(dim) for i, dim in enumerate(dims) if i not in op.rows and i not in op.weights):
         return False
     member_fold = _member_fold(op, dims)
     if op.members is not None and args[op.members] and not member_fold:
@@ -300,9 +302,18 @@ def _foldable(op: Op, args: list, dims: list) -> bool:
     return op.function is None or not (torch.is_grad_enabled() and _any_requires_grad(args, within=True))
 
 
+class Fold(NamedTuple):
+    """An op's own vmap fold (Op's `fold`): applies(args, in_dims) says whether vmap may fold the samples, and
+    run(batch, args, in_dims) runs the op once for them all and returns vmap's (outputs, out_dims). Like
+    Op's `rows` fold, it runs where no autograd records a call whose sums it splits into groups."""
+
+    applies: Callable[[list, list], bool]
+    run: Callable[[int, list, list], tuple]
+
+
 def _member_fold(op: Op, dims: list) -> bool:
     """Whether a fold makes each sample a member (of each sample's members): some weight argument is batched."""
-    return any(_batched(dims[i]) for i in op.weights)
+    return any(batched(dims[i]) for i in op.weights)
 
 
 def _folded(op: Op, batch: int, args: list, dims: list) -> tuple:
@@ -340,14 +351,18 @@ MOST_GROUPS = 65535
 def _folded_in_chunks(op: Op, batch: int, args: list, dims: list) -> tuple:
     """_folded, over as many samples at a time as make at most MOST_GROUPS groups or members, the outputs
     joined."""
+    fold = op.fold.run if op.fold else lambda batch, args, dims: _folded(op, batch, args, dims)
     counts = [args[op.groups]] if op.groups is not None else []
     counts += [args[op.members]] if _member_fold(op, dims) else []
     per = MOST_GROUPS // max(1, *counts) if counts else batch
     if batch <= per:
-        return _folded(op, batch, args, dims)
+        return fold(batch, args, dims)
     chunks = [(start, min(per, batch - start)) for start in range(0, batch, per)]
-    return _joined([_folded(op, length, _narrowed(args, dims, start, length), dims)[0] for start, length in chunks],
-                   torch.cat)
+    parts = [fold(length, _narrowed(args, dims, start, length), dims) for start, length in chunks]
+    outputs, out_dims = zip(*parts)
+    if isinstance(outputs[0], torch.Tensor):
+        return torch.cat(outputs, out_dims[0]), out_dims[0]
+    return tuple(torch.cat(column, dim) for column, dim in zip(zip(*outputs), out_dims[0])), out_dims[0]
 
 
 def _narrowed(args, in_dims, start: int, length: int) -> list:
@@ -364,9 +379,9 @@ def _joined(parts: list, join: Callable) -> tuple:
     return tuple(join(column) for column in zip(*parts)), (0,) * len(parts[0])
 
 
-def _batched(dim) -> bool:
+def batched(dim) -> bool:
     """Whether an argument's in_dims entry batches it (a list's entry is one per element)."""
-    return any(_batched(d) for d in dim) if isinstance(dim, (list, tuple)) else dim is not None
+    return any(batched(d) for d in dim) if isinstance(dim, (list, tuple)) else dim is not None
 
 
 def _sample(args, in_dims, i: int | None, device=None) -> list:

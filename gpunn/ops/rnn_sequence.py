@@ -32,8 +32,8 @@ import torch
 from ..kernels import dense, rnn_sequence
 from ..kernels.runtime import Rows, empty, hold_for_graphs, state_dtype
 from . import rnn
-from .library import (Op, first_order_saved, kept, metadata_to_save, nothing, save_for_orders, saved_metadata,
-                      under_transform)
+from .library import (Fold, Op, batched, first_order_saved, kept, metadata_to_save, nothing, save_for_orders,
+                      saved_metadata, under_transform)
 
 
 @dataclass(frozen=True)
@@ -142,10 +142,12 @@ def _rnn_layer_fake(x, h0, batch_sizes, activation, directions, weights):
 
 def _rnn_layer_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor | None, out: torch.Tensor,
                         x: torch.Tensor | None, h0: torch.Tensor, batch_sizes: torch.Tensor | None, activation: str,
-                       directions: int, weights: list[torch.Tensor], input_shape: list[int],
-                       needs: list[bool]) -> list[torch.Tensor]:
+                        directions: int, weights: list[torch.Tensor], input_shape: list[int],
+                        needs: list[bool], groups: int) -> list[torch.Tensor]:
     """[dx, dh0, then a gradient per weight], each nothing where `needs` (for x, h0, then each weight) says
-    it is not needed. x is given when a W_ih needs its gradient."""
+    it is not needed. x is given when a W_ih needs its gradient. groups > 0 (padded sequences only): the
+    batch is `groups` equal groups of consecutive batch rows (torch.func's samples, folded), and each
+    weight's gradient is (groups, *shape), each group's own sum."""
     steps = Steps.of(batch_sizes, input_shape, out.device)
     w_ih, _, w_hh = _projection_weights(weights, directions)
     hidden = w_hh[0].shape[0]
@@ -166,37 +168,46 @@ def _rnn_layer_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor | None, ou
         dh0.append(dh.to(out.dtype))
     grads = [nothing(out) for _ in weights]
     dx = dense.grad_input(Rows.of(dz), w_ih).view(input_shape) if needs[0] else nothing(out)
+
+    def by_group(t: torch.Tensor) -> Rows:
+        """t's rows for a weight gradient: with groups, each group's rows of every step together (a view where
+        Rows can read it: one batch row a group, as per-sample sequences have; else a copy)."""
+        if not groups:
+            return Rows.of(t)
+        time, batch = input_shape[:2]
+        t = t.view(time, batch, t.shape[-1]) if t.dim() == 2 else t  # time-major rows, or x (T, B, I)
+        return Rows.of(t.unflatten(1, (groups, batch // groups)).transpose(0, 1))
+
     want_w_ih = any(n[0] for n in need_weight)
     want_bias = per == 4 and any(n[2] or n[3] for n in need_weight)
     if want_w_ih or want_bias:
-        dw_ih = dense.grad_weight(Rows.of(dz), Rows.of(x), tuple(w_ih.shape)) if want_w_ih else None
-        db = dense.grad_bias(Rows.of(dz)) if want_bias else None
+        dz_rows = by_group(dz)
+        dw_ih = dense.grad_weight(dz_rows, by_group(x), tuple(w_ih.shape), groups) if want_w_ih else None
+        db = dense.grad_bias(dz_rows, groups) if want_bias else None
         # A custom op's outputs may not share storage: two directions' slices of one tensor get their own,
         # and so do the two biases' (equal) gradients.
-        own = (lambda t, rows: t[rows].clone()) if directions > 1 else (lambda t, rows: t)
+        own = (lambda t: t.clone()) if directions > 1 else (lambda t: t)
         for d in range(directions):
             rows = slice(d * hidden, (d + 1) * hidden)
             if need_weight[d][0]:
-                grads[d * per] = own(dw_ih, rows)
+                grads[d * per] = own(dw_ih[..., rows, :])
             if want_bias and need_weight[d][2]:
-                grads[d * per + 2] = own(db, rows)
+                grads[d * per + 2] = own(db[..., rows])
             if want_bias and need_weight[d][3]:
-                grads[d * per + 3] = db[rows].clone()
+                grads[d * per + 3] = db[..., rows].clone()
     for d in range(directions):
         if need_weight[d][1]:
             columns = slice(d * hidden, (d + 1) * hidden)
             previous = torch.cat([h0[d], out[:, columns]])[steps.previous_rows(d == 1)]
-            grads[d * per + 1] = dense.grad_weight(Rows.of(dz[:, columns]), Rows.of(previous), (hidden, hidden))
+            grads[d * per + 1] = dense.grad_weight(by_group(dz[:, columns]), by_group(previous), (hidden, hidden),
+                                                   groups)
     return [dx, torch.stack(dh0) if needs[1] else nothing(out), *grads]
 
 
 def _rnn_layer_backward_fake(grad_out, grad_hn, out, x, h0, batch_sizes, activation, directions, weights, input_shape,
-                             needs):
-    shapes = [input_shape, h0.shape, *(w.shape for w in weights)]
+                             needs, groups):
+    shapes = [input_shape, h0.shape, *((groups, *w.shape) if groups else w.shape for w in weights)]
     return [out.new_empty(shape) if need else nothing(out) for shape, need in zip(shapes, needs)]
-
-
-rnn_layer_backward = Op("rnn_layer_backward", _rnn_layer_backward, _rnn_layer_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -221,7 +232,7 @@ def _backward(ctx, grad_out, grad_hn):
     if grad_out is None:  # only h_n was used
         grad_out = torch.zeros_like(out)
     grads = rnn_layer_backward(grad_out, grad_hn, out, x, h0, batch_sizes, ctx.activation, ctx.directions, weights,
-                               ctx.input_shape, ctx.needs)
+                               ctx.input_shape, ctx.needs, 0)
     dx, dh0, *dweights = (g if need else None for g, need in zip(grads, ctx.needs))
     return dx, dh0, None, None, None, dweights
 
@@ -273,4 +284,61 @@ def _differentiable_backward(ctx, grad_out, grad_hn, x, h0, batch_sizes, weights
     return dx, dh0, None, None, None, dweights
 
 
-rnn_layer = Op("rnn_layer", _rnn_layer, _rnn_layer_fake, _setup_context, _backward)
+# torch.func.vmap over padded sequences folds the samples into the batch (dim 1 of (T, B, ...)): each sample's
+# batch rows become consecutive batch rows of one call, and backward sums each sample's weight gradients
+# apart (groups). Packed sequences and batched weights (an ensemble of RNNs) run once per sample.
+
+def _folds(batch_sizes, weight_dims) -> bool:
+    return batch_sizes is None and not batched(weight_dims)
+
+
+def _into_batch(tensor: torch.Tensor | None, dim: int | None, samples: int, shape) -> torch.Tensor | None:
+    """A per-sample (L, B, C) (shape; the tensor may hold it as rows (L * B, C)) with its samples (batch dim
+    `dim`, None: the same for all) folded into the batch: (L, samples * B, C), each sample's rows together."""
+    if tensor is None:
+        return None
+    tensor = tensor.movedim(dim, 0) if dim is not None else tensor.expand(samples, *tensor.shape)
+    length, batch, *rest = shape
+    return tensor.reshape(samples, *shape).movedim(0, 1).reshape(length, samples * batch, *rest)
+
+
+def _sample_shape(tensor: torch.Tensor, dim: int | None) -> list[int]:
+    return list(tensor.shape[:dim] + tensor.shape[dim + 1:] if dim is not None else tensor.shape)
+
+
+def _fold_layer(samples: int, args: list, dims: list) -> tuple:
+    x, h0, batch_sizes, activation, directions, weights = args
+    shape = _sample_shape(x, dims[0])
+    out, h_n = rnn_layer(_into_batch(x, dims[0], samples, shape),
+                         _into_batch(h0, dims[1], samples, _sample_shape(h0, dims[1])), None, activation, directions,
+                         weights)
+    time, batch = shape[:2]
+    # out: time-major rows of the folded batch, made each sample's (T * B, D * H) again; h_n (D, S * B, H) is
+    # each sample's (D, B, H) at dim 1 as it is.
+    out = out.view(time, samples, batch, out.shape[-1]).movedim(1, 0).reshape(samples, time * batch, out.shape[-1])
+    return (out, h_n.unflatten(1, (samples, batch))), (0, 1)
+
+
+def _fold_layer_backward(samples: int, args: list, dims: list) -> tuple:
+    grad_out, grad_hn, out, x, h0, batch_sizes, activation, directions, weights, input_shape, needs, groups = args
+    time, batch, features = input_shape
+    hidden = weights[1].shape[0]
+    out_shape, state_shape = (time, batch, directions * hidden), (directions, batch, hidden)
+    rows = lambda t, dim: _into_batch(t, dim, samples, out_shape).flatten(0, 1)  # noqa: E731
+    grads = rnn_layer_backward(rows(grad_out, dims[0]), _into_batch(grad_hn, dims[1], samples, state_shape),
+                               rows(out, dims[2]), _into_batch(x, dims[3], samples, input_shape),
+                               _into_batch(h0, dims[4], samples, state_shape), None, activation, directions, weights,
+                               [time, samples * batch, features], needs, samples * max(groups, 1))
+    dx, dh0, *dweights = grads
+    # dx (T, S * B, I) and dh0 (D, S * B, H): each sample's at dim 1; weight gradients (S * groups, ...).
+    dx = dx.unflatten(1, (samples, batch)) if needs[0] else dx.expand(samples, 0)
+    dh0 = dh0.unflatten(1, (samples, batch)) if needs[1] else dh0.expand(samples, 0)
+    dweights = [(g.unflatten(0, (samples, groups)) if groups else g) if need else g.expand(samples, 0)
+                for g, need in zip(dweights, needs[2:])]
+    return (dx, dh0, *dweights), (1 if needs[0] else 0, 1 if needs[1] else 0, *(0,) * len(dweights))
+
+
+rnn_layer_backward = Op("rnn_layer_backward", _rnn_layer_backward, _rnn_layer_backward_fake, groups=11,
+                        fold=Fold(lambda args, dims: _folds(args[5], dims[8]), _fold_layer_backward))
+rnn_layer = Op("rnn_layer", _rnn_layer, _rnn_layer_fake, _setup_context, _backward,
+               fold=Fold(lambda args, dims: _folds(args[2], dims[5]), _fold_layer))
