@@ -308,7 +308,7 @@ def _launch_cross_entropy_probs(dtype, m, n, k, backward, weighted, smoothing, t
         losses.cross_entropy_probs_forward(x, target, weight, smoothing)
 
 
-def _launch_cross_entropy_double_backward(dtype, m, n, k, probabilities):
+def _launch_cross_entropy_double_backward(dtype, m, n, k, probabilities, reduction="none"):
     # Every output and both incoming gradients (probabilities), weights and smoothing: the most registers.
     import torch
 
@@ -316,9 +316,10 @@ def _launch_cross_entropy_double_backward(dtype, m, n, k, probabilities):
     x, g = _meta((m, n), dtype), _meta((m, n), dtype)
     compute = runtime.state_dtype(dtype)
     target = _meta((m, n), dtype) if probabilities else _meta((m,), torch.int64)
+    grad, totals = (_meta((m,), dtype), None) if reduction == "none" else (_meta((), dtype), _meta((2,), compute))
     cross_entropy_double_backward.cross_entropy_double_backward(
         x, target, _meta((n,), dtype), -100, 0.1, _meta((m, 2), compute), _meta((m,), compute) if probabilities
-        else None, _meta((m,), dtype), g, g if probabilities else None, "none", None, True, probabilities, True)
+        else None, grad, g, g if probabilities else None, reduction, totals, True, probabilities, True)
 
 
 def _launch_reduced_loss(dtype, m, n, k, divide_by, count=None):
@@ -441,6 +442,7 @@ CASES = (
     Case("gpunn.kernels.cross_entropy_double_backward", "cross_entropy_double_backward_kernel",
          _launch_cross_entropy_double_backward, (
              Variant("indices", dict(probabilities=False), matmul=False),
+             Variant("indices, smoothed mean", dict(probabilities=False, reduction="mean"), matmul=False),
              Variant("probabilities", dict(probabilities=True), matmul=False),
          ), tile=("BLOCK_C",)),
     Case("gpunn.kernels.losses", "reduced_loss_kernel", _launch_reduced_loss, (

@@ -48,7 +48,11 @@ def cross_entropy_double_backward_kernel(
         if PROBABILITIES:
             norm = norm / N
         else:
-            norm = norm / tl.load(sums_ptr + 1).to(COMPUTE)
+            total = tl.load(sums_ptr + 1).to(COMPUTE)
+            if SMOOTHING != 0.0:  # no weight on the kept rows: NaN, as the forward's mean and the backward's
+                norm = tl.where(total == 0, float("nan"), norm / total)
+            else:
+                norm = norm / total
     if PROBABILITIES:
         kept = r_ok
         coef = tl.load(row_mass_ptr + rows, mask=r_ok, other=0.0).to(COMPUTE)

@@ -53,20 +53,23 @@ def test_cross_entropy_all_ignored_is_nan_like_torch(device):
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_cross_entropy_mean_over_rows_of_no_weight_is_nan_like_torch(device, smoothing):
     """Every kept target's class weight 0 (a batch of only the classes the weights drop): torch's mean is 0 / 0,
-    NaN, smoothed or not, and so is the kept rows' gradient (an ignored row's is 0), where the one sum gpunn
-    divides would give +-inf."""
+    NaN, smoothed or not, and so are the kept rows' gradient and second-order gradients (an ignored row's are
+    0), where the one sum gpunn divides would give +-inf."""
     x = torch.randn(3, 4, device=device, dtype=torch.float64)
     target = torch.tensor([0, -100, 0], device=device)
     weight = torch.tensor([0.0, 1.0, 2.0, 1.0], device=device, dtype=torch.float64)
+    probe = torch.randn(3, 4, device=device, dtype=torch.float64)
     results = []
     for loss in (gpunn.losses.cross_entropy, F.cross_entropy):
-        leaf = x.clone().requires_grad_()
-        value = loss(leaf, target, weight, label_smoothing=smoothing)
-        results.append((value.detach(), torch.autograd.grad(value, leaf)[0]))
-    (ours, our_grad), (theirs, their_grad) = results
-    assert torch.isnan(ours) and torch.isnan(theirs)
-    assert torch.equal(torch.isnan(our_grad), torch.isnan(their_grad)) and torch.isnan(their_grad[0]).all()
-    assert torch.equal(our_grad[1], their_grad[1])
+        leaf, scale = x.clone().requires_grad_(), torch.tensor(1.5, device=device, dtype=torch.float64,
+                                                                requires_grad=True)
+        value = scale * loss(leaf, target, weight, label_smoothing=smoothing)
+        (grad,) = torch.autograd.grad(value, leaf, create_graph=True)
+        results.append((value.detach(), grad.detach(), *torch.autograd.grad((grad * probe).sum(), (leaf, scale))))
+    for ours, theirs, what in zip(*results, ("loss", "gradient", "input's second order", "scale's second order")):
+        assert torch.equal(ours.isnan(), theirs.isnan()), what
+        assert torch.equal(ours.nan_to_num(), theirs.nan_to_num()), what
+    assert results[1][0].isnan() and results[1][1][0].isnan().all() and results[1][2][0].isnan().all()
 
 
 def test_cross_entropy_fused_launches_and_no_torch_softmax(device):
