@@ -11,7 +11,7 @@
 # under 30 s left is skipped. A stage that fails or times out does not stop the next. Run it again with
 # the same OUTDIR (on the same machine) to resume: stages that ran to their end or to their own limit are
 # not run again; those cut short by the budget, or skipped, are (what a cut stage wrote is kept beside, as
-# NAME.earlierN.log and, for a benchmark, the directory NAME.earlierN). The stage limits add up to about 20
+# NAME.earlierN.log and, for a benchmark, the directory NAME.earlierN). The stage limits add up to about 25
 # minutes, more than a 15-minute lease holds: its last stages are the first to go.
 # The last run (H200, 2026-11-27, 465 tests on 8 workers): tests 169 s, its benchmark smoke test alone 111 s.
 set -uo pipefail
@@ -91,9 +91,11 @@ stage tests_layers 200 "${pytest_gpu[@]}" "${layer_tests[@]}"
 stage bench 200 "$python" -m bench --quick --no-compile --only dense,masked,local2d,local1d,rnn,rnn_cell \
   --out "$out/bench"
 stage tests_transforms 200 "${pytest_gpu[@]}" "${transform_tests[@]}"
-# Speed of the losses, SGD, training steps and torch.func (per-sample gradients, ensembles).
-stage bench_training 150 "$python" -m bench --quick --no-compile \
-  --only xent,mse,sgd,mlp_step,penalty_step,per_sample,ensemble --out "$out/bench_training"
+# Speed of the losses, SGD and training steps; then torch.func's per-sample gradients and ensembles, a stage
+# of their own (a stage cut at its own limit is not run again: they would be the ops lost).
+stage bench_training 150 "$python" -m bench --quick --no-compile --only xent,mse,sgd,mlp_step,penalty_step \
+  --out "$out/bench_training"
+stage bench_func 90 "$python" -m bench --quick --no-compile --only per_sample,ensemble --out "$out/bench_func"
 # Every op against torch's reference in float64, through the public API (kernels mostly cached by the tests).
 stage check 60 env GPUNN_AUTOTUNE=0 "$python" -m gpunn check --quick --out "$out/check.md"
 # How much of a host-bound training step a CUDA graph recovers (gpunn and torch, eager and replayed; untuned
@@ -114,7 +116,7 @@ stage bench_rnn_fp32 45 "$python" -m bench --quick --only rnn --dtype fp32 --out
 stage kernel_alone 60 "$python" -m bench.probes.kernel_alone
 echo "== summary"
 cat "$out/status.txt"
-for bench in bench bench_training; do
+for bench in bench bench_training bench_func; do
     [ -f "$out/$bench/bench.md" ] && cat "$out/$bench/bench.md"
 done
 exit 0

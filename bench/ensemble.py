@@ -13,7 +13,8 @@ member in one launch a kernel (the members on the grid's second axis). FLOPs, pe
 W^2: forward 2, forward and backward 6. Bytes, a rough model: forward reads each member's weights and
 writes its activations once, per layer E (W^2 + B W); backward adds the weights read again, their gradients
 written, and the activations and their gradients read and written, E (2 W^2 + 3 B W) more. Accuracy: the
-outputs (fwd) or every member's gradients (fwd+bwd) against the float64 torch models'.
+outputs (fwd) or each parameter's gradients of every member, as one (E, *shape) stack (fwd+bwd), against the
+float64 torch models' (relative norm errors; the worst is reported).
 """
 from __future__ import annotations
 

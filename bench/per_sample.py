@@ -11,7 +11,8 @@ samples: each kernel runs once for the whole batch, the weight-gradient kernels 
 apart. Mode fwd+bwd is one call. FLOPs, per layer in units of B W^2: forward 2, input gradient 2, the
 per-sample weight gradients 2 (a product over one row each). Bytes, the least the call moves: the
 per-sample gradients written, B (W^2 + W) per layer; the weights and activations are small beside them.
-Accuracy: every per-sample gradient against the float64 torch model's.
+Accuracy: each parameter's per-sample gradients, as one (B, *shape) stack, against the float64 torch
+model's (the relative norm error of the stack; the worst parameter's is reported).
 """
 from __future__ import annotations
 

@@ -154,7 +154,7 @@ def test_attributes_set_on_a_layer_go_to_its_twin(inplace):
     model[3].tag = "tanh"  # fusing would drop the activation module
     model[4].forward = lambda x: x  # shadows the class's forward
     model[7].tag = "cell"
-    model[5].compile(backend="eager")  # a compiled forward of the torch layer (a deep copy drops it, as torch's copies do)
+    model[5].compile(backend="eager")  # a compiled forward of the torch layer (a deep copy drops it, as torch's do)
     x = torch.randn(3, 4)
     expected = model(x)
     converted = gpunn.convert(model, inplace=inplace)

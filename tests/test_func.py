@@ -359,20 +359,105 @@ def test_per_sample_gradients_of_an_rnn_over_single_sequences_match_torch(device
             assert_close(grads[2][i, j], expected[-1], DT, f"sample {i}, {j}: initial state")
 
 
-def test_rnn_fold_chunks_past_the_grid_limit(device, monkeypatch):
-    """More samples than a launch's groups take (MOST_GROUPS, made 2 here) go in chunks, the same gradients."""
+@pytest.mark.parametrize("x_dim,h_dim", [(1, None), (None, 0), (2, 1)])
+@pytest.mark.parametrize("wrt", ["everything", "weight_hh and biases", "output only"])
+def test_rnn_fold_over_any_batched_arguments_matches_torch(device, monkeypatch, x_dim, h_dim, wrt):
+    """vmap(grad(f)) over gpunn.RNN (two layers, both directions, batch_first, three batch rows a sample)
+    with the samples at any dim of the input, of the initial state or of both; gradients of all arguments,
+    or of W_hh and the biases alone (the input is then not kept), or of a loss of the output alone (no
+    gradient reaches h_n); with at most 2 samples a launch (MOST_GROUPS), so in chunks: each sample's
+    gradients as torch's autograd gives them."""
     from gpunn.ops import library
-    ours, _, params = _rnn_pair(device)
-    x = torch.randn(5, 4, 2, 3, dtype=DT, device=device)
-    per_sample = torch.func.vmap(torch.func.grad(lambda p, x: torch.func.functional_call(ours, p, (x,))[0].sin().sum()),
-                                 in_dims=(None, 0))
-    expected = per_sample(params, x)
+    ours, theirs, params = _rnn_pair(device, num_layers=2, bidirectional=True, batch_first=True)
+    samples, gen = 5, torch.Generator().manual_seed(case_seed("rnn_fold_dims", x_dim, h_dim, wrt))
+    x = torch.randn(3, 6, 3, generator=gen, dtype=DT).to(device)  # (B, T, I), batch_first
+    h0 = torch.randn(4, 3, 5, generator=gen, dtype=DT).to(device)
+    if x_dim is not None:
+        x = torch.randn(samples, *x.shape, generator=gen, dtype=DT).to(device).movedim(0, x_dim)
+    if h_dim is not None:
+        h0 = torch.randn(samples, *h0.shape, generator=gen, dtype=DT).to(device).movedim(0, h_dim)
+    weights = torch.randn(3, 6, 10, generator=gen, dtype=DT).to(device)
+    names = [key for key in params if wrt == "everything" or "weight_hh" in key or "bias" in key]
+
+    def objective(model, output_only=wrt == "output only"):
+        def run(chosen, x, h0):
+            out, h_n = torch.func.functional_call(model, {**params, **chosen}, (x, h0))
+            return (out * weights).sum() + (0 if output_only else h_n.pow(2).sum())
+        return run
+
     monkeypatch.setattr(library, "MOST_GROUPS", 2)
+    argnums = (0, 1, 2) if wrt == "everything" else 0
     with count_launches() as launches:
-        chunked = per_sample(params, x)
-    assert launches["rnn_sequence_backward_kernel"] == 3
-    for key in params:
-        assert_close(chunked[key], expected[key], DT, key)
+        grads = torch.func.vmap(torch.func.grad(objective(ours), argnums=argnums), in_dims=(None, x_dim, h_dim))(
+            {key: params[key] for key in names}, x, h0)
+    assert launches["rnn_sequence_forward_kernel"] == 4  # one call: 2 layers x 2 directions
+    assert launches["rnn_sequence_backward_kernel"] == 4 * 3  # in 3 chunks of at most 2 samples
+    if wrt != "everything":
+        grads = (grads,)
+    for i in range(samples):
+        leaves = {key: params[key].clone().requires_grad_() for key in names}
+        xs = (x.select(x_dim, i) if x_dim is not None else x).clone().requires_grad_()
+        hs = (h0.select(h_dim, i) if h_dim is not None else h0).clone().requires_grad_()
+        wanted = [*leaves.values(), xs, hs] if wrt == "everything" else list(leaves.values())
+        expected = iter(torch.autograd.grad(objective(theirs)(leaves, xs, hs), wanted))
+        for key in names:
+            assert_close(grads[0][key][i], next(expected), DT, f"sample {i}: {key}")
+        if wrt == "everything":
+            assert_close(grads[1][i], next(expected), DT, f"sample {i}: input")
+            assert_close(grads[2][i], next(expected), DT, f"sample {i}: initial state")
+
+
+def test_rnn_backward_through_vmap_and_vjp_over_cotangents_match_torch(device):
+    """Plain autograd through a vmapped gpunn.RNN (the fold recorded, summing over every sample), and
+    vmap over vjp's function (only the cotangents batched): torch's results."""
+    ours, theirs, params = _rnn_pair(device, bidirectional=True)
+    gen = torch.Generator().manual_seed(case_seed("rnn_fold_autograd"))
+    x = torch.randn(4, 5, 2, 3, generator=gen, dtype=DT).to(device)
+    results = []
+    for model in (ours, theirs):
+        leaves = {key: value.clone().requires_grad_() for key, value in params.items()}
+        if model is ours:
+            out, h_n = torch.func.vmap(lambda x: torch.func.functional_call(model, leaves, (x,)))(x)
+        else:
+            out, h_n = (torch.stack(t) for t in zip(*[torch.func.functional_call(model, leaves, (x[i],))
+                                                      for i in range(4)]))
+        results.append(torch.autograd.grad(out.sin().sum() + h_n.pow(2).sum(), list(leaves.values())))
+    for mine, ref, key in zip(*results, params):
+        assert_close(mine, ref, DT, f"through vmap: {key}")
+    cotangents = torch.randn(3, 5, 2, 10, generator=gen, dtype=DT).to(device)
+    _, vjp = torch.func.vjp(lambda p: torch.func.functional_call(ours, p, (x[0],))[0], params)
+    per_cotangent = torch.func.vmap(vjp)(cotangents)[0]
+    for i in range(3):
+        leaves = {key: value.clone().requires_grad_() for key, value in params.items()}
+        expected = torch.autograd.grad(torch.func.functional_call(theirs, leaves, (x[0],))[0], list(leaves.values()),
+                                       cotangents[i])
+        for key, value in zip(params, expected):
+            assert_close(per_cotangent[key][i], value, DT, f"cotangent {i}: {key}")
+
+
+def test_rnn_per_sample_gradients_tracked_outside_refuse_a_further_order(device):
+    """Per-sample gradients of gpunn.RNN whose parameters an outer autograd tracks: the penalty's backward
+    is refused (the RNN's gradients under the transforms are first order), not silently left out."""
+    ours, _, params = _rnn_pair(device)
+    leaves = {key: value.clone().requires_grad_() for key, value in params.items()}
+    x = torch.randn(3, 4, 2, 3, dtype=DT, device=device)
+    grads = torch.func.vmap(torch.func.grad(lambda p, x: torch.func.functional_call(ours, p, (x,))[0].sin().sum()),
+                            in_dims=(None, 0))(leaves, x)
+    penalty = sum(grad.pow(2).sum() for grad in grads.values())
+    assert penalty.requires_grad
+    with pytest.raises(NotImplementedError, match=r"computed under torch.func transforms \(a second order\)"):
+        penalty.backward()
+
+
+def test_rnn_fold_over_no_samples_or_no_batch(device):
+    """vmap(grad(f)) over zero samples, and over samples of no batch rows: torch's shapes, zero gradients."""
+    ours, _, params = _rnn_pair(device)
+    objective = torch.func.grad(lambda p, x: torch.func.functional_call(ours, p, (x,))[0].sin().sum())
+    for shape in ((0, 4, 2, 3), (3, 4, 0, 3)):
+        grads = torch.func.vmap(objective, in_dims=(None, 0))(params, torch.randn(shape, dtype=DT, device=device))
+        for key, value in params.items():
+            assert grads[key].shape == (shape[0], *value.shape)
+            assert not grads[key].any()
 
 
 def _per_sample_model(device):

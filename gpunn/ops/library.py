@@ -18,7 +18,8 @@ torch.func's transforms (grad, vjp, jacrev, vmap) refuse the custom op's autogra
 autograd.Function with a separate setup_context; under them an op runs through a third form, with the same
 setup_context and backward, whose vmap rule folds the samples into the rows where only an op's row
 arguments are batched (what an op sums over rows, such as a weight's gradient or a loss, it then sums for
-each sample apart: Op's `groups`), and otherwise runs the op once per sample. Each transform's rule unwraps
+each sample apart: Op's `groups`; an op may bring a fold of its own, as the RNN's into its batch), and
+otherwise runs the op once per sample. Each transform's rule unwraps
 its own tensors, so the kernels still see plain ones. A second order under the transforms is refused (the
 first-order backward ops are not differentiable there), as are forward mode and torch's legacy batched
 gradients (is_grads_batched).
@@ -71,6 +72,8 @@ class Op:
         if backward is not None:
             self.custom_op.register_autograd(_releasing(backward), setup_context=setup_context)
             self.function = _eager_function(name, fn, setup_context, backward)
+        else:
+            self.refusing_function = _refusing_function(name, fn)
         self.transform_function = _transform_function(self, setup_context)
 
     def __call__(self, *args):
@@ -84,8 +87,11 @@ class Op:
             if transform.key() == torch._C._functorch.TransformType.Functionalize:
                 return self.custom_op(*args)  # functionalize has no rule for an autograd.Function (torch: NYI)
             function = self.transform_function
-        elif self.function is not None and torch.is_grad_enabled() and _any_requires_grad(args):
-            function = self.function
+        elif torch.is_grad_enabled() and _any_requires_grad(args):
+            # An op without a gradient formula (a backward op) meets tensors autograd records only where a
+            # transform's rule (vmap's) runs it for gradients an outer autograd tracks: recorded, so that
+            # differentiating them is refused rather than silently missing.
+            function = self.function or self.refusing_function
         else:
             return self.fn(*args)
         flat, lengths = _flatten(args)
@@ -181,6 +187,23 @@ def _eager_function(name: str, fn: Callable, setup_context: Callable, backward: 
         forward=staticmethod(forward), backward=staticmethod(_flat_backward(name, backward))))
 
 
+def _refusing_function(name: str, fn: Callable):
+    """An autograd.Function running fn, whose backward refuses (a further order than gpunn's gradients take);
+    on list arguments flattened, as _eager_function's, and a list output returned as a tuple (autograd tracks
+    no tensor in a list)."""
+
+    def forward(ctx, lengths, *flat):
+        ctx.set_materialize_grads(False)
+        output = fn(*_unflatten(flat, lengths))
+        return tuple(output) if isinstance(output, list) else output
+
+    def backward(ctx, *grads):
+        raise second_order_under_transform(name)
+
+    return type(f"{name}_refusing_function", (torch.autograd.Function,), dict(
+        forward=staticmethod(forward), backward=staticmethod(backward)))
+
+
 def _transform_function(op: Op, setup_context: Callable | None):
     """The autograd.Function that runs op under torch.func transforms, which take only this form (a separate
     setup_context) and the custom op's not at all (torch refuses its autograd there). Each transform takes
@@ -206,11 +229,11 @@ def _transform_function(op: Op, setup_context: Callable | None):
 
     def vmap(info, in_dims, lengths, *flat):
         """The op once over the samples' rows folded together where only its row arguments are batched (see
-        Op's `rows`); else once per sample, each output stacked along a new first dim, an output left empty
-        (see `nothing`) stacking to (B, 0), again empty per sample. (torch's fallback for a custom op, which
-        does the same, takes no list arguments.)"""
+        Op's `rows`; or as the op's own Fold folds them); else once per sample, each output stacked along a
+        new first dim, an output left empty (see `nothing`) stacking to (B, 0), again empty per sample.
+        (torch's fallback for a custom op, which does the same, takes no list arguments.)"""
         args, dims = _unflatten(flat, lengths), _unflatten(in_dims[1:], lengths)
-        if info.batch_size and (op.fold.applies(args, dims) if op.fold else _foldable(op, args, dims)):
+        if info.batch_size and _foldable(op, args, dims):
             return _folded_in_chunks(op, info.batch_size, args, dims)
         if info.batch_size:
             samples, stack = [op(*_sample(args, dims, i)) for i in range(info.batch_size)], torch.stack
@@ -284,12 +307,14 @@ def _ungrouped(name: str, counts: tuple[int, ...], setup_context: Callable) -> C
 
 
 def _foldable(op: Op, args: list, dims: list) -> bool:
-    """Whether vmap may fold op's samples into its rows: only its row arguments are batched (or its weights
-    too: each sample a member), and, for an op that sums over rows or takes members, no autograd records the
-    call (eager autograd, or a torch.func grad beneath this vmap: either makes the arguments, or the tensors
-    their outer transforms' wrappers hold, require grad).
+    """Whether vmap may fold op's samples into its rows (or as its own Fold says): only its row arguments are
+    batched (or its weights too: each sample a member), and, for an op that sums over rows or takes members,
+    no autograd records the call (eager autograd, or a torch.func grad beneath this vmap: either makes the
+    arguments, or the tensors their outer transforms' wrappers hold, require grad).
     Its backward takes the sums over all rows (groups 0) and one weight, so it would misread per-sample sums
     or members; recorded, the op runs once per sample."""
+    if op.fold is not None:
+        return op.fold.applies(args, dims) and _unrecorded_or_plain(op, args, op.groups is not None)
     if not op.rows or any(batched(dim) for i, dim in enumerate(dims) if i not in op.rows and i not in op.weights):
         return False
     member_fold = _member_fold(op, dims)
@@ -297,15 +322,19 @@ def _foldable(op: Op, args: list, dims: list) -> bool:
         # An inner vmap's members, each a run of rows: folding these samples into the rows would interleave
         # the members' rows, and making each sample a member would copy every weight once a sample.
         return False
-    if op.groups is None and not member_fold:
-        return True
-    return op.function is None or not (torch.is_grad_enabled() and _any_requires_grad(args, within=True))
+    return _unrecorded_or_plain(op, args, op.groups is not None or member_fold)
+
+
+def _unrecorded_or_plain(op: Op, args: list, splits: bool) -> bool:
+    """Whether a fold that splits op's sums into groups or members (splits) may run: op's backward (if it has
+    one) would misread them, so only where autograd does not record the call."""
+    return not splits or op.function is None or not (torch.is_grad_enabled() and _any_requires_grad(args, within=True))
 
 
 class Fold(NamedTuple):
     """An op's own vmap fold (Op's `fold`): applies(args, in_dims) says whether vmap may fold the samples, and
-    run(batch, args, in_dims) runs the op once for them all and returns vmap's (outputs, out_dims). Like
-    Op's `rows` fold, it runs where no autograd records a call whose sums it splits into groups."""
+    run(batch, args, in_dims) runs the op once for them all and returns vmap's (outputs, out_dims). As for
+    Op's `rows`, a fold of an op with groups runs only where no autograd records the call (_foldable)."""
 
     applies: Callable[[list, list], bool]
     run: Callable[[int, list, list], tuple]
@@ -349,8 +378,8 @@ MOST_GROUPS = 65535
 
 
 def _folded_in_chunks(op: Op, batch: int, args: list, dims: list) -> tuple:
-    """_folded, over as many samples at a time as make at most MOST_GROUPS groups or members, the outputs
-    joined."""
+    """_folded (or op's own Fold), over as many samples at a time as make at most MOST_GROUPS groups or
+    members, each output joined along its out_dim."""
     fold = op.fold.run if op.fold else lambda batch, args, dims: _folded(op, batch, args, dims)
     counts = [args[op.groups]] if op.groups is not None else []
     counts += [args[op.members]] if _member_fold(op, dims) else []

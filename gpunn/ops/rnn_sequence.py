@@ -148,6 +148,8 @@ def _rnn_layer_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor | None, ou
     it is not needed. x is given when a W_ih needs its gradient. groups > 0 (padded sequences only): the
     batch is `groups` equal groups of consecutive batch rows (torch.func's samples, folded), and each
     weight's gradient is (groups, *shape), each group's own sum."""
+    if groups and batch_sizes is not None:
+        raise ValueError("rnn_layer_backward: groups of batch rows are for padded sequences (batch_sizes None)")
     steps = Steps.of(batch_sizes, input_shape, out.device)
     w_ih, _, w_hh = _projection_weights(weights, directions)
     hidden = w_hh[0].shape[0]
@@ -169,38 +171,40 @@ def _rnn_layer_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor | None, ou
     grads = [nothing(out) for _ in weights]
     dx = dense.grad_input(Rows.of(dz), w_ih).view(input_shape) if needs[0] else nothing(out)
 
-    def by_group(t: torch.Tensor) -> Rows:
-        """t's rows for a weight gradient: with groups, each group's rows of every step together (a view where
-        Rows can read it: one batch row a group, as per-sample sequences have; else a copy)."""
+    def by_group(t: torch.Tensor) -> torch.Tensor:
+        """t (time-major rows (T * B, C), or x (T, B, I)) with, under groups, each group's rows of every step
+        together: a view where Rows reads it in place (one batch row a group, as per-sample sequences have),
+        else a copy."""
         if not groups:
-            return Rows.of(t)
+            return t
         time, batch = input_shape[:2]
-        t = t.view(time, batch, t.shape[-1]) if t.dim() == 2 else t  # time-major rows, or x (T, B, I)
-        return Rows.of(t.unflatten(1, (groups, batch // groups)).transpose(0, 1))
+        grouped = t.view(time, batch, t.shape[-1]) if t.dim() == 2 else t
+        grouped = grouped.unflatten(1, (groups, batch // groups)).transpose(0, 1)
+        return grouped if batch == groups else grouped.reshape(time * batch, t.shape[-1])
 
     want_w_ih = any(n[0] for n in need_weight)
     want_bias = per == 4 and any(n[2] or n[3] for n in need_weight)
+    dz_grouped = by_group(dz) if want_w_ih or want_bias or any(n[1] for n in need_weight) else None
     if want_w_ih or want_bias:
-        dz_rows = by_group(dz)
-        dw_ih = dense.grad_weight(dz_rows, by_group(x), tuple(w_ih.shape), groups) if want_w_ih else None
-        db = dense.grad_bias(dz_rows, groups) if want_bias else None
-        # A custom op's outputs may not share storage: two directions' slices of one tensor get their own,
-        # and so do the two biases' (equal) gradients.
-        own = (lambda t: t.clone()) if directions > 1 else (lambda t: t)
+        dw_ih = dense.grad_weight(Rows.of(dz_grouped), Rows.of(by_group(x)), tuple(w_ih.shape),
+                                  groups) if want_w_ih else None
+        db = dense.grad_bias(Rows.of(dz_grouped), groups) if want_bias else None
+        # A custom op's outputs may not share storage: two directions' parts of one tensor get their own, and
+        # so do the two biases' (equal) gradients.
         for d in range(directions):
             rows = slice(d * hidden, (d + 1) * hidden)
             if need_weight[d][0]:
-                grads[d * per] = own(dw_ih[..., rows, :])
+                grads[d * per] = dw_ih[..., rows, :].clone() if directions > 1 else dw_ih
             if want_bias and need_weight[d][2]:
-                grads[d * per + 2] = own(db[..., rows])
+                grads[d * per + 2] = db[..., rows].clone() if directions > 1 else db
             if want_bias and need_weight[d][3]:
                 grads[d * per + 3] = db[..., rows].clone()
     for d in range(directions):
         if need_weight[d][1]:
             columns = slice(d * hidden, (d + 1) * hidden)
             previous = torch.cat([h0[d], out[:, columns]])[steps.previous_rows(d == 1)]
-            grads[d * per + 1] = dense.grad_weight(by_group(dz[:, columns]), by_group(previous), (hidden, hidden),
-                                                   groups)
+            grads[d * per + 1] = dense.grad_weight(Rows.of(dz_grouped[..., columns]), Rows.of(by_group(previous)),
+                                                   (hidden, hidden), groups)
     return [dx, torch.stack(dh0) if needs[1] else nothing(out), *grads]
 
 
@@ -289,6 +293,7 @@ def _differentiable_backward(ctx, grad_out, grad_hn, x, h0, batch_sizes, weights
 # apart (groups). Packed sequences and batched weights (an ensemble of RNNs) run once per sample.
 
 def _folds(batch_sizes, weight_dims) -> bool:
+    """Whether vmap may fold the samples into the batch: padded sequences, and one set of weights."""
     return batch_sizes is None and not batched(weight_dims)
 
 
@@ -303,10 +308,12 @@ def _into_batch(tensor: torch.Tensor | None, dim: int | None, samples: int, shap
 
 
 def _sample_shape(tensor: torch.Tensor, dim: int | None) -> list[int]:
+    """A sample's shape of a tensor batched at dim (None: not batched)."""
     return list(tensor.shape[:dim] + tensor.shape[dim + 1:] if dim is not None else tensor.shape)
 
 
 def _fold_layer(samples: int, args: list, dims: list) -> tuple:
+    """vmap's (outputs, out_dims) of rnn_layer run once, x's and h0's samples folded into the batch."""
     x, h0, batch_sizes, activation, directions, weights = args
     shape = _sample_shape(x, dims[0])
     out, h_n = rnn_layer(_into_batch(x, dims[0], samples, shape),
@@ -320,6 +327,9 @@ def _fold_layer(samples: int, args: list, dims: list) -> tuple:
 
 
 def _fold_layer_backward(samples: int, args: list, dims: list) -> tuple:
+    """vmap's (outputs, out_dims) of rnn_layer_backward run once, the samples folded into the batch as
+    _fold_layer folds them, each sample's weight gradients summed apart (its groups, each of a sample's
+    groups where an inner fold made some)."""
     grad_out, grad_hn, out, x, h0, batch_sizes, activation, directions, weights, input_shape, needs, groups = args
     time, batch, features = input_shape
     hidden = weights[1].shape[0]
@@ -330,7 +340,8 @@ def _fold_layer_backward(samples: int, args: list, dims: list) -> tuple:
                                _into_batch(h0, dims[4], samples, state_shape), None, activation, directions, weights,
                                [time, samples * batch, features], needs, samples * max(groups, 1))
     dx, dh0, *dweights = grads
-    # dx (T, S * B, I) and dh0 (D, S * B, H): each sample's at dim 1; weight gradients (S * groups, ...).
+    # dx (T, S * B, I) and dh0 (D, S * B, H): each sample's at dim 1; weight gradients (S * max(groups, 1),
+    # ...): each sample's, its groups' where it has some, at dim 0.
     dx = dx.unflatten(1, (samples, batch)) if needs[0] else dx.expand(samples, 0)
     dh0 = dh0.unflatten(1, (samples, batch)) if needs[1] else dh0.expand(samples, 0)
     dweights = [(g.unflatten(0, (samples, groups)) if groups else g) if need else g.expand(samples, 0)
