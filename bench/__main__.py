@@ -30,8 +30,10 @@ F.cross_entropy / F.mse_loss and their torch.compile; one SGD step (op sgd) agai
 whole training step of a 4-layer MLP (op mlp_step: forward, loss, backward, SGD) and of the same MLP as a
 critic with a gradient penalty (op penalty_step: double backward through every layer) against eager torch;
 and torch.func over that MLP (ReLU): per-sample gradients (op per_sample: vmap(grad(loss)) over a batch's
-samples) and an ensemble of its members (op ensemble: vmap over their stacked weights, forward and every
-member's gradients) against the same torch.func calls over torch's layers; all in this process.
+samples, of the MLP and of an RNN over each sample's sequence) and an ensemble of its members (op ensemble:
+vmap over their stacked weights, forward and every member's gradients) against the same torch.func calls
+over torch's layers (for the RNN, its parameters a step at a time in torch ops: torch.nn.RNN does not take
+vmap); all in this process.
 Ceilings are measured first (a bf16 matmul for TFLOP/s, a device copy for GB/s); each result reports time
 (median of triton.testing.do_bench, with p20/p80), TFLOP/s, GB/s, fractions of the ceilings, peak memory
 (CUDA) and its speedup over torch eager; masked results also report the cost per visited block against
@@ -49,8 +51,8 @@ Presets (shapes are MxNxK: x is MxK, the weight NxK):
             rnn_cell: one step, batch 64, 1024 -> 1024 and batch 8, 256 -> 256; all modes.
             xent: 8192 x 32768 logits, all modes. mse: 8192 x 32768, all modes.
             sgd: 100M parameters (fp32, and --dtype). mlp_step, penalty_step: batch 1024, width 4096.
-            per_sample: batch 1024 at width 256, batch 64 at width 1024. ensemble: 8 members, batch 256,
-            width 512; 64 members, batch 256, width 128.
+            per_sample: batch 1024 at width 256, batch 64 at width 1024; the RNN: batch 256, 64 steps,
+            width 256. ensemble: 8 members, batch 256, width 512; 64 members, batch 256, width 128.
   default   the quick shapes plus 1024^3, 2048^3, 256x4096x4096, Llama-8B MLP shapes
             (8192x14336x4096, 8192x4096x14336) forward, and 2048^3, 8192^3 and the MLP shapes backward.
             masked: also batch 16, bands of 33 and 129, a 3x3 neighbourhood on a 64x64 image, 1% and 10%
@@ -60,7 +62,8 @@ Presets (shapes are MxNxK: x is MxK, the weight NxK):
             rnn: also batch 1 at hidden 128 and batch 256 at hidden 512. rnn_cell: the same two.
             xent: also 4096 x 128256 and 65536 x 1000. mse: also 1024 x 4096 and 16384 x 32768.
             sgd: also 10M parameters. mlp_step, penalty_step: also batch 4096.
-            per_sample: also batch 256 at width 1024. ensemble: also 32 members, batch 1024, width 256.
+            per_sample: also batch 256 at width 1024; the RNN also batch 1024, 32 steps, width 128.
+            ensemble: also 32 members, batch 1024, width 256.
   --smoke   tiny shapes, to check the harness, accuracy checks and outputs, not performance. Without
             CUDA (or with TRITON_INTERPRET=1 set) it runs on the CPU through Triton's interpreter,
             without torch.compile (its CPU compile is slow), and only --smoke runs there. There it

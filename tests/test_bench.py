@@ -31,7 +31,8 @@ OP_KERNELS = {"local1d": ("local_forward_kernel", "local_grad_input_kernel", "lo
               "rnn_cell": ("rnn_cell_forward_kernel", "rnn_cell_grad_input_kernel", "rnn_cell_grad_weight_kernel"),
               "mse": ("mse_forward_kernel", "mse_backward_kernel"),
               "penalty_step": ("dense_forward_kernel", "dense_double_backward_kernel", "dense_grad_weight_kernel"),
-              "per_sample": ("dense_forward_kernel", "dense_grad_weight_kernel", "cross_entropy_backward_kernel"),
+              "per_sample": ("dense_forward_kernel", "dense_grad_weight_kernel", "cross_entropy_backward_kernel",
+                             "rnn_sequence_forward_kernel", "rnn_sequence_backward_kernel"),
               "ensemble": ("dense_forward_kernel", "dense_grad_weight_kernel", "cross_entropy_backward_kernel")}
 
 
@@ -162,7 +163,8 @@ def test_smoke_xent_sgd_and_training_step_rows(smoke):
     assert {"torch", "gpunn"} == {p for p, _ in sgd} and "fp32" in {d for _, d in sgd}
     for op in ("mlp_step", "penalty_step"):
         assert {r["provider"] for r in rows if r["op"] == op and r["metric"] == "rel_err"} == {"torch", "gpunn"}, op
-    for op, modes in (("per_sample", {"fwd+bwd"}), ("ensemble", {"fwd", "fwd+bwd"})):
+    for op, modes in (("per_sample[mlp]", {"fwd+bwd"}), ("per_sample[rnn]", {"fwd+bwd"}),
+                      ("ensemble", {"fwd", "fwd+bwd"})):
         timed = {(r["provider"], r["mode"]) for r in rows if r["op"] == op and r["metric"] == "rel_err"}
         assert timed == {(p, m) for p in ("torch", "gpunn") for m in modes}, op
 
@@ -223,20 +225,21 @@ def test_penalty_step_critic_has_gelu_and_mlp_step_relu():
     assert mlp_step.Case(4, 8, "fp32").LAYER_ACTIVATION is torch.nn.ReLU
 
 
-@pytest.mark.parametrize("op, sizes", [("per_sample", [dict(batch=3), dict(batch=7)]),
-                                       ("ensemble", [dict(members=2), dict(members=5)])])
-def test_torch_func_benchmarks_time_gpunn_folded(device, op, sizes):
+@pytest.mark.parametrize("case, sizes, kernel, once", [
+    ("per_sample.Case", [dict(batch=3), dict(batch=7)], "dense_forward_kernel", 4),
+    ("per_sample.RnnCase", [dict(batch=3), dict(batch=7)], "rnn_sequence_forward_kernel", 1),
+    ("ensemble.Case", [dict(members=2), dict(members=5)], "dense_forward_kernel", 4)])
+def test_torch_func_benchmarks_time_gpunn_folded(device, case, sizes, kernel, once):
     """The per-sample and ensemble benchmarks time gpunn's folded path: the same launches a call whatever the
     samples or members (a call per sample or member would launch every kernel that many times)."""
     import importlib
 
-    module = importlib.import_module(f"bench.{op}")
+    module, name = case.split(".")
+    kind = getattr(importlib.import_module(f"bench.{module}"), name)
     launches = collections.defaultdict(set)
     for size in sizes:
-        case = module.Case(**{"batch": 4, "width": 12, "dtype": "fp32", **size})
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(case.batch, case.width, generator=gen).to(device)
-        y = torch.randint(0, case.width, (case.batch,), generator=gen).to(device)
+        case = kind(**{"batch": 4, "width": 12, "dtype": "fp32", **size, **({"steps": 3} if "Rnn" in name else {})})
+        x, y, _, _ = case.inputs(device, seed=0)
         for mode in case.modes:
             call, _ = case.callables(mode, "gpunn", x, y, 0, None)
             call()  # warm: on a GPU the first call also autotunes
@@ -248,7 +251,7 @@ def test_torch_func_benchmarks_time_gpunn_folded(device, op, sizes):
     for mode, counts in launches.items():
         assert len(counts) == 1, (mode, counts)
         (count,) = counts
-        assert dict(count)["dense_forward_kernel"] == 4, (mode, count)
+        assert dict(count)[kernel] == once, (mode, count)
 
 
 def test_activations_all():
