@@ -104,11 +104,13 @@ def _meta(shape, dtype):
     return torch.empty(shape, device="meta", dtype=dtype)
 
 
-def _launch_dense_forward(dtype, m, n, k, activation, bias, save_derivative, members=0):
+def _launch_dense_forward(dtype, m, n, k, activation, bias, save_derivative, members=0, two_strides=False):
     # members: an ensemble's (torch.func.vmap over stacked weights), each member m / members rows.
+    # two_strides: x's rows at two strides (a batch-first sequence read time-major, as gpunn.RNN's projection).
     from gpunn.kernels import dense, runtime
     lead = (members,) if members else ()
-    x, w = _meta((m, k), dtype), _meta((*lead, n, k), dtype)
+    x = _meta((4, m // 4, k), dtype).transpose(0, 1) if two_strides else _meta((m, k), dtype)  # m // 4 * 4 rows
+    w = _meta((*lead, n, k), dtype)
     b = _meta((*lead, n), dtype) if bias else None
     dense.forward(runtime.Rows.of(x), w, b, activation, NEGATIVE_SLOPE, save_derivative, members=members)
 
@@ -132,9 +134,17 @@ def _launch_dense_grad_input(dtype, m, n, k, members=0):
                      members)
 
 
-def _launch_dense_grad_weight(dtype, m, n, k):
+def _launch_dense_grad_weight(dtype, m, n, k, groups=0):
+    # groups: per group of rows (torch.func's per-sample gradients), each group's rows read at two strides,
+    # as gpunn.RNN's per-sample fold reads time-major rows (T, groups, C) a group at a time.
     from gpunn.kernels import dense, runtime
-    dense.grad_weight(runtime.Rows.of(_meta((m, n), dtype)), runtime.Rows.of(_meta((m, k), dtype)), (n, k))
+
+    def rows(columns):
+        if not groups:
+            return runtime.Rows.of(_meta((m, columns), dtype))
+        return runtime.Rows.of(_meta((m // groups, groups, columns), dtype).transpose(0, 1))
+
+    dense.grad_weight(rows(n), rows(k), (n, k), groups)
 
 
 def _launch_dense_double_backward(dtype, m, n, k, activation, bias_grad):
@@ -343,6 +353,8 @@ CASES = (
         Variant("relu+bias", dict(activation="relu", bias=True, save_derivative=False)),
         Variant("gelu+bias+save", dict(activation="gelu", bias=True, save_derivative=True)),
         Variant("gelu+bias+save members", dict(activation="gelu", bias=True, save_derivative=True, members=4)),
+        Variant("relu+bias, rows at two strides", dict(activation="relu", bias=True, save_derivative=False,
+                                                       two_strides=True)),
     )),
     Case("gpunn.kernels.dense", "dense_grad_preactivation_kernel", _launch_dense_grad_preactivation, (
         Variant("gelu dz+db", dict(activation="gelu", write_dz=True, bias_grad=True), matmul=False, launch=0),
@@ -355,7 +367,8 @@ CASES = (
     Case("gpunn.kernels.dense", "dense_grad_input_kernel", _launch_dense_grad_input, (
         Variant("dz", dict()), Variant("dz members", dict(members=4)))),
     Case("gpunn.kernels.dense", "dense_grad_weight_kernel", _launch_dense_grad_weight, (
-        Variant("dz", dict()), Variant("dz, 2^31 + 10^7 rows", dict(rows=2 ** 31 + 10 ** 7)))),
+        Variant("dz", dict()), Variant("dz, 2^31 + 10^7 rows", dict(rows=2 ** 31 + 10 ** 7)),
+        Variant("per sample, rows at two strides", dict(groups=4)))),
     Case("gpunn.kernels.dense_double_backward", "dense_double_backward_kernel", _launch_dense_double_backward, (
         Variant("gelu", dict(activation="gelu", bias_grad=True), matmul=False, launch=0),
         Variant("gelu_tanh", dict(activation="gelu_tanh", bias_grad=False), matmul=False),
