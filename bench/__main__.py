@@ -29,11 +29,11 @@ torch.compile of gpunn.reference.rnn_cell; cross-entropy (op xent) and mean squa
 F.cross_entropy / F.mse_loss and their torch.compile; one SGD step (op sgd) against torch.optim.SGD; and a
 whole training step of a 4-layer MLP (op mlp_step: forward, loss, backward, SGD) and of the same MLP as a
 critic with a gradient penalty (op penalty_step: double backward through every layer) against eager torch;
-and torch.func over that MLP (ReLU): per-sample gradients (op per_sample: vmap(grad(loss)) over a batch's
-samples, of the MLP and of an RNN over each sample's sequence) and an ensemble of its members (op ensemble:
-vmap over their stacked weights, forward and every member's gradients) against the same torch.func calls
-over torch's layers (for the RNN, its parameters a step at a time in torch ops: torch.nn.RNN does not take
-vmap); all in this process.
+and torch.func: per-sample gradients (op per_sample: vmap(grad(loss)) over a batch's samples, of that MLP
+with ReLU, per_sample[mlp], and of an RNN over each sample's sequence, per_sample[rnn]) and an ensemble of
+the MLP's members (op ensemble: vmap over their stacked weights, forward and every member's gradients)
+against the same torch.func calls over torch's layers (for the RNN, its parameters a step at a time in
+torch ops: torch.nn.RNN does not take vmap); all in this process.
 Ceilings are measured first (a bf16 matmul for TFLOP/s, a device copy for GB/s); each result reports time
 (median of triton.testing.do_bench, with p20/p80), TFLOP/s, GB/s, fractions of the ceilings, peak memory
 (CUDA) and its speedup over torch eager; masked results also report the cost per visited block against

@@ -86,8 +86,14 @@ class Case(mlp_step.Case):
 
 
 class StepwiseRNN(torch.nn.RNN):
-    """torch.nn.RNN's parameters (one layer, batch_first), its forward a step at a time in torch ops
-    (gpunn.reference.rnn_cell): what torch.func.vmap can batch, where torch.nn.RNN's fused kernel has no rule."""
+    """torch.nn.RNN's parameters (one layer, one direction, with biases; batch_first), its forward a step at a
+    time in torch ops (gpunn.reference.rnn_cell): what torch.func.vmap can batch, where torch.nn.RNN's fused
+    kernel has no rule."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.num_layers != 1 or self.bidirectional or not self.bias or not self.batch_first:
+            raise ValueError("StepwiseRNN runs one batch_first layer, one direction, with biases")
 
     def forward(self, x: torch.Tensor, hx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h = x.new_zeros(x.shape[0], self.hidden_size) if hx is None else hx[0]

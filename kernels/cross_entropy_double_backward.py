@@ -101,7 +101,10 @@ def cross_entropy_double_backward_kernel(
                 distance = tl.where(ok, (row_max[:, None] - x) + log_sum[:, None], 0.0)  # lse - x
                 constant -= tl.sum(w * distance * h, axis=1) * (1.0 - SMOOTHING)
     if GRAD_GRAD:
-        tl.store(ggrad_ptr + rows, (coef * dot - constant) * norm, mask=r_ok)
+        part = (coef * dot - constant) * norm
+        if REDUCTION == 2 and not PROBABILITIES:
+            part = tl.where(total == 0, float("nan"), part)  # a mean over no weight (all rows ignored): torch's NaN
+        tl.store(ggrad_ptr + rows, part, mask=r_ok)
     if INPUT_GRAD or TARGET_GRAD:
         for c0 in range(0, C, BLOCK_C):
             c_ok = c0 + cols < C

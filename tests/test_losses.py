@@ -51,12 +51,14 @@ def test_cross_entropy_all_ignored_is_nan_like_torch(device):
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_cross_entropy_mean_over_rows_of_no_weight_is_nan_like_torch(device, smoothing):
-    """Every kept target's class weight 0 (a batch of only the classes the weights drop): torch's mean is 0 / 0,
-    NaN, smoothed or not, and so are the kept rows' gradient and second-order gradients (an ignored row's are
-    0), where the one sum gpunn divides would give +-inf."""
+@pytest.mark.parametrize("ignored", ["some", "all"])
+def test_cross_entropy_mean_over_rows_of_no_weight_is_nan_like_torch(device, smoothing, ignored):
+    """Every kept target's class weight 0 (a batch of only the classes the weights drop), or every target
+    ignored: torch's mean is 0 / 0, NaN, smoothed or not, and so are the kept rows' gradient and second-order
+    gradients (an ignored row's are 0) and the output gradient's second-order gradient, where the one sum
+    gpunn divides would give +-inf (or 0 over no rows)."""
     x = torch.randn(3, 4, device=device, dtype=torch.float64)
-    target = torch.tensor([0, -100, 0], device=device)
+    target = torch.tensor([0, -100, 0] if ignored == "some" else [-100] * 3, device=device)
     weight = torch.tensor([0.0, 1.0, 2.0, 1.0], device=device, dtype=torch.float64)
     probe = torch.randn(3, 4, device=device, dtype=torch.float64)
     results = []
@@ -69,7 +71,8 @@ def test_cross_entropy_mean_over_rows_of_no_weight_is_nan_like_torch(device, smo
     for ours, theirs, what in zip(*results, ("loss", "gradient", "input's second order", "scale's second order")):
         assert torch.equal(ours.isnan(), theirs.isnan()), what
         assert torch.equal(ours.nan_to_num(), theirs.nan_to_num()), what
-    assert results[1][0].isnan() and results[1][1][0].isnan().all() and results[1][2][0].isnan().all()
+    assert results[1][0].isnan() and results[1][3].isnan()
+    assert results[1][1][0].isnan().all() == results[1][2][0].isnan().all() == (ignored == "some")
 
 
 def test_cross_entropy_fused_launches_and_no_torch_softmax(device):

@@ -88,9 +88,9 @@ class Op:
                 return self.custom_op(*args)  # functionalize has no rule for an autograd.Function (torch: NYI)
             function = self.transform_function
         elif torch.is_grad_enabled() and _any_requires_grad(args):
-            # An op without a gradient formula (a backward op) meets tensors autograd records only where a
-            # transform's rule (vmap's) runs it for gradients an outer autograd tracks: recorded, so that
-            # differentiating them is refused rather than silently missing.
+            # An op without a gradient formula (a backward op) meets tensors autograd records where a
+            # transform's rule (vmap's) runs it for gradients an outer autograd tracks (or where it is called
+            # directly on such tensors): recorded, so that differentiating them is refused, not silently lost.
             function = self.function or self.refusing_function
         else:
             return self.fn(*args)
@@ -194,10 +194,13 @@ def _refusing_function(name: str, fn: Callable):
 
     def forward(ctx, lengths, *flat):
         ctx.set_materialize_grads(False)
+        ctx.inputs = len(flat)
         output = fn(*_unflatten(flat, lengths))
         return tuple(output) if isinstance(output, list) else output
 
     def backward(ctx, *grads):
+        if all(grad is None for grad in grads):  # no gradient reached any output: none to pass on
+            return (None,) * (1 + ctx.inputs)
         raise second_order_under_transform(name)
 
     return type(f"{name}_refusing_function", (torch.autograd.Function,), dict(
@@ -334,7 +337,8 @@ def _unrecorded_or_plain(op: Op, args: list, splits: bool) -> bool:
 class Fold(NamedTuple):
     """An op's own vmap fold (Op's `fold`): applies(args, in_dims) says whether vmap may fold the samples, and
     run(batch, args, in_dims) runs the op once for them all and returns vmap's (outputs, out_dims). As for
-    Op's `rows`, a fold of an op with groups runs only where no autograd records the call (_foldable)."""
+    Op's `rows`, a fold of an op with groups and a gradient formula runs only where autograd does not record
+    the call (_foldable); one without a formula is recorded as refusing a further order (Op.__call__)."""
 
     applies: Callable[[list, list], bool]
     run: Callable[[int, list, list], tuple]
