@@ -10,7 +10,7 @@ import torch
 from . import autocast
 from .kernels import cross_entropy_double_backward as second_order, losses as kernels
 from .kernels.runtime import capturing, group_rows, grouped, triton_runs_on
-from .ops.library import Op, arrived, nothing, refuse_double_backward, requires_grad_within
+from .ops.library import Op, arrived, nothing, refuse_double_backward, requires_grad_within, saved_tensors
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -107,7 +107,7 @@ def _cross_entropy_double_backward(ctx, grad_dx):
     """The gradients of (grad, logits) given dx's (gpunn.kernels.cross_entropy_double_backward). The stats
     and totals the backward read get none: the logits' gradient already counts every path through them."""
     refuse_double_backward("cross_entropy", "triple")  # groups is 0 here (library._ungrouped)
-    grad, logits, target, weight, stats, totals = ctx.saved_tensors
+    grad, logits, target, weight, stats, totals = saved_tensors(ctx)
     need_grad, need_logits = ctx.needs_input_grad[:2]
     if grad_dx is None or not (need_grad or need_logits):
         return (None,) * 10
@@ -131,7 +131,7 @@ def _cross_entropy_setup(ctx, inputs, output):
 
 
 def _cross_entropy_grad(ctx, grad, _, __):
-    logits, target, weight, stats, totals = ctx.saved_tensors
+    logits, target, weight, stats, totals = saved_tensors(ctx)
     dx = _cross_entropy_backward(grad, logits, target, weight, ctx.ignore_index, ctx.smoothing, stats, ctx.reduction,
                                  totals, 0)
     return dx, None, None, None, None, None, None
@@ -293,7 +293,7 @@ def _cross_entropy_probs_double_backward(ctx, grad_dx, grad_dt):
     """The gradients of (grad, logits, target) given dx's, as the class-index form's (the row mass and stats
     get none: the logits' and target's gradients count every path through them)."""
     refuse_double_backward("cross_entropy", "triple")
-    grad, logits, target, weight, stats, row_mass = ctx.saved_tensors
+    grad, logits, target, weight, stats, row_mass = saved_tensors(ctx)
     need_grad, need_logits, need_target = ctx.needs_input_grad[:3]
     grad_dx, grad_dt = (g.contiguous() if g is not None else None
                         for g in (arrived(grad_dx, logits.shape), arrived(grad_dt, logits.shape)))
@@ -318,7 +318,7 @@ def _cross_entropy_probs_setup(ctx, inputs, output):
 
 
 def _cross_entropy_probs_grad(ctx, grad, _, __):
-    logits, target, weight, stats, row_mass = ctx.saved_tensors
+    logits, target, weight, stats, row_mass = saved_tensors(ctx)
     need_input, need_target = ctx.needs_input_grad[:2]
     dx, dt = _cross_entropy_probs_backward(grad, logits, target, weight, ctx.smoothing, stats, row_mass, ctx.reduction,
                                            need_input, need_target, 0)
@@ -377,7 +377,7 @@ def _mse_loss_double_backward(ctx, grad_dx, grad_dy):
     2 (x - y)(a - b) / n: mse_backward's elementwise form with a - b as the output gradient, summed over
     the elements where g is one value (mean, sum)."""
     refuse_double_backward("mse_loss", "triple")
-    grad, input, target = ctx.saved_tensors
+    grad, input, target = saved_tensors(ctx)
     need_grad, need_input, need_target = ctx.needs_input_grad[:3]
     grad_dx, grad_dy = (arrived(g, input.shape) for g in (grad_dx, grad_dy))
     if grad_dx is None and grad_dy is None:
@@ -405,7 +405,7 @@ def _mse_setup(ctx, inputs, output):
 
 
 def _mse_grad(ctx, grad):
-    input, target = ctx.saved_tensors
+    input, target = saved_tensors(ctx)
     need_input, need_target = ctx.needs_input_grad[:2]
     dx, dy = _mse_loss_backward(grad, input, target, ctx.reduction, need_input, need_target, 0)
     return dx if need_input else None, dy if need_target else None, None, None

@@ -154,6 +154,44 @@ def test_vmap_over_inputs_and_over_stacked_parameters_matches_torch(device, name
         assert_close(both[i], _output(theirs(member, *rest)), DT, f"member {i}")
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_vjp_fn_called_after_vjp_matches_torch_with_grad_mode_on_or_off(device, name):
+    """torch.func.vjp's vjp_fn, called after vjp returned (the transform's tensors then wrap nothing live),
+    in grad mode and under no_grad: the parameters' and input's gradients as torch's autograd gives them."""
+    ours, theirs, params, inputs = _case(name, device)
+    weights = _weights(_output(theirs(params, *inputs)), case_seed(name))
+    _, vjp_fn = torch.func.vjp(lambda p, x: _output(ours(p, x, *inputs[1:])), params, inputs[0])
+    expected = _torch_grads(theirs, weights, params, inputs)
+    _assert_grads_close(vjp_fn(weights), expected, "vjp_fn")
+    with torch.no_grad():
+        _assert_grads_close(vjp_fn(weights), expected, "vjp_fn under no_grad")
+
+
+@pytest.mark.parametrize("name", ["linear_gelu", "masked_tanh", "local2d", "rnn_cell_relu"])
+def test_a_call_under_no_grad_inside_grad_is_a_constant_to_every_autograd(device, name):
+    """A gpunn call made under torch.no_grad() inside torch.func.grad is recorded by no autograd, the eager one
+    around the transform included (torch.func runs a Function's forward in grad mode): as torch's layers, a
+    constant, so no gradient of the outer objective reaches the parameters through it."""
+    ours, theirs, params, inputs = _case(name, device)
+    results = []
+    for function in (ours, theirs):
+        leaves = {key: value.clone().requires_grad_() for key, value in params.items()}
+
+        def inner(x):
+            with torch.no_grad():
+                constant = _output(function(leaves, x, *inputs[1:]))
+            return (constant * _output(function(leaves, x, *inputs[1:]))).sum()
+
+        grad = torch.func.grad(inner)(inputs[0])
+        results.append((grad, torch.autograd.grad(grad.pow(2).sum(), list(leaves.values()), allow_unused=True)))
+    (our_grad, ours), (their_grad, theirs) = results
+    assert_close(our_grad, their_grad, DT, "inner gradient")
+    for mine, ref in zip(ours, theirs, strict=True):
+        assert (mine is None) == (ref is None)
+        if ref is not None:
+            assert_close(mine, ref, DT, "outer gradient")
+
+
 @pytest.mark.parametrize("name", ["linear_gelu", "rnn_2layer_bidirectional", "local2d", "cross_entropy"])
 def test_jacrev_matches_torch(device, name):
     ours, theirs, params, inputs = _case(name, device)

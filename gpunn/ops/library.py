@@ -86,6 +86,10 @@ class Op:
         if transform is not None:
             if transform.key() == torch._C._functorch.TransformType.Functionalize:
                 return self.custom_op(*args)  # functionalize has no rule for an autograd.Function (torch: NYI)
+            if not torch.is_grad_enabled():
+                # torch.func's grad rule runs a Function's forward with grad mode on, so every autograd around the
+                # transform would record a call made under no_grad (where torch's layers are constants): detached.
+                args = _detached(args)
             function = self.transform_function
         elif torch.is_grad_enabled() and _any_requires_grad(args):
             # An op without a gradient formula (a backward op) meets tensors autograd records where a
@@ -114,6 +118,15 @@ def _all_plain(args) -> bool:
         elif isinstance(arg, torch.Tensor):
             return False
     return True
+
+
+def _detached(args) -> tuple:
+    """args with every tensor (lists included) detached (outside inference mode, where a transform's wrapper
+    cannot be detached)."""
+    with torch.inference_mode(False):
+        return tuple(arg.detach() if isinstance(arg, torch.Tensor) else
+                     [t.detach() if isinstance(t, torch.Tensor) else t for t in arg] if isinstance(arg, list)
+                     else arg for arg in args)
 
 
 def _any_dual(args) -> bool:
@@ -509,11 +522,31 @@ def _version(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None or tensor.is_inference() else tensor._version
 
 
-def first_order_saved(ctx) -> tuple:
-    """What save_for_orders saved for first order (its `first`), unpacked. The backward's one unpacking
-    (torch.utils.checkpoint refuses a second): what went through the hooks for second order is held for
-    kept() until the backward returns (release_kept)."""
+def saved_tensors(ctx) -> tuple:
+    """ctx.saved_tensors, the wrappers of a torch.func transform that has ended unwrapped: a vjp_fn called after
+    torch.func.vjp returned (or jacrev's) runs the backward with them, and where grad mode is off the
+    first-order ops would hand them to the kernels as they are (an autograd.Function's apply, the path with
+    grad mode on, unwraps them itself)."""
     saved = ctx.saved_tensors
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if under_transform() or not any(t is not None and wrapped(t) for t in saved):
+        return saved
+    return tuple(_unwrapped(t) for t in saved)
+
+
+def _unwrapped(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """tensor without the wrappers of transforms that have ended (see saved_tensors)."""
+    functorch = torch._C._functorch
+    while tensor is not None and not under_transform() and functorch.is_functorch_wrapped_tensor(tensor):
+        tensor = functorch.get_unwrapped(tensor)
+    return tensor
+
+
+def first_order_saved(ctx) -> tuple:
+    """What save_for_orders saved for first order (its `first`), unpacked (saved_tensors). The backward's one
+    unpacking (torch.utils.checkpoint refuses a second): what went through the hooks for second order is held
+    for kept() until the backward returns (release_kept)."""
+    saved = saved_tensors(ctx)
     ctx.unpacked = saved
     return saved[:ctx.first_order_count]
 
@@ -532,7 +565,7 @@ def kept(ctx, index: int, saved: torch.Tensor | None, op: str, name: str) -> tor
         raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
                            f"operation: gpunn {op}'s {name} is at version {original._version}; expected version "
                            f"{version} instead (double backward needs it)")
-    return tensor
+    return _unwrapped(tensor)
 
 
 def _changed(tensor: torch.Tensor | None, version: int | None) -> bool:

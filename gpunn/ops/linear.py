@@ -30,7 +30,7 @@ from ..kernels import activations, dense, dense_double_backward, masked
 from ..kernels.layout import layout_of, repeated
 from ..kernels.runtime import Rows, grouped
 from .library import (Op, arrived, differentiable_backward, first_order_saved, kept, metadata_to_save, nothing,
-                      refuse_double_backward, save_for_orders, saved_metadata)
+                      refuse_double_backward, save_for_orders, saved_metadata, saved_tensors)
 
 
 def _as_rows(saved: torch.Tensor | None, dy: Rows) -> torch.Tensor | None:
@@ -253,7 +253,7 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
     gpunn.kernels.dense_double_backward for the formulas. The masked layer's GEMMs run under its mask, so
     masked-out weights, and the parts of g_dW there (dW is constant zero there), are never read."""
     refuse_double_backward("linear", "triple")  # groups and members are 0 here: library._ungrouped
-    dy, input, weight, bias, mask = ctx.saved_tensors
+    dy, input, weight, bias, mask = saved_tensors(ctx)
     mask = saved_metadata(ctx, "mask", mask)
     layout = _layout(mask, *ctx.block) if mask is not None else None
     need_dy, _, need_input, need_weight, need_bias = ctx.needs_input_grad[:5]

@@ -22,7 +22,7 @@ import torch
 from ..kernels import local
 from ..kernels.local import Geometry
 from ..kernels.runtime import grouped
-from .library import Op, arrived, nothing
+from .library import Op, arrived, nothing, saved_tensors
 
 
 def _locally_connected(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -74,7 +74,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output):
-    input, weight = ctx.saved_tensors
+    input, weight = saved_tensors(ctx)
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     dx = dw = db = None
     if need_input:
@@ -94,7 +94,7 @@ def _grad_input_setup_context(ctx, inputs, output):
 
 
 def _grad_input_backward(ctx, grad_dx):
-    grad_output, weight = ctx.saved_tensors
+    grad_output, weight = saved_tensors(ctx)
     need_grad_output, need_weight = ctx.needs_input_grad[:2]
     grad_dx = arrived(grad_dx, ctx.input_shape)
     if grad_dx is None:
@@ -115,7 +115,7 @@ def _grad_weight_setup_context(ctx, inputs, output):
 
 def _grad_weight_backward(ctx, grad_dw, grad_db):
     # groups is 0 here (library._ungrouped)
-    input, grad_output = ctx.saved_tensors
+    input, grad_output = saved_tensors(ctx)
     need_input, need_grad_output = ctx.needs_input_grad[:2]
     grad_dw, grad_db = arrived(grad_dw, ctx.weight_shape), arrived(grad_db, ctx.weight_shape[:2])
     grad_input_ = grad_grad_output = None

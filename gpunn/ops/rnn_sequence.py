@@ -273,8 +273,11 @@ def _differentiable_backward(ctx, grad_out, grad_hn, x, h0, batch_sizes, weights
     """The gradients through _by_steps' graph, made with create_graph (see the module docstring)."""
     sizes = batch_sizes.tolist() if batch_sizes is not None else [ctx.input_shape[1]] * ctx.input_shape[0]
     # One alias per argument: a tensor passed twice (one bias as both b_ih and b_hh, one weight for both
-    # directions) would otherwise get its whole gradient in each place, and autograd would add them up.
-    x, h0, *weights = (t.view_as(t) for t in (x, h0, *weights))
+    # directions) would otherwise get its whole gradient in each place, and autograd would add them up. A
+    # needed one that autograd does not track here (torch.func.vjp's vjp_fn, called after vjp returned, runs
+    # this with grad mode on over the transform's tensors) is a leaf of its own: its gradient is a value.
+    x, h0, *weights = (t.view_as(t) if t.requires_grad else t.detach().requires_grad_(need)
+                       for t, need in zip((x, h0, *weights), ctx.needs))
     out, h_n = _by_steps(x.reshape(-1, x.shape[-1]), h0, sizes, ctx.activation, ctx.directions, weights)
     pairs = [(t, g) for t, g in ((out, grad_out), (h_n, grad_hn)) if g is not None]
     wanted = [t for t, need in zip((x, h0, *weights), ctx.needs) if need]
