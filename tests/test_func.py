@@ -192,6 +192,39 @@ def test_a_call_under_no_grad_inside_grad_is_a_constant_to_every_autograd(device
             assert_close(mine, ref, DT, "outer gradient")
 
 
+def test_a_no_grad_constant_inside_nested_grads_and_under_forward_mode(device):
+    """grad(grad(f)) with a gpunn call under no_grad in f: a constant at both levels, as torch's layer. Under
+    forward mode (jvp, hessian), which no_grad does not stop, the call is refused as forward mode is, not given a
+    zero tangent."""
+    ours, theirs, params, inputs = _case("linear_gelu", device)
+    square = {key: value[:, :5] if key == "weight" else value for key, value in params.items()}
+    x = inputs[0][:, :5]
+
+    def objective(function):
+        def run(y):
+            with torch.no_grad():
+                constant = _output(function(square, y))
+            return (constant * y.pow(2)).sum()
+        return run
+
+    results = [torch.func.grad(lambda y: torch.func.grad(objective(f))(y).sin().sum())(x) for f in (ours, theirs)]
+    assert_close(*results, DT, "grad of grad")
+    for transform in (lambda: torch.func.hessian(objective(ours))(x),
+                      lambda: torch.func.jvp(torch.func.grad(objective(ours)), (x,), (torch.ones_like(x),))):
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            transform()
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "cross_entropy_weighted_ignore", "mse_mean"])
+def test_loss_jacobians_over_several_outputs_match_torch(device, name):
+    """jacrev of several values of one mean loss: vmap over the cotangents, each sample's reduced values the
+    same (unbatched) tensors: each row of the Jacobian as torch's."""
+    ours, theirs, params, inputs = _case(name, device)
+    jacobians = [torch.func.jacrev(lambda x: torch.stack([f(params, x, *inputs[1:]), 2 * f(params, x, *inputs[1:])]))(
+        inputs[0]) for f in (ours, theirs)]
+    assert_close(*jacobians, DT, "Jacobian")
+
+
 @pytest.mark.parametrize("name", ["linear_gelu", "rnn_2layer_bidirectional", "local2d", "cross_entropy"])
 def test_jacrev_matches_torch(device, name):
     ours, theirs, params, inputs = _case(name, device)

@@ -31,6 +31,7 @@ import weakref
 from typing import Callable, NamedTuple
 
 import torch
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
 
 NAMESPACE = "gpunn"
@@ -86,9 +87,11 @@ class Op:
         if transform is not None:
             if transform.key() == torch._C._functorch.TransformType.Functionalize:
                 return self.custom_op(*args)  # functionalize has no rule for an autograd.Function (torch: NYI)
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() and _grad_without_forward_mode():
                 # torch.func's grad rule runs a Function's forward with grad mode on, so every autograd around the
-                # transform would record a call made under no_grad (where torch's layers are constants): detached.
+                # transform would record a call made under no_grad (where torch's layers are constants): what any
+                # of them tracks is detached. (Not under forward mode, which no_grad does not stop: detached, a
+                # tangent would be dropped where the Function's jvp rule refuses it.)
                 args = _detached(args)
             function = self.transform_function
         elif torch.is_grad_enabled() and _any_requires_grad(args):
@@ -120,13 +123,21 @@ def _all_plain(args) -> bool:
     return True
 
 
+def _grad_without_forward_mode() -> bool:
+    """Whether a torch.func grad-type transform (grad, vjp, jacrev) is running and no forward-mode one (jvp)."""
+    kinds = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
+    return torch._C._functorch.TransformType.Grad in kinds and torch._C._functorch.TransformType.Jvp not in kinds
+
+
 def _detached(args) -> tuple:
-    """args with every tensor (lists included) detached (outside inference mode, where a transform's wrapper
-    cannot be detached)."""
+    """args with every tensor some autograd tracks (requires_grad_within; lists included) detached, the others
+    (a mask, a target) as they are, so that caches keyed on them still hit. Outside inference mode, where a
+    transform's wrapper cannot be detached (inference_mode(False) turns grad mode on too: detach ignores it)."""
+    def detached(tensor):
+        return tensor.detach() if isinstance(tensor, torch.Tensor) and requires_grad_within(tensor) else tensor
+
     with torch.inference_mode(False):
-        return tuple(arg.detach() if isinstance(arg, torch.Tensor) else
-                     [t.detach() if isinstance(t, torch.Tensor) else t for t in arg] if isinstance(arg, list)
-                     else arg for arg in args)
+        return tuple([detached(t) for t in arg] if isinstance(arg, list) else detached(arg) for arg in args)
 
 
 def _any_dual(args) -> bool:
@@ -383,6 +394,8 @@ def _folded(op: Op, batch: int, args: list, dims: list) -> tuple:
             arg = arg.movedim(dim, 0) if dim is not None else arg.expand(batch, *arg.shape)
             lead = arg.dim() - trailing
             folded[i] = arg.reshape(math.prod(arg.shape[:lead]), *arg.shape[lead:])  # not -1: rows of nothing
+            if lead == 1:  # a value per sample with no rows of its own (a loss's totals): kernels index it densely
+                folded[i] = folded[i].contiguous()
     outputs, shapes = op(*folded), op.fake(*_sample(args, dims, None, "meta"))  # shapes only: nothing allocated
     single = isinstance(outputs, torch.Tensor)
     outputs, shapes = ((outputs,), (shapes,)) if single else (outputs, shapes)
@@ -535,9 +548,12 @@ def saved_tensors(ctx) -> tuple:
 
 
 def _unwrapped(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """tensor without the wrappers of transforms that have ended (see saved_tensors)."""
+    """tensor without the wrappers of transforms that have ended (see saved_tensors); as it is while a
+    transform runs."""
     functorch = torch._C._functorch
-    while tensor is not None and not under_transform() and functorch.is_functorch_wrapped_tensor(tensor):
+    if tensor is None or under_transform():
+        return tensor
+    while functorch.is_functorch_wrapped_tensor(tensor):
         tensor = functorch.get_unwrapped(tensor)
     return tensor
 

@@ -276,8 +276,8 @@ def _differentiable_backward(ctx, grad_out, grad_hn, x, h0, batch_sizes, weights
     # directions) would otherwise get its whole gradient in each place, and autograd would add them up. A
     # needed one that autograd does not track here (torch.func.vjp's vjp_fn, called after vjp returned, runs
     # this with grad mode on over the transform's tensors) is a leaf of its own: its gradient is a value.
-    x, h0, *weights = (t.view_as(t) if t.requires_grad else t.detach().requires_grad_(need)
-                       for t, need in zip((x, h0, *weights), ctx.needs))
+    x, h0, *weights = (t.view_as(t) if t.requires_grad else (t.clone() if t.is_inference() else t.detach())
+                       .requires_grad_(need) for t, need in zip((x, h0, *weights), ctx.needs))
     out, h_n = _by_steps(x.reshape(-1, x.shape[-1]), h0, sizes, ctx.activation, ctx.directions, weights)
     pairs = [(t, g) for t, g in ((out, grad_out), (h_n, grad_hn)) if g is not None]
     wanted = [t for t, need in zip((x, h0, *weights), ctx.needs) if need]
