@@ -19,10 +19,11 @@ autograd.Function with a separate setup_context; under them an op runs through a
 setup_context and backward, whose vmap rule folds the samples into the rows where only an op's row
 arguments are batched (what an op sums over rows, such as a weight's gradient or a loss, it then sums for
 each sample apart: Op's `groups`; an op may bring a fold of its own, as the RNN's into its batch), and
-otherwise runs the op once per sample. Each transform's rule unwraps
-its own tensors, so the kernels still see plain ones. A second order under the transforms is refused (the
-first-order backward ops are not differentiable there), as are forward mode and torch's legacy batched
-gradients (is_grads_batched).
+otherwise runs the op once per sample. Each transform's rule unwraps its own tensors, so the kernels still
+see plain ones. A second order under the transforms is refused (the first-order backward ops are not
+differentiable there), as are forward mode and torch's legacy batched gradients (is_grads_batched). A call
+under no_grad inside a grad-type transform is detached (see Op.__call__), and a backward run after its
+transform ended reads the saved tensors unwrapped (saved_tensors).
 """
 from __future__ import annotations
 
