@@ -33,15 +33,16 @@ _FUSABLE = {
 }
 
 
+# The torch layers convert replaces, each with its gpunn twin's type.
+_TWINS = {torch.nn.Linear: Linear, torch.nn.RNNCell: RNNCell, torch.nn.RNN: RNN}
+_CONVERTIBLE = tuple(_TWINS)
+
+
 @functools.cache
 def _constructed(kind: type) -> frozenset:
     """The instance attributes a module of this torch type (or gpunn twin type) has once constructed."""
     args = () if kind in _FUSABLE else (1, 1)
     return frozenset(vars(kind(*args, device="meta") if args else kind()))
-
-
-def _twin_type(module: torch.nn.Module) -> type:
-    return {torch.nn.Linear: Linear, torch.nn.RNNCell: RNNCell, torch.nn.RNN: RNN}[type(module)]
 
 
 def _set_on_instance(module: torch.nn.Module) -> dict:
@@ -57,7 +58,7 @@ def _attributes_carry(module: torch.nn.Module) -> bool:
     extra = _set_on_instance(module)
     if type(module) in _FUSABLE:
         return not extra
-    twin = _twin_type(module)
+    twin = _TWINS[type(module)]
     return not any(name.startswith("_") or name in _constructed(twin) or hasattr(twin, name) for name in extra)
 
 
@@ -85,7 +86,6 @@ def _twin(module: torch.nn.Module, activation: tuple[str, float] | None = None) 
     return _adopt(twin, module)
 
 
-_CONVERTIBLE = (torch.nn.Linear, torch.nn.RNNCell, torch.nn.RNN)
 
 
 def _parameter_names(module: torch.nn.Module) -> set[str]:

@@ -74,8 +74,8 @@ class Op:
         if backward is not None:
             self.custom_op.register_autograd(_releasing(backward), setup_context=setup_context)
             self.function = _eager_function(name, fn, setup_context, backward)
-        else:
-            self.refusing_function = _refusing_function(name, fn)
+        else:  # recorded only to refuse a further order (see __call__)
+            self.refusing_function = _eager_function(name, fn, None, _refused(name))
         self.transform_function = _transform_function(self, setup_context)
 
     def __call__(self, *args):
@@ -206,30 +206,19 @@ def _eager_function(name: str, fn: Callable, setup_context: Callable, backward: 
         args = _unflatten(flat, lengths)
         output = fn(*args)
         _setup_flat(ctx, lengths, args, output, setup_context)
-        return output
+        return tuple(output) if isinstance(output, list) else output  # autograd tracks no tensor in a list
 
     return type(f"{name}_function", (torch.autograd.Function,), dict(
         forward=staticmethod(forward), backward=staticmethod(_flat_backward(name, backward))))
 
 
-def _refusing_function(name: str, fn: Callable):
-    """An autograd.Function running fn, whose backward refuses (a further order than gpunn's gradients take);
-    on list arguments flattened, as _eager_function's, and a list output returned as a tuple (autograd tracks
-    no tensor in a list)."""
-
-    def forward(ctx, lengths, *flat):
-        ctx.set_materialize_grads(False)
-        ctx.inputs = len(flat)
-        output = fn(*_unflatten(flat, lengths))
-        return tuple(output) if isinstance(output, list) else output
+def _refused(name: str) -> Callable:
+    """A backward that refuses: a further order than gpunn's gradients take (see second_order_under_transform)."""
 
     def backward(ctx, *grads):
-        if all(grad is None for grad in grads):  # no gradient reached any output: none to pass on
-            return (None,) * (1 + ctx.inputs)
         raise second_order_under_transform(name)
 
-    return type(f"{name}_refusing_function", (torch.autograd.Function,), dict(
-        forward=staticmethod(forward), backward=staticmethod(backward)))
+    return backward
 
 
 def _transform_function(op: Op, setup_context: Callable | None):
@@ -249,9 +238,6 @@ def _transform_function(op: Op, setup_context: Callable | None):
         lengths, *flat = inputs
         _setup_flat(ctx, lengths, _unflatten(flat, lengths), output, setup_context)
 
-    def refuse(ctx, *grads):
-        raise second_order_under_transform(op.name)
-
     def jvp(ctx, *tangents):  # reached where forward mode meets a backward (jacfwd(jacrev(f)), hessian)
         raise forward_mode_refused(op.name)
 
@@ -267,12 +253,12 @@ def _transform_function(op: Op, setup_context: Callable | None):
             samples, stack = [op(*_sample(args, dims, i)) for i in range(info.batch_size)], torch.stack
         else:  # no sample to run: the fake implementation gives the shapes
             samples = [op.fake(*_sample(args, dims, None))]
-            stack = lambda column: column[0].new_empty((0, *column[0].shape))  # noqa: E731
+            stack = lambda column, dim: column[0].new_empty((0, *column[0].shape))  # noqa: E731
         return _joined(samples, stack)
 
     return type(f"{op.name}_transform_function", (torch.autograd.Function,), dict(
         forward=staticmethod(forward), setup_context=staticmethod(setup),
-        backward=staticmethod(op.function.backward if op.function is not None else refuse),
+        backward=staticmethod(op.function.backward if op.function is not None else _refused(op.name)),
         jvp=staticmethod(jvp), vmap=staticmethod(vmap)))
 
 
@@ -418,11 +404,8 @@ def _folded_in_chunks(op: Op, batch: int, args: list, dims: list) -> tuple:
     if batch <= per:
         return fold(batch, args, dims)
     chunks = [(start, min(per, batch - start)) for start in range(0, batch, per)]
-    parts = [fold(length, _narrowed(args, dims, start, length), dims) for start, length in chunks]
-    outputs, out_dims = zip(*parts)
-    if isinstance(outputs[0], torch.Tensor):
-        return torch.cat(outputs, out_dims[0]), out_dims[0]
-    return tuple(torch.cat(column, dim) for column, dim in zip(zip(*outputs), out_dims[0])), out_dims[0]
+    outputs, out_dims = zip(*(fold(length, _narrowed(args, dims, start, length), dims) for start, length in chunks))
+    return _joined(list(outputs), torch.cat, out_dims[0])
 
 
 def _narrowed(args, in_dims, start: int, length: int) -> list:
@@ -431,12 +414,13 @@ def _narrowed(args, in_dims, start: int, length: int) -> list:
             else _narrowed(arg, dim, start, length) for arg, dim in zip(args, in_dims)]
 
 
-def _joined(parts: list, join: Callable) -> tuple:
+def _joined(parts: list, join: Callable, dims: int | tuple = 0) -> tuple:
     """vmap's (outputs, out_dims) from per-part results (a tensor each, or a tuple of them), each output the
-    join (stack, cat) of its parts along a first, batch dim."""
+    join (stack, cat) of its parts along its batch dim: dims, one for all outputs or one each."""
     if isinstance(parts[0], torch.Tensor):
-        return join(parts), 0
-    return tuple(join(column) for column in zip(*parts)), (0,) * len(parts[0])
+        return join(parts, dims), dims
+    dims = dims if isinstance(dims, tuple) else (dims,) * len(parts[0])
+    return tuple(join(column, dim) for column, dim in zip(zip(*parts), dims)), dims
 
 
 def batched(dim) -> bool:
@@ -549,12 +533,10 @@ def saved_tensors(ctx) -> tuple:
 
 
 def _unwrapped(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """tensor without the wrappers of transforms that have ended (see saved_tensors); as it is while a
-    transform runs."""
+    """tensor without functorch's wrappers: those of transforms that have ended, where none runs (see
+    saved_tensors)."""
     functorch = torch._C._functorch
-    if tensor is None or under_transform():
-        return tensor
-    while functorch.is_functorch_wrapped_tensor(tensor):
+    while tensor is not None and functorch.is_functorch_wrapped_tensor(tensor):
         tensor = functorch.get_unwrapped(tensor)
     return tensor
 
@@ -582,7 +564,7 @@ def kept(ctx, index: int, saved: torch.Tensor | None, op: str, name: str) -> tor
         raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an inplace "
                            f"operation: gpunn {op}'s {name} is at version {original._version}; expected version "
                            f"{version} instead (double backward needs it)")
-    return _unwrapped(tensor)
+    return tensor if under_transform() else _unwrapped(tensor)
 
 
 def _changed(tensor: torch.Tensor | None, version: int | None) -> bool:
