@@ -225,6 +225,23 @@ def test_loss_jacobians_over_several_outputs_match_torch(device, name):
     assert_close(*jacobians, DT, "Jacobian")
 
 
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "tanh"])
+@pytest.mark.parametrize("shape", [(7,), (1, 7)])
+def test_jacrev_of_one_row_matches_torch(device, masked, activation, shape):
+    """jacrev of a layer over one row (vmap over the cotangents, the forward's saved act'(z) or output shared by
+    every sample): the saved row expanded to the samples is a view with rows 0 apart, which the kernels must not
+    read as dense rows."""
+    gen = torch.Generator().manual_seed(case_seed("one row", masked, activation, shape))
+    x, w, b = (torch.randn(s, generator=gen, dtype=DT).to(device) for s in (shape, (5, 7), (5,)))
+    mask = _mask(5, 7).to(device)
+    ours = ((lambda t: gpunn.functional.masked_linear(t, w, mask, b, activation)) if masked
+            else (lambda t: gpunn.functional.linear(t, w, b, activation)))
+    act = F.gelu if activation == "gelu" else torch.tanh
+    theirs = lambda t: act(F.linear(t, w * mask if masked else w, b))  # noqa: E731
+    assert_close(torch.func.jacrev(ours)(x), torch.func.jacrev(theirs)(x), DT, "Jacobian")
+
+
 @pytest.mark.parametrize("name", ["linear_gelu", "rnn_2layer_bidirectional", "local2d", "cross_entropy"])
 def test_jacrev_matches_torch(device, name):
     ours, theirs, params, inputs = _case(name, device)

@@ -381,7 +381,10 @@ def _folded(op: Op, batch: int, args: list, dims: list) -> tuple:
             arg = arg.movedim(dim, 0) if dim is not None else arg.expand(batch, *arg.shape)
             lead = arg.dim() - trailing
             folded[i] = arg.reshape(math.prod(arg.shape[:lead]), *arg.shape[lead:])  # not -1: rows of nothing
-            if lead == 1:  # a value per sample with no rows of its own (a loss's totals): kernels index it densely
+            if lead == 1 or dim is None:
+                # Kernels index densely a value per sample with no rows of its own (a loss's totals) and what a
+                # forward saved (act'(z)). An unbatched argument of one row expands to every sample as a view
+                # with rows 0 apart (of more rows, the reshape copies it anyway).
                 folded[i] = folded[i].contiguous()
     outputs, shapes = op(*folded), op.fake(*_sample(args, dims, None, "meta"))  # shapes only: nothing allocated
     single = isinstance(outputs, torch.Tensor)
