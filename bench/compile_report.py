@@ -147,12 +147,13 @@ def _launch_dense_grad_weight(dtype, m, n, k, groups=0):
     dense.grad_weight(rows(n), rows(k), (n, k), groups)
 
 
-def _launch_dense_double_backward(dtype, m, n, k, activation, bias_grad):
-    # Every output written: g_dy, the [dz | g_z] pair and g_b (over several chunks, a second launch).
+def _launch_dense_double_backward(dtype, m, n, k, activation, bias_grad, tangent=False):
+    # Every output written: g_dy, the [dz | g_z] pair and g_b (over several chunks, a second launch). tangent:
+    # forward mode's form instead (no g_dy; dy' read and added into g_z, which is then dz').
     from gpunn.kernels import dense_double_backward, runtime
     dy = runtime.Rows.of(_meta((m, n), dtype))
-    dense_double_backward.elementwise(dy, dy, _meta((m, n), dtype), activation, NEGATIVE_SLOPE, True, True, True,
-                                      bias_grad)
+    dense_double_backward.elementwise(dy, dy, _meta((m, n), dtype), activation, NEGATIVE_SLOPE, not tangent, True,
+                                      True, bias_grad, dy if tangent else None)
 
 
 def _band_layout(dtype, n, k):
@@ -374,6 +375,8 @@ CASES = (
         Variant("gelu_tanh", dict(activation="gelu_tanh", bias_grad=False), matmul=False),
         Variant("gelu, 2^31 + 10^7 rows", dict(activation="gelu", bias_grad=False, rows=2 ** 31 + 10 ** 7),
                 matmul=False),
+        Variant("forward mode, gelu", dict(activation="gelu", bias_grad=True, tangent=True), matmul=False,
+                launch=0),
     )),
     # Block-sparse: the weight block comes from the layout; only the batch tile (BLOCK_M) is tuned.
     Case("gpunn.kernels.masked", "masked_forward_kernel", _launch_masked_forward, (

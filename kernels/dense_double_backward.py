@@ -10,6 +10,10 @@ and then, per element (this pass, one read of dy, g_dz and z):
 and g_b, the column sums of g_z. The layer's op (gpunn.ops.linear) runs the GEMMs around it (for the
 masked layer, with W and g_dW under the mask). act' and act''
 are evaluated from z (recomputed by a forward GEMM), so every activation takes the same path.
+
+Forward mode through first-order backward (jacfwd(jacrev(f)), torch.func.hessian) takes the same pass: given
+the tangents dy' and z' (as g_dz), dz's tangent is dz' = dy' * act'(z) + dy * act''(z) * z', which the pass
+writes in g_z's place (dy' added to it, DY_TANGENT), with db' its column sums.
 """
 from __future__ import annotations
 
@@ -23,16 +27,18 @@ from .runtime import Rows, accumulator_dtype, cdiv, empty, launch, state_dtype, 
 from .tiling import DOUBLE_BACKWARD_TILE, block_start, row_offsets
 
 
-@triton.jit(do_not_specialize=["M", "dy_inner", "gdz_inner", "CHUNK_ROWS"])
+@triton.jit(do_not_specialize=["M", "dy_inner", "gdz_inner", "dyt_inner", "CHUNK_ROWS"])
 def dense_double_backward_kernel(
     dy_ptr, dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn,
     gdz_ptr, gdz_inner, stride_gdz_outer, stride_gdz_inner, stride_gdzn,
+    dyt_ptr, dyt_inner, stride_dyt_outer, stride_dyt_inner, stride_dytn,  # dy', read under DY_TANGENT
     z_ptr,  # (M, N) contiguous: the pre-activation, read unless ACT is none
     dz_ptr, gz_ptr, stride_out,  # (M, N) each, rows stride_out apart (two halves of one (M, 2N) buffer)
     gdy_ptr,  # (M, N) contiguous
     sums_ptr,  # (chunks, N): each chunk's column sums of g_z
     M, N, CHUNK_ROWS,
-    DY_TWO_ROW_DIMS: tl.constexpr, GDZ_TWO_ROW_DIMS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DY_TWO_ROW_DIMS: tl.constexpr, GDZ_TWO_ROW_DIMS: tl.constexpr, DYT_TWO_ROW_DIMS: tl.constexpr,
+    DY_TANGENT: tl.constexpr, ACC_DTYPE: tl.constexpr,
     ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr, HAS_GDZ: tl.constexpr, WIDE_ROWS: tl.constexpr,
     WRITE_GDY: tl.constexpr, WRITE_DZ: tl.constexpr, WRITE_GZ: tl.constexpr, SUMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -70,6 +76,10 @@ def dense_double_backward_kernel(
             tl.store(dz_ptr + rows64 * stride_out + rn64[None, :], (dy * slope).to(dz_ptr.dtype.element_ty), mask=ok)
         if WRITE_GZ:
             gz = gdz * dy * activations.second_derivative(z, ACT)
+            if DY_TANGENT:
+                dyt_rows = row_offsets(rows, dyt_inner, stride_dyt_outer, stride_dyt_inner, DYT_TWO_ROW_DIMS)
+                dyt = tl.load(dyt_ptr + dyt_rows[:, None] + rn64[None, :] * stride_dytn, mask=ok, other=0.0)
+                gz += dyt.to(ACC_DTYPE) * slope
             tl.store(gz_ptr + rows64 * stride_out + rn64[None, :], gz.to(gz_ptr.dtype.element_ty), mask=ok)
             sums += tl.sum(gz, axis=0)
     if SUMS:
@@ -77,11 +87,13 @@ def dense_double_backward_kernel(
 
 
 def elementwise(dy: Rows, gdz: Rows | None, z: torch.Tensor | None, activation: str | None, negative_slope: float,
-                write_gdy: bool, write_dz: bool, write_gz: bool, bias_grad: bool
+                write_gdy: bool, write_dz: bool, write_gz: bool, bias_grad: bool, dy_tangent: Rows | None = None
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The pass of the module docstring: (g_dy (M, N), dz (M, N), g_z (M, N), g_b (N,)).
 
     dy, gdz: Rows of (M, N) (gdz None for zero); z: (M, N) contiguous, or None without an activation.
+    dy_tangent: Rows of (M, N), added to g_z times act'(z) (forward mode: g_z is then dz', see the module
+    docstring), or None.
     Returns (g_dy, dz, g_z, g_b), each None where not asked for; g_b needs write_gz. When both dz and g_z
     are asked for they are the two halves of one (M, 2N) buffer (dz first), so that the GEMMs after the
     pass take [dz | g_z] as one operand.
@@ -100,15 +112,17 @@ def elementwise(dy: Rows, gdz: Rows | None, z: torch.Tensor | None, activation: 
     sums = None if gb is None else gb if chunks == 1 else empty((chunks, n), device=tensor.device,
                                                                  dtype=state_dtype(tensor.dtype))
     gdz_args = gdz.args() if gdz is not None else (tensor, 1, 0, 0, 0)
+    dyt_args = dy_tangent.args() if dy_tangent is not None else (tensor, 1, 0, 0, 0)
     rows, cols, warps = DOUBLE_BACKWARD_TILE
     with launch("dense_double_backward_kernel", tensor.device):
         dense_double_backward_kernel[(chunks * cdiv(n, cols),)](
-            *dy.args(), *gdz_args, z if z is not None else tensor,
+            *dy.args(), *gdz_args, *dyt_args, z if z is not None else tensor,
             pair if pair is not None else tensor, pair[:, pair.shape[1] - n:] if pair is not None else tensor,
             pair.stride(0) if pair is not None else n,
             gdy if gdy is not None else tensor, sums if sums is not None else tensor,
             dy.m, n, chunk_rows,
             DY_TWO_ROW_DIMS=dy.two_row_dims, GDZ_TWO_ROW_DIMS=gdz is not None and gdz.two_row_dims,
+            DYT_TWO_ROW_DIMS=dy_tangent is not None and dy_tangent.two_row_dims, DY_TANGENT=dy_tangent is not None,
             ACC_DTYPE=accumulator_dtype(tensor.dtype), **activations.forward_constants(activation, negative_slope),
             HAS_GDZ=gdz is not None, WIDE_ROWS=wide_rows(dy.m, chunk_rows), WRITE_GDY=write_gdy, WRITE_DZ=write_dz,
             WRITE_GZ=write_gz, SUMS=sums is not None, BLOCK_M=rows, BLOCK_N=cols, num_warps=warps,

@@ -20,8 +20,10 @@ setup_context and backward, whose vmap rule folds the samples into the rows wher
 arguments are batched (what an op sums over rows, such as a weight's gradient or a loss, it then sums for
 each sample apart: Op's `groups`; an op may bring a fold of its own, as the RNN's into its batch), and
 otherwise runs the op once per sample. Each transform's rule unwraps its own tensors, so the kernels still
-see plain ones. A second order under the transforms is refused (the first-order backward ops are not
-differentiable there), as are forward mode and torch's legacy batched gradients (is_grads_batched). A call
+see plain ones. Forward mode (torch.func.jvp and eager dual tensors alike) runs an op's jvp rule where it has
+one (Op's `jvp`), through the same Function. A second order under the transforms is refused (the first-order
+backward ops are not differentiable there), as are forward mode through an op without a jvp rule and torch's
+legacy batched gradients (is_grads_batched). A call
 under no_grad inside a grad-type transform is detached (see Op.__call__), and a backward run after its
 transform ended reads the saved tensors unwrapped (saved_tensors).
 """
@@ -58,12 +60,16 @@ class Op:
     too then folds each sample into a member. fold: for an op whose samples fold otherwise than into leading
     rows (an RNN's, into its batch, the second dim), its own Fold; `groups` then gives the index of its int
     argument counting the groups of its sums, as for `rows` (MOST_GROUPS bounds a fold's groups).
+    jvp: forward mode's rule, jvp(args, outputs, tangents) -> a tangent (or None) for each output, given the
+    op's args and outputs and a tangent (or None) for each arg (lists as lists); it runs gpunn ops, as a
+    backward does, so that outer transforms still fold. An op without one refuses forward mode.
     """
 
     def __init__(self, name: str, fn: Callable, fake: Callable, setup_context: Callable | None = None,
                  backward: Callable | None = None, rows: dict[int, int] | None = None, groups: int | None = None,
-                 weights: dict[int, int] | None = None, members: int | None = None, fold: "Fold | None" = None):
-        self.name, self.fn, self.fake, self.rows, self.groups = name, fn, fake, rows, groups
+                 weights: dict[int, int] | None = None, members: int | None = None, fold: "Fold | None" = None,
+                 jvp: Callable | None = None):
+        self.name, self.fn, self.fake, self.rows, self.groups, self.jvp = name, fn, fake, rows, groups, jvp
         self.weights, self.members, self.fold = weights or {}, members, fold
         self.custom_op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
         self.custom_op.register_fake(fake)
@@ -79,9 +85,11 @@ class Op:
         self.transform_function = _transform_function(self, setup_context)
 
     def __call__(self, *args):
-        if forward_ad._current_level >= 0 and _any_dual(args):
-            # The kernels see only the primal: a tangent would be dropped without a word.
-            raise forward_mode_refused(self.name)
+        if forward_ad._current_level >= 0 and self._forward_mode_meets(args):
+            if self.jvp is None:  # the kernels see only the primal: a tangent would be dropped without a word
+                raise forward_mode_refused(self.name)
+            flat, lengths = _flatten(args)
+            return self.transform_function.apply(lengths, *flat)  # the form with a jvp rule (and the backward)
         if torch.compiler.is_compiling() or not _all_plain(args):
             return self.custom_op(*args)
         transform = torch._C._functorch.peek_interpreter_stack()
@@ -104,6 +112,18 @@ class Op:
             return self.fn(*args)
         flat, lengths = _flatten(args)
         return function.apply(lengths, *flat)
+
+
+    def _forward_mode_meets(self, args) -> bool:
+        """Whether eager forward mode (a dual level) meets this call, to be run here, or refused before any launch
+        where the op has no jvp rule: a dual argument, outside the transforms or right under torch.func's jvp
+        (whose duals unpack_dual sees; beneath a vmap it cannot look). Under the transforms an op with a rule
+        takes the transform path, whose jvp rule runs where forward mode reaches it."""
+        transform = torch._C._functorch.peek_interpreter_stack()
+        if transform is not None and (self.jvp is not None
+                                      or transform.key() != torch._C._functorch.TransformType.Jvp):
+            return False
+        return _any_dual(args)
 
 
 def under_transform() -> bool:
@@ -226,9 +246,10 @@ def _transform_function(op: Op, setup_context: Callable | None):
     setup_context) and the custom op's not at all (torch refuses its autograd there). Each transform takes
     its rule from it: grad and its kin the op's own setup_context and the eager form's backward (for an op
     without one, the first-order backward ops, a backward that refuses: a further order under the
-    transforms), vmap the op over the samples' rows folded together, or once per sample. The rules unwrap
-    each transform's tensors before the next one's, so the forward, and so the kernels, see plain tensors.
-    Forward mode is refused (jvp)."""
+    transforms), jvp the op's jvp rule (refused without one), vmap the op over the samples' rows folded
+    together, or once per sample. The rules unwrap each transform's tensors before the next one's, so the
+    forward, and so the kernels, see plain tensors. Eager forward-mode AD (torch.autograd.forward_ad) runs
+    through it too."""
 
     def forward(lengths, *flat):
         output = op.fn(*_unflatten(flat, lengths))
@@ -237,9 +258,18 @@ def _transform_function(op: Op, setup_context: Callable | None):
     def setup(ctx, inputs, output):
         lengths, *flat = inputs
         _setup_flat(ctx, lengths, _unflatten(flat, lengths), output, setup_context)
+        if op.jvp is not None and forward_mode_possible():
+            _save_for_forward(ctx, flat, output)
 
-    def jvp(ctx, *tangents):  # reached where forward mode meets a backward (jacfwd(jacrev(f)), hessian)
-        raise forward_mode_refused(op.name)
+    def jvp(ctx, _, *tangents):
+        if op.jvp is None:
+            raise forward_mode_refused(op.name)
+        args, outputs = _saved_for_forward(ctx)
+        results = op.jvp(_unflatten(args, ctx.lengths), outputs, _unflatten(tangents, ctx.lengths))
+        # Every output needs a tangent (torch fails on None): an output without one gets zeros, expanded.
+        results = tuple(tangent if tangent is not None else output.new_zeros(()).expand_as(output)
+                        for tangent, output in zip(results, outputs))
+        return results[0] if ctx.single_output else results
 
     def vmap(info, in_dims, lengths, *flat):
         """The op once over the samples' rows folded together where only its row arguments are batched (see
@@ -260,6 +290,40 @@ def _transform_function(op: Op, setup_context: Callable | None):
         forward=staticmethod(forward), setup_context=staticmethod(setup),
         backward=staticmethod(op.function.backward if op.function is not None else _refused(op.name)),
         jvp=staticmethod(jvp), vmap=staticmethod(vmap)))
+
+
+def forward_mode_possible() -> bool:
+    """Whether forward-mode AD may be running: a dual level (torch.autograd.forward_ad's) or torch.func's jvp."""
+    if forward_ad._current_level >= 0:
+        return True
+    if torch.compiler.is_compiling():  # compiled code runs under no transform (and dynamo cannot trace the query)
+        return False
+    return under_transform() and any(interpreter.key() == torch._C._functorch.TransformType.Jvp
+                                     for interpreter in retrieve_all_functorch_interpreters())
+
+
+_SAVED = object()  # marks, in ctx.for_forward, a value that went through save_for_forward
+
+
+def _save_for_forward(ctx, flat: list, output) -> None:
+    """What an op's jvp rule reads, its flattened args and its outputs, for _saved_for_forward: tensors
+    through save_for_forward; an inference tensor (a mask cached under inference_mode: autograd refuses to
+    save one), and every other value, as it is."""
+    ctx.single_output = isinstance(output, torch.Tensor)
+    outputs = (output,) if ctx.single_output else tuple(output)
+    values = [*flat, *outputs]
+    saved = [isinstance(value, torch.Tensor) and not value.is_inference() for value in values]
+    ctx.save_for_forward(*(value for value, save in zip(values, saved) if save))
+    ctx.for_forward = ([_SAVED if save else value for value, save in zip(values, saved)], len(outputs))
+
+
+def _saved_for_forward(ctx) -> tuple[list, tuple]:
+    """(the flattened args, the outputs) _save_for_forward kept, once."""
+    values, count = ctx.for_forward
+    ctx.for_forward = None
+    tensors = iter(ctx.saved_tensors)
+    values = [next(tensors) if value is _SAVED else value for value in values]
+    return values[:-count], tuple(values[-count:])
 
 
 def _setup_flat(ctx, lengths: tuple, args: tuple, output, setup_context: Callable | None) -> None:
@@ -342,7 +406,10 @@ def _foldable(op: Op, args: list, dims: list) -> bool:
 def _unrecorded_or_plain(op: Op, args: list, splits: bool) -> bool:
     """Whether a fold that splits op's sums into groups or members (splits) may run: op's backward (if it has
     one) would misread them, so only where autograd does not record the call."""
-    return not splits or op.function is None or not (torch.is_grad_enabled() and _any_requires_grad(args, within=True))
+    if not splits or op.function is None:
+        return True
+    # Forward mode (jacfwd(jacrev(f))) runs the op's jvp rule, which takes sums over all rows and one weight too.
+    return not (torch.is_grad_enabled() and _any_requires_grad(args, within=True)) and not forward_mode_possible()
 
 
 class Fold(NamedTuple):

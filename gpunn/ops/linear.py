@@ -18,7 +18,8 @@ layer); no triple backward. Double backward needs the weight and bias, and, with
 recomputes z), the input: the layer keeps references to those first order does not save (the input, then,
 only where the weight is frozen), outside save_for_backward, so that first-order backward allows an
 in-place change of them after the forward, as torch.nn.Linear does; double backward checks their versions
-itself.
+itself. Forward mode: gpunn::linear_tangent (the output's tangent) and gpunn::linear_backward_tangent
+(linear_backward's, for forward over reverse: torch.func.hessian), over double backward's kernels.
 """
 from __future__ import annotations
 
@@ -216,7 +217,23 @@ def _backward(ctx, grad_output, _):
     return (*grads,) + (None,) * 7
 
 
-linear = Op("linear", _linear, _linear_fake, _setup_context, _backward, rows={0: 1}, weights={1: 2, 2: 1}, members=9)
+def _jvp(args, outputs, tangents):
+    """Forward mode's rule (library.Op's jvp): the output's tangent, linear_tangent's."""
+    input, weight, _, mask, block_n, block_k, activation, *_ = args
+    t_input, t_weight, t_bias = tangents[:3]
+    if t_input is None and t_weight is None and t_bias is None:
+        return None, None
+    output, derivative = outputs
+    grad_from = activations.grad_source(activation)
+    saved = {activations.GRAD_FROM_OUTPUT.value: output, activations.GRAD_FROM_SAVED.value: derivative}.get(grad_from)
+    if saved is not None and saved.numel() != output.numel():
+        raise RuntimeError(f"gpunn linear: forward mode through {activation} needs act'(z), which its forward did "
+                           f"not save (it did not see forward mode)")
+    return tangent(input, weight, saved, mask, block_n, block_k, activation, t_input, t_weight, t_bias), None
+
+
+linear = Op("linear", _linear, _linear_fake, _setup_context, _backward, rows={0: 1}, weights={1: 2, 2: 1}, members=9,
+            jvp=_jvp)
 
 
 def _backward_op(grad_output: torch.Tensor, saved: torch.Tensor | None, input: torch.Tensor | None,
@@ -269,16 +286,8 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
     if not (need_dy or second or dz_for_input or dz_for_weight):
         return (None, None, *_zero_where_connected(activation, (None,) * 3, ctx.needs_input_grad[2:5],
                                                    (input, weight, bias))) + (None,) * 10
-    # g_dz = g_dx W^T + x g_dW^T + g_db: one forward GEMM over the operands side by side.
-    lhs = [t for t in (grad_dx.reshape(rows, k) if grad_dx is not None else None,
-                       x if grad_dw is not None else None) if t is not None]
-    rhs = [t for t in (weight if grad_dx is not None else None, grad_dw) if t is not None]
-    grad_dz = None
-    if lhs:
-        lhs, rhs = (lhs[0], rhs[0]) if len(lhs) == 1 else (torch.cat(lhs, 1), torch.cat(rhs, 1))
-        grad_dz = Rows.of(_product(Rows.of(lhs), rhs, grad_db, layout))
-    elif grad_db is not None:
-        grad_dz = Rows.of(grad_db.expand(rows, n))
+    grad_dz = _sum_of_products([(grad_dx.reshape(rows, k) if grad_dx is not None else None, weight),
+                                (x, grad_dw)], grad_db, rows, n, layout)
     z = _product(Rows.of(x), weight, bias, layout) if activation is not None else None
     grad_dy, dz, grad_z, grad_b = dense_double_backward.elementwise(
         Rows.of(dy), grad_dz, z, activation, negative_slope, need_dy, dz_for_input or dz_for_weight, second,
@@ -322,6 +331,19 @@ def _joined(terms, weight_dim):
     return Rows.of(rows), Rows.of(torch.stack([first, second]))
 
 
+def _sum_of_products(terms, bias: torch.Tensor | None, rows: int, n: int, layout) -> Rows | None:
+    """sum_i a_i @ (b_i * mask)^T + bias as Rows of (rows, n), over the terms (a_i (rows, K), b_i (n, K)) with
+    neither None: one forward GEMM over the a_i side by side and the b_i side by side, the bias its own; the
+    bias alone where no term is left, None where there is no bias either. (Double backward's g_dz, forward
+    mode's z'.)"""
+    terms = [(a, b) for a, b in terms if a is not None and b is not None]
+    if terms:
+        lhs, rhs = terms[0] if len(terms) == 1 else (torch.cat([a for a, _ in terms], 1),
+                                                     torch.cat([b for _, b in terms], 1))
+        return Rows.of(_product(Rows.of(lhs), rhs, bias, layout))
+    return Rows.of(bias.expand(rows, n)) if bias is not None else None
+
+
 # Double backward's GEMMs, dense, or masked under the layer's layout (None for the dense layer). A weight
 # operand may hold copies of the layer's weight shape side by side (N, 2K) or stacked (2N, K), each under
 # the same mask: the masked kernels then take the layout of the mask repeated as the operand is.
@@ -351,5 +373,86 @@ def _weight_product(dz: Rows, x: Rows, shape: tuple[int, int], layout) -> torch.
     return masked.grad_weight(dz, None, x, shape, None, False, layout=layout)[0]
 
 
+def _backward_jvp(args, outputs, tangents):
+    """Forward mode's rule for linear_backward: linear_backward_tangent's. What forward saved for act' (its
+    second argument) is a cache of z, which the rule recomputes, as double backward does."""
+    (grad_output, _, input, weight, bias, mask, block_n, block_k, activation, negative_slope, need_input,
+     need_weight, need_bias, *_) = args
+    t_grad_output, _, t_input, t_weight, t_bias = tangents[:5]
+    if all(t is None for t in (t_grad_output, t_input, t_weight, t_bias)):
+        return None, None, None
+    return backward_tangent(grad_output, input, weight, bias, mask, block_n, block_k, activation, negative_slope,
+                            need_input, need_weight, need_bias, t_grad_output, t_input, t_weight, t_bias)
+
+
 backward = Op("linear_backward", _backward_op, _backward_op_fake, _backward_op_setup_context, _double_backward,
-              rows={0: 1, 1: 1, 2: 1}, groups=13, weights={3: 2, 4: 1}, members=14)
+              rows={0: 1, 1: 1, 2: 1}, groups=13, weights={3: 2, 4: 1}, members=14, jvp=_backward_jvp)
+
+
+# Forward mode (torch.func.jvp, jacfwd, hessian = jacfwd(jacrev), torch.autograd.forward_ad): the tangents of
+# the layer's output and of its first-order backward, each an op of its own, made of double backward's GEMMs
+# and elementwise pass (forward mode's z' = x' W^T + x W'^T + b' is double backward's g_dz). They have no
+# rules of their own: a further order (jacfwd(jacfwd(f)), a gradient of a tangent) is refused.
+
+def _tangent(input: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor | None, mask: torch.Tensor | None,
+             block_n: int, block_k: int, activation: str | None, t_input: torch.Tensor | None,
+             t_weight: torch.Tensor | None, t_bias: torch.Tensor | None) -> torch.Tensor:
+    """y' (*, N) = act'(z) * z', z' = x' W^T + x W'^T + b', of the tangents of input (*, K), weight (N, K)
+    (masked-out entries never read) and bias (N,), None for none, not all; saved: what the forward saved for
+    act' (activations.grad_source: its output, or act'(z)), None where act' needs nothing."""
+    n, k = weight.shape
+    rows = math.prod(input.shape[:-1])
+    layout = _layout(mask, block_n, block_k) if mask is not None else None
+    t_z = _sum_of_products([(t_input.reshape(rows, k) if t_input is not None else None, weight),
+                            (input.reshape(rows, k), t_weight)], t_bias, rows, n, layout)
+    if activation is None and t_z.tensor.is_contiguous():  # y' = z', as the GEMM wrote it
+        t_y = t_z.tensor
+    else:
+        t_y, _ = dense.grad_preactivation(t_z, _as_rows(saved, t_z), activation, True, False)
+    return t_y.view(*input.shape[:-1], n)
+
+
+def _tangent_fake(input, weight, saved, mask, block_n, block_k, activation, t_input, t_weight, t_bias):
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+def _backward_tangent(grad_output: torch.Tensor, input: torch.Tensor | None, weight: torch.Tensor,
+                      bias: torch.Tensor | None, mask: torch.Tensor | None, block_n: int, block_k: int,
+                      activation: str | None, negative_slope: float, need_input: bool, need_weight: bool,
+                      need_bias: bool, t_grad_output: torch.Tensor | None, t_input: torch.Tensor | None,
+                      t_weight: torch.Tensor | None, t_bias: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx' (*, K), dW' (N, K), db' (N,)), the tangents of linear_backward's (dx, dW, db), each nothing where
+    not needed, of the tangents of grad_output (*, N), input, weight and bias (None for none, not all). The
+    input may be None where no tangent needs it (no activation, and no dW)."""
+    n, k = weight.shape
+    rows = math.prod(grad_output.shape[:-1])
+    layout = _layout(mask, block_n, block_k) if mask is not None else None
+    x = input.reshape(rows, k) if input is not None else None
+    t_x = t_input.reshape(rows, k) if t_input is not None else None
+    z = t_z = None
+    if activation is not None:
+        z = _product(Rows.of(x), weight, bias, layout)
+        t_z = _sum_of_products([(t_x, weight), (x, t_weight)], t_bias, rows, n, layout)
+    # dz = dy * act'(z), and its tangent dz' in g_z's place (kernels.dense_double_backward), db' its column sums.
+    dz_for_input, dz_for_weight = need_input and t_weight is not None, need_weight and t_x is not None
+    _, dz, t_dz, t_db = dense_double_backward.elementwise(
+        Rows.of(grad_output), t_z, z, activation, negative_slope, False, dz_for_input or dz_for_weight, True,
+        need_bias, Rows.of(t_grad_output) if t_grad_output is not None else None)
+    t_dx = t_dw = None
+    if need_input:  # dx = dz W: dx' = dz W' + dz' W, one GEMM over [dz | dz'] and [W'; W]
+        terms = [(dz, t_weight) if dz_for_input else None, (t_dz, weight)]
+        t_dx = _input_product(*_joined(terms, 1), layout).view(*grad_output.shape[:-1], k)
+    if need_weight:  # dW = dz^T x: dW' = dz^T x' + dz'^T x, one GEMM over the rows of both
+        t_dw = _weight_product(*_joined([(dz, t_x) if dz_for_weight else None, (t_dz, x)], 0), (n, k), layout)
+    return tuple(t if t is not None else nothing(grad_output) for t in (t_dx, t_dw, t_db if need_bias else None))
+
+
+def _backward_tangent_fake(grad_output, input, weight, bias, mask, block_n, block_k, activation, negative_slope,
+                           need_input, need_weight, need_bias, t_grad_output, t_input, t_weight, t_bias):
+    return _backward_op_fake(grad_output, None, input, weight, bias, mask, block_n, block_k, activation,
+                             negative_slope, need_input, need_weight, need_bias, 0, 0)
+
+
+tangent = Op("linear_tangent", _tangent, _tangent_fake, rows={0: 1, 2: 1, 7: 1})
+backward_tangent = Op("linear_backward_tangent", _backward_tangent, _backward_tangent_fake)

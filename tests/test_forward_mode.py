@@ -1,0 +1,228 @@
+"""Forward-mode AD through the dense and masked layers, against torch.nn in float64: torch.func.jvp and
+jacfwd, torch.func.hessian (forward mode over the first-order backward), jvp of a gradient (Hessian-vector
+products), and torch.autograd.forward_ad in eager mode. What has no forward mode (the locally connected and
+recurrent layers, the losses, a further order over the tangents) is refused before any launch."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as forward_ad
+import torch.nn.functional as F
+from helpers import ACTIVATIONS, TorchOpSpy, assert_close, case_seed, count_launches, reference_linear
+
+import gpunn
+from gpunn import reference as torch_reference
+
+DT = torch.float64
+SLOPE = -0.2  # leaky_relu's derivative then comes from the act'(z) its forward saves
+LAYERS = ["dense", "masked"]
+
+
+def _mask(n, k):
+    """About half the connections, an output with no inputs and an input no output reads."""
+    mask = torch.rand(n, k, generator=torch.Generator().manual_seed(n * k)) < 0.5
+    mask[n // 2] = False
+    mask[:, k // 2] = False
+    return mask
+
+
+def _layer(kind, activation, device):
+    """(gpunn's function of (x, w, b), torch's), the masked pair closing over its mask."""
+    if kind == "dense":
+        return (lambda x, w, b: gpunn.functional.linear(x, w, b, activation, SLOPE),
+                lambda x, w, b: reference_linear(x, w, b, activation, SLOPE))
+    mask = _mask(5, 7).to(device)
+    return (lambda x, w, b: gpunn.functional.masked_linear(x, w, mask, b, activation, SLOPE),
+            lambda x, w, b: torch_reference.masked_linear(x, w, mask, b, activation, SLOPE))
+
+
+def _tensors(device, *shapes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(shape, generator=gen, dtype=DT).to(device) for shape in shapes)
+
+
+SHAPES = ((2, 3, 7), (5, 7), (5,))  # x with two leading dims, W, b: odd sizes
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_jvp_matches_torch(device, kind, activation):
+    ours, theirs = _layer(kind, activation, device)
+    primals = _tensors(device, *SHAPES, seed=case_seed("primals", kind, activation))
+    tangents = _tensors(device, *SHAPES, seed=case_seed("tangents", kind, activation))
+    with TorchOpSpy() as spy, count_launches() as launches:
+        output, tangent = torch.func.jvp(ours, primals, tangents)
+    expected = torch.func.jvp(theirs, primals, tangents)
+    assert_close(output, expected[0], DT, "output")
+    assert_close(tangent, expected[1], DT, "tangent")
+    assert spy.matmuls() == [], f"torch ran {spy.matmuls()}"
+    forward = "dense_forward_kernel" if kind == "dense" else "masked_forward_kernel"
+    assert launches[forward] == 2, launches  # the layer's GEMM, then z' over [x' | x] and [W | W']
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("which", [(0,), (1,), (2,), (0, 2), (1, 2)])
+def test_jvp_of_some_arguments_matches_torch(device, kind, which):
+    """Tangents on some of (x, W, b): the others are constants, as in torch."""
+    ours, theirs = _layer(kind, "gelu", device)
+    primals = _tensors(device, *SHAPES, seed=case_seed("primals", kind, which))
+    tangents = _tensors(device, *(SHAPES[i] for i in which), seed=case_seed("tangents", kind, which))
+
+    def partial(function):
+        def run(*chosen):
+            args = list(primals)
+            for i, value in zip(which, chosen):
+                args[i] = value
+            return function(*args)
+        return run
+
+    chosen = tuple(primals[i] for i in which)
+    mine, expected = (torch.func.jvp(partial(f), chosen, tuple(tangents)) for f in (ours, theirs))
+    assert_close(mine[1], expected[1], DT, "tangent")
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("activation", [None, "relu", "gelu_tanh", "tanh", "sigmoid", "silu"])
+def test_hessian_matches_torch(device, kind, activation):
+    """torch.func.hessian (jacfwd over jacrev: forward mode through the first-order backward) of a scalar of
+    the layer, in the input and in the weight and bias."""
+    ours, theirs = _layer(kind, activation, device)
+    x, w, b = _tensors(device, (3, 7), (5, 7), (5,), seed=case_seed("hessian", kind, activation))
+
+    def scalar(function, argnums):
+        return torch.func.hessian(lambda *t: function(*t).sin().sum(), argnums=argnums)(x, w, b)
+
+    for argnums in (0, (1, 2)):
+        mine, expected = scalar(ours, argnums), scalar(theirs, argnums)
+        for row_mine, row_expected in zip(torch.utils._pytree.tree_leaves(mine),
+                                          torch.utils._pytree.tree_leaves(expected), strict=True):
+            assert_close(row_mine, row_expected, DT, f"Hessian in {argnums}")
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_hessian_vector_product_of_an_mlp_matches_torch(device, kind):
+    """jvp of grad over two layers and torch's cross-entropy: the Hessian-vector product in the parameters."""
+    mask = _mask(5, 7).to(device)
+    first = (gpunn.Linear(7, 5, activation="tanh") if kind == "dense"
+             else gpunn.MaskedLinear(7, 5, mask, activation="tanh")).to(device=device, dtype=DT)
+    ours = torch.nn.Sequential(first, gpunn.Linear(5, 3)).to(device=device, dtype=DT)
+    theirs = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(device, DT)
+    params = {name: value.detach() for name, value in ours.named_parameters()}
+    twin = {"0.weight": params["0.weight"] * (mask if kind == "masked" else 1), "0.bias": params["0.bias"],
+            "2.weight": params["1.weight"], "2.bias": params["1.bias"]}
+    x = _tensors(device, (4, 7), seed=case_seed("mlp", kind))[0]
+    target = torch.tensor([0, 2, 1, 2], device=device)
+    vector = {name: t for name, t in zip(params, _tensors(device, *(p.shape for p in params.values()), seed=1))}
+    twin_vector = {"0.weight": vector["0.weight"] * (mask if kind == "masked" else 1), "0.bias": vector["0.bias"],
+                   "2.weight": vector["1.weight"], "2.bias": vector["1.bias"]}
+
+    def loss(model):
+        return lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x,)), target)
+
+    _, mine = torch.func.jvp(torch.func.grad(loss(ours)), (params,), (vector,))
+    _, expected = torch.func.jvp(torch.func.grad(loss(theirs)), (twin,), (twin_vector,))
+    for name, twin_name in zip(params, twin):
+        assert_close(mine[name], expected[twin_name] * (mask if name == "0.weight" and kind == "masked" else 1),
+                     DT, name)
+    if kind == "masked":  # a masked-out weight's gradient is constant zero: so is its tangent
+        assert (mine["0.weight"][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.enable_grad])
+def test_eager_forward_ad_matches_torch(device, kind, grad_mode):
+    """torch.autograd.forward_ad: duals on the input and the weight; under no_grad too (which forward mode
+    ignores, in torch as here)."""
+    ours, theirs = _layer(kind, "gelu", device)
+    x, w, b, tx, tw = _tensors(device, *SHAPES, (2, 3, 7), (5, 7), seed=case_seed("eager", kind))
+    results = []
+    for function in (ours, theirs):
+        with grad_mode(), forward_ad.dual_level():
+            output = function(forward_ad.make_dual(x, tx), forward_ad.make_dual(w, tw), b)
+            results.append(forward_ad.unpack_dual(output))
+    assert_close(results[0].primal, results[1].primal, DT, "output")
+    assert_close(results[0].tangent, results[1].tangent, DT, "tangent")
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_eager_forward_over_reverse_matches_torch(device, kind):
+    """A dual input through forward, then a gradient with create_graph=True: the gradient's tangent."""
+    ours, theirs = _layer(kind, "tanh", device)
+    x, w, b, tx = _tensors(device, *SHAPES, (2, 3, 7), seed=case_seed("forward over reverse", kind))
+    results = []
+    for function in (ours, theirs):
+        weight = w.clone().requires_grad_()
+        with forward_ad.dual_level():
+            output = function(forward_ad.make_dual(x, tx), weight, b)
+            grad, = torch.autograd.grad(output.pow(2).sum(), weight, create_graph=True)
+            results.append(forward_ad.unpack_dual(grad).tangent)
+    assert results[1] is not None and results[0] is not None
+    assert_close(results[0], results[1], DT, "the gradient's tangent")
+
+
+def test_jacfwd_of_a_vector_function_and_a_1d_weight_match_torch(device):
+    """jacfwd (vmap over jvp: the tangents fold into rows) of a 1-D input with a broadcast bias, and of a 1-D
+    weight (one output, its dim dropped)."""
+    x, w, w1, b = _tensors(device, (7,), (5, 7), (7,), (1,), seed=case_seed("jacfwd"))
+    cases = [(lambda t: gpunn.functional.linear(t, w, b, "silu"), lambda t: F.silu(F.linear(t, w, b))),
+             (lambda t: gpunn.functional.linear(t, w1, None, "tanh"), lambda t: torch.tanh(F.linear(t, w1)))]
+    for ours, theirs in cases:
+        assert_close(torch.func.jacfwd(ours)(x), torch.func.jacfwd(theirs)(x), DT, "Jacobian")
+
+
+def test_jvp_of_per_sample_gradients_and_of_an_ensemble_match_torch(device):
+    """Forward mode over vmap's folds (per-sample weight gradients, an ensemble's members): each sample then
+    runs apart, as the tangent rules take one sum over all rows and one weight."""
+    layer = gpunn.Linear(7, 5, activation="gelu").to(device=device, dtype=DT)
+    xs, w, b, tw, ws, tws = _tensors(device, (4, 3, 7), (5, 7), (5,), (5, 7), (3, 5, 7), (3, 5, 7),
+                                     seed=case_seed("folds"))
+
+    def per_sample(function):
+        loss = lambda weight, x: function(x, weight, b).pow(2).sum()  # noqa: E731
+        return lambda weight: torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(weight, xs)
+
+    def ensemble(function):
+        return lambda weights: torch.func.vmap(lambda weight: function(xs[0], weight, b))(weights)
+
+    ours = lambda x, weight, bias: torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (x,))  # noqa
+    theirs = lambda x, weight, bias: F.gelu(F.linear(x, weight, bias))  # noqa: E731
+    for make, primal, tangent in ((per_sample, w, tw), (ensemble, ws, tws)):
+        mine, expected = (torch.func.jvp(make(f), (primal,), (tangent,))[1] for f in (ours, theirs))
+        assert_close(mine, expected, DT, make.__name__)
+
+
+def _without_forward_mode(device):
+    """Calls of one tensor argument through gpunn's layers and losses that have no forward mode."""
+    x = torch.randn(2, 3, 5, 4, dtype=DT, device=device)
+    local = gpunn.LocallyConnected2d(3, 2, (5, 4), 3, padding=1).to(device, DT)
+    cell = gpunn.RNNCell(4, 3).to(device, DT)
+    rnn = gpunn.RNN(4, 3).to(device, DT)
+    target = torch.tensor([0, 2], device=device)
+    return {"local2d": (local, x), "rnn_cell": (cell, x[0, 0]), "rnn": (lambda t: rnn(t)[0], x[0]),
+            "mse": (lambda t: gpunn.functional.mse_loss(t, t.detach() + 1), x),
+            "cross_entropy": (lambda t: gpunn.functional.cross_entropy(t, target), x[0, 0, :2])}
+
+
+@pytest.mark.parametrize("name", ["local2d", "rnn_cell", "rnn", "mse", "cross_entropy"])
+def test_forward_mode_without_a_rule_is_refused_before_any_launch(device, name):
+    call, x = _without_forward_mode(device)[name]
+    for run in (lambda: torch.func.jvp(call, (x,), (torch.ones_like(x),)), lambda: _eager_jvp(call, x)):
+        with count_launches() as launches, pytest.raises(NotImplementedError, match="forward-mode AD"):
+            run()
+        assert launches == {}, "refused after a launch"
+
+
+def _eager_jvp(call, x):
+    with forward_ad.dual_level():
+        return call(forward_ad.make_dual(x, torch.ones_like(x)))
+
+
+def test_a_further_order_over_tangents_is_refused(device):
+    """The tangent ops have no rules of their own: forward mode over forward mode (jacfwd(jacfwd(f))) and a
+    gradient of a tangent are refused, not given without their terms."""
+    layer = gpunn.Linear(3, 4, activation="tanh").to(device=device, dtype=DT)
+    x = torch.randn(2, 3, dtype=DT, device=device)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jacfwd(torch.func.jacfwd(layer))(x)
+    with pytest.raises(NotImplementedError, match="a second order"):
+        torch.func.grad(lambda t: torch.func.jvp(layer, (t,), (torch.ones_like(t),))[1].sum())(x)
