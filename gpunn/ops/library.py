@@ -60,9 +60,10 @@ class Op:
     too then folds each sample into a member. fold: for an op whose samples fold otherwise than into leading
     rows (an RNN's, into its batch, the second dim), its own Fold; `groups` then gives the index of its int
     argument counting the groups of its sums, as for `rows` (MOST_GROUPS bounds a fold's groups).
-    jvp: forward mode's rule, jvp(args, outputs, tangents) -> a tangent (or None) for each output, given the
-    op's args and outputs and a tangent (or None) for each arg (lists as lists); it runs gpunn ops, as a
-    backward does, so that outer transforms still fold. An op without one refuses forward mode.
+    jvp: forward mode's rule, jvp(args, outputs, tangents) -> a tangent (or None) for each output (one, for an
+    op of one output), given the op's args, its outputs (a tuple, of one for an op of one output) and a tangent
+    (or None) for each arg (lists as lists); it runs gpunn ops, as a backward does, so that outer transforms
+    still fold. An op without one refuses forward mode.
     """
 
     def __init__(self, name: str, fn: Callable, fake: Callable, setup_context: Callable | None = None,
@@ -266,6 +267,7 @@ def _transform_function(op: Op, setup_context: Callable | None):
             raise forward_mode_refused(op.name)
         args, outputs = _saved_for_forward(ctx)
         results = op.jvp(_unflatten(args, ctx.lengths), outputs, _unflatten(tangents, ctx.lengths))
+        results = (results,) if ctx.single_output else results
         # Every output needs a tangent (torch fails on None): an output without one gets zeros, expanded.
         results = tuple(tangent if tangent is not None else output.new_zeros(()).expand_as(output)
                         for tangent, output in zip(results, outputs))

@@ -14,6 +14,7 @@ gradient is one of them again: derivatives of every order (create_graph=True) ru
 With z = forward(x, W) + b:
     grad_input(dz, W)  = dx    gives g_dz = forward(g_dx, W), g_W = grad_weight(g_dx, dz)
     grad_weight(x, dz) = dW    gives g_dz = forward(x, g_dW) + g_db, g_x = grad_input(dz, g_dW)
+Forward mode (jvp) likewise: each op's tangent is the sum of the op over each tangent and the other operand.
 """
 from __future__ import annotations
 
@@ -128,13 +129,53 @@ def _grad_weight_backward(ctx, grad_dw, grad_db):
     return grad_input_, grad_grad_output, None, None, None, None, None
 
 
+# Forward mode's rules (library.Op's jvp): each op is bilinear, so its tangent is the sum of the op over one
+# tangent and the other operand, term by term (every order of forward mode, as of reverse, runs on the three
+# kernels; the terms are added by torch).
+
+def _jvp(args, outputs, tangents):
+    input, weight, _, window = args
+    t_input, t_weight, t_bias = tangents[:3]
+    if t_input is None and t_weight is None:  # b' alone: the same for every image
+        return t_bias.view(1, *outputs[0].shape[1:]).expand(outputs[0].shape) if t_bias is not None else None
+    return _sum(locally_connected(t_input, weight, t_bias, window) if t_input is not None else None,
+                locally_connected(input, t_weight, t_bias if t_input is None else None, window)
+                if t_weight is not None else None)
+
+
+def _grad_input_jvp(args, outputs, tangents):
+    grad_output, weight, input_size, window = args
+    t_grad_output, t_weight = tangents[:2]
+    return _sum(grad_input(t_grad_output, weight, input_size, window) if t_grad_output is not None else None,
+                grad_input(grad_output, t_weight, input_size, window) if t_weight is not None else None)
+
+
+def _grad_weight_jvp(args, outputs, tangents):
+    # groups is 0 here: a fold with groups declines under forward mode (library._unrecorded_or_plain)
+    input, grad_output, input_size, weight_shape, window, bias_grad, _ = args
+    t_input, t_grad_output = tangents[:2]
+    t_dw = t_db = None
+    if t_grad_output is not None:  # dW' = dW(x, dz') + dW(x', dz); db' = db(dz')
+        t_dw, t_db = grad_weight(input, t_grad_output, input_size, weight_shape, window, bias_grad, 0)
+    if t_input is not None and input is not None:
+        t_dw = _sum(t_dw if t_grad_output is not None else None,
+                    grad_weight(t_input, grad_output, input_size, weight_shape, window, False, 0)[0])
+    return t_dw, t_db
+
+
+def _sum(*terms):
+    """The sum of the terms not None (None where every one is)."""
+    terms = [term for term in terms if term is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
 # Under torch.func.vmap over their batch arguments (the input, grad_output) alone, these fold the samples into
 # the batch, and the weight and bias gradients come out per sample (Op's rows and groups).
 grad_input = Op("locally_connected_grad_input", _grad_input, _grad_input_fake, _grad_input_setup_context,
-                _grad_input_backward, rows={0: 3})
+                _grad_input_backward, rows={0: 3}, jvp=_grad_input_jvp)
 grad_weight = Op("locally_connected_grad_weight", _grad_weight, _grad_weight_fake, _grad_weight_setup_context,
-                 _grad_weight_backward, rows={0: 3, 1: 3}, groups=6)
+                 _grad_weight_backward, rows={0: 3, 1: 3}, groups=6, jvp=_grad_weight_jvp)
 
 
 locally_connected = Op("locally_connected", _locally_connected, _locally_connected_fake, _setup_context, _backward,
-                       rows={0: 3})
+                       rows={0: 3}, jvp=_jvp)

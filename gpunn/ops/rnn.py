@@ -10,6 +10,8 @@ Double backward (create_graph=True): the step is the dense layer act([x | hx] [W
 so its backward then runs as the dense layer's differentiable backward op (gpunn::linear_backward) over the
 operands side by side, and the gradients split back; no third order. For that the cell keeps references to
 what first order does not save (inputs, weights, biases), as the dense layer does (gpunn.ops.linear).
+Forward mode: the dense layer's tangent over the same operands side by side (and, through double backward's
+op, forward mode over the first-order backward: torch.func.hessian).
 """
 from __future__ import annotations
 
@@ -106,4 +108,20 @@ def _differentiable_backward(ctx, grad_output):
             db if need_bih else None, (db.clone() if need_bih else db) if need_bhh else None, None)
 
 
-rnn_cell = Op("rnn_cell", _rnn_cell, _rnn_cell_fake, _setup_context, _backward, rows={0: 1, 1: 1})
+def _jvp(args, outputs, tangents):
+    """Forward mode's rule: the step's tangent as the dense layer's (linear_tangent) over [x | hx] and
+    [W_ih | W_hh] (see the module docstring), zeros standing in for the tangent of one operand of a pair."""
+    input, hx, weight_ih, weight_hh, bias_ih, bias_hh, activation = args
+    t_input, t_hx, t_weight_ih, t_weight_hh, t_bias_ih, t_bias_hh = tangents[:6]
+    pairs = ((t_input, input), (t_hx, hx)), ((t_weight_ih, weight_ih), (t_weight_hh, weight_hh))
+    t_joined_input, t_joined_weight = (
+        torch.cat([t if t is not None else torch.zeros_like(like) for t, like in pair], 1)
+        if any(t is not None for t, _ in pair) else None for pair in pairs)
+    t_bias = t_bias_ih if t_bias_hh is None else t_bias_hh if t_bias_ih is None else t_bias_ih + t_bias_hh
+    if t_joined_input is None and t_joined_weight is None and t_bias is None:
+        return None
+    return linear.tangent(torch.cat([input, hx], 1), torch.cat([weight_ih, weight_hh], 1), outputs[0], None, 0, 0,
+                          activation, t_joined_input, t_joined_weight, t_bias)
+
+
+rnn_cell = Op("rnn_cell", _rnn_cell, _rnn_cell_fake, _setup_context, _backward, rows={0: 1, 1: 1}, jvp=_jvp)
