@@ -1,7 +1,7 @@
-"""Forward-mode AD through the dense and masked layers, against torch.nn in float64: torch.func.jvp and
-jacfwd, torch.func.hessian (forward mode over the first-order backward), jvp of a gradient (Hessian-vector
-products), and torch.autograd.forward_ad in eager mode. What has no forward mode (the locally connected and
-recurrent layers, the losses, a further order over the tangents) is refused before any launch."""
+"""Forward-mode AD through the dense, masked, locally connected and recurrent-cell layers, against torch.nn in
+float64: torch.func.jvp and jacfwd, torch.func.hessian (forward mode over the first-order backward), jvp of a
+gradient (Hessian-vector products), and torch.autograd.forward_ad in eager mode. What has no forward mode
+(gpunn.RNN, the losses, a further order over the dense layers' tangents) is refused before any launch."""
 from __future__ import annotations
 
 import pytest
@@ -191,19 +191,79 @@ def test_jvp_of_per_sample_gradients_and_of_an_ensemble_match_torch(device):
         assert_close(mine, expected, DT, make.__name__)
 
 
+# The locally connected layers and the RNN cell: (gpunn's module, torch's function of (params, x, *rest), x's
+# shape, the rest). Odd sizes, few parameters (jacfwd over them runs the gradient ops' tangents once a basis
+# vector).
+def _other_layers(device):
+    hx = torch.randn(3, 6, dtype=DT, device=device)
+    return {
+        "local2d": (gpunn.LocallyConnected2d(1, 2, (4, 3), 2, stride=2, padding=1),
+                    lambda p, x: torch_reference.locally_connected2d(x, p["weight"], p["bias"], 2, 1), (2, 1, 4, 3), ()),
+        "local1d_no_bias": (gpunn.LocallyConnected1d(1, 2, 5, 3, padding=1, bias=False),
+                            lambda p, x: torch_reference.locally_connected1d(x, p["weight"], None, 1, 1), (2, 1, 5),
+                            ()),
+        "rnn_cell_tanh": (gpunn.RNNCell(4, 6), torch.nn.RNNCell(4, 6), (3, 4), (hx,)),
+        "rnn_cell_relu_no_bias": (gpunn.RNNCell(4, 6, bias=False, nonlinearity="relu"),
+                                  torch.nn.RNNCell(4, 6, bias=False, nonlinearity="relu"), (3, 4), (hx,)),
+    }
+
+
+@pytest.mark.parametrize("name", ["local2d", "local1d_no_bias", "rnn_cell_tanh", "rnn_cell_relu_no_bias"])
+def test_other_layers_forward_mode_matches_torch(device, name):
+    """jvp in the input, the parameters and the cell's hx; hessian in the input and the parameters; eager
+    dual tensors. (The local layers' ops are bilinear; the cell's tangent is the dense layer's over its
+    operands side by side.)"""
+    module, theirs, shape, rest = _other_layers(device)[name]
+    module = module.to(device=device, dtype=DT)
+    if isinstance(theirs, torch.nn.Module):
+        twin = theirs.to(device=device, dtype=DT)
+        theirs = lambda p, *inputs: torch.func.functional_call(twin, p, inputs)  # noqa: E731
+    ours = lambda p, *inputs: torch.func.functional_call(module, p, inputs)  # noqa: E731
+    seed = case_seed("other layers", name)
+    params = {key: t for key, t in zip(dict(module.named_parameters()),
+                                       _tensors(device, *(p.shape for p in module.parameters()), seed=seed))}
+    t_params = {key: t for key, t in zip(params, _tensors(device, *(p.shape for p in params.values()), seed=seed + 1))}
+    x, t_x = _tensors(device, shape, shape, seed=seed + 2)
+    t_rest = tuple(torch.randn_like(r) for r in rest)
+    for what, function in (("jvp", lambda f: torch.func.jvp(lambda p, x, *r: f(p, x, *r), (params, x, *rest),
+                                                            (t_params, t_x, *t_rest))[1]),
+                           ("hessian in x", lambda f: torch.func.hessian(lambda x: f(params, x, *rest).sin().sum())(x)),
+                           ("hessian in params", lambda f: torch.utils._pytree.tree_leaves(
+                               torch.func.hessian(lambda p: f(p, x, *rest).sin().sum())(params))),
+                           ("eager dual", lambda f: _eager_tangent(f, params, x, t_x, rest))):
+        mine, expected = function(ours), function(theirs)
+        for one, other in zip(torch.utils._pytree.tree_leaves(mine), torch.utils._pytree.tree_leaves(expected),
+                              strict=True):
+            assert_close(one, other, DT, what)
+
+
+def _eager_tangent(function, params, x, t_x, rest):
+    with forward_ad.dual_level():
+        return forward_ad.unpack_dual(function(params, forward_ad.make_dual(x, t_x), *rest)).tangent
+
+
+def test_local_forward_mode_over_forward_mode_matches_torch(device):
+    """The local layers' tangents are their own ops again: jacfwd(jacfwd(f)) runs on the three kernels."""
+    module, theirs, shape, _ = _other_layers(device)["local2d"]
+    module = module.to(device=device, dtype=DT)
+    params = {key: value.detach() for key, value in module.named_parameters()}
+    x = _tensors(device, shape, seed=case_seed("local jacfwd"))[0]
+    hessians = [torch.func.jacfwd(torch.func.jacfwd(lambda t: f(t).sin().sum()))(x)
+                for f in (module, lambda t: theirs(params, t))]
+    assert_close(*hessians, DT, "jacfwd(jacfwd)")
+
+
 def _without_forward_mode(device):
     """Calls of one tensor argument through gpunn's layers and losses that have no forward mode."""
     x = torch.randn(2, 3, 5, 4, dtype=DT, device=device)
-    local = gpunn.LocallyConnected2d(3, 2, (5, 4), 3, padding=1).to(device, DT)
-    cell = gpunn.RNNCell(4, 3).to(device, DT)
     rnn = gpunn.RNN(4, 3).to(device, DT)
     target = torch.tensor([0, 2], device=device)
-    return {"local2d": (local, x), "rnn_cell": (cell, x[0, 0]), "rnn": (lambda t: rnn(t)[0], x[0]),
+    return {"rnn": (lambda t: rnn(t)[0], x[0]),
             "mse": (lambda t: gpunn.functional.mse_loss(t, t.detach() + 1), x),
             "cross_entropy": (lambda t: gpunn.functional.cross_entropy(t, target), x[0, 0, :2])}
 
 
-@pytest.mark.parametrize("name", ["local2d", "rnn_cell", "rnn", "mse", "cross_entropy"])
+@pytest.mark.parametrize("name", ["rnn", "mse", "cross_entropy"])
 def test_forward_mode_without_a_rule_is_refused_before_any_launch(device, name):
     call, x = _without_forward_mode(device)[name]
     for run in (lambda: torch.func.jvp(call, (x,), (torch.ones_like(x),)), lambda: _eager_jvp(call, x)):
