@@ -117,11 +117,61 @@ def _cross_entropy_double_backward(ctx, grad_dx):
     return (gg, gx) + (None,) * 8
 
 
+# Forward mode's rules (library.Op's jvp) for class indices. The loss's tangent is its gradient (the backward
+# under an output gradient of one) dotted with the logits' tangent, by torch, row by row. The backward's,
+# dx = g grad l(x), is g H x' + g' grad l(x) for the Hessian H of the loss, which is symmetric: H x' is double
+# backward's logits gradient with x' as dx's (cross_entropy_backward_tangent), the other term the backward
+# under g'. What forward kept (the row stats, the totals) gets none, as in double backward: the logits' path
+# counts every path through them.
+
+def _refuse_weight_tangent(tangent: torch.Tensor | None) -> None:
+    if tangent is not None:
+        raise NotImplementedError("gpunn cross_entropy: forward-mode AD through the class weights is not supported")
+
+
+def _cross_entropy_jvp(args, outputs, tangents):
+    logits, target, weight, ignore_index, smoothing, reduction, _ = args  # groups 0 (library._unrecorded_or_plain)
+    t_logits = tangents[0]
+    _refuse_weight_tangent(tangents[2])
+    if t_logits is None:
+        return None, None, None
+    loss, stats, totals = outputs
+    gradient = _cross_entropy_backward(torch.ones_like(loss), logits, target, weight, ignore_index, smoothing, stats,
+                                       reduction, totals, 0)
+    product = gradient * t_logits
+    return (product.sum(1) if reduction == "none" else product.sum()), None, None
+
+
+def _cross_entropy_backward_jvp(args, outputs, tangents):
+    grad, logits, target, weight, ignore_index, smoothing, stats, reduction, totals, _ = args
+    t_grad, t_logits = tangents[:2]
+    _refuse_weight_tangent(tangents[3])
+    terms = [_cross_entropy_backward_tangent(grad, logits, target, weight, ignore_index, smoothing, stats, reduction,
+                                             totals, t_logits) if t_logits is not None else None,
+             _cross_entropy_backward(t_grad, logits, target, weight, ignore_index, smoothing, stats, reduction, totals,
+                                     0) if t_grad is not None else None]
+    terms = [term for term in terms if term is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def _cross_entropy_backward_tangent_impl(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+                                         weight: torch.Tensor | None, ignore_index: int, smoothing: float,
+                                         stats: torch.Tensor, reduction: str, totals: torch.Tensor,
+                                         t_logits: torch.Tensor) -> torch.Tensor:
+    """g H x' (N, C): the logits' tangent x' through the loss's Hessian, times the output gradient."""
+    return second_order.cross_entropy_double_backward(
+        logits, target, weight, ignore_index, smoothing, stats, None, grad, t_logits.contiguous(), None, reduction,
+        totals if reduction != "none" else None, True, False, False)[0]
+
+
+_cross_entropy_backward_tangent = Op("cross_entropy_backward_tangent", _cross_entropy_backward_tangent_impl,
+                                     _cross_entropy_backward_fake)
+
 # Under torch.func.vmap over the rows alone (logits, targets, what forward kept, the output gradient), each loss
 # op folds the samples into its rows and reduces each sample's apart (Op's rows and groups): one launch each.
 _cross_entropy_backward = Op("cross_entropy_backward", _cross_entropy_backward_impl, _cross_entropy_backward_fake,
                              _cross_entropy_backward_setup, _cross_entropy_double_backward,
-                             rows={0: 0, 1: 1, 2: 0, 6: 1, 8: 1}, groups=9)
+                             rows={0: 0, 1: 1, 2: 0, 6: 1, 8: 1}, groups=9, jvp=_cross_entropy_backward_jvp)
 
 
 def _cross_entropy_setup(ctx, inputs, output):
@@ -138,7 +188,7 @@ def _cross_entropy_grad(ctx, grad, _, __):
 
 
 _cross_entropy = Op("cross_entropy", _cross_entropy_impl, _cross_entropy_fake, _cross_entropy_setup,
-                    _cross_entropy_grad, rows={0: 1, 1: 0}, groups=6)
+                    _cross_entropy_grad, rows={0: 1, 1: 0}, groups=6, jvp=_cross_entropy_jvp)
 
 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
@@ -388,14 +438,50 @@ def _mse_loss_double_backward(ctx, grad_dx, grad_dy):
     if need_input or need_target:
         gx, gy = kernels.mse_backward(grad_dx, grad_dy, grad, ctx.reduction, need_input, need_target)
     if need_grad:
-        gg = kernels.mse_backward(input, target, grad_dx - grad_dy, "none", True, False)[0]
-        if ctx.reduction != "none":
-            gg = gg.sum() / (input.numel() if ctx.reduction == "mean" else 1)
+        gg = _mse_reduced(kernels.mse_backward(input, target, grad_dx - grad_dy, "none", True, False)[0],
+                          ctx.reduction)
     return gg, gx, gy, None, None, None, None
 
 
+def _mse_reduced(elementwise: torch.Tensor, reduction: str) -> torch.Tensor:
+    """A per-element term summed as the reduction sums the loss (torch sums it; one value, or as it is)."""
+    return elementwise if reduction == "none" else elementwise.sum() / (elementwise.numel() if reduction == "mean" else 1)
+
+
+def _tangents_or_zeros(a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two tangents of the same shape, zeros where one is None (not both)."""
+    return (a if a is not None else torch.zeros_like(b)), (b if b is not None else torch.zeros_like(a))
+
+
+# Forward mode's rules (library.Op's jvp). The loss's tangent is 2 (x - y)(x' - y') reduced: mse_backward's
+# elementwise form with x' - y' as the output gradient, as double backward's g's gradient. The backward's
+# (dx = 2 (x - y) g / n, dy = -dx) is mse_backward of (x', y') under g, plus mse_backward of (x, y) under g'.
+
+def _mse_jvp(args, outputs, tangents):
+    input, target, reduction, _ = args  # groups is 0: a fold with groups declines under forward mode
+    if tangents[0] is None and tangents[1] is None:
+        return None
+    t_input, t_target = _tangents_or_zeros(*tangents[:2])
+    return _mse_reduced(_mse_loss_backward(t_input - t_target, input, target, "none", True, False, 0)[0], reduction)
+
+
+def _mse_backward_jvp(args, outputs, tangents):
+    grad, input, target, reduction, input_grad, target_grad, _ = args
+    t_grad, t_input, t_target = tangents[:3]
+    terms = []
+    if t_input is not None or t_target is not None:
+        terms.append(_mse_loss_backward(grad, *_tangents_or_zeros(t_input, t_target), reduction, input_grad,
+                                        target_grad, 0))
+    if t_grad is not None:
+        terms.append(_mse_loss_backward(t_grad, input, target, reduction, input_grad, target_grad, 0))
+    if not terms:
+        return None, None
+    return tuple(sum(column[1:], column[0]) for column in zip(*terms))  # the placeholders add to themselves
+
+
 _mse_loss_backward = Op("mse_loss_backward", _mse_loss_backward_impl, _mse_loss_backward_fake,
-                        _mse_loss_backward_setup, _mse_loss_double_backward, rows={0: 0, 1: 0, 2: 0}, groups=6)
+                        _mse_loss_backward_setup, _mse_loss_double_backward, rows={0: 0, 1: 0, 2: 0}, groups=6,
+                        jvp=_mse_backward_jvp)
 
 
 def _mse_setup(ctx, inputs, output):
@@ -411,7 +497,8 @@ def _mse_grad(ctx, grad):
     return dx if need_input else None, dy if need_target else None, None, None
 
 
-_mse_loss = Op("mse_loss", _mse_loss_impl, _mse_loss_fake, _mse_setup, _mse_grad, rows={0: 0, 1: 0}, groups=3)
+_mse_loss = Op("mse_loss", _mse_loss_impl, _mse_loss_fake, _mse_setup, _mse_grad, rows={0: 0, 1: 0}, groups=3,
+               jvp=_mse_jvp)
 
 
 def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average: bool | None = None, reduce: bool | None = None,

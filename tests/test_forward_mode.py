@@ -1,7 +1,8 @@
 """Forward-mode AD through the dense, masked, locally connected and recurrent-cell layers, against torch.nn in
 float64: torch.func.jvp and jacfwd, torch.func.hessian (forward mode over the first-order backward), jvp of a
-gradient (Hessian-vector products), and torch.autograd.forward_ad in eager mode. What has no forward mode
-(gpunn.RNN, the losses, a further order over the dense layers' tangents) is refused before any launch."""
+gradient (Hessian-vector products), and torch.autograd.forward_ad in eager mode; and through the losses over
+class indices. What has no forward mode (gpunn.RNN, class probabilities, class weights' tangents, a further
+order over the dense layers' tangents) is refused."""
 from __future__ import annotations
 
 import pytest
@@ -253,23 +254,75 @@ def test_local_forward_mode_over_forward_mode_matches_torch(device):
     assert_close(*hessians, DT, "jacfwd(jacfwd)")
 
 
+# The losses: (gpunn's function of (x, *rest), torch's, x's shape, the rest). Odd sizes.
+def _losses(device):
+    gen = torch.Generator().manual_seed(5)
+    target = torch.tensor([1, 0, 4], device=device)
+    weight = (torch.rand(5, generator=gen, dtype=DT) + 0.5).to(device)
+    y = torch.randn(3, 5, generator=gen, dtype=DT).to(device)
+    return {
+        "cross_entropy_mean_smoothed": (lambda x: gpunn.functional.cross_entropy(x, target, label_smoothing=0.1),
+                                        lambda x: F.cross_entropy(x, target, label_smoothing=0.1), (3, 5)),
+        "cross_entropy_weighted_ignore_none": (
+            lambda x: gpunn.functional.cross_entropy(x, target, weight, ignore_index=0, reduction="none"),
+            lambda x: F.cross_entropy(x, target, weight, ignore_index=0, reduction="none"), (3, 5)),
+        "cross_entropy_2d_sum": (lambda x: gpunn.functional.cross_entropy(x, target[:2].view(1, 2), reduction="sum"),
+                                 lambda x: F.cross_entropy(x, target[:2].view(1, 2), reduction="sum"), (1, 5, 2)),
+        "mse_mean": (lambda x: gpunn.functional.mse_loss(x, y), lambda x: F.mse_loss(x, y), (3, 5)),
+        "mse_none_target_too": (lambda x: gpunn.functional.mse_loss(x, x.flip(0) * y, reduction="none"),
+                                lambda x: F.mse_loss(x, x.flip(0) * y, reduction="none"), (3, 5)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_losses("cpu")))
+def test_losses_forward_mode_matches_torch(device, name):
+    """jvp, jacfwd, hessian (forward mode over the losses' backward), eager dual tensors; one loss's target
+    varies with the input (the target's tangent)."""
+    ours, theirs, shape = _losses(device)[name]
+    x, t_x = _tensors(device, shape, shape, seed=case_seed("losses", name))
+    for what, function in (("jvp", lambda f: torch.func.jvp(f, (x,), (t_x,))[1]),
+                           ("jacfwd", lambda f: torch.func.jacfwd(f)(x)),
+                           ("hessian", lambda f: torch.func.hessian(lambda t: f(t).sin().sum())(x)),
+                           ("eager dual", lambda f: _eager_tangent(lambda p, t: f(t), None, x, t_x, ()))):
+        assert_close(function(ours), function(theirs), DT, what)
+
+
+def test_hessian_of_an_mlp_loss_through_gpunn_only_matches_torch(device):
+    """torch.func.hessian of gpunn's cross-entropy over two gpunn layers, in the input."""
+    ours = torch.nn.Sequential(gpunn.Linear(7, 5, activation="gelu"), gpunn.Linear(5, 3)).to(device, DT)
+    theirs = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.GELU(), torch.nn.Linear(5, 3)).to(device, DT)
+    theirs[0].load_state_dict(ours[0].state_dict())
+    theirs[2].load_state_dict(ours[1].state_dict())
+    x = _tensors(device, (4, 7), seed=case_seed("mlp loss"))[0]
+    target = torch.tensor([0, 2, 1, 2], device=device)
+    hessians = [torch.func.hessian(lambda t: loss(model(t), target))(x)
+                for model, loss in ((ours, gpunn.functional.cross_entropy), (theirs, F.cross_entropy))]
+    assert_close(*hessians, DT, "Hessian")
+
+
 def _without_forward_mode(device):
-    """Calls of one tensor argument through gpunn's layers and losses that have no forward mode."""
+    """Calls of one tensor argument through what has no forward mode: gpunn.RNN, the cross-entropy over class
+    probabilities, the class weights' tangent of the cross-entropy."""
     x = torch.randn(2, 3, 5, 4, dtype=DT, device=device)
     rnn = gpunn.RNN(4, 3).to(device, DT)
     target = torch.tensor([0, 2], device=device)
+    logits = torch.randn(2, 5, dtype=DT, device=device)
     return {"rnn": (lambda t: rnn(t)[0], x[0]),
-            "mse": (lambda t: gpunn.functional.mse_loss(t, t.detach() + 1), x),
-            "cross_entropy": (lambda t: gpunn.functional.cross_entropy(t, target), x[0, 0, :2])}
+            "cross_entropy_probabilities": (lambda t: gpunn.functional.cross_entropy(t, t.detach().softmax(1)),
+                                            x[0, 0]),
+            "cross_entropy_class_weights": (lambda w: gpunn.functional.cross_entropy(logits, target, w),
+                                            x[0, 0, 0, :1].expand(5) + 2)}
 
 
-@pytest.mark.parametrize("name", ["rnn", "mse", "cross_entropy"])
-def test_forward_mode_without_a_rule_is_refused_before_any_launch(device, name):
+@pytest.mark.parametrize("name", ["rnn", "cross_entropy_probabilities", "cross_entropy_class_weights"])
+def test_forward_mode_without_a_rule_is_refused(device, name):
+    """Before any launch where the op has no rule (a class weight's tangent reaches the loss's rule: refused
+    there)."""
     call, x = _without_forward_mode(device)[name]
     for run in (lambda: torch.func.jvp(call, (x,), (torch.ones_like(x),)), lambda: _eager_jvp(call, x)):
         with count_launches() as launches, pytest.raises(NotImplementedError, match="forward-mode AD"):
             run()
-        assert launches == {}, "refused after a launch"
+        assert launches == {} or name == "cross_entropy_class_weights", "refused after a launch"
 
 
 def _eager_jvp(call, x):
