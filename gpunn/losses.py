@@ -445,7 +445,9 @@ def _mse_loss_double_backward(ctx, grad_dx, grad_dy):
 
 def _mse_reduced(elementwise: torch.Tensor, reduction: str) -> torch.Tensor:
     """A per-element term summed as the reduction sums the loss (torch sums it; one value, or as it is)."""
-    return elementwise if reduction == "none" else elementwise.sum() / (elementwise.numel() if reduction == "mean" else 1)
+    if reduction == "none":
+        return elementwise
+    return elementwise.sum() / (elementwise.numel() if reduction == "mean" else 1)
 
 
 def _tangents_or_zeros(a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Autodiff past first-order reverse mode. Double backward (create_graph=True) through the dense and
 masked layers and the losses, and every order through the locally connected layers, against torch.nn in
 float64: gradient penalties, Hessian-vector products, gradients of input gradients. What the kernels do not
-implement (forward mode through gpunn.RNN and class probabilities (tests/test_forward_mode.py), double backward
+implement (forward mode over class probabilities and gpunn.RNN's backward (tests/test_forward_mode.py), double backward
 through the recurrent layers, a third order through the dense and masked layers) is refused rather than its
 tangents or terms dropped."""
 from __future__ import annotations
@@ -479,11 +479,10 @@ def test_rnn_double_backward_with_a_tensor_in_two_places(device):
 
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.enable_grad])
 def test_forward_mode_without_a_rule_is_refused_before_any_launch(device, grad_mode):
-    """gpunn.RNN, and the cross-entropy over class probabilities (the other layers and losses take forward mode:
+    """The cross-entropy over class probabilities (every layer and the other losses take forward mode:
     tests/test_forward_mode.py)."""
-    rnn = gpunn.RNN(3, 4, device=device)
     x = torch.randn(2, 3, device=device)
-    calls = [lambda t: rnn(t)[0], lambda t: gpunn.functional.cross_entropy(t, x.softmax(1))]
+    calls = [lambda t: gpunn.functional.cross_entropy(t, x.softmax(1))]
     for call in calls:
         with grad_mode(), forward_ad.dual_level(), count_launches() as launches:
             with pytest.raises(NotImplementedError, match="forward-mode AD"):

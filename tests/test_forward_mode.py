@@ -1,8 +1,8 @@
-"""Forward-mode AD through the dense, masked, locally connected and recurrent-cell layers, against torch.nn in
-float64: torch.func.jvp and jacfwd, torch.func.hessian (forward mode over the first-order backward), jvp of a
-gradient (Hessian-vector products), and torch.autograd.forward_ad in eager mode; and through the losses over
-class indices. What has no forward mode (gpunn.RNN, class probabilities, class weights' tangents, a further
-order over the dense layers' tangents) is refused."""
+"""Forward-mode AD through every gpunn layer and the losses over class indices, against torch.nn in float64:
+torch.func.jvp and jacfwd, torch.func.hessian (forward mode over the first-order backward; not through
+gpunn.RNN), jvp of a gradient (Hessian-vector products), and torch.autograd.forward_ad in eager mode. What has
+no forward mode (gpunn.RNN's backward, class probabilities, class weights' tangents, a further order over the
+dense layers' tangents) is refused."""
 from __future__ import annotations
 
 import pytest
@@ -13,6 +13,7 @@ from helpers import ACTIVATIONS, TorchOpSpy, assert_close, case_seed, count_laun
 
 import gpunn
 from gpunn import reference as torch_reference
+from gpunn.kernels import rnn_sequence
 
 DT = torch.float64
 SLOPE = -0.2  # leaky_relu's derivative then comes from the act'(z) its forward saves
@@ -199,7 +200,8 @@ def _other_layers(device):
     hx = torch.randn(3, 6, dtype=DT, device=device)
     return {
         "local2d": (gpunn.LocallyConnected2d(1, 2, (4, 3), 2, stride=2, padding=1),
-                    lambda p, x: torch_reference.locally_connected2d(x, p["weight"], p["bias"], 2, 1), (2, 1, 4, 3), ()),
+                    lambda p, x: torch_reference.locally_connected2d(x, p["weight"], p["bias"], 2, 1), (2, 1, 4, 3),
+                    ()),
         "local1d_no_bias": (gpunn.LocallyConnected1d(1, 2, 5, 3, padding=1, bias=False),
                             lambda p, x: torch_reference.locally_connected1d(x, p["weight"], None, 1, 1), (2, 1, 5),
                             ()),
@@ -300,6 +302,70 @@ def test_hessian_of_an_mlp_loss_through_gpunn_only_matches_torch(device):
     assert_close(*hessians, DT, "Hessian")
 
 
+RNN_CONFIGS = {"tanh": dict(), "two_layers_bidirectional": dict(num_layers=2, bidirectional=True),
+               "relu_no_bias": dict(nonlinearity="relu", bias=False),
+               "batch_first_bidirectional": dict(batch_first=True, bidirectional=True)}
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("config", list(RNN_CONFIGS))
+def test_rnn_forward_mode_matches_torch(device, monkeypatch, config, split):
+    """gpunn.RNN: jvp in the input, h0 and every parameter (output and h_n), jacfwd, eager duals; split:
+    past the resident limit (forced), the split recurrence kernels."""
+    if split:
+        monkeypatch.setattr(rnn_sequence, "RESIDENT_BYTES", 0)
+    kwargs = RNN_CONFIGS[config]
+    ours = gpunn.RNN(3, 4, **kwargs).to(device, DT)
+    theirs = torch.nn.RNN(3, 4, **kwargs).to(device, DT)
+    layers = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)
+    seed = case_seed("rnn", config)
+    params = dict(zip(dict(ours.named_parameters()), _tensors(device, *(p.shape for p in ours.parameters()),
+                                                                seed=seed)))
+    t_params = dict(zip(params, _tensors(device, *(p.shape for p in params.values()), seed=seed + 1)))
+    shape = (2, 5, 3) if kwargs.get("batch_first") else (5, 2, 3)
+    x, t_x, h0, t_h0 = _tensors(device, shape, shape, (layers, 2, 4), (layers, 2, 4), seed=seed + 2)
+
+    def call(module):
+        return lambda p, x, h: torch.func.functional_call(module, p, (x, h))
+
+    mine, expected = (torch.func.jvp(call(m), (params, x, h0), (t_params, t_x, t_h0)) for m in (ours, theirs))
+    for what, one, other in zip(("output", "h_n", "output's tangent", "h_n's tangent"), (*mine[0], *mine[1]),
+                                (*expected[0], *expected[1])):
+        assert_close(one, other, DT, what)
+    assert_close(*(torch.func.jacfwd(lambda t: call(m)(params, t, h0)[0])(x) for m in (ours, theirs)), DT, "jacfwd")
+    assert_close(*(_eager_tangent(lambda p, t: call(m)(p, t, h0)[1], params, x, t_x, ()) for m in (ours, theirs)),
+                 DT, "eager dual")
+
+
+def test_rnn_forward_mode_over_packed_sequences_matches_torch(device):
+    """Packed sequences (rows that start and stop at different steps, both directions): jvp in the packed data,
+    h0 and the parameters, against torch's (reverse mode's double-vjp jvp: torch's RNN takes no forward mode over
+    packed data)."""
+    ours = gpunn.RNN(3, 4, bidirectional=True).to(device, DT)
+    theirs = torch.nn.RNN(3, 4, bidirectional=True).to(device, DT)
+    seed = case_seed("packed")
+    names = list(dict(ours.named_parameters()))
+    params = _tensors(device, *(p.shape for p in ours.parameters()), seed=seed)
+    t_params = _tensors(device, *(p.shape for p in params), seed=seed + 1)
+    x, h0, t_h0 = _tensors(device, (5, 3, 3), (2, 3, 4), (2, 3, 4), seed=seed + 2)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3, 2]))
+    t_data = _tensors(device, tuple(packed.data.shape), seed=seed + 3)[0]
+
+    def call(module):
+        def run(*tensors):
+            *weights, data, h = tensors
+            out, h_n = torch.func.functional_call(module, dict(zip(names, weights)),
+                                                  (torch.nn.utils.rnn.PackedSequence(data, packed.batch_sizes), h))
+            return out.data, h_n
+        return run
+
+    primals, tangents = (*params, packed.data, h0), (*t_params, t_data, t_h0)
+    mine = torch.func.jvp(call(ours), primals, tangents)[1]
+    expected = torch.autograd.functional.jvp(call(theirs), primals, tangents)[1]
+    for what, one, other in zip(("output's tangent", "h_n's tangent"), mine, expected):
+        assert_close(one, other, DT, what)
+
+
 def _without_forward_mode(device):
     """Calls of one tensor argument through what has no forward mode: gpunn.RNN, the cross-entropy over class
     probabilities, the class weights' tangent of the cross-entropy."""
@@ -307,22 +373,24 @@ def _without_forward_mode(device):
     rnn = gpunn.RNN(4, 3).to(device, DT)
     target = torch.tensor([0, 2], device=device)
     logits = torch.randn(2, 5, dtype=DT, device=device)
-    return {"rnn": (lambda t: rnn(t)[0], x[0]),
+    return {"rnn_hessian": (lambda t: torch.func.grad(lambda u: rnn(u)[0].sum())(t), x[0]),
             "cross_entropy_probabilities": (lambda t: gpunn.functional.cross_entropy(t, t.detach().softmax(1)),
                                             x[0, 0]),
             "cross_entropy_class_weights": (lambda w: gpunn.functional.cross_entropy(logits, target, w),
                                             x[0, 0, 0, :1].expand(5) + 2)}
 
 
-@pytest.mark.parametrize("name", ["rnn", "cross_entropy_probabilities", "cross_entropy_class_weights"])
+@pytest.mark.parametrize("name", ["rnn_hessian", "cross_entropy_probabilities", "cross_entropy_class_weights"])
 def test_forward_mode_without_a_rule_is_refused(device, name):
-    """Before any launch where the op has no rule (a class weight's tangent reaches the loss's rule: refused
-    there)."""
+    """Before any launch where a dual reaches an op without a rule (a class weight's tangent reaches the loss's
+    rule, forward mode over gpunn.RNN's backward its first-order op: refused there)."""
     call, x = _without_forward_mode(device)[name]
-    for run in (lambda: torch.func.jvp(call, (x,), (torch.ones_like(x),)), lambda: _eager_jvp(call, x)):
+    runs = [lambda: torch.func.jvp(call, (x,), (torch.ones_like(x),))]
+    runs += [lambda: _eager_jvp(call, x)] if name != "rnn_hessian" else []  # grad under eager duals: a transform
+    for run in runs:
         with count_launches() as launches, pytest.raises(NotImplementedError, match="forward-mode AD"):
             run()
-        assert launches == {} or name == "cross_entropy_class_weights", "refused after a launch"
+        assert launches == {} or name != "cross_entropy_probabilities", "refused after a launch"
 
 
 def _eager_jvp(call, x):

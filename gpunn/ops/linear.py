@@ -286,7 +286,7 @@ def _double_backward(ctx, grad_dx, grad_dw, grad_db):
     if not (need_dy or second or dz_for_input or dz_for_weight):
         return (None, None, *_zero_where_connected(activation, (None,) * 3, ctx.needs_input_grad[2:5],
                                                    (input, weight, bias))) + (None,) * 10
-    grad_dz = _sum_of_products([(grad_dx.reshape(rows, k) if grad_dx is not None else None, weight),
+    grad_dz = sum_of_products([(grad_dx.reshape(rows, k) if grad_dx is not None else None, weight),
                                 (x, grad_dw)], grad_db, rows, n, layout)
     z = _product(Rows.of(x), weight, bias, layout) if activation is not None else None
     grad_dy, dz, grad_z, grad_b = dense_double_backward.elementwise(
@@ -331,7 +331,7 @@ def _joined(terms, weight_dim):
     return Rows.of(rows), Rows.of(torch.stack([first, second]))
 
 
-def _sum_of_products(terms, bias: torch.Tensor | None, rows: int, n: int, layout) -> Rows | None:
+def sum_of_products(terms, bias: torch.Tensor | None, rows: int, n: int, layout) -> Rows | None:
     """sum_i a_i @ (b_i * mask)^T + bias as Rows of (rows, n), over the terms (a_i (rows, K), b_i (n, K)) with
     neither None: one forward GEMM over the a_i side by side and the b_i side by side, the bias its own; the
     bias alone where no term is left, None where there is no bias either. (Double backward's g_dz, forward
@@ -403,7 +403,7 @@ def _tangent(input: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor | No
     n, k = weight.shape
     rows = math.prod(input.shape[:-1])
     layout = _layout(mask, block_n, block_k) if mask is not None else None
-    t_z = _sum_of_products([(t_input.reshape(rows, k) if t_input is not None else None, weight),
+    t_z = sum_of_products([(t_input.reshape(rows, k) if t_input is not None else None, weight),
                             (input.reshape(rows, k), t_weight)], t_bias, rows, n, layout)
     if activation is None and t_z.tensor.is_contiguous():  # y' = z', as the GEMM wrote it
         t_y = t_z.tensor
@@ -433,7 +433,7 @@ def _backward_tangent(grad_output: torch.Tensor, input: torch.Tensor | None, wei
     z = t_z = None
     if activation is not None:
         z = _product(Rows.of(x), weight, bias, layout)
-        t_z = _sum_of_products([(t_x, weight), (x, t_weight)], t_bias, rows, n, layout)
+        t_z = sum_of_products([(t_x, weight), (x, t_weight)], t_bias, rows, n, layout)
     # dz = dy * act'(z), and its tangent dz' in g_z's place (kernels.dense_double_backward), db' its column sums.
     dz_for_input, dz_for_weight = need_input and t_weight is not None, need_weight and t_x is not None
     _, dz, t_dz, t_db = dense_double_backward.elementwise(

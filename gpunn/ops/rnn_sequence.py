@@ -31,7 +31,7 @@ import torch
 
 from ..kernels import dense, rnn_sequence
 from ..kernels.runtime import Rows, empty, hold_for_graphs, state_dtype
-from . import rnn
+from . import linear, rnn
 from .library import (Fold, Op, batched, first_order_saved, kept, metadata_to_save, nothing, save_for_orders,
                       saved_metadata, under_transform)
 
@@ -352,7 +352,72 @@ def _fold_layer_backward(samples: int, args: list, dims: list) -> tuple:
     return (dx, dh0, *dweights), (1 if needs[0] else 0, 1 if needs[1] else 0, *(0,) * len(dweights))
 
 
+# Forward mode. A direction's tangent obeys h'_t = act'(z_t) (u_t + h'_{t-1} W_hh^T), where
+# u_t = x'_t W_ih^T + x_t W_ih'^T + h_{t-1} W_hh'^T + b_ih' + b_hh' takes only what forward computed: one GEMM
+# over every step. That recurrence is backward through time's, dz_t = act'(z_t) (dout_t + dh) with
+# dh = dz_t W_hh carried, run the other way in time over W_hh^T: the backward kernel computes it, with u as
+# dout, h'_t as dz and h'_0 W_hh^T as the carried dh it starts from (rows that start later, a packed reverse
+# direction's, keep it until then).
+
+def _rnn_layer_tangent(x: torch.Tensor, h0: torch.Tensor, batch_sizes: torch.Tensor | None, activation: str,
+                       directions: int, weights: list[torch.Tensor], out: torch.Tensor, t_x: torch.Tensor | None,
+                       t_h0: torch.Tensor | None, t_weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tangents (output' (rows, D*H), h_n' (D, B, H)) of rnn_layer's outputs, given its args, its output
+    and the tangents of x and h0 (None for none) and of each weight (an empty tensor for none)."""
+    steps = Steps.of(batch_sizes, list(x.shape), x.device)
+    hidden = weights[1].shape[0]
+    rows = out.shape[0]
+    x_rows, t_x_rows = (t.reshape(rows, t.shape[-1]) if t is not None else None for t in (x, t_x))
+    t_out = empty(out.shape, device=out.device, dtype=out.dtype)
+    finals = []
+    for d, (w, t_w) in enumerate(zip(_directions(weights, directions), _directions(t_weights, directions))):
+        t_w = [t if t.shape == like.shape else None for t, like in zip(t_w, w)]
+        columns = slice(d * hidden, (d + 1) * hidden)
+        previous = (torch.cat([h0[d], out[:, columns]])[steps.previous_rows(d == 1)] if t_w[1] is not None
+                    else None)
+        t_biases = [t for t in t_w[2:] if t is not None]
+        u = linear.sum_of_products([(t_x_rows, w[0]), (x_rows, t_w[0]), (previous, t_w[1])],
+                                   sum(t_biases[1:], t_biases[0]) if t_biases else None, rows, hidden, None)
+        u = u.tensor if u is not None else out.new_zeros((1, hidden)).expand(rows, hidden)  # h0' alone
+        carried = torch.zeros((steps.batch, hidden), device=out.device, dtype=state_dtype(out.dtype))
+        if t_h0 is not None:
+            carried.copy_(dense.forward(Rows.of(t_h0[d]), w[1], None, None, 0.0, False)[0])
+        rnn_sequence.backward(u, out[:, columns], w[1].t().contiguous(), t_out[:, columns], carried,
+                              steps.sizes_on_device, steps.offsets_on_device, activation, reverse=d == 0)
+        finals.append(t_out[_final_rows(steps, d == 1), columns] if rows else
+                      (t_h0[d] if t_h0 is not None else h0.new_zeros(h0.shape[1:])))
+    return t_out, torch.stack(finals)
+
+
+def _final_rows(steps: Steps, reverse: bool) -> torch.Tensor | slice:
+    """The rows of the output that hold each batch row's final state: its last step's (step 0's in reverse)."""
+    if reverse:
+        return slice(0, steps.batch)
+    sizes = steps.batch_sizes.tolist()
+    offsets = list(itertools.accumulate(sizes, initial=0))
+    ends = [offsets[t] + row for t in reversed(range(len(sizes)))
+            for row in range(sizes[t + 1] if t + 1 < len(sizes) else 0, sizes[t])]
+    return torch.tensor(ends, dtype=torch.int64).to(steps.sizes_on_device.device)
+
+
+def _rnn_layer_tangent_fake(x, h0, batch_sizes, activation, directions, weights, out, t_x, t_h0, t_weights):
+    return out.new_empty(out.shape), h0.new_empty(h0.shape)
+
+
+rnn_layer_tangent = Op("rnn_layer_tangent", _rnn_layer_tangent, _rnn_layer_tangent_fake)
+
+
+def _jvp(args, outputs, tangents):
+    """Forward mode's rule: rnn_layer_tangent's (an empty tensor standing in for a weight's missing tangent)."""
+    x, h0, batch_sizes, activation, directions, weights = args
+    t_x, t_h0, *_, t_weights = tangents
+    if t_x is None and t_h0 is None and all(t is None for t in t_weights):
+        return None, None
+    t_weights = [t if t is not None else nothing(w) for t, w in zip(t_weights, weights)]
+    return rnn_layer_tangent(x, h0, batch_sizes, activation, directions, weights, outputs[0], t_x, t_h0, t_weights)
+
+
 rnn_layer_backward = Op("rnn_layer_backward", _rnn_layer_backward, _rnn_layer_backward_fake, groups=11,
                         fold=Fold(lambda args, dims: _folds(args[5], dims[8]), _fold_layer_backward))
 rnn_layer = Op("rnn_layer", _rnn_layer, _rnn_layer_fake, _setup_context, _backward,
-               fold=Fold(lambda args, dims: _folds(args[2], dims[5]), _fold_layer))
+               fold=Fold(lambda args, dims: _folds(args[2], dims[5]), _fold_layer), jvp=_jvp)
