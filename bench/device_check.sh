@@ -74,14 +74,15 @@ stage install 30 "$python" -m pip install --no-deps --no-build-isolation --no-in
 # smoke run, on one worker. A pytest stage spends about 15 s outside its tests (imports, workers, exit). A test
 # past 150 s gets its threads' tracebacks in the log (faulthandler_timeout): a hang names where it waits.
 # Two stages, so that a run cut short resumes with the half it did not finish: the layers' own tests, then
-# those of transforms and tools over them (torch.func, double backward, torch.compile, conversion, the CLI,
-# the check, the benchmark's smoke run, compile reports, distributed); a test file not listed in the second
-# is in the first.
+# those of transforms and tools over them (torch.func, forward mode, double backward, torch.compile,
+# conversion, the CLI, the check, the benchmark's smoke run, compile reports, distributed); a test file not
+# listed in the second is in the first.
 xdist=$("$python" -c 'import xdist' 2>/dev/null && echo "-n 12 --dist loadgroup")
 pytest_gpu=(env GPUNN_AUTOTUNE=0 "$python" -m pytest -v --durations=15 -p no:cacheprovider -o faulthandler_timeout=150
             $xdist)
-transform_tests=(tests/test_func.py tests/test_autodiff.py tests/test_compile.py tests/test_convert.py tests/test_cli.py
-                 tests/test_check.py tests/test_bench.py tests/test_compile_report.py tests/test_distributed.py)
+transform_tests=(tests/test_func.py tests/test_forward_mode.py tests/test_autodiff.py tests/test_compile.py
+                 tests/test_convert.py tests/test_cli.py tests/test_check.py tests/test_bench.py
+                 tests/test_compile_report.py tests/test_distributed.py)
 layer_tests=()
 for file in tests/test_*.py; do
     [[ " ${transform_tests[*]} " == *" $file "* ]] || layer_tests+=("$file")
