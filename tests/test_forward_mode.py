@@ -162,6 +162,57 @@ def test_eager_forward_over_reverse_matches_torch(device, kind):
     assert_close(results[0], results[1], DT, "the gradient's tangent")
 
 
+@pytest.mark.parametrize("shape", [(7,), (1, 7), (3, 7)])
+def test_a_bias_tangent_alone_gives_a_tangent_of_its_own(device, shape):
+    """Without an activation y' = b' broadcast: a new tensor, not a view of b' (over one row the expanded b'
+    reads as contiguous), so that an in-place change of either leaves the other alone, as in torch."""
+    x, w, b, t_b = _tensors(device, shape, (5, 7), (5,), (5,), seed=case_seed("bias alone", shape))
+    kept = t_b.clone()
+    _, tangent = torch.func.jvp(lambda bias: gpunn.functional.linear(x, w, bias), (b,), (t_b,))
+    tangent.zero_()
+    assert torch.equal(t_b, kept)
+    with forward_ad.dual_level():
+        output = gpunn.functional.linear(x, w, forward_ad.make_dual(b, t_b))
+        forward_ad.unpack_dual(output).tangent.mul_(3)
+    assert torch.equal(t_b, kept)
+
+
+@pytest.mark.parametrize("kind", LAYERS + ["rnn_cell"])
+def test_a_plain_backward_inside_a_dual_level_matches_torch(device, kind):
+    """A loss whose graph holds a dual (a jvp-based term in the same forward), then a gradient without
+    create_graph inside the dual level: the gradient, and its tangent, as torch's (the backward runs as the
+    differentiable op, whose jvp rule carries the tangent)."""
+    x, t_x, h = _tensors(device, (4, 7), (4, 7), (4, 5), seed=case_seed("plain backward", kind))
+    if kind == "rnn_cell":
+        ours = gpunn.RNNCell(7, 5).to(device, DT)
+        theirs = torch.nn.RNNCell(7, 5).to(device, DT)
+        theirs.load_state_dict(ours.state_dict())
+        layers = [(lambda t, m=m: m(t, h), m.weight_ih) for m in (ours, theirs)]
+    else:
+        w, b = (t.clone().requires_grad_() for t in _tensors(device, (5, 7), (5,), seed=1))
+        layers = [(lambda t, f=f: f(t, w, b), w) for f in _layer(kind, "gelu", device)]
+    results = []
+    for call, weight in layers:
+        with forward_ad.dual_level():
+            grad, = torch.autograd.grad(call(forward_ad.make_dual(x, t_x)).pow(2).sum(), weight)
+            results.append(forward_ad.unpack_dual(grad))
+    assert_close(results[0][0], results[1][0], DT, "gradient")
+    assert results[0][1] is not None and results[1][1] is not None
+    assert_close(results[0][1], results[1][1], DT, "the gradient's tangent")
+
+
+def test_forward_mode_under_tracing_and_vectorized_is_refused(device):
+    """torch.func.linearize (forward mode traced by make_fx, which would record the kernels' outputs as bare
+    allocations) and torch's legacy-vmap forward-mode Jacobians: NotImplementedError, not a wrong tangent or
+    torch's internal error."""
+    x, w, b = _tensors(device, (3, 7), (5, 7), (5,), seed=case_seed("linearize"))
+    layer = lambda t: gpunn.functional.linear(t, w, b, "gelu")  # noqa: E731
+    with pytest.raises(NotImplementedError, match="under a tracing mode"):
+        torch.func.linearize(layer, x)
+    with pytest.raises(NotImplementedError, match="vectorized forward-mode Jacobians"):
+        torch.autograd.functional.jacobian(layer, x, vectorize=True, strategy="forward-mode")
+
+
 def test_jacfwd_of_a_vector_function_and_a_1d_weight_match_torch(device):
     """jacfwd (vmap over jvp: the tangents fold into rows) of a 1-D input with a broadcast bias, and of a 1-D
     weight (one output, its dim dropped)."""
@@ -407,3 +458,8 @@ def test_a_further_order_over_tangents_is_refused(device):
         torch.func.jacfwd(torch.func.jacfwd(layer))(x)
     with pytest.raises(NotImplementedError, match="a second order"):
         torch.func.grad(lambda t: torch.func.jvp(layer, (t,), (torch.ones_like(t),))[1].sum())(x)
+    leaf = x.clone().requires_grad_()
+    with forward_ad.dual_level():  # eagerly: the tangent op says what it refuses
+        tangent = forward_ad.unpack_dual(layer(forward_ad.make_dual(leaf, torch.ones_like(x)))).tangent
+        with pytest.raises(NotImplementedError, match="linear_tangent: differentiating a forward-mode tangent"):
+            tangent.sum().backward()

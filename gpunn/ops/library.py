@@ -36,6 +36,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 NAMESPACE = "gpunn"
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -86,9 +87,16 @@ class Op:
         self.transform_function = _transform_function(self, setup_context)
 
     def __call__(self, *args):
-        if forward_ad._current_level >= 0 and self._forward_mode_meets(args):
+        if forward_ad._current_level >= 0 and torch.compiler.is_compiling() and _any_dual(args):
+            raise NotImplementedError(f"gpunn {self.name}: forward-mode AD in compiled code (torch.compile, or a "
+                                      f"torch.func transform of a compiled function) is not supported")
+        if forward_ad._current_level >= 0 and not torch.compiler.is_compiling() and self._forward_mode_meets(args):
             if self.jvp is None:  # the kernels see only the primal: a tangent would be dropped without a word
                 raise forward_mode_refused(self.name)
+            if _get_current_dispatch_mode() is not None:
+                # A tracer (make_fx: torch.func.linearize) would record the kernels' outputs as allocations alone
+                raise NotImplementedError(f"gpunn {self.name}: forward-mode AD under a tracing mode (torch.func."
+                                          f"linearize, make_fx) is not supported; torch.func.jvp works")
             flat, lengths = _flatten(args)
             return self.transform_function.apply(lengths, *flat)  # the form with a jvp rule (and the backward)
         if torch.compiler.is_compiling() or not _all_plain(args):
@@ -124,6 +132,11 @@ class Op:
         if transform is not None and (self.jvp is not None
                                       or transform.key() != torch._C._functorch.TransformType.Jvp):
             return False
+        if _any_legacy_batched(args):  # which unpack_dual cannot look into
+            raise NotImplementedError(f"gpunn {self.name}: vectorized forward-mode Jacobians (torch.autograd."
+                                      f"functional.jacobian or hessian with vectorize=True and a forward-mode "
+                                      f"strategy, gradcheck's check_batched_forward_grad) are not supported; "
+                                      f"torch.func.jacfwd, or vectorize=False, work")
         return _any_dual(args)
 
 
@@ -160,6 +173,11 @@ def _detached(args) -> tuple:
 
     with torch.inference_mode(False):
         return tuple([detached(t) for t in arg] if isinstance(arg, list) else detached(arg) for arg in args)
+
+
+def _any_legacy_batched(args) -> bool:
+    return any((isinstance(a, torch.Tensor) and torch._C._functorch.is_legacy_batchedtensor(a))
+               or (isinstance(a, list) and _any_legacy_batched(a)) for a in args)
 
 
 def _any_dual(args) -> bool:
@@ -234,9 +252,13 @@ def _eager_function(name: str, fn: Callable, setup_context: Callable, backward: 
 
 
 def _refused(name: str) -> Callable:
-    """A backward that refuses: a further order than gpunn's gradients take (see second_order_under_transform)."""
+    """A backward that refuses: a further order than gpunn's gradients take (see second_order_under_transform),
+    or, for a forward-mode rule's op (named *_tangent), outside the transforms, than its tangents take."""
 
     def backward(ctx, *grads):
+        if name.endswith("_tangent") and not under_transform():
+            raise NotImplementedError(f"gpunn::{name}: differentiating a forward-mode tangent (a further order) "
+                                      f"is not supported")
         raise second_order_under_transform(name)
 
     return backward

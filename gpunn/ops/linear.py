@@ -30,8 +30,8 @@ import torch
 from ..kernels import activations, dense, dense_double_backward, masked
 from ..kernels.layout import layout_of, repeated
 from ..kernels.runtime import Rows, grouped
-from .library import (Op, arrived, differentiable_backward, first_order_saved, kept, metadata_to_save, nothing,
-                      refuse_double_backward, save_for_orders, saved_metadata, saved_tensors)
+from .library import (Op, arrived, differentiable_backward, first_order_saved, forward_mode_possible, kept,
+                      metadata_to_save, nothing, refuse_double_backward, save_for_orders, saved_metadata, saved_tensors)
 
 
 def _as_rows(saved: torch.Tensor | None, dy: Rows) -> torch.Tensor | None:
@@ -205,7 +205,9 @@ def _backward(ctx, grad_output, _):
     mask = saved_metadata(ctx, "mask", mask)
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     options = ctx.options
-    if differentiable_backward(ctx):  # create_graph=True: the gradients as an op autograd can differentiate
+    # create_graph=True, or forward mode (a dual reaching a plain backward): the gradients as an op autograd
+    # can differentiate and forward mode carry a tangent through.
+    if differentiable_backward(ctx) or forward_mode_possible():
         input, weight = kept(ctx, 0, input, "linear", "input"), kept(ctx, 1, weight, "linear", "weight")
         grads = backward(grad_output, saved, input, weight, kept(ctx, 2, None, "linear", "bias"), mask,
                          options["block_n"], options["block_k"], options["activation"], options["negative_slope"],
@@ -405,7 +407,7 @@ def _tangent(input: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor | No
     layout = _layout(mask, block_n, block_k) if mask is not None else None
     t_z = sum_of_products([(t_input.reshape(rows, k) if t_input is not None else None, weight),
                             (input.reshape(rows, k), t_weight)], t_bias, rows, n, layout)
-    if activation is None and t_z.tensor.is_contiguous():  # y' = z', as the GEMM wrote it
+    if activation is None and (t_input is not None or t_weight is not None):  # y' = z', as the GEMM wrote it
         t_y = t_z.tensor
     else:
         t_y, _ = dense.grad_preactivation(t_z, _as_rows(saved, t_z), activation, True, False)

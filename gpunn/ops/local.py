@@ -137,7 +137,10 @@ def _jvp(args, outputs, tangents):
     input, weight, _, window = args
     t_input, t_weight, t_bias = tangents[:3]
     if t_input is None and t_weight is None:  # b' alone: the same for every image
-        return t_bias.view(1, *outputs[0].shape[1:]).expand(outputs[0].shape) if t_bias is not None else None
+        if t_bias is None:
+            return None
+        expanded = t_bias.view(1, *outputs[0].shape[1:]).expand(outputs[0].shape)
+        return expanded.clone(memory_format=torch.contiguous_format)  # its own tensor, not a view of b'
     return _sum(locally_connected(t_input, weight, t_bias, window) if t_input is not None else None,
                 locally_connected(input, t_weight, t_bias if t_input is None else None, window)
                 if t_weight is not None else None)

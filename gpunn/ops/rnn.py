@@ -19,7 +19,8 @@ import torch
 
 from ..kernels import rnn
 from . import linear
-from .library import Op, differentiable_backward, first_order_saved, kept, nothing, save_for_orders
+from .library import (Op, differentiable_backward, first_order_saved, forward_mode_possible, kept, nothing,
+                      save_for_orders)
 
 
 def _rnn_cell(input: torch.Tensor, hx: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
@@ -76,7 +77,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output):
-    if differentiable_backward(ctx):  # create_graph=True
+    if differentiable_backward(ctx) or forward_mode_possible():  # create_graph=True, or a dual reaching it
         return _differentiable_backward(ctx, grad_output)
     output, input, hx, weight_ih, weight_hh = first_order_saved(ctx)
     need_x, need_h, _, _, need_bih, need_bhh = ctx.needs_input_grad[:6]
