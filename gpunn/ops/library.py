@@ -287,6 +287,11 @@ def _transform_function(op: Op, setup_context: Callable | None):
     def jvp(ctx, _, *tangents):
         if op.jvp is None:
             raise forward_mode_refused(op.name)
+        if _jvp_levels() > 1:
+            # torch runs a jvp rule with forward grad off: torch ops inside one would drop an outer level's tangents
+            raise NotImplementedError(f"gpunn {op.name}: forward mode over forward mode (jvp of jvp, "
+                                      f"jacfwd(jacfwd(f))) is not supported; torch.func.hessian (jacfwd over "
+                                      f"jacrev) is")
         args, outputs = _saved_for_forward(ctx)
         results = op.jvp(_unflatten(args, ctx.lengths), outputs, _unflatten(tangents, ctx.lengths))
         results = (results,) if ctx.single_output else results
@@ -324,6 +329,12 @@ def forward_mode_possible() -> bool:
         return False
     return under_transform() and any(interpreter.key() == torch._C._functorch.TransformType.Jvp
                                      for interpreter in retrieve_all_functorch_interpreters())
+
+
+def _jvp_levels() -> int:
+    """How many torch.func jvp transforms are running (a jvp rule runs with its own still on the stack)."""
+    return sum(interpreter.key() == torch._C._functorch.TransformType.Jvp
+               for interpreter in retrieve_all_functorch_interpreters())
 
 
 _SAVED = object()  # marks, in ctx.for_forward, a value that went through save_for_forward

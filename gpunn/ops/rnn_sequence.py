@@ -32,8 +32,8 @@ import torch
 from ..kernels import dense, rnn_sequence
 from ..kernels.runtime import Rows, empty, hold_for_graphs, state_dtype
 from . import linear, rnn
-from .library import (Fold, Op, batched, first_order_saved, kept, metadata_to_save, nothing, save_for_orders,
-                      saved_metadata, under_transform)
+from .library import (Fold, Op, batched, first_order_saved, forward_mode_possible, kept, metadata_to_save, nothing,
+                      save_for_orders, saved_metadata, under_transform)
 
 
 @dataclass(frozen=True)
@@ -227,12 +227,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_hn):
     out, x, h0, batch_sizes, *weights = first_order_saved(ctx)
     batch_sizes = saved_metadata(ctx, "batch_sizes", batch_sizes)
-    # create_graph=True. Not under torch.func, whose backward runs in grad mode: the recorded steps' gradients
-    # come from torch.autograd.grad, which the transforms do not take; there the first-order op runs, and it
-    # refuses a further order.
-    if torch.is_grad_enabled() and not under_transform():
+    # create_graph=True, or eager forward mode (a dual reaching the backward: the cell's ops carry its tangent).
+    # Not under torch.func, whose backward runs in grad mode: the recorded steps' gradients come from
+    # torch.autograd.grad, which the transforms do not take; there the first-order op runs, and it refuses a
+    # further order.
+    create_graph = torch.is_grad_enabled()
+    if (create_graph or forward_mode_possible()) and not under_transform():
         x = kept(ctx, 0, x, "RNN", "input")
-        return _differentiable_backward(ctx, grad_out, grad_hn, x, h0, batch_sizes, weights)
+        with torch.enable_grad():
+            return _differentiable_backward(ctx, grad_out, grad_hn, x, h0, batch_sizes, weights, create_graph)
     if grad_out is None:  # only h_n was used
         grad_out = torch.zeros_like(out)
     grads = rnn_layer_backward(grad_out, grad_hn, out, x, h0, batch_sizes, ctx.activation, ctx.directions, weights,
@@ -269,20 +272,23 @@ def _by_steps(x: torch.Tensor, h0: torch.Tensor, sizes: list[int], activation: s
     return torch.cat(outputs, 1), torch.stack(finals)
 
 
-def _differentiable_backward(ctx, grad_out, grad_hn, x, h0, batch_sizes, weights):
-    """The gradients through _by_steps' graph, made with create_graph (see the module docstring)."""
+def _differentiable_backward(ctx, grad_out, grad_hn, x, h0, batch_sizes, weights, create_graph=True):
+    """The gradients through _by_steps' graph, made with create_graph (see the module docstring); without it
+    for forward mode alone, whose tangents the ops carry either way."""
     sizes = batch_sizes.tolist() if batch_sizes is not None else [ctx.input_shape[1]] * ctx.input_shape[0]
     # One alias per argument: a tensor passed twice (one bias as both b_ih and b_hh, one weight for both
     # directions) would otherwise get its whole gradient in each place, and autograd would add them up. A
     # needed one that autograd does not track here (torch.func.vjp's vjp_fn, called after vjp returned, runs
-    # this with grad mode on over the transform's tensors) is a leaf of its own: its gradient is a value.
-    x, h0, *weights = (t.view_as(t) if t.requires_grad else (t.clone() if t.is_inference() else t.detach())
-                       .requires_grad_(need) for t, need in zip((x, h0, *weights), ctx.needs))
+    # this with grad mode on over the transform's tensors) is a leaf of its own: its gradient is a value. One
+    # neither needed nor tracked stays as it is (detached, a dual would lose its tangent).
+    x, h0, *weights = (t.view_as(t) if t.requires_grad else t if not need else
+                       (t.clone() if t.is_inference() else t.detach()).requires_grad_()
+                       for t, need in zip((x, h0, *weights), ctx.needs))
     out, h_n = _by_steps(x.reshape(-1, x.shape[-1]), h0, sizes, ctx.activation, ctx.directions, weights)
     pairs = [(t, g) for t, g in ((out, grad_out), (h_n, grad_hn)) if g is not None]
     wanted = [t for t, need in zip((x, h0, *weights), ctx.needs) if need]
-    grads = iter(torch.autograd.grad([t for t, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
-                                     allow_unused=True))
+    grads = iter(torch.autograd.grad([t for t, _ in pairs], wanted, [g for _, g in pairs],
+                                     create_graph=create_graph, allow_unused=True))
     results = []
     for like, need in zip((x, h0, *weights), ctx.needs):
         grad = next(grads) if need else None
@@ -379,6 +385,7 @@ def _rnn_layer_tangent(x: torch.Tensor, h0: torch.Tensor, batch_sizes: torch.Ten
         u = linear.sum_of_products([(t_x_rows, w[0]), (x_rows, t_w[0]), (previous, t_w[1])],
                                    sum(t_biases[1:], t_biases[0]) if t_biases else None, rows, hidden, None)
         u = u.tensor if u is not None else out.new_zeros((1, hidden)).expand(rows, hidden)  # h0' alone
+        u = u if u.stride(-1) == 1 else u.contiguous()  # the kernel reads rows at column stride 1 (a strided b')
         carried = torch.zeros((steps.batch, hidden), device=out.device, dtype=state_dtype(out.dtype))
         if t_h0 is not None:
             carried.copy_(dense.forward(Rows.of(t_h0[d]), w[1], None, None, 0.0, False)[0])
