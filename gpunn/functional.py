@@ -16,7 +16,7 @@ from .kernels.runtime import triton_runs_on
 from .losses import cross_entropy, mse_loss  # noqa: F401  (public here too, as in torch.nn.functional)
 from .masks import as_pair, as_single, padding_sides
 from .ops import linear as ops_linear, local as ops_local, rnn as ops_rnn, rnn_sequence as ops_rnn_sequence
-from .ops.library import forward_mode_possible, requires_grad_within
+from .ops.library import forward_mode_reaches, requires_grad_within
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -136,7 +136,7 @@ def _linear_op(input, weight, bias, activation, negative_slope, mask, block):
     # When autograd records the call, or forward mode may run, and the activation's derivative cannot be had
     # from the output, the forward kernel also writes act'(z) for backward (or the tangent).
     differentiated = (torch.is_grad_enabled() and any(requires_grad_within(t) for t in (input, weight, bias))
-                      or forward_mode_possible())
+                      or forward_mode_reaches(input, weight, bias))
     save_derivative = differentiated and activation_grad_source(activation) == GRAD_FROM_SAVED.value
     return ops_linear.linear(input, weight, bias, mask, *block, activation, float(negative_slope), save_derivative,
                              0)[0]

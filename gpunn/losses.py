@@ -10,7 +10,7 @@ import torch
 from . import autocast
 from .kernels import cross_entropy_double_backward as second_order, losses as kernels
 from .kernels.runtime import capturing, group_rows, grouped, triton_runs_on
-from .ops.library import Op, arrived, nothing, refuse_double_backward, requires_grad_within, saved_tensors
+from .ops.library import Op, arrived, nothing, refuse_double_backward, requires_grad_within, saved_tensors, sum_of
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -146,12 +146,10 @@ def _cross_entropy_backward_jvp(args, outputs, tangents):
     grad, logits, target, weight, ignore_index, smoothing, stats, reduction, totals, _ = args
     t_grad, t_logits = tangents[:2]
     _refuse_weight_tangent(tangents[3])
-    terms = [_cross_entropy_backward_tangent(grad, logits, target, weight, ignore_index, smoothing, stats, reduction,
-                                             totals, t_logits) if t_logits is not None else None,
-             _cross_entropy_backward(t_grad, logits, target, weight, ignore_index, smoothing, stats, reduction, totals,
-                                     0) if t_grad is not None else None]
-    terms = [term for term in terms if term is not None]
-    return sum(terms[1:], terms[0]) if terms else None
+    return sum_of(_cross_entropy_backward_tangent(grad, logits, target, weight, ignore_index, smoothing, stats,
+                                                  reduction, totals, t_logits) if t_logits is not None else None,
+                  _cross_entropy_backward(t_grad, logits, target, weight, ignore_index, smoothing, stats, reduction,
+                                          totals, 0) if t_grad is not None else None)
 
 
 def _cross_entropy_backward_tangent_impl(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
@@ -478,7 +476,7 @@ def _mse_backward_jvp(args, outputs, tangents):
         terms.append(_mse_loss_backward(t_grad, input, target, reduction, input_grad, target_grad, 0))
     if not terms:
         return None, None
-    return tuple(sum(column[1:], column[0]) for column in zip(*terms))  # the placeholders add to themselves
+    return tuple(sum_of(*column) for column in zip(*terms))  # the placeholders add to themselves
 
 
 _mse_loss_backward = Op("mse_loss_backward", _mse_loss_backward_impl, _mse_loss_backward_fake,

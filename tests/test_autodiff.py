@@ -1,9 +1,8 @@
 """Autodiff past first-order reverse mode. Double backward (create_graph=True) through the dense and
 masked layers and the losses, and every order through the locally connected layers, against torch.nn in
 float64: gradient penalties, Hessian-vector products, gradients of input gradients. What the kernels do not
-implement (forward mode over class probabilities and gpunn.RNN's backward (tests/test_forward_mode.py), double backward
-through the recurrent layers, a third order through the dense and masked layers) is refused rather than its
-tangents or terms dropped."""
+implement (forward mode through class probabilities and over gpunn.RNN's backward: tests/test_forward_mode.py;
+a third order through the dense and masked layers) is refused rather than its tangents or terms dropped."""
 from __future__ import annotations
 
 import gc
@@ -482,12 +481,10 @@ def test_forward_mode_without_a_rule_is_refused_before_any_launch(device, grad_m
     """The cross-entropy over class probabilities (every layer and the other losses take forward mode:
     tests/test_forward_mode.py)."""
     x = torch.randn(2, 3, device=device)
-    calls = [lambda t: gpunn.functional.cross_entropy(t, x.softmax(1))]
-    for call in calls:
-        with grad_mode(), forward_ad.dual_level(), count_launches() as launches:
-            with pytest.raises(NotImplementedError, match="forward-mode AD"):
-                call(forward_ad.make_dual(x, torch.ones_like(x)))
-        assert launches == {}
+    with grad_mode(), forward_ad.dual_level(), count_launches() as launches:
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            gpunn.functional.cross_entropy(forward_ad.make_dual(x, torch.ones_like(x)), x.softmax(1))
+    assert launches == {}
 
 
 # The locally connected layers: (N, C, H, W) -> O channels, kernel, stride, padding; odd sizes.

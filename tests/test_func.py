@@ -1,8 +1,7 @@
 """torch.func's transforms over gpunn's layers and losses (grad, vjp, jacrev, vmap and their compositions:
 per-sample gradients, model ensembles), against torch in float64 computed without the transforms, sample by
-sample. What gpunn does not implement under them (a second order, forward mode beyond the dense and masked
-layers (tests/test_forward_mode.py), torch's legacy batched gradients) is refused with a NotImplementedError
-rather than run wrong."""
+sample. What gpunn does not implement under them (a second order, some forward mode: tests/test_forward_mode.py,
+torch's legacy batched gradients) is refused with a NotImplementedError rather than run wrong."""
 from __future__ import annotations
 
 import itertools

@@ -22,8 +22,8 @@ each sample apart: Op's `groups`; an op may bring a fold of its own, as the RNN'
 otherwise runs the op once per sample. Each transform's rule unwraps its own tensors, so the kernels still
 see plain ones. Forward mode (torch.func.jvp and eager dual tensors alike) runs an op's jvp rule where it has
 one (Op's `jvp`), through the same Function. A second order under the transforms is refused (the first-order
-backward ops are not differentiable there), as are forward mode through an op without a jvp rule and torch's
-legacy batched gradients (is_grads_batched). A call
+backward ops are not differentiable there), as are forward mode through an op without a jvp rule, forward
+mode over forward mode, and torch's legacy batched gradients (is_grads_batched). A call
 under no_grad inside a grad-type transform is detached (see Op.__call__), and a backward run after its
 transform ended reads the saved tensors unwrapped (saved_tensors).
 """
@@ -36,7 +36,6 @@ from typing import Callable, NamedTuple
 import torch
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 NAMESPACE = "gpunn"
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -87,13 +86,10 @@ class Op:
         self.transform_function = _transform_function(self, setup_context)
 
     def __call__(self, *args):
-        if forward_ad._current_level >= 0 and torch.compiler.is_compiling() and _any_dual(args):
-            raise NotImplementedError(f"gpunn {self.name}: forward-mode AD in compiled code (torch.compile, or a "
-                                      f"torch.func transform of a compiled function) is not supported")
         if forward_ad._current_level >= 0 and not torch.compiler.is_compiling() and self._forward_mode_meets(args):
             if self.jvp is None:  # the kernels see only the primal: a tangent would be dropped without a word
                 raise forward_mode_refused(self.name)
-            if _get_current_dispatch_mode() is not None:
+            if _tracing():
                 # A tracer (make_fx: torch.func.linearize) would record the kernels' outputs as allocations alone
                 raise NotImplementedError(f"gpunn {self.name}: forward-mode AD under a tracing mode (torch.func."
                                           f"linearize, make_fx) is not supported; torch.func.jvp works")
@@ -108,8 +104,8 @@ class Op:
             if not torch.is_grad_enabled() and _grad_without_forward_mode():
                 # torch.func's grad rule runs a Function's forward with grad mode on, so every autograd around the
                 # transform would record a call made under no_grad (where torch's layers are constants): what any
-                # of them tracks is detached. (Not under forward mode, which no_grad does not stop: detached, a
-                # tangent would be dropped where the Function's jvp rule refuses it.)
+                # of them tracks is detached. (Not under forward mode, which no_grad does not stop: detaching
+                # would drop the tangent its jvp rule carries.)
                 args = _detached(args)
             function = self.transform_function
         elif torch.is_grad_enabled() and _any_requires_grad(args):
@@ -281,8 +277,10 @@ def _transform_function(op: Op, setup_context: Callable | None):
     def setup(ctx, inputs, output):
         lengths, *flat = inputs
         _setup_flat(ctx, lengths, _unflatten(flat, lengths), output, setup_context)
-        if op.jvp is not None and forward_mode_possible():
+        if op.jvp is not None and forward_ad._current_level >= 0:
+            # (torch.func's jvp runs this at each level, with the tangents out of sight beneath its own)
             _save_for_forward(ctx, flat, output)
+            ctx.took_duals = not under_transform() and _any_dual(flat)
 
     def jvp(ctx, _, *tangents):
         if op.jvp is None:
@@ -321,14 +319,25 @@ def _transform_function(op: Op, setup_context: Callable | None):
         jvp=staticmethod(jvp), vmap=staticmethod(vmap)))
 
 
-def forward_mode_possible() -> bool:
-    """Whether forward-mode AD may be running: a dual level (torch.autograd.forward_ad's) or torch.func's jvp."""
-    if forward_ad._current_level >= 0:
-        return True
-    if torch.compiler.is_compiling():  # compiled code runs under no transform (and dynamo cannot trace the query)
+def forward_mode_reaches(*tensors) -> bool:
+    """Whether forward-mode AD may reach a call on these tensors (lists included): torch.func's jvp running, or,
+    outside the transforms, a dual tensor among them (an open dual level alone changes nothing)."""
+    if forward_ad._current_level < 0 or torch.compiler.is_compiling():  # (dynamo cannot trace the queries)
         return False
-    return under_transform() and any(interpreter.key() == torch._C._functorch.TransformType.Jvp
-                                     for interpreter in retrieve_all_functorch_interpreters())
+    return _jvp_levels() > 0 if under_transform() else _any_dual(tensors)
+
+
+def took_duals(ctx, *tensors) -> bool:
+    """Whether eager forward mode reaches a backward: its forward took dual tensors (the transform Function's
+    setup records it) or one of `tensors` (a gradient arriving) is one. The dense, masked and recurrent layers'
+    backward then runs as their differentiable op, whose jvp rule gives the gradient its tangent."""
+    return forward_ad._current_level >= 0 and (getattr(ctx, "took_duals", False) or _any_dual(tensors))
+
+
+def _tracing() -> bool:
+    """Whether make_fx traces (its proxy mode, or a fake mode, is active), not a pass-through dispatch mode."""
+    return any(torch._C._get_dispatch_mode(key) is not None
+               for key in (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE))
 
 
 def _jvp_levels() -> int:
@@ -444,7 +453,7 @@ def _unrecorded_or_plain(op: Op, args: list, splits: bool) -> bool:
     if not splits or op.function is None:
         return True
     # Forward mode (jacfwd(jacrev(f))) runs the op's jvp rule, which takes sums over all rows and one weight too.
-    return not (torch.is_grad_enabled() and _any_requires_grad(args, within=True)) and not forward_mode_possible()
+    return not (torch.is_grad_enabled() and _any_requires_grad(args, within=True)) and not _jvp_levels()
 
 
 class Fold(NamedTuple):
@@ -543,6 +552,12 @@ def _sample(args, in_dims, i: int | None, device=None) -> list:
 
     return [arg if dim is None else one(arg, dim) if isinstance(arg, torch.Tensor) else _sample(arg, dim, i, device)
             for arg, dim in zip(args, in_dims)]
+
+
+def sum_of(*terms):
+    """The sum of the terms not None, by torch (None where every one is): a jvp rule's terms."""
+    terms = [term for term in terms if term is not None]
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 def forward_mode_refused(op: str) -> NotImplementedError:

@@ -30,8 +30,9 @@ import torch
 from ..kernels import activations, dense, dense_double_backward, masked
 from ..kernels.layout import layout_of, repeated
 from ..kernels.runtime import Rows, grouped
-from .library import (Op, arrived, differentiable_backward, first_order_saved, forward_mode_possible, kept,
-                      metadata_to_save, nothing, refuse_double_backward, save_for_orders, saved_metadata, saved_tensors)
+from .library import (Op, arrived, differentiable_backward, first_order_saved, kept,
+                      metadata_to_save, nothing, refuse_double_backward, save_for_orders, saved_metadata, saved_tensors,
+                      took_duals)
 
 
 def _as_rows(saved: torch.Tensor | None, dy: Rows) -> torch.Tensor | None:
@@ -207,7 +208,7 @@ def _backward(ctx, grad_output, _):
     options = ctx.options
     # create_graph=True, or forward mode (a dual reaching a plain backward): the gradients as an op autograd
     # can differentiate and forward mode carry a tangent through.
-    if differentiable_backward(ctx) or forward_mode_possible():
+    if differentiable_backward(ctx) or took_duals(ctx, grad_output):
         input, weight = kept(ctx, 0, input, "linear", "input"), kept(ctx, 1, weight, "linear", "weight")
         grads = backward(grad_output, saved, input, weight, kept(ctx, 2, None, "linear", "bias"), mask,
                          options["block_n"], options["block_k"], options["activation"], options["negative_slope"],

@@ -14,7 +14,8 @@ gradient is one of them again: derivatives of every order (create_graph=True) ru
 With z = forward(x, W) + b:
     grad_input(dz, W)  = dx    gives g_dz = forward(g_dx, W), g_W = grad_weight(g_dx, dz)
     grad_weight(x, dz) = dW    gives g_dz = forward(x, g_dW) + g_db, g_x = grad_input(dz, g_dW)
-Forward mode (jvp) likewise: each op's tangent is the sum of the op over each tangent and the other operand.
+Forward mode (jvp, first order) likewise: each op's tangent is the sum of the op over each tangent and the
+other operand.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from ..kernels import local
 from ..kernels.local import Geometry
 from ..kernels.runtime import grouped
-from .library import Op, arrived, nothing, saved_tensors
+from .library import Op, arrived, nothing, saved_tensors, sum_of
 
 
 def _locally_connected(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -130,8 +131,7 @@ def _grad_weight_backward(ctx, grad_dw, grad_db):
 
 
 # Forward mode's rules (library.Op's jvp): each op is bilinear, so its tangent is the sum of the op over one
-# tangent and the other operand, term by term (every order of forward mode, as of reverse, runs on the three
-# kernels; the terms are added by torch).
+# tangent and the other operand, term by term (added by torch).
 
 def _jvp(args, outputs, tangents):
     input, weight, _, window = args
@@ -141,7 +141,7 @@ def _jvp(args, outputs, tangents):
             return None
         expanded = t_bias.view(1, *outputs[0].shape[1:]).expand(outputs[0].shape)
         return expanded.clone(memory_format=torch.contiguous_format)  # its own tensor, not a view of b'
-    return _sum(locally_connected(t_input, weight, t_bias, window) if t_input is not None else None,
+    return sum_of(locally_connected(t_input, weight, t_bias, window) if t_input is not None else None,
                 locally_connected(input, t_weight, t_bias if t_input is None else None, window)
                 if t_weight is not None else None)
 
@@ -149,7 +149,7 @@ def _jvp(args, outputs, tangents):
 def _grad_input_jvp(args, outputs, tangents):
     grad_output, weight, input_size, window = args
     t_grad_output, t_weight = tangents[:2]
-    return _sum(grad_input(t_grad_output, weight, input_size, window) if t_grad_output is not None else None,
+    return sum_of(grad_input(t_grad_output, weight, input_size, window) if t_grad_output is not None else None,
                 grad_input(grad_output, t_weight, input_size, window) if t_weight is not None else None)
 
 
@@ -161,15 +161,9 @@ def _grad_weight_jvp(args, outputs, tangents):
     if t_grad_output is not None:  # dW' = dW(x, dz') + dW(x', dz); db' = db(dz')
         t_dw, t_db = grad_weight(input, t_grad_output, input_size, weight_shape, window, bias_grad, 0)
     if t_input is not None and input is not None:
-        t_dw = _sum(t_dw if t_grad_output is not None else None,
+        t_dw = sum_of(t_dw if t_grad_output is not None else None,
                     grad_weight(t_input, grad_output, input_size, weight_shape, window, False, 0)[0])
     return t_dw, t_db
-
-
-def _sum(*terms):
-    """The sum of the terms not None (None where every one is)."""
-    terms = [term for term in terms if term is not None]
-    return sum(terms[1:], terms[0]) if terms else None
 
 
 # Under torch.func.vmap over their batch arguments (the input, grad_output) alone, these fold the samples into

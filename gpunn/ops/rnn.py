@@ -19,8 +19,7 @@ import torch
 
 from ..kernels import rnn
 from . import linear
-from .library import (Op, differentiable_backward, first_order_saved, forward_mode_possible, kept, nothing,
-                      save_for_orders)
+from .library import Op, differentiable_backward, first_order_saved, kept, nothing, save_for_orders, took_duals
 
 
 def _rnn_cell(input: torch.Tensor, hx: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
@@ -77,7 +76,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output):
-    if differentiable_backward(ctx) or forward_mode_possible():  # create_graph=True, or a dual reaching it
+    if differentiable_backward(ctx) or took_duals(ctx, grad_output):  # create_graph=True, or a dual reaching it
         return _differentiable_backward(ctx, grad_output)
     output, input, hx, weight_ih, weight_hh = first_order_saved(ctx)
     need_x, need_h, _, _, need_bih, need_bhh = ctx.needs_input_grad[:6]

@@ -32,8 +32,8 @@ import torch
 from ..kernels import dense, rnn_sequence
 from ..kernels.runtime import Rows, empty, hold_for_graphs, state_dtype
 from . import linear, rnn
-from .library import (Fold, Op, batched, first_order_saved, forward_mode_possible, kept, metadata_to_save, nothing,
-                      save_for_orders, saved_metadata, under_transform)
+from .library import (Fold, Op, batched, first_order_saved, kept, metadata_to_save, nothing, save_for_orders,
+                      saved_metadata, sum_of, took_duals, under_transform)
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class Steps:
     sizes_on_device: torch.Tensor
     offsets_on_device: torch.Tensor
     _previous: dict = field(default_factory=dict, compare=False)  # reverse -> previous_rows
+    _final: list = field(default_factory=list, compare=False)  # [final_rows(False)] once built
 
     @staticmethod
     def of(batch_sizes: torch.Tensor | None, shape: list[int], device: torch.device) -> "Steps":
@@ -91,6 +92,21 @@ class Steps:
             index = torch.where(has, self.batch + offsets[neighbour] + row_in_step, row_in_step)
             self._previous[reverse] = index.to(self.sizes_on_device.device, non_blocking=True)
         return self._previous[reverse]
+
+
+    def final_rows(self, reverse: bool) -> torch.Tensor | slice:
+        """The rows of the output that hold each batch row's final state: its last step's (step 0's in
+        reverse). On the device, built once."""
+        if reverse:
+            return slice(0, self.batch)
+        if not self._final:
+            sizes = self.batch_sizes.tolist()
+            offsets = list(itertools.accumulate(sizes, initial=0))
+            ends = [offsets[t] + row for t in reversed(range(len(sizes)))
+                    for row in range(sizes[t + 1] if t + 1 < len(sizes) else 0, sizes[t])]
+            self._final.append(torch.tensor(ends, dtype=torch.int64).to(self.sizes_on_device.device,
+                                                                         non_blocking=True))
+        return self._final[0]
 
 
 _STEPS: collections.OrderedDict = collections.OrderedDict()  # (device, batch sizes) -> Steps
@@ -232,7 +248,7 @@ def _backward(ctx, grad_out, grad_hn):
     # torch.autograd.grad, which the transforms do not take; there the first-order op runs, and it refuses a
     # further order.
     create_graph = torch.is_grad_enabled()
-    if (create_graph or forward_mode_possible()) and not under_transform():
+    if (create_graph or took_duals(ctx, grad_out, grad_hn)) and not under_transform():
         x = kept(ctx, 0, x, "RNN", "input")
         with torch.enable_grad():
             return _differentiable_backward(ctx, grad_out, grad_hn, x, h0, batch_sizes, weights, create_graph)
@@ -360,7 +376,7 @@ def _fold_layer_backward(samples: int, args: list, dims: list) -> tuple:
 
 # Forward mode. A direction's tangent obeys h'_t = act'(z_t) (u_t + h'_{t-1} W_hh^T), where
 # u_t = x'_t W_ih^T + x_t W_ih'^T + h_{t-1} W_hh'^T + b_ih' + b_hh' takes only what forward computed: one GEMM
-# over every step. That recurrence is backward through time's, dz_t = act'(z_t) (dout_t + dh) with
+# over every step of the direction. That recurrence is backward through time's, dz_t = act'(z_t) (dout_t + dh) with
 # dh = dz_t W_hh carried, run the other way in time over W_hh^T: the backward kernel computes it, with u as
 # dout, h'_t as dz and h'_0 W_hh^T as the carried dh it starts from (rows that start later, a packed reverse
 # direction's, keep it until then).
@@ -381,9 +397,8 @@ def _rnn_layer_tangent(x: torch.Tensor, h0: torch.Tensor, batch_sizes: torch.Ten
         columns = slice(d * hidden, (d + 1) * hidden)
         previous = (torch.cat([h0[d], out[:, columns]])[steps.previous_rows(d == 1)] if t_w[1] is not None
                     else None)
-        t_biases = [t for t in t_w[2:] if t is not None]
-        u = linear.sum_of_products([(t_x_rows, w[0]), (x_rows, t_w[0]), (previous, t_w[1])],
-                                   sum(t_biases[1:], t_biases[0]) if t_biases else None, rows, hidden, None)
+        u = linear.sum_of_products([(t_x_rows, w[0]), (x_rows, t_w[0]), (previous, t_w[1])], sum_of(*t_w[2:]),
+                                   rows, hidden, None)
         u = u.tensor if u is not None else out.new_zeros((1, hidden)).expand(rows, hidden)  # h0' alone
         u = u if u.stride(-1) == 1 else u.contiguous()  # the kernel reads rows at column stride 1 (a strided b')
         carried = torch.zeros((steps.batch, hidden), device=out.device, dtype=state_dtype(out.dtype))
@@ -391,20 +406,9 @@ def _rnn_layer_tangent(x: torch.Tensor, h0: torch.Tensor, batch_sizes: torch.Ten
             carried.copy_(dense.forward(Rows.of(t_h0[d]), w[1], None, None, 0.0, False)[0])
         rnn_sequence.backward(u, out[:, columns], w[1].t().contiguous(), t_out[:, columns], carried,
                               steps.sizes_on_device, steps.offsets_on_device, activation, reverse=d == 0)
-        finals.append(t_out[_final_rows(steps, d == 1), columns] if rows else
+        finals.append(t_out[steps.final_rows(d == 1), columns] if rows else
                       (t_h0[d] if t_h0 is not None else h0.new_zeros(h0.shape[1:])))
     return t_out, torch.stack(finals)
-
-
-def _final_rows(steps: Steps, reverse: bool) -> torch.Tensor | slice:
-    """The rows of the output that hold each batch row's final state: its last step's (step 0's in reverse)."""
-    if reverse:
-        return slice(0, steps.batch)
-    sizes = steps.batch_sizes.tolist()
-    offsets = list(itertools.accumulate(sizes, initial=0))
-    ends = [offsets[t] + row for t in reversed(range(len(sizes)))
-            for row in range(sizes[t + 1] if t + 1 < len(sizes) else 0, sizes[t])]
-    return torch.tensor(ends, dtype=torch.int64).to(steps.sizes_on_device.device)
 
 
 def _rnn_layer_tangent_fake(x, h0, batch_sizes, activation, directions, weights, out, t_x, t_h0, t_weights):
