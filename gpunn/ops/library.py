@@ -118,7 +118,6 @@ class Op:
         flat, lengths = _flatten(args)
         return function.apply(lengths, *flat)
 
-
     def _forward_mode_meets(self, args) -> bool:
         """Whether eager forward mode (a dual level) meets this call, to be run here, or refused before any launch
         where the op has no jvp rule: a dual argument, outside the transforms or right under torch.func's jvp
