@@ -30,9 +30,8 @@ import torch
 from ..kernels import activations, dense, dense_double_backward, masked
 from ..kernels.layout import layout_of, repeated
 from ..kernels.runtime import Rows, grouped
-from .library import (Op, arrived, differentiable_backward, first_order_saved, kept,
-                      metadata_to_save, nothing, refuse_double_backward, save_for_orders, saved_metadata, saved_tensors,
-                      took_duals)
+from .library import (Op, arrived, differentiable_backward, first_order_saved, kept, metadata_to_save, nothing,
+                      refuse_double_backward, save_for_orders, saved_metadata, saved_tensors, took_duals)
 
 
 def _as_rows(saved: torch.Tensor | None, dy: Rows) -> torch.Tensor | None:
@@ -159,16 +158,22 @@ def _linear_fake(input, weight, bias, mask, block_n, block_k, activation, negati
 def _setup_context(ctx, inputs, output):
     input, weight, bias, mask, block_n, block_k, activation, negative_slope, *_ = inputs
     need_input, need_weight = ctx.needs_input_grad[:2]
-    grad_from = activations.grad_source(activation)
-    saved = {activations.GRAD_FROM_OUTPUT.value: output[0], activations.GRAD_FROM_SAVED.value: output[1]}
     # What double backward needs beyond first order (see the module docstring): the weight and bias (free: a
     # layer holds them anyway), and the input where z must be recomputed and first order does not save it.
-    save_for_orders(ctx, (input if need_weight else None, weight if need_input else None, saved.get(grad_from),
+    save_for_orders(ctx, (input if need_weight else None, weight if need_input else None,
+                          _derivative_source(activation, *output),
                           metadata_to_save(ctx, "mask", mask)),
                     (input if activation is not None and not need_weight else None, weight if not need_input else None,
                      bias))
     ctx.options = dict(block_n=block_n, block_k=block_k, activation=activation, negative_slope=negative_slope)
     ctx.weight_shape = list(weight.shape)
+
+
+def _derivative_source(activation: str | None, output: torch.Tensor, derivative: torch.Tensor) -> torch.Tensor | None:
+    """What act'(z) comes from, of the forward's (output, act'(z) or its placeholder): the output, act'(z), or
+    None where act' needs nothing (activations.grad_source)."""
+    source = activations.grad_source(activation)
+    return {activations.GRAD_FROM_OUTPUT.value: output, activations.GRAD_FROM_SAVED.value: derivative}.get(source)
 
 
 def _first_order(grad_output, saved, input, weight, mask, weight_shape, block_n, block_k, activation, need_input,
@@ -226,9 +231,8 @@ def _jvp(args, outputs, tangents):
     t_input, t_weight, t_bias = tangents[:3]
     if t_input is None and t_weight is None and t_bias is None:
         return None, None
-    output, derivative = outputs
-    grad_from = activations.grad_source(activation)
-    saved = {activations.GRAD_FROM_OUTPUT.value: output, activations.GRAD_FROM_SAVED.value: derivative}.get(grad_from)
+    output = outputs[0]
+    saved = _derivative_source(activation, *outputs)
     if saved is not None and saved.numel() != output.numel():
         raise RuntimeError(f"gpunn linear: forward mode through {activation} needs act'(z), which its forward did "
                            f"not save (it did not see forward mode)")

@@ -19,7 +19,8 @@ import torch
 
 from ..kernels import rnn
 from . import linear
-from .library import Op, differentiable_backward, first_order_saved, kept, nothing, save_for_orders, took_duals
+from .library import (Op, differentiable_backward, first_order_saved, kept, nothing, save_for_orders, sum_of,
+                      took_duals)
 
 
 def _rnn_cell(input: torch.Tensor, hx: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
@@ -117,7 +118,7 @@ def _jvp(args, outputs, tangents):
     t_joined_input, t_joined_weight = (
         torch.cat([t if t is not None else torch.zeros_like(like) for t, like in pair], 1)
         if any(t is not None for t, _ in pair) else None for pair in pairs)
-    t_bias = t_bias_ih if t_bias_hh is None else t_bias_hh if t_bias_ih is None else t_bias_ih + t_bias_hh
+    t_bias = sum_of(t_bias_ih, t_bias_hh)
     if t_joined_input is None and t_joined_weight is None and t_bias is None:
         return None
     return linear.tangent(torch.cat([input, hx], 1), torch.cat([weight_ih, weight_hh], 1), outputs[0], None, 0, 0,

@@ -93,6 +93,10 @@ class Steps:
             self._previous[reverse] = index.to(self.sizes_on_device.device, non_blocking=True)
         return self._previous[reverse]
 
+    def previous_states(self, h0: torch.Tensor, out: torch.Tensor, reverse: bool) -> torch.Tensor:
+        """(rows, H): the state each row's step started from, of one direction's h0 (B, H) and output (rows,
+        H)."""
+        return torch.cat([h0, out])[self.previous_rows(reverse)]
 
     def final_rows(self, reverse: bool) -> torch.Tensor | slice:
         """The rows of the output that hold each batch row's final state: its last step's (step 0's in
@@ -218,7 +222,7 @@ def _rnn_layer_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor | None, ou
     for d in range(directions):
         if need_weight[d][1]:
             columns = slice(d * hidden, (d + 1) * hidden)
-            previous = torch.cat([h0[d], out[:, columns]])[steps.previous_rows(d == 1)]
+            previous = steps.previous_states(h0[d], out[:, columns], d == 1)
             grads[d * per + 1] = dense.grad_weight(Rows.of(dz_grouped[..., columns]), Rows.of(by_group(previous)),
                                                    (hidden, hidden), groups)
     return [dx, torch.stack(dh0) if needs[1] else nothing(out), *grads]
@@ -395,8 +399,7 @@ def _rnn_layer_tangent(x: torch.Tensor, h0: torch.Tensor, batch_sizes: torch.Ten
     for d, (w, t_w) in enumerate(zip(_directions(weights, directions), _directions(t_weights, directions))):
         t_w = [t if t.shape == like.shape else None for t, like in zip(t_w, w)]
         columns = slice(d * hidden, (d + 1) * hidden)
-        previous = (torch.cat([h0[d], out[:, columns]])[steps.previous_rows(d == 1)] if t_w[1] is not None
-                    else None)
+        previous = steps.previous_states(h0[d], out[:, columns], d == 1) if t_w[1] is not None else None
         u = linear.sum_of_products([(t_x_rows, w[0]), (x_rows, t_w[0]), (previous, t_w[1])], sum_of(*t_w[2:]),
                                    rows, hidden, None)
         u = u.tensor if u is not None else out.new_zeros((1, hidden)).expand(rows, hidden)  # h0' alone
