@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 OPS = ("dense", "masked", "local2d", "local1d", "rnn", "rnn_cell", "xent", "mse", "sgd", "mlp_step", "penalty_step",
-       "per_sample", "ensemble")
+       "per_sample", "ensemble", "forward_mode")
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "tanh", "sigmoid", "silu")
 DTYPE_CHOICES = ("bf16", "fp16", "fp32", "all")
 
@@ -33,7 +33,10 @@ and torch.func: per-sample gradients (op per_sample: vmap(grad(loss)) over a bat
 with ReLU, per_sample[mlp], and of an RNN over each sample's sequence, per_sample[rnn]) and an ensemble of
 the MLP's members (op ensemble: vmap over their stacked weights, forward and every member's gradients)
 against the same torch.func calls over torch's layers (for the RNN, its parameters a step at a time in
-torch ops: torch.nn.RNN does not take vmap); all in this process.
+torch ops: torch.nn.RNN does not take vmap); and forward-mode AD (op forward_mode: torch.func.jvp of that
+MLP with GELU, jvp[mlp], and of an RNN's output sequence, jvp[rnn], along a random direction in the input
+and every parameter; the MLP's Hessian-vector product as jvp of grad, hvp[mlp]) against the same calls over
+torch's layers; all in this process.
 Ceilings are measured first (a bf16 matmul for TFLOP/s, a device copy for GB/s); each result reports time
 (median of triton.testing.do_bench, with p20/p80), TFLOP/s, GB/s, fractions of the ceilings, peak memory
 (CUDA) and its speedup over torch eager; masked results also report the cost per visited block against
@@ -53,6 +56,8 @@ Presets (shapes are MxNxK: x is MxK, the weight NxK):
             sgd: 100M parameters (fp32, and --dtype). mlp_step, penalty_step: batch 1024, width 4096.
             per_sample: batch 1024 at width 256, batch 64 at width 1024; the RNN: batch 256, 64 steps,
             width 256. ensemble: 8 members, batch 256, width 512; 64 members, batch 256, width 128.
+            forward_mode: the MLP at batch 1024, width 4096 (jvp and hvp); the RNN: batch 64, 256
+            steps, width 1024.
   default   the quick shapes plus 1024^3, 2048^3, 256x4096x4096, Llama-8B MLP shapes
             (8192x14336x4096, 8192x4096x14336) forward, and 2048^3, 8192^3 and the MLP shapes backward.
             masked: also batch 16, bands of 33 and 129, a 3x3 neighbourhood on a 64x64 image, 1% and 10%
@@ -63,7 +68,8 @@ Presets (shapes are MxNxK: x is MxK, the weight NxK):
             xent: also 4096 x 128256 and 65536 x 1000. mse: also 1024 x 4096 and 16384 x 32768.
             sgd: also 10M parameters. mlp_step, penalty_step: also batch 4096.
             per_sample: also batch 256 at width 1024; the RNN also batch 1024, 32 steps, width 128.
-            ensemble: also 32 members, batch 1024, width 256.
+            ensemble: also 32 members, batch 1024, width 256. forward_mode: also the MLP at batch 4096,
+            and the RNN at batch 8, 512 steps, width 256.
   --smoke   tiny shapes, to check the harness, accuracy checks and outputs, not performance. Without
             CUDA (or with TRITON_INTERPRET=1 set) it runs on the CPU through Triton's interpreter,
             without torch.compile (its CPU compile is slow), and only --smoke runs there. There it
@@ -154,12 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     # These import triton: after choose_device.
-    from . import (cost_model, dense, ensemble, harness, local, local1d, masked, mlp_step, mse, penalty_step,
-                   per_sample, rnn, rnn_cell, sgd, xent)
+    from . import (cost_model, dense, ensemble, forward_mode, harness, local, local1d, masked, mlp_step, mse,
+                   penalty_step, per_sample, rnn, rnn_cell, sgd, xent)
 
     modules = {"dense": dense, "masked": masked, "local2d": local, "local1d": local1d, "rnn": rnn,
                "rnn_cell": rnn_cell, "xent": xent, "mse": mse, "sgd": sgd, "mlp_step": mlp_step,
-               "penalty_step": penalty_step, "per_sample": per_sample, "ensemble": ensemble}
+               "penalty_step": penalty_step, "per_sample": per_sample, "ensemble": ensemble,
+               "forward_mode": forward_mode}
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,8 @@ stage tests_transforms 200 "${pytest_gpu[@]}" "${transform_tests[@]}"
 stage bench_training 150 "$python" -m bench --quick --no-compile --only xent,mse,sgd,mlp_step,penalty_step \
   --out "$out/bench_training"
 stage bench_func 90 "$python" -m bench --quick --no-compile --only per_sample,ensemble --out "$out/bench_func"
+# Forward mode: jvp through the MLP and the RNN, the MLP's Hessian-vector product (never timed on a GPU yet).
+stage bench_forward_mode 75 "$python" -m bench --quick --no-compile --only forward_mode --out "$out/bench_forward_mode"
 # Every op against torch's reference in float64, through the public API (kernels mostly cached by the tests).
 stage check 60 env GPUNN_AUTOTUNE=0 "$python" -m gpunn check --quick --out "$out/check.md"
 # How much of a host-bound training step a CUDA graph recovers (gpunn and torch, eager and replayed; untuned
@@ -117,7 +119,7 @@ stage bench_rnn_fp32 45 "$python" -m bench --quick --only rnn --dtype fp32 --out
 stage kernel_alone 60 "$python" -m bench.probes.kernel_alone
 echo "== summary"
 cat "$out/status.txt"
-for bench in bench bench_training bench_func; do
+for bench in bench bench_training bench_func bench_forward_mode; do
     [ -f "$out/$bench/bench.md" ] && cat "$out/$bench/bench.md"
 done
 exit 0

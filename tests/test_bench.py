@@ -33,7 +33,13 @@ OP_KERNELS = {"local1d": ("local_forward_kernel", "local_grad_input_kernel", "lo
               "penalty_step": ("dense_forward_kernel", "dense_double_backward_kernel", "dense_grad_weight_kernel"),
               "per_sample": ("dense_forward_kernel", "dense_grad_weight_kernel", "cross_entropy_backward_kernel",
                              "rnn_sequence_forward_kernel", "rnn_sequence_backward_kernel"),
-              "ensemble": ("dense_forward_kernel", "dense_grad_weight_kernel", "cross_entropy_backward_kernel")}
+              "ensemble": ("dense_forward_kernel", "dense_grad_weight_kernel", "cross_entropy_backward_kernel"),
+              # forward_mode's ops: jvp (the dense tangent's GEMM and elementwise pass; the RNN's tangent
+              # recurrence, run by the backward kernel) and hvp (the tangents of the backward's passes).
+              "jvp": ("dense_forward_kernel", "dense_grad_preactivation_kernel", "rnn_sequence_forward_kernel",
+                      "rnn_sequence_backward_kernel"),
+              "hvp": ("dense_forward_kernel", "dense_double_backward_kernel", "dense_grad_weight_kernel",
+                      "cross_entropy_double_backward_kernel")}
 
 
 # Triton's interpreter rounds fp32 to bf16 by truncation (the GPU rounds to nearest), which leaves gpunn's bf16
@@ -154,7 +160,7 @@ def test_smoke_rnn_rows(smoke):
     assert "Time per step" in (out / "bench.md").read_text()
 
 
-def test_smoke_xent_sgd_and_training_step_rows(smoke):
+def test_smoke_xent_sgd_training_step_and_torch_func_rows(smoke):
     out, *_ = smoke
     rows = _rows(out)
     xent = {(r["provider"], r["mode"]) for r in rows if r["op"] == "xent" and r["metric"] == "rel_err"}
@@ -164,7 +170,8 @@ def test_smoke_xent_sgd_and_training_step_rows(smoke):
     for op in ("mlp_step", "penalty_step"):
         assert {r["provider"] for r in rows if r["op"] == op and r["metric"] == "rel_err"} == {"torch", "gpunn"}, op
     for op, modes in (("per_sample[mlp]", {"fwd+bwd"}), ("per_sample[rnn]", {"fwd+bwd"}),
-                      ("ensemble", {"fwd", "fwd+bwd"})):
+                      ("ensemble", {"fwd", "fwd+bwd"}), ("jvp[mlp]", {"fwd"}), ("jvp[rnn]", {"fwd"}),
+                      ("hvp[mlp]", {"fwd+bwd"})):
         timed = {(r["provider"], r["mode"]) for r in rows if r["op"] == op and r["metric"] == "rel_err"}
         assert timed == {(p, m) for p in ("torch", "gpunn") for m in modes}, op
 
