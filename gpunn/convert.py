@@ -81,11 +81,13 @@ def _twin(module: torch.nn.Module, activation: tuple[str, float] | None = None) 
     elif type(module) is torch.nn.RNNCell:
         twin = RNNCell(module.input_size, module.hidden_size, module.bias, module.nonlinearity, device="meta")
     else:
-        twin = RNN(module.input_size, module.hidden_size, module.num_layers, module.nonlinearity, module.bias,
-                   module.batch_first, module.dropout, module.bidirectional, device="meta")
+        # torch's RNN runs the activation of its mode, fixed at construction, whatever `nonlinearity` was set
+        # to since: the twin takes the mode's, and keeps the attribute as it was.
+        twin = RNN(module.input_size, module.hidden_size, module.num_layers,
+                   "relu" if module.mode == "RNN_RELU" else "tanh", module.bias, module.batch_first, module.dropout,
+                   module.bidirectional, device="meta")
+        twin.nonlinearity = module.nonlinearity
     return _adopt(twin, module)
-
-
 
 
 def _parameter_names(module: torch.nn.Module) -> set[str]:

@@ -184,3 +184,22 @@ def test_a_module_registered_twice_becomes_one_twin():
     converted = gpunn.convert(model)
     assert isinstance(converted.first, gpunn.Linear) and converted.first is converted.second
     assert_close(converted(x), expected, torch.float32, "output")
+
+
+@pytest.mark.parametrize("built, set_after", [("tanh", "relu"), ("relu", "tanh"), ("tanh", "gelu")])
+def test_an_rnn_converts_to_the_activation_it_runs(device, built, set_after):
+    """torch's RNN runs the activation of its mode, fixed at construction: a `nonlinearity` set since changes
+    neither torch's output nor its twin's (the twin had been built from the attribute: another activation,
+    or an error for one gpunn has no RNN of)."""
+    torch.manual_seed(2)
+    model = torch.nn.RNN(5, 4, nonlinearity=built).to(device=device, dtype=torch.float64)
+    model.nonlinearity = set_after
+    converted = gpunn.convert(model)
+    assert converted.mode == model.mode and converted.nonlinearity == set_after
+    x = torch.randn(3, 2, 5, device=device, dtype=torch.float64)
+    with count_launches() as launches:
+        out, h_n = converted(x)
+    assert "rnn_sequence_forward_kernel" in launches or "rnn_split_forward_kernel" in launches
+    expected, expected_h_n = model(x)
+    assert_close(out, expected, torch.float64, "output")
+    assert_close(h_n, expected_h_n, torch.float64, "h_n")
