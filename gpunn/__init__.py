@@ -25,10 +25,12 @@ _LAZY = {
     "masks": ("gpunn.masks", None),
     "modules": ("gpunn.modules", None),
     "optim": ("gpunn.optim", None),
+    "reference": ("gpunn.reference", None),
 }
 
 __all__ = ["CrossEntropyLoss", "Linear", "LocallyConnected1d", "LocallyConnected2d", "MSELoss", "MaskedLinear", "RNN",
-           "RNNCell", "convert", "functional", "kernels", "losses", "masks", "modules", "optim", "__version__"]
+           "RNNCell", "convert", "functional", "kernels", "losses", "masks", "modules", "optim", "reference",
+           "__version__"]
 
 
 def __getattr__(name: str):

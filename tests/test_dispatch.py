@@ -74,3 +74,12 @@ def test_import_is_lazy():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == gpunn.__version__
     assert isinstance(gpunn.Linear(2, 2), torch.nn.Linear)
+
+
+def test_every_public_submodule_loads_on_first_use():
+    # In a fresh process, each name of gpunn.__all__ resolves by attribute access alone (gpunn.reference had
+    # needed an import of its own).
+    code = "import gpunn; print(all(getattr(gpunn, name) is not None for name in gpunn.__all__))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
