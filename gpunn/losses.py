@@ -220,6 +220,10 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         differentiates them; gpunn's kernels do not).
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
+    if isinstance(ignore_index, (bool, float)) or not hasattr(type(ignore_index), "__index__"):
+        raise TypeError(f"cross_entropy_loss(): argument 'ignore_index' (position 5) must be int, not "
+                        f"{type(ignore_index).__name__}")
+    ignore_index = int(ignore_index)
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     # As torch: only the upper bound is checked, and a smoothing of 0 or less (or NaN) smooths nothing.
@@ -271,7 +275,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     logits = _class_rows(input)
     if weight is not None:
         weight = weight.to(input.dtype).contiguous()
-    loss, _, _ = _cross_entropy(logits, flat_target.contiguous(), weight, int(ignore_index), label_smoothing,
+    loss, _, _ = _cross_entropy(logits, flat_target.contiguous(), weight, ignore_index, label_smoothing,
                                 reduction, 0)
     return loss.reshape(target.shape) if reduction == "none" else loss
 

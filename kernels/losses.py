@@ -52,19 +52,19 @@ def cross_entropy_forward_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rows < N
     x_rows = x_ptr + rows[:, None] * stride_x  # [BR, 1]
-    ref = _reference_logit(x_ptr + rows * stride_x, r_ok, COMPUTE) if SMOOTHING != 0.0 else 0.0
     cols = tl.arange(0, BLOCK_C)
     running_max = tl.full((BLOCK_R,), float("-inf"), COMPUTE)
     running_sum = tl.zeros((BLOCK_R,), COMPUTE)
-    weighted_x = tl.zeros((BLOCK_R,), COMPUTE)
+    gap = tl.zeros((BLOCK_R,), COMPUTE)  # label smoothing's sum_j w_j (max - x_j)
     weight_total = tl.zeros((BLOCK_R,), COMPUTE)
     for c0 in range(0, C, BLOCK_C):
         c_ok = c0 + cols < C
+        previous_max = running_max
         x, running_max, running_sum = _logsumexp_step(x_rows + c0 + cols[None, :], r_ok[:, None] & c_ok[None, :],
                                                       r_ok, running_max, running_sum, COMPUTE)
         if SMOOTHING != 0.0:
             w = tl.load(weight_ptr + c0 + cols, mask=c_ok, other=0.0).to(COMPUTE) if HAS_WEIGHT else c_ok.to(COMPUTE)
-            weighted_x += tl.sum(w[None, :] * tl.where(c_ok[None, :], x - ref[:, None], 0.0), axis=1)  # masked: -inf
+            gap = _gap_step(gap, weight_total, w[None, :], x, c_ok[None, :], previous_max, running_max)
             weight_total += tl.sum(w, axis=0)
     target = tl.load(target_ptr + rows, mask=r_ok, other=ignore_index)
     kept = r_ok & (target != ignore_index)
@@ -80,7 +80,7 @@ def cross_entropy_forward_kernel(
     log_sum = _store_row_stats(stats_ptr, rows, r_ok, running_max, running_sum)
     loss = w_y * ((running_max - x_y) + log_sum)
     if SMOOTHING != 0.0:
-        smooth = weight_total * ((running_max - ref) + log_sum) - weighted_x
+        smooth = weight_total * log_sum + gap
         loss = loss * (1.0 - SMOOTHING) + tl.where(kept, smooth, 0.0) * SMOOTHING / C
     loss = tl.where(bad, float("nan"), loss)
     tl.store(row_loss_ptr + rows, loss, mask=r_ok)
@@ -149,12 +149,17 @@ def _output_gradient_of(rows, GROUP_ROWS, GROUPED: tl.constexpr):
 
 
 @triton.jit
-def _reference_logit(first_ptrs, r_ok, COMPUTE: tl.constexpr):
-    """Each row's first logit where finite, else 0: weighted sums of logits are taken relative to it, so that
-    their difference from lse cancels at the scale of the row's spread, not of the logits (as torch's
-    x - lse does: with logits near 1e3, fp32 sums taken from 0 lost 3e-5 relative)."""
-    first = tl.load(first_ptrs, mask=r_ok, other=0.0).to(COMPUTE)
-    return tl.where(tl.abs(first) < float("inf"), first, 0.0)
+def _gap_step(gap, mass, q, x, ok, previous_max, new_max):
+    """One block of logits x (BLOCK_R x BLOCK_C, lanes not ok ignored) into sum_j q_j (max - x_j), each row's
+    weighted gaps below its running max, given mass (sum_j q_j over the blocks before): the earlier terms each
+    grow by the max's rise, and the block's own are added. A weighted loss sum_j q_j (lse - x_j) is then
+    mass * log_sum + gap, terms of one sign for q >= 0: no cancellation at any logit scale. (Sums taken
+    relative to 0 lost 3e-5 relative in fp32 with logits near 1e3; relative to a row's first logit, a masked
+    -1e9 there, weighted 0, subtracted two numbers near 1e9.) A -inf logit's gap is +inf, also while every
+    logit so far is -inf (then -inf - -inf would be NaN), as torch's -log_softmax is."""
+    rise = tl.where(previous_max == float("-inf"), 0.0, new_max - previous_max)
+    below = tl.where(x == float("-inf"), float("inf"), new_max[:, None] - x)
+    return gap + mass * rise + tl.sum(q * tl.where(ok, below, 0.0), axis=1)
 
 
 @triton.jit
@@ -335,32 +340,33 @@ def cross_entropy_probs_forward_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # Class-probability targets t, smoothed to q = (1 - e) t + e / C: loss_row = sum_j w_j q_j (lse - x_j)
-    # = A (lse - ref) - B with A = sum_j w_j q_j (the row's mass, kept for backward), B = sum_j w_j q_j
-    # (x_j - ref) and ref the row's first finite logit, both summed in the same pass over the row as its
-    # online logsumexp: x and t are read once.
+    # = A log_sum + B with A = sum_j w_j q_j (the row's mass, kept for backward) and B = sum_j w_j q_j (max -
+    # x_j) (_gap_step), both summed in the same pass over the row as its online logsumexp: x and t are read
+    # once.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rows < N
     cols = tl.arange(0, BLOCK_C)
     running_max = tl.full((BLOCK_R,), float("-inf"), COMPUTE)
     running_sum = tl.zeros((BLOCK_R,), COMPUTE)
-    # The mass is summed lane by lane and reduced once after the loop: a row sum added to a loop-carried
-    # value and used twice after the loop fails Triton 3.6's OptimizeThreadLocality pass (an assertion).
+    # The mass is summed lane by lane (each block's gap reduces what came before it): a row sum added to a
+    # loop-carried value and used twice after the loop fails Triton 3.6's OptimizeThreadLocality pass (an
+    # assertion).
     mass_lanes = tl.zeros((BLOCK_R, BLOCK_C), COMPUTE)
-    weighted_x = tl.zeros((BLOCK_R,), COMPUTE)
-    ref = _reference_logit(x_ptr + rows * stride_x, r_ok, COMPUTE)
+    gap = tl.zeros((BLOCK_R,), COMPUTE)
     for c0 in range(0, C, BLOCK_C):
         c_ok = c0 + cols < C
         ok = r_ok[:, None] & c_ok[None, :]
+        previous_max = running_max
         x, running_max, running_sum = _logsumexp_step(x_ptr + rows[:, None] * stride_x + c0 + cols[None, :], ok,
                                                       r_ok, running_max, running_sum, COMPUTE)
         q = _smoothed(t_ptr + rows[:, None] * stride_t + c0 + cols[None, :], ok, C, SMOOTHING, COMPUTE)
         if HAS_WEIGHT:
             q = q * tl.load(weight_ptr + c0 + cols, mask=c_ok, other=0.0).to(COMPUTE)[None, :]
+        gap = _gap_step(gap, tl.sum(mass_lanes, axis=1), q, x, ok, previous_max, running_max)
         mass_lanes += q
-        weighted_x += tl.sum(q * tl.where(ok, x - ref[:, None], 0.0), axis=1)  # masked lanes hold -inf
     log_sum = _store_row_stats(stats_ptr, rows, r_ok, running_max, running_sum)
     mass = tl.sum(mass_lanes, axis=1)
-    tl.store(row_loss_ptr + rows, mass * ((running_max - ref) + log_sum) - weighted_x, mask=r_ok)
+    tl.store(row_loss_ptr + rows, mass * log_sum + gap, mask=r_ok)
     tl.store(row_mass_ptr + rows, mass, mask=r_ok)
 
 

@@ -96,7 +96,8 @@ def test_cross_entropy_errors_match_torch(device):
              (x[0, 0], torch.tensor(0, device=device), {}), (x[0, :1], torch.tensor([0], device=device), {}),
              (x.double(), good, dict(weight=torch.ones(4, device=device))),  # class indices: no promotion
              (x[0], torch.tensor([1, 2, 3], device=device, dtype=torch.int32), {}),  # unbatched: dtype first
-             (x[:0], torch.tensor(1, device=device), {})]
+             (x[:0], torch.tensor(1, device=device), {}),
+             (x, good, dict(ignore_index=True)), (x, good, dict(ignore_index=1.0))]  # an int, as torch's parser
     for logits, target, kwargs in cases:
         # torch's reference runs on the CPU: on CUDA its out-of-range target is a device-side assert, which raises
         # nothing here and leaves the process's CUDA context unusable. gpunn checks targets on the host and raises.
@@ -295,6 +296,39 @@ def test_cross_entropy_row_opening_with_a_block_of_minus_inf(device):
     grad_out = torch.rand(3, device=device, dtype=torch.float64)
     assert_close(torch.autograd.grad(ours, ours_x, grad_out)[0], torch.autograd.grad(theirs, ref_x, grad_out)[0],
                  torch.float64, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("kind", ["probabilities", "indices"])
+def test_cross_entropy_of_masked_logits_of_no_weight(device, dtype, kind):
+    # Logits masked with a huge finite negative value (-1e9, the dtype's min), in the first column and in a
+    # later block, carrying no target mass (probabilities) or no class weight (indices, smoothed): torch's
+    # loss, not the difference of two numbers near the mask's scale (the weighted sums had been taken relative
+    # to each row's first logit: 0, negative or 1e31 came back in place of ~2).
+    classes = loss_kernels.BLOCK_C + 9
+    masked = [0, 3, loss_kernels.BLOCK_C + 2]
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, classes, generator=gen, dtype=torch.float64)
+    x[0, masked], x[1, masked], x[2, masked[1:]] = -1e9, torch.finfo(dtype).min, -1e9
+    x = x.to(device, dtype)
+    weight = None
+    if kind == "probabilities":
+        target = torch.rand(4, classes, generator=gen, dtype=torch.float64)
+        target[:, masked] = 0
+        target = (target / target.sum(1, keepdim=True)).to(device, dtype)
+    else:
+        target = torch.randint(4, classes - 1, (4,), generator=gen).to(device)
+        weight = torch.rand(classes, generator=gen, dtype=torch.float64) + 0.1
+        weight[masked] = 0
+        weight = weight.to(device, dtype)
+    ours_x, ref_x = x.clone().requires_grad_(), x.double().requires_grad_()
+    ours = gpunn.losses.cross_entropy(ours_x, target, weight, label_smoothing=0.2, reduction="none")
+    theirs = F.cross_entropy(ref_x, target.double() if kind == "probabilities" else target,
+                             None if weight is None else weight.double(), label_smoothing=0.2, reduction="none")
+    assert_close(ours, theirs, dtype, "loss")
+    grad_out = torch.rand(4, generator=gen, dtype=torch.float64).to(device)
+    assert_close(torch.autograd.grad(ours, ours_x, grad_out.to(dtype))[0],
+                 torch.autograd.grad(theirs, ref_x, grad_out)[0], dtype, "grad")
 
 
 @pytest.mark.parametrize("smoothing", [-0.3, float("nan")])
