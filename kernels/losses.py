@@ -10,7 +10,7 @@ torch.nn.functional.cross_entropy's definition, label smoothing included. The fo
 once (an online logsumexp, the target logit and the weighted sum in one pass) and keeps each row's max
 and the log of its sum of exp(x - max) (lse is their sum: differences from lse are formed as
 (max - x) + log_sum, so that they keep the precision of x - max rather than of lse's magnitude; weighted
-sums of logits are taken relative to the row's first logit for the same reason);
+sums of logits are kept as sums of w_j (max - x_j), relative to the running max, for the same reason);
 the backward reads them once more and writes the gradient
     dx_j = s_row ((1 - e) w_y (p_j - [j = y]) + (e / C) (W p_j - w_j)),  p = softmax(x)
 with s_row the output gradient (over the denominator for mean). All arithmetic in fp32 (fp64 for fp64).
