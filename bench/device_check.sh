@@ -11,7 +11,7 @@
 # under 30 s left is skipped. A stage that fails or times out does not stop the next. Run it again with
 # the same OUTDIR (on the same machine) to resume: stages that ran to their end or to their own limit are
 # not run again; those cut short by the budget, or skipped, are (what a cut stage wrote is kept beside, as
-# NAME.earlierN.log and, for a benchmark, the directory NAME.earlierN). The stage limits add up to about 25
+# NAME.earlierN.log and, for a benchmark, the directory NAME.earlierN). The stage limits add up to about 26
 # minutes, more than a 15-minute lease holds: its last stages are the first to go.
 # The last run (H200, 2026-11-27, 465 tests on 8 workers): tests 169 s, its benchmark smoke test alone 111 s.
 set -uo pipefail
@@ -97,8 +97,9 @@ stage tests_transforms 200 "${pytest_gpu[@]}" "${transform_tests[@]}"
 stage bench_training 150 "$python" -m bench --quick --no-compile --only xent,mse,sgd,mlp_step,penalty_step \
   --out "$out/bench_training"
 stage bench_func 90 "$python" -m bench --quick --no-compile --only per_sample,ensemble --out "$out/bench_func"
-# Forward mode: jvp through the MLP and the RNN, the MLP's Hessian-vector product (never timed on a GPU yet).
-stage bench_forward_mode 75 "$python" -m bench --quick --no-compile --only forward_mode --out "$out/bench_forward_mode"
+# Forward mode: jvp through the MLP and the RNN, the MLP's Hessian-vector product (never timed on a GPU yet;
+# its first calls autotune kernels at shapes no other stage runs: [x' | x] of depth 2K, [dz | dz'] of 2M rows).
+stage bench_forward_mode 120 "$python" -m bench --quick --no-compile --only forward_mode --out "$out/bench_forward_mode"
 # Every op against torch's reference in float64, through the public API (kernels mostly cached by the tests).
 stage check 60 env GPUNN_AUTOTUNE=0 "$python" -m gpunn check --quick --out "$out/check.md"
 # How much of a host-bound training step a CUDA graph recovers (gpunn and torch, eager and replayed; untuned
