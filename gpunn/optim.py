@@ -42,7 +42,11 @@ class SGD(torch.optim.SGD):
     Triton launch (fp32 arithmetic, fp64 for fp64 parameters, one rounding per stored value); a complex
     parameter is updated as its real view; a sharded (FSDP2 DTensor) parameter through its local shard, with
     its buffer a DTensor as torch's. Sparse gradients, a gradient or buffer of another dtype than its
-    parameter, non-contiguous tensors and devices where gpunn's kernels do not run take torch's own SGD.
+    parameter, non-contiguous tensors and devices where gpunn's kernels do not run take torch's own SGD, as
+    does every step taken while a torch dispatch mode is active (torch.autograd.graph.
+    allow_mutation_on_saved_tensors, a tracer), which must see the writes. The kernel's writes bump the
+    tensors' version counters, as torch's in-place ops do: a graph that saved a parameter before the step
+    refuses its backward.
     A learning rate given as a one-element tensor on the parameters' device is read there by the kernel: no
     host sync per step, and a captured CUDA graph's replays follow a scheduler that fills it in place.
     foreach and fused are accepted and kept in the param groups (every update is one fused launch anyway;
@@ -90,9 +94,12 @@ class SGD(torch.optim.SGD):
             # Host time per tensor adds up over a model's parameters (bench/NOTES.md): each is unwrapped once,
             # and the state is written only where a buffer is new.
             batches, rest = defaultdict(list), []
+            # A dispatch mode (allow_mutation_on_saved_tensors's, which copies a saved tensor before an op writes
+            # it; a tracer's) must see the update as torch ops: the kernel writes through pointers, past it.
+            observed = torch._C._len_torch_dispatch_stack() > 0
             for p, g, buf in zip(params, grads, buffers):
                 local_p, local_g, local_buf = _local(p), _local(g), _local(buf)
-                if (g.is_sparse or not triton_runs_on(local_p.device) or local_g.dtype != local_p.dtype
+                if (observed or g.is_sparse or not triton_runs_on(local_p.device) or local_g.dtype != local_p.dtype
                         or not (local_p.is_contiguous() and local_g.is_contiguous())
                         or (buf is not None and (not local_buf.is_contiguous() or local_buf.dtype != local_p.dtype))):
                     rest.append((p, g, buf))
@@ -107,6 +114,10 @@ class SGD(torch.optim.SGD):
                 sgd_kernels.step(local_ps, local_gs, local_bs if momentum != 0 else None,
                                  lr=_learning_rate(group, device), first_step=first_step, cache=self._tables,
                                  slot=(index, device, dtype, first_step), **hyper)
+                # A DTensor counts its versions apart from its shard (a complex view shares its base's).
+                wrappers = [p for p, local_p in zip(ps, local_ps) if p is not local_p]
+                if wrappers:
+                    torch.autograd.graph.increment_version(wrappers)
                 if new_buffers:
                     for p, buf in zip(ps, bs):
                         self.state[p]["momentum_buffer"] = buf

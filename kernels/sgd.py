@@ -126,7 +126,8 @@ def _table(device: torch.device, offsets: tuple, blocks: list[int], hyper: tuple
 def step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor] | None, *,
          lr: float | torch.Tensor, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
          maximize: bool, first_step: bool, cache: dict | None = None, slot=None) -> None:
-    """One SGD update of every tensor in params, in place, in one launch.
+    """One SGD update of every tensor in params, in place, in one launch; their version counters (and the
+    buffers') are bumped, as an in-place torch op bumps them.
 
     params, grads (and buffers, the momentum buffers, when momentum != 0): lists of contiguous tensors of one
     floating dtype on one device, params[i], grads[i] and buffers[i] of one shape. lr: a number, or a
@@ -162,3 +163,6 @@ def step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[to
             WEIGHT_DECAY=weight_decay != 0, MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov,
             MAXIMIZE=maximize, LR_ON_DEVICE=on_device, ALIGN=align, BLOCK=BLOCK, num_warps=WARPS,
         )
+    # The kernel writes through raw pointers, which autograd does not see: without this, a graph that saved a
+    # parameter before the step would run its backward on the updated values where torch raises.
+    torch.autograd.graph.increment_version(params + (buffers or []))

@@ -75,6 +75,28 @@ def test_a_model_of_every_layer_compiles_without_graph_breaks(device):
         assert torch.equal(ours, theirs)
 
 
+def test_make_fx_over_real_tensors_records_the_custom_ops(device):
+    """make_fx with real tensors (its default) records each layer and loss as its gpunn:: op, and the graph
+    computes, forward and backward, what the model does: the kernels' launches alone it would not see (under
+    the interpreter, tracing them failed inside the launch)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(3)
+    model = EveryLayer(device)
+    x = torch.randn(3, 2, 6, 6, device=device, requires_grad=True)
+    target = torch.tensor([0, 4, 2], device=device)
+    loss_fns = (gpunn.CrossEntropyLoss(label_smoothing=0.1), gpunn.MSELoss())
+    eager_loss, eager_grads = _step(model, x, target, loss_fns)
+    graph = make_fx(lambda x, target: _step(model, x, target, loss_fns))(x, target)
+    ops = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert {"gpunn.locally_connected.default", "gpunn.linear.default", "gpunn.rnn_layer.default",
+            "gpunn.rnn_cell.default", "gpunn.cross_entropy.default", "gpunn.mse_loss.default"} <= ops, ops
+    loss, grads = graph(x, target)
+    assert torch.equal(loss, eager_loss)
+    for ours, theirs in zip(grads, eager_grads):
+        assert torch.equal(ours, theirs)
+
+
 def test_compiled_inference_and_a_second_batch_size(device):
     torch.manual_seed(1)
     model = EveryLayer(device).eval()

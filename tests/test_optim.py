@@ -284,3 +284,31 @@ def test_a_copied_or_pickled_optimizer_steps_on(device, copy_kind):
     straight, _ = _run(torch.optim.SGD, params, grads, **settings)
     for p, r in zip(half, straight):
         assert_close(p.detach(), r.detach(), torch.float64, copy_kind)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_step_marks_its_parameters_modified_as_torch(device, momentum):
+    """The kernel writes parameters through pointers: their version counters still move, so a graph that saved
+    a parameter before the step refuses its backward as torch's does (it had run on the updated weights), and
+    allow_mutation_on_saved_tensors gives the gradient at the saved values."""
+    torch.manual_seed(0)
+    layer = gpunn.Linear(3, 2, activation="gelu").to(device=device, dtype=torch.float64)
+    x = torch.randn(4, 3, device=device, dtype=torch.float64, requires_grad=True)
+    optimizer = gpunn.optim.SGD(layer.parameters(), lr=1.0, momentum=momentum)
+    for p in layer.parameters():
+        p.grad = torch.ones_like(p)
+    y = layer(x)
+    versions = [p._version for p in layer.parameters()]
+    with count_launches() as launches:
+        optimizer.step()
+    assert launches == {"sgd_kernel": 1}
+    assert all(p._version > v for p, v in zip(layer.parameters(), versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    with torch.autograd.graph.allow_mutation_on_saved_tensors():
+        expected = torch.autograd.grad(layer(x).sum(), x)[0]
+        y = layer(x)
+        for p in layer.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        assert_close(torch.autograd.grad(y.sum(), x)[0], expected, torch.float64, "grad at the saved weights")

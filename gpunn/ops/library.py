@@ -95,7 +95,8 @@ class Op:
                                           f"linearize, make_fx) is not supported; torch.func.jvp works")
             flat, lengths = _flatten(args)
             return self.transform_function.apply(lengths, *flat)  # the form with a jvp rule (and the backward)
-        if torch.compiler.is_compiling() or not _all_plain(args):
+        if torch.compiler.is_compiling() or not _all_plain(args) or _tracing():
+            # (A tracer, make_fx, records the custom op; the kernels' launches it would not see.)
             return self.custom_op(*args)
         transform = torch._C._functorch.peek_interpreter_stack()
         if transform is not None:
