@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +48,18 @@ def load_data(path: str | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     """X and y of an .npz file (no pickled objects)."""
+    not_npz = f"error: {path} is not an .npz archive of arrays X and y (np.savez writes one)"
     try:
+        with open(path, "rb") as file:
+            # An archive is a zip file; np.load would take anything else for a pickle (or an empty file for an
+            # error of its own) and say so.
+            if file.read(4) != b"PK\x03\x04":
+                raise SystemExit(not_npz)
         data = np.load(path)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise SystemExit(f"error: cannot read {path}: {error}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise SystemExit(f"error: {path} is not an .npz archive of arrays X and y (np.savez writes one)")
+        raise SystemExit(not_npz)
     with data:
         if "X" not in data or "y" not in data:
             raise SystemExit(f"error: {path} must hold arrays X (N, features) and y (N,)")

@@ -115,7 +115,13 @@ def test_files_that_are_not_an_npz_and_networks_that_cannot_run_are_refused(tmp_
     x, y = _arrays(features=15)
     np.save(tmp_path / "plain.npy", x)
     np.savez(tmp_path / "flat.npz", X=x, y=y)
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "text.npz").write_text("X,y\n1,2\n")
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "flat.npz").read_bytes()[:100])
     for argv, message in ((["--data", str(tmp_path / "plain.npy")], "is not an .npz archive"),
+                          (["--data", str(tmp_path / "empty.npz")], "is not an .npz archive"),
+                          (["--data", str(tmp_path / "text.npz")], "is not an .npz archive"),
+                          (["--data", str(tmp_path / "cut.npz")], "cannot read"),
                           (["--data", str(tmp_path / "missing.npz")], "cannot read"),
                           (["--data", str(tmp_path / "flat.npz"), "--networks", "mlp,rnn"], "rnn: need square")):
         with pytest.raises(SystemExit) as exit_:
