@@ -233,6 +233,61 @@ def test_an_open_dual_level_without_duals_changes_nothing(device):
     assert launches[0] == launches[1]
 
 
+@pytest.mark.parametrize("name", ["samples_gelu", "members", "mse", "cross_entropy"])
+def test_eager_duals_carried_into_vmap_match_torch(device, name):
+    """A dual made outside torch.func.vmap and batched by it (over samples, or beside weights vmap stacks as
+    an ensemble's members): forward mode reaches the calls beneath vmap's wrapper (act'(z) saved, sums not
+    split into groups), as torch's own layers give (it had been refused)."""
+    x, t_x, w, b = _tensors(device, (2, 5, 4), (2, 5, 4), (3, 4), (3,), seed=case_seed("dual into vmap", name))
+    target = torch.tensor([0, 1, 2, 3, 0], device=device)
+    ours, theirs = {
+        "samples_gelu": (lambda a: gpunn.functional.linear(a, w, b, "gelu"), lambda a: F.gelu(F.linear(a, w, b))),
+        "members": (None, None),
+        "mse": (lambda a: gpunn.functional.mse_loss(a, torch.zeros_like(a)),
+                lambda a: F.mse_loss(a, torch.zeros_like(a))),
+        "cross_entropy": (lambda a: gpunn.functional.cross_entropy(a, target), lambda a: F.cross_entropy(a, target)),
+    }[name]
+    results = []
+    for function in ("ours", "theirs"):
+        with forward_ad.dual_level(), count_launches() as launches:
+            if name == "members":  # one dual input, vmap over two members' weights
+                dual = forward_ad.make_dual(x[0], t_x[0])
+                layer = gpunn.functional.linear if function == "ours" else F.linear
+                out = torch.func.vmap(lambda weight: layer(dual, weight, b))(torch.stack([w, 2 * w]))
+            else:
+                out = torch.func.vmap(ours if function == "ours" else theirs)(forward_ad.make_dual(x, t_x))
+            results.append(forward_ad.unpack_dual(out))
+        assert bool(launches) == (function == "ours"), launches
+    assert_close(results[0].primal, results[1].primal, DT, "output")
+    assert_close(results[0].tangent, results[1].tangent, DT, "tangent")
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("name", ["dense_tanh", "rnn_cell", "cross_entropy"])
+def test_hessian_and_jacfwd_under_no_grad_and_inference_mode_match_torch(device, mode, name):
+    """torch.func computes under no_grad and inference_mode (its transforms keep their own autograd): the
+    checks for dual tensors must not ask vmap's batched tensors or inference tensors (torch's internal errors)."""
+    x, w, hx = _tensors(device, (5, 4), (3, 4), (5, 3), seed=case_seed("no grad hessian", name))
+    target = torch.tensor([0, 1, 2, 1, 0], device=device)
+    cell = torch.nn.RNNCell(4, 3, bias=False).to(device, DT)
+    functions = {
+        "dense_tanh": (lambda v: gpunn.functional.linear(x, v, None, "tanh").pow(2).sum(),
+                       lambda v: torch.tanh(F.linear(x, v)).pow(2).sum(), w),
+        "rnn_cell": (lambda v: gpunn.functional.rnn_cell(x, hx, v, cell.weight_hh).pow(2).sum(),
+                     lambda v: torch.func.functional_call(cell, {"weight_ih": v, "weight_hh": cell.weight_hh},
+                                                          (x, hx)).pow(2).sum(), w),
+        "cross_entropy": (lambda v: gpunn.functional.cross_entropy(v, target),
+                          lambda v: F.cross_entropy(v, target), x),
+    }
+    ours, theirs, at = functions[name]
+    with mode():
+        for transform in (torch.func.hessian, lambda f: torch.func.jacfwd(torch.func.grad(f))):
+            with count_launches() as launches:
+                hessian = transform(ours)(at)
+            assert launches
+            assert_close(hessian, transform(theirs)(at), DT, "hessian")
+
+
 def test_forward_mode_under_tracing_and_vectorized_is_refused(device):
     """torch.func.linearize (forward mode traced by make_fx, which would record the kernels' outputs as bare
     allocations) and torch's legacy-vmap forward-mode Jacobians: NotImplementedError, not a wrong tangent or

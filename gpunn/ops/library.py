@@ -102,7 +102,7 @@ class Op:
         if transform is not None:
             if transform.key() == torch._C._functorch.TransformType.Functionalize:
                 return self.custom_op(*args)  # functionalize has no rule for an autograd.Function (torch: NYI)
-            if not torch.is_grad_enabled() and _grad_without_forward_mode():
+            if not torch.is_grad_enabled() and _grad_without_forward_mode(args):
                 # torch.func's grad rule runs a Function's forward with grad mode on, so every autograd around the
                 # transform would record a call made under no_grad (where torch's layers are constants): what any
                 # of them tracks is detached. (Not under forward mode, which no_grad does not stop: detaching
@@ -154,10 +154,11 @@ def _all_plain(args) -> bool:
     return True
 
 
-def _grad_without_forward_mode() -> bool:
-    """Whether a torch.func grad-type transform (grad, vjp, jacrev) is running and no forward-mode one (jvp)."""
+def _grad_without_forward_mode(args) -> bool:
+    """Whether a torch.func grad-type transform (grad, vjp, jacrev) is running and forward mode does not reach
+    args (no jvp transform, no eager dual among them)."""
     kinds = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
-    return torch._C._functorch.TransformType.Grad in kinds and torch._C._functorch.TransformType.Jvp not in kinds
+    return torch._C._functorch.TransformType.Grad in kinds and not forward_mode_reaches(*args)
 
 
 def _detached(args) -> tuple:
@@ -177,8 +178,22 @@ def _any_legacy_batched(args) -> bool:
 
 
 def _any_dual(args) -> bool:
-    return any((isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None)
-               or (isinstance(a, list) and _any_dual(a)) for a in args)
+    """Whether a tensor of args (lists included) carries a tangent at the current dual level, or wraps one that
+    does: an eager dual carried into torch.func.vmap or grad is beneath their wrappers (and unpack_dual has no
+    batching rule)."""
+    return any(_dual(a) if isinstance(a, torch.Tensor) else isinstance(a, list) and _any_dual(a) for a in args)
+
+
+def _dual(tensor: torch.Tensor) -> bool:
+    functorch = torch._C._functorch
+    while True:
+        batched = functorch.is_batchedtensor(tensor)
+        # (An inference tensor carries none, and unpack_dual asserts on one in inference mode.)
+        if not batched and not tensor.is_inference() and forward_ad.unpack_dual(tensor).tangent is not None:
+            return True
+        if not (batched or functorch.is_gradtrackingtensor(tensor)):
+            return False
+        tensor = functorch.get_unwrapped(tensor)
 
 
 def _any_requires_grad(args, within=False) -> bool:
@@ -320,18 +335,20 @@ def _transform_function(op: Op, setup_context: Callable | None):
 
 
 def forward_mode_reaches(*tensors) -> bool:
-    """Whether forward-mode AD may reach a call on these tensors (lists included): torch.func's jvp running, or,
-    outside the transforms, a dual tensor among them (an open dual level alone changes nothing)."""
+    """Whether forward-mode AD may reach a call on these tensors (lists included): torch.func's jvp running, or
+    a dual tensor among them, or beneath a transform's wrapper of one (an open dual level alone changes
+    nothing)."""
     if forward_ad._current_level < 0 or torch.compiler.is_compiling():  # (dynamo cannot trace the queries)
         return False
-    return _jvp_levels() > 0 if under_transform() else _any_dual(tensors)
+    return _jvp_levels() > 0 or _any_dual(tensors)  # (torch.func's jvp: its duals are beneath its wrappers)
 
 
 def took_duals(ctx, *tensors) -> bool:
-    """Whether eager forward mode reaches a backward: its forward took dual tensors (the transform Function's
-    setup records it) or one of `tensors` (a gradient arriving) is one. The dense, masked and recurrent layers'
-    backward then runs as their differentiable op, whose jvp rule gives the gradient its tangent."""
-    return forward_ad._current_level >= 0 and (getattr(ctx, "took_duals", False) or _any_dual(tensors))
+    """Whether forward mode reaches a backward: its forward took eager dual tensors (the transform Function's
+    setup records it), or forward mode reaches `tensors` (a gradient arriving: forward_mode_reaches). The
+    dense, masked and recurrent layers' backward then runs as their differentiable op, whose jvp rule gives
+    the gradient its tangent."""
+    return forward_ad._current_level >= 0 and (getattr(ctx, "took_duals", False) or forward_mode_reaches(*tensors))
 
 
 def _tracing() -> bool:
@@ -452,8 +469,9 @@ def _unrecorded_or_plain(op: Op, args: list, splits: bool) -> bool:
     one) would misread them, so only where autograd does not record the call."""
     if not splits or op.function is None:
         return True
-    # Forward mode (jacfwd(jacrev(f))) runs the op's jvp rule, which takes sums over all rows and one weight too.
-    return not (torch.is_grad_enabled() and _any_requires_grad(args, within=True)) and not _jvp_levels()
+    # Forward mode (jacfwd(jacrev(f)), an eager dual carried into vmap) runs the op's jvp rule, which takes sums
+    # over all rows and one weight too.
+    return not (torch.is_grad_enabled() and _any_requires_grad(args, within=True)) and not forward_mode_reaches(*args)
 
 
 class Fold(NamedTuple):
