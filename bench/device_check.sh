@@ -97,14 +97,14 @@ stage tests_transforms 200 "${pytest_gpu[@]}" "${transform_tests[@]}"
 stage bench_training 150 "$python" -m bench --quick --no-compile --only xent,mse,sgd,mlp_step,penalty_step \
   --out "$out/bench_training"
 stage bench_func 90 "$python" -m bench --quick --no-compile --only per_sample,ensemble --out "$out/bench_func"
-# Forward mode: jvp through the MLP and the RNN, the MLP's Hessian-vector product (never timed on a GPU yet;
-# its first calls autotune kernels at shapes no other stage runs: [x' | x] of depth 2K, [dz | dz'] of 2M rows).
-stage bench_forward_mode 120 "$python" -m bench --quick --no-compile --only forward_mode --out "$out/bench_forward_mode"
 # Every op against torch's reference in float64, through the public API (kernels mostly cached by the tests).
 stage check 60 env GPUNN_AUTOTUNE=0 "$python" -m gpunn check --quick --out "$out/check.md"
 # How much of a host-bound training step a CUDA graph recovers (gpunn and torch, eager and replayed; untuned
 # kernel configs, to fit the limit: the question is host time).
 stage graph_step 45 env GPUNN_AUTOTUNE=0 "$python" -m bench.probes.graph_step
+# Forward mode: jvp through the MLP and the RNN, the MLP's Hessian-vector product (never timed on a GPU yet;
+# its first calls autotune kernels at shapes no other stage runs: [x' | x] of depth 2K, [dz | dz'] of 2M rows).
+stage bench_forward_mode 120 "$python" -m bench --quick --no-compile --only forward_mode --out "$out/bench_forward_mode"
 # torch.compile beside torch eager, for the ops inductor compiles (not the RNN: it does not lower RNNs).
 stage bench_compile 180 "$python" -m bench --quick --only dense,local2d,rnn_cell,xent,mse --skip-providers gpunn \
   --out "$out/bench_compile"

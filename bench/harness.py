@@ -278,6 +278,14 @@ def _time_copy(nbytes: int, device: torch.device, gen: torch.Generator) -> Timin
 # ----------------------------------------------------------------------------------------------------
 # Accuracy
 
+def as_one_vector(tensors) -> torch.Tensor:
+    """The tensors flattened and joined: a model's gradient, or a Hessian-vector product, as the one vector in
+    parameter space an optimizer or a Krylov method uses; its relative error is then what an accuracy check
+    reports. (A bias's block alone is a sum over the batch of terms that largely cancel: in bf16 it can sit
+    past the tolerance in torch itself while the whole vector is well within it.)"""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
 def add_speedups(records: list[Record]) -> list[Record]:
     """speedup_vs_torch = torch's median time / the provider's, for every provider whose result and whose
     baseline both passed their accuracy check; a failing result gets no speedup."""

@@ -14,7 +14,7 @@ through the input gradient: g_dz 2, g_W 4 and g_x 2), 16 in all. Not counted, gp
 recomputes z (2), and its create_graph pass also forms the weight gradients (2), which autograd.grad(...,
 x) then drops (a custom autograd function's needs_input_grad is fixed at forward time). Bytes: a rough
 model, mlp_step's count twice over, not a minimum. Accuracy: one step from the same weights against the
-float64 torch model: the loss and the first layer's updated weight.
+float64 torch model: the loss and the first layer's updated weight (mlp_step's check).
 """
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ class StepwiseRNN(torch.nn.RNN):
         states = []
         for t in range(x.shape[1]):
             h = gpunn.reference.rnn_cell(x[:, t], h, self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0,
-                                         self.bias_hh_l0, self.nonlinearity)
+                                         self.bias_hh_l0, "relu" if self.mode == "RNN_RELU" else "tanh")
             states.append(h)
         return torch.stack(states, 1), h.unsqueeze(0)
 

@@ -3,8 +3,9 @@ into tensors of a million elements.
 
 Providers: torch = torch.optim.SGD (its foreach path), gpunn = gpunn.optim.SGD (one launch). Mode fwd is
 the step; the momentum buffers exist (made in the warm-up). Fewest bytes: read parameters, gradients and
-buffers, write parameters and buffers (5 accesses a parameter). Accuracy: one step from fresh copies
-against torch.optim.SGD in float64.
+buffers, write parameters and buffers (5 accesses a parameter). Accuracy: two steps (making the buffers, then
+using them) from fresh copies at 1/100 of the parameters' scale (CHECK_SCALE) against torch.optim.SGD in
+float64.
 """
 from __future__ import annotations
 
@@ -67,27 +68,36 @@ class Case(harness.CaseBase):
         return params, grads, None, None
 
     def callables(self, mode: str, optimizer_class, params, grads, _, __):
-        def fresh():
-            copies = [torch.nn.Parameter(p.clone()) for p in params]
-            for p, g in zip(copies, grads):
-                p.grad = g
-            return copies, optimizer_class(copies, **self.settings)
-
-        timed, optimizer = fresh()
-
-        def check():
-            copies, one = fresh()
-            one.step()
-            return tuple(p.detach() for p in copies)
-
-        return optimizer.step, check
+        copies = _with_grads([p.clone() for p in params], grads)
+        return optimizer_class(copies, **self.settings).step, lambda: _two_steps(optimizer_class, params, grads,
+                                                                                 self.settings)
 
     def reference(self, params, grads, _, __) -> dict[str, tuple[torch.Tensor, ...]]:
-        copies = [torch.nn.Parameter(p.detach().to(torch.float64)) for p in params]
-        for p, g in zip(copies, grads):
-            p.grad = g.to(torch.float64)
-        torch.optim.SGD(copies, **self.settings).step()
-        return {"fwd": tuple(p.detach() for p in copies)}
+        return {"fwd": _two_steps(torch.optim.SGD, [p.to(torch.float64) for p in params],
+                                  [g.to(torch.float64) for g in grads], self.settings)}
+
+
+# The accuracy check's parameters, as a fraction of the timed ones: two steps' update (about 3 lr |g|) then
+# outweighs them, so that a wrong update shows in their error (at full scale it moves them by ~3e-2 of themselves:
+# a momentum lost in the second step had passed in bf16).
+CHECK_SCALE = 0.01
+
+
+def _with_grads(params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    copies = [torch.nn.Parameter(p) for p in params]
+    for p, g in zip(copies, grads):
+        p.grad = g
+    return copies
+
+
+def _two_steps(optimizer_class, params, grads, settings) -> tuple[torch.Tensor, ...]:
+    """The parameters after two steps from CHECK_SCALE x params: the first makes the momentum buffers, the
+    second, as every timed step, uses them."""
+    copies = _with_grads([p * CHECK_SCALE for p in params], grads)
+    optimizer = optimizer_class(copies, **settings)
+    optimizer.step()
+    optimizer.step()
+    return tuple(p.detach() for p in copies)
 
 
 def cases(preset: str, dtypes: list[str], activations: list[str | None]) -> list[Case]:

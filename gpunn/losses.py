@@ -220,7 +220,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         differentiates them; gpunn's kernels do not).
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
-    if isinstance(ignore_index, (bool, float)) or not hasattr(type(ignore_index), "__index__"):
+    if (isinstance(ignore_index, (bool, float)) or not hasattr(type(ignore_index), "__index__")
+            or (isinstance(ignore_index, torch.Tensor) and (ignore_index.is_floating_point()
+                                                            or ignore_index.dtype == torch.bool))):
         raise TypeError(f"cross_entropy_loss(): argument 'ignore_index' (position 5) must be int, not "
                         f"{type(ignore_index).__name__}")
     ignore_index = int(ignore_index)

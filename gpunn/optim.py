@@ -114,13 +114,15 @@ class SGD(torch.optim.SGD):
                 sgd_kernels.step(local_ps, local_gs, local_bs if momentum != 0 else None,
                                  lr=_learning_rate(group, device), first_step=first_step, cache=self._tables,
                                  slot=(index, device, dtype, first_step), **hyper)
-                # A DTensor counts its versions apart from its shard (a complex view shares its base's).
-                wrappers = [p for p, local_p in zip(ps, local_ps) if p is not local_p]
-                if wrappers:
-                    torch.autograd.graph.increment_version(wrappers)
                 if new_buffers:
                     for p, buf in zip(ps, bs):
                         self.state[p]["momentum_buffer"] = buf
+                # A DTensor (and its buffer, one too) counts its versions apart from its shard. (A complex view
+                # shares its base's: bumped twice, harmlessly.)
+                wrapped = [p for p, local_p in zip(ps, local_ps) if p is not local_p]
+                if wrapped:
+                    torch.autograd.graph.increment_version(
+                        wrapped + ([self.state[p]["momentum_buffer"] for p in wrapped] if momentum else []))
             if rest:
                 ps, gs, bs = (list(column) for column in zip(*rest))
                 torch_sgd(ps, gs, bs, has_sparse_grad=any(g.is_sparse for g in gs), foreach=False,

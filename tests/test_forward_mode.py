@@ -288,6 +288,20 @@ def test_hessian_and_jacfwd_under_no_grad_and_inference_mode_match_torch(device,
             assert_close(hessian, transform(theirs)(at), DT, "hessian")
 
 
+def test_a_dual_made_of_an_inference_tensor_carries_its_tangent(device):
+    """Data made under inference_mode, made a dual outside it: its tangent reaches the output as torch's does
+    (inference tensors are skipped by the dual check only where unpack_dual cannot look at them)."""
+    with torch.inference_mode():
+        x = _tensors(device, (4, 3), seed=case_seed("inference dual"))[0]
+    t, w, b = _tensors(device, (4, 3), (2, 3), (2,), seed=case_seed("inference dual") + 1)
+    tangents = []
+    for layer in (lambda a: gpunn.functional.linear(a, w, b, "gelu"), lambda a: F.gelu(F.linear(a, w, b))):
+        with forward_ad.dual_level():
+            tangents.append(forward_ad.unpack_dual(layer(forward_ad.make_dual(x, t))).tangent)
+    assert tangents[0] is not None
+    assert_close(tangents[0], tangents[1], DT, "tangent")
+
+
 def test_forward_mode_under_tracing_and_vectorized_is_refused(device):
     """torch.func.linearize (forward mode traced by make_fx, which would record the kernels' outputs as bare
     allocations) and torch's legacy-vmap forward-mode Jacobians: NotImplementedError, not a wrong tangent or

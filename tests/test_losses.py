@@ -97,7 +97,8 @@ def test_cross_entropy_errors_match_torch(device):
              (x.double(), good, dict(weight=torch.ones(4, device=device))),  # class indices: no promotion
              (x[0], torch.tensor([1, 2, 3], device=device, dtype=torch.int32), {}),  # unbatched: dtype first
              (x[:0], torch.tensor(1, device=device), {}),
-             (x, good, dict(ignore_index=True)), (x, good, dict(ignore_index=1.0))]  # an int, as torch's parser
+             (x, good, dict(ignore_index=True)), (x, good, dict(ignore_index=1.0)),  # an int, as torch's parser
+             (x, good, dict(ignore_index=torch.tensor(1.0)))]
     for logits, target, kwargs in cases:
         # torch's reference runs on the CPU: on CUDA its out-of-range target is a device-side assert, which raises
         # nothing here and leaves the process's CUDA context unusable. gpunn checks targets on the host and raises.

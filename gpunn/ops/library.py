@@ -95,7 +95,8 @@ class Op:
                                           f"linearize, make_fx) is not supported; torch.func.jvp works")
             flat, lengths = _flatten(args)
             return self.transform_function.apply(lengths, *flat)  # the form with a jvp rule (and the backward)
-        if torch.compiler.is_compiling() or not _all_plain(args) or _tracing():
+        if torch.compiler.is_compiling() or not _all_plain(args) or (torch._C._len_torch_dispatch_stack()
+                                                                      and _tracing()):
             # (A tracer, make_fx, records the custom op; the kernels' launches it would not see.)
             return self.custom_op(*args)
         transform = torch._C._functorch.peek_interpreter_stack()
@@ -188,12 +189,22 @@ def _dual(tensor: torch.Tensor) -> bool:
     functorch = torch._C._functorch
     while True:
         batched = functorch.is_batchedtensor(tensor)
-        # (An inference tensor carries none, and unpack_dual asserts on one in inference mode.)
-        if not batched and not tensor.is_inference() and forward_ad.unpack_dual(tensor).tangent is not None:
+        if not batched and _tangent_of(tensor) is not None:
             return True
         if not (batched or functorch.is_gradtrackingtensor(tensor)):
             return False
         tensor = functorch.get_unwrapped(tensor)
+
+
+def _tangent_of(tensor: torch.Tensor) -> torch.Tensor | None:
+    try:
+        return forward_ad.unpack_dual(tensor).tangent
+    except RuntimeError:
+        # unpack_dual asserts on an inference tensor where inference mode is on (a vmap rule may have left
+        # it): such a tensor carries no tangent. (One made a dual outside inference mode does carry one.)
+        if tensor.is_inference():
+            return None
+        raise
 
 
 def _any_requires_grad(args, within=False) -> bool:
