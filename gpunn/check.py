@@ -97,21 +97,23 @@ def _masked(m, n, k, mask_fn, activation):
     return build
 
 
-def _local(x_shape, out_channels, kernel, stride, padding):
-    """A locally connected layer over x_shape (N, C, L) or (N, C, H, W), one kernel/stride/padding for every dim."""
+def _local(x_shape, out_channels, kernel, stride, padding, dilation=1):
+    """A locally connected layer over x_shape (N, C, L) or (N, C, H, W), one kernel/stride/padding/dilation for
+    every dim; padding a number or "same" (stride 1)."""
     one_d = len(x_shape) == 3
     gpunn_fn, torch_fn = ((functional.locally_connected1d, reference.locally_connected1d) if one_d else
                           (functional.locally_connected2d, reference.locally_connected2d))
     n, c, *size = x_shape
-    out_size = [(length + 2 * padding - kernel) // stride + 1 for length in size]
+    span = dilation * (kernel - 1)
+    out_size = size if padding == "same" else [(length + 2 * padding - span - 1) // stride + 1 for length in size]
     fan_in = c * kernel ** len(size)
 
     def build(dtype, device, gen):
         x = _randn(gen, device, dtype, *x_shape)
         w = _randn(gen, device, dtype, out_channels, *out_size, c, *[kernel] * len(size), scale=fan_in ** -0.5)
         b = _randn(gen, device, dtype, out_channels, *out_size, scale=fan_in ** -0.5)
-        return Problem([x, w, b], [True] * 3, lambda x, w, b: gpunn_fn(x, w, b, stride, padding),
-                       lambda x, w, b: torch_fn(x, w, b, stride, padding))
+        return Problem([x, w, b], [True] * 3, lambda x, w, b: gpunn_fn(x, w, b, stride, padding, dilation),
+                       lambda x, w, b: torch_fn(x, w, b, stride, padding, dilation))
     return build
 
 
@@ -231,13 +233,20 @@ CASES = [
       for act in (None, "relu", "leaky_relu", "gelu", "gelu_tanh", "tanh", "sigmoid", "silu")],
     Case("linear", "(2, 5, 130) -> 7 relu", _linear(5, 7, 130, "relu", lead=(2,))),
     Case("linear", "1x1x1", _linear(1, 1, 1, None)),
+    # Many rows into a small weight: the weight gradient splits its rows (and sums the splits in a second launch).
+    Case("linear", "2100x10x20 tanh", _linear(2100, 10, 20, "tanh")),
     Case("masked_linear", "33x70x50 band of 9, relu", _masked(33, 70, 50, lambda n, k: masks.local_1d(k, n, 9), "relu"),
          quick=True),
     Case("masked_linear", "20x40x70 10% random, gelu",
          _masked(20, 40, 70, lambda n, k: masks.random(k, n, 0.1, generator=torch.Generator().manual_seed(0)), "gelu")),
+    # Two batch tiles of rows, and full, partial and empty blocks at every block size.
+    Case("masked_linear", "70x150x150 lower triangle, silu",
+         _masked(70, 150, 150, lambda n, k: torch.ones(n, k, dtype=torch.bool).tril(), "silu")),
     Case("locally_connected2d", "(2, 3, 9, 7) -> 5 ch, 3x3, stride 2, pad 1", _local((2, 3, 9, 7), 5, 3, 2, 1),
          quick=True),
     Case("locally_connected2d", "(1, 2, 6, 5) -> 3 ch, 2x2", _local((1, 2, 6, 5), 3, 2, 1, 0)),
+    Case("locally_connected2d", "(2, 2, 7, 6) -> 3 ch, 2x2, dilation 2, same", _local((2, 2, 7, 6), 3, 2, 1, "same", 2)),
+    Case("locally_connected1d", "(2, 3, 13) -> 4 ch, k3, dilation 3, pad 1", _local((2, 3, 13), 4, 3, 1, 1, 3)),
     Case("locally_connected1d", "(3, 4, 17) -> 6 ch, k5, stride 2, pad 2", _local((3, 4, 17), 6, 5, 2, 2), quick=True),
     Case("rnn_cell", "5 x (7 -> 13) tanh", _rnn_cell(5, 7, 13, "tanh"), quick=True),
     Case("rnn_cell", "3 x (33 -> 9) relu", _rnn_cell(3, 33, 9, "relu")),
@@ -285,10 +294,12 @@ class Result:
     torch_err: float | None  # None where torch's op does not run at this dtype on this device
     tolerance: float
     launches: int  # gpunn's Triton launches in this direction (0: it did not run on the Triton path)
+    error: str | None = None  # what gpunn raised, where it raised
 
     @property
     def passed(self) -> bool:
-        return math.isfinite(self.gpunn_err) and self.gpunn_err <= self.tolerance and self.launches > 0
+        return (self.error is None and math.isfinite(self.gpunn_err) and self.gpunn_err <= self.tolerance
+                and self.launches > 0)
 
 
 def rel_err(outs, refs) -> float:
@@ -349,7 +360,11 @@ def check_case(case: Case, precision: Precision, device: torch.device, seed: int
     gen = torch.Generator().manual_seed(seed)
     problem = case.build(precision.dtype, device, gen)
     with _fp32_precision(precision.tf32):
-        ours, launches = evaluate(problem.gpunn, problem, None, seed)
+        try:
+            ours, launches = evaluate(problem.gpunn, problem, None, seed)
+        except Exception as error:  # noqa: BLE001 - a failing check, not the end of the run
+            return [Result(case.op, case.label, precision.name, "forward and backward", math.inf, None,
+                           precision.tolerance, 0, f"{type(error).__name__}: {_first_line(error)}")]
         try:
             theirs, _ = evaluate(problem.torch, problem, None, seed)
         except RuntimeError:  # torch has no kernel for this dtype on this device (a CPU half op, say)
@@ -363,6 +378,12 @@ def check_case(case: Case, precision: Precision, device: torch.device, seed: int
         results.append(Result(case.op, case.label, precision.name, direction, rel_err(ours[index], ref[index]),
                               torch_err, precision.tolerance, launches[index]))
     return results
+
+
+def _first_line(error: Exception) -> str:
+    """An exception's message as one table cell: its first line, without column bars, at most 200 characters."""
+    lines = str(error).splitlines()
+    return (lines[0] if lines else "").replace("|", "/")[:200]
 
 
 def run(device: torch.device, quick: bool = False, ops: list[str] | None = None,
@@ -387,7 +408,8 @@ def table(results: list[Result]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         torch_err = "n/a" if r.torch_err is None else f"{r.torch_err:.2e}"
-        verdict = "ok" if r.passed else ("FAIL: no Triton launch" if r.launches == 0 else "FAIL")
+        verdict = ("ok" if r.passed else f"FAIL: raised {r.error}" if r.error else
+                   "FAIL: no Triton launch" if r.launches == 0 else "FAIL")
         lines.append(f"| {r.op} | {r.case} | {r.precision} | {r.direction} | {r.gpunn_err:.2e} | {torch_err} "
                      f"| {r.tolerance:.0e} | {verdict} |")
     return "\n".join(lines)

@@ -86,3 +86,52 @@ def test_a_backward_that_ran_no_triton_kernel_fails(monkeypatch, device):
     forward, backward = gpunn.check.run(device, quick=True, ops=["linear"], precisions=["fp64"],
                                         log=lambda line: None)[:2]
     assert forward.passed and backward.gpunn_err < 1e-12 and not backward.passed
+
+
+def test_an_op_that_raises_fails_its_case_and_the_run_goes_on(monkeypatch, device):
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted\nsecond line | bar")
+
+    monkeypatch.setattr(functional, "mse_loss", broken)
+    results = gpunn.check.run(device, ops=["mse_loss", "sgd"], precisions=["fp64"], log=lambda line: None)
+    failed = [r for r in results if not r.passed]
+    assert {r.op for r in failed} == {"mse_loss"} and len(failed) == 2  # its two cases; sgd's still ran and passed
+    assert any(r.op == "sgd" for r in results)
+    assert "FAIL: raised RuntimeError: planted |" in gpunn.check.table(results)
+
+
+@pytest.mark.parametrize("plant", ["masked rows past 64", "weight gradient splits", "local dilation"])
+def test_the_cases_reach_the_paths_a_planted_bug_breaks(monkeypatch, device, plant):
+    """Bugs planted where only some shapes go (a masked layer's rows past its first 64, a second tile of
+    rows under the interpreter; the weight gradient's split rows, summed in a second launch; a dilated local
+    layer's input gradient): some case of the op fails."""
+    import copy
+
+    from gpunn.kernels import dense, local, masked
+
+    if plant == "masked rows past 64":
+        original = masked.forward
+
+        def planted(*args, **kwargs):
+            y, derivative = original(*args, **kwargs)
+            y.view(-1, y.shape[-1])[64:] = 0
+            return y, derivative
+
+        monkeypatch.setattr(masked, "forward", planted)
+        ops = ["masked_linear"]
+    elif plant == "weight gradient splits":  # only the first split's partial sums reach dW
+        original = dense.add_partial_sums
+        monkeypatch.setattr(dense, "add_partial_sums", lambda parts, out: original(parts[:1], out))
+        ops = ["linear"]
+    else:  # the input gradient ignores the dilation
+        original = local.grad_input
+
+        def planted(dy, weight, input_shape, geometry):
+            undilated = copy.copy(geometry)
+            undilated.dh = undilated.dw = 1
+            return original(dy, weight, input_shape, undilated)
+
+        monkeypatch.setattr(local, "grad_input", planted)
+        ops = ["locally_connected2d", "locally_connected1d"]
+    results = gpunn.check.run(device, ops=ops, precisions=["fp64"], log=lambda line: None)
+    assert [r for r in results if not r.passed], plant
