@@ -19,7 +19,7 @@ import types
 
 import torch
 
-from . import functional, masks
+from . import masks
 from .modules import RNN, Linear, LocallyConnected2d, MaskedLinear, RNNCell
 
 # Activation modules gpunn.Linear can fuse: (its activation name, negative slope) for a module.
@@ -217,7 +217,10 @@ def masked_from_local(layer: LocallyConnected2d) -> MaskedLinear:
 def local_from_masked(layer: MaskedLinear, in_channels: int, input_size, kernel_size, stride=1, padding=0,
                       dilation=1) -> LocallyConnected2d:
     """The LocallyConnected2d with this geometry computing what `layer` computes; layer's mask must be
-    masks.local_2d of that geometry (ValueError otherwise). Weights of taps in the padding are zero."""
+    masks.local_2d of that geometry (ValueError otherwise, as for a geometry LocallyConnected2d refuses).
+    Weights of taps in the padding are zero."""
+    if not isinstance(layer, MaskedLinear):
+        raise TypeError(f"local_from_masked takes a gpunn.MaskedLinear, got {type(layer).__name__}")
     if layer.activation is not None:
         raise ValueError(f"the MaskedLinear fuses the activation {layer.activation!r}, which a LocallyConnected2d "
                          f"does not have")
@@ -226,7 +229,6 @@ def local_from_masked(layer: MaskedLinear, in_channels: int, input_size, kernel_
     if layer.in_features != in_channels * height * width:
         raise ValueError(f"a MaskedLinear with {layer.in_features} inputs does not read {in_channels} channels of "
                          f"{height}x{width}")
-    functional.local_geometry(kernel_size, stride, padding, dilation)  # the functional form's checks first
     probe = masks.local_2d((in_channels, height, width), kernel_size, stride, padding, dilation)
     if layer.out_features % probe.shape[0]:
         raise ValueError(f"a MaskedLinear with {layer.out_features} outputs does not fit {probe.shape[0]} output "

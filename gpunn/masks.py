@@ -24,6 +24,13 @@ def positive_int(value, name: str) -> int:
     return int(value)
 
 
+def non_negative_int(value, name: str) -> int:
+    """value as an int, where it is an integer (is_int) of 0 or more; else ValueError naming the argument."""
+    if not is_int(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
 def as_pair(value, name: str) -> tuple[int, int]:
     """(value, value) for an int, the pair itself for a pair of ints; TypeError otherwise."""
     try:
@@ -71,11 +78,9 @@ def local_1d(in_features: int, out_features: int, window: int) -> torch.Tensor:
     Returns:
         bool (out_features, in_features).
     """
-    if in_features < 0 or out_features < 0:
-        raise ValueError(f"in_features and out_features must be non-negative, got {in_features}, {out_features}")
-    if window < 1:
-        raise ValueError(f"window must be positive, got {window}")
-    width = min(window, in_features)
+    in_features, out_features = non_negative_int(in_features, "in_features"), non_negative_int(out_features,
+                                                                                               "out_features")
+    width = min(positive_int(window, "window"), in_features)
     centre = (torch.arange(out_features, dtype=torch.float64) + 0.5) * in_features / max(out_features, 1)
     # The window [start, start + width) has its centre at start + width / 2 (input i spans [i, i + 1)).
     start = torch.floor(centre - width / 2 + 0.5).long().clamp(0, in_features - width)
@@ -99,16 +104,15 @@ def local_2d(in_shape, kernel_size, stride=1, padding=0, dilation=1, out_channel
     shape = tuple(in_shape)
     if len(shape) == 2:
         shape = (1, *shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"in_shape must be (C, H, W) or (H, W) of positive sizes, got {tuple(in_shape)}")
+    if len(shape) != 3 or not all(is_int(size) and size >= 1 for size in shape):
+        raise ValueError(f"in_shape must be (C, H, W) or (H, W) of positive ints, got {tuple(in_shape)}")
     channels, height, width = shape
     (kh, kw), (sh, sw) = as_pair(kernel_size, "kernel_size"), as_pair(stride, "stride")
     (dh, dw) = as_pair(dilation, "dilation")
     (ph, pw), (ph_end, pw_end) = padding_sides(padding, (kh, kw), (sh, sw), (dh, dw))
     if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError("kernel_size, stride and dilation must be positive and padding non-negative")
-    if out_channels < 1:
-        raise ValueError(f"out_channels must be positive, got {out_channels}")
+    out_channels = positive_int(out_channels, "out_channels")
     oh, ow = Geometry((kh, kw), (sh, sw), (ph, pw), (dh, dw), (ph_end, pw_end)).output_size(height, width)
     if oh < 1 or ow < 1:
         raise ValueError(f"kernel of {kh}x{kw} (dilation {dh}x{dw}) does not fit the padded "
@@ -130,8 +134,8 @@ def random(in_features: int, out_features: int, density: float,
     Returns:
         bool (out_features, in_features).
     """
-    if in_features < 0 or out_features < 0:
-        raise ValueError(f"in_features and out_features must be non-negative, got {in_features}, {out_features}")
+    in_features, out_features = non_negative_int(in_features, "in_features"), non_negative_int(out_features,
+                                                                                               "out_features")
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {density}")
     return torch.rand(out_features, in_features, generator=generator) < density

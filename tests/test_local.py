@@ -272,6 +272,18 @@ def test_conversion_to_and_from_masked_linear(device, geometry):
 def test_conversion_takes_the_2d_layer_only(device):
     with pytest.raises(TypeError, match="takes a gpunn.LocallyConnected2d"):
         gpunn.convert.masked_from_local(gpunn.LocallyConnected1d(2, 3, 9, 3, device=device))
+    with pytest.raises(TypeError, match="takes a gpunn.MaskedLinear"):
+        gpunn.convert.local_from_masked(torch.nn.Linear(50, 75, device=device), 2, (5, 5), 3, padding=1)
+
+
+@pytest.mark.parametrize("geometry", [dict(kernel_size=0), dict(kernel_size=3, stride=0),
+                                      dict(kernel_size=3, padding=-1), dict(kernel_size=3, stride=2, padding="same")])
+def test_conversion_refuses_a_geometry_as_the_layer_does(device, geometry):
+    masked = gpunn.convert.masked_from_local(gpunn.LocallyConnected2d(2, 3, (5, 5), 3, padding=1, device=device))
+    with pytest.raises(ValueError):
+        gpunn.LocallyConnected2d(2, 3, (5, 5), **geometry)
+    with pytest.raises(ValueError):
+        gpunn.convert.local_from_masked(masked, 2, (5, 5), **geometry)
 
 
 def test_conversion_refuses_a_fused_activation(device):

@@ -79,6 +79,15 @@ def test_random_density_and_generator():
     lambda: gpunn.masks.local_2d((1, 2, 3, 4), 1),
     lambda: gpunn.masks.random(3, 3, 1.5),
     lambda: gpunn.masks.random(-1, 3, 0.5),
+    # Sizes that are not ints (they had built masks of the wrong connectivity, or failed inside torch).
+    lambda: gpunn.masks.local_1d(8, 8, 2.5),
+    lambda: gpunn.masks.local_1d(8.5, 8, 3),
+    lambda: gpunn.masks.local_1d(8, 8, True),
+    lambda: gpunn.masks.local_1d(None, 8, 3),
+    lambda: gpunn.masks.local_2d((4, 4), 3, out_channels=1.5),
+    lambda: gpunn.masks.local_2d((4.0, 4.0), 3),
+    lambda: gpunn.masks.random(True, 4, 0.5),
+    lambda: gpunn.masks.random(4.0, 4, 0.5),
 ])
 def test_bad_arguments(call):
     with pytest.raises(ValueError):

@@ -25,7 +25,9 @@ class MaskedLinear(torch.nn.Module):
 
     Initialisation: nn.Linear's rule with each neuron's true fan-in: row j of the weight and bias j are
     uniform in +-1/sqrt(connections of j) (a neuron with no connection gets bias 0, as nn.Linear does for
-    in_features = 0). With a local_2d mask this is nn.Conv2d's rule for the same kernel. Masked-out
+    in_features = 0). With a local_2d mask this is nn.Conv2d's rule for the same kernel at the neurons whose
+    window lies inside the image; one whose window reaches into the padding has fewer connections, so a wider
+    range (nn.Conv2d counts the padding's taps in its fan-in). Masked-out
     weights start at zero, so `weight` equals the effective weight.
 
     Shape:
