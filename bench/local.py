@@ -10,9 +10,10 @@ Providers, all run in the same process on the same inputs:
 
 Modes as in bench/dense.py (fwd, bwd, fwd+bwd); the --activations list does not apply (the layer has none).
 
-Work model: FLOPs 2 N O L R forward (L output positions, R = C K^d taps), twice that backward. Fewest
-bytes: forward reads x, the weights (O L R) and bias, writes y; backward reads dy, x and the weights,
-writes dx, dW and db. Memory: peak_mem_ratio = (inputs + weights + the peak a call allocates) / (inputs +
+Work model: FLOPs 2 N O P forward (P = the (position, tap) pairs of an output channel whose tap lies inside
+the input, at most L C K^d for L output positions), twice that backward. Fewest bytes: forward reads x, the
+weights of those taps (O P) and the bias, writes y; backward reads dy, x and those weights, writes dx, dW
+(every tap's: O L C K^d) and db. Memory: peak_mem_ratio = (inputs + weights + the peak a call allocates) / (inputs +
 outputs + weights), where outputs are what the mode returns; the target is <= 1.10 (no patch tensor).
 """
 from __future__ import annotations
@@ -87,19 +88,28 @@ class Case(harness.CaseBase):
     def taps(self) -> int:
         return self.c * self.kernel ** len(self.size)
 
+    @property
+    def connections(self) -> int:
+        """(position, tap) pairs of one output channel whose tap lies inside the input: the work (those in the
+        padding read nothing and multiply nothing)."""
+        inside = [sum(min(p - self.padding + self.kernel, size) - max(p - self.padding, 0) for p in range(out))
+                  for size, out in zip(self.size, self.out_size)]
+        return self.c * math.prod(inside)
+
     def flops(self, mode: str) -> float:
-        return 2 * self.n * self.o * self.positions * self.taps * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+        return 2 * self.n * self.o * self.connections * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
 
     def _elements(self) -> dict[str, int]:
         x = self.n * self.c * math.prod(self.size)
         y = self.n * self.o * self.positions
         weight, bias = self.o * self.positions * self.taps, self.o * self.positions
-        return {"x": x, "y": y, "weight": weight, "bias": bias}
+        return {"x": x, "y": y, "weight": weight, "read_weight": self.o * self.connections, "bias": bias}
 
     def bytes(self, mode: str) -> float:
         e = self._elements()
-        forward = e["x"] + e["weight"] + e["bias"] + e["y"]
-        backward = (e["y"] + e["x"] + e["weight"]) + (e["x"] + e["weight"] + e["bias"])
+        # Weights of taps in the padding are never read; their gradient (zero) is written with the others.
+        forward = e["x"] + e["read_weight"] + e["bias"] + e["y"]
+        backward = (e["y"] + e["x"] + e["read_weight"]) + (e["x"] + e["weight"] + e["bias"])
         elements = {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}[mode]
         return elements * harness.DTYPES[self.dtype].itemsize
 
@@ -113,7 +123,7 @@ class Case(harness.CaseBase):
         return inputs * size, outputs * size
 
     def weight_bytes(self) -> float:
-        return self._elements()["weight"] * harness.DTYPES[self.dtype].itemsize
+        return self._elements()["read_weight"] * harness.DTYPES[self.dtype].itemsize
 
     def make_provider(self, name: str, device: torch.device):
         """The callable f(x, w, b) provider `name` benchmarks."""
