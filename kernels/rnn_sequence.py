@@ -162,7 +162,9 @@ def rnn_sequence_forward_kernel(
         z = tl.dot(w, h.to(DOT_DTYPE), z, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         h_new = activations.forward(z, ACT, 0.0)
         tl.store(out_ptr + rows[None, :] * stride_out + rh64[:, None], h_new.to(out_ptr.dtype.element_ty), mask=ok)
-        h = tl.where(active[None, :], h_new, h)
+        # Padded columns (rh >= H) keep their zeros: act(0 * inf) there would be NaN, fed back through W_hh's
+        # zero columns (0 * NaN) into every unit once a state overflows.
+        h = tl.where(ok, h_new, h)
     final = state_ptr + tl.cast(B, tl.int64) * H  # tl.cast: B == 1 arrives as a constant
     tl.store(final + rb64[None, :] * H + rh64[:, None], h.to(state_ptr.dtype.element_ty), mask=tile_ok)
 
@@ -197,7 +199,10 @@ def rnn_sequence_backward_kernel(
         t, offset, active = _step(T - 1 - s, T, batch_sizes_ptr, offsets_ptr, rb, b_ok, REVERSE)
         rows = offset + rb64
         ok = h_ok[:, None] & active[None, :]
-        g = dh + tl.load(dout_ptr + rows[None, :] * stride_dout + rh64[:, None], mask=ok, other=0.0).to(ACC_DTYPE)
+        # (dh's padded columns, 0 * dz = NaN where a dz is infinite, are left out: fed back they would reach
+        # every unit through W_hh's zero columns, as in the forward.)
+        g = tl.where(h_ok[:, None], dh, 0.0) + tl.load(dout_ptr + rows[None, :] * stride_dout + rh64[:, None],
+                                                       mask=ok, other=0.0).to(ACC_DTYPE)
         h = tl.load(out_ptr + rows[None, :] * stride_out + rh64[:, None], mask=ok, other=0.0).to(ACC_DTYPE)
         dz = activations.grad_preactivation(g, h, ACT, activations.GRAD_FROM_OUTPUT)
         tl.store(dz_ptr + rows[None, :] * stride_dz + rh64[:, None], dz.to(dz_ptr.dtype.element_ty), mask=ok)

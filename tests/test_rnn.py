@@ -347,3 +347,32 @@ def test_a_packed_sequence_made_under_inference_mode_still_trains(device):
     out, h_n = rnn(torch.nn.utils.rnn.PackedSequence(data, packed.batch_sizes))
     (out.data.sum() + h_n.sum()).backward()
     assert data.grad is not None and torch.isfinite(data.grad).all() and rnn.weight_hh_l0.grad is not None
+
+
+@pytest.mark.parametrize("hidden", [1, 15, 16])
+def test_an_overflowing_state_and_an_infinite_gradient_stay_inf_as_torch(device, hidden):
+    """A relu state that overflows to inf, and an inf output gradient through tanh: inf where torch gives inf,
+    not NaN (the on-chip kernels' columns past H, padding up to 16 or a power of two, had turned 0 * inf into
+    NaN and fed it back into every unit)."""
+    results = {}
+    for name, kind in (("gpunn", gpunn.RNN), ("torch", torch.nn.RNN)):
+        relu = kind(1, hidden, nonlinearity="relu").to(device, torch.float64)
+        tanh = kind(1, hidden).to(device, torch.float64)
+        with torch.no_grad():
+            for layer, recurrent in ((relu, 1e30 / hidden), (tanh, 0.5 / hidden)):
+                layer.weight_hh_l0.fill_(recurrent)
+                layer.weight_ih_l0.fill_(1.0 if layer is relu else 0.1)
+                layer.bias_ih_l0.zero_()
+                layer.bias_hh_l0.zero_()
+        with count_launches() as launches:
+            out, h_n = relu(torch.ones(14, 1, 1, device=device, dtype=torch.float64))
+            x = torch.ones(4, 1, 1, device=device, dtype=torch.float64, requires_grad=True)
+            y = tanh(x)[0]
+            cotangent = torch.zeros_like(y)
+            cotangent[-1] = float("inf")
+            y.backward(cotangent)
+        assert bool(launches) == (name == "gpunn")
+        results[name] = (out, h_n, x.grad)
+    for ours, theirs in zip(*results.values()):
+        assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
+    assert results["torch"][0].isinf().any() and results["torch"][2].isinf().all()
