@@ -43,7 +43,8 @@ PRESETS = {
 
 NOTES = [
     "local2d: torch = F.unfold + einsum (+ bias), the usual workaround (gpunn.reference.locally_connected2d); "
-    "gpunn = gpunn.functional.locally_connected2d (patches gathered in the kernels). FLOPs 2 N O L R fwd; "
+    "gpunn = gpunn.functional.locally_connected2d (patches gathered in the kernels). FLOPs 2 N O P fwd (P: "
+    "(position, tap) pairs inside the input); "
     "peak_mem_ratio = (inputs + weights + peak allocated) / (inputs + outputs + weights), target <= 1.10.",
 ]
 
@@ -90,8 +91,9 @@ class Case(harness.CaseBase):
 
     @property
     def connections(self) -> int:
-        """(position, tap) pairs of one output channel whose tap lies inside the input: the work (those in the
-        padding read nothing and multiply nothing)."""
+        """(position, tap) pairs of one output channel whose tap lies inside the input: the least work (a
+        padding tap's weight is never read, and its input is zero; the forward and weight-gradient kernels
+        multiply those zeros all the same, so their dot FLOPs run above this minimum)."""
         inside = [sum(min(p - self.padding + self.kernel, size) - max(p - self.padding, 0) for p in range(out))
                   for size, out in zip(self.size, self.out_size)]
         return self.c * math.prod(inside)

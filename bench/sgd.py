@@ -69,11 +69,11 @@ class Case(harness.CaseBase):
 
     def callables(self, mode: str, optimizer_class, params, grads, _, __):
         copies = _with_grads([p.clone() for p in params], grads)
-        return optimizer_class(copies, **self.settings).step, lambda: _two_steps(optimizer_class, params, grads,
-                                                                                 self.settings)
+        return optimizer_class(copies, **self.settings).step, lambda: _two_steps(optimizer_class, _scaled(params),
+                                                                                 grads, self.settings)
 
     def reference(self, params, grads, _, __) -> dict[str, tuple[torch.Tensor, ...]]:
-        return {"fwd": _two_steps(torch.optim.SGD, [p.to(torch.float64) for p in params],
+        return {"fwd": _two_steps(torch.optim.SGD, [p.to(torch.float64) for p in _scaled(params)],
                                   [g.to(torch.float64) for g in grads], self.settings)}
 
 
@@ -90,10 +90,15 @@ def _with_grads(params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[t
     return copies
 
 
+def _scaled(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The check's starting parameters, rounded in the parameters' dtype (the reference starts from the same)."""
+    return [p * CHECK_SCALE for p in params]
+
+
 def _two_steps(optimizer_class, params, grads, settings) -> tuple[torch.Tensor, ...]:
-    """The parameters after two steps from CHECK_SCALE x params: the first makes the momentum buffers, the
+    """The parameters after two steps from copies of params: the first makes the momentum buffers, the
     second, as every timed step, uses them."""
-    copies = _with_grads([p * CHECK_SCALE for p in params], grads)
+    copies = _with_grads([p.clone() for p in params], grads)
     optimizer = optimizer_class(copies, **settings)
     optimizer.step()
     optimizer.step()

@@ -239,15 +239,17 @@ CASES = [
          quick=True),
     Case("masked_linear", "20x40x70 10% random, gelu",
          _masked(20, 40, 70, lambda n, k: masks.random(k, n, 0.1, generator=torch.Generator().manual_seed(0)), "gelu")),
-    # Two batch tiles of rows, and full, partial and empty blocks at every block size.
+    # Full, partial and empty blocks at every block size; under the interpreter, two tiles of rows.
     Case("masked_linear", "70x150x150 lower triangle, silu",
          _masked(70, 150, 150, lambda n, k: torch.ones(n, k, dtype=torch.bool).tril(), "silu")),
     Case("locally_connected2d", "(2, 3, 9, 7) -> 5 ch, 3x3, stride 2, pad 1", _local((2, 3, 9, 7), 5, 3, 2, 1),
          quick=True),
     Case("locally_connected2d", "(1, 2, 6, 5) -> 3 ch, 2x2", _local((1, 2, 6, 5), 3, 2, 1, 0)),
-    Case("locally_connected2d", "(2, 2, 7, 6) -> 3 ch, 2x2, dilation 2, same",
-         _local((2, 2, 7, 6), 3, 2, 1, "same", 2)),
+    Case("locally_connected2d", "(2, 2, 7, 6) -> 3 ch, 3x3, dilation 2, same",
+         _local((2, 2, 7, 6), 3, 3, 1, "same", 2)),
     Case("locally_connected1d", "(2, 3, 13) -> 4 ch, k3, dilation 3, pad 1", _local((2, 3, 13), 4, 3, 1, 1, 3)),
+    # An even window, "same": one more zero after the last input than before the first.
+    Case("locally_connected1d", "(2, 3, 11) -> 4 ch, k4, same", _local((2, 3, 11), 4, 4, 1, "same")),
     Case("locally_connected1d", "(3, 4, 17) -> 6 ch, k5, stride 2, pad 2", _local((3, 4, 17), 6, 5, 2, 2), quick=True),
     Case("rnn_cell", "5 x (7 -> 13) tanh", _rnn_cell(5, 7, 13, "tanh"), quick=True),
     Case("rnn_cell", "3 x (33 -> 9) relu", _rnn_cell(3, 33, 9, "relu")),

@@ -119,7 +119,7 @@ def test_the_cases_reach_the_paths_a_planted_bug_breaks(monkeypatch, device, pla
 
         monkeypatch.setattr(masked, "forward", planted)
         ops = ["masked_linear"]
-    elif plant == "weight gradient splits":  # only the first split's partial sums reach dW
+    elif plant == "weight gradient splits":  # only the first partial sums reach dW (and db, summed alike)
         original = dense.add_partial_sums
         monkeypatch.setattr(dense, "add_partial_sums", lambda parts, out: original(parts[:1], out))
         ops = ["linear"]
