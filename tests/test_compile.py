@@ -50,29 +50,39 @@ def _step(model, x, target, loss_fns):
     return loss.detach(), grads
 
 
-def test_a_model_of_every_layer_compiles_without_graph_breaks(device):
-    torch.manual_seed(0)
+def _every_layer_step(device, seed):
+    """(model, x, target, loss_fns, the eager step's loss, its gradients): EveryLayer's problem, run eagerly."""
+    torch.manual_seed(seed)
     model = EveryLayer(device)
     x = torch.randn(3, 2, 6, 6, device=device, requires_grad=True)
     target = torch.tensor([0, 4, 2], device=device)
     loss_fns = (gpunn.CrossEntropyLoss(label_smoothing=0.1), gpunn.MSELoss())
-    eager_loss, eager_grads = _step(model, x, target, loss_fns)
+    return model, x, target, loss_fns, *_step(model, x, target, loss_fns)
+
+
+def _assert_same_step(step, eager_loss, eager_grads):
+    """The same kernels on the same inputs: the same numbers."""
+    loss, grads = step
+    assert torch.equal(loss, eager_loss)
+    for ours, theirs in zip(grads, eager_grads):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_model_of_every_layer_compiles_without_graph_breaks(device):
+    model, x, target, loss_fns, eager_loss, eager_grads = _every_layer_step(device, seed=0)
 
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend=_backend(device))
     # Dynamo refuses every torch.nn.RNN subclass unless told otherwise, gpunn.RNN included.
     with count_launches() as launches, torch._dynamo.config.patch(allow_rnn=True):
-        loss, grads = _step(compiled, x, target, loss_fns)
+        step = _step(compiled, x, target, loss_fns)
     # (IEEE fp32, as the tests run, has no resident RNN backward: the split kernel runs it.)
     for kernel in ("local_forward_kernel", "masked_forward_kernel", "rnn_cell_forward_kernel",
                    "rnn_sequence_forward_kernel", "rnn_split_backward_kernel", "dense_grad_weight_kernel",
                    "local_grad_input_kernel", "masked_grad_weight_kernel", "cross_entropy_backward_kernel",
                    "mse_backward_kernel"):
         assert launches.get(kernel, 0) > 0, kernel
-    # The same kernels on the same inputs: the same numbers.
-    assert torch.equal(loss, eager_loss)
-    for ours, theirs in zip(grads, eager_grads):
-        assert torch.equal(ours, theirs)
+    _assert_same_step(step, eager_loss, eager_grads)
 
 
 def test_make_fx_over_real_tensors_records_the_custom_ops(device):
@@ -81,20 +91,12 @@ def test_make_fx_over_real_tensors_records_the_custom_ops(device):
     the interpreter, tracing them failed inside the launch)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    torch.manual_seed(3)
-    model = EveryLayer(device)
-    x = torch.randn(3, 2, 6, 6, device=device, requires_grad=True)
-    target = torch.tensor([0, 4, 2], device=device)
-    loss_fns = (gpunn.CrossEntropyLoss(label_smoothing=0.1), gpunn.MSELoss())
-    eager_loss, eager_grads = _step(model, x, target, loss_fns)
+    model, x, target, loss_fns, eager_loss, eager_grads = _every_layer_step(device, seed=3)
     graph = make_fx(lambda x, target: _step(model, x, target, loss_fns))(x, target)
     ops = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
     assert {"gpunn.locally_connected.default", "gpunn.linear.default", "gpunn.rnn_layer.default",
             "gpunn.rnn_cell.default", "gpunn.cross_entropy.default", "gpunn.mse_loss.default"} <= ops, ops
-    loss, grads = graph(x, target)
-    assert torch.equal(loss, eager_loss)
-    for ours, theirs in zip(grads, eager_grads):
-        assert torch.equal(ours, theirs)
+    _assert_same_step(graph(x, target), eager_loss, eager_grads)
 
 
 def test_compiled_inference_and_a_second_batch_size(device):
