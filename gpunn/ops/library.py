@@ -95,8 +95,7 @@ class Op:
                                           f"linearize, make_fx) is not supported; torch.func.jvp works")
             flat, lengths = _flatten(args)
             return self.transform_function.apply(lengths, *flat)  # the form with a jvp rule (and the backward)
-        if torch.compiler.is_compiling() or not _all_plain(args) or (torch._C._len_torch_dispatch_stack()
-                                                                      and _tracing()):
+        if torch.compiler.is_compiling() or not _all_plain(args) or _tracing():
             # (A tracer, make_fx, records the custom op; the kernels' launches it would not see.)
             return self.custom_op(*args)
         transform = torch._C._functorch.peek_interpreter_stack()
@@ -186,13 +185,18 @@ def _any_dual(args) -> bool:
 
 
 def _dual(tensor: torch.Tensor) -> bool:
+    return any(not torch._C._functorch.is_batchedtensor(level) and _tangent_of(level) is not None
+               for level in _levels(tensor))
+
+
+def _levels(tensor: torch.Tensor):
+    """tensor, then each tensor the torch.func wrappers (vmap's batched tensors, grad's and jvp's) hold
+    beneath it, outermost first."""
     functorch = torch._C._functorch
     while True:
-        batched = functorch.is_batchedtensor(tensor)
-        if not batched and _tangent_of(tensor) is not None:
-            return True
-        if not (batched or functorch.is_gradtrackingtensor(tensor)):
-            return False
+        yield tensor
+        if not (functorch.is_batchedtensor(tensor) or functorch.is_gradtrackingtensor(tensor)):
+            return
         tensor = functorch.get_unwrapped(tensor)
 
 
@@ -223,13 +227,7 @@ def requires_grad_within(tensor: torch.Tensor | None) -> bool:
         return False
     if tensor.requires_grad or torch.compiler.is_compiling() or not under_transform():
         return tensor.requires_grad  # wrappers exist only while a transform runs (compiled code takes none)
-    functorch = torch._C._functorch
-    while tensor is not None:
-        if tensor.requires_grad:
-            return True
-        wrapper = functorch.is_batchedtensor(tensor) or functorch.is_gradtrackingtensor(tensor)
-        tensor = functorch.get_unwrapped(tensor) if wrapper else None
-    return False
+    return any(level.requires_grad for level in _levels(tensor))
 
 
 def _flatten(args) -> tuple[list, tuple]:
@@ -363,9 +361,11 @@ def took_duals(ctx, *tensors) -> bool:
 
 
 def _tracing() -> bool:
-    """Whether make_fx traces (its proxy mode, or a fake mode, is active), not a pass-through dispatch mode."""
-    return any(torch._C._get_dispatch_mode(key) is not None
-               for key in (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE))
+    """Whether make_fx traces (its proxy mode, or a fake mode, is active), not a pass-through dispatch mode.
+    (Every op call asks: without any dispatch mode, the stack's length answers at a tenth of the cost.)"""
+    return bool(torch._C._len_torch_dispatch_stack()) and any(
+        torch._C._get_dispatch_mode(key) is not None
+        for key in (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE))
 
 
 def _jvp_levels() -> int:
