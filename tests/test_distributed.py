@@ -41,6 +41,13 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def _written_by(optimizer) -> list[torch.Tensor]:
+    """The tensors a step writes: the parameters (FSDP2's DTensors, whose version counters are not their
+    local shards') and the momentum buffers made by earlier steps."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return params + [optimizer.state[p]["momentum_buffer"] for p in params if p in optimizer.state]
+
+
 def _worker(rank: int, world: int, port: int, how: str, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
@@ -50,19 +57,23 @@ def _worker(rank: int, world: int, port: int, how: str, result_path: str) -> Non
                       torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9))
         losses = (gpunn.CrossEntropyLoss(), torch.nn.CrossEntropyLoss())
         gen = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
+        bumped = []
         for _ in range(3):
             x = torch.randn(8, 12, generator=gen, dtype=torch.float64)
             y = torch.randint(0, 3, (8,), generator=gen)
             for model, optimizer, loss_fn in zip((ours, theirs), optimizers, losses):
                 optimizer.zero_grad()
                 loss_fn(model(x), y).backward()
+                written = _written_by(optimizer) if optimizer is optimizers[0] else []
+                versions = [tensor._version for tensor in written]
                 optimizer.step()
+                bumped += [tensor._version > version for tensor, version in zip(written, versions)]
         weights = [_full(p.detach()).clone() for p in ours.parameters()]
         reference = [_full(p.detach()).clone() for p in theirs.parameters()]
         gathered = [None] * world
         dist.all_gather_object(gathered, weights)
         if rank == 0:
-            torch.save({"ranks": gathered, "torch": reference}, result_path)
+            torch.save({"ranks": gathered, "torch": reference, "bumped": bumped}, result_path)
     finally:
         # Rank 0 hosts the rendezvous store: a rank that tears down after rank 0 has exited waits on it
         # (a hang CI met once), so every rank passes this barrier before any leaves.
@@ -94,3 +105,6 @@ def test_two_processes_match_torch(device, tmp_path, how):
         assert torch.equal(a, b)  # DDP kept the replicas identical
     for a, b in zip(first, saved["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # Every write moved its tensor's version counter (a graph that saved it then refuses a stale backward):
+    # 6 parameters in each of 3 steps, and their buffers in the last 2.
+    assert len(saved["bumped"]) == 6 * 3 + 6 * 2 and all(saved["bumped"])
