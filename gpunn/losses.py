@@ -3,6 +3,7 @@ run as fused Triton kernels (gpunn.kernels.losses), with their functional forms.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -212,20 +213,16 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         inputs, as torch).
 
     Raises:
-        The errors torch raises for these arguments, with its types, before any kernel runs: ValueError for
-        a bad reduction or batch-size mismatch, RuntimeError for a bad target dtype, weight shape,
+        The errors torch raises for these arguments, with its types, before any kernel runs: TypeError for
+        an argument of the wrong type, ValueError for a bad reduction, a batch-size mismatch or an
+        ignore_index past int64, RuntimeError for a bad target dtype, weight shape,
         label_smoothing, a non-negative ignore_index given with class probabilities or class weights that
         require grad with class indices, IndexError for a target out of range (checked with one device
         sync). NotImplementedError for class weights that require grad with class probabilities (torch
         differentiates them; gpunn's kernels do not).
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
-    if (isinstance(ignore_index, (bool, float)) or not hasattr(type(ignore_index), "__index__")
-            or (isinstance(ignore_index, torch.Tensor) and (ignore_index.is_floating_point()
-                                                            or ignore_index.dtype == torch.bool))):
-        raise TypeError(f"cross_entropy_loss(): argument 'ignore_index' (position 5) must be int, not "
-                        f"{type(ignore_index).__name__}")
-    ignore_index = int(ignore_index)
+    ignore_index, label_smoothing = _parsed_arguments(input, target, weight, ignore_index, label_smoothing)
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     # As torch: only the upper bound is checked, and a smoothing of 0 or less (or NaN) smooths nothing.
@@ -267,7 +264,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         raise RuntimeError(f"expected target of shape {list(expected_target)} for input of shape "
                            f"{list(input.shape)}, got {list(target.shape)}")
     input, weight = autocast.cast(input.device.type, input, weight, to_float32=True)
-    if weight is not None and weight.dtype != input.dtype:  # torch promotes them only for class probabilities
+    if weight is not None and weight.dtype != input.dtype and input.is_floating_point():
+        # torch promotes them only for class probabilities (integer logits: its log_softmax refuses them first)
         raise RuntimeError(f"expected scalar type {_scalar_type_name(input.dtype)} but found "
                            f"{_scalar_type_name(weight.dtype)}")
     if not triton_runs_on(input.device) or not input.is_floating_point():
@@ -280,6 +278,30 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     loss, _, _ = _cross_entropy(logits, flat_target.contiguous(), weight, ignore_index, label_smoothing,
                                 reduction, 0)
     return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def _parsed_arguments(input, target, weight, ignore_index, label_smoothing) -> tuple[int, float]:
+    """(ignore_index, label_smoothing) as cross_entropy's arguments are read by torch's parser, with its
+    TypeError for an argument of the wrong type (a list for a tensor, a float or bool index, a tensor of
+    more than one value for the smoothing) and ValueError for an index past int64."""
+    def refuse(name: str, position: int, expected: str, value) -> TypeError:
+        return TypeError(f"cross_entropy_loss(): argument '{name}' (position {position}) must be {expected}, not "
+                         f"{type(value).__name__}")
+
+    for name, position, value in (("input", 1, input), ("target", 2, target), ("weight", 3, weight)):
+        if not isinstance(value, torch.Tensor) and not (name == "weight" and value is None):
+            raise refuse(name, position, "Tensor", value)
+    if (isinstance(ignore_index, (bool, float)) or not hasattr(type(ignore_index), "__index__")
+            or (isinstance(ignore_index, torch.Tensor) and (ignore_index.is_floating_point()
+                                                            or ignore_index.dtype == torch.bool))):
+        raise refuse("ignore_index", 5, "int", ignore_index)
+    ignore_index = int(ignore_index)
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError("Overflow when unpacking long long")
+    if (not isinstance(label_smoothing, (numbers.Real, torch.Tensor))
+            or (isinstance(label_smoothing, torch.Tensor) and label_smoothing.dim())):
+        raise refuse("label_smoothing", 6, "float", label_smoothing)
+    return ignore_index, float(label_smoothing)
 
 
 def _cross_entropy_probabilities(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,

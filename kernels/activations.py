@@ -58,8 +58,10 @@ def grad_source(activation: str | None) -> int:
 @functools.lru_cache(maxsize=64)  # built per launch otherwise; callers only unpack the dict
 def forward_constants(activation: str | None, negative_slope: float) -> dict:
     """The constexprs of a kernel that evaluates act(z) or act'(z): ACT and NEGATIVE_SLOPE, the slope only for
-    leaky_relu (0 for the others, whose kernels then do not compile again for a slope they never read)."""
-    return dict(ACT=CODES[activation], NEGATIVE_SLOPE=float(negative_slope) if activation == "leaky_relu" else 0.0)
+    leaky_relu (0 for the others, whose kernels then do not compile again for a slope they never read).
+    A slope of -0.0 is taken as 0.0 (`+ 0.0`): the two are one key of this cache and of Triton's compiled
+    kernels, so whichever came first would otherwise decide the sign of every zero output for both."""
+    return dict(ACT=CODES[activation], NEGATIVE_SLOPE=float(negative_slope) + 0.0 if activation == "leaky_relu" else 0.0)
 
 
 @functools.lru_cache(maxsize=None)

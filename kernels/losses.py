@@ -81,8 +81,10 @@ def cross_entropy_forward_kernel(
     loss = w_y * ((running_max - x_y) + log_sum)
     if SMOOTHING != 0.0:
         smooth = weight_total * log_sum + gap
-        loss = loss * (1.0 - SMOOTHING) + tl.where(kept, smooth, 0.0) * SMOOTHING / C
-    loss = tl.where(bad, float("nan"), loss)
+        loss = loss * (1.0 - SMOOTHING) + smooth * SMOOTHING / C
+    # An ignored row's logits are never part of the loss (as torch's): its max and log-sum, NaN or inf for
+    # non-finite logits (padding filled with -inf), must not reach it as 0 * NaN.
+    loss = tl.where(kept, loss, tl.where(bad, float("nan"), 0.0))
     tl.store(row_loss_ptr + rows, loss, mask=r_ok)
     tl.store(row_weight_ptr + rows, w_y, mask=r_ok)
 

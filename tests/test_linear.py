@@ -87,6 +87,16 @@ def test_leaky_relu_slopes(device, slope):
     _run_case(device, torch.float64, (19,), 23, 21, "leaky_relu", slope=slope)
 
 
+def test_leaky_relu_slope_of_negative_zero_is_zero_whatever_ran_first(device):
+    # -0.0 and 0.0 are one key of the constants' cache and of Triton's compiled kernels: both run as 0.0, so
+    # the zeros of negative inputs are -0.0 (z * 0.0) in either order, not the sign of whichever came first.
+    x = -torch.rand(5, 7, device=device, dtype=torch.float64) - 0.5
+    weight = torch.eye(7, device=device, dtype=torch.float64)
+    for slope in (-0.0, 0.0, -0.0):
+        y = gpunn.functional.linear(x, weight, None, activation="leaky_relu", negative_slope=slope)
+        assert torch.equal(y, torch.zeros_like(y)) and y.signbit().all()
+
+
 @pytest.mark.parametrize("activation", [None, "tanh"])
 def test_without_bias(device, activation):
     _run_case(device, torch.float32, (9,), 10, 11, activation, bias=False)

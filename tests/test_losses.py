@@ -98,13 +98,17 @@ def test_cross_entropy_errors_match_torch(device):
              (x[0], torch.tensor([1, 2, 3], device=device, dtype=torch.int32), {}),  # unbatched: dtype first
              (x[:0], torch.tensor(1, device=device), {}),
              (x, good, dict(ignore_index=True)), (x, good, dict(ignore_index=1.0)),  # an int, as torch's parser
-             (x, good, dict(ignore_index=torch.tensor(1.0)))]
+             (x, good, dict(ignore_index=torch.tensor(1.0))),
+             (x, good, dict(ignore_index=2**63)), (x, good, dict(ignore_index=-2**63 - 1)),  # past int64
+             (x, good, dict(label_smoothing=torch.tensor([0.1], device=device))), (x, good, dict(label_smoothing="0")),
+             (x.tolist(), good, {}), (x, good.tolist(), {}), (x, good, dict(weight=[1.0] * 4)),  # not tensors
+             (x.long(), good, dict(weight=torch.ones(4, device=device, dtype=torch.float64)))]
     for logits, target, kwargs in cases:
         # torch's reference runs on the CPU: on CUDA its out-of-range target is a device-side assert, which raises
         # nothing here and leaves the process's CUDA context unusable. gpunn checks targets on the host and raises.
         on_cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kwargs.items()}
         with pytest.raises(Exception) as expected:
-            F.cross_entropy(logits.cpu(), target.cpu(), **on_cpu)
+            F.cross_entropy(*(v.cpu() if torch.is_tensor(v) else v for v in (logits, target)), **on_cpu)
         with count_launches() as launches, pytest.raises(expected.type):
             gpunn.losses.cross_entropy(logits, target, **kwargs)
         assert launches == {}
@@ -279,6 +283,40 @@ def test_cross_entropy_infinite_and_nan_logits_like_torch(device):
             assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
             finite = theirs.isfinite()
             assert_close(ours[finite], theirs[finite], torch.float64, "loss")
+
+
+def test_cross_entropy_ignores_what_ignored_rows_hold(device):
+    # Rows whose target is ignore_index add nothing whatever their logits hold: a NaN, +inf, or all -inf (a
+    # padded position masked with -inf). The loss of such a row is 0, and the sum and mean stay finite, as
+    # torch's; they had come out NaN (0 * the row's NaN log-sum). The padded positions' gradients are torch's.
+    classes = loss_kernels.BLOCK_C + 3  # the non-finite values in the second block of logits too
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, classes, generator=gen, dtype=torch.float64).to(device)
+    x[1, 2] = float("nan")
+    x[2, 0] = x[2, classes - 1] = float("inf")
+    x[3, :] = -float("inf")
+    x[4, loss_kernels.BLOCK_C + 1] = float("nan")
+    target = torch.tensor([0, 7, 7, 7, 7, classes - 1], device=device)
+    weight = torch.rand(classes, generator=gen, dtype=torch.float64).to(device)
+    for class_weight in (None, weight):
+        for smoothing in (0.0, 0.3):
+            for reduction in ("none", "sum", "mean"):
+                options = dict(weight=class_weight, ignore_index=7, label_smoothing=smoothing, reduction=reduction)
+                ours = gpunn.losses.cross_entropy(x, target, **options)
+                theirs = F.cross_entropy(x, target, **options)
+                assert ours.isfinite().all() and theirs.isfinite().all()
+                assert_close(ours, theirs, torch.float64, f"{reduction} loss")
+    padded = torch.tensor([False, False, True, True, False, True], device=device)
+    target = torch.tensor([1, 3, -100, -100, 2, -100], device=device)
+    h = torch.randn(6, classes, generator=gen, dtype=torch.float64).to(device)
+    results = []
+    for cross_entropy in (gpunn.losses.cross_entropy, F.cross_entropy):
+        leaf = h.clone().requires_grad_()
+        loss = cross_entropy(leaf.masked_fill(padded[:, None], -float("inf")), target, label_smoothing=0.1)
+        results.append((loss, *torch.autograd.grad(loss, leaf)))
+    assert results[0][0].isfinite() and results[0][1].isfinite().all()
+    for ours, theirs, what in zip(*results, ("loss", "grad")):
+        assert_close(ours, theirs, torch.float64, what)
 
 
 def test_cross_entropy_row_opening_with_a_block_of_minus_inf(device):
