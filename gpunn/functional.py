@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import autocast, reference
+from .arguments import check_tensors
 from .kernels.activations import GRAD_FROM_SAVED, NAMES as ACTIVATIONS, grad_source as activation_grad_source
 from .kernels.layout import DEFAULT_BLOCKS, BlockLayout, check_block
 from .kernels.local import Geometry
@@ -115,10 +116,12 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         under autocast).
 
     Raises:
-        ValueError for an unknown activation; RuntimeError for shapes, dtypes or devices that
-        torch.nn.functional.linear would reject; NotImplementedError for a bias that varies along the
-        batch dims (torch adds it after the matmul). All checked before any kernel runs.
+        TypeError for an argument that is not a tensor (bias: or None); ValueError for an unknown
+        activation; RuntimeError for shapes, dtypes or devices that torch.nn.functional.linear would
+        reject; NotImplementedError for a bias that varies along the batch dims (torch adds it after the
+        matmul). All checked before any kernel runs.
     """
+    check_tensors("linear", ("input", input, False), ("weight", weight, False), ("bias", bias, True))
     check_activation(activation, negative_slope)
     input, weight, bias = autocast.cast(input.device.type, input, weight, bias)
     _check_linear(input, weight, bias)
@@ -183,10 +186,13 @@ def masked_linear(input: torch.Tensor, weight: torch.Tensor, mask_or_layout, bia
         (*, out_features), in the dtype of input and weight (the autocast dtype under autocast).
 
     Raises:
-        ValueError for an unknown activation; TypeError for a mask that is neither a tensor nor a layout;
+        ValueError for an unknown activation; TypeError for a mask that is neither a tensor nor a layout, and
+        for an input, weight or bias that is not a tensor (bias: or None);
         RuntimeError for a mask that is not bool, of another shape than weight or on another device, and
         for what linear rejects. All checked before any kernel runs.
     """
+    check_tensors("masked_linear", ("input", input, False), ("weight", weight, False),
+                  None, ("bias", bias, True))  # the mask: _check_mask
     check_activation(activation, negative_slope)
     input, weight, bias = autocast.cast(input.device.type, input, weight, bias)
     _check_linear(input, weight, bias)
@@ -254,6 +260,10 @@ def _check_local(input, weight, bias, geometry: Geometry) -> None:
         raise RuntimeError(f"bias must have shape (out_channels, oh, ow) = {(o, oh, ow)}, got {tuple(bias.shape)}")
 
 
+def _check_local_tensors(op: str, input, weight, bias) -> None:
+    check_tensors(op, ("input", input, False), ("weight", weight, False), ("bias", bias, True))
+
+
 def locally_connected2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                         stride=1, padding=0, dilation=1) -> torch.Tensor:
     """A locally connected layer: a convolution whose every output position has its own filter.
@@ -275,8 +285,10 @@ def locally_connected2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
     Raises:
         RuntimeError for shapes, dtypes or devices that do not fit together (as F.conv2d does), checked
-        before any kernel runs; TypeError for a stride, padding or dilation that is not an int or a pair.
+        before any kernel runs; TypeError for a stride, padding or dilation that is not an int or a pair, or
+        an input, weight or bias (or None) that is not a tensor.
     """
+    _check_local_tensors("locally_connected2d", input, weight, bias)
     geometry = local_geometry(tuple(weight.shape[-2:]) if weight.dim() == 6 else 1, stride, padding, dilation)
     input, weight, bias = autocast.cast(input.device.type, input, weight, bias)
     _check_local(input, weight, bias, geometry)
@@ -306,6 +318,7 @@ def locally_connected1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
     Returns:
         (N, O, OL) or (O, OL), OL = (L + 2p - d(K - 1) - 1) // s + 1 (L for "same").
     """
+    _check_local_tensors("locally_connected1d", input, weight, bias)
     stride, dilation = (as_single(v, n) for v, n in ((stride, "stride"), (dilation, "dilation")))
     padding = padding if isinstance(padding, str) else (0, as_single(padding, "padding"))
     if input.dim() not in (2, 3):
@@ -386,11 +399,14 @@ def rnn_cell(input: torch.Tensor, hx: torch.Tensor | None, weight_ih: torch.Tens
         h' (B, H), in the dtype of the inputs (the autocast dtype under autocast).
 
     Raises:
-        ValueError for an unknown nonlinearity; RuntimeError for shapes, dtypes or devices that torch's
-        RNN cell would reject (with its messages), before any kernel runs.
+        TypeError for an argument that is not a tensor (hx and the biases: or None); ValueError for an
+        unknown nonlinearity; RuntimeError for shapes, dtypes or devices that torch's RNN cell would reject
+        (with its messages), before any kernel runs.
     """
     if nonlinearity not in RNN_NONLINEARITIES:
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    check_tensors("rnn_cell", ("input", input, False), ("hx", hx, True), ("weight_ih", weight_ih, False),
+                  ("weight_hh", weight_hh, False), ("bias_ih", bias_ih, True), ("bias_hh", bias_hh, True))
     if hx is None:
         hx = torch.zeros(input.shape[0] if input.dim() == 2 else 0, weight_hh.shape[0], dtype=input.dtype,
                          device=input.device)
@@ -474,11 +490,13 @@ def rnn(input: torch.Tensor, hx: torch.Tensor, weights, num_layers: int = 1, non
         (num_layers * D, B, H), in the input's dtype (the autocast dtype under autocast).
 
     Raises:
-        ValueError for an unknown nonlinearity; RuntimeError for shapes, dtypes or devices torch's RNN
-        would reject, before any kernel runs.
+        TypeError for an input, hx or weight that is not a tensor; ValueError for an unknown nonlinearity;
+        RuntimeError for shapes, dtypes or devices torch's RNN would reject, before any kernel runs.
     """
     if nonlinearity not in RNN_NONLINEARITIES:
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    check_tensors("rnn", ("input", input, False), ("hx", hx, False),
+                  *((f"weights[{i}]", weight, False) for i, weight in enumerate(weights)))
     directions = 2 if bidirectional else 1
     device_type = input.device.type
     input, hx, *weights = autocast.cast(device_type, input, hx, *weights)

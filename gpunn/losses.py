@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from . import autocast
+from .arguments import check_tensors, wrong_type
 from .kernels import cross_entropy_double_backward as second_order, losses as kernels
 from .kernels.runtime import capturing, group_rows, grouped, triton_runs_on
 from .ops.library import Op, arrived, nothing, refuse_double_backward, requires_grad_within, saved_tensors, sum_of
@@ -284,23 +285,18 @@ def _parsed_arguments(input, target, weight, ignore_index, label_smoothing) -> t
     """(ignore_index, label_smoothing) as cross_entropy's arguments are read by torch's parser, with its
     TypeError for an argument of the wrong type (a list for a tensor, a float or bool index, a tensor of
     more than one value for the smoothing) and ValueError for an index past int64."""
-    def refuse(name: str, position: int, expected: str, value) -> TypeError:
-        return TypeError(f"cross_entropy_loss(): argument '{name}' (position {position}) must be {expected}, not "
-                         f"{type(value).__name__}")
-
-    for name, position, value in (("input", 1, input), ("target", 2, target), ("weight", 3, weight)):
-        if not isinstance(value, torch.Tensor) and not (name == "weight" and value is None):
-            raise refuse(name, position, "Tensor", value)
+    op = "cross_entropy_loss"
+    check_tensors(op, ("input", input, False), ("target", target, False), ("weight", weight, True))
     if (isinstance(ignore_index, (bool, float)) or not hasattr(type(ignore_index), "__index__")
             or (isinstance(ignore_index, torch.Tensor) and (ignore_index.is_floating_point()
                                                             or ignore_index.dtype == torch.bool))):
-        raise refuse("ignore_index", 5, "int", ignore_index)
+        raise wrong_type(op, "ignore_index", 5, "int", ignore_index)
     ignore_index = int(ignore_index)
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError("Overflow when unpacking long long")
     if (not isinstance(label_smoothing, (numbers.Real, torch.Tensor))
             or (isinstance(label_smoothing, torch.Tensor) and label_smoothing.dim())):
-        raise refuse("label_smoothing", 6, "float", label_smoothing)
+        raise wrong_type(op, "label_smoothing", 6, "float", label_smoothing)
     return ignore_index, float(label_smoothing)
 
 

@@ -61,7 +61,8 @@ def forward_constants(activation: str | None, negative_slope: float) -> dict:
     leaky_relu (0 for the others, whose kernels then do not compile again for a slope they never read).
     A slope of -0.0 is taken as 0.0 (`+ 0.0`): the two are one key of this cache and of Triton's compiled
     kernels, so whichever came first would otherwise decide the sign of every zero output for both."""
-    return dict(ACT=CODES[activation], NEGATIVE_SLOPE=float(negative_slope) + 0.0 if activation == "leaky_relu" else 0.0)
+    slope = float(negative_slope) + 0.0 if activation == "leaky_relu" else 0.0
+    return dict(ACT=CODES[activation], NEGATIVE_SLOPE=slope)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,5 @@
-"""gpunn.Linear as a drop-in for torch.nn.Linear: constructor, init, state_dict, repr, errors."""
+"""gpunn.Linear as a drop-in for torch.nn.Linear: constructor, init, state_dict, repr, errors (with every layer's
+TypeError for an argument that is not a tensor)."""
 from __future__ import annotations
 
 import copy
@@ -104,3 +105,32 @@ def test_trains_like_nn_linear(device):
             opt.step()
     assert rel_error(ours[1].weight, theirs[2].weight) < 1e-5
     assert rel_error(ours[0].weight, theirs[0].weight) < 1e-5
+
+
+def test_arguments_that_are_not_tensors_raise_torchs_type_error(device):
+    # A list, an array or None where a tensor goes: TypeError naming the argument, as torch's argument parser
+    # raises for F.linear, F.conv2d or torch.rnn_tanh_cell (not an AttributeError from inside gpunn), before
+    # any kernel runs.
+    x = torch.randn(3, 4, device=device, dtype=torch.float64)
+    kw = dict(device=device, dtype=torch.float64)
+    linear, masked = gpunn.Linear(4, 2, **kw), gpunn.MaskedLinear(4, 4, torch.ones(4, 4, dtype=torch.bool), **kw)
+    local2d, local1d = gpunn.LocallyConnected2d(2, 3, (5, 5), 3, **kw), gpunn.LocallyConnected1d(2, 3, 7, 3, **kw)
+    cell, rnn = gpunn.RNNCell(4, 5, **kw), gpunn.RNN(4, 5, **kw)
+    calls = [(lambda: linear(x.cpu().numpy()), lambda: torch.nn.functional.linear(x.cpu().numpy(), x)),
+             (lambda: linear(x.tolist()), lambda: torch.nn.functional.linear(x.tolist(), x)),
+             (lambda: gpunn.functional.linear(x, None), lambda: torch.nn.functional.linear(x, None)),
+             (lambda: gpunn.functional.linear(x, linear.weight, [0.0, 0.0]),
+              lambda: torch.nn.functional.linear(x, linear.weight, [0.0, 0.0])),
+             (lambda: masked(x.tolist()), None), (lambda: local2d(x.tolist()), None),
+             (lambda: local1d(x.cpu().numpy()), None),
+             (lambda: gpunn.functional.locally_connected2d(torch.zeros(2, 5, 5, **kw), None), None),
+             (lambda: gpunn.functional.rnn_cell(x, None, cell.weight_ih, None),
+              lambda: torch.rnn_tanh_cell(x, x, cell.weight_ih, None)),
+             (lambda: gpunn.functional.rnn(x[None], [0.0], rnn._flat_weights), None)]
+    for ours, theirs in calls:
+        if theirs is not None:
+            with pytest.raises(TypeError):
+                theirs()
+        with count_launches() as launches, pytest.raises(TypeError, match=r"must be Tensor, not"):
+            ours()
+        assert launches == {}

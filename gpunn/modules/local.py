@@ -72,7 +72,7 @@ class LocallyConnected2d(torch.nn.Module):
             torch.nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() in (3, 4) and tuple(input.shape[-2:]) != self.input_size:
+        if torch.is_tensor(input) and input.dim() in (3, 4) and tuple(input.shape[-2:]) != self.input_size:
             # The functional form accepts any size giving the same positions; the layer's weights are for one.
             raise RuntimeError(f"{type(self).__name__} was built for inputs of {self.input_size[0]}x"
                                f"{self.input_size[1]}, got input of shape {tuple(input.shape)}")
@@ -136,7 +136,7 @@ class LocallyConnected1d(torch.nn.Module):
             torch.nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() in (2, 3) and input.shape[-1] != self.input_length:
+        if torch.is_tensor(input) and input.dim() in (2, 3) and input.shape[-1] != self.input_length:
             raise RuntimeError(f"LocallyConnected1d was built for inputs of length {self.input_length}, got input "
                                f"of shape {tuple(input.shape)}")
         return functional.locally_connected1d(input, self.weight, self.bias, self.stride, self.padding,
