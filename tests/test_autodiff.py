@@ -179,6 +179,19 @@ def test_mse_gradgradcheck(device, reduction):
     assert torch.autograd.gradgradcheck(lambda x, y: gpunn.functional.mse_loss(x, y, reduction=reduction), (x, y))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_double_backward_of_empty_losses_gives_empty_gradients(device, reduction):
+    # Gradients of no elements still arrive at double backward: the inputs count as used, their second-order
+    # gradients come back empty (torch's), where autograd had reported them unused.
+    for loss, shapes in ((gpunn.functional.mse_loss, ((0, 3), (0, 3))),
+                         (gpunn.functional.cross_entropy, ((0, 4),))):
+        inputs = [torch.randn(shape, device=device, dtype=torch.float64, requires_grad=True) for shape in shapes]
+        target = () if len(inputs) == 2 else (torch.zeros(0, device=device, dtype=torch.long),)
+        first = torch.autograd.grad(loss(*inputs, *target, reduction=reduction).sum(), inputs, create_graph=True)
+        second = torch.autograd.grad(sum(g.pow(2).sum() for g in first), inputs)
+        assert [tuple(g.shape) for g in second] == [shape for shape in shapes]
+
+
 def test_maml_meta_gradient_matches_torch(device):
     """One MAML inner step (a regression net of gpunn layers, gpunn's MSE, create_graph=True), then the
     query loss's gradient with respect to the initial weights: second order through both."""
@@ -544,3 +557,57 @@ def test_local_third_order_matches_torch(device, case, frozen):
         assert (mine is None) == (ref is None) or (ref is None and not mine.any()), f"gradient {i}"
         if ref is not None:
             assert_close(mine, ref, torch.float64, f"gradient {i}")
+
+
+@pytest.mark.parametrize("layer", ["linear", "local1d", "local2d"])
+def test_a_layer_that_saved_nothing_runs_backward_again_on_a_freed_graph(device, layer):
+    # Only the bias trains (bias-only fine-tuning) and there is no activation: first-order backward needs
+    # nothing saved, so, as torch's nodes that saved nothing, it runs again after a backward freed the graph
+    # (a second loss over the same output; a gradient penalty built with retain_graph=False).
+    torch.manual_seed(4)
+    kw = dict(device=device, dtype=torch.float64)
+    if layer == "linear":
+        ours, x = gpunn.Linear(5, 3, **kw), torch.randn(4, 5, **kw)
+        theirs = torch.nn.Linear(5, 3, **kw)
+        theirs.load_state_dict(ours.state_dict())
+    else:
+        ours = (gpunn.LocallyConnected1d(2, 3, 7, 3, **kw) if layer == "local1d"
+                else gpunn.LocallyConnected2d(2, 3, (5, 4), 3, **kw))
+        x = torch.randn(2, 2, 7, **kw) if layer == "local1d" else torch.randn(2, 2, 5, 4, **kw)
+        reference = torch_reference.locally_connected1d if layer == "local1d" else torch_reference.locally_connected2d
+        theirs = _Reference(reference, ours)
+    results = []
+    for module in (ours, theirs):
+        module.weight.requires_grad_(False)
+        y = module(x)
+        y.sum().backward()
+        y.pow(2).sum().backward()
+        penalty_y = module(x)
+        (grad_bias,) = torch.autograd.grad(penalty_y.sin().sum(), module.bias, create_graph=True, retain_graph=False)
+        results.append((module.bias.grad, *torch.autograd.grad(grad_bias.pow(2).sum(), module.bias)))
+    for ours_grad, theirs_grad, what in zip(*results, ("twice", "penalty")):
+        assert_close(ours_grad, theirs_grad, torch.float64, what)
+
+
+class _Reference(torch.nn.Module):
+    """A locally connected layer through gpunn.reference's torch ops, holding copies of a layer's parameters."""
+
+    def __init__(self, function, layer):
+        super().__init__()
+        self.function = function
+        self.weight = torch.nn.Parameter(layer.weight.detach().clone())
+        self.bias = torch.nn.Parameter(layer.bias.detach().clone())
+
+    def forward(self, x):
+        return self.function(x, self.weight, self.bias)
+
+
+def test_double_backward_of_what_a_freed_graph_dropped_is_refused_clearly(device):
+    # Double backward reads the input, which a first backward without retain_graph released: torch's error
+    # (RuntimeError), not a TypeError from inside gpunn.
+    layer = gpunn.Linear(5, 3, device=device, dtype=torch.float64)
+    layer.weight.requires_grad_(False)
+    y = layer(torch.randn(4, 5, device=device, dtype=torch.float64))
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(y.pow(2).sum(), layer.bias, create_graph=True)

@@ -623,8 +623,10 @@ def nothing(like: torch.Tensor) -> torch.Tensor:
 
 def arrived(grad: torch.Tensor | None, shape) -> torch.Tensor | None:
     """A gradient handed to a double backward, or None where none reached its output: autograd passes None
-    there, or (the custom op's path) zeros the size of the `nothing` placeholder."""
-    return grad if grad is not None and grad.numel() and tuple(grad.shape) == tuple(shape) else None
+    there, or (the custom op's path) zeros the size of the `nothing` placeholder, (0,). An output of no
+    elements still has its gradient arrive (empty), so that its inputs count as used, as torch's do; where
+    it is (0,) too, the placeholder and an empty gradient give the same empty result."""
+    return grad if grad is not None and tuple(grad.shape) == tuple(shape) else None
 
 
 def refuse_double_backward(op: str, order: str = "double") -> None:
@@ -649,11 +651,11 @@ def save_for_orders(ctx, first: tuple, second: tuple) -> None:
     tensor saved; kept() still refuses one changed in place since the forward, where it is alive to tell."""
     ctx.first_order_count = len(first)
     if not _saved_tensor_hooks_active():
-        ctx.save_for_backward(*first)
+        save(ctx, *first)
         ctx.for_second_order = [(t, _version(t)) for t in second]
         return
     hooked = [t is not None and not isinstance(t, torch.nn.Parameter) for t in second]
-    ctx.save_for_backward(*first, *(t for t, hook in zip(second, hooked) if hook))
+    save(ctx, *first, *(t for t, hook in zip(second, hooked) if hook))
     positions = iter(range(len(first), len(first) + sum(hooked)))
     # A hooked entry: (where the unpacked tensors hold it, a weak reference to tell an in-place change by).
     ctx.for_second_order = [(_Hooked(next(positions), weakref.ref(t)), _version(t)) if hook else (t, _version(t))
@@ -669,11 +671,24 @@ def _version(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None or tensor.is_inference() else tensor._version
 
 
+def save(ctx, *tensors: torch.Tensor | None) -> None:
+    """ctx.save_for_backward(*tensors), unless every one is None: then nothing is saved, and saved_tensors()
+    gives the Nones back without asking autograd, which refuses once a backward has freed the graph. So a
+    backward that needs nothing saved runs again on a freed graph, as torch's nodes that saved nothing do (a
+    layer without activation whose bias alone needs a gradient: a second loss, or a gradient penalty)."""
+    ctx.nothing_saved = all(t is None for t in tensors)
+    ctx.save_count = len(tensors)
+    if not ctx.nothing_saved:
+        ctx.save_for_backward(*tensors)
+
+
 def saved_tensors(ctx) -> tuple:
-    """ctx.saved_tensors, the wrappers of a torch.func transform that has ended unwrapped: a vjp_fn called after
-    torch.func.vjp returned (or jacrev's) runs the backward with them, and where grad mode is off the
-    first-order ops would hand them to the kernels as they are (an autograd.Function's apply, the path with
-    grad mode on, unwraps them itself)."""
+    """What save() saved: ctx.saved_tensors, the wrappers of a torch.func transform that has ended unwrapped: a
+    vjp_fn called after torch.func.vjp returned (or jacrev's) runs the backward with them, and where grad mode
+    is off the first-order ops would hand them to the kernels as they are (an autograd.Function's apply, the
+    path with grad mode on, unwraps them itself)."""
+    if getattr(ctx, "nothing_saved", False):
+        return (None,) * ctx.save_count
     saved = ctx.saved_tensors
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     if under_transform() or not any(t is not None and wrapped(t) for t in saved):
@@ -704,6 +719,9 @@ def kept(ctx, index: int, saved: torch.Tensor | None, op: str, name: str) -> tor
     the forward."""
     if saved is not None:
         return saved
+    if ctx.for_second_order is None:  # released by a backward that freed the graph
+        raise RuntimeError(f"Trying to backward through the graph a second time: gpunn {op}'s {name} was freed by "
+                           f"an earlier backward. Specify retain_graph=True there to backward through it again.")
     entry, version = ctx.for_second_order[index]
     if isinstance(entry, _Hooked):
         tensor, original = ctx.unpacked[entry.position], entry.original()

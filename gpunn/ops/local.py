@@ -24,7 +24,7 @@ import torch
 from ..kernels import local
 from ..kernels.local import Geometry
 from ..kernels.runtime import grouped
-from .library import Op, arrived, nothing, saved_tensors, sum_of
+from .library import Op, arrived, nothing, save, saved_tensors, sum_of
 
 
 def _locally_connected(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -71,7 +71,7 @@ def _input_shape(grad_output: torch.Tensor, input_size: list[int]) -> tuple[int,
 def _setup_context(ctx, inputs, output):
     input, weight, _, window = inputs
     need_input, need_weight = ctx.needs_input_grad[:2]
-    ctx.save_for_backward(input if need_weight else None, weight if need_input else None)
+    save(ctx, input if need_weight else None, weight if need_input else None)
     ctx.window, ctx.input_size, ctx.weight_shape = window, list(input.shape[1:]), list(weight.shape)
 
 
@@ -90,7 +90,7 @@ def _backward(ctx, grad_output):
 def _grad_input_setup_context(ctx, inputs, output):
     grad_output, weight, input_size, window = inputs
     need_grad_output, need_weight = ctx.needs_input_grad[:2]
-    ctx.save_for_backward(grad_output if need_weight else None, weight if need_grad_output else None)
+    save(ctx, grad_output if need_weight else None, weight if need_grad_output else None)
     ctx.window, ctx.input_size, ctx.weight_shape = window, input_size, list(weight.shape)
     ctx.input_shape = _input_shape(grad_output, input_size)
 
@@ -110,7 +110,7 @@ def _grad_input_backward(ctx, grad_dx):
 def _grad_weight_setup_context(ctx, inputs, output):
     input, grad_output, input_size, weight_shape, window, *_ = inputs
     need_input, need_grad_output = ctx.needs_input_grad[:2]
-    ctx.save_for_backward(input if need_grad_output else None, grad_output if need_input else None)
+    save(ctx, input if need_grad_output else None, grad_output if need_input else None)
     ctx.window, ctx.input_size, ctx.weight_shape = window, input_size, weight_shape
     ctx.output_shape = list(grad_output.shape)
 
