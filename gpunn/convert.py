@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import numbers
 import sys
 import types
 
@@ -22,14 +23,18 @@ import torch
 from . import masks
 from .modules import RNN, Linear, LocallyConnected2d, MaskedLinear, RNNCell
 
-# Activation modules gpunn.Linear can fuse: (its activation name, negative slope) for a module.
+# Activation modules gpunn.Linear can fuse: (its activation name, negative slope) for a module, or None for
+# one it cannot (an approximate torch's GELU refuses, a slope that is not a real number: a 0-d tensor, a bool),
+# which stays as it is.
+_GELUS = {"none": "gelu", "tanh": "gelu_tanh"}
 _FUSABLE = {
     torch.nn.ReLU: lambda m: ("relu", 0.01),
     torch.nn.Tanh: lambda m: ("tanh", 0.01),
     torch.nn.Sigmoid: lambda m: ("sigmoid", 0.01),
     torch.nn.SiLU: lambda m: ("silu", 0.01),
-    torch.nn.GELU: lambda m: ("gelu" if m.approximate == "none" else "gelu_tanh", 0.01),
-    torch.nn.LeakyReLU: lambda m: ("leaky_relu", m.negative_slope),
+    torch.nn.GELU: lambda m: (_GELUS[m.approximate], 0.01) if m.approximate in _GELUS else None,
+    torch.nn.LeakyReLU: lambda m: (("leaky_relu", m.negative_slope) if isinstance(m.negative_slope, numbers.Real)
+                                   and not isinstance(m.negative_slope, bool) else None),
 }
 
 
@@ -64,9 +69,15 @@ def _attributes_carry(module: torch.nn.Module) -> bool:
 
 def _adopt(twin: torch.nn.Module, module: torch.nn.Module) -> torch.nn.Module:
     """twin (built on the meta device) takes module's own parameters and training mode (the same tensors,
-    so optimizers and hooks on them still apply) and the attributes set on it beyond its constructor's."""
+    so optimizers and hooks on them still apply), in module's order (parameters() and state_dict() order what
+    an optimizer's saved state is matched by: a weight registered again after the bias, as prune.remove
+    does, comes after it on the twin too), and the attributes set on it beyond its constructor's."""
     for name, parameter in module.named_parameters(recurse=False):
         setattr(twin, name, parameter)
+    order = [*module._parameters, *(name for name in twin._parameters if name not in module._parameters)]
+    reordered = {name: twin._parameters[name] for name in order}
+    twin._parameters.clear()
+    twin._parameters.update(reordered)
     for name, value in _set_on_instance(module).items():
         setattr(twin, name, value)
     return twin.train(module.training)
@@ -101,8 +112,8 @@ def _parameter_names(module: torch.nn.Module) -> set[str]:
 
 def _plain(module: torch.nn.Module, types) -> bool:
     """Whether module is exactly one of types and nothing more: no hooks (module or state-dict), no buffers, no
-    child modules, its type's own parameters, real floating point, and attributes of its own that its twin
-    can carry (_attributes_carry). Old-style prune, weight_norm and spectral_norm (a forward pre-hook that
+    child modules, its type's own parameters (an activation module: none), real floating point, and
+    attributes of its own that its twin can carry (_attributes_carry). Old-style prune, weight_norm and spectral_norm (a forward pre-hook that
     rebuilds the weight from renamed parameters and buffers), user hooks, buffers or children would be lost
     on a twin, and gpunn's layers refuse complex parameters: such a module is left as it is."""
     hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
@@ -110,8 +121,8 @@ def _plain(module: torch.nn.Module, types) -> bool:
              module._load_state_dict_post_hooks)
     return (type(module) in types and not any(hooks) and next(module.buffers(recurse=False), None) is None
             and next(module.children(), None) is None
-            and (type(module) not in _CONVERTIBLE
-                 or {name for name, _ in module.named_parameters(recurse=False)} == _parameter_names(module))
+            and {name for name, _ in module.named_parameters(recurse=False)} == (
+                _parameter_names(module) if type(module) in _CONVERTIBLE else set())
             and all(parameter.is_floating_point() for parameter in module.parameters(recurse=False))
             and _attributes_carry(module))
 
@@ -134,10 +145,11 @@ def _convert_children(parent: torch.nn.Module, twins: dict, fuse: bool) -> None:
             skip = False
             continue
         following = children[index + 1][1] if index + 1 < len(children) else None
-        if (fuse and _chains(parent) and _plain(child, (torch.nn.Linear,))
-                and following is not None and _plain(following, _FUSABLE)):
+        activation = (_FUSABLE[type(following)](following) if fuse and _chains(parent) and following is not None
+                      and _plain(following, _FUSABLE) else None)
+        if activation is not None and _plain(child, (torch.nn.Linear,)):
             if (child, following) not in twins:
-                twins[child, following] = _twin(child, _FUSABLE[type(following)](following))
+                twins[child, following] = _twin(child, activation)
             setattr(parent, name, twins[child, following])
             # An Identity keeps the Sequential's indices (and its training mode, as model.training reads it).
             setattr(parent, children[index + 1][0], torch.nn.Identity().train(following.training))
@@ -164,7 +176,10 @@ def convert(module: torch.nn.Module, inplace: bool = False, fuse: bool = True) -
     layers keep its very parameter tensors. A module registered under two names becomes one twin under both
     (fused with two different activation modules, one twin per fusion, sharing its parameters). A layer
     carrying hooks, buffers, child modules, or parameters other than its own (old-style prune, weight_norm,
-    spectral_norm) stays a torch layer, and an activation module with hooks is not fused. Attributes set on
+    spectral_norm) stays a torch layer, and an activation module with hooks or parameters, or settings gpunn
+    does not run (a GELU approximate torch refuses, a LeakyReLU slope that is not a real number), is not
+    fused. Parameters keep each layer's order. A module that is itself a convertible layer comes back as
+    its twin (sharing its parameters); inplace=True cannot turn the object passed in into it. Attributes set on
     a layer (layer.tag = ...) go to its twin, unless the twin uses the name (gpunn.Linear's activation), its
     class defines it (a forward set on the instance) or it is private (module.compile()'s compiled forward):
     such a layer stays a torch layer, as an activation module with attributes of its own stays unfused.

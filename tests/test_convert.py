@@ -203,3 +203,48 @@ def test_an_rnn_converts_to_the_activation_it_runs(device, built, set_after):
     expected, expected_h_n = model(x)
     assert_close(out, expected, torch.float64, "output")
     assert_close(h_n, expected_h_n, torch.float64, "h_n")
+
+
+def test_activations_it_cannot_fuse_stay_as_they_are():
+    """An activation module with a parameter of its own (fused away, it would leave the state_dict), a GELU
+    whose approximate torch refuses and a LeakyReLU whose slope is not a real number (a 0-d tensor, which
+    torch runs) are not fused; the model converts, its state_dict keys and its output (or error) unchanged."""
+    torch.manual_seed(2)
+    with_parameter = torch.nn.ReLU()
+    with_parameter.register_parameter("scale", torch.nn.Parameter(torch.tensor(2.0)))
+    tensor_slope = torch.nn.LeakyReLU(torch.tensor(0.3))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), with_parameter, torch.nn.Linear(4, 4), tensor_slope,
+                                torch.nn.Linear(4, 3))
+    x = torch.randn(5, 4)
+    converted = gpunn.convert(model)
+    assert [type(m) for m in converted] == [gpunn.Linear, torch.nn.ReLU, gpunn.Linear, torch.nn.LeakyReLU,
+                                            gpunn.Linear]
+    assert converted[0].activation is None and converted[2].activation is None
+    assert list(converted.state_dict()) == list(model.state_dict())
+    assert_close(converted(x), model(x), torch.float32, "output")
+    gelu = torch.nn.GELU()
+    gelu.approximate = "Tanh"
+    bad = gpunn.convert(torch.nn.Sequential(torch.nn.Linear(4, 4), gelu))
+    assert type(bad[1]) is torch.nn.GELU
+    with pytest.raises(RuntimeError, match="approximate"):
+        bad(x)
+
+
+def test_parameters_keep_the_layers_order():
+    # prune.remove registers the weight again, after the bias: the twin lists them in that order too, as
+    # parameters() and state_dict() order an optimizer's saved state (its buffers would go to the other tensor).
+    import torch.nn.utils.prune
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", 0.5)
+    torch.nn.utils.prune.remove(model[0], "weight")
+    rnn = torch.nn.RNN(3, 4)
+    weight = rnn.weight_hh_l0
+    del rnn.weight_hh_l0
+    rnn.weight_hh_l0 = weight
+    for torch_model in (model, rnn):
+        names = [name for name, _ in torch_model.named_parameters()]
+        assert names != sorted(names, key=lambda name: "weight" not in name)  # re-registered out of order
+        converted = gpunn.convert(torch_model)
+        assert [name for name, _ in converted.named_parameters()] == names
+        assert list(converted.state_dict()) == list(torch_model.state_dict())
