@@ -104,15 +104,19 @@ def _meta(shape, dtype):
     return torch.empty(shape, device="meta", dtype=dtype)
 
 
-def _launch_dense_forward(dtype, m, n, k, activation, bias, save_derivative, members=0, two_strides=False):
+def _launch_dense_forward(dtype, m, n, k, activation, bias, save_derivative, members=0, two_strides=False,
+                          state_output=False):
     # members: an ensemble's (torch.func.vmap over stacked weights), each member m / members rows.
     # two_strides: x's rows at two strides (a batch-first sequence read time-major, as gpunn.RNN's projection).
+    # state_output: the bias and the output in the state's dtype (fp32 for fp16 / bf16), as gpunn.RNN's.
     from gpunn.kernels import dense, runtime
     lead = (members,) if members else ()
     x = _meta((4, m // 4, k), dtype).transpose(0, 1) if two_strides else _meta((m, k), dtype)  # m // 4 * 4 rows
     w = _meta((*lead, n, k), dtype)
-    b = _meta((*lead, n), dtype) if bias else None
-    dense.forward(runtime.Rows.of(x), w, b, activation, NEGATIVE_SLOPE, save_derivative, members=members)
+    wide = runtime.state_dtype(dtype) if state_output else dtype
+    b = _meta((*lead, n), wide) if bias else None
+    dense.forward(runtime.Rows.of(x), w, b, activation, NEGATIVE_SLOPE, save_derivative, members=members,
+                  out_dtype=wide)
 
 
 def _saved(dtype, m, n, activation):
@@ -272,7 +276,8 @@ def _launch_rnn_sequence(dtype, m, n, k, backward, resident=False, once_a_step=F
             rnn_sequence.backward(_meta((rows, hidden), dtype), out, w_hh, _meta((rows, hidden), dtype),
                                   _meta((m, hidden), state), sizes, offsets, "tanh", reverse=False)
         else:
-            rnn_sequence.forward(_meta((rows, hidden), dtype), w_hh, out, _meta((2, m, hidden), state), sizes,
+            # The projection p in the state's dtype, as gpunn.RNN passes it.
+            rnn_sequence.forward(_meta((rows, hidden), state), w_hh, out, _meta((2, m, hidden), state), sizes,
                                  offsets, "tanh", reverse=False)
 
 
@@ -356,6 +361,8 @@ CASES = (
         Variant("gelu+bias+save members", dict(activation="gelu", bias=True, save_derivative=True, members=4)),
         Variant("relu+bias, rows at two strides", dict(activation="relu", bias=True, save_derivative=False,
                                                        two_strides=True)),
+        Variant("rnn projection", dict(activation=None, bias=True, save_derivative=False, two_strides=True,
+                                       state_output=True)),
     )),
     Case("gpunn.kernels.dense", "dense_grad_preactivation_kernel", _launch_dense_grad_preactivation, (
         Variant("gelu dz+db", dict(activation="gelu", write_dz=True, bias_grad=True), matmul=False, launch=0),
@@ -920,17 +927,16 @@ def main(argv: list[str] | None = None) -> int:
                     "every autotuning config its pruner keeps, for bf16, fp16, fp32 (TF32 and IEEE) and "
                     "fp64; report registers, spills, shared memory and tensor-core instructions from "
                     "cuobjdump. Exits 1 if a row fails to compile, exceeds shared memory, spills, or is a "
-                    "bf16/fp16/tf32 matmul without tensor-core instructions (HGMMA on sm_90, HMMA or HGMMA "
-                    "elsewhere).",
+                    "bf16/fp16/tf32 matmul without tensor-core instructions (on sm_90 HGMMA in tiles of 64 "
+                    "rows or more, HMMA below; HMMA or HGMMA elsewhere).",
         epilog="Configs are those the kernels' pruners keep at the problem sizes (M, N, K) "
                + ", ".join(f"{name} {m}x{n}x{k}" for name, (m, n, k) in SIZES.items())
-               + ". A full run compiles about 1850 configs (16 minutes on one worker on a 2-core machine); "
-                 "--subset compiles about 80.")
+               + ". A full run compiles about 2400 configs; --subset about 80.")
     parser.add_argument("--arch", type=int, default=90,
                         help="CUDA compute capability to compile for, e.g. 90 for H100 (default: 90)")
     parser.add_argument("--out", required=True, help="directory for compile_report.csv (created if missing)")
     parser.add_argument("--subset", action="store_true",
-                        help="a quick subset: per kernel, one variant and one config in bf16 and in fp32-ieee")
+                        help="a quick subset: per kernel, one variant and one config in bf16, fp32-ieee and fp64")
     parser.add_argument("--workers", type=int, default=2, help="compiler processes (default: 2)")
     parser.add_argument("--no-fail", action="store_true", help="exit 0 even when problems are found")
     parser.add_argument("--against", metavar="CSV",

@@ -242,15 +242,17 @@ def _grid(rows: int, cols: int, rows_block: str, cols_block: str, splits: int = 
 
 def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
             negative_slope: float, save_derivative: bool, out_shape: tuple[int, ...] | None = None,
-            members: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+            members: int = 0, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y = act(x W^T + b), and act'(z) as an (M, N) tensor when save_derivative, else None.
 
-    x: Rows of (M, K); weight (N, K); bias (N,) or None. y is contiguous, of shape out_shape (any shape
-    of M * N elements whose last dim is N; default (M, N)). members E > 0 (see the module docstring):
-    weight (E, N, K), bias (E, N), x E members' rows, at one row stride.
+    x: Rows of (M, K); weight (N, K); bias (N,) or None (of weight's dtype, or the accumulator's). y is
+    contiguous, of shape out_shape (any shape of M * N elements whose last dim is N; default (M, N)), in
+    out_dtype (default weight's: a sum that more terms join later, as the RNN's projection, is kept in the
+    accumulator's dtype to be rounded once). members E > 0 (see the module docstring): weight (E, N, K),
+    bias (E, N), x E members' rows, at one row stride.
     """
     n, k = weight.shape[-2:]
-    y = empty(out_shape or (x.m, n), device=weight.device, dtype=weight.dtype)
+    y = empty(out_shape or (x.m, n), device=weight.device, dtype=out_dtype or weight.dtype)
     g = empty((x.m, n), device=weight.device, dtype=weight.dtype) if save_derivative else None
     if x.m == 0 or n == 0:
         return y, g

@@ -245,23 +245,24 @@ def forward(p: torch.Tensor, w_hh: torch.Tensor, out: torch.Tensor, state: torch
     """Run the recurrence of one direction over every step; returns the final states (B, H).
 
     p, out: (rows, H) views at column stride 1 (a direction's columns of a wider tensor are fine); out
-    receives h_t. state: (2, B, H) contiguous with h0 in slot 0; slot 1 receives the final states.
-    batch_sizes and offsets: (T,) int64 on the device (see the module docstring).
+    receives h_t, in w_hh's dtype; p, x W_ih^T + b_ih + b_hh, is in w_hh's or the state's dtype (fp32 for
+    fp16 / bf16, so that z_t is rounded once). state: (2, B, H) contiguous with h0 in slot 0; slot 1
+    receives the final states. batch_sizes and offsets: (T,) int64 on the device (see the module docstring).
     """
     steps, (_, batch, hidden) = batch_sizes.shape[0], state.shape
     if steps == 0 or batch == 0 or hidden == 0:
         return state[0]
     act = activations.CODES[activation]
-    if hidden > resident_limit(p.dtype):
+    if hidden > resident_limit(w_hh.dtype):
         _split(rnn_split.rnn_split_forward_kernel, "rnn_split_forward_kernel",
                (p, p.stride(0), w_hh, *w_hh.stride(), out, out.stride(0), state, batch_sizes, offsets),
-               batch, hidden, steps, steps, p.dtype, ACT=act, REVERSE=reverse)
+               batch, hidden, steps, steps, w_hh.dtype, ACT=act, REVERSE=reverse)
     else:
         with launch("rnn_sequence_forward_kernel", p.device):
             rnn_sequence_forward_kernel[(cdiv(batch, BLOCK_B),)](
                 p, p.stride(0), w_hh, *w_hh.stride(), out, out.stride(0), state, batch_sizes, offsets,
                 batch, hidden, steps, ACT=act, REVERSE=reverse, BLOCK_B=BLOCK_B,
-                **_numerics(p.dtype), **_resident_tiles(hidden),
+                **_numerics(w_hh.dtype), **_resident_tiles(hidden),
             )
     return state[1]
 

@@ -123,12 +123,14 @@ def _directions(weights: tuple, count: int) -> list[tuple]:
 
 
 def _projection_weights(weights: list[torch.Tensor], directions: int):
-    """(W_ih of every direction stacked (D*H, I), b_ih + b_hh stacked (D*H,) or None, [W_hh per direction])."""
+    """(W_ih of every direction stacked (D*H, I), b_ih + b_hh stacked (D*H,) in the state's dtype or None,
+    [W_hh per direction])."""
     per_direction = _directions(weights, directions)
     w_ih = torch.cat([w[0] for w in per_direction]) if directions > 1 else per_direction[0][0]
     bias = None
     if len(per_direction[0]) == 4:  # both biases enter every z: add them once, in the projection
-        bias = torch.cat([w[2] + w[3] for w in per_direction])
+        state = state_dtype(w_ih.dtype)
+        bias = torch.cat([w[2].to(state) + w[3].to(state) for w in per_direction])
     return w_ih, bias, [w[1] for w in per_direction]
 
 
@@ -143,7 +145,10 @@ def _rnn_layer(x: torch.Tensor, h0: torch.Tensor, batch_sizes: torch.Tensor | No
     steps = Steps.of(batch_sizes, list(x.shape), x.device)
     w_ih, bias, w_hh = _projection_weights(weights, directions)
     hidden = w_hh[0].shape[0]
-    projected, _ = dense.forward(Rows.of(x), w_ih, bias, None, 0.0, False)  # (rows, D*H)
+    # z_t = u_t + h_{t-1} W_hh^T + b is rounded once, by the recurrence: u_t, the projection of every step
+    # (rows, D*H), stays in the state's dtype (fp32 for fp16 / bf16), as the biases' sum. Rounded to fp16 first,
+    # a z within that rounding of 0 had crossed relu's kink, and the wrong derivative ran back through time.
+    projected, _ = dense.forward(Rows.of(x), w_ih, bias, None, 0.0, False, out_dtype=state_dtype(x.dtype))
     out = empty(projected.shape, device=x.device, dtype=x.dtype)
     finals = []
     for d in range(directions):
