@@ -66,8 +66,8 @@ def _batch_shape(input: torch.Tensor) -> tuple[int, ...]:
 def _class_rows(input: torch.Tensor) -> torch.Tensor:
     """input (N, C), (C,) or (N, C, d1, ...) as rows of C classes (N * d1 * ..., C) with a unit column stride
     (a view where one exists)."""
-    if input.dim() == 1:
-        return input.reshape(1, -1) if input.stride(0) == 1 else input.contiguous().reshape(1, -1)
+    if input.dim() == 1:  # (1, C) spelled out: under vmap over no samples reshape cannot infer it
+        return (input if input.stride(0) == 1 else input.contiguous()).reshape(1, input.shape[0])
     # The row count spelled out: reshape cannot infer it when there are no classes.
     rows = input.movedim(1, -1).reshape(math.prod(_batch_shape(input)), input.shape[1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
@@ -547,8 +547,10 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average: bool | Non
                       "the same size.", stacklevel=2)
     dtype = torch.promote_types(input.dtype, target.dtype)  # torch broadcasts first: a 0-dim operand counts too
     input, target = torch.broadcast_tensors(input.to(dtype), target.to(dtype))
-    # As (N,) vectors, each element a row for the ops' vmap fold (a view of the contiguous tensors).
-    loss = _mse_loss(input.contiguous().view(-1), target.contiguous().view(-1), reduction, 0)
+    # As (N,) vectors, each element a row for the ops' vmap fold (a view of the contiguous tensors; N spelled
+    # out: under vmap over no samples a view cannot infer it).
+    elements = input.numel()
+    loss = _mse_loss(input.contiguous().view(elements), target.contiguous().view(elements), reduction, 0)
     return loss.view(input.shape) if reduction == "none" else loss
 
 

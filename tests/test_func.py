@@ -291,6 +291,12 @@ def test_vmap_over_no_samples(device):
     assert launches == {}
     assert {key: tuple(grad.shape) for key, grad in grads.items()} == {"weight": (0, 3, 4), "bias": (0, 3)}
     assert out.shape == (6, 0, 2, 5) and h_n.shape == (2, 0, 2, 5)
+    # Losses over samples of any shape, unbatched logits (C,) included.
+    empty = torch.randn(0, 5, 2, device=device)
+    unbatched, index = torch.randn(0, 4, device=device), torch.zeros(0, device=device, dtype=torch.long)
+    assert torch.func.vmap(gpunn.functional.mse_loss)(empty, empty).shape == (0,)
+    assert torch.func.vmap(gpunn.functional.cross_entropy)(unbatched, index).shape == (0,)
+    assert torch.func.vmap(gpunn.functional.cross_entropy)(unbatched, unbatched.softmax(-1)).shape == (0,)
 
 
 @pytest.mark.parametrize("name", ["linear_gelu", "rnn_cell_relu"])
@@ -621,6 +627,41 @@ def test_per_sample_gradients_fold_at_most_the_grid_limit_of_samples_at_once(dev
             assert_close(grads[key][i], value, DT, f"sample {i}: {key}")
             if i < 9:
                 assert_close(nested[key][i // 3, i % 3], value, DT, f"nested sample {i}: {key}")
+
+
+def test_per_sample_values_read_from_strided_or_expanded_batches_match_torch(device):
+    # A sample that is one value (an MSE element, a class index) taken from a column of a wider batch (x[:, 0])
+    # or expanded from one value: the fold's reshape of such a batch is a view at another stride, which the loss
+    # kernels read densely (other samples' values; past the end of an expanded one). Folded contiguous now.
+    gen = torch.Generator().manual_seed(case_seed("strided samples"))
+    pred, other = (torch.randn(5, 3, generator=gen, dtype=DT).to(device) for _ in range(2))
+    zero = torch.zeros(1, device=device, dtype=DT).expand(5)
+    logits = torch.randn(5, 4, generator=gen, dtype=DT).to(device)
+    labels = torch.randint(0, 4, (5, 3), generator=gen).to(device)
+    cases = [(gpunn.functional.mse_loss, F.mse_loss, (pred[:, 0], other[:, 1])),
+             (gpunn.functional.mse_loss, F.mse_loss, (pred[:, 2], zero)),
+             (gpunn.functional.cross_entropy, F.cross_entropy, (logits, labels[:, 1]))]
+    for ours, theirs, args in cases:
+        assert_close(torch.func.vmap(ours)(*args), torch.func.vmap(theirs)(*args), DT, "per-sample loss")
+        assert_close(torch.func.vmap(torch.func.grad(ours))(*args), torch.func.vmap(torch.func.grad(theirs))(*args),
+                     DT, "per-sample gradient")
+
+
+def test_nested_folds_in_chunks_of_single_rows_match_torch(device, monkeypatch):
+    # Nested vmaps over samples of one row each, cut into chunks of at most 2 groups: a chunk's rows are a
+    # strided view of the inner fold's, and the backward read what the forward saved (tanh's output) as dense
+    # rows: another sample's.
+    from gpunn.ops import library
+    monkeypatch.setattr(library, "MOST_GROUPS", 2)
+    layer = gpunn.Linear(2, 1, activation="tanh", device=device, dtype=DT)
+    params = {key: value.detach() for key, value in layer.named_parameters()}
+    x = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(case_seed("nested chunks")), dtype=DT).to(device)
+    ours = torch.func.grad(lambda p, x: torch.func.functional_call(layer, p, (x,)).sum())
+    theirs = torch.func.grad(lambda p, x: torch.tanh(F.linear(x, p["weight"], p["bias"])).sum())
+    per_sample = [torch.func.vmap(torch.func.vmap(f, in_dims=(None, 0)), in_dims=(None, 0)) for f in (ours, theirs)]
+    nested = [f(params, x) for f in per_sample]
+    for key in params:
+        assert_close(nested[0][key], nested[1][key], DT, key)
 
 
 @pytest.mark.parametrize("loss", ["mse_mean", "cross_entropy_mean"])

@@ -520,12 +520,12 @@ def _folded(op: Op, batch: int, args: list, dims: list) -> tuple:
         if arg is not None:
             arg = arg.movedim(dim, 0) if dim is not None else arg.expand(batch, *arg.shape)
             lead = arg.dim() - trailing
-            folded[i] = arg.reshape(math.prod(arg.shape[:lead]), *arg.shape[lead:])  # not -1: rows of nothing
-            if lead == 1 or dim is None:
-                # Kernels index densely a value per sample with no rows of its own (a loss's totals) and what a
-                # forward saved (act'(z)). An unbatched argument of one row expands to every sample as a view
-                # with rows 0 apart (of more rows, the reshape copies it anyway).
-                folded[i] = folded[i].contiguous()
+            # Contiguous: some kernels index their rows densely (a loss's elements, targets and totals; what a
+            # forward saved, act'(z)), and a sample's rows folded from a strided batch (a column, x[:, 0]; one
+            # sample of a chunk) or an expanded one (an unbatched argument, stride 0) reshape to a view at other
+            # strides: read densely, other samples' values, or past the tensor's end.
+            rows = math.prod(arg.shape[:lead])  # not -1: rows of nothing
+            folded[i] = arg.reshape(rows, *arg.shape[lead:]).contiguous()
     outputs, shapes = op(*folded), op.fake(*_sample(args, dims, None, "meta"))  # shapes only: nothing allocated
     single = isinstance(outputs, torch.Tensor)
     outputs, shapes = ((outputs,), (shapes,)) if single else (outputs, shapes)
