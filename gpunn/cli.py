@@ -70,12 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "error at the same dtype. Prints a pass/fail table; exits 1 if any check fails. Runs compiled "
                     "on a CUDA GPU (dtypes fp64, fp32 (IEEE), tf32, fp16, bf16), otherwise through Triton's "
                     "interpreter on the CPU (fp64, fp32, fp16).")
-    check.add_argument("--quick", action="store_true", help="one or two cases per op instead of all")
+    check.add_argument("--quick", action="store_true", help="one to three cases per op instead of all")
     check.add_argument("--ops", default=None, metavar="LIST", help="comma-separated ops to check (default: all)")
     check.add_argument("--dtypes", default=None, metavar="LIST",
                        help="comma-separated, from fp64, fp32, tf32, fp16, bf16 (default: all the device runs)")
     check.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    check.add_argument("--seed", type=int, default=0, help="seed for the inputs (default 0)")
+    check.add_argument("--seed", type=int, default=0,
+                       help="seed for the inputs (default 0): a case's inputs depend on it and the case alone, not on "
+                            "what else is selected")
     check.add_argument("--out", default=None, metavar="FILE.md", help="also write the table to this file")
     for command in (train, check):
         command.set_defaults(command_parser=command)  # errors in a command's options show its own usage

@@ -113,9 +113,10 @@ def _parameter_names(module: torch.nn.Module) -> set[str]:
 def _plain(module: torch.nn.Module, types) -> bool:
     """Whether module is exactly one of types and nothing more: no hooks (module or state-dict), no buffers, no
     child modules, its type's own parameters (an activation module: none), real floating point, and
-    attributes of its own that its twin can carry (_attributes_carry). Old-style prune, weight_norm and spectral_norm (a forward pre-hook that
-    rebuilds the weight from renamed parameters and buffers), user hooks, buffers or children would be lost
-    on a twin, and gpunn's layers refuse complex parameters: such a module is left as it is."""
+    attributes of its own that its twin can carry (_attributes_carry). Old-style prune, weight_norm and
+    spectral_norm (a forward pre-hook that rebuilds the weight from renamed parameters and buffers), user
+    hooks, buffers or children would be lost on a twin, and gpunn's layers refuse complex parameters: such a
+    module is left as it is."""
     hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
              module._state_dict_hooks, module._state_dict_pre_hooks, module._load_state_dict_pre_hooks,
              module._load_state_dict_post_hooks)

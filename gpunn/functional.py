@@ -74,7 +74,9 @@ def _check_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def _check_linear_bias(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
     """gpunn adds one bias value per output feature, given in any shape of leading 1s that does not add dims
     past the product's (or 2). torch's own rules for other shapes depend on which of its kernels runs: it
-    adds some after its product (NotImplementedError here) and rejects the rest (RuntimeError, as here)."""
+    adds some after its product (NotImplementedError here) and rejects the rest (RuntimeError, as here). Its
+    kernels also reject a few shapes of leading 1s that gpunn adds per feature ((1, 1, N) beside a 3-D
+    input, (1, 1) beside a 1-D one, a (1,) bias of a 1-D weight beside a 3-D input)."""
     if weight.dim() == 1:  # one output, its dim dropped: torch adds a bias there only after a matmul
         if input.dim() == 2 or (input.dim() == 1 and bias.dim() != 0):
             raise RuntimeError("mat2 must be a matrix, got 1-D tensor")
@@ -116,10 +118,11 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         under autocast).
 
     Raises:
-        TypeError for an argument that is not a tensor (bias: or None); ValueError for an unknown
-        activation; RuntimeError for shapes, dtypes or devices that torch.nn.functional.linear would
-        reject; NotImplementedError for a bias that varies along the batch dims (torch adds it after the
-        matmul). All checked before any kernel runs.
+        TypeError for an argument that is not a tensor (bias: or None) or a negative_slope that is not a
+        real number; ValueError for an unknown activation; RuntimeError for shapes, dtypes or devices that
+        torch.nn.functional.linear would reject (but for a few bias shapes of leading 1s its kernels refuse
+        and gpunn adds per feature: see _check_linear_bias); NotImplementedError for a bias that varies
+        along the batch dims (torch adds it after the matmul). All checked before any kernel runs.
     """
     check_tensors("linear", ("input", input, False), ("weight", weight, False), ("bias", bias, True))
     check_activation(activation, negative_slope)

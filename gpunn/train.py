@@ -237,8 +237,8 @@ def train(epochs: int, batch_size: int, lr: float, momentum: float, data: str | 
                              f"features are not one")
         pairs = {k: v for k, v in pairs.items() if k in only}
     print(f"gpunn train: {name}: {split} training and {len(x) - split} test examples, {features} features, "
-          f"{classes} classes; networks {', '.join(pairs)}; {epochs} epochs, batch {batch_size}, SGD lr {lr} "
-          f"momentum {momentum}; gpunn kernels run {where}")
+          f"{classes} classes; networks {', '.join(pairs)}; {epochs} epoch{'s' * (epochs != 1)}, batch {batch_size}, "
+          f"SGD lr {lr} momentum {momentum}; gpunn kernels run {where}")
     if side is None:
         print("  (features are not a square image: the local and rnn networks are skipped)")
 

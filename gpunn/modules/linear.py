@@ -7,7 +7,9 @@ from .. import functional
 
 
 class Linear(torch.nn.Linear):
-    """y = act(x W^T + b) in one Triton kernel (forward) and two (backward).
+    """y = act(x W^T + b) in one Triton kernel (forward) and three (backward: dz = dy act'(z) and the bias
+    gradient in one pass, which a layer with neither activation nor bias skips, then the input- and
+    weight-gradient GEMMs).
 
     A drop-in for torch.nn.Linear: the same constructor, parameters (`weight` (out_features,
     in_features), `bias` (out_features,)), initialisation, state_dict keys and errors; it is an
