@@ -76,6 +76,9 @@ class SGD(torch.optim.SGD):
         super().__setstate__(state)
         self._init_runtime()
 
+    # Run eagerly under torch.compile (a graph break there): Dynamo would trace into the kernel's launch (its
+    # device tables, Triton's launcher), which it cannot; torch's SGD traces as torch ops.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """One update of every parameter that has a gradient; returns closure()'s loss if given."""

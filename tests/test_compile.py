@@ -99,6 +99,34 @@ def test_make_fx_over_real_tensors_records_the_custom_ops(device):
     _assert_same_step(graph(x, target), eager_loss, eager_grads)
 
 
+def test_a_whole_training_step_with_gpunn_sgd_compiles(device):
+    # forward, loss, backward and gpunn.optim.SGD's step under one torch.compile: the step runs eagerly (a graph
+    # break; Dynamo had traced into the kernel's launch and failed), the updated weights the eager step's.
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(7)
+        model = torch.nn.Sequential(gpunn.Linear(6, 8, activation="relu", device=device), gpunn.Linear(8, 3,
+                                                                                                        device=device))
+        optimizer = gpunn.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        x, target = torch.randn(5, 6, device=device), torch.tensor([0, 2, 1, 1, 0], device=device)
+
+        def train_step():
+            optimizer.zero_grad()
+            loss = gpunn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        step = torch.compile(train_step, backend=_backend(device)) if compiled else train_step
+        with count_launches() as launches:
+            losses = [step() for _ in range(2)]
+        assert launches["sgd_kernel"] == 2  # one launch a step, for every parameter
+        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (eager_losses, eager_params), (losses, params) = results
+    for ours, theirs in zip(losses + params, eager_losses + eager_params):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
 def test_compiled_inference_and_a_second_batch_size(device):
     torch.manual_seed(1)
     model = EveryLayer(device).eval()
