@@ -498,6 +498,7 @@ def rnn(input: torch.Tensor, hx: torch.Tensor, weights, num_layers: int = 1, non
     """
     if nonlinearity not in RNN_NONLINEARITIES:
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    weights = list(weights)  # any sequence (or iterable) of tensors, read more than once below
     check_tensors("rnn", ("input", input, False), ("hx", hx, False),
                   *((f"weights[{i}]", weight, False) for i, weight in enumerate(weights)))
     directions = 2 if bidirectional else 1

@@ -603,11 +603,12 @@ class _Reference(torch.nn.Module):
 
 
 def test_double_backward_of_what_a_freed_graph_dropped_is_refused_clearly(device):
-    # Double backward reads the input, which a first backward without retain_graph released: torch's error
-    # (RuntimeError), not a TypeError from inside gpunn.
+    # The layer keeps its weight for double backward; a first backward without retain_graph released it: a
+    # create_graph backward then raises torch's error, naming the weight (not a TypeError from inside gpunn).
+    # torch's addmm, which saved nothing for a bias-only gradient, runs it: a refusal where torch computes.
     layer = gpunn.Linear(5, 3, device=device, dtype=torch.float64)
     layer.weight.requires_grad_(False)
     y = layer(torch.randn(4, 5, device=device, dtype=torch.float64))
     y.sum().backward()
-    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+    with pytest.raises(RuntimeError, match="backward through the graph a second time: gpunn linear's weight"):
         torch.autograd.grad(y.pow(2).sum(), layer.bias, create_graph=True)

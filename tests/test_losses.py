@@ -288,7 +288,8 @@ def test_cross_entropy_infinite_and_nan_logits_like_torch(device):
 def test_cross_entropy_ignores_what_ignored_rows_hold(device):
     # Rows whose target is ignore_index add nothing whatever their logits hold: a NaN, +inf, or all -inf (a
     # padded position masked with -inf). The loss of such a row is 0, and the sum and mean stay finite, as
-    # torch's; they had come out NaN (0 * the row's NaN log-sum). The padded positions' gradients are torch's.
+    # torch's; they had come out NaN (0 * the row's NaN log-sum). Through a masked_fill, as padding is made,
+    # the loss and the kept rows' gradients are torch's (masked_fill's backward zeroes the padded rows').
     classes = loss_kernels.BLOCK_C + 3  # the non-finite values in the second block of logits too
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(6, classes, generator=gen, dtype=torch.float64).to(device)

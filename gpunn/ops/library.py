@@ -719,10 +719,11 @@ def kept(ctx, index: int, saved: torch.Tensor | None, op: str, name: str) -> tor
     the forward."""
     if saved is not None:
         return saved
-    if ctx.for_second_order is None:  # released by a backward that freed the graph
-        raise RuntimeError(f"Trying to backward through the graph a second time: gpunn {op}'s {name} was freed by "
-                           f"an earlier backward. Specify retain_graph=True there to backward through it again.")
     entry, version = ctx.for_second_order[index]
+    if entry is _RELEASED:
+        raise RuntimeError(f"Trying to backward through the graph a second time: gpunn {op}'s {name}, kept for "
+                           f"double backward, was freed by an earlier backward. Specify retain_graph=True there "
+                           f"to backward through it again.")
     if isinstance(entry, _Hooked):
         tensor, original = ctx.unpacked[entry.position], entry.original()
     else:
@@ -738,12 +739,16 @@ def _changed(tensor: torch.Tensor | None, version: int | None) -> bool:
     return tensor is not None and version is not None and tensor._version != version
 
 
+_RELEASED = object()  # in place of a tensor save_for_orders kept, once a backward freed the graph
+
+
 def release_kept(ctx) -> None:
     """After a first-order backward: drop its unpacked tensors, and, where it freed the graph, what
-    save_for_orders kept."""
+    save_for_orders kept (what it kept as None stays None)."""
     ctx.unpacked = None
     if getattr(ctx, "for_second_order", None) is not None and not _graph_kept():
-        ctx.for_second_order = None
+        ctx.for_second_order = [(None, None) if entry is None else (_RELEASED, None)
+                                for entry, _ in ctx.for_second_order]
 
 
 def differentiable_backward(ctx) -> bool:
