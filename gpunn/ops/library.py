@@ -683,10 +683,10 @@ def save(ctx, *tensors: torch.Tensor | None) -> None:
 
 
 def saved_tensors(ctx) -> tuple:
-    """What save() saved: ctx.saved_tensors, the wrappers of a torch.func transform that has ended unwrapped: a
-    vjp_fn called after torch.func.vjp returned (or jacrev's) runs the backward with them, and where grad mode
-    is off the first-order ops would hand them to the kernels as they are (an autograd.Function's apply, the
-    path with grad mode on, unwraps them itself)."""
+    """What save() saved (ctx.saved_tensors), with the wrappers of a torch.func transform that has ended
+    unwrapped: a vjp_fn called after torch.func.vjp returned (or jacrev's) runs the backward with them, and
+    where grad mode is off the first-order ops would hand them to the kernels as they are (an
+    autograd.Function's apply, the path with grad mode on, unwraps them itself)."""
     if getattr(ctx, "nothing_saved", False):
         return (None,) * ctx.save_count
     saved = ctx.saved_tensors
