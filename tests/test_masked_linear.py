@@ -299,6 +299,27 @@ def test_autocast_casts_like_linear(device):
 
 
 
+def test_an_inference_mask_changed_before_backward_keeps_the_forwards_connections(device):
+    # A mask made under inference_mode has no version counter to refuse a change by: changed (inside
+    # inference_mode) between forward and backward, backward still uses the mask the forward used, as torch's
+    # masked_fill, whose ~mask is taken at forward; it had rebuilt the layout from the new mask (weights masked
+    # out in the forward got gradients).
+    gen = torch.Generator().manual_seed(case_seed("inference mask changed"))
+    with torch.inference_mode():
+        mask = (torch.rand(20, 30, generator=gen) < 0.3).to(device)
+    at_forward = mask.clone()
+    x = torch.randn(4, 30, generator=gen, dtype=torch.float64).to(device)
+    weight = torch.randn(20, 30, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    out = gpunn.functional.masked_linear(x, weight, mask, None, "tanh")
+    with torch.inference_mode():
+        mask[:, :15] = ~mask[:, :15]
+    (grad,) = torch.autograd.grad(out.sum(), weight)
+    reference = weight.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(torch.tanh(x @ (reference * at_forward).t()).sum(), reference)
+    assert_close(grad, expected, torch.float64, "weight grad")
+    assert torch.equal(grad[~at_forward], torch.zeros_like(grad[~at_forward]))
+
+
 def test_layouts_and_masks_made_under_inference_mode_still_train(device):
     """An evaluation pass under torch.inference_mode caches the layout (its tensors are then inference
     tensors, which autograd refuses to save); training afterwards, with the mask or that layout, works."""

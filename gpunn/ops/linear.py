@@ -43,6 +43,15 @@ def _layout(mask: torch.Tensor, block_n: int, block_k: int):
     return layout_of(mask, (block_n, block_k))
 
 
+def _mask_to_save(ctx, mask: torch.Tensor | None, block_n: int, block_k: int) -> torch.Tensor | None:
+    """What backward finds the mask in (library.metadata_to_save): the mask, whose version counter refuses a
+    change since the forward; for one made under inference_mode, which has none (a change there would go
+    unseen and backward would use the new mask), the copy that the forward's layout holds."""
+    if mask is not None and mask.is_inference():
+        mask = _layout(mask, block_n, block_k).mask
+    return metadata_to_save(ctx, "mask", mask)
+
+
 def _check_dense_takes_dz(saved: torch.Tensor | None, activation: str | None) -> None:
     if saved is not None or activation is not None:
         raise ValueError("gpunn's dense gradient GEMMs take dz (linear_grad_preactivation's), not an activation "
@@ -162,7 +171,7 @@ def _setup_context(ctx, inputs, output):
     # layer holds them anyway), and the input where z must be recomputed and first order does not save it.
     save_for_orders(ctx, (input if need_weight else None, weight if need_input else None,
                           _derivative_source(activation, *output),
-                          metadata_to_save(ctx, "mask", mask)),
+                          _mask_to_save(ctx, mask, block_n, block_k)),
                     (input if activation is not None and not need_weight else None, weight if not need_input else None,
                      bias))
     ctx.options = dict(block_n=block_n, block_k=block_k, activation=activation, negative_slope=negative_slope)
@@ -268,7 +277,7 @@ def _backward_op_fake(grad_output, saved, input, weight, bias, mask, block_n, bl
 
 def _backward_op_setup_context(ctx, inputs, output):
     grad_output, _, input, weight, bias, mask, block_n, block_k, activation, negative_slope, *_ = inputs
-    ctx.save_for_backward(grad_output, input, weight, bias, metadata_to_save(ctx, "mask", mask))
+    ctx.save_for_backward(grad_output, input, weight, bias, _mask_to_save(ctx, mask, block_n, block_k))
     ctx.block, ctx.activation, ctx.negative_slope = (block_n, block_k), activation, negative_slope
 
 
