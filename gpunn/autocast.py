@@ -4,7 +4,15 @@ cross_entropy, mse_loss): with a float16 loss, the GradScaler's gradient seed (i
 first) would overflow float16 and skip steps."""
 from __future__ import annotations
 
+import weakref
+
 import torch
+
+# A parameter's cast, reused as torch's autocast reuses its own cache: a layer called many times in a region (an
+# RNNCell unrolled over T steps, weights shared) saves one copy for backward, not one a call. Keyed by the
+# parameter's id; valid while the parameter is the same tensor at the same version, and while the copy lives
+# (held weakly: saved by a graph or in use, it is never made twice; nothing here keeps it alive after that).
+_casts: dict[tuple[int, torch.dtype], tuple] = {}
 
 
 def cast(device_type: str, *tensors: torch.Tensor | None, to_float32: bool = False) -> tuple:
@@ -15,5 +23,25 @@ def cast(device_type: str, *tensors: torch.Tensor | None, to_float32: bool = Fal
     if device_type == "meta" or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.float32 if to_float32 else torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+    return tuple(_cast(t, dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
                  for t in tensors)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # As torch's cache: only leaves that require grad (parameters), and not while a compiler traces; and only
+    # in grad mode, where a copy is saved for backward (one made under no_grad has no graph back to the
+    # parameter, and would cut its gradient if a later call in grad mode took it).
+    if (tensor.dtype == dtype or type(tensor) is not torch.nn.Parameter or not tensor.requires_grad
+            or not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
+            or not torch.is_autocast_cache_enabled() or torch.compiler.is_compiling()):
+        return tensor.to(dtype)
+    key = (id(tensor), dtype)
+    entry = _casts.get(key)
+    if entry is not None:
+        parameter, version, copy = entry[0](), entry[1], entry[2]()
+        if parameter is tensor and version == tensor._version and copy is not None and copy._version == 0:
+            return copy
+    copy = tensor.to(dtype)
+    _casts[key] = (weakref.ref(tensor, lambda _, key=key: _casts.pop(key, None)), tensor._version,
+                   weakref.ref(copy))
+    return copy

@@ -250,3 +250,35 @@ def test_autocast_matches_torch(device):
     dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
     with torch.autocast(device.type, dtype=dtype):
         assert ours(x).dtype == theirs(x).dtype
+
+
+def test_autocast_saves_one_copy_of_each_weight_however_many_steps(device):
+    # torch's autocast casts a parameter once a region and every call saves that copy: a cell unrolled over T
+    # steps saves one bf16 W_ih and W_hh, not T of each (gpunn had cast, and saved, a copy a call).
+    cell = gpunn.RNNCell(6, 8, device=device)
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    x = torch.randn(3, 6, device=device)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast(device.type, dtype=dtype):
+            h = torch.zeros(3, 8, device=device)
+            for _ in range(5):
+                h = cell(x, h)
+    copies = {shape: {t.data_ptr() for t in saved if t.dtype == dtype and tuple(t.shape) == shape}
+              for shape in ((8, 6), (8, 8))}
+    assert {shape: len(ptrs) for shape, ptrs in copies.items()} == {(8, 6): 1, (8, 8): 1}
+    h.float().sum().backward()
+    # A copy is made again where the parameter changed, and one made without grad mode is not taken by a call
+    # in grad mode (it has no graph back to the parameter; torch's own cache takes it there, stale and
+    # detached, so the reference is a fresh region on the changed weights).
+    cell.zero_grad()
+    with torch.autocast(device.type, dtype=dtype):
+        with torch.no_grad():
+            cell(x)
+            cell.weight_ih.mul_(2)
+        cell(x).float().sum().backward()
+    reference = torch.nn.RNNCell(6, 8, device=device)
+    reference.load_state_dict(cell.state_dict())
+    with torch.autocast(device.type, dtype=dtype):
+        reference(x).float().sum().backward()
+    assert_close(cell.weight_ih.grad.double(), reference.weight_ih.grad.double(), dtype, "weight_ih grad")
