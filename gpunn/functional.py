@@ -242,6 +242,9 @@ def _check_local(input, weight, bias, geometry: Geometry) -> None:
     if channels != c:
         raise RuntimeError(f"expected input with {c} channels (weight of shape {tuple(weight.shape)}), got "
                            f"input of shape {tuple(input.shape)}")
+    if height == 0 or width == 0:  # padding alone would give output positions: F.conv2d refuses first
+        raise RuntimeError(f"Only zero batch or zero channel inputs are supported, but got input shape: "
+                           f"{list(input.shape)}")
     expected = geometry.output_size(height, width)
     if min(expected) < 1:
         raise RuntimeError(f"kernel {kh}x{kw} (dilation {geometry.dh}x{geometry.dw}) does not fit the padded "

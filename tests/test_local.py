@@ -341,6 +341,14 @@ def test_functional_errors(device):
         gpunn.functional.locally_connected1d(x1, w1, padding=-1)
     with pytest.raises(TypeError, match="1-tuple"):
         gpunn.functional.locally_connected1d(x1, w1, padding=(1, 1))
+    # An empty image, which padding alone would give output positions (their bias): refused, as F.conv2d does.
+    with count_launches() as launches, pytest.raises(RuntimeError, match="Only zero batch or zero channel"):
+        gpunn.functional.locally_connected2d(torch.randn(1, 2, 0, 5, device=device),
+                                             torch.randn(3, 2, 5, 2, 1, 3, device=device), padding=1)
+    with pytest.raises(RuntimeError, match="Only zero batch or zero channel"):
+        gpunn.functional.locally_connected1d(torch.randn(1, 2, 0, device=device),
+                                             torch.randn(3, 2, 2, 1, device=device), padding=1)
+    assert launches == {}
 
 
 def _shared_filters(layer, conv):
