@@ -10,8 +10,10 @@ import torch
 
 # A parameter's cast, reused as torch's autocast reuses its own cache: a layer called many times in a region (an
 # RNNCell unrolled over T steps, weights shared) saves one copy for backward, not one a call. Keyed by the
-# parameter's id; valid while the parameter is the same tensor at the same version, and while the copy lives
-# (held weakly: saved by a graph or in use, it is never made twice; nothing here keeps it alive after that).
+# parameter's id; valid while the parameter is the same tensor, at the same version and storage, and while the
+# copy lives (held weakly: saved by a graph or in use, it is never made twice; nothing here keeps it alive after
+# that). Unlike torch's, it can outlive a region while a graph holds the copy: a write that bypasses the version
+# counter (param.data.mul_(...)) in between is then not seen, as it is not inside one region by torch's.
 _casts: dict[tuple[int, torch.dtype], tuple] = {}
 
 
@@ -38,10 +40,15 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     key = (id(tensor), dtype)
     entry = _casts.get(key)
     if entry is not None:
-        parameter, version, copy = entry[0](), entry[1], entry[2]()
-        if parameter is tensor and version == tensor._version and copy is not None and copy._version == 0:
+        parameter, state, copy = entry[0](), entry[1], entry[2]()
+        if (parameter is tensor and state == _state(tensor) and copy is not None and copy._version == 0
+                and copy.device == tensor.device):
             return copy
     copy = tensor.to(dtype)
-    _casts[key] = (weakref.ref(tensor, lambda _, key=key: _casts.pop(key, None)), tensor._version,
-                   weakref.ref(copy))
+    _casts[key] = (weakref.ref(tensor, lambda _, key=key: _casts.pop(key, None)), _state(tensor), weakref.ref(copy))
     return copy
+
+
+def _state(tensor: torch.Tensor) -> tuple:
+    """What tells a parameter's values changed: its version (in-place ops) and storage (a new .data)."""
+    return tensor._version, tensor.data_ptr(), tensor.device

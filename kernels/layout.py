@@ -8,7 +8,6 @@ mask and device, on the device, with one host sync to size the grids, and cached
 """
 from __future__ import annotations
 
-import collections
 import functools
 import operator
 import weakref
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .runtime import hold_for_graphs
+from .runtime import Recent, hold_for_graphs
 
 # Weight blocks (BLOCK_N, BLOCK_K) by operand size in bytes. Small blocks waste less work on a sparse
 # mask's partial blocks; the batch tile (BLOCK_M, tuned) gives the MMA its 64+ rows. Each block side is
@@ -143,14 +142,12 @@ class _Entry:
     layout: BlockLayout
 
 
-_cache: collections.OrderedDict = collections.OrderedDict()  # (id(mask), device, block) -> _Entry
+_cache = Recent(_CACHE_SIZE)  # (id(mask), device, block) -> _Entry
 
 
 def _forget(key, ref) -> None:
     # The mask was freed: drop its layout now (it holds a copy of the mask on the device).
-    entry = _cache.get(key)
-    if entry is not None and entry.mask is ref:
-        del _cache[key]
+    _cache.forget(key, lambda entry: entry.mask is ref)
 
 
 @torch.compiler.disable  # reads ids, weak references and version counters: always run eagerly
@@ -165,19 +162,15 @@ def layout_for(mask: torch.Tensor, block: tuple[int, int]) -> BlockLayout:
     """
     key = (id(mask), mask.device, tuple(block))
     version = None if mask.is_inference() else mask._version
-    entry = _cache.get(key)
+    entry = _cache.lookup(key)
     if entry is not None and entry.mask() is mask:
         unchanged = version is not None and entry.version == version and entry.data_ptr == mask.data_ptr()
         if unchanged or torch.equal(entry.layout.mask.view(torch.bool), mask):
             entry.version, entry.data_ptr = version, mask.data_ptr()
-            _cache.move_to_end(key)
             hold_for_graphs(entry.layout, key[1])  # the mask's device
             return entry.layout
     layout = build(mask, block)
-    _cache[key] = _Entry(weakref.ref(mask, functools.partial(_forget, key)), mask.data_ptr(), version, layout)
-    _cache.move_to_end(key)
-    if len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
+    _cache.keep(key, _Entry(weakref.ref(mask, functools.partial(_forget, key)), mask.data_ptr(), version, layout))
     return layout
 
 

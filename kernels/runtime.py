@@ -9,6 +9,7 @@ import collections
 import contextlib
 import math
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,40 @@ def hold_for_graphs(entry, device: torch.device) -> None:
     graph on `device` is being captured: that graph may read it on any later replay."""
     if capturing(device):
         _held_for_graphs[id(entry)] = entry
+
+
+class Recent(collections.OrderedDict):
+    """A cache of the `size` most recently used entries (mask layouts, RNN step tables), safe to use from
+    several threads: a lookup's move to the end and an insertion's eviction of the oldest entry happen under
+    one lock, where another thread's eviction between the two had removed a key that was being moved."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+        self._lock = threading.Lock()
+
+    def lookup(self, key):
+        """The entry for key, now the most recent, or None."""
+        with self._lock:
+            entry = self.get(key)
+            if entry is not None:
+                self.move_to_end(key)
+            return entry
+
+    def keep(self, key, entry) -> None:
+        """Store entry as the most recent, forgetting the oldest past `size`."""
+        with self._lock:
+            self[key] = entry
+            self.move_to_end(key)
+            if len(self) > self.size:
+                self.popitem(last=False)
+
+    def forget(self, key, still) -> None:
+        """Drop key's entry if still(entry) says it is the one to drop."""
+        with self._lock:
+            entry = self.get(key)
+            if entry is not None and still(entry):
+                del self[key]
 
 
 _poison = False

@@ -111,6 +111,23 @@ def test_a_freed_masks_entry_is_dropped(device):
     assert key not in block_layout._cache
 
 
+def test_an_entry_evicted_by_another_thread_during_a_lookup(device, monkeypatch):
+    # A mask made under inference_mode is compared with its layout's copy on every lookup (torch.equal, which
+    # releases the GIL): another thread can evict that entry meanwhile (here, as if it did, during the
+    # comparison). The lookup still returns its layout; it had then moved the evicted key (KeyError).
+    with torch.inference_mode():
+        mask = masks.local_1d(64, 64, 3).to(device)
+    first = masks.block_layout(mask)
+    equal = torch.equal
+
+    def evicting(a, b):
+        block_layout._cache.clear()
+        return equal(a, b)
+
+    monkeypatch.setattr(torch, "equal", evicting)
+    assert masks.block_layout(mask) is first
+
+
 def test_an_entry_for_a_dead_mask_never_matches_a_new_one(device, monkeypatch):
     # A new tensor can reuse a freed one's id: plant an entry under the new mask's key whose weak
     # reference is dead (as if its mask had died without the entry being dropped) and whose version and

@@ -410,6 +410,17 @@ def test_autocast_matches_nn_linear_dtype(device):
     assert layer.weight.grad.dtype == torch.float32
     assert_close(out, reference_linear(x.double(), layer.weight.double().to(dtype).double(),
                                        layer.bias.double(), None), dtype, "autocast output")
+    # The weights' 16-bit cast is reused while a graph holds it and the weights are unchanged: new values
+    # given without a version bump but in new storage (vector_to_parameters sets .data) are cast again.
+    with torch.autocast(device.type, dtype=dtype):
+        kept = layer(x)
+    torch.nn.utils.vector_to_parameters(3 * torch.nn.utils.parameters_to_vector(layer.parameters()),
+                                        layer.parameters())
+    with torch.autocast(device.type, dtype=dtype):
+        again = layer(x)
+    assert kept.grad_fn is not None
+    assert_close(again, reference_linear(x.double(), layer.weight.double().to(dtype).double(),
+                                         layer.bias.double(), None), dtype, "output after new weights")
 
 
 @pytest.mark.parametrize("activation", [None, "leaky_relu", "gelu"])

@@ -22,7 +22,6 @@ A reference to x is kept for it where first order does not save x (checked uncha
 """
 from __future__ import annotations
 
-import collections
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import dense, rnn_sequence
-from ..kernels.runtime import Rows, empty, hold_for_graphs, state_dtype
+from ..kernels.runtime import Recent, Rows, empty, hold_for_graphs, state_dtype
 from . import linear, rnn
 from .library import (Fold, Op, batched, first_order_saved, kept, metadata_to_save, nothing, save_for_orders,
                       saved_metadata, sum_of, took_duals, under_transform)
@@ -59,15 +58,12 @@ class Steps:
         captured in a CUDA graph)."""
         sizes = tuple(batch_sizes.tolist()) if batch_sizes is not None else (shape[1],) * shape[0]
         key = (device, sizes)
-        steps = _STEPS.get(key)
+        steps = _STEPS.lookup(key)
         if steps is None:
             on_host = torch.tensor(sizes, dtype=torch.int64)
             offsets = torch.cumsum(on_host, 0) - on_host
             steps = Steps(on_host, on_host.to(device, non_blocking=True), offsets.to(device, non_blocking=True))
-            _STEPS[key] = steps
-            if len(_STEPS) > _STEPS_KEPT:
-                _STEPS.popitem(last=False)
-        _STEPS.move_to_end(key)
+            _STEPS.keep(key, steps)
         hold_for_graphs(steps, device)
         return steps
 
@@ -113,8 +109,8 @@ class Steps:
         return self._final[0]
 
 
-_STEPS: collections.OrderedDict = collections.OrderedDict()  # (device, batch sizes) -> Steps
 _STEPS_KEPT = 32
+_STEPS = Recent(_STEPS_KEPT)  # (device, batch sizes) -> Steps
 
 
 def _directions(weights: tuple, count: int) -> list[tuple]:
