@@ -8,6 +8,8 @@ import weakref
 
 import torch
 
+from .kernels.runtime import capturing
+
 # A parameter's cast, reused as torch's autocast reuses its own cache: a layer called many times in a region (an
 # RNNCell unrolled over T steps, weights shared) saves one copy for backward, not one a call. Keyed by the
 # parameter's id; valid while the parameter is the same tensor, at the same version and storage, and while the
@@ -32,10 +34,12 @@ def cast(device_type: str, *tensors: torch.Tensor | None, to_float32: bool = Fal
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # As torch's cache: only leaves that require grad (parameters), and not while a compiler traces; and only
     # in grad mode, where a copy is saved for backward (one made under no_grad has no graph back to the
-    # parameter, and would cut its gradient if a later call in grad mode took it).
+    # parameter, and would cut its gradient if a later call in grad mode took it). Not while a CUDA graph is
+    # captured: a copy from before the capture would be read by every replay as it was, and one made in the
+    # graph's memory pool is rewritten by replays.
     if (tensor.dtype == dtype or type(tensor) is not torch.nn.Parameter or not tensor.requires_grad
             or not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
-            or not torch.is_autocast_cache_enabled() or torch.compiler.is_compiling()):
+            or not torch.is_autocast_cache_enabled() or torch.compiler.is_compiling() or capturing(tensor.device)):
         return tensor.to(dtype)
     key = (id(tensor), dtype)
     entry = _casts.get(key)
