@@ -15,7 +15,7 @@ from .kernels.runtime import capturing
 # parameter's id; valid while the parameter is the same tensor, at the same version and storage, and while the
 # copy lives (held weakly: saved by a graph or in use, it is never made twice; nothing here keeps it alive after
 # that). Unlike torch's, it can outlive a region while a graph holds the copy: a write that bypasses the version
-# counter (param.data.mul_(...)) in between is then not seen, as it is not inside one region by torch's.
+# counter (param.data.mul_(...)) in between is then not seen (within one region, torch's misses it too).
 _casts: dict[tuple[int, torch.dtype], tuple] = {}
 
 
