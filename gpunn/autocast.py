@@ -45,8 +45,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     entry = _casts.get(key)
     if entry is not None:
         parameter, state, copy = entry[0](), entry[1], entry[2]()
-        if (parameter is tensor and state == _state(tensor) and copy is not None and copy._version == 0
-                and copy.device == tensor.device):
+        if parameter is tensor and state == _state(tensor) and copy is not None and copy._version == 0:
             return copy
     copy = tensor.to(dtype)
     _casts[key] = (weakref.ref(tensor, lambda _, key=key: _casts.pop(key, None)), _state(tensor), weakref.ref(copy))

@@ -676,9 +676,9 @@ def save(ctx, *tensors: torch.Tensor | None) -> None:
     gives the Nones back without asking autograd, which refuses once a backward has freed the graph. So a
     backward that needs nothing saved runs again on a freed graph, as torch's nodes that saved nothing do (a
     layer without activation whose bias alone needs a gradient: a second loss, or a gradient penalty)."""
-    ctx.nothing_saved = all(t is None for t in tensors)
-    ctx.save_count = len(tensors)
-    if not ctx.nothing_saved:
+    # The count of Nones saved_tensors() gives back where nothing was saved, else None.
+    ctx.nones_saved = len(tensors) if all(t is None for t in tensors) else None
+    if ctx.nones_saved is None:
         ctx.save_for_backward(*tensors)
 
 
@@ -687,8 +687,8 @@ def saved_tensors(ctx) -> tuple:
     unwrapped: a vjp_fn called after torch.func.vjp returned (or jacrev's) runs the backward with them, and
     where grad mode is off the first-order ops would hand them to the kernels as they are (an
     autograd.Function's apply, the path with grad mode on, unwraps them itself)."""
-    if getattr(ctx, "nothing_saved", False):
-        return (None,) * ctx.save_count
+    if getattr(ctx, "nones_saved", None) is not None:
+        return (None,) * ctx.nones_saved
     saved = ctx.saved_tensors
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     if under_transform() or not any(t is not None and wrapped(t) for t in saved):

@@ -118,13 +118,13 @@ def _directions(weights: tuple, count: int) -> list[tuple]:
     return [weights[d * per:(d + 1) * per] for d in range(count)]
 
 
-def _projection_weights(weights: list[torch.Tensor], directions: int):
-    """(W_ih of every direction stacked (D*H, I), b_ih + b_hh stacked (D*H,) in the state's dtype or None,
-    [W_hh per direction])."""
+def _projection_weights(weights: list[torch.Tensor], directions: int, with_bias: bool = True):
+    """(W_ih of every direction stacked (D*H, I), b_ih + b_hh stacked (D*H,) in the state's dtype or None
+    (None too without with_bias: backward has no use for it), [W_hh per direction])."""
     per_direction = _directions(weights, directions)
     w_ih = torch.cat([w[0] for w in per_direction]) if directions > 1 else per_direction[0][0]
     bias = None
-    if len(per_direction[0]) == 4:  # both biases enter every z: add them once, in the projection
+    if with_bias and len(per_direction[0]) == 4:  # both biases enter every z: add them once, in the projection
         state = state_dtype(w_ih.dtype)
         bias = torch.cat([w[2].to(state) + w[3].to(state) for w in per_direction])
     return w_ih, bias, [w[1] for w in per_direction]
@@ -172,7 +172,7 @@ def _rnn_layer_backward(grad_out: torch.Tensor, grad_hn: torch.Tensor | None, ou
     if groups and batch_sizes is not None:
         raise ValueError("rnn_layer_backward: groups of batch rows are for padded sequences (batch_sizes None)")
     steps = Steps.of(batch_sizes, input_shape, out.device)
-    w_ih, _, w_hh = _projection_weights(weights, directions)
+    w_ih, _, w_hh = _projection_weights(weights, directions, with_bias=False)
     hidden = w_hh[0].shape[0]
     per = len(weights) // directions
     need_weight = [needs[2 + d * per:2 + (d + 1) * per] for d in range(directions)]
