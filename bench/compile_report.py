@@ -245,7 +245,7 @@ def _launch_rnn_cell_grad_input(dtype, m, n, k, activation):
 def _launch_rnn_cell_grad_weight(dtype, m, n, k, activation):
     from gpunn.kernels import rnn
     rnn.grad_weight(_meta((m, n), dtype), _meta((m, n), dtype), _meta((m, k), dtype), _meta((m, n), dtype),
-                    ((n, k), (n, n)), activation, True)
+                    k, activation, True)
 
 
 class NoSuchKernel(Exception):

@@ -162,8 +162,7 @@ def cases(preset: str, dtypes: list[str], activations: list[str | None], presets
             for (n, c, o, size, k, p) in presets[preset][key]]
 
 
-def steps(all_cases: list[Case], providers: list[str]) -> int:
-    return dense.steps(all_cases, providers)
+steps = dense.steps
 
 
 def run(all_cases: list[Case], providers: list[str], device: torch.device, ceilings: harness.Ceilings,

@@ -131,8 +131,7 @@ def cases(preset: str, dtypes: list[str], activations: list[str | None]) -> list
     return [Case(batch, width, dtype) for dtype in dtypes for batch, width in PRESETS[preset]]
 
 
-def steps(all_cases: list[Case], providers: list[str]) -> int:
-    return dense.steps(all_cases, providers)
+steps = dense.steps
 
 
 run = dense.run

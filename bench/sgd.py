@@ -110,8 +110,7 @@ def cases(preset: str, dtypes: list[str], activations: list[str | None]) -> list
     return [Case(n, dtype) for dtype in dict.fromkeys(["fp32", *dtypes]) for n in PRESETS[preset]]
 
 
-def steps(all_cases: list[Case], providers: list[str]) -> int:
-    return dense.steps(all_cases, providers)
+steps = dense.steps
 
 
 run = dense.run

@@ -44,6 +44,7 @@ PRECISIONS = {p.name: p for p in (
 
 
 def default_precisions(device: torch.device) -> list[str]:
+    """The precisions checked where --dtypes is not given: all on a GPU; fp64, fp32 and fp16 on the CPU."""
     if device.type == "cuda":
         return list(PRECISIONS)
     return ["fp64", "fp32", "fp16"]

@@ -20,8 +20,9 @@ import types
 
 import torch
 
-from . import masks
+from . import arguments, masks
 from .modules import RNN, Linear, LocallyConnected2d, MaskedLinear, RNNCell
+from .modules.rnn import nonlinearity_of
 
 # Activation modules gpunn.Linear can fuse: (its activation name, negative slope) for a module, or None for
 # one it cannot (an approximate torch's GELU refuses, a slope that is not a real number: a 0-d tensor, a bool),
@@ -92,11 +93,9 @@ def _twin(module: torch.nn.Module, activation: tuple[str, float] | None = None) 
     elif type(module) is torch.nn.RNNCell:
         twin = RNNCell(module.input_size, module.hidden_size, module.bias, module.nonlinearity, device="meta")
     else:
-        # torch's RNN runs the activation of its mode, fixed at construction, whatever `nonlinearity` was set
-        # to since: the twin takes the mode's, and keeps the attribute as it was.
-        twin = RNN(module.input_size, module.hidden_size, module.num_layers,
-                   "relu" if module.mode == "RNN_RELU" else "tanh", module.bias, module.batch_first, module.dropout,
-                   module.bidirectional, device="meta")
+        # The twin runs the activation torch's runs, and keeps the `nonlinearity` attribute as it was.
+        twin = RNN(module.input_size, module.hidden_size, module.num_layers, nonlinearity_of(module), module.bias,
+                   module.batch_first, module.dropout, module.bidirectional, device="meta")
         twin.nonlinearity = module.nonlinearity
     return _adopt(twin, module)
 
@@ -240,8 +239,8 @@ def local_from_masked(layer: MaskedLinear, in_channels: int, input_size, kernel_
     if layer.activation is not None:
         raise ValueError(f"the MaskedLinear fuses the activation {layer.activation!r}, which a LocallyConnected2d "
                          f"does not have")
-    in_channels = masks.positive_int(in_channels, "in_channels")
-    height, width = masks.as_pair(input_size, "input_size")
+    in_channels = arguments.positive_int(in_channels, "in_channels")
+    height, width = arguments.as_pair(input_size, "input_size")
     if layer.in_features != in_channels * height * width:
         raise ValueError(f"a MaskedLinear with {layer.in_features} inputs does not read {in_channels} channels of "
                          f"{height}x{width}")

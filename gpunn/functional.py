@@ -9,17 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from . import autocast, reference
-from .arguments import check_tensors
+from .arguments import SUPPORTED_DTYPES, as_pair, as_single, check_tensors, padding_sides
 from .kernels.activations import GRAD_FROM_SAVED, NAMES as ACTIVATIONS, grad_source as activation_grad_source
 from .kernels.layout import DEFAULT_BLOCKS, BlockLayout, check_block
 from .kernels.local import Geometry
 from .kernels.runtime import triton_runs_on
 from .losses import cross_entropy, mse_loss  # noqa: F401  (public here too, as in torch.nn.functional)
-from .masks import as_pair, as_single, padding_sides
 from .ops import linear as ops_linear, local as ops_local, rnn as ops_rnn, rnn_sequence as ops_rnn_sequence
 from .ops.library import forward_mode_reaches, requires_grad_within
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def check_activation(activation, negative_slope) -> None:
     """Raise ValueError for an activation gpunn does not fuse, TypeError for a non-real slope."""
@@ -40,6 +38,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _check_supported(op: str, dtype: torch.dtype) -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(f"gpunn {op} supports float16, bfloat16, float32 and float64, got {_dtype_name(dtype)}")
+
+
+def _check_one_device(*devices: torch.device) -> None:
+    """torch's RuntimeError for tensors on two devices (two of them named)."""
+    if len(set(devices)) > 1:
+        first, second = sorted(set(devices), key=str)[:2]
+        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                           f"{first} and {second}!")
+
+
+def _check_nonlinearity(nonlinearity: str) -> None:
+    if nonlinearity not in RNN_NONLINEARITIES:
+        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+
+
 def _check_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     # The same exception type (RuntimeError) torch.nn.functional.linear raises for each of these.
     if input.dim() == 0 or weight.dim() == 0:
@@ -55,19 +71,13 @@ def _check_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if input.dtype != weight.dtype:
         raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_dtype_name(input.dtype)} and "
                            f"{_dtype_name(weight.dtype)}")
-    if input.dtype not in SUPPORTED_DTYPES:
-        raise RuntimeError(f"gpunn linear supports float16, bfloat16, float32 and float64, got "
-                           f"{_dtype_name(input.dtype)}")
-    if input.device != weight.device:
-        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
-                           f"{input.device} and {weight.device}!")
+    _check_supported("linear", input.dtype)
+    _check_one_device(input.device, weight.device)
     if bias is not None:
         if bias.dtype != input.dtype:
             raise RuntimeError(f"self and mat2 must have the same dtype, but got {_dtype_name(bias.dtype)} and "
                                f"{_dtype_name(input.dtype)}")
-        if bias.device != input.device:
-            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two "
-                               f"devices, {input.device} and {bias.device}!")
+        _check_one_device(input.device, bias.device)
         _check_linear_bias(input, weight, bias)
 
 
@@ -103,7 +113,7 @@ def _check_linear_bias(input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str | None = None, negative_slope: float = 0.01) -> torch.Tensor:
-    """act(input @ weight^T + bias) as one fused kernel, forward and backward.
+    """act(input @ weight^T + bias) as one fused Triton kernel; backward as gpunn.Linear's (its docstring).
 
     Args:
         input: (*, in_features), any number of leading dims (1-D included), any strides.
@@ -165,9 +175,7 @@ def _check_mask(mask_or_layout, weight: torch.Tensor) -> None:
     if shape != tuple(weight.shape):
         raise RuntimeError(f"mask of shape {shape} does not match the weight's shape {tuple(weight.shape)} "
                            f"(out_features, in_features)")
-    if device != weight.device:
-        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
-                           f"{weight.device} and {device}!")
+    _check_one_device(weight.device, device)
 
 
 def masked_linear(input: torch.Tensor, weight: torch.Tensor, mask_or_layout, bias: torch.Tensor | None = None,
@@ -255,13 +263,8 @@ def _check_local(input, weight, bias, geometry: Geometry) -> None:
     if input.dtype != weight.dtype or (bias is not None and bias.dtype != input.dtype):
         names = ", ".join(_dtype_name(t.dtype) for t in (input, weight, bias) if t is not None)
         raise RuntimeError(f"input, weight and bias must have the same dtype, got {names}")
-    if input.dtype not in SUPPORTED_DTYPES:
-        raise RuntimeError(f"gpunn locally connected layers support float16, bfloat16, float32 and float64, got "
-                           f"{_dtype_name(input.dtype)}")
-    for t in (weight, bias):
-        if t is not None and t.device != input.device:
-            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
-                               f"{input.device} and {t.device}!")
+    _check_supported("locally connected layers", input.dtype)
+    _check_one_device(*(t.device for t in (input, weight, bias) if t is not None))
     if bias is not None and tuple(bias.shape) != (o, oh, ow):
         raise RuntimeError(f"bias must have shape (out_channels, oh, ow) = {(o, oh, ow)}, got {tuple(bias.shape)}")
 
@@ -378,14 +381,8 @@ def _check_rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> None:
     if len({t.dtype for t in tensors}) > 1:
         names = ", ".join(_dtype_name(t.dtype) for t in tensors)
         raise RuntimeError(f"rnn_cell expects tensors of one dtype, got {names}")
-    if input.dtype not in SUPPORTED_DTYPES:
-        raise RuntimeError(f"gpunn rnn_cell supports float16, bfloat16, float32 and float64, got "
-                           f"{_dtype_name(input.dtype)}")
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        first, second = sorted(devices, key=str)[:2]
-        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
-                           f"{first} and {second}!")
+    _check_supported("rnn_cell", input.dtype)
+    _check_one_device(*(t.device for t in tensors))
 
 
 def rnn_cell(input: torch.Tensor, hx: torch.Tensor | None, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
@@ -409,8 +406,7 @@ def rnn_cell(input: torch.Tensor, hx: torch.Tensor | None, weight_ih: torch.Tens
         unknown nonlinearity; RuntimeError for shapes, dtypes or devices that torch's RNN cell would reject
         (with its messages), before any kernel runs.
     """
-    if nonlinearity not in RNN_NONLINEARITIES:
-        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    _check_nonlinearity(nonlinearity)
     check_tensors("rnn_cell", ("input", input, False), ("hx", hx, True), ("weight_ih", weight_ih, False),
                   ("weight_hh", weight_hh, False), ("bias_ih", bias_ih, True), ("bias_hh", bias_hh, True))
     if hx is None:
@@ -466,12 +462,8 @@ def _check_rnn(input, hx, weights, num_layers, directions, has_bias, batch_first
     if len({t.dtype for t in tensors}) > 1:
         raise RuntimeError(f"rnn expects input, hx and weights of one dtype, got input {_dtype_name(input.dtype)}, "
                            f"hx {_dtype_name(hx.dtype)}, weights {_dtype_name(weights[0].dtype)}")
-    if input.dtype not in SUPPORTED_DTYPES:
-        raise RuntimeError(f"gpunn rnn supports float16, bfloat16, float32 and float64, got {_dtype_name(input.dtype)}")
-    if len({t.device for t in tensors}) > 1:
-        first, second = sorted({t.device for t in tensors}, key=str)[:2]
-        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
-                           f"{first} and {second}!")
+    _check_supported("rnn", input.dtype)
+    _check_one_device(*(t.device for t in tensors))
 
 
 def rnn(input: torch.Tensor, hx: torch.Tensor, weights, num_layers: int = 1, nonlinearity: str = "tanh",
@@ -499,8 +491,7 @@ def rnn(input: torch.Tensor, hx: torch.Tensor, weights, num_layers: int = 1, non
         TypeError for an input, hx or weight that is not a tensor; ValueError for an unknown nonlinearity;
         RuntimeError for shapes, dtypes or devices torch's RNN would reject, before any kernel runs.
     """
-    if nonlinearity not in RNN_NONLINEARITIES:
-        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    _check_nonlinearity(nonlinearity)
     weights = list(weights)  # any sequence (or iterable) of tensors, read more than once below
     check_tensors("rnn", ("input", input, False), ("hx", hx, False),
                   *((f"weights[{i}]", weight, False) for i, weight in enumerate(weights)))

@@ -11,7 +11,7 @@ import torch
 from . import autocast
 from .arguments import check_tensors, wrong_type
 from .kernels import cross_entropy_double_backward as second_order, losses as kernels
-from .kernels.runtime import capturing, group_rows, grouped, triton_runs_on
+from .kernels.runtime import capturing, group_rows, grouped, state_dtype, triton_runs_on
 from .ops.library import Op, arrived, nothing, refuse_double_backward, requires_grad_within, saved_tensors, sum_of
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -75,8 +75,7 @@ def _class_rows(input: torch.Tensor) -> torch.Tensor:
 
 def _stats_fake(logits: torch.Tensor) -> torch.Tensor:
     """The (N, 2) per-row stats (max, log-sum) a cross-entropy forward keeps, in fp32 (fp64 for fp64)."""
-    return logits.new_empty((logits.shape[0], 2), dtype=torch.float64 if logits.dtype == torch.float64 else
-                            torch.float32)
+    return logits.new_empty((logits.shape[0], 2), dtype=state_dtype(logits.dtype))
 
 
 def _cross_entropy_fake(logits, target, weight, ignore_index, smoothing, reduction, groups):
@@ -454,8 +453,7 @@ def _mse_loss_double_backward(ctx, grad_dx, grad_dy):
     grad_dx, grad_dy = (arrived(g, input.shape) for g in (grad_dx, grad_dy))
     if grad_dx is None and grad_dy is None:
         return (None,) * 7
-    grad_dx = grad_dx.contiguous() if grad_dx is not None else torch.zeros_like(grad_dy)
-    grad_dy = grad_dy.contiguous() if grad_dy is not None else torch.zeros_like(grad_dx)
+    grad_dx, grad_dy = (g.contiguous() for g in _tangents_or_zeros(grad_dx, grad_dy))
     gx = gy = gg = None
     if need_input or need_target:
         gx, gy = kernels.mse_backward(grad_dx, grad_dy, grad, ctx.reduction, need_input, need_target)

@@ -3,70 +3,11 @@ True where output neuron j reads input i (the layout of a torch.nn.Linear weight
 the masked kernels walk."""
 from __future__ import annotations
 
-import numbers
-
 import torch
 
-from . import reference
+from .arguments import SUPPORTED_DTYPES, as_pair, is_int, non_negative_int, padding_sides, positive_int
 from .kernels.layout import DEFAULT_BLOCKS, BlockLayout, check_block, layout_for
 from .kernels.local import Geometry
-
-
-def is_int(value) -> bool:
-    """Whether value is an integer as torch.nn's size arguments take them (numpy's too), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def positive_int(value, name: str) -> int:
-    """value as an int, where it is a positive integer (is_int); else ValueError naming the argument."""
-    if not is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def non_negative_int(value, name: str) -> int:
-    """value as an int, where it is an integer (is_int) of 0 or more; else ValueError naming the argument."""
-    if not is_int(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return int(value)
-
-
-def as_pair(value, name: str) -> tuple[int, int]:
-    """(value, value) for an int, the pair itself for a pair of ints; TypeError otherwise."""
-    try:
-        pair = (value, value) if is_int(value) else tuple(value)
-    except TypeError:
-        pair = ()
-    if len(pair) != 2 or not all(is_int(v) for v in pair):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return int(pair[0]), int(pair[1])
-
-
-def padding_sides(padding, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
-                  error: type[Exception] = ValueError) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The zero padding (height, width) before the first row and column and after the last, of an int, a
-    pair, "valid" or "same" as F.conv2d takes them: "same" only at stride 1, the far side one more where
-    dilation x (kernel - 1) is odd (reference.same_padding). `error` for a string F.conv2d refuses: nn.Conv2d
-    raises ValueError there, F.conv2d RuntimeError. A number is not checked here (negative, say)."""
-    if not isinstance(padding, str):
-        pair = as_pair(padding, "padding")
-        return pair, pair
-    if padding == "valid":
-        return (0, 0), (0, 0)
-    if padding != "same":
-        raise error(f"Invalid padding string: '{padding}'")
-    if tuple(stride) != (1, 1):
-        raise error("padding='same' is not supported for strided convolutions")
-    return reference.same_padding(kernel_size, dilation)
-
-
-def as_single(value, name: str) -> int:
-    """An int, or a 1-sequence of one int (as nn.Conv1d accepts); TypeError otherwise."""
-    if isinstance(value, (tuple, list)) and len(value) == 1:
-        value = value[0]
-    if not is_int(value):
-        raise TypeError(f"{name} must be an int or a 1-tuple of an int, got {value!r}")
-    return int(value)
 
 
 def local_1d(in_features: int, out_features: int, window: int) -> torch.Tensor:
@@ -164,7 +105,7 @@ def block_layout(mask: torch.Tensor, dtype: torch.dtype = torch.float32,
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
         raise TypeError(f"mask must be a 2-D bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)} "
                         f"of shape {tuple(getattr(mask, 'shape', ()))}")
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
     size = dtype.itemsize
     block = check_block(block if block is not None else DEFAULT_BLOCKS[size], size)

@@ -24,6 +24,24 @@ def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return torch.view_as_real(tensor) if tensor is not None and tensor.is_complex() else tensor
 
 
+def _unflagged(*tensors: torch.Tensor | None) -> bool:
+    """Whether each tensor (or None) is strided and reads as its memory holds it: no lazy conjugation or
+    negation (a gradient can arrive as such a view), which the kernel, reading raw memory, would miss."""
+    return all(t is None or (t.layout == torch.strided and not t.is_conj() and not t.is_neg()) for t in tensors)
+
+
+def _kernel_takes(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None) -> bool:
+    """Whether the kernel can update p (unwrapped by _local) from g and buf (None for none): plain tensors (no
+    subclass that dispatches ops of its own) of p's floating dtype and shape, contiguous, each aligned to its
+    element size, on a device gpunn's kernels run on, p writable (not an inference tensor outside
+    inference_mode). Any other takes torch's SGD, which steps it or raises its error."""
+    return (p.dtype.is_floating_point and triton_runs_on(p.device)
+            and not (p.is_inference() and not torch.is_inference_mode_enabled())
+            and all(type(t).__torch_dispatch__ is torch.Tensor.__torch_dispatch__ and t.dtype == p.dtype
+                    and t.shape == p.shape and t.is_contiguous() and t.data_ptr() % t.element_size() == 0
+                    for t in (p, g, buf) if t is not None))
+
+
 def _learning_rate(group: dict, device: torch.device) -> float | torch.Tensor:
     """The group's learning rate for the kernels on `device`: a tensor there as itself (the kernel reads it on
     the device: no host sync, and a CUDA graph's replays follow a scheduler that fills it in place, as torch's
@@ -41,9 +59,11 @@ class SGD(torch.optim.SGD):
     Each step updates all the dense, contiguous parameters of a group that share a dtype and device in one
     Triton launch (fp32 arithmetic, fp64 for fp64 parameters, one rounding per stored value); a complex
     parameter is updated as its real view; a sharded (FSDP2 DTensor) parameter through its local shard, with
-    its buffer a DTensor as torch's. Sparse gradients, a gradient or buffer of another dtype than its
-    parameter, non-contiguous tensors and devices where gpunn's kernels do not run take torch's own SGD, as
-    does every step taken while a torch dispatch mode is active (torch.autograd.graph.
+    its buffer a DTensor as torch's. Sparse gradients, a gradient or buffer of another dtype or shape than its
+    parameter, non-contiguous or misaligned tensors, lazily conjugated or negated views, tensor subclasses
+    (other than DTensor), integer or inference parameters and devices where gpunn's kernels do not run take
+    torch's own SGD (which steps them or raises its error), as does a group that lists a parameter twice and
+    every step taken while a torch dispatch mode is active (torch.autograd.graph.
     allow_mutation_on_saved_tensors, a tracer), which must see the writes. The kernel's writes bump the
     tensors' version counters, as torch's in-place ops do: a graph that saved a parameter before the step
     refuses its backward.
@@ -98,16 +118,16 @@ class SGD(torch.optim.SGD):
             # and the state is written only where a buffer is new.
             batches, rest = defaultdict(list), []
             # A dispatch mode (allow_mutation_on_saved_tensors's, which copies a saved tensor before an op writes
-            # it; a tracer's) must see the update as torch ops: the kernel writes through pointers, past it.
-            observed = torch._C._len_torch_dispatch_stack() > 0
+            # it; a tracer's) must see the update as torch ops: the kernel writes through pointers, past it. A
+            # parameter listed twice is updated twice, one after the other, by torch: in one launch the two
+            # updates would race.
+            by_torch = torch._C._len_torch_dispatch_stack() > 0 or len({id(p) for p in params}) < len(params)
             for p, g, buf in zip(params, grads, buffers):
-                local_p, local_g, local_buf = _local(p), _local(g), _local(buf)
-                if (observed or g.is_sparse or not triton_runs_on(local_p.device) or local_g.dtype != local_p.dtype
-                        or not (local_p.is_contiguous() and local_g.is_contiguous())
-                        or (buf is not None and (not local_buf.is_contiguous() or local_buf.dtype != local_p.dtype))):
+                local = (_local(p), _local(g), _local(buf)) if not by_torch and _unflagged(p, g, buf) else None
+                if local is None or not _kernel_takes(*local):
                     rest.append((p, g, buf))
                 else:
-                    batches[(local_p.device, local_p.dtype, buf is None)].append((p, local_p, local_g, local_buf))
+                    batches[(local[0].device, local[0].dtype, buf is None)].append((p, *local))
             for (device, dtype, first_step), members in batches.items():
                 ps, local_ps, local_gs, local_bs = (list(column) for column in zip(*members))
                 new_buffers = momentum != 0 and first_step
@@ -128,8 +148,10 @@ class SGD(torch.optim.SGD):
                         wrapped + ([self.state[p]["momentum_buffer"] for p in wrapped] if momentum else []))
             if rest:
                 ps, gs, bs = (list(column) for column in zip(*rest))
+                # The group's values as they are, as torch's step passes them (an int lr steps integer tensors).
                 torch_sgd(ps, gs, bs, has_sparse_grad=any(g.is_sparse for g in gs), foreach=False,
-                          lr=float(group["lr"]), **hyper)
+                          **{name: group[name] for name in ("lr", "weight_decay", "momentum", "dampening",
+                                                            "nesterov", "maximize")})
                 if momentum != 0:
                     for p, buf in zip(ps, bs):
                         self.state[p]["momentum_buffer"] = buf

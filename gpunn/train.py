@@ -171,6 +171,7 @@ def networks(features: int, classes: int, side: int | None, device) -> dict[str,
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The fraction of rows of x (N, features) whose largest logit is their label in y (N,)."""
     return (model(x).argmax(dim=1) == y).float().mean().item()
 
 
@@ -219,6 +220,9 @@ def plot(curves: dict[str, dict[str, list[float]]], path: Path) -> str:
 
 def train(epochs: int, batch_size: int, lr: float, momentum: float, data: str | None, only: list[str] | None,
           plot_path: str, seed: int, device: str | torch.device | None) -> int:
+    """The main job (`python -m gpunn train`, whose --help gives the arguments): trains each network with
+    gpunn and its torch twin side by side, prints and plots their losses; the exit status (0, or 1 where a
+    loss was not finite)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     where = ("compiled on " + torch.cuda.get_device_name(device) if device.type == "cuda" else
              "on the CPU through Triton's interpreter" if INTERPRET else "on the CPU in plain torch (no interpreter)")

@@ -93,6 +93,13 @@ def _sigmoid(z):
     return 1.0 / (1.0 + tl.exp(-z))
 
 
+@triton.jit
+def _gelu_tanh_gate(z):
+    """S = (1 + tanh(v)) / 2 = sigmoid(2 v), v = sqrt(2/pi) (z + 0.044715 z^3): gelu_tanh(z) = z S, and S
+    without the cancellation of 1 + tanh(v) for negative z."""
+    return _sigmoid(2.0 * (z + z * z * z * _GELU_TANH_C) * _SQRT_2_OVER_PI)
+
+
 # tanh's odd Taylor coefficients after u: -1/3, 2/15, -17/315, 62/2835.
 _TANH_C3: tl.constexpr = tl.constexpr(-0.3333333333333333)
 _TANH_C5: tl.constexpr = tl.constexpr(0.13333333333333333)
@@ -145,8 +152,7 @@ def forward(z, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
     elif ACT == GELU:
         return z * _normal_cdf(z)
     elif ACT == GELU_TANH:
-        # (1 + tanh(v)) / 2 = sigmoid(2 v): the same value without the cancellation for negative z.
-        return z * _sigmoid(2.0 * (z + z * z * z * _GELU_TANH_C) * _SQRT_2_OVER_PI)
+        return z * _gelu_tanh_gate(z)
     elif ACT == TANH:
         return _tanh(z)
     elif ACT == SIGMOID:
@@ -176,7 +182,7 @@ def derivative(z, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
     elif ACT == GELU_TANH:
         # With s = sigmoid(2 v) = (1 + tanh v) / 2: 1 - tanh(v)^2 = 4 s (1 - s), no cancellation.
         z2 = z * z
-        s = _sigmoid(2.0 * (z + z2 * z * _GELU_TANH_C) * _SQRT_2_OVER_PI)
+        s = _gelu_tanh_gate(z)
         return s + 2.0 * z * s * (1.0 - s) * _SQRT_2_OVER_PI * (1.0 + z2 * (3.0 * _GELU_TANH_C))
     elif ACT == SILU:
         s = _sigmoid(z)
@@ -199,7 +205,7 @@ def second_derivative(z, ACT: tl.constexpr):
     elif ACT == GELU_TANH:
         # y = z S, S = sigmoid(2 v), v = c (z + a z^3): y'' = 2 S (1 - S) (2 v' + z (2 v'^2 (1 - 2 S) + v'')).
         z2 = z * z
-        s = _sigmoid(2.0 * (z + z2 * z * _GELU_TANH_C) * _SQRT_2_OVER_PI)
+        s = _gelu_tanh_gate(z)
         v1 = (1.0 + z2 * (3.0 * _GELU_TANH_C)) * _SQRT_2_OVER_PI
         v2 = z * (6.0 * _GELU_TANH_C) * _SQRT_2_OVER_PI
         return 2.0 * s * (1.0 - s) * (2.0 * v1 + z * (2.0 * v1 * v1 * (1.0 - 2.0 * s) + v2))

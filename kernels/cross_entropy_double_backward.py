@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .losses import (PROBABILITIES_TILE, WARPS, _row_stats, _smoothed, _smoothing_weight_total, _tiles,
-                     reduced_loss)
-from .runtime import accumulator_dtype, cdiv, launch, state_dtype
+from .losses import (PROBABILITIES_TILE, REDUCTIONS, WARPS, reduced_loss, row_stats, smoothed_target,
+                     smoothing_weight_total, tile_constants)
+from .runtime import accumulator_dtype, cdiv, empty, launch, state_dtype
 
 
 @triton.jit
@@ -65,10 +65,10 @@ def cross_entropy_double_backward_kernel(
         norm = tl.where(kept, norm, tl.where(bad, float("nan"), 0.0))
         safe = tl.where(kept, target, 0)
         w_y = tl.load(weight_ptr + safe, mask=kept, other=0.0).to(COMPUTE) if HAS_WEIGHT else kept.to(COMPUTE)
-        weight_total = _smoothing_weight_total(weight_ptr, C, HAS_WEIGHT, SMOOTHING, COMPUTE, BLOCK_C)
+        weight_total = smoothing_weight_total(weight_ptr, C, HAS_WEIGHT, SMOOTHING, COMPUTE, BLOCK_C)
         coef = w_y * (1.0 - SMOOTHING) + weight_total * e_over_c
     scale = tl.load(grad_ptr + rows * stride_grad, mask=r_ok, other=0.0).to(COMPUTE) * norm
-    row_max, log_sum = _row_stats(stats_ptr, rows, r_ok)
+    row_max, log_sum = row_stats(stats_ptr, rows, r_ok)
     dot = tl.zeros((BLOCK_R,), COMPUTE)
     constant = tl.zeros((BLOCK_R,), COMPUTE)  # sum_j r_j G_j, less (1 - e) sum_j w_j (lse - x_j) H_j
     weighted_h = tl.zeros((BLOCK_R,), COMPUTE)  # sum_j w_j H_j
@@ -86,7 +86,8 @@ def cross_entropy_double_backward_kernel(
         if GRAD_GRAD:
             w = tl.load(weight_ptr + c0 + cols, mask=c_ok, other=0.0).to(COMPUTE)[None, :] if HAS_WEIGHT else 1.0
             if PROBABILITIES:
-                q = _smoothed(target_ptr + rows[:, None] * stride_t + c0 + cols[None, :], ok, C, SMOOTHING, COMPUTE)
+                q = smoothed_target(target_ptr + rows[:, None] * stride_t + c0 + cols[None, :], ok, C, SMOOTHING,
+                                    COMPUTE)
                 constant += tl.sum(w * q * g, axis=1)
             else:
                 r = tl.where(c0 + cols[None, :] == target[:, None], w_y[:, None] * (1.0 - SMOOTHING), 0.0)
@@ -140,11 +141,11 @@ def cross_entropy_double_backward(x: torch.Tensor, target: torch.Tensor, weight:
     given; totals the index form's [loss sum, weight sum] (read for the mean)."""
     rows, classes = x.shape
     probabilities = row_mass is not None
-    gx = torch.empty((rows, classes), device=x.device, dtype=x.dtype) if input_grad else None
-    gt = torch.empty((rows, classes), device=x.device, dtype=x.dtype) if target_grad else None
+    gx = empty((rows, classes), device=x.device, dtype=x.dtype) if input_grad else None
+    gt = empty((rows, classes), device=x.device, dtype=x.dtype) if target_grad else None
     ggrad = torch.zeros(rows, device=x.device, dtype=state_dtype(x.dtype)) if grad_grad else None
     if rows and classes and (input_grad or target_grad or grad_grad):
-        tiles = _tiles(rows, classes, x.dtype, PROBABILITIES_TILE)
+        tiles = tile_constants(rows, classes, x.dtype, PROBABILITIES_TILE)
         with launch("cross_entropy_double_backward_kernel", x.device):
             cross_entropy_double_backward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
                 x, x.stride(0), target, target.stride(0) if probabilities else 0,
@@ -155,7 +156,7 @@ def cross_entropy_double_backward(x: torch.Tensor, target: torch.Tensor, weight:
                 rows, classes, ignore_index,
                 PROBABILITIES=probabilities, HAS_GDX=grad_dx is not None, HAS_GDT=grad_dt is not None,
                 HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing),
-                REDUCTION={"none": 0, "sum": 1, "mean": 2}[reduction], COMPUTE=accumulator_dtype(x.dtype),
+                REDUCTION=REDUCTIONS[reduction], COMPUTE=accumulator_dtype(x.dtype),
                 INPUT_GRAD=input_grad, TARGET_GRAD=target_grad, GRAD_GRAD=grad_grad, **tiles, num_warps=WARPS,
             )
     if ggrad is not None:

@@ -33,11 +33,11 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .runtime import (Rows, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, group_rows, grouped, launch,
+from .runtime import (Rows, accumulator_dtype, cdiv, dot_constants, empty, group_rows, grouped, launch,
                       row_alignment, size_bucket, state_dtype, wide_rows)
 from .tiling import (GROUP_SIZE, LARGEST_REDUCTION_BLOCK, PREACTIVATION_CHUNK_TILES, PREACTIVATION_PROGRAMS,
                      PREACTIVATION_TILE, WEIGHT_GRAD_PROGRAMS, WEIGHT_GRAD_SPLIT_ROWS, WEIGHT_GRAD_TILE, block_start,
-                     configs, grouped_tile, pruner, row_offsets)
+                     configs, grouped_tile, pruner, row_offsets, tile_grid)
 from .tuned import tuned
 
 
@@ -235,11 +235,6 @@ def dense_grad_preactivation_kernel(
         tl.store(sums_ptr + chunk.to(tl.int64) * N + rn, sums.to(sums_ptr.dtype.element_ty), mask=rn < N)
 
 
-def _grid(rows: int, cols: int, rows_block: str, cols_block: str, splits: int = 1):
-    """(output tiles, splits of the reduction) for a tuned tile of rows_block x cols_block."""
-    return lambda meta: (cdiv(rows, meta[rows_block]) * cdiv(cols, meta[cols_block]), splits)
-
-
 def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
             negative_slope: float, save_derivative: bool, out_shape: tuple[int, ...] | None = None,
             members: int = 0, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -258,17 +253,15 @@ def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation
         return y, g
     weight, bias, rows = _members_operands(x, weight, bias, members)
     with launch("dense_forward_kernel", weight.device):
-        dense_forward_kernel[_grid(rows, n, "BLOCK_M", "BLOCK_N", max(members, 1))](
+        dense_forward_kernel[tile_grid(rows, n, "BLOCK_M", "BLOCK_N", max(members, 1))](
             *x.args(),
             weight, weight.stride(-2), weight.stride(-1),
             bias if bias is not None else weight, bias.stride(-1) if bias is not None else 0,
             y, g if g is not None else y,
             rows, n, k, size_bucket(rows),
             X_TWO_ROW_DIMS=x.two_row_dims, ROW_ALIGN=row_alignment(*x.row_strides, weight.stride(-2), n),
-            DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype),
-            **activations.forward_constants(activation, negative_slope),
-            HAS_BIAS=bias is not None, SAVE_DERIVATIVE=save_derivative,
-            DOT_PRECISION=dot_precision(weight.dtype), MEMBERS=members > 0, GROUP_M=GROUP_SIZE,
+            **dot_constants(weight.dtype), **activations.forward_constants(activation, negative_slope),
+            HAS_BIAS=bias is not None, SAVE_DERIVATIVE=save_derivative, MEMBERS=members > 0, GROUP_M=GROUP_SIZE,
         )
     return y, g
 
@@ -322,12 +315,9 @@ def grad_preactivation(dy: Rows, saved: torch.Tensor | None, activation: str | N
         _preactivation_pass(dy, saved, dz, db, activation, group_rows(dy.m, groups), groups)
         return dz, db
     chunk_rows, chunks = row_chunks(dy.m, n, db is not None)
-    # A single chunk's sums are db; more chunks' go to fp32 (fp64) partial sums, added by a second pass.
-    sums = None if db is None else db if chunks == 1 else empty((chunks, n), device=tensor.device,
-                                                                 dtype=state_dtype(tensor.dtype))
+    sums = chunk_sums(db, chunks)
     _preactivation_pass(dy, saved, dz, sums, activation, chunk_rows, chunks)
-    if sums is not None and sums is not db:
-        add_partial_sums(sums, db)
+    add_chunk_sums(sums, db)
     return dz, db
 
 
@@ -349,6 +339,21 @@ def row_chunks(m: int, n: int, sums: bool, tile: tuple[int, int, int] = PREACTIV
         return row_tiles * rows, 1
     tiles_a_chunk = cdiv(row_tiles, min(row_tiles, max(PREACTIVATION_PROGRAMS // cdiv(n, cols), 1)))
     return tiles_a_chunk * rows, cdiv(row_tiles, tiles_a_chunk)
+
+
+def chunk_sums(out: torch.Tensor | None, chunks: int) -> torch.Tensor | None:
+    """Where a pass over `chunks` row chunks writes the column sums meant for out ((N,), or None for none):
+    out itself for one chunk, else fp32 (fp64) partial sums (chunks, N), one row a chunk, that add_chunk_sums
+    then adds in order (a second launch)."""
+    if out is None or chunks == 1:
+        return out
+    return empty((chunks, out.shape[-1]), device=out.device, dtype=state_dtype(out.dtype))
+
+
+def add_chunk_sums(sums: torch.Tensor | None, out: torch.Tensor | None) -> None:
+    """out = the column sums of chunk_sums' partials (nothing to do where they were written to out itself)."""
+    if sums is not None and sums is not out:
+        add_partial_sums(sums, out)
 
 
 def _preactivation_pass(dy: Rows, saved: torch.Tensor | None, dz: torch.Tensor | None, sums: torch.Tensor | None,
@@ -383,14 +388,13 @@ def grad_input(dz: Rows, weight: torch.Tensor, members: int = 0) -> torch.Tensor
         return dx
     weight, _, rows = _members_operands(dz, weight, None, members)
     with launch("dense_grad_input_kernel", weight.device):
-        dense_grad_input_kernel[_grid(rows, k, "BLOCK_M", "BLOCK_K", max(members, 1))](
+        dense_grad_input_kernel[tile_grid(rows, k, "BLOCK_M", "BLOCK_K", max(members, 1))](
             *dz.args(),
             weight, weight.stride(-2), weight.stride(-1),
             dx,
             rows, n, k, size_bucket(rows),
             DZ_TWO_ROW_DIMS=dz.two_row_dims, ROW_ALIGN=row_alignment(*dz.row_strides, weight.stride(-2), n, k),
-            DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype),
-            DOT_PRECISION=dot_precision(weight.dtype), MEMBERS=members > 0, GROUP_M=GROUP_SIZE,
+            **dot_constants(weight.dtype), MEMBERS=members > 0, GROUP_M=GROUP_SIZE,
         )
     return dx
 
@@ -414,13 +418,12 @@ def grad_weight(dz: Rows, x: Rows, weight_shape: tuple[int, int], groups: int = 
     out = dw if groups or splits == 1 else empty((splits, n, k), device=tensor.device,
                                                  dtype=state_dtype(tensor.dtype))
     with launch("dense_grad_weight_kernel", tensor.device):
-        dense_grad_weight_kernel[_grid(n, k, "BLOCK_N", "BLOCK_K", splits)](
+        dense_grad_weight_kernel[tile_grid(n, k, "BLOCK_N", "BLOCK_K", splits)](
             *dz.args(), *x.args(), out,
             dz.m, n, k, split_rows, size_bucket(split_rows),
             DZ_TWO_ROW_DIMS=dz.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
             ROW_ALIGN=row_alignment(*dz.row_strides, *x.row_strides, n, k), WIDE_ROWS=wide_rows(dz.m, split_rows),
-            DOT_DTYPE=dot_dtype(tensor.dtype), ACC_DTYPE=accumulator_dtype(tensor.dtype),
-            DOT_PRECISION=dot_precision(tensor.dtype), GROUP_M=GROUP_SIZE,
+            **dot_constants(tensor.dtype), GROUP_M=GROUP_SIZE,
         )
     if out is not dw:
         add_partial_sums(out.view(splits, n * k), dw.view(n * k))

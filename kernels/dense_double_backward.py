@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .dense import add_partial_sums, row_chunks
-from .runtime import Rows, accumulator_dtype, cdiv, empty, launch, state_dtype, wide_rows
+from .dense import add_chunk_sums, chunk_sums, row_chunks
+from .runtime import Rows, accumulator_dtype, cdiv, empty, launch, wide_rows
 from .tiling import DOUBLE_BACKWARD_TILE, block_start, row_offsets
 
 
@@ -69,17 +69,18 @@ def dense_double_backward_kernel(
             z = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)  # act' = 1 and act'' = 0 whatever z is
         else:
             z = tl.load(z_ptr + rows64 * N + rn64[None, :], mask=ok, other=0.0).to(ACC_DTYPE)
-        slope = activations.derivative(z, ACT, NEGATIVE_SLOPE)
+        act_prime = activations.derivative(z, ACT, NEGATIVE_SLOPE)
         if WRITE_GDY:
-            tl.store(gdy_ptr + rows64 * N + rn64[None, :], (gdz * slope).to(gdy_ptr.dtype.element_ty), mask=ok)
+            tl.store(gdy_ptr + rows64 * N + rn64[None, :], (gdz * act_prime).to(gdy_ptr.dtype.element_ty), mask=ok)
         if WRITE_DZ:
-            tl.store(dz_ptr + rows64 * stride_out + rn64[None, :], (dy * slope).to(dz_ptr.dtype.element_ty), mask=ok)
+            tl.store(dz_ptr + rows64 * stride_out + rn64[None, :], (dy * act_prime).to(dz_ptr.dtype.element_ty),
+                     mask=ok)
         if WRITE_GZ:
             gz = gdz * dy * activations.second_derivative(z, ACT)
             if DY_TANGENT:
                 dyt_rows = row_offsets(rows, dyt_inner, stride_dyt_outer, stride_dyt_inner, DYT_TWO_ROW_DIMS)
                 dyt = tl.load(dyt_ptr + dyt_rows[:, None] + rn64[None, :] * stride_dytn, mask=ok, other=0.0)
-                gz += dyt.to(ACC_DTYPE) * slope
+                gz += dyt.to(ACC_DTYPE) * act_prime
             tl.store(gz_ptr + rows64 * stride_out + rn64[None, :], gz.to(gz_ptr.dtype.element_ty), mask=ok)
             sums += tl.sum(gz, axis=0)
     if SUMS:
@@ -109,8 +110,7 @@ def elementwise(dy: Rows, gdz: Rows | None, z: torch.Tensor | None, activation: 
     if (gdy is None and pair is None) or n == 0:
         return gdy, dz, gz, gb
     chunk_rows, chunks = row_chunks(dy.m, n, gb is not None, DOUBLE_BACKWARD_TILE)
-    sums = None if gb is None else gb if chunks == 1 else empty((chunks, n), device=tensor.device,
-                                                                 dtype=state_dtype(tensor.dtype))
+    sums = chunk_sums(gb, chunks)
     gdz_args = gdz.args() if gdz is not None else (tensor, 1, 0, 0, 0)
     dyt_args = dy_tangent.args() if dy_tangent is not None else (tensor, 1, 0, 0, 0)
     rows, cols, warps = DOUBLE_BACKWARD_TILE
@@ -127,6 +127,5 @@ def elementwise(dy: Rows, gdz: Rows | None, z: torch.Tensor | None, activation: 
             HAS_GDZ=gdz is not None, WIDE_ROWS=wide_rows(dy.m, chunk_rows), WRITE_GDY=write_gdy, WRITE_DZ=write_dz,
             WRITE_GZ=write_gz, SUMS=sums is not None, BLOCK_M=rows, BLOCK_N=cols, num_warps=warps,
         )
-    if sums is not None and sums is not gb:
-        add_partial_sums(sums, gb)
+    add_chunk_sums(sums, gb)
     return gdy, dz, gz, gb

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .runtime import Recent, hold_for_graphs
+from .runtime import Recent, cdiv, hold_for_graphs
 
 # Weight blocks (BLOCK_N, BLOCK_K) by operand size in bytes. Small blocks waste less work on a sparse
 # mask's partial blocks; the batch tile (BLOCK_M, tuned) gives the MMA its 64+ rows. Each block side is
@@ -53,7 +53,7 @@ class BlockLayout:
     @property
     def grid(self) -> tuple[int, int]:
         """(NB, KB): block rows and block columns."""
-        return tuple(-(-size // block) for size, block in zip(self.shape, self.block))
+        return tuple(cdiv(size, block) for size, block in zip(self.shape, self.block))
 
     @property
     def visited_blocks(self) -> int:
@@ -97,7 +97,7 @@ def build(mask: torch.Tensor, block: tuple[int, int]) -> BlockLayout:
     """The BlockLayout of a bool mask (N, K) at blocks of `block` (BLOCK_N, BLOCK_K), on the mask's device."""
     block_n, block_k = check_block(block)
     n, k = mask.shape
-    rows, cols = -(-n // block_n), -(-k // block_k)
+    rows, cols = cdiv(n, block_n), cdiv(k, block_k)
     if rows * cols >= 2**31:
         raise ValueError(f"a {n}x{k} mask has {rows * cols} blocks of {block_n}x{block_k}: more than int32 block ids")
     padded = torch.zeros(rows * block_n, cols * block_k, dtype=torch.uint8, device=mask.device)

@@ -27,9 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import (AUTOTUNE, TRITON_VERSION, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty,
-                      group_rows, grouped, launch, size_bucket)
-from .tiling import SHARED_MEMORY_BUDGET, configs
+from .runtime import TRITON_VERSION, cdiv, dot_constants, empty, group_rows, grouped, launch, size_bucket
+from .tiling import SHARED_MEMORY_BUDGET, configs, pruned
 from .tuned import tuned
 
 # (MMA rows, MMA columns, reduction, stages, warps), named per kernel by _configs: forward (batch,
@@ -90,14 +89,13 @@ def _pruner(rows: str, cols: str, reduction: str):
             if k < 32 and element != 8 or element == 8 and config.num_warps == 4 and k > 16 and TRITON_VERSION < (3, 9):
                 continue
             kept.append(config)
-        kept = kept or [min(configs, key=lambda cfg: cfg.num_stages * sum(cfg.kwargs.values()))]
-        return kept if AUTOTUNE else kept[:1]
+        return pruned(kept, configs)
 
     return prune
 
 
 @triton.jit
-def _gather(x_ptr, x_rows, n_ok, rr, p_h, p_w, C, H, W, R, stride_xc, stride_xh, stride_xw,
+def _gather(x_ptr, x_rows, n_ok, rr, p_h, p_w, H, W, R, stride_xc, stride_xh, stride_xw,
             KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
             PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
     """The patch of output position (p_h, p_w) for batch rows x_rows (int64 offsets) and taps rr:
@@ -145,7 +143,7 @@ def local_forward_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_O), dtype=ACC_DTYPE)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)  # [BR]
-        x, inside = _gather(x_ptr, x_rows, n_ok, rr, p // OW, p % OW, C, H, W, R, stride_xc, stride_xh,
+        x, inside = _gather(x_ptr, x_rows, n_ok, rr, p // OW, p % OW, H, W, R, stride_xc, stride_xh,
                             stride_xw, KH, KW, SH, SW, PH, PW, DH, DW)  # [BN, BR]
         w = tl.load(w_base + rr.to(tl.int64)[:, None] * stride_wr, mask=inside[:, None] & o_ok[None, :],
                     other=0.0)  # [BR, BO]
@@ -167,7 +165,7 @@ def local_grad_input_kernel(
     dy_ptr, stride_dyn, stride_dyo, stride_dyh, stride_dyw,  # (N, O, OH, OW)
     w_ptr, stride_wo, stride_wl, stride_wr,  # (O, L, R)
     dx_ptr,  # (N, C, H, W) contiguous
-    N, C, H, W, O, OH, OW, L,
+    N, C, H, W, O, OH, OW, L,  # L (= OH * OW): autotuning key only
     N_BUCKET,  # autotuning key only
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
@@ -219,7 +217,7 @@ def local_grad_input_kernel(
 
 @triton.jit
 def _grad_weight_tile(x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, dy_ptr, stride_dyn, dy_position,
-                      stride_dyo, ro64, o_ok, rr, p_h, p_w, N, C, H, W, R,
+                      stride_dyo, ro64, o_ok, rr, p_h, p_w, N, H, W, R,
                       KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                       PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                       DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -237,7 +235,7 @@ def _grad_weight_tile(x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, dy_ptr,
         dy = tl.load(dy_ptr + (rows64 * stride_dyn)[:, None] + dy_position + ro64[None, :] * stride_dyo,
                      mask=n_ok[:, None] & o_ok[None, :], other=0.0)  # [BN, BO]
         if WITH_WEIGHT:
-            x, inside = _gather(x_ptr, rows64 * stride_xn, n_ok, rr, p_h, p_w, C, H, W, R, stride_xc,
+            x, inside = _gather(x_ptr, rows64 * stride_xn, n_ok, rr, p_h, p_w, H, W, R, stride_xc,
                                 stride_xh, stride_xw, KH, KW, SH, SW, PH, PW, DH, DW)  # [BN, BR]
             acc = tl.dot(tl.trans(dy.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
                          out_dtype=ACC_DTYPE)
@@ -286,13 +284,13 @@ def local_grad_weight_kernel(
     dy_position = p_h.to(tl.int64) * stride_dyh + p_w.to(tl.int64) * stride_dyw
     if BIAS_GRAD and tap_tile == 0:
         acc, db = _grad_weight_tile(x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, dy_ptr, stride_dyn,
-                                    dy_position, stride_dyo, ro64, o_ok, rr, p_h, p_w, N, C, H, W, R,
+                                    dy_position, stride_dyo, ro64, o_ok, rr, p_h, p_w, N, H, W, R,
                                     KH, KW, SH, SW, PH, PW, DH, DW, DOT_DTYPE, ACC_DTYPE, DOT_PRECISION,
                                     BLOCK_N, BLOCK_O, BLOCK_R, WEIGHT_GRAD, True)
         tl.store(db_ptr + ro64 * L + p, db.to(db_ptr.dtype.element_ty), mask=o_ok)
     else:
         acc, db = _grad_weight_tile(x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, dy_ptr, stride_dyn,
-                                    dy_position, stride_dyo, ro64, o_ok, rr, p_h, p_w, N, C, H, W, R,
+                                    dy_position, stride_dyo, ro64, o_ok, rr, p_h, p_w, N, H, W, R,
                                     KH, KW, SH, SW, PH, PW, DH, DW, DOT_DTYPE, ACC_DTYPE, DOT_PRECISION,
                                     BLOCK_N, BLOCK_O, BLOCK_R, WEIGHT_GRAD, False)
     if WEIGHT_GRAD:
@@ -312,10 +310,12 @@ class Geometry:
         self.ph_end, self.pw_end = padding_end if padding_end is not None else padding
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """(OH, OW), the output positions over an h x w input (either < 1 where the window does not fit)."""
         return ((h + self.ph + self.ph_end - self.dh * (self.kh - 1) - 1) // self.sh + 1,
                 (w + self.pw + self.pw_end - self.dw * (self.kw - 1) - 1) // self.sw + 1)
 
     def constexprs(self) -> dict:
+        """The window as the kernels' constexprs (the far side's padding is not one: see the class)."""
         return dict(KH=self.kh, KW=self.kw, SH=self.sh, SW=self.sw, PH=self.ph, PW=self.pw, DH=self.dh, DW=self.dw)
 
     def as_list(self) -> list[int]:
@@ -324,12 +324,9 @@ class Geometry:
 
     @staticmethod
     def of_list(window: list[int]) -> "Geometry":
+        """The Geometry as_list gave."""
         kh, kw, sh, sw, ph, pw, dh, dw, ph_end, pw_end = window
         return Geometry((kh, kw), (sh, sw), (ph, pw), (dh, dw), (ph_end, pw_end))
-
-
-def _numerics(dtype: torch.dtype) -> dict:
-    return dict(DOT_DTYPE=dot_dtype(dtype), ACC_DTYPE=accumulator_dtype(dtype), DOT_PRECISION=dot_precision(dtype))
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: Geometry) -> torch.Tensor:
@@ -346,7 +343,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ge
             x, *x.stride(), weight, *weight.stride(),
             bias if bias is not None else weight, *(bias.stride() if bias is not None else (0, 0)),
             y, n, c, h, w, o, ow, positions, taps, size_bucket(n),
-            **geometry.constexprs(), **_numerics(x.dtype), HAS_BIAS=bias is not None,
+            **geometry.constexprs(), **dot_constants(x.dtype), HAS_BIAS=bias is not None,
         )
     return y
 
@@ -365,7 +362,7 @@ def grad_input(dy: torch.Tensor, weight: torch.Tensor, input_shape: tuple[int, .
                                               * h * w,)](
             dy, *dy.stride(), weight, *weight.stride(), dx,
             n, c, h, w, o, oh, ow, positions, size_bucket(n),
-            **geometry.constexprs(), **_numerics(dy.dtype),
+            **geometry.constexprs(), **dot_constants(dy.dtype),
         )
     return dx
 
@@ -395,7 +392,7 @@ def grad_weight(x: torch.Tensor | None, dy: torch.Tensor, input_shape: tuple[int
             *x_args, dy, *dy.stride(),
             dw if dw is not None else dy, db if db is not None else dy,
             rows, c, h, w, o, ow, positions, taps, size_bucket(rows),
-            **geometry.constexprs(), **_numerics(dy.dtype),
+            **geometry.constexprs(), **dot_constants(dy.dtype),
             WEIGHT_GRAD=weight_grad, BIAS_GRAD=bias_grad, GROUPED=groups > 0,
         )
     return dw, db

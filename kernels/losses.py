@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import INTERPRET, accumulator_dtype, cdiv, group_rows, grouped, launch, next_power_of_2, state_dtype
+from .runtime import (INTERPRET, accumulator_dtype, cdiv, empty, group_rows, grouped, launch, next_power_of_2,
+                      state_dtype)
 
 BLOCK_C = 256 if INTERPRET else 2048  # logits a program handles at a time along a row
 TILE = 4096 if INTERPRET else 8192  # elements a program handles at a time (BLOCK_R x BLOCK_C)
@@ -36,6 +37,7 @@ FP64_ROWS = 32  # rows a program handles at most in fp64
 PROBABILITIES_TILE = TILE // 2
 REDUCE_BLOCK = 1024
 WARPS = 8
+REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}  # the kernels' REDUCTION codes
 
 
 @triton.jit
@@ -117,7 +119,7 @@ def _store_row_stats(stats_ptr, rows, r_ok, running_max, running_sum):
 
 
 @triton.jit
-def _smoothing_weight_total(weight_ptr, C, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
+def smoothing_weight_total(weight_ptr, C, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
                             COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr):
     """W = sum_j w_j (C without weights), which label smoothing's gradient takes; 0 without smoothing, where
     nothing reads it (and no program sums the weights)."""
@@ -133,7 +135,7 @@ def _smoothing_weight_total(weight_ptr, C, HAS_WEIGHT: tl.constexpr, SMOOTHING: 
 
 
 @triton.jit
-def _row_stats(stats_ptr, rows, r_ok):
+def row_stats(stats_ptr, rows, r_ok):
     """(each row's max, the log of its sum of exp(x - max)), as the forward kernels stored them."""
     return (tl.load(stats_ptr + 2 * rows, mask=r_ok, other=0.0),
             tl.load(stats_ptr + 2 * rows + 1, mask=r_ok, other=0.0))
@@ -233,8 +235,8 @@ def cross_entropy_backward_kernel(
     scale = tl.where(kept, scale, tl.where(bad, float("nan"), 0.0))
     safe = tl.where(kept, target, 0)
     w_y = tl.load(weight_ptr + safe, mask=kept, other=0.0).to(COMPUTE) if HAS_WEIGHT else kept.to(COMPUTE)
-    weight_total = _smoothing_weight_total(weight_ptr, C, HAS_WEIGHT, SMOOTHING, COMPUTE, BLOCK_C)
-    row_max, log_sum = _row_stats(stats_ptr, rows, r_ok)
+    weight_total = smoothing_weight_total(weight_ptr, C, HAS_WEIGHT, SMOOTHING, COMPUTE, BLOCK_C)
+    row_max, log_sum = row_stats(stats_ptr, rows, r_ok)
     for c0 in range(0, C, BLOCK_C):
         c_ok = c0 + cols < C
         ok = r_ok[:, None] & c_ok[None, :]
@@ -248,7 +250,7 @@ def cross_entropy_backward_kernel(
                  mask=ok)
 
 
-def _tiles(rows: int, classes: int, dtype: torch.dtype, elements: int = TILE) -> dict:
+def tile_constants(rows: int, classes: int, dtype: torch.dtype, elements: int = TILE) -> dict:
     """BLOCK_C logits of a row at a time (all of a short row), and as many rows as fill `elements`; in fp64
     half the elements and at most FP64_ROWS rows (128 rows of 64 fp64 logits spilled 32-520 B a thread in
     the sm_90 compile report; with its per-row max and log-sum kept apart, 8 rows of 1024 spilled 8-40 B)."""
@@ -271,10 +273,10 @@ def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.T
     compute = state_dtype(x.dtype)
     if classes == 0:  # every target ignored (any other is out of range): each row's loss is 0, as torch's
         return *(torch.zeros(rows, device=x.device, dtype=compute) for _ in range(2)), _stats(rows, x, compute, True)
-    row_loss, row_weight = (torch.empty(rows, device=x.device, dtype=compute) for _ in range(2))
+    row_loss, row_weight = (empty((rows,), device=x.device, dtype=compute) for _ in range(2))
     stats = _stats(rows, x, compute)
     if rows:
-        tiles = _tiles(rows, classes, x.dtype)
+        tiles = tile_constants(rows, classes, x.dtype)
         with launch("cross_entropy_forward_kernel", x.device):
             cross_entropy_forward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
                 x, x.stride(0), target, weight if weight is not None else x, row_loss, row_weight, stats,
@@ -287,7 +289,7 @@ def cross_entropy_forward(x: torch.Tensor, target: torch.Tensor, weight: torch.T
 
 def _stats(rows: int, x: torch.Tensor, dtype: torch.dtype, zeros: bool = False) -> torch.Tensor:
     """The (rows, 2) per-row stats the forward kernels write (zeros where no kernel runs: no classes)."""
-    return (torch.zeros if zeros else torch.empty)((rows, 2), device=x.device, dtype=dtype)
+    return (torch.zeros if zeros else empty)((rows, 2), device=x.device, dtype=dtype)
 
 
 def reduced_loss(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, divide_by: str = "none", count: int = 1,
@@ -301,8 +303,8 @@ def reduced_loss(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, divide_by
 
     The division is correctly rounded: as torch divides a cross-entropy's sums; its MSE mean multiplies by
     1 / count, which can differ in the last bit of fp32."""
-    totals = torch.empty(grouped(groups, (2,)), device=a.device, dtype=a.dtype)
-    loss = torch.empty(grouped(groups), device=a.device, dtype=dtype)
+    totals = empty(grouped(groups, (2,)), device=a.device, dtype=a.dtype)
+    loss = empty(grouped(groups), device=a.device, dtype=dtype)
     with launch("reduced_loss_kernel", a.device):
         reduced_loss_kernel[(max(groups, 1),)](a, b, totals, loss, group_rows(a.shape[0], groups), count,
                                                 DIVIDE_BY=divide_by, BLOCK=REDUCE_BLOCK, num_warps=4)
@@ -316,17 +318,17 @@ def cross_entropy_backward(x: torch.Tensor, target: torch.Tensor, weight: torch.
     scalar, or (groups,) for a loss over each of `groups` equal groups of rows (groups > 0); totals: the
     forward's [sum of row losses, sum of w_y] ((groups, 2) for groups; read for "mean")."""
     rows, classes = x.shape
-    dx = torch.empty((rows, classes), device=x.device, dtype=x.dtype)
+    dx = empty((rows, classes), device=x.device, dtype=x.dtype)
     if rows == 0 or classes == 0:
         return dx
-    tiles = _tiles(rows, classes, x.dtype)
+    tiles = tile_constants(rows, classes, x.dtype)
     with launch("cross_entropy_backward_kernel", x.device):
         cross_entropy_backward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
             x, x.stride(0), target, weight if weight is not None else x, stats, grad,
             grad.stride(0) if grad.dim() else 0, totals if totals is not None else stats, dx,
             rows, classes, ignore_index, group_rows(rows, groups),
             HAS_WEIGHT=weight is not None, SMOOTHING=float(smoothing),
-            REDUCTION={"none": 0, "sum": 1, "mean": 2}[reduction], GROUPED=_grad_per_group(groups, reduction),
+            REDUCTION=REDUCTIONS[reduction], GROUPED=_grad_per_group(groups, reduction),
             COMPUTE=accumulator_dtype(x.dtype), **tiles, num_warps=WARPS,
         )
     return dx
@@ -361,7 +363,7 @@ def cross_entropy_probs_forward_kernel(
         previous_max = running_max
         x, running_max, running_sum = _logsumexp_step(x_ptr + rows[:, None] * stride_x + c0 + cols[None, :], ok,
                                                       r_ok, running_max, running_sum, COMPUTE)
-        q = _smoothed(t_ptr + rows[:, None] * stride_t + c0 + cols[None, :], ok, C, SMOOTHING, COMPUTE)
+        q = smoothed_target(t_ptr + rows[:, None] * stride_t + c0 + cols[None, :], ok, C, SMOOTHING, COMPUTE)
         if HAS_WEIGHT:
             q = q * tl.load(weight_ptr + c0 + cols, mask=c_ok, other=0.0).to(COMPUTE)[None, :]
         gap = _gap_step(gap, tl.sum(mass_lanes, axis=1), q, x, ok, previous_max, running_max)
@@ -373,7 +375,7 @@ def cross_entropy_probs_forward_kernel(
 
 
 @triton.jit
-def _smoothed(t_ptrs, ok, C, SMOOTHING: tl.constexpr, COMPUTE: tl.constexpr):
+def smoothed_target(t_ptrs, ok, C, SMOOTHING: tl.constexpr, COMPUTE: tl.constexpr):
     """The target probabilities at t_ptrs with label smoothing, (1 - e) t + e / C; 0 where not ok."""
     t = tl.load(t_ptrs, mask=ok, other=0.0).to(COMPUTE)
     if SMOOTHING != 0.0:
@@ -401,7 +403,7 @@ def cross_entropy_probs_backward_kernel(
                     other=0.0).to(COMPUTE)
     if MEAN:
         scale = scale / GROUP_ROWS
-    row_max, log_sum = _row_stats(stats_ptr, rows, r_ok)
+    row_max, log_sum = row_stats(stats_ptr, rows, r_ok)
     mass = tl.load(row_mass_ptr + rows, mask=r_ok, other=0.0)
     for c0 in range(0, C, BLOCK_C):
         c_ok = c0 + cols < C
@@ -410,7 +412,7 @@ def cross_entropy_probs_backward_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_x + c0 + cols[None, :], mask=ok, other=0.0).to(COMPUTE)
         w = tl.load(weight_ptr + c0 + cols, mask=c_ok, other=0.0).to(COMPUTE)[None, :] if HAS_WEIGHT else 1.0
         if INPUT_GRAD:
-            q = _smoothed(t_ptr + rows[:, None] * stride_t + c0 + cols[None, :], ok, C, SMOOTHING, COMPUTE)
+            q = smoothed_target(t_ptr + rows[:, None] * stride_t + c0 + cols[None, :], ok, C, SMOOTHING, COMPUTE)
             dx = mass[:, None] * tl.exp((x - row_max[:, None]) - log_sum[:, None]) - w * q
             tl.store(dx_ptr + out, (dx * scale[:, None]).to(dx_ptr.dtype.element_ty), mask=ok)
         if TARGET_GRAD:
@@ -427,10 +429,10 @@ def cross_entropy_probs_forward(x: torch.Tensor, target: torch.Tensor, weight: t
     compute = state_dtype(x.dtype)
     if classes == 0:  # no classes: every row's loss is an empty sum (a logsumexp of nothing is -inf)
         return *(torch.zeros(rows, device=x.device, dtype=compute) for _ in range(2)), _stats(rows, x, compute, True)
-    row_loss, row_mass = (torch.empty(rows, device=x.device, dtype=compute) for _ in range(2))
+    row_loss, row_mass = (empty((rows,), device=x.device, dtype=compute) for _ in range(2))
     stats = _stats(rows, x, compute)
     if rows:
-        tiles = _tiles(rows, classes, x.dtype, PROBABILITIES_TILE)
+        tiles = tile_constants(rows, classes, x.dtype, PROBABILITIES_TILE)
         with launch("cross_entropy_probs_forward_kernel", x.device):
             cross_entropy_probs_forward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
                 x, x.stride(0), target, target.stride(0), weight if weight is not None else x, row_loss, row_mass,
@@ -449,11 +451,11 @@ def cross_entropy_probs_backward(x: torch.Tensor, target: torch.Tensor, weight: 
     rows. grad: the output gradient, (N,) for reduction "none", else a scalar, or (groups,) for a loss over
     each of `groups` equal groups of rows (groups > 0)."""
     rows, classes = x.shape
-    dx = torch.empty((rows, classes), device=x.device, dtype=x.dtype) if input_grad else None
-    dt = torch.empty((rows, classes), device=x.device, dtype=x.dtype) if target_grad else None
+    dx = empty((rows, classes), device=x.device, dtype=x.dtype) if input_grad else None
+    dt = empty((rows, classes), device=x.device, dtype=x.dtype) if target_grad else None
     if rows == 0 or classes == 0 or not (input_grad or target_grad):
         return dx, dt
-    tiles = _tiles(rows, classes, x.dtype, PROBABILITIES_TILE)
+    tiles = tile_constants(rows, classes, x.dtype, PROBABILITIES_TILE)
     with launch("cross_entropy_probs_backward_kernel", x.device):
         cross_entropy_probs_backward_kernel[(cdiv(rows, tiles["BLOCK_R"]),)](
             x, x.stride(0), target, target.stride(0), weight if weight is not None else x, stats, row_mass, grad,
@@ -518,7 +520,7 @@ def mse_forward(x: torch.Tensor, y: torch.Tensor, reduction: str, groups: int = 
     n, copies = x.numel(), max(groups, 1)
     group_n = group_rows(n, groups)
     elementwise, blocks = reduction == "none", cdiv(group_n, MSE_BLOCK)
-    out = torch.empty_like(x) if elementwise else \
+    out = empty(x.shape, device=x.device, dtype=x.dtype) if elementwise else \
         torch.zeros((copies, max(blocks, 1)), device=x.device, dtype=state_dtype(x.dtype))  # per-block sums
     if n:
         with launch("mse_forward_kernel", x.device):
@@ -535,8 +537,8 @@ def mse_backward(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, reduction
     """(dx, dy) of the MSE loss for the output gradient grad (x's shape for "none", else a scalar, or
     (groups,) for the loss over each of `groups` equal groups of elements)."""
     n = x.numel()
-    dx = torch.empty_like(x) if input_grad else None
-    dy = torch.empty_like(y) if target_grad else None
+    dx = empty(x.shape, device=x.device, dtype=x.dtype) if input_grad else None
+    dy = empty(y.shape, device=y.device, dtype=y.dtype) if target_grad else None
     if n and (input_grad or target_grad):
         grad = grad.contiguous()
         with launch("mse_backward_kernel", x.device):

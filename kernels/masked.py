@@ -27,7 +27,7 @@ import triton.language as tl
 
 from . import activations
 from .layout import BlockLayout
-from .runtime import (Rows, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, group_rows, grouped, launch,
+from .runtime import (Rows, cdiv, dot_constants, empty, group_rows, grouped, launch,
                       row_alignment, size_bucket, wide_rows)
 from .tiling import GROUP_SIZE, batch_configs, block_start, grouped_tile, pruner, row_offsets
 from .tuned import tuned
@@ -283,10 +283,9 @@ def forward(x: Rows, weight: torch.Tensor, bias: torch.Tensor | None, activation
             layout.mask, layout.row_count, layout.row_full, layout.row_index,
             x.m, n, k, size_bucket(x.m),
             X_TWO_ROW_DIMS=x.two_row_dims, ROW_ALIGN=row_alignment(*x.row_strides, weight.stride(0), n),
-            DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype),
-            **activations.forward_constants(activation, negative_slope),
-            HAS_BIAS=bias is not None, SAVE_DERIVATIVE=save_derivative,
-            DOT_PRECISION=dot_precision(weight.dtype), BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_SIZE,
+            **dot_constants(weight.dtype), **activations.forward_constants(activation, negative_slope),
+            HAS_BIAS=bias is not None, SAVE_DERIVATIVE=save_derivative, BLOCK_N=block_n, BLOCK_K=block_k,
+            GROUP_M=GROUP_SIZE,
         )
     return y, g
 
@@ -312,9 +311,8 @@ def grad_input(dy: Rows, saved: torch.Tensor | None, weight: torch.Tensor, activ
             layout.mask, layout.col_count, layout.col_full, layout.col_index,
             dy.m, n, k, size_bucket(dy.m),
             DY_TWO_ROW_DIMS=dy.two_row_dims, ROW_ALIGN=row_alignment(*dy.row_strides, weight.stride(0), n, k),
-            DOT_DTYPE=dot_dtype(weight.dtype), ACC_DTYPE=accumulator_dtype(weight.dtype),
-            **activations.backward_constants(activation),
-            DOT_PRECISION=dot_precision(weight.dtype), BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_SIZE,
+            **dot_constants(weight.dtype), **activations.backward_constants(activation),
+            BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_SIZE,
         )
     return dx
 
@@ -352,8 +350,7 @@ def grad_weight(dy: Rows, saved: torch.Tensor | None, x: Rows | None, weight_sha
             DY_TWO_ROW_DIMS=dy.two_row_dims, X_TWO_ROW_DIMS=x.two_row_dims,
             ROW_ALIGN=row_alignment(*dy.row_strides, *x.row_strides, n, k), GROUPED=groups > 0,
             WIDE_ROWS=groups > 0 and wide_rows(dy.m, rows),
-            DOT_DTYPE=dot_dtype(dy.tensor.dtype), ACC_DTYPE=accumulator_dtype(dy.tensor.dtype),
-            **activations.backward_constants(activation),
-            DOT_PRECISION=dot_precision(dy.tensor.dtype), BLOCK_N=block_n, BLOCK_K=block_k,
+            **dot_constants(dy.tensor.dtype), **activations.backward_constants(activation),
+            BLOCK_N=block_n, BLOCK_K=block_k,
         )
     return dw, db

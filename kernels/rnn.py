@@ -19,9 +19,8 @@ import triton
 import triton.language as tl
 
 from . import activations
-from .runtime import (TRITON_VERSION, accumulator_dtype, cdiv, dot_dtype, dot_precision, empty, launch,
-                      row_alignment, size_bucket)
-from .tiling import configs, pruner
+from .runtime import TRITON_VERSION, cdiv, dot_constants, empty, launch, row_alignment, size_bucket
+from .tiling import configs, pruner, smallest, tile_grid
 from .tuned import tuned
 
 
@@ -50,8 +49,7 @@ def _grad_input_pruner():
         kept = prune(configs, named_args, **kwargs)
         element = named_args["w_ih_ptr"].element_size()
         if kwargs["DOT_PRECISION"] == "ieee" and element == 4 or element == 8 and TRITON_VERSION < (3, 9):
-            kept = [c for c in kept if c.kwargs["BLOCK_B"] <= 32] or \
-                [min(configs, key=lambda c: c.num_stages * sum(c.kwargs.values()))]
+            kept = [c for c in kept if c.kwargs["BLOCK_B"] <= 32] or [smallest(configs)]
         return kept
 
     return prune_grad_input
@@ -228,10 +226,6 @@ def rnn_cell_grad_weight_kernel(
         tl.store(db_hh_ptr + rn, db.to(db_hh_ptr.dtype.element_ty), mask=rn < H)
 
 
-def _numerics(dtype: torch.dtype) -> dict:
-    return dict(DOT_DTYPE=dot_dtype(dtype), ACC_DTYPE=accumulator_dtype(dtype), DOT_PRECISION=dot_precision(dtype))
-
-
 def forward(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
             b_ih: torch.Tensor | None, b_hh: torch.Tensor | None, activation: str) -> torch.Tensor:
     """h' (B, H) contiguous from x (B, I), h (B, H) (any strides), weights and biases (both or neither)."""
@@ -241,14 +235,13 @@ def forward(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Te
     if out.numel() == 0:
         return out
     with launch("rnn_cell_forward_kernel", x.device):
-        rnn_cell_forward_kernel[lambda meta: (cdiv(batch, meta["BLOCK_B"])
-                                              * cdiv(hidden, meta["BLOCK_H"]),)](
+        rnn_cell_forward_kernel[tile_grid(batch, hidden, "BLOCK_B", "BLOCK_H")](
             x, *x.stride(), h, *h.stride(), w_ih, *w_ih.stride(), w_hh, *w_hh.stride(),
             *((b_ih, b_ih.stride(0), b_hh, b_hh.stride(0)) if b_ih is not None else (w_ih, 0, w_ih, 0)), out,
             batch, inputs, hidden, size_bucket(batch),
             ACT=activations.CODES[activation], HAS_BIAS=b_ih is not None,
             ROW_ALIGN=row_alignment(x.stride(0), h.stride(0), w_ih.stride(0), w_hh.stride(0), hidden),
-            **_numerics(x.dtype),
+            **dot_constants(x.dtype),
         )
     return out
 
@@ -280,18 +273,17 @@ def grad_input(dy: torch.Tensor, out: torch.Tensor, w_ih: torch.Tensor | None, w
             dx if dx is not None else dy, dh if dh is not None else dy,
             batch, inputs, hidden, size_bucket(batch),
             ACT=activations.CODES[activation], INPUT_GRAD=input_grad, HIDDEN_GRAD=hidden_grad,
-            ROW_ALIGN=row_alignment(hidden, inputs, w_ih_args[1], w_hh_args[1]), **_numerics(dy.dtype),
+            ROW_ALIGN=row_alignment(hidden, inputs, w_ih_args[1], w_hh_args[1]), **dot_constants(dy.dtype),
         )
     return dx, dh
 
 
 def grad_weight(dy: torch.Tensor, out: torch.Tensor, x: torch.Tensor | None, h: torch.Tensor | None,
-                weight_shapes: tuple[tuple[int, int], tuple[int, int]], activation: str, bias_grad: bool
-                ) -> tuple[torch.Tensor | None, ...]:
-    """(dW_ih, dW_hh, db_ih, db_hh): dW_ih when x is given, dW_hh when h is given, the biases when
-    bias_grad; each None where not asked for. dy and out (B, H) contiguous; x and h any strides."""
-    (hidden, inputs), _ = weight_shapes
-    batch = out.shape[0]
+                inputs: int, activation: str, bias_grad: bool) -> tuple[torch.Tensor | None, ...]:
+    """(dW_ih (H, inputs), dW_hh (H, H), db_ih, db_hh (H,)): dW_ih when x is given, dW_hh when h is given,
+    the biases when bias_grad; each None where not asked for. dy and out (B, H) contiguous; x (B, inputs)
+    and h (B, H) any strides."""
+    batch, hidden = out.shape
     like = dict(device=dy.device, dtype=dy.dtype)
     dw_ih = empty((hidden, inputs), **like) if x is not None else None
     dw_hh = empty((hidden, hidden), **like) if h is not None else None
@@ -316,6 +308,6 @@ def grad_weight(dy: torch.Tensor, out: torch.Tensor, x: torch.Tensor | None, h: 
             db_ih if db_ih is not None else dy, db_hh if db_hh is not None else dy,
             batch, inputs, hidden, size_bucket(batch),
             ACT=activations.CODES[activation], WEIGHT_IH_GRAD=ih, WEIGHT_HH_GRAD=hh, BIAS_GRAD=bias_grad,
-            ROW_ALIGN=row_alignment(hidden, inputs, x_args[1], h_args[1]), **_numerics(dy.dtype),
+            ROW_ALIGN=row_alignment(hidden, inputs, x_args[1], h_args[1]), **dot_constants(dy.dtype),
         )
     return dw_ih, dw_hh, db_ih, db_hh

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import activations, rnn_split
-from .runtime import INTERPRET, accumulator_dtype, cdiv, dot_dtype, dot_precision, launch, next_power_of_2
+from .runtime import INTERPRET, cdiv, dot_constants, dot_precision, launch, next_power_of_2
 
 BLOCK_B = 16  # batch rows a program: the smallest MMA side
 
@@ -211,10 +211,6 @@ def rnn_sequence_backward_kernel(
     tl.store(dh_ptr + rb64[None, :] * H + rh64[:, None], dh.to(dh_ptr.dtype.element_ty), mask=tile_ok)
 
 
-def _numerics(dtype: torch.dtype) -> dict:
-    return dict(DOT_DTYPE=dot_dtype(dtype), ACC_DTYPE=accumulator_dtype(dtype), DOT_PRECISION=dot_precision(dtype))
-
-
 def _cooperative(grid: tuple[int, int], device: torch.device) -> bool:
     """Whether a split grid runs all its steps in one cooperative launch: compiled, and at most one program an
     SM. Not whether a CUDA graph is being captured: a kernel variant first needed during a capture cannot be
@@ -237,7 +233,7 @@ def _split(kernel, name: str, tensors: tuple, batch: int, hidden: int, steps: in
         counter = torch.zeros(1, dtype=torch.int32, device=device) if cooperative else tensors[-1]
         with launch(name, device):
             kernel[grid](*tensors, counter, batch, hidden, steps, first, min(first + chunk, units),
-                         GRID_SYNC=cooperative, **tiles, **_numerics(dtype), **constexprs, **options)
+                         GRID_SYNC=cooperative, **tiles, **dot_constants(dtype), **constexprs, **options)
 
 
 def forward(p: torch.Tensor, w_hh: torch.Tensor, out: torch.Tensor, state: torch.Tensor,
@@ -262,7 +258,7 @@ def forward(p: torch.Tensor, w_hh: torch.Tensor, out: torch.Tensor, state: torch
             rnn_sequence_forward_kernel[(cdiv(batch, BLOCK_B),)](
                 p, p.stride(0), w_hh, *w_hh.stride(), out, out.stride(0), state, batch_sizes, offsets,
                 batch, hidden, steps, ACT=act, REVERSE=reverse, BLOCK_B=BLOCK_B,
-                **_numerics(w_hh.dtype), **_resident_tiles(hidden),
+                **dot_constants(w_hh.dtype), **_resident_tiles(hidden),
             )
     return state[1]
 
@@ -284,5 +280,5 @@ def backward(dout: torch.Tensor, out: torch.Tensor, w_hh: torch.Tensor, dz: torc
         rnn_sequence_backward_kernel[(cdiv(batch, BLOCK_B),)](
             dout, dout.stride(0), out, out.stride(0), w_hh, *w_hh.stride(), dz, dz.stride(0), dh,
             batch_sizes, offsets, batch, hidden, steps, ACT=act, REVERSE=reverse,
-            BLOCK_B=BLOCK_B, **_numerics(out.dtype), **_resident_tiles(hidden),
+            BLOCK_B=BLOCK_B, **dot_constants(out.dtype), **_resident_tiles(hidden),
         )

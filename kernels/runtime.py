@@ -168,6 +168,11 @@ def accumulator_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def dot_constants(dtype: torch.dtype) -> dict:
+    """The numerics constexprs of a kernel whose tl.dot reads operands of `dtype`."""
+    return dict(DOT_DTYPE=dot_dtype(dtype), ACC_DTYPE=accumulator_dtype(dtype), DOT_PRECISION=dot_precision(dtype))
+
+
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """accumulator_dtype as a torch dtype: for buffers that carry fp32 (fp64) state between launches."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -215,6 +220,7 @@ def wide_rows(m: int, block_rows: int) -> bool:
 # Host-side integer helpers. triton.cdiv and triton.next_power_of_2 serve kernels too, and a host call to
 # either costs ~5 us (it unwraps constexprs); a launcher calls several a launch.
 def cdiv(a: int, b: int) -> int:
+    """a / b rounded up (b > 0)."""
     return -(-a // b)
 
 
@@ -248,6 +254,8 @@ class Rows:
 
     @staticmethod
     def of(t: torch.Tensor) -> "Rows":
+        """t (*, F), any strides, as rows: its leading dims merged where their strides allow, in up to two
+        row dims (a copy of t where they do not)."""
         if t.dim() == 2:  # the common case, without the general merge below (host time: bench/NOTES.md)
             m = t.shape[0]
             return Rows(t, m, m, 0, t.stride(0) if m != 1 else 0, t.stride(1))
@@ -282,6 +290,7 @@ class Rows:
 
     @property
     def row_strides(self) -> tuple[int, int]:
+        """(stride_outer, stride_inner), for the alignment check (row_alignment)."""
         return self.stride_outer, self.stride_inner
 
     def args(self) -> tuple:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .runtime import AUTOTUNE, INTERPRET
+from .runtime import AUTOTUNE, INTERPRET, cdiv
 
 # Hopper (sm_90) tiles. Large square-ish tiles feed the warpgroup MMA; narrow ones with a long reduction
 # chunk serve small batches, where the weight read bounds the time and many programs must stream it.
@@ -176,10 +176,26 @@ def pruner(rows: str, cols: str, reduction: str, rows_extent: str, element_of: s
         if not kept and layout_block:
             # The column block is a layout's: the register budget may rule out every wide tile.
             kept = narrow
-        kept = kept or [min(all_configs, key=lambda cfg: cfg.num_stages * sum(cfg.kwargs.values()))]
-        return kept if AUTOTUNE else kept[:1]
+        return pruned(kept, all_configs)
 
     return prune
+
+
+def tile_grid(rows: int, cols: int, rows_block: str, cols_block: str, splits: int = 1):
+    """A launch grid of (output tiles, splits of the reduction) for a tuned tile of rows_block x cols_block."""
+    return lambda meta: (cdiv(rows, meta[rows_block]) * cdiv(cols, meta[cols_block]), splits)
+
+
+def smallest(configs: list[triton.Config]) -> triton.Config:
+    """The config that stages the least: what a pruner falls back on where no config suits."""
+    return min(configs, key=lambda cfg: cfg.num_stages * sum(cfg.kwargs.values()))
+
+
+def pruned(kept: list[triton.Config], configs: list[triton.Config]) -> list[triton.Config]:
+    """What a pruner returns: the configs it kept (the smallest of `configs` where it kept none), only the
+    first of them under GPUNN_AUTOTUNE=0."""
+    kept = kept or [smallest(configs)]
+    return kept if AUTOTUNE else kept[:1]
 
 
 @triton.jit

@@ -53,7 +53,9 @@ def _grads(params, steps, seed=1):
 def test_matches_torch_over_steps(device, settings):
     params = _params(device, torch.float64)
     grads = _grads(params, 3)
-    ours, _ = _run(gpunn.optim.SGD, params, grads, **settings)
+    with count_launches() as launches:
+        ours, _ = _run(gpunn.optim.SGD, params, grads, **settings)
+    assert launches == {"sgd_kernel": 3}, launches  # every setting steps in the kernel, one launch a step
     ref, _ = _run(torch.optim.SGD, params, grads, **settings)
     for p, r in zip(ours, ref):
         assert_close(p.detach(), r.detach(), torch.float64, str(settings))
@@ -67,7 +69,9 @@ def test_dtypes(device, dtype):
     params = _params(device, dtype)
     grads = _grads(params, 3)
     settings = dict(momentum=0.9, dampening=0.1, weight_decay=0.01)
-    ours, _ = _run(gpunn.optim.SGD, params, grads, **settings)
+    with count_launches() as launches:
+        ours, _ = _run(gpunn.optim.SGD, params, grads, **settings)
+    assert launches == {"sgd_kernel": 3}, launches
     ref, _ = _run(torch.optim.SGD, [p.double() for p in params], [[g.double() for g in s] for s in grads], **settings)
     for p, r in zip(ours, ref):
         assert p.dtype == dtype
@@ -312,3 +316,98 @@ def test_a_step_marks_its_parameters_modified_as_torch(device, momentum):
             p.grad = torch.ones_like(p)
         optimizer.step()
         assert_close(torch.autograd.grad(y.sum(), x)[0], expected, torch.float64, "grad at the saved weights")
+
+
+def _misaligned(values: list[float]) -> torch.Tensor:
+    """A float64 CPU tensor at an address 4 bytes off a multiple of 8 (frombuffer at an odd offset, as from a
+    file's bytes): torch's ops take it; an element offset from another tensor's address does not exist."""
+    tensor = torch.frombuffer(bytearray(4 + 8 * len(values)), dtype=torch.float64, offset=4, count=len(values))
+    return tensor.copy_(torch.tensor(values, dtype=torch.float64))
+
+
+def _negated_gradient(p: torch.Tensor) -> None:
+    """p.grad as autograd leaves it through a conjugate: a contiguous lazily negated view (is_neg)."""
+    z = torch.complex(torch.zeros_like(p), p)
+    (z.conj() * torch.tensor(0.5 + 1j, dtype=torch.complex128, device=p.device)).real.sum().backward()
+    assert p.grad.is_neg()
+
+
+def _unusual_case(name: str, device) -> tuple[list[torch.Tensor], dict]:
+    """(params with their gradients, SGD's arguments) for a parameter the kernel must not step itself."""
+    plain = torch.nn.Parameter(torch.linspace(-1, 1, 5, dtype=torch.float64, device=device))
+    plain.grad = torch.linspace(2, 3, 5, dtype=torch.float64, device=device)
+    if name == "misaligned parameter":
+        p = torch.nn.Parameter(_misaligned([1.0, 2.0, 3.0, 4.0]))
+        p.grad = torch.ones(4, dtype=torch.float64)
+        return [plain, p], dict(lr=0.5, momentum=0.9)
+    if name == "misaligned gradient":
+        p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+        p.grad = _misaligned([1.0, -2.0, 3.0, 0.5])
+        return [plain, p], dict(lr=0.5)
+    if name == "negated gradient":
+        p = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64, device=device))
+        _negated_gradient(p)
+        return [plain, p], dict(lr=0.1, momentum=0.9)
+    if name == "conjugated complex gradient":
+        p = torch.nn.Parameter(torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex128, device=device))
+        p.grad = torch.tensor([0.5 + 1j, -2 + 0.25j], dtype=torch.complex128, device=device).conj()
+        assert p.grad.is_conj()
+        return [plain, p], dict(lr=0.1)
+    if name == "tensor subclass":
+        from torch.testing._internal.two_tensor import TwoTensor
+        p = torch.nn.Parameter(TwoTensor(torch.arange(4.0, device=device), torch.arange(4.0, device=device) * 2))
+        p.grad = TwoTensor(torch.ones(4, device=device), torch.ones(4, device=device))
+        return [p], dict(lr=0.5)
+    if name == "integer parameter":  # an int lr steps it (a float one is refused, as by torch)
+        p = torch.tensor([2 ** 30 + 100, 5], device=device)
+        p.grad = torch.tensor([1, 2], device=device)
+        return [p], dict(lr=1, momentum=0.9)
+    if name == "inference parameter":  # stepped outside inference_mode: torch refuses the in-place update
+        with torch.inference_mode():
+            p = torch.ones(3, dtype=torch.float64, device=device)
+        p.grad = torch.ones(3, dtype=torch.float64, device=device)
+        return [plain, p], dict(lr=0.5)
+    assert name == "listed twice"  # torch updates it twice, one update after the other
+    return [plain, plain], dict(lr=0.5, momentum=0.9)
+
+
+UNUSUAL = ["misaligned parameter", "misaligned gradient", "negated gradient", "conjugated complex gradient",
+           "tensor subclass", "integer parameter", "inference parameter", "listed twice",
+           "momentum buffer of another shape"]
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+@pytest.mark.parametrize("name", UNUSUAL)
+def test_what_the_kernel_cannot_step_takes_torch_sgd(device, name):
+    """Tensors the kernel would read wrongly (misaligned, lazily negated or conjugated, a dispatching
+    subclass), parameters it must not write (integer, inference) or not in one launch (listed twice), and a
+    momentum buffer loaded with another shape: torch's SGD steps them, or raises its error, as it does
+    alone."""
+    if name.startswith("misaligned") and device.type != "cpu":
+        pytest.skip("a misaligned tensor is made from host bytes")
+    outcomes = []
+    for optimizer_class in (gpunn.optim.SGD, torch.optim.SGD):
+        if name == "momentum buffer of another shape":  # load_state_dict does not check shapes; torch's step does
+            params = [torch.nn.Parameter(torch.ones(3, 4, dtype=torch.float64, device=device))]
+            params[0].grad = torch.ones(3, 4, dtype=torch.float64, device=device)
+            optimizer = optimizer_class(params, lr=0.1, momentum=0.9)
+            optimizer.state[params[0]]["momentum_buffer"] = torch.zeros(2, dtype=torch.float64, device=device)
+        else:
+            params, arguments = _unusual_case(name, device)
+            optimizer = optimizer_class(params, **arguments)
+        try:
+            optimizer.step()
+            outcomes.append([torch.view_as_real(p.detach()) if p.is_complex() else p.detach().clone()
+                             for p in params])
+        except RuntimeError as error:
+            outcomes.append((type(error), str(error)))
+    ours, theirs = outcomes
+    if isinstance(theirs, tuple):
+        assert ours == theirs
+    else:
+        assert not isinstance(ours, tuple), ours
+        for mine, reference in zip(ours, theirs):
+            if reference.dtype.is_floating_point:
+                assert_close(mine.double(), reference.double(), torch.float64, name)
+            else:
+                assert torch.equal(mine, reference), (mine, reference)

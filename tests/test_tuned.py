@@ -144,7 +144,7 @@ def _launch_every_tuned_kernel(rnd: random.Random, dtype: torch.dtype) -> None:
     w_ih, w_hh, b_cell = empty(n, k), empty(n, n), empty(n) if flag else None
     out = rnn.forward(empty(m, k), empty(m, n), w_ih, w_hh, b_cell, b_cell, cell)
     rnn.grad_input(dy, out, w_ih, w_hh if flag else None, cell)
-    rnn.grad_weight(dy, out, empty(m, k), empty(m, n) if flag else None, ((n, k), (n, n)), cell, flag)
+    rnn.grad_weight(dy, out, empty(m, k), empty(m, n) if flag else None, k, cell, flag)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="stubs the interpreter's launch to record it")

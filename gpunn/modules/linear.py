@@ -9,7 +9,8 @@ from .. import functional
 class Linear(torch.nn.Linear):
     """y = act(x W^T + b) in one Triton kernel (forward) and three (backward: dz = dy act'(z) and the bias
     gradient in one pass, which a layer with neither activation nor bias skips, then the input- and
-    weight-gradient GEMMs).
+    weight-gradient GEMMs; over many rows the bias sum and the weight gradient each add a launch that sums
+    their row chunks).
 
     A drop-in for torch.nn.Linear: the same constructor, parameters (`weight` (out_features,
     in_features), `bias` (out_features,)), initialisation, state_dict keys and errors; it is an

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .. import functional, masks
+from .. import arguments, functional
 
 
 class LocallyConnected2d(torch.nn.Module):
@@ -34,10 +34,10 @@ class LocallyConnected2d(torch.nn.Module):
     def __init__(self, in_channels: int, out_channels: int, input_size, kernel_size, stride=1, padding=0,
                  dilation=1, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        in_channels = masks.positive_int(in_channels, "in_channels")
-        out_channels = masks.positive_int(out_channels, "out_channels")
+        in_channels = arguments.positive_int(in_channels, "in_channels")
+        out_channels = arguments.positive_int(out_channels, "out_channels")
         geometry = _geometry(kernel_size, stride, padding, dilation)
-        height, width = masks.as_pair(input_size, "input_size")
+        height, width = arguments.as_pair(input_size, "input_size")
         if min(height, width) < 1:
             raise ValueError(f"input_size must be positive, got {(height, width)}")
         oh, ow = geometry.output_size(height, width)
@@ -66,10 +66,7 @@ class LocallyConnected2d(torch.nn.Module):
 
     def reset_parameters(self) -> None:
         """nn.Conv2d's init: kaiming_uniform(a=sqrt(5)) and the bias alike, i.e. uniform in +-1/sqrt(fan_in)."""
-        bound = 1 / math.sqrt(self.in_channels * self.kernel_size[0] * self.kernel_size[1])
-        torch.nn.init.uniform_(self.weight, -bound, bound)
-        if self.bias is not None:
-            torch.nn.init.uniform_(self.bias, -bound, bound)
+        _uniform_init(self, self.in_channels * self.kernel_size[0] * self.kernel_size[1])
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.is_tensor(input) and input.dim() in (3, 4) and tuple(input.shape[-2:]) != self.input_size:
@@ -109,12 +106,12 @@ class LocallyConnected1d(torch.nn.Module):
     def __init__(self, in_channels: int, out_channels: int, input_length: int, kernel_size, stride=1, padding=0,
                  dilation=1, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        kernel_size, stride, dilation = (masks.as_single(v, n) for v, n in (
+        kernel_size, stride, dilation = (arguments.as_single(v, n) for v, n in (
             (kernel_size, "kernel_size"), (stride, "stride"), (dilation, "dilation")))
-        padding = padding if isinstance(padding, str) else masks.as_single(padding, "padding")
+        padding = padding if isinstance(padding, str) else arguments.as_single(padding, "padding")
         padding_2d = padding if isinstance(padding, str) else (0, padding)
         line = _geometry((1, kernel_size), (1, stride), padding_2d, (1, dilation), dims=1)  # errors in 1-D terms
-        input_length = masks.positive_int(input_length, "input_length")
+        input_length = arguments.positive_int(input_length, "input_length")
         if line.output_size(1, input_length)[1] < 1:
             raise ValueError(f"kernel {kernel_size} (dilation {dilation}) does not fit the padded input of length "
                              f"{input_length}")
@@ -130,10 +127,7 @@ class LocallyConnected1d(torch.nn.Module):
 
     def reset_parameters(self) -> None:
         """nn.Conv1d's init: uniform in +-1/sqrt(C * K)."""
-        bound = 1 / math.sqrt(self.in_channels * self.kernel_size)
-        torch.nn.init.uniform_(self.weight, -bound, bound)
-        if self.bias is not None:
-            torch.nn.init.uniform_(self.bias, -bound, bound)
+        _uniform_init(self, self.in_channels * self.kernel_size)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.is_tensor(input) and input.dim() in (2, 3) and input.shape[-1] != self.input_length:
@@ -162,3 +156,11 @@ def _geometry(kernel_size, stride, padding, dilation, dims: int = 2):
 
 
 __all__ = ["LocallyConnected1d", "LocallyConnected2d"]
+
+
+def _uniform_init(layer: torch.nn.Module, fan_in: int) -> None:
+    """The weight and bias uniform in +-1/sqrt(fan_in), as torch's convolutions initialise theirs."""
+    bound = 1 / math.sqrt(fan_in)
+    torch.nn.init.uniform_(layer.weight, -bound, bound)
+    if layer.bias is not None:
+        torch.nn.init.uniform_(layer.bias, -bound, bound)

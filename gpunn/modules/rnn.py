@@ -1,5 +1,5 @@
 """gpunn.RNNCell and gpunn.RNN: drop-ins for torch.nn.RNNCell (one fused Triton kernel a step) and
-torch.nn.RNN (a persistent Triton kernel a layer and direction)."""
+torch.nn.RNN (a persistent Triton kernel a layer and direction, up to the sizes gpunn.functional.rnn gives)."""
 from __future__ import annotations
 
 import torch
@@ -37,6 +37,12 @@ class RNNCell(torch.nn.RNNCell):
         return out if batched else out.squeeze(0)
 
 
+def nonlinearity_of(rnn: torch.nn.RNN) -> str:
+    """The activation a torch.nn.RNN runs: its mode's, fixed at construction, whatever `nonlinearity` was set
+    to since."""
+    return "relu" if rnn.mode == "RNN_RELU" else "tanh"
+
+
 class RNN(torch.nn.RNN):
     """A multi-layer Elman RNN: h_t = tanh(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh) (or relu) per layer.
 
@@ -44,7 +50,8 @@ class RNN(torch.nn.RNN):
     num_layers=1, nonlinearity="tanh", bias=True, batch_first=False, dropout=0.0, bidirectional=False,
     device=None, dtype=None), parameters (weight_ih_l{k}[_reverse], ...), initialisation, state_dict,
     flatten_parameters() (a no-op here) and errors. Per layer and direction, the recurrence over all steps is
-    one Triton launch (see gpunn.functional.rnn); dropout between layers uses torch's dropout.
+    one Triton launch (one a step for hidden sizes past one cooperative grid, and under the interpreter for
+    those past what is kept on chip: see gpunn.functional.rnn); dropout between layers uses torch's dropout.
 
     Shape:
         input (T, B, I) ((B, T, I) when batch_first), unbatched (T, I), or a PackedSequence (sorted or
@@ -86,10 +93,8 @@ class RNN(torch.nn.RNN):
         else:
             hx = self.permute_hidden(hx, sorted_indices)
         self.check_forward_args(input, hx, batch_sizes)
-        # The mode, as torch's RNN reads it: fixed at construction, whatever `nonlinearity` is set to later.
-        nonlinearity = "relu" if self.mode == "RNN_RELU" else "tanh"
-        output, hidden = functional.rnn(input, hx, self._flat_weights, self.num_layers, nonlinearity, self.bias,
-                                        self.dropout, self.training, self.bidirectional, self.batch_first,
+        output, hidden = functional.rnn(input, hx, self._flat_weights, self.num_layers, nonlinearity_of(self),
+                                        self.bias, self.dropout, self.training, self.bidirectional, self.batch_first,
                                         batch_sizes)
         if packed:
             return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \

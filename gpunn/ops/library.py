@@ -612,6 +612,7 @@ def metadata_to_save(ctx, name: str, tensor: torch.Tensor | None) -> torch.Tenso
 
 
 def saved_metadata(ctx, name: str, saved: torch.Tensor | None) -> torch.Tensor | None:
+    """The metadata tensor metadata_to_save took: ctx.<name> where it kept it there, else what was saved."""
     kept = getattr(ctx, name)
     return kept if kept is not None else saved
 

@@ -29,6 +29,7 @@ from .library import Op, arrived, nothing, save, saved_tensors, sum_of
 
 def _locally_connected(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       window: list[int]) -> torch.Tensor:
+    """y (N, O, OH, OW) from input (N, C, H, W), weight (O, L, R), bias (O, L) or None; window: Geometry.as_list."""
     return local.forward(input, weight, bias, Geometry.of_list(window))
 
 
@@ -161,8 +162,7 @@ def _grad_weight_jvp(args, outputs, tangents):
     if t_grad_output is not None:  # dW' = dW(x, dz') + dW(x', dz); db' = db(dz')
         t_dw, t_db = grad_weight(input, t_grad_output, input_size, weight_shape, window, bias_grad, 0)
     if t_input is not None and input is not None:
-        t_dw = sum_of(t_dw if t_grad_output is not None else None,
-                    grad_weight(t_input, grad_output, input_size, weight_shape, window, False, 0)[0])
+        t_dw = sum_of(t_dw, grad_weight(t_input, grad_output, input_size, weight_shape, window, False, 0)[0])
     return t_dw, t_db
 
 

@@ -25,6 +25,7 @@ from .library import (Op, differentiable_backward, first_order_saved, kept, noth
 
 def _rnn_cell(input: torch.Tensor, hx: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
              bias_ih: torch.Tensor | None, bias_hh: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """h' (B, H) from input (B, I), hx (B, H), weight_ih (H, I), weight_hh (H, H), biases (H,) (both or neither)."""
     return rnn.forward(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, activation)
 
 
@@ -49,9 +50,7 @@ def _grad_weight(grad_output: torch.Tensor, output: torch.Tensor, input: torch.T
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dW_ih (H, I) when input is given, dW_hh (H, H) when hx is given, db_ih and db_hh (H,) when bias_grad),
     each nothing otherwise."""
-    hidden = output.shape[1]
-    grads = rnn.grad_weight(grad_output.contiguous(), output, input, hx, ((hidden, input_size), (hidden, hidden)),
-                            activation, bias_grad)
+    grads = rnn.grad_weight(grad_output.contiguous(), output, input, hx, input_size, activation, bias_grad)
     return tuple(g if g is not None else nothing(output) for g in grads)
 
 

@@ -5,9 +5,11 @@ Per layer, forward is one dense GEMM for the input projection of every step and 
 biases), then one recurrence launch per direction (kernels/rnn_sequence.py). Backward is one
 backward-through-time launch per direction, then dense kernels over all steps: dX, and dW_ih with the
 biases' gradient (a column sum of its own) for both directions at once, and dW_hh per direction.
-Launches per layer: 1 + D forward, at most 2D + 3 backward (D = 1 or 2 directions; fewer where a
-gradient is not needed), whatever the sequence length, except where the recurrence launches once a step
-(hidden sizes whose split grid exceeds the GPU; see kernels/rnn_sequence.py).
+Launches per layer: 1 + D forward, 2D + 3 backward (D = 1 or 2 directions; fewer where a gradient is not
+needed), whatever the sequence length, except that over many rows (T * B) each weight gradient and the
+biases' sum may add a launch that adds its row splits' partial sums (at most 3D + 5; see kernels/dense.py),
+and that the recurrence launches once a step where its split grid exceeds the GPU (see
+kernels/rnn_sequence.py).
 
 Sequences are time-major and packed (see kernels/rnn_sequence.py): a PackedSequence's batch_sizes say which
 rows belong to which step (`Steps` holds them on the device). Saved for backward: the layer's output (each
@@ -69,6 +71,7 @@ class Steps:
 
     @property
     def batch(self) -> int:
+        """B, the rows of the first (longest) step."""
         return int(self.batch_sizes[0]) if len(self.batch_sizes) else 0
 
     def previous_rows(self, reverse: bool) -> torch.Tensor:
