@@ -192,6 +192,16 @@ def derivative(z, ACT: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
 
 
 @triton.jit
+def times_derivative(g, z, act_prime, ACT: tl.constexpr):
+    """g * act'(z), given act_prime = derivative(z): relu's as torch's threshold_backward, a select (0 where
+    z <= 0 whatever g is, g where z is NaN) rather than a product that makes an infinite g NaN."""
+    if ACT == RELU:
+        return tl.where(z <= 0, 0.0, g)
+    else:
+        return g * act_prime
+
+
+@triton.jit
 def second_derivative(z, ACT: tl.constexpr):
     """act''(z), for double backward: 0 for none, relu and leaky_relu (piecewise linear)."""
     if ACT == TANH:

@@ -71,16 +71,21 @@ def dense_double_backward_kernel(
             z = tl.load(z_ptr + rows64 * N + rn64[None, :], mask=ok, other=0.0).to(ACC_DTYPE)
         act_prime = activations.derivative(z, ACT, NEGATIVE_SLOPE)
         if WRITE_GDY:
-            tl.store(gdy_ptr + rows64 * N + rn64[None, :], (gdz * act_prime).to(gdy_ptr.dtype.element_ty), mask=ok)
+            gdy = activations.times_derivative(gdz, z, act_prime, ACT)
+            tl.store(gdy_ptr + rows64 * N + rn64[None, :], gdy.to(gdy_ptr.dtype.element_ty), mask=ok)
         if WRITE_DZ:
-            tl.store(dz_ptr + rows64 * stride_out + rn64[None, :], (dy * act_prime).to(dz_ptr.dtype.element_ty),
-                     mask=ok)
+            dz = activations.times_derivative(dy, z, act_prime, ACT)
+            tl.store(dz_ptr + rows64 * stride_out + rn64[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
         if WRITE_GZ:
-            gz = gdz * dy * activations.second_derivative(z, ACT)
+            if ACT == activations.NONE or ACT == activations.RELU or ACT == activations.LEAKY_RELU:
+                # act'' = 0: no term, as torch's graph has none (a product with 0 would make an infinite dy NaN).
+                gz = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+            else:
+                gz = gdz * dy * activations.second_derivative(z, ACT)
             if DY_TANGENT:
                 dyt_rows = row_offsets(rows, dyt_inner, stride_dyt_outer, stride_dyt_inner, DYT_TWO_ROW_DIMS)
                 dyt = tl.load(dyt_ptr + dyt_rows[:, None] + rn64[None, :] * stride_dytn, mask=ok, other=0.0)
-                gz += dyt.to(ACC_DTYPE) * act_prime
+                gz += activations.times_derivative(dyt.to(ACC_DTYPE), z, act_prime, ACT)
             tl.store(gz_ptr + rows64 * stride_out + rn64[None, :], gz.to(gz_ptr.dtype.element_ty), mask=ok)
             sums += tl.sum(gz, axis=0)
     if SUMS:

@@ -501,9 +501,9 @@ def mse_backward_kernel(x_ptr, y_ptr, grad_ptr, stride_grad, dx_ptr, dy_ptr, N, 
     ok = offsets < N
     d = _difference(x_ptr, y_ptr, offsets, ok, COMPUTE)
     g = tl.load(grad_ptr + _output_gradient_of(offsets, GROUP_N, GROUPED) * stride_grad, mask=ok, other=0.0)
-    dx = 2.0 * d * g.to(COMPUTE)
-    if MEAN:
-        dx = dx / GROUP_N
+    # (2 / n) (x - y) g, as torch: dividing last, 2 (x - y) g overflowed where the gradient itself is finite.
+    norm = tl.full((), 2.0, COMPUTE) / GROUP_N if MEAN else tl.full((), 2.0, COMPUTE)
+    dx = norm * d * g.to(COMPUTE)
     if INPUT_GRAD:
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
     if TARGET_GRAD:
@@ -520,8 +520,9 @@ def mse_forward(x: torch.Tensor, y: torch.Tensor, reduction: str, groups: int = 
     n, copies = x.numel(), max(groups, 1)
     group_n = group_rows(n, groups)
     elementwise, blocks = reduction == "none", cdiv(group_n, MSE_BLOCK)
+    # Per-block sums: zeros only where no kernel runs (no elements), a launch writes every block's.
     out = empty(x.shape, device=x.device, dtype=x.dtype) if elementwise else \
-        torch.zeros((copies, max(blocks, 1)), device=x.device, dtype=state_dtype(x.dtype))  # per-block sums
+        (empty if n else torch.zeros)((copies, max(blocks, 1)), device=x.device, dtype=state_dtype(x.dtype))
     if n:
         with launch("mse_forward_kernel", x.device):
             mse_forward_kernel[(blocks, copies)](x, y, out, group_n, COMPUTE=accumulator_dtype(x.dtype),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import zlib
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -96,3 +97,11 @@ class TorchOpSpy(TorchDispatchMode):
 
     def matmuls(self) -> list[str]:
         return sorted(self.MATMULS & set(self.ops))
+
+
+@contextlib.contextmanager
+def raises_exactly(expected: type[BaseException], match: str | None = None):
+    """pytest.raises of that type itself, not a subclass of it (NotImplementedError is a RuntimeError)."""
+    with pytest.raises(expected, match=match) as info:
+        yield info
+    assert type(info.value) is expected, f"raised {type(info.value).__name__}, expected {expected.__name__}"

@@ -99,6 +99,28 @@ def test_gradient_penalty_matches_torch(device, kind, activation, lead, k, n, bi
                 assert_close(a, r, torch.float64, f"{what} {i}")
 
 
+@pytest.mark.parametrize("kind", LAYERS)
+def test_relu_double_backward_selects_as_torch(device, kind):
+    """relu's derivative in double backward is torch's threshold_backward, a select: an infinite gradient where
+    z < 0 gives 0 (a product with act' = 0 had made it NaN), and a NaN z passes the gradient (act'(NaN) had been
+    0). Second-order gradients equal torch's, NaN and infinities in the same places."""
+    gen = torch.Generator().manual_seed(3)
+    x, w, b = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(device) for shape in ((5, 7), (6, 7), (6,)))
+    b[1] = float("nan")  # z[:, 1] is NaN
+    mask = _mask(6, 7, 3).to(device)
+    ours, theirs = _layer(kind, "relu", 0.01, mask)
+    z = torch.nn.functional.linear(x, w * mask if kind == "masked" else w, b)
+    dy = torch.randn(5, 6, generator=gen, dtype=torch.float64).to(device).masked_fill(z < 0, float("inf"))
+    v = [torch.randn(*shape, generator=gen, dtype=torch.float64).to(device) for shape in ((5, 7), (6, 7))]
+    results = []
+    for layer in (ours, theirs):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        dx, dw = torch.autograd.grad(layer(*leaves), leaves[:2], dy, create_graph=True)
+        results.append((dx.detach(), dw.detach(), *torch.autograd.grad((dx * v[0]).sum() + (dw * v[1]).sum(), leaves)))
+    for mine, reference, what in zip(*results, ("dx", "dW", "second order: x", "second order: W", "second order: b")):
+        torch.testing.assert_close(mine, reference, rtol=1e-10, atol=0, equal_nan=True, msg=what)
+
+
 @pytest.mark.parametrize("k,n", [(0, 3), (3, 0)], ids=["no_inputs", "no_outputs"])
 @pytest.mark.parametrize("activation", [None, "tanh"])
 def test_double_backward_of_empty_features(device, k, n, activation):
@@ -115,7 +137,7 @@ def test_double_backward_of_empty_features(device, k, n, activation):
         if theirs is None:
             assert ours is None or not ours.any()
         else:
-            assert torch.allclose(ours, theirs)
+            assert_close(ours, theirs, torch.float64, "second order")
 
 
 def test_first_order_allows_in_place_changes_torch_allows(device):

@@ -56,10 +56,9 @@ def test_features_that_are_not_an_image_train_the_mlp_only(capsys, tmp_path):
 
 def test_help_lists_train_and_bad_networks_are_refused(capsys):
     for argv in (["--help"], ["train", "--networks", "mlp,cnn"]):
-        try:
+        with pytest.raises(SystemExit) as exit_:
             gpunn.cli.main(argv)
-        except SystemExit as exit_:
-            assert exit_.code == (0 if argv == ["--help"] else 2)
+        assert exit_.value.code == (0 if argv == ["--help"] else 2)
     captured = capsys.readouterr()
     assert "train" in captured.out and "unknown cnn" in captured.err
 

@@ -87,7 +87,7 @@ def test_jvp_of_some_arguments_matches_torch(device, kind, which):
 
 
 @pytest.mark.parametrize("kind", LAYERS)
-@pytest.mark.parametrize("activation", [None, "relu", "gelu_tanh", "tanh", "sigmoid", "silu"])
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu", "gelu", "gelu_tanh", "tanh", "sigmoid", "silu"])
 def test_hessian_matches_torch(device, kind, activation):
     """torch.func.hessian (jacfwd over jacrev: forward mode through the first-order backward) of a scalar of
     the layer, in the input and in the weight and bias."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (ACTIVATIONS, TOLERANCE, TorchOpSpy, assert_close, case_seed, count_launches, dtypes_for, leaf64,
-                     reference_linear, rel_error)
+                     raises_exactly, reference_linear, rel_error)
 
 import gpunn
 from gpunn.kernels import dense, runtime, tiling
@@ -361,7 +361,7 @@ def test_vector_weight_and_broadcast_bias_match_torch(device, x_shape, w_shape, 
 ], ids=str)
 def test_unsupported_bias_raises_before_any_launch(device, x_shape, w_shape, b_shape, error):
     args = [torch.randn(shape, device=device) for shape in (x_shape, w_shape, b_shape)]
-    with count_launches() as launches, pytest.raises(error):
+    with count_launches() as launches, raises_exactly(error):
         gpunn.functional.linear(*args)
     assert launches == {}
     if error is RuntimeError:

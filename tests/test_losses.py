@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TorchOpSpy, assert_close, count_launches, dtypes_for
+from helpers import TorchOpSpy, assert_close, count_launches, dtypes_for, raises_exactly
 
 import gpunn
 from gpunn.kernels import losses as loss_kernels
@@ -109,7 +109,7 @@ def test_cross_entropy_errors_match_torch(device):
         on_cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kwargs.items()}
         with pytest.raises(Exception) as expected:
             F.cross_entropy(*(v.cpu() if torch.is_tensor(v) else v for v in (logits, target)), **on_cpu)
-        with count_launches() as launches, pytest.raises(expected.type):
+        with count_launches() as launches, raises_exactly(expected.type):
             gpunn.losses.cross_entropy(logits, target, **kwargs)
         assert launches == {}
 
@@ -414,7 +414,7 @@ def test_cross_entropy_probabilities_errors_match_torch(device):
     for target, kwargs in cases:
         with pytest.raises(Exception) as expected:
             F.cross_entropy(x, target, **kwargs)
-        with count_launches() as launches, pytest.raises(expected.type):
+        with count_launches() as launches, raises_exactly(expected.type):
             gpunn.losses.cross_entropy(x, target, **kwargs)
         assert launches == {}
 
@@ -549,3 +549,44 @@ def test_a_grad_scaler_takes_the_first_step_under_float16_autocast(device):
     scaler.update()
     assert scaler.get_scale() == 65536.0  # the step found no inf
     assert not torch.equal(layer.weight, before)
+
+
+def _same_values(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
+    """Equal to 1e-10, NaN and infinities in the same places."""
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=0, equal_nan=True, msg=what)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_output_gradient_of_second_order_ignores_padding_rows(device, reduction):
+    """An ignored row of -inf logits (padding) adds exactly 0 to the output gradient's second-order gradient,
+    as in torch (it had made it NaN: 0 * the row's NaN softmax); its logits' gradients are NaN, as torch's."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 5, generator=gen, dtype=torch.float64).to(device)
+    x[2] = -float("inf")
+    target = torch.tensor([1, 3, -100, 0], device=device)
+    v = torch.randn(4, 5, generator=gen, dtype=torch.float64).to(device)
+    kept = torch.tensor([True, True, False, True], device=device)
+    results = []
+    for cross_entropy in (gpunn.losses.cross_entropy, F.cross_entropy):
+        leaf = x.clone().requires_grad_()
+        loss = cross_entropy(leaf, target, reduction=reduction, label_smoothing=0.1)
+        seed = torch.ones_like(loss).requires_grad_()
+        dx, = torch.autograd.grad(loss, leaf, seed, create_graph=True)
+        results.append((loss.detach(), dx.detach(), *torch.autograd.grad((dx[kept] * v[kept]).sum(), (leaf, seed))))
+    for ours, theirs, what in zip(*results, ("loss", "dx", "second order: logits", "second order: output gradient")):
+        _same_values(ours, theirs, what)
+    assert results[0][3].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_mse_mean_gradient_is_finite_where_torch_is(device, dtype):
+    """The mean's gradient 2 (x - y) g / n, formed as torch's (2 / n) (x - y) g: 2 (x - y) g overflowed first."""
+    big = torch.finfo(dtype).max * 0.4  # x - y = 0.8 max: twice that overflows, (2 / 4) times it does not
+    x = torch.tensor([big, 1.0, 2.0, 3.0], dtype=dtype, device=device)
+    y = torch.tensor([-big, 1.0, 1.0, 1.0], dtype=dtype, device=device)
+    grads = []
+    for mse_loss in (gpunn.losses.mse_loss, F.mse_loss):
+        leaf = x.clone().requires_grad_()
+        grads.append(torch.autograd.grad(mse_loss(leaf, y, reduction="mean"), leaf)[0])
+    assert grads[1].isfinite().all()
+    _same_values(*grads, "dx")

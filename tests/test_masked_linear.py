@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (ACTIVATIONS, TorchOpSpy, assert_close, case_seed, count_launches, dtypes_for,
-                     leaf64, reference_linear)
+                     leaf64, raises_exactly, reference_linear)
 
 import gpunn
 from gpunn.kernels.work import count_work
@@ -269,7 +269,7 @@ def _bad_masks(device):
 def test_bad_masks_raise_before_any_launch(device, case):
     name, mask, error, match = list(_bad_masks(device))[case]
     x, weight = torch.randn(3, 5, device=device), torch.randn(6, 5, device=device)
-    with count_launches() as launches, pytest.raises(error, match=match):
+    with count_launches() as launches, raises_exactly(error, match=match):
         gpunn.functional.masked_linear(x, weight, mask)
     assert launches == {}, name
     if isinstance(mask, torch.Tensor) and error is RuntimeError:

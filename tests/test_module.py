@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import TOLERANCE, count_launches, rel_error
+from helpers import TOLERANCE, assert_close, count_launches, rel_error
 
 import gpunn
 
@@ -88,23 +88,24 @@ def test_copy_and_pickle(device):
 
 
 def test_trains_like_nn_linear(device):
-    # A few SGD steps from the same weights: gpunn and torch.nn stay together.
+    # A few SGD steps from the same weights, in float64: gpunn and torch.nn move every parameter alike (the
+    # moves compared, not the weights, which the steps leave mostly as they were).
     torch.manual_seed(0)
-    ours = torch.nn.Sequential(gpunn.Linear(10, 16, device=device, activation="gelu"),
-                               gpunn.Linear(16, 3, device=device))
-    theirs = torch.nn.Sequential(torch.nn.Linear(10, 16, device=device), torch.nn.GELU(),
-                                 torch.nn.Linear(16, 3, device=device))
+    kw = dict(device=device, dtype=torch.float64)
+    ours = torch.nn.Sequential(gpunn.Linear(10, 16, activation="gelu", **kw), gpunn.Linear(16, 3, **kw))
+    theirs = torch.nn.Sequential(torch.nn.Linear(10, 16, **kw), torch.nn.GELU(), torch.nn.Linear(16, 3, **kw))
     theirs[0].load_state_dict(ours[0].state_dict())
     theirs[2].load_state_dict(ours[1].state_dict())
-    x, y = torch.randn(32, 10, device=device), torch.randint(0, 3, (32,), device=device)
+    start = [p.detach().clone() for p in ours.parameters()]
+    x, y = torch.randn(32, 10, **kw), torch.randint(0, 3, (32,), device=device)
     for model in (ours, theirs):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for _ in range(5):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
-    assert rel_error(ours[1].weight, theirs[2].weight) < 1e-5
-    assert rel_error(ours[0].weight, theirs[0].weight) < 1e-5
+    for p0, mine, reference in zip(start, ours.parameters(), theirs.parameters()):
+        assert_close(mine.detach() - p0, reference.detach() - p0, torch.float64, "a parameter's move")
 
 
 def test_arguments_that_are_not_tensors_raise_torchs_type_error(device):

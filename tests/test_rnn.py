@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 import triton
-from helpers import TorchOpSpy, assert_close, count_launches, dtypes_for
+from helpers import TorchOpSpy, assert_close, count_launches, dtypes_for, raises_exactly
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import gpunn
@@ -232,6 +232,39 @@ def test_dropout_between_layers(device):
         assert_close(h_n, expected_h, torch.float64, f"h_n, training={training}")
 
 
+def test_dropout_in_training_matches_torch_with_the_same_masks(device):
+    """p = 0.5: each layer's output but the last goes through torch's dropout (the same random masks under one
+    seed, on any device), forward and backward, as in a stack of one-layer torch RNNs with F.dropout between."""
+    gen = torch.Generator().manual_seed(6)
+    ours = gpunn.RNN(3, 5, 3, dropout=0.5, bidirectional=True, device=device, dtype=torch.float64).train()
+    layers = []
+    for k in range(3):
+        layer = torch.nn.RNN(3 if k == 0 else 10, 5, bidirectional=True, device=device, dtype=torch.float64)
+        layer.load_state_dict({name.replace(f"_l{k}", "_l0"): value.detach().clone()
+                               for name, value in ours.state_dict().items() if f"_l{k}" in name})
+        layers.append(layer)
+    x = torch.randn(4, 2, 3, generator=gen, dtype=torch.float64).to(device)
+    dy = torch.randn(4, 2, 10, generator=gen, dtype=torch.float64).to(device)
+    dh = torch.randn(6, 2, 5, generator=gen, dtype=torch.float64).to(device)
+
+    def stacked(x):
+        finals = []
+        for k, layer in enumerate(layers):
+            x = torch.nn.functional.dropout(x, 0.5, training=True) if k else x
+            x, h = layer(x)
+            finals.append(h)
+        return x, torch.cat(finals)
+
+    results = []
+    for model, params in ((ours, list(ours.parameters())), (stacked, [p for m in layers for p in m.parameters()])):
+        leaf = x.clone().requires_grad_()
+        torch.manual_seed(9)
+        out, h_n = model(leaf)
+        results.append((out, h_n, *torch.autograd.grad((out, h_n), [leaf, *params], (dy, dh))))
+    for i, (mine, reference) in enumerate(zip(*results)):
+        assert_close(mine, reference, torch.float64, f"result {i} (output, h_n, dx, then each weight's gradient)")
+
+
 def test_launches_do_not_grow_with_the_sequence_and_no_torch_matmul(device):
     ours = gpunn.RNN(4, 8, 2, bidirectional=True, device=device, dtype=torch.float64)
     counts = {}
@@ -272,7 +305,7 @@ def test_errors_match_torch(device):
                          ((3, 4, 0), {})]:
         with pytest.raises(Exception) as expected:
             torch.nn.RNN(*args, **kwargs)
-        with pytest.raises(expected.type):
+        with raises_exactly(expected.type):
             gpunn.RNN(*args, **kwargs)
     # torch's errors as its CPU RNN raises them (on a GPU, cuDNN's checks could differ in type or order).
     ours, ref = gpunn.RNN(3, 4, 2, device=device), torch.nn.RNN(3, 4, 2)
@@ -284,7 +317,7 @@ def test_errors_match_torch(device):
     for call in bad_calls:
         with pytest.raises(Exception) as expected:
             ref(*(tensor.cpu() for tensor in call))
-        with count_launches() as launches, pytest.raises(expected.type):
+        with count_launches() as launches, raises_exactly(expected.type):
             ours(*call)
         assert launches == {}
 
