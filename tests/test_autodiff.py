@@ -159,6 +159,27 @@ def test_first_order_allows_in_place_changes_torch_allows(device):
         torch.autograd.grad(y.sum(), x, create_graph=True)
 
 
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("changed", ["bias", "weight"])
+def test_without_activation_double_backward_allows_in_place_changes_torch_allows(device, kind, changed):
+    """Without an activation no order reads the bias, nor the weight when the input takes no gradient (torch's
+    linear saves neither): changed in place after the forward, gradients under create_graph and their own
+    gradients are torch's, from the saved input and the output gradient."""
+    gen = torch.Generator().manual_seed(8)
+    x, w, b = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(device) for shape in ((4, 6), (5, 6), (5,)))
+    results = []
+    for layer in _layer(kind, None, 0.01, _mask(5, 6, 8).to(device)):
+        leaves = [t.clone().requires_grad_(i != 0 or changed == "bias") for i, t in enumerate((x, w, b))]
+        y = layer(*leaves)
+        with torch.no_grad():
+            leaves[2 if changed == "bias" else 1].add_(1.0)
+        wrt = leaves[0] if changed == "bias" else leaves[1]
+        (grad,) = torch.autograd.grad(y.pow(2).sum(), wrt, create_graph=True)
+        results.append((grad.detach(), *torch.autograd.grad(grad.pow(2).sum(), wrt)))
+    for ours, theirs, what in zip(*results, ("gradient", "its gradient")):
+        assert_close(ours, theirs, torch.float64, what)
+
+
 def test_double_backward_runs_triton_kernels_only(device):
     """A Hessian-vector product through two layers: every product is a gpunn kernel, no torch matmul."""
     model = torch.nn.Sequential(gpunn.Linear(6, 9, activation="silu"), gpunn.Linear(9, 3, activation="tanh"))
@@ -625,12 +646,26 @@ class _Reference(torch.nn.Module):
 
 
 def test_double_backward_of_what_a_freed_graph_dropped_is_refused_clearly(device):
-    # The layer keeps its weight for double backward; a first backward without retain_graph released it: a
-    # create_graph backward then raises torch's error, naming the weight (not a TypeError from inside gpunn).
-    # torch's addmm, which saved nothing for a bias-only gradient, runs it: a refusal where torch computes.
-    layer = gpunn.Linear(5, 3, device=device, dtype=torch.float64)
-    layer.weight.requires_grad_(False)
-    y = layer(torch.randn(4, 5, device=device, dtype=torch.float64))
-    y.sum().backward()
-    with pytest.raises(RuntimeError, match="backward through the graph a second time: gpunn linear's weight"):
-        torch.autograd.grad(y.pow(2).sum(), layer.bias, create_graph=True)
+    # With an activation, a first backward without retain_graph freed what the layer saved (tanh's output) and
+    # kept for double backward (the weight, to recompute z): a create_graph backward then raises torch's error
+    # (not a TypeError from inside gpunn), as torch's does. Without one, a bias-only gradient needs nothing:
+    # it runs, as torch's (addmm saved nothing for it).
+    x = torch.randn(4, 5, device=device, dtype=torch.float64)
+    for activation in ("tanh", None):
+        results = []
+        for layer in (gpunn.Linear(5, 3, device=device, dtype=torch.float64, activation=activation),
+                      torch.nn.Linear(5, 3, device=device, dtype=torch.float64)):
+            layer.weight.requires_grad_(False)
+            with torch.no_grad():
+                layer.weight.copy_(torch.linspace(-1, 1, 15).view(3, 5))
+                layer.bias.copy_(torch.linspace(-1, 1, 3))
+            y = layer(x) if isinstance(layer, gpunn.Linear) or activation is None else torch.tanh(layer(x))
+            y.sum().backward()
+            if activation is None:
+                (grad,) = torch.autograd.grad(y.pow(2).sum(), layer.bias, create_graph=True)
+                results.append((grad.detach(), torch.autograd.grad(grad.pow(2).sum(), layer.bias)[0]))
+                continue
+            with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+                torch.autograd.grad(y.pow(2).sum(), layer.bias, create_graph=True)
+        for ours, theirs in zip(*results):
+            assert_close(ours, theirs, torch.float64, "bias gradient and its gradient")

@@ -14,9 +14,9 @@ weight only if input does, plus what the activation's derivative needs (nothing,
 written by the forward kernel when save_derivative; see gpunn.kernels.activations). Double backward
 (create_graph=True): the first-order backward runs as gpunn::linear_backward, whose own gradient is
 gpunn.kernels.dense_double_backward's pass between GEMMs (masked GEMMs under the same mask for the masked
-layer); no triple backward. Double backward needs the weight and bias, and, with an activation (it
-recomputes z), the input: the layer keeps references to those first order does not save (the input, then,
-only where the weight is frozen), outside save_for_backward, so that first-order backward allows an
+layer); no triple backward. Double backward needs the weight where the input takes a gradient, and, with an
+activation (it recomputes z), the weight, bias and input: the layer keeps references to those first order
+does not save (the input, then, only where the weight is frozen), outside save_for_backward, so that first-order backward allows an
 in-place change of them after the forward, as torch.nn.Linear does; double backward checks their versions
 itself. Forward mode: gpunn::linear_tangent (the output's tangent) and gpunn::linear_backward_tangent
 (linear_backward's, for forward over reverse: torch.func.hessian), over double backward's kernels.
@@ -167,13 +167,15 @@ def _linear_fake(input, weight, bias, mask, block_n, block_k, activation, negati
 def _setup_context(ctx, inputs, output):
     input, weight, bias, mask, block_n, block_k, activation, negative_slope, *_ = inputs
     need_input, need_weight = ctx.needs_input_grad[:2]
-    # What double backward needs beyond first order (see the module docstring): the weight and bias (free: a
-    # layer holds them anyway), and the input where z must be recomputed and first order does not save it.
+    # What double backward needs beyond first order (see the module docstring): with an activation, what
+    # recomputes z (the weight and bias, free: a layer holds them anyway; the input where first order does not
+    # save it). Without one it reads nothing more, and so, as torch's, allows in-place changes of the rest.
+    recompute = activation is not None
     save_for_orders(ctx, (input if need_weight else None, weight if need_input else None,
                           _derivative_source(activation, *output),
                           _mask_to_save(ctx, mask, block_n, block_k)),
-                    (input if activation is not None and not need_weight else None, weight if not need_input else None,
-                     bias))
+                    (input if recompute and not need_weight else None, weight if recompute and not need_input else None,
+                     bias if recompute else None))
     ctx.options = dict(block_n=block_n, block_k=block_k, activation=activation, negative_slope=negative_slope)
     ctx.weight_shape = list(weight.shape)
 
@@ -224,6 +226,8 @@ def _backward(ctx, grad_output, _):
     # can differentiate and forward mode carry a tangent through.
     if differentiable_backward(ctx) or took_duals(ctx, grad_output):
         input, weight = kept(ctx, 0, input, "linear", "input"), kept(ctx, 1, weight, "linear", "weight")
+        if weight is None:  # no input gradient and no activation: its values are read by neither order
+            weight = grad_output.new_zeros(()).expand(ctx.weight_shape)
         grads = backward(grad_output, saved, input, weight, kept(ctx, 2, None, "linear", "bias"), mask,
                          options["block_n"], options["block_k"], options["activation"], options["negative_slope"],
                          need_input, need_weight, need_bias, 0, 0)
