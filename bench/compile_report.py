@@ -946,6 +946,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated kernels to compile, from: {', '.join(c.kernel for c in CASES)} "
                              "(default: all)")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: a file, not a directory")
+    if args.workers < 1:
+        parser.error(f"--workers: at least 1, got {args.workers}")
     kernels = tuple(name.strip() for name in args.only.split(",") if name.strip())
     unknown = set(kernels) - {case.kernel for case in CASES}
     if unknown:

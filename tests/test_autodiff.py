@@ -373,6 +373,62 @@ def test_recurrent_first_order_allows_in_place_changes_torch_allows(device):
         torch.autograd.grad(out.sum(), (x, h), create_graph=True)
 
 
+@pytest.mark.parametrize("changed", ["bias_ih_l0_reverse", "bias_hh_l0", "weight_ih_l0"])
+def test_rnn_first_order_allows_in_place_changes_torch_allows(device, changed):
+    """First order reads neither the biases nor, where the input takes no gradient, W_ih: changed in place
+    after the forward, the gradients are those of the forward's values, as torch's CPU RNN gives (its
+    reference runs on the CPU: cuDNN saves every weight); double backward, which recomputes the layer from
+    them, refuses the change."""
+    x = torch.randn(5, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    results = []
+    for rnn in (gpunn.RNN(4, 3, bidirectional=True, device=device, dtype=torch.float64),
+                torch.nn.RNN(4, 3, bidirectional=True, dtype=torch.float64)):
+        rnn.load_state_dict({name: torch.linspace(-0.5, 0.5, value.numel(), dtype=torch.float64).view(value.shape)
+                             for name, value in rnn.state_dict().items()})
+        leaf = x.to(rnn.weight_hh_l0.device).requires_grad_(changed != "weight_ih_l0")
+        out, h_n = rnn(leaf)
+        with torch.no_grad():
+            getattr(rnn, changed).add_(1.0)
+        loss = out.pow(2).sum() + h_n.sum()
+        if isinstance(rnn, gpunn.RNN):
+            with pytest.raises(RuntimeError, match=f"gpunn RNN's {changed.replace('_l0', '')} is at version"):
+                torch.autograd.grad(loss, rnn.weight_hh_l0, retain_graph=True, create_graph=True)
+        loss.backward()
+        results.append([p.grad.cpu() for p in rnn.parameters()] + ([leaf.grad.cpu()] if leaf.requires_grad else []))
+    for ours, theirs in zip(*results, strict=True):
+        assert_close(ours, theirs, torch.float64, "gradient")
+
+
+@pytest.mark.parametrize("layer", ["linear_tanh", "rnn_cell", "rnn"])
+@pytest.mark.parametrize("changed", ["input", "parameters"])
+def test_double_backward_under_allow_mutation_on_saved_tensors_matches_torch(device, layer, changed):
+    """Under allow_mutation_on_saved_tensors a tensor changed in place after the forward is used as it was:
+    what double backward reads (the input, the parameters) too, as torch's layers read theirs."""
+    torch.manual_seed(5)
+    ours = {"linear_tanh": lambda: gpunn.Linear(5, 4, activation="tanh"), "rnn_cell": lambda: gpunn.RNNCell(5, 4),
+            "rnn": lambda: gpunn.RNN(5, 4)}[layer]().to(device=device, dtype=torch.float64)
+    theirs = {"linear_tanh": lambda: torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh()),
+              "rnn_cell": lambda: torch.nn.RNNCell(5, 4), "rnn": lambda: torch.nn.RNN(5, 4)}[layer]()
+    theirs = theirs.to(device=device, dtype=torch.float64)
+    theirs.load_state_dict({key.replace("weight", "0.weight").replace("bias", "0.bias") if layer == "linear_tanh"
+                            else key: value for key, value in ours.state_dict().items()})
+    x = torch.randn(3, 5, device=device, dtype=torch.float64)
+    results = []
+    for model in (ours, theirs):
+        params = list(model.parameters())
+        leaf = x.clone().requires_grad_()
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            h = leaf * 1
+            y = model(h)[0] if layer == "rnn" else model(h)
+            with torch.no_grad():
+                for t in [h] if changed == "input" else params:
+                    t.mul_(2)
+            (grad,) = torch.autograd.grad(y.pow(2).sum(), leaf, create_graph=True)
+            results.append((grad.detach(), *torch.autograd.grad(grad.sin().sum(), [leaf, *params])))
+    for mine, reference in zip(*results, strict=True):
+        assert_close(mine, reference, torch.float64, f"{layer}, {changed} changed")
+
+
 class _OneStepRNN(torch.nn.Module):
     """gpunn.RNN over a sequence of one step: (B, H) -> (B, H)."""
 

@@ -74,6 +74,8 @@ def test_help_lists_train_and_bad_networks_are_refused(capsys):
     (["train", "--plot", "/no/such/directory/loss.png"], "no directory /no/such/directory"),
     (["train", "--plot", "/"], "a directory, not a file"),
     (["check", "--out", "/no/such/directory/check.md"], "no directory /no/such/directory"),
+    (["check", "--seed", str(2**64 - 1)], "--seed: must be an integer from 0 to 2**62"),  # torch takes it, not + a case
+    (["train", "--seed", "-1"], "--seed: must be an integer from 0 to 2**62, got -1"),
 ], ids=lambda value: value if isinstance(value, str) else " ".join(value))
 def test_bad_options_are_refused_before_any_work(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:

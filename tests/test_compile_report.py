@@ -49,6 +49,16 @@ def test_help_exits_cleanly(capsys):
     assert "--subset" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv, message", [(["--out", "FILE"], "a file, not a directory"),
+                                           (["--out", "DIR", "--workers", "0"], "--workers: at least 1")])
+def test_bad_options_are_refused_before_compiling(tmp_path, capsys, argv, message):
+    (tmp_path / "FILE").touch()
+    with pytest.raises(SystemExit) as exit_info:
+        compile_report.main([str(tmp_path / a) if a in ("FILE", "DIR") else a for a in argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_compare_matches_rows_by_compile_and_reports_what_changed():
     """compare() pairs the rows of two reports that describe one compile (the CSV's text against a run's
     values), and counts per kernel those with other registers or spills and those only one report has."""

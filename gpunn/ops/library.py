@@ -649,18 +649,21 @@ def save_for_orders(ctx, first: tuple, second: tuple) -> None:
     frees the graph (release_kept), as autograd drops what it saved. Where saved-tensor hooks are active
     (torch.utils.checkpoint, torch.autograd.graph.save_on_cpu), those that are not parameters (which their
     modules hold anyway) go through save_for_backward instead, for the hooks to free or move like every
-    tensor saved; kept() still refuses one changed in place since the forward, where it is alive to tell."""
+    tensor saved; kept() still refuses one changed in place since the forward, where it is alive to tell.
+    Under torch.autograd.graph.allow_mutation_on_saved_tensors every one goes through the hooks, parameters
+    too: the context keeps a copy of what changes in place, and kept() gives that copy without refusing."""
     ctx.first_order_count = len(first)
     if not _saved_tensor_hooks_active():
         save(ctx, *first)
         ctx.for_second_order = [(t, _version(t)) for t in second]
         return
-    hooked = [t is not None and not isinstance(t, torch.nn.Parameter) for t in second]
+    mutable = getattr(torch.autograd.graph, "_allow_mutation_on_saved_tensors_enabled", False)
+    hooked = [t is not None and (mutable or not isinstance(t, torch.nn.Parameter)) for t in second]
     save(ctx, *first, *(t for t, hook in zip(second, hooked) if hook))
     positions = iter(range(len(first), len(first) + sum(hooked)))
     # A hooked entry: (where the unpacked tensors hold it, a weak reference to tell an in-place change by).
-    ctx.for_second_order = [(_Hooked(next(positions), weakref.ref(t)), _version(t)) if hook else (t, _version(t))
-                            for t, hook in zip(second, hooked)]
+    ctx.for_second_order = [(_Hooked(next(positions), weakref.ref(t)), None if mutable else _version(t)) if hook
+                            else (t, _version(t)) for t, hook in zip(second, hooked)]
 
 
 class _Hooked(NamedTuple):

@@ -14,12 +14,13 @@ weight only if input does, plus what the activation's derivative needs (nothing,
 written by the forward kernel when save_derivative; see gpunn.kernels.activations). Double backward
 (create_graph=True): the first-order backward runs as gpunn::linear_backward, whose own gradient is
 gpunn.kernels.dense_double_backward's pass between GEMMs (masked GEMMs under the same mask for the masked
-layer); no triple backward. Double backward needs the weight where the input takes a gradient, and, with an
-activation (it recomputes z), the weight, bias and input: the layer keeps references to those first order
-does not save (the input, then, only where the weight is frozen), outside save_for_backward, so that first-order backward allows an
-in-place change of them after the forward, as torch.nn.Linear does; double backward checks their versions
-itself. Forward mode: gpunn::linear_tangent (the output's tangent) and gpunn::linear_backward_tangent
-(linear_backward's, for forward over reverse: torch.func.hessian), over double backward's kernels.
+layer); no triple backward. Double backward needs the weight where the input takes a gradient, and, with
+an activation (it recomputes z), the weight, bias and input: the layer keeps references to those first
+order does not save (the input, then, only where the weight is frozen), outside save_for_backward, so that
+first-order backward allows an in-place change of them after the forward, as torch.nn.Linear does; double
+backward checks their versions itself. Forward mode: gpunn::linear_tangent (the output's tangent) and
+gpunn::linear_backward_tangent (linear_backward's, for forward over reverse: torch.func.hessian), over double
+backward's kernels.
 """
 from __future__ import annotations
 

@@ -13,14 +13,14 @@ kernels/rnn_sequence.py).
 
 Sequences are time-major and packed (see kernels/rnn_sequence.py): a PackedSequence's batch_sizes say which
 rows belong to which step (`Steps` holds them on the device). Saved for backward: the layer's output (each
-act'(z) comes from it), x only if a W_ih needs a gradient, h0 and the weights.
+act'(z) comes from it), x only if a W_ih needs a gradient, h0, W_hh, and W_ih only if x needs a gradient.
 
 Double backward (create_graph=True) recomputes the layer step by step with the cell op (gpunn::rnn_cell,
 whose backward is differentiable: see gpunn.ops.rnn) and differentiates that graph with create_graph, so
 its gradients are differentiable in turn. Launches then grow with the T steps (a cell forward and three
 backward kernels a step and direction for the first order, about seven more a step for the second), and in
 fp16/bf16 the recomputed state rounds to the dtype every step where the sequence kernel carries it in fp32.
-A reference to x is kept for it where first order does not save x (checked unchanged).
+References to x and the weights are kept for it where first order does not save them (checked unchanged).
 """
 from __future__ import annotations
 
@@ -243,9 +243,18 @@ def _setup_context(ctx, inputs, output):
     per = len(weights) // directions
     needs = list(ctx.needs_input_grad[:2]) + list(ctx.needs_input_grad[5:5 + len(weights)])
     need_w_ih = any(needs[2 + d * per] for d in range(directions))
+    # First order reads W_hh (backward through time) and, for dx, W_ih; the biases, and W_ih otherwise, only
+    # double backward's recompute reads: kept by reference (as x where first order does not save it), so
+    # that first order allows an in-place change of them after the forward, as torch's CPU RNN does.
+    first = [w if i % per == 1 or (i % per == 0 and needs[0]) else None for i, w in enumerate(weights)]
     save_for_orders(ctx, (output[0], x if need_w_ih else None, h0, metadata_to_save(ctx, "batch_sizes", batch_sizes),
-                          *weights), (x if not need_w_ih else None,))
+                          *first), (x if not need_w_ih else None,
+                                    *(w if saved is None else None for w, saved in zip(weights, first))))
     ctx.activation, ctx.directions, ctx.input_shape, ctx.needs = activation, directions, list(x.shape), needs
+    ctx.weight_shapes = [w.shape for w in weights]
+
+
+WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # a direction's, in torch.nn.RNN's order
 
 
 def _backward(ctx, grad_out, grad_hn):
@@ -258,10 +267,15 @@ def _backward(ctx, grad_out, grad_hn):
     create_graph = torch.is_grad_enabled()
     if (create_graph or took_duals(ctx, grad_out, grad_hn)) and not under_transform():
         x = kept(ctx, 0, x, "RNN", "input")
+        per = len(weights) // ctx.directions
+        weights = [kept(ctx, 1 + i, w, "RNN", WEIGHT_NAMES[i % per] + ("_reverse" if i >= per else ""))
+                   for i, w in enumerate(weights)]
         with torch.enable_grad():
             return _differentiable_backward(ctx, grad_out, grad_hn, x, h0, batch_sizes, weights, create_graph)
     if grad_out is None:  # only h_n was used
         grad_out = torch.zeros_like(out)
+    # Where first order did not save a weight, it reads none of its values: a stand-in of its shape.
+    weights = [w if w is not None else out.new_zeros(()).expand(shape) for w, shape in zip(weights, ctx.weight_shapes)]
     grads = rnn_layer_backward(grad_out, grad_hn, out, x, h0, batch_sizes, ctx.activation, ctx.directions, weights,
                                ctx.input_shape, ctx.needs, 0)
     dx, dh0, *dweights = (g if need else None for g, need in zip(grads, ctx.needs))
