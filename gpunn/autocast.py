@@ -37,9 +37,10 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # parameter, and would cut its gradient if a later call in grad mode took it). Not while a CUDA graph is
     # captured: a copy from before the capture would be read by every replay as it was, and one made in the
     # graph's memory pool is rewritten by replays.
-    if (tensor.dtype == dtype or type(tensor) is not torch.nn.Parameter or not tensor.requires_grad
-            or not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
-            or not torch.is_autocast_cache_enabled() or torch.compiler.is_compiling() or capturing(tensor.device)):
+    # is_compiling first: Dynamo cannot trace is_inference_mode_enabled (a graph break under fullgraph=True).
+    if (torch.compiler.is_compiling() or tensor.dtype == dtype or type(tensor) is not torch.nn.Parameter
+            or not tensor.requires_grad or not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
+            or not torch.is_autocast_cache_enabled() or capturing(tensor.device)):
         return tensor.to(dtype)
     key = (id(tensor), dtype)
     entry = _casts.get(key)

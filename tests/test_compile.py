@@ -170,6 +170,19 @@ def test_a_model_of_every_layer_under_autocast_computes_what_a_cast_model_does(d
         assert torch.equal(ours.grad, theirs.grad.float()), name
 
 
+def test_a_model_of_every_layer_compiles_without_graph_breaks_under_autocast(device):
+    """A mixed-precision training step: the model compiled with fullgraph=True, called under autocast in grad
+    mode (the weight-cast cache steps aside while Dynamo traces), computes what it computes eagerly."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    model, x, target, loss_fns, *_ = _every_layer_step(device, seed=6)
+    results = []
+    for run in (model, torch.compile(model, fullgraph=True, backend=_backend(device))):
+        torch._dynamo.reset()
+        with torch.autocast(device.type, dtype=dtype), torch._dynamo.config.patch(allow_rnn=True):
+            results.append(_step(run, x, target, loss_fns))
+    _assert_same_step(results[1], *results[0])
+
+
 def test_the_losses_compile_without_graph_breaks(device):
     # Class indices, class probabilities (with smoothing and weights) and MSE, each compiled whole, forward and
     # backward: the same numbers as eager, through the same kernels.
