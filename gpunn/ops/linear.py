@@ -228,7 +228,7 @@ def _backward(ctx, grad_output, _):
     if differentiable_backward(ctx) or took_duals(ctx, grad_output):
         input, weight = kept(ctx, 0, input, "linear", "input"), kept(ctx, 1, weight, "linear", "weight")
         if weight is None:  # no input gradient and no activation: its values are read by neither order
-            weight = grad_output.new_zeros(()).expand(ctx.weight_shape)
+            weight = torch.zeros((), dtype=grad_output.dtype, device=grad_output.device).expand(ctx.weight_shape)
         grads = backward(grad_output, saved, input, weight, kept(ctx, 2, None, "linear", "bias"), mask,
                          options["block_n"], options["block_k"], options["activation"], options["negative_slope"],
                          need_input, need_weight, need_bias, 0, 0)

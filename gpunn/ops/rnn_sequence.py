@@ -274,8 +274,10 @@ def _backward(ctx, grad_out, grad_hn):
             return _differentiable_backward(ctx, grad_out, grad_hn, x, h0, batch_sizes, weights, create_graph)
     if grad_out is None:  # only h_n was used
         grad_out = torch.zeros_like(out)
-    # Where first order did not save a weight, it reads none of its values: a stand-in of its shape.
-    weights = [w if w is not None else out.new_zeros(()).expand(shape) for w, shape in zip(weights, ctx.weight_shapes)]
+    # Where first order did not save a weight, it reads none of its values: a stand-in of its shape, made from
+    # W_hh (always saved), so that under vmap it is batched where the weights are (an ensemble's) and only there.
+    weights = [w if w is not None else weights[1].new_zeros(()).expand(shape)
+               for w, shape in zip(weights, ctx.weight_shapes)]
     grads = rnn_layer_backward(grad_out, grad_hn, out, x, h0, batch_sizes, ctx.activation, ctx.directions, weights,
                                ctx.input_shape, ctx.needs, 0)
     dx, dh0, *dweights = (g if need else None for g, need in zip(grads, ctx.needs))
