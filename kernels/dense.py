@@ -37,7 +37,7 @@ from .runtime import (Rows, accumulator_dtype, cdiv, dot_constants, empty, group
                       row_alignment, size_bucket, state_dtype, wide_rows)
 from .tiling import (GROUP_SIZE, LARGEST_REDUCTION_BLOCK, PREACTIVATION_CHUNK_TILES, PREACTIVATION_PROGRAMS,
                      PREACTIVATION_TILE, WEIGHT_GRAD_PROGRAMS, WEIGHT_GRAD_SPLIT_ROWS, WEIGHT_GRAD_TILE, block_start,
-                     configs, grouped_tile, pruner, row_offsets, tile_grid)
+                     configs, grouped_tile, pruner, row_offsets, tile_count, tile_grid)
 from .tuned import tuned
 
 
@@ -72,7 +72,7 @@ def dense_forward_kernel(
         b_ptr += tl.multiple_of(member * N, ROW_ALIGN)
         y_ptr += tl.multiple_of(member * M * N, ROW_ALIGN)
         g_ptr += tl.multiple_of(member * M * N, ROW_ALIGN)
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tile_count(M, BLOCK_M), tile_count(N, BLOCK_N), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     rk = tl.arange(0, BLOCK_K)  # [BK]
@@ -84,7 +84,7 @@ def dense_forward_kernel(
     w_base = w_ptr + w_rows[None, :]  # [1, BN]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(0, tile_count(K, BLOCK_K)):
         # Column offsets in int64: a column-major x or W of over 2**31 elements has strides near M or N.
         kk = (k * BLOCK_K + rk).to(tl.int64)  # [BK]
         x_ptrs = x_base + kk[None, :] * stride_xk  # [BM, BK]
@@ -129,7 +129,7 @@ def dense_grad_input_kernel(
         dz_ptr += tl.multiple_of(member * M * stride_dz_inner, ROW_ALIGN)
         w_ptr += tl.multiple_of(member * N * stride_wn, ROW_ALIGN)
         dx_ptr += tl.multiple_of(member * M * K, ROW_ALIGN)
-    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tile_count(M, BLOCK_M), tile_count(K, BLOCK_K), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
     rn = tl.arange(0, BLOCK_N)  # [BN]
@@ -141,7 +141,7 @@ def dense_grad_input_kernel(
     w_base = w_ptr + rk.to(tl.int64)[None, :] * stride_wk  # [1, BK]
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
-    for n in range(0, tl.cdiv(N, BLOCK_N)):
+    for n in range(0, tile_count(N, BLOCK_N)):
         nn = (n * BLOCK_N + rn).to(tl.int64)  # [BN], int64 as in the forward
         dz_ptrs = dz_base + nn[None, :] * stride_dzn  # [BM, BN]
         w_ptrs = w_base + tl.multiple_of(nn * stride_wn, ROW_ALIGN)[:, None]  # [BN, BK]
@@ -179,7 +179,7 @@ def dense_grad_weight_kernel(
     GROUP_M: tl.constexpr,
 ):
     # dW = dz^T @ x: output tiles of (N, K), reduction over the split's rows of M.
-    pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_M)
+    pid_n, pid_k = grouped_tile(tl.program_id(0), tile_count(N, BLOCK_N), tile_count(K, BLOCK_K), GROUP_M)
     split = tl.program_id(1)
     start = block_start(split, SPLIT_ROWS, WIDE_ROWS)
     end = tl.minimum(start + SPLIT_ROWS, M)
@@ -224,7 +224,7 @@ def dense_grad_preactivation_kernel(
     # One program per (chunk of CHUNK_ROWS rows, BLOCK_N columns), column blocks fastest: neighbouring
     # programs stream neighbouring columns of the same rows.
     pid = tl.program_id(0)
-    column_blocks = tl.cdiv(N, BLOCK_N)
+    column_blocks = tile_count(N, BLOCK_N)
     chunk = pid // column_blocks
     rn = (pid % column_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     start = block_start(chunk, CHUNK_ROWS, WIDE_ROWS)

@@ -24,7 +24,7 @@ import triton.language as tl
 from . import activations
 from .dense import add_chunk_sums, chunk_sums, row_chunks
 from .runtime import Rows, accumulator_dtype, cdiv, empty, launch, wide_rows
-from .tiling import DOUBLE_BACKWARD_TILE, block_start, row_offsets
+from .tiling import DOUBLE_BACKWARD_TILE, block_start, row_offsets, tile_count
 
 
 @triton.jit(do_not_specialize=["M", "dy_inner", "gdz_inner", "dyt_inner", "CHUNK_ROWS"])
@@ -45,7 +45,7 @@ def dense_double_backward_kernel(
 ):
     # Programs as in dense_grad_preactivation_kernel: (chunk of rows, column block), column blocks fastest.
     pid = tl.program_id(0)
-    column_blocks = tl.cdiv(N, BLOCK_N)
+    column_blocks = tile_count(N, BLOCK_N)
     chunk = pid // column_blocks
     rn = (pid % column_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     rn64 = rn.to(tl.int64)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .runtime import TRITON_VERSION, cdiv, dot_constants, empty, group_rows, grouped, launch, size_bucket
-from .tiling import SHARED_MEMORY_BUDGET, configs, pruned
+from .tiling import SHARED_MEMORY_BUDGET, configs, pruned, tile_count
 from .tuned import tuned
 
 # (MMA rows, MMA columns, reduction, stages, warps), named per kernel by _configs: forward (batch,
@@ -130,8 +130,8 @@ def local_forward_kernel(
     # Program order: batch tiles fastest, then output-channel tiles, then positions, so that the programs
     # reading one position's weights run together.
     pid = tl.program_id(0)
-    batch_tiles = tl.cdiv(N, BLOCK_N)
-    channel_tiles = tl.cdiv(O, BLOCK_O)
+    batch_tiles = tile_count(N, BLOCK_N)
+    channel_tiles = tile_count(O, BLOCK_O)
     p = pid // (batch_tiles * channel_tiles)
     rn = (pid % batch_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     ro = ((pid // batch_tiles) % channel_tiles) * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO]
@@ -175,8 +175,8 @@ def local_grad_input_kernel(
     # dx[n, c, h, w] = sum over taps (di, dj) whose output position (i, j) sees pixel (h, w):
     #   i * SH - PH + di * DH = h, j * SW - PW + dj * DW = w, then sum_o dy[n, o, i, j] W[o, (i, j), (c, di, dj)].
     pid = tl.program_id(0)
-    batch_tiles = tl.cdiv(N, BLOCK_N)
-    channel_tiles = tl.cdiv(C, BLOCK_C)
+    batch_tiles = tile_count(N, BLOCK_N)
+    channel_tiles = tile_count(C, BLOCK_C)
     pixel = pid // (batch_tiles * channel_tiles)
     h = pixel // W
     w = pixel % W
@@ -272,8 +272,8 @@ def local_grad_weight_kernel(
         dw_ptr += group * O * L * R
         db_ptr += group * O * L
     pid = tl.program_id(0)
-    tap_tiles = tl.cdiv(R, BLOCK_R) if WEIGHT_GRAD else 1
-    channel_tiles = tl.cdiv(O, BLOCK_O)
+    tap_tiles = tile_count(R, BLOCK_R) if WEIGHT_GRAD else 1
+    channel_tiles = tile_count(O, BLOCK_O)
     p = pid // (tap_tiles * channel_tiles)
     tap_tile = pid % tap_tiles
     ro64 = (((pid // tap_tiles) % channel_tiles) * BLOCK_O + tl.arange(0, BLOCK_O)).to(tl.int64)  # [BO]

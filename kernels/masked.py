@@ -29,7 +29,7 @@ from . import activations
 from .layout import BlockLayout
 from .runtime import (Rows, cdiv, dot_constants, empty, group_rows, grouped, launch,
                       row_alignment, size_bucket, wide_rows)
-from .tiling import GROUP_SIZE, batch_configs, block_start, grouped_tile, pruner, row_offsets
+from .tiling import GROUP_SIZE, batch_configs, block_start, grouped_tile, pruner, row_offsets, tile_count
 from .tuned import tuned
 
 
@@ -55,7 +55,7 @@ def _forward_step(acc, x_base, stride_xk, m_ok, w_base, stride_wk, mask_ptr, rn6
                   DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
                   BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr):
     """acc += x[:, block kb] @ W[block row, block kb]^T."""
-    kk = (kb * BLOCK_K + rk).to(tl.int64)  # [BK]
+    kk = kb.to(tl.int64) * BLOCK_K + rk  # [BK]; widened first: a block may start past 2**31
     x = tl.load(x_base + kk[None, :] * stride_xk, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)  # [BM, BK]
     w = _load_weights(w_base + kk[:, None] * stride_wk, mask_ptr, rn64[None, :], kk[:, None], N, K, PARTIAL)
     return tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -82,7 +82,7 @@ def masked_forward_kernel(
     HAS_BIAS: tl.constexpr, SAVE_DERIVATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tile_count(M, BLOCK_M), tile_count(N, BLOCK_N), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     rk = tl.arange(0, BLOCK_K)  # [BK]
@@ -94,7 +94,7 @@ def masked_forward_kernel(
 
     listed = tl.load(row_count_ptr + pid_n)
     full = tl.load(row_full_ptr + pid_n)
-    blocks = row_index_ptr + pid_n.to(tl.int64) * tl.cdiv(K, BLOCK_K)
+    blocks = row_index_ptr + pid_n.to(tl.int64) * tile_count(K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for i in range(0, full):
         acc = _forward_step(acc, x_base, stride_xk, m_ok, w_base, stride_wk, mask_ptr, rn64, tl.load(blocks + i),
@@ -111,7 +111,7 @@ def _grad_input_step(acc, dy_base, stride_dyn, g_base, m_ok, w_base, stride_wn, 
                      DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
                      ACT: tl.constexpr, GRAD_FROM: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr):
     """acc += dz[:, block nb] @ W[block nb, block column]."""
-    nn = (nb * BLOCK_N + rn).to(tl.int64)  # [BN]
+    nn = nb.to(tl.int64) * BLOCK_N + rn  # [BN]; widened first: a block may start past 2**31
     dz = activations.load_dz(dy_base + nn[None, :] * stride_dyn, g_base + nn[None, :],
                              m_ok[:, None] & (nn < N)[None, :], ACC_DTYPE, DOT_DTYPE,
                              ACT, GRAD_FROM)  # [BM, BN]
@@ -141,7 +141,7 @@ def masked_grad_input_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # dx = dz @ (W * mask): output tiles of (M, K), reduction over the block rows listed for this column.
-    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tile_count(M, BLOCK_M), tile_count(K, BLOCK_K), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
     rn = tl.arange(0, BLOCK_N)  # [BN]
@@ -155,7 +155,7 @@ def masked_grad_input_kernel(
 
     listed = tl.load(col_count_ptr + pid_k)
     full = tl.load(col_full_ptr + pid_k)
-    blocks = col_index_ptr + pid_k.to(tl.int64) * tl.cdiv(N, BLOCK_N)
+    blocks = col_index_ptr + pid_k.to(tl.int64) * tile_count(N, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
     for i in range(0, full):
         acc = _grad_input_step(acc, dy_base, stride_dyn, g_base, m_ok, w_base, stride_wn, mask_ptr, rk64,
@@ -221,9 +221,9 @@ def masked_grad_weight_kernel(
     else:
         item = pid - BIAS_PROGRAMS
         block = tl.load(block_order_ptr + item)
-        columns = tl.cdiv(K, BLOCK_K)
-        rn64 = ((block // columns) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN]
-        rk64 = ((block % columns) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)  # [BK]
+        columns = tile_count(K, BLOCK_K)
+        rn64 = (block // columns).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN], widened before the product
+        rk64 = (block % columns).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
         rm = tl.arange(0, BLOCK_M)  # [BM]
         n_ok = rn64 < N
         k_ok = rk64 < K

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import activations
 from .runtime import TRITON_VERSION, cdiv, dot_constants, empty, launch, row_alignment, size_bucket
-from .tiling import configs, pruner, smallest, tile_grid
+from .tiling import configs, pruner, smallest, tile_count, tile_grid
 from .tuned import tuned
 
 
@@ -89,7 +89,7 @@ def rnn_cell_forward_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    batch_tiles = tl.cdiv(B, BLOCK_B)
+    batch_tiles = tile_count(B, BLOCK_B)
     rb = (pid % batch_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB]
     rh = (pid // batch_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
     b_ok = rb < B
@@ -144,8 +144,8 @@ def rnn_cell_grad_input_kernel(
 ):
     # Programs [0, dx tiles) tile dx over (B, I); the rest tile dh over (B, H).
     pid = tl.program_id(0)
-    batch_tiles = tl.cdiv(B, BLOCK_B)
-    dx_tiles = batch_tiles * tl.cdiv(I, BLOCK_K) if INPUT_GRAD else 0
+    batch_tiles = tile_count(B, BLOCK_B)
+    dx_tiles = batch_tiles * tile_count(I, BLOCK_K) if INPUT_GRAD else 0
     rk_in_tile = tl.arange(0, BLOCK_K)
     if pid < dx_tiles:
         rb = (pid % batch_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -202,9 +202,9 @@ def rnn_cell_grad_weight_kernel(
 ):
     # Programs: dW_ih tiles, then dW_hh tiles, then bias column sums (BLOCK_H columns each).
     pid = tl.program_id(0)
-    hidden_tiles = tl.cdiv(H, BLOCK_H)
-    ih_tiles = hidden_tiles * tl.cdiv(I, BLOCK_K) if WEIGHT_IH_GRAD else 0
-    hh_tiles = hidden_tiles * tl.cdiv(H, BLOCK_K) if WEIGHT_HH_GRAD else 0
+    hidden_tiles = tile_count(H, BLOCK_H)
+    ih_tiles = hidden_tiles * tile_count(I, BLOCK_K) if WEIGHT_IH_GRAD else 0
+    hh_tiles = hidden_tiles * tile_count(H, BLOCK_K) if WEIGHT_HH_GRAD else 0
     rn_in_tile = tl.arange(0, BLOCK_H)
     rk_in_tile = tl.arange(0, BLOCK_K)
     if pid < ih_tiles:

@@ -199,6 +199,13 @@ def pruned(kept: list[triton.Config], configs: list[triton.Config]) -> list[trit
 
 
 @triton.jit
+def tile_count(size, BLOCK: tl.constexpr):
+    """The tiles of BLOCK that cover `size`: tl.cdiv's (size + BLOCK - 1) // BLOCK wraps for an int32 size
+    within a block of 2**31 (passed as int32 below 2**31), and loops bounded by it ran no step."""
+    return size // BLOCK + (size % BLOCK != 0)
+
+
+@triton.jit
 def grouped_tile(pid, num_rows, num_cols, GROUP: tl.constexpr):
     """Map a linear program id to (row tile, col tile) in grouped order: GROUP row tiles share each
     column sweep, so their operand tiles are re-read from L2 rather than from DRAM."""
