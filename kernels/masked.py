@@ -29,7 +29,8 @@ from . import activations
 from .layout import BlockLayout
 from .runtime import (Rows, cdiv, dot_constants, empty, group_rows, grouped, launch,
                       row_alignment, size_bucket, wide_rows)
-from .tiling import GROUP_SIZE, batch_configs, block_start, grouped_tile, pruner, row_offsets, tile_count
+from .tiling import (GROUP_SIZE, as_wide_as, batch_configs, block_start, grouped_tile, pruner, row_offsets,
+                     tile_count)
 from .tuned import tuned
 
 
@@ -55,7 +56,7 @@ def _forward_step(acc, x_base, stride_xk, m_ok, w_base, stride_wk, mask_ptr, rn6
                   DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
                   BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr):
     """acc += x[:, block kb] @ W[block row, block kb]^T."""
-    kk = kb.to(tl.int64) * BLOCK_K + rk  # [BK]; widened first: a block may start past 2**31
+    kk = (as_wide_as(kb, K) * BLOCK_K + rk).to(tl.int64)  # [BK]
     x = tl.load(x_base + kk[None, :] * stride_xk, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)  # [BM, BK]
     w = _load_weights(w_base + kk[:, None] * stride_wk, mask_ptr, rn64[None, :], kk[:, None], N, K, PARTIAL)
     return tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -111,7 +112,7 @@ def _grad_input_step(acc, dy_base, stride_dyn, g_base, m_ok, w_base, stride_wn, 
                      DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
                      ACT: tl.constexpr, GRAD_FROM: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr):
     """acc += dz[:, block nb] @ W[block nb, block column]."""
-    nn = nb.to(tl.int64) * BLOCK_N + rn  # [BN]; widened first: a block may start past 2**31
+    nn = (as_wide_as(nb, N) * BLOCK_N + rn).to(tl.int64)  # [BN]
     dz = activations.load_dz(dy_base + nn[None, :] * stride_dyn, g_base + nn[None, :],
                              m_ok[:, None] & (nn < N)[None, :], ACC_DTYPE, DOT_DTYPE,
                              ACT, GRAD_FROM)  # [BM, BN]
@@ -222,8 +223,8 @@ def masked_grad_weight_kernel(
         item = pid - BIAS_PROGRAMS
         block = tl.load(block_order_ptr + item)
         columns = tile_count(K, BLOCK_K)
-        rn64 = (block // columns).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN], widened before the product
-        rk64 = (block % columns).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
+        rn64 = (as_wide_as(block // columns, N) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN]
+        rk64 = (as_wide_as(block % columns, K) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)  # [BK]
         rm = tl.arange(0, BLOCK_M)  # [BM]
         n_ok = rn64 < N
         k_ok = rk64 < K

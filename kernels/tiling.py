@@ -206,6 +206,14 @@ def tile_count(size, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def as_wide_as(index, size):
+    """index in size's integer type: int64 exactly where the size reached the kernel as int64 (2**31 or more),
+    so that index * BLOCK cannot wrap there, while sizes below keep int32 arithmetic (int64 index vectors
+    had spilled in the sm_90 compile report)."""
+    return index + size * 0
+
+
+@triton.jit
 def grouped_tile(pid, num_rows, num_cols, GROUP: tl.constexpr):
     """Map a linear program id to (row tile, col tile) in grouped order: GROUP row tiles share each
     column sweep, so their operand tiles are re-read from L2 rather than from DRAM."""

@@ -549,18 +549,22 @@ def test_wide_row_variants_compute_what_the_int32_ones_do(device, monkeypatch):
         assert torch.equal(ours, theirs)
 
 
-def test_tile_counts_do_not_wrap_for_sizes_near_two_to_the_31(device):
+def test_tile_counts_and_block_starts_do_not_wrap_near_two_to_the_31(device):
     """The kernels' tile counts (loop bounds, program grids) of an int32 size: right within a block of 2**31
     too, where tl.cdiv's size + BLOCK - 1 wraps (a dense layer of 2**31 - 1 input features had run no step of
-    its reduction and returned act(bias)). Sizes of 2**31 and more reach kernels as int64."""
+    its reduction and returned act(bias)). Sizes of 2**31 and more reach kernels as int64, and the masked
+    kernels' block starts (an int32 block index from a layout's table, times the block) follow them there (a
+    block past 2**31 had started at a negative column)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def counts(out_ptr, size):
+    def counts(out_ptr, index_ptr, size):
         tl.store(out_ptr, tiling.tile_count(size, 64))
+        tl.store(out_ptr + 1, tiling.as_wide_as(tl.load(index_ptr), size) * 64)
 
-    for size in (0, 1, 63, 64, 65, 2**31 - 64, 2**31 - 63, 2**31 - 1):
-        out = torch.full((1,), -1, dtype=torch.int64, device=device)
-        counts[(1,)](out, size)
-        assert out.item() == -(-size // 64), size
+    for size in (0, 1, 63, 64, 65, 2**31 - 64, 2**31 - 63, 2**31 - 1, 2**31 + 64):
+        out = torch.full((2,), -1, dtype=torch.int64, device=device)
+        last_block = torch.tensor([(size - 1) // 64 if size else 0], dtype=torch.int32, device=device)
+        counts[(1,)](out, last_block, size)
+        assert out.tolist() == [-(-size // 64), last_block.item() * 64], size
