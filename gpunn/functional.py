@@ -44,9 +44,10 @@ def _check_supported(op: str, dtype: torch.dtype) -> None:
 
 
 def _check_one_device(*devices: torch.device) -> None:
-    """torch's RuntimeError for tensors on two devices (two of them named)."""
-    if len(set(devices)) > 1:
-        first, second = sorted(set(devices), key=str)[:2]
+    """torch's RuntimeError for tensors on two devices (the first two, in the order given)."""
+    distinct = list(dict.fromkeys(devices))
+    if len(distinct) > 1:
+        first, second = distinct[:2]
         raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
                            f"{first} and {second}!")
 

@@ -32,14 +32,15 @@ def _unflagged(*tensors: torch.Tensor | None) -> bool:
 
 def _kernel_takes(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None) -> bool:
     """Whether the kernel can update p (unwrapped by _local) from g and buf (None for none): plain tensors (no
-    subclass that dispatches ops of its own) of p's floating dtype and shape, contiguous, each aligned to its
-    element size, on a device gpunn's kernels run on, p writable (not an inference tensor outside
+    subclass that dispatches ops of its own) of p's floating dtype, shape and device, contiguous, each aligned
+    to its element size, on a device gpunn's kernels run on, p and buf writable (not inference tensors outside
     inference_mode). Any other takes torch's SGD, which steps it or raises its error."""
+    outside_inference = not torch.is_inference_mode_enabled()
     return (p.dtype.is_floating_point and triton_runs_on(p.device)
-            and not (p.is_inference() and not torch.is_inference_mode_enabled())
+            and not (outside_inference and (p.is_inference() or (buf is not None and buf.is_inference())))
             and all(type(t).__torch_dispatch__ is torch.Tensor.__torch_dispatch__ and t.dtype == p.dtype
-                    and t.shape == p.shape and t.is_contiguous() and t.data_ptr() % t.element_size() == 0
-                    for t in (p, g, buf) if t is not None))
+                    and t.shape == p.shape and t.device == p.device and t.is_contiguous()
+                    and t.data_ptr() % t.element_size() == 0 for t in (p, g, buf) if t is not None))
 
 
 def _learning_rate(group: dict, device: torch.device) -> float | torch.Tensor:
@@ -59,8 +60,8 @@ class SGD(torch.optim.SGD):
     Each step updates all the dense, contiguous parameters of a group that share a dtype and device in one
     Triton launch (fp32 arithmetic, fp64 for fp64 parameters, one rounding per stored value); a complex
     parameter is updated as its real view; a sharded (FSDP2 DTensor) parameter through its local shard, with
-    its buffer a DTensor as torch's. Sparse gradients, a gradient or buffer of another dtype or shape than its
-    parameter, non-contiguous or misaligned tensors, lazily conjugated or negated views, tensor subclasses
+    its buffer a DTensor as torch's. Sparse gradients, a gradient or buffer of another dtype, shape or device
+    than its parameter, non-contiguous or misaligned tensors, lazily conjugated or negated views, tensor subclasses
     (other than DTensor), integer or inference parameters and devices where gpunn's kernels do not run take
     torch's own SGD (which steps them or raises its error), as does a group that lists a parameter twice and
     every step taken while a torch dispatch mode is active (torch.autograd.graph.

@@ -373,7 +373,8 @@ def _unusual_case(name: str, device) -> tuple[list[torch.Tensor], dict]:
 
 UNUSUAL = ["misaligned parameter", "misaligned gradient", "negated gradient", "conjugated complex gradient",
            "tensor subclass", "integer parameter", "inference parameter", "listed twice",
-           "momentum buffer of another shape"]
+           "momentum buffer of another shape", "momentum buffer on another device",
+           "inference momentum buffer"]
 
 
 @pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
@@ -387,11 +388,19 @@ def test_what_the_kernel_cannot_step_takes_torch_sgd(device, name):
         pytest.skip("a misaligned tensor is made from host bytes")
     outcomes = []
     for optimizer_class in (gpunn.optim.SGD, torch.optim.SGD):
-        if name == "momentum buffer of another shape":  # load_state_dict does not check shapes; torch's step does
+        if name.startswith("momentum buffer"):  # set by hand (load_state_dict checks no shape); torch's step raises
             params = [torch.nn.Parameter(torch.ones(3, 4, dtype=torch.float64, device=device))]
             params[0].grad = torch.ones(3, 4, dtype=torch.float64, device=device)
             optimizer = optimizer_class(params, lr=0.1, momentum=0.9)
-            optimizer.state[params[0]]["momentum_buffer"] = torch.zeros(2, dtype=torch.float64, device=device)
+            optimizer.state[params[0]]["momentum_buffer"] = (
+                torch.zeros(2, dtype=torch.float64, device=device) if name.endswith("shape") else
+                torch.zeros(3, 4, dtype=torch.float64, device="meta"))
+        elif name == "inference momentum buffer":  # made by a step under inference_mode, then stepped outside it
+            params = [torch.nn.Parameter(torch.ones(3, dtype=torch.float64, device=device))]
+            params[0].grad = torch.ones(3, dtype=torch.float64, device=device)
+            optimizer = optimizer_class(params, lr=0.1, momentum=0.9)
+            with torch.inference_mode():
+                optimizer.step()
         else:
             params, arguments = _unusual_case(name, device)
             optimizer = optimizer_class(params, **arguments)
