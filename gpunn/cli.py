@@ -96,10 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _names(parser, option: str, text: str | None, allowed) -> list[str] | None:
-    """A comma-separated option as a list, each name checked against `allowed`; None when not given."""
+    """A comma-separated option as a list, each name checked against `allowed` and given once; None when not
+    given."""
     if text is None:
         return None
-    names = [name for name in text.split(",") if name]
+    names = list(dict.fromkeys(name for name in text.split(",") if name))
     unknown = sorted(set(names) - set(allowed))
     if unknown or not names:
         parser.error(f"{option}: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(allowed)}")

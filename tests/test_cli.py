@@ -152,3 +152,9 @@ def test_a_nan_loss_shows_as_a_nan_gap_and_fails_the_job(capsys, tmp_path, monke
                            "--plot", str(tmp_path / "p.png")]) == 1
     captured = capsys.readouterr()
     assert "largest loss gap nan" in captured.out and "NaN or infinite loss in mlp" in captured.err
+
+
+def test_a_name_given_twice_runs_once():
+    # `gpunn check --dtypes fp64,fp64` had run every fp64 check twice.
+    parser = gpunn.cli.build_parser()
+    assert gpunn.cli._names(parser, "--dtypes", "fp64,fp32,fp64,", ("fp64", "fp32")) == ["fp64", "fp32"]
