@@ -57,13 +57,9 @@ def cross_entropy_double_backward_kernel(
         kept = r_ok
         coef = tl.load(row_mass_ptr + rows, mask=r_ok, other=0.0).to(COMPUTE)
         target = rows  # unused
-        ignored = rows < 0  # none
     else:
         target = tl.load(target_ptr + rows, mask=r_ok, other=ignore_index)
         kept = r_ok & (target != ignore_index)
-        # An ignored row adds exactly 0 to the output gradient's gradient, whatever its logits (padding masked
-        # with -inf makes its p NaN); its logits' gradient is torch's, NaN there too.
-        ignored = r_ok & ~kept
         bad = kept & ((target < 0) | (target >= C))  # as the backward: never an address, the row NaN
         kept = kept & ~bad
         norm = tl.where(kept, norm, tl.where(bad, float("nan"), 0.0))
@@ -106,7 +102,9 @@ def cross_entropy_double_backward_kernel(
                 distance = tl.where(ok, (row_max[:, None] - x) + log_sum[:, None], 0.0)  # lse - x
                 constant -= tl.sum(w * distance * h, axis=1) * (1.0 - SMOOTHING)
     if GRAD_GRAD:
-        part = tl.where(ignored, 0.0, (coef * dot - constant) * norm)
+        # An ignored row (norm 0) adds exactly 0, whatever its logits (padding masked with -inf makes its p NaN);
+        # its logits' gradient is torch's, NaN there too.
+        part = tl.where(norm == 0, 0.0, (coef * dot - constant) * norm)
         if REDUCTION == 2 and not PROBABILITIES:
             part = tl.where(total == 0, float("nan"), part)  # a mean over no weight (all rows ignored): torch's NaN
         tl.store(ggrad_ptr + rows, part, mask=r_ok)
