@@ -105,3 +105,8 @@ def raises_exactly(expected: type[BaseException], match: str | None = None):
     with pytest.raises(expected, match=match) as info:
         yield info
     assert type(info.value) is expected, f"raised {type(info.value).__name__}, expected {expected.__name__}"
+
+
+def assert_same_values(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
+    """Equal to 1e-10 (float64), NaN and infinities in the same places: for results torch makes non-finite."""
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=0, equal_nan=True, msg=what)

@@ -11,7 +11,8 @@ import weakref
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
-from helpers import ACTIVATIONS, TorchOpSpy, assert_close, count_launches, leaf64, reference_linear
+from helpers import (ACTIVATIONS, TorchOpSpy, assert_close, assert_same_values, count_launches, leaf64,
+                     reference_linear)
 
 import gpunn
 from gpunn import reference as torch_reference
@@ -118,7 +119,7 @@ def test_relu_double_backward_selects_as_torch(device, kind):
         dx, dw = torch.autograd.grad(layer(*leaves), leaves[:2], dy, create_graph=True)
         results.append((dx.detach(), dw.detach(), *torch.autograd.grad((dx * v[0]).sum() + (dw * v[1]).sum(), leaves)))
     for mine, reference, what in zip(*results, ("dx", "dW", "second order: x", "second order: W", "second order: b")):
-        torch.testing.assert_close(mine, reference, rtol=1e-10, atol=0, equal_nan=True, msg=what)
+        assert_same_values(mine, reference, what)
 
 
 @pytest.mark.parametrize("k,n", [(0, 3), (3, 0)], ids=["no_inputs", "no_outputs"])

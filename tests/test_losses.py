@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TorchOpSpy, assert_close, count_launches, dtypes_for, raises_exactly
+from helpers import TorchOpSpy, assert_close, assert_same_values, count_launches, dtypes_for, raises_exactly
 
 import gpunn
 from gpunn.kernels import losses as loss_kernels
@@ -551,11 +551,6 @@ def test_a_grad_scaler_takes_the_first_step_under_float16_autocast(device):
     assert not torch.equal(layer.weight, before)
 
 
-def _same_values(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
-    """Equal to 1e-10, NaN and infinities in the same places."""
-    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=0, equal_nan=True, msg=what)
-
-
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_output_gradient_of_second_order_ignores_padding_rows(device, reduction):
     """An ignored row of -inf logits (padding) adds exactly 0 to the output gradient's second-order gradient,
@@ -574,7 +569,7 @@ def test_cross_entropy_output_gradient_of_second_order_ignores_padding_rows(devi
         dx, = torch.autograd.grad(loss, leaf, seed, create_graph=True)
         results.append((loss.detach(), dx.detach(), *torch.autograd.grad((dx[kept] * v[kept]).sum(), (leaf, seed))))
     for ours, theirs, what in zip(*results, ("loss", "dx", "second order: logits", "second order: output gradient")):
-        _same_values(ours, theirs, what)
+        assert_same_values(ours, theirs, what)
     assert results[0][3].isfinite().all()
 
 
@@ -589,4 +584,4 @@ def test_mse_mean_gradient_is_finite_where_torch_is(device, dtype):
         leaf = x.clone().requires_grad_()
         grads.append(torch.autograd.grad(mse_loss(leaf, y, reduction="mean"), leaf)[0])
     assert grads[1].isfinite().all()
-    _same_values(*grads, "dx")
+    assert_same_values(*grads, "dx")

@@ -332,43 +332,56 @@ def _negated_gradient(p: torch.Tensor) -> None:
     assert p.grad.is_neg()
 
 
-def _unusual_case(name: str, device) -> tuple[list[torch.Tensor], dict]:
-    """(params with their gradients, SGD's arguments) for a parameter the kernel must not step itself."""
+def _unusual_case(name: str, device) -> tuple[list[torch.Tensor], dict, object]:
+    """(params with their gradients, SGD's arguments, what to do to the optimizer before the step, or None) for
+    a parameter the kernel must not step itself."""
     plain = torch.nn.Parameter(torch.linspace(-1, 1, 5, dtype=torch.float64, device=device))
     plain.grad = torch.linspace(2, 3, 5, dtype=torch.float64, device=device)
     if name == "misaligned parameter":
         p = torch.nn.Parameter(_misaligned([1.0, 2.0, 3.0, 4.0]))
         p.grad = torch.ones(4, dtype=torch.float64)
-        return [plain, p], dict(lr=0.5, momentum=0.9)
+        return [plain, p], dict(lr=0.5, momentum=0.9), None
     if name == "misaligned gradient":
         p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
         p.grad = _misaligned([1.0, -2.0, 3.0, 0.5])
-        return [plain, p], dict(lr=0.5)
+        return [plain, p], dict(lr=0.5), None
     if name == "negated gradient":
         p = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64, device=device))
         _negated_gradient(p)
-        return [plain, p], dict(lr=0.1, momentum=0.9)
+        return [plain, p], dict(lr=0.1, momentum=0.9), None
     if name == "conjugated complex gradient":
         p = torch.nn.Parameter(torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex128, device=device))
         p.grad = torch.tensor([0.5 + 1j, -2 + 0.25j], dtype=torch.complex128, device=device).conj()
         assert p.grad.is_conj()
-        return [plain, p], dict(lr=0.1)
+        return [plain, p], dict(lr=0.1), None
     if name == "tensor subclass":
         from torch.testing._internal.two_tensor import TwoTensor
         p = torch.nn.Parameter(TwoTensor(torch.arange(4.0, device=device), torch.arange(4.0, device=device) * 2))
         p.grad = TwoTensor(torch.ones(4, device=device), torch.ones(4, device=device))
-        return [p], dict(lr=0.5)
+        return [p], dict(lr=0.5), None
     if name == "integer parameter":  # an int lr steps it (a float one is refused, as by torch)
         p = torch.tensor([2 ** 30 + 100, 5], device=device)
         p.grad = torch.tensor([1, 2], device=device)
-        return [p], dict(lr=1, momentum=0.9)
+        return [p], dict(lr=1, momentum=0.9), None
     if name == "inference parameter":  # stepped outside inference_mode: torch refuses the in-place update
         with torch.inference_mode():
             p = torch.ones(3, dtype=torch.float64, device=device)
         p.grad = torch.ones(3, dtype=torch.float64, device=device)
-        return [plain, p], dict(lr=0.5)
-    assert name == "listed twice"  # torch updates it twice, one update after the other
-    return [plain, plain], dict(lr=0.5, momentum=0.9)
+        return [plain, p], dict(lr=0.5), None
+    if name == "listed twice":  # torch updates it twice, one update after the other
+        return [plain, plain], dict(lr=0.5, momentum=0.9), None
+    p = torch.nn.Parameter(torch.ones(3, 4, dtype=torch.float64, device=device))
+    p.grad = torch.ones(3, 4, dtype=torch.float64, device=device)
+    if name == "inference momentum buffer":  # made by a step under inference_mode, then stepped outside it
+        def prepare(optimizer):
+            with torch.inference_mode():
+                optimizer.step()
+        return [p], dict(lr=0.1, momentum=0.9), prepare
+    # A buffer set by hand (load_state_dict checks no shape): torch's step raises.
+    buffer = (torch.zeros(2, dtype=torch.float64, device=device) if name == "momentum buffer of another shape"
+              else torch.zeros(3, 4, dtype=torch.float64, device="meta"))
+    assert name in ("momentum buffer of another shape", "momentum buffer on another device")
+    return [p], dict(lr=0.1, momentum=0.9), lambda optimizer: optimizer.state[p].update(momentum_buffer=buffer)
 
 
 UNUSUAL = ["misaligned parameter", "misaligned gradient", "negated gradient", "conjugated complex gradient",
@@ -381,29 +394,17 @@ UNUSUAL = ["misaligned parameter", "misaligned gradient", "negated gradient", "c
 @pytest.mark.parametrize("name", UNUSUAL)
 def test_what_the_kernel_cannot_step_takes_torch_sgd(device, name):
     """Tensors the kernel would read wrongly (misaligned, lazily negated or conjugated, a dispatching
-    subclass), parameters it must not write (integer, inference) or not in one launch (listed twice), and a
-    momentum buffer loaded with another shape: torch's SGD steps them, or raises its error, as it does
-    alone."""
+    subclass), parameters it must not write (integer, inference) or not in one launch (listed twice), and
+    momentum buffers it cannot take (another shape or device, an inference tensor): torch's SGD steps them, or
+    raises its error, as it does alone."""
     if name.startswith("misaligned") and device.type != "cpu":
         pytest.skip("a misaligned tensor is made from host bytes")
     outcomes = []
     for optimizer_class in (gpunn.optim.SGD, torch.optim.SGD):
-        if name.startswith("momentum buffer"):  # set by hand (load_state_dict checks no shape); torch's step raises
-            params = [torch.nn.Parameter(torch.ones(3, 4, dtype=torch.float64, device=device))]
-            params[0].grad = torch.ones(3, 4, dtype=torch.float64, device=device)
-            optimizer = optimizer_class(params, lr=0.1, momentum=0.9)
-            optimizer.state[params[0]]["momentum_buffer"] = (
-                torch.zeros(2, dtype=torch.float64, device=device) if name.endswith("shape") else
-                torch.zeros(3, 4, dtype=torch.float64, device="meta"))
-        elif name == "inference momentum buffer":  # made by a step under inference_mode, then stepped outside it
-            params = [torch.nn.Parameter(torch.ones(3, dtype=torch.float64, device=device))]
-            params[0].grad = torch.ones(3, dtype=torch.float64, device=device)
-            optimizer = optimizer_class(params, lr=0.1, momentum=0.9)
-            with torch.inference_mode():
-                optimizer.step()
-        else:
-            params, arguments = _unusual_case(name, device)
-            optimizer = optimizer_class(params, **arguments)
+        params, arguments, prepare = _unusual_case(name, device)
+        optimizer = optimizer_class(params, **arguments)
+        if prepare is not None:
+            prepare(optimizer)
         try:
             optimizer.step()
             outcomes.append([torch.view_as_real(p.detach()) if p.is_complex() else p.detach().clone()
